@@ -1,0 +1,368 @@
+//! A regular file or a block device as a block device: opening, geometry, and the probing of
+//! what the file system under it supports (O_DIRECT, hole punching, zero ranges).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thiserror::Error;
+use tracing::{info, warn};
+
+use super::uring::{UringChannel, ZeroStrategy};
+use super::{BlockDevice, DeviceInfo};
+use crate::virtio_blk::SECTOR_SIZE;
+
+/// How the file is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Bypass the host page cache with O_DIRECT where the file system allows it.
+    None,
+    /// Go through the host page cache.
+    Writeback,
+}
+
+/// Options of a file-backed device.
+#[derive(Clone, Debug)]
+pub struct FileOptions {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub cache: CacheMode,
+}
+
+/// Why a file could not be served.
+#[derive(Debug, Error)]
+pub enum FileError {
+    #[error("cannot open {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0} is neither a regular file nor a block device")]
+    NotFileOrBlockDevice(PathBuf),
+    #[error("cannot read the size of {path}")]
+    Size {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("size of {path} ({size} bytes) is not a multiple of {block} bytes")]
+    UnalignedSize {
+        path: PathBuf,
+        size: u64,
+        block: u32,
+    },
+    #[error("{0} is empty")]
+    Empty(PathBuf),
+}
+
+/// Alignment that O_DIRECT needs, from `statx(STATX_DIOALIGN)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectAlign {
+    /// Buffer addresses.
+    pub mem: u32,
+    /// File offsets and lengths.
+    pub offset: u32,
+}
+
+/// A file or block device served through io_uring.
+#[derive(Debug)]
+pub struct FileDevice {
+    /// Opened with O_DIRECT, for requests that meet [`FileDevice::direct_align`].
+    direct: Option<Arc<File>>,
+    /// Opened without O_DIRECT, for everything else.
+    buffered: Arc<File>,
+    direct_align: DirectAlign,
+    zero: ZeroStrategy,
+    info: DeviceInfo,
+}
+
+impl FileDevice {
+    pub fn open(opts: &FileOptions) -> Result<Self, FileError> {
+        let path = &opts.path;
+        let open = |direct: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true).write(!opts.read_only);
+            if direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            o.open(path)
+        };
+        let open_err = |source| FileError::Open {
+            path: path.clone(),
+            source,
+        };
+        let mut buffered = open(false).map_err(open_err)?;
+        let meta = buffered.metadata().map_err(open_err)?;
+        let is_block = meta.file_type().is_block_device();
+        if !is_block && !meta.is_file() {
+            return Err(FileError::NotFileOrBlockDevice(path.clone()));
+        }
+        let size = buffered
+            .seek(SeekFrom::End(0))
+            .map_err(|source| FileError::Size {
+                path: path.clone(),
+                source,
+            })?;
+
+        let (logical, physical) = if is_block {
+            block_sizes(&buffered).map_err(|source| FileError::Size {
+                path: path.clone(),
+                source,
+            })?
+        } else {
+            (SECTOR_SIZE as u32, 0)
+        };
+        if size == 0 {
+            return Err(FileError::Empty(path.clone()));
+        }
+        if size % u64::from(logical) != 0 {
+            return Err(FileError::UnalignedSize {
+                path: path.clone(),
+                size,
+                block: logical,
+            });
+        }
+
+        let direct = match opts.cache {
+            CacheMode::Writeback => None,
+            CacheMode::None => match open(true) {
+                Ok(f) => Some(f),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    warn!(path = %path.display(), "file system has no O_DIRECT; using the host page cache");
+                    None
+                }
+                Err(e) => return Err(open_err(e)),
+            },
+        };
+        let direct_align = direct_alignment(&buffered, logical);
+        let physical = physical.max(direct_align.offset).max(logical);
+
+        let (discard, zero) = if opts.read_only {
+            (false, ZeroStrategy::Unsupported)
+        } else if is_block {
+            (block_discard_supported(&buffered), ZeroStrategy::ZeroRange)
+        } else {
+            probe_fallocate(path)
+        };
+        let info = DeviceInfo {
+            capacity_bytes: size,
+            logical_block_size: logical,
+            physical_block_size: physical,
+            read_only: opts.read_only,
+            discard,
+            write_zeroes: zero != ZeroStrategy::Unsupported,
+        };
+        info!(
+            path = %path.display(),
+            size,
+            direct = direct.is_some(),
+            discard,
+            write_zeroes = ?zero,
+            "opened disk"
+        );
+        buffered.seek(SeekFrom::Start(0)).map_err(open_err)?;
+        Ok(Self {
+            direct: direct.map(Arc::new),
+            buffered: Arc::new(buffered),
+            direct_align,
+            zero,
+            info,
+        })
+    }
+}
+
+impl BlockDevice for FileDevice {
+    type Channel = UringChannel;
+
+    fn info(&self) -> DeviceInfo {
+        self.info
+    }
+
+    fn open_channel(&self, depth: u32) -> io::Result<UringChannel> {
+        UringChannel::new(
+            depth,
+            self.direct.clone(),
+            self.buffered.clone(),
+            self.direct_align,
+            self.zero,
+        )
+    }
+}
+
+/// Logical and physical block size of a block device.
+fn block_sizes(f: &File) -> io::Result<(u32, u32)> {
+    let mut logical: libc::c_int = 0;
+    let mut physical: libc::c_uint = 0;
+    // SAFETY: BLKSSZGET writes one int and BLKPBSZGET one unsigned int through the pointer,
+    // both of which point to live locals of those types; the fd is open for the whole call.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::BLKSSZGET, &mut logical) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::BLKPBSZGET, &mut physical) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let logical = u32::try_from(logical).unwrap_or(512).max(512);
+    Ok((logical, physical))
+}
+
+/// O_DIRECT alignment of the file, defaulting to the logical block size where the kernel does
+/// not report it.
+fn direct_alignment(f: &File, logical: u32) -> DirectAlign {
+    // SAFETY: statx is plain old data; all-zero is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is the empty C string with AT_EMPTY_PATH, so statx describes the open fd;
+    // `stx` is a live, writable statx buffer.
+    let rc = unsafe {
+        libc::statx(
+            f.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0 {
+        DirectAlign {
+            mem: stx.stx_dio_mem_align.max(1),
+            offset: stx.stx_dio_offset_align,
+        }
+    } else {
+        DirectAlign {
+            mem: logical,
+            offset: logical,
+        }
+    }
+}
+
+/// Whether a block device accepts discards (`queue/discard_max_bytes` in sysfs).
+fn block_discard_supported(f: &File) -> bool {
+    let Ok(meta) = f.metadata() else {
+        return false;
+    };
+    use std::os::unix::fs::MetadataExt;
+    let rdev = meta.rdev();
+    let path = format!(
+        "/sys/dev/block/{}:{}/queue/discard_max_bytes",
+        libc::major(rdev),
+        libc::minor(rdev)
+    );
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > 0)
+}
+
+/// Probes, on an unnamed temporary file in the image's directory (same file system, no user
+/// data touched), which fallocate modes work.
+fn probe_fallocate(image: &Path) -> (bool, ZeroStrategy) {
+    let dir = image
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let probe = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir);
+    let Ok(probe) = probe else {
+        // No O_TMPFILE here: offer both and let a failing request report an I/O error.
+        return (true, ZeroStrategy::ZeroRange);
+    };
+    let fd = probe.as_raw_fd();
+    let try_mode = |mode: libc::c_int| {
+        // SAFETY: fallocate on an fd we own, with plain integer arguments.
+        unsafe { libc::fallocate(fd, mode, 0, 4096) == 0 }
+    };
+    let punch = try_mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE);
+    let zero = try_mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE);
+    let alloc = try_mode(libc::FALLOC_FL_KEEP_SIZE);
+    let strategy = match (zero, punch, alloc) {
+        (true, _, _) => ZeroStrategy::ZeroRange,
+        (false, true, true) => ZeroStrategy::PunchThenAllocate,
+        _ => ZeroStrategy::Unsupported,
+    };
+    (punch, strategy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn image(len: u64) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.img");
+        let f = File::create(&path).expect("create");
+        f.set_len(len).expect("set_len");
+        (dir, path)
+    }
+
+    fn opts(path: &Path) -> FileOptions {
+        FileOptions {
+            path: path.to_owned(),
+            read_only: false,
+            cache: CacheMode::None,
+        }
+    }
+
+    #[test]
+    fn regular_file_geometry() {
+        let (_d, path) = image(1 << 20);
+        let dev = FileDevice::open(&opts(&path)).expect("open");
+        let info = dev.info();
+        assert_eq!(info.capacity_bytes, 1 << 20);
+        assert_eq!(info.logical_block_size, 512);
+        assert!(!info.read_only);
+    }
+
+    #[test]
+    fn size_not_multiple_of_sector_is_refused() {
+        let (_d, path) = image(0);
+        let mut f = OpenOptions::new().append(true).open(&path).expect("open");
+        f.write_all(&[0u8; 1000]).expect("write");
+        let err = FileDevice::open(&opts(&path)).unwrap_err();
+        assert!(
+            matches!(err, FileError::UnalignedSize { size: 1000, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_file_is_an_open_error_naming_the_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nope.img");
+        let err = FileDevice::open(&opts(&path)).unwrap_err();
+        assert!(err.to_string().contains("nope.img"), "{err}");
+    }
+
+    #[test]
+    fn directory_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = FileDevice::open(&FileOptions {
+            read_only: true,
+            ..opts(dir.path())
+        })
+        .unwrap_err();
+        assert!(matches!(err, FileError::NotFileOrBlockDevice(_)), "{err}");
+    }
+
+    #[test]
+    fn read_only_device_offers_no_discard_or_write_zeroes() {
+        let (_d, path) = image(1 << 20);
+        let dev = FileDevice::open(&FileOptions {
+            read_only: true,
+            ..opts(&path)
+        })
+        .expect("open");
+        assert!(dev.info().read_only);
+        assert!(!dev.info().discard);
+        assert!(!dev.info().write_zeroes);
+    }
+}

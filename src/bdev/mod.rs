@@ -1,0 +1,103 @@
+//! Block devices behind the virtio-blk front: a shared [`BlockDevice`] that knows its geometry
+//! and capabilities, and per-poller [`IoChannel`]s that carry the I/O.
+//!
+//! A channel is owned by exactly one poller thread; it queues operations without a syscall and
+//! hands a whole batch to the kernel or device in one [`IoChannel::submit`].
+
+pub mod file;
+pub mod uring;
+
+use std::io;
+use std::os::fd::RawFd;
+
+use crate::mem::IovecList;
+
+/// What a device is and can do; fixed for the device's lifetime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub capacity_bytes: u64,
+    /// Smallest unit the device addresses, bytes (a power of two, at least 512).
+    pub logical_block_size: u32,
+    /// Smallest unit the device writes without read-modify-write, bytes.
+    pub physical_block_size: u32,
+    pub read_only: bool,
+    /// Deallocation of ranges is supported.
+    pub discard: bool,
+    /// Zeroing of ranges is supported.
+    pub write_zeroes: bool,
+}
+
+/// One operation on a channel. Offsets and lengths are in bytes.
+#[derive(Clone, Copy, Debug)]
+pub enum IoOp<'a> {
+    Read {
+        offset: u64,
+        iov: &'a IovecList,
+    },
+    Write {
+        offset: u64,
+        iov: &'a IovecList,
+        /// Write-through: the data must be durable when the operation completes.
+        fua: bool,
+    },
+    Flush,
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        /// The range may be deallocated instead of written.
+        unmap: bool,
+    },
+}
+
+/// The channel has no room for the operation right now; retry after reaping completions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelFull;
+
+/// A device shared by all pollers.
+pub trait BlockDevice: Send + Sync {
+    type Channel: IoChannel;
+
+    fn info(&self) -> DeviceInfo;
+
+    /// Opens a channel sized for `depth` operations in flight, for one poller thread.
+    fn open_channel(&self, depth: u32) -> io::Result<Self::Channel>;
+}
+
+/// The per-poller I/O path of a device.
+pub trait IoChannel {
+    /// Most completions a single [`IoChannel::queue`] call can produce.
+    const MAX_COMPLETIONS_PER_OP: u32;
+
+    /// True when an operation can be queued now.
+    fn has_room(&self) -> bool;
+
+    /// Queues `op` under `tag` without a syscall, and returns how many completions it will
+    /// report for `tag` (each with its own result).
+    ///
+    /// # Safety
+    ///
+    /// The iovec list in `op` and the guest memory it points into must stay valid and must not
+    /// be reused until every completion for `tag` has been reported by [`IoChannel::poll`].
+    unsafe fn queue(&mut self, tag: u32, op: IoOp<'_>) -> Result<u32, ChannelFull>;
+
+    /// Hands every queued operation to the device: at most one syscall.
+    fn submit(&mut self) -> io::Result<()>;
+
+    /// Reports up to `max` finished operations as `(tag, result)`, where a negative result is
+    /// an errno and a non-negative one the bytes transferred; returns how many it reported.
+    fn poll(&mut self, max: usize, f: impl FnMut(u32, i32)) -> usize;
+
+    /// Blocks until at least one operation completes (used only when draining).
+    fn wait(&mut self) -> io::Result<()>;
+
+    /// A file descriptor that becomes readable when completions are ready, if the channel has
+    /// one; the poller sleeps on it in event mode.
+    fn completion_fd(&self) -> Option<RawFd>;
+
+    /// Acknowledges a wake-up from [`IoChannel::completion_fd`].
+    fn clear_completion_fd(&self);
+}

@@ -1,0 +1,336 @@
+//! The command line, and its validation into a [`Config`] that nothing below the daemon
+//! ever sees in clap form. Follows QEMU's "vhost-user backend program conventions"
+//! (`--socket-path`, `--fd`, `--print-capabilities`, and for block devices `--blk-file` and
+//! `--read-only` as spellings of `--disk` and `--readonly`).
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, ValueEnum};
+use thiserror::Error;
+
+use crate::bdev::file::CacheMode;
+
+/// Default socket, disk and disk size when vubd runs without arguments.
+pub const DEFAULT_SOCKET: &str = "vubd.sock";
+pub const DEFAULT_DISK: &str = "vubd.img";
+pub const DEFAULT_DISK_SIZE: u64 = 1 << 30;
+
+/// Largest queue count (queues map onto a 64-bit worker mask).
+pub const MAX_QUEUES: u16 = 64;
+/// Largest virtqueue size accepted.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// GET_ID returns at most this many bytes of serial.
+pub const MAX_SERIAL_LEN: usize = 20;
+
+/// vhost-user-blk backend daemon.
+#[derive(Debug, Parser)]
+#[command(name = "vubd", version, about, long_about = None)]
+pub struct Args {
+    /// Listen for the VMM on this unix socket.
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+    /// Use this already listening unix socket (inherited file descriptor).
+    #[arg(long, value_name = "N")]
+    pub fd: Option<i32>,
+    /// The disk: PATH or file:PATH (a raw image file or a block device).
+    #[arg(long, value_name = "DISK", alias = "blk-file")]
+    pub disk: Option<String>,
+    /// Serve the disk read-only.
+    #[arg(long, alias = "read-only")]
+    pub readonly: bool,
+    /// Number of request queues.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub num_queues: u16,
+    /// Largest virtqueue size the frontend may set (a power of two).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub queue_size: u16,
+    /// Serial number returned by GET_ID (at most 20 bytes; default: the disk's file name).
+    #[arg(long, value_name = "STR")]
+    pub serial: Option<String>,
+    /// Host cache mode: none uses O_DIRECT where the file system allows it.
+    #[arg(long, value_enum, default_value_t = CacheArg::None)]
+    pub cache: CacheArg,
+    /// Print the vhost-user backend capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CacheArg {
+    None,
+    Writeback,
+}
+
+/// Where the VMM connects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketSpec {
+    Path(PathBuf),
+    Fd(i32),
+}
+
+/// The disk a device serves, parsed from `--disk` as a tagged URI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskSpec {
+    File(PathBuf),
+}
+
+/// What `vubd` was asked to do.
+#[derive(Debug)]
+pub enum Command {
+    PrintCapabilities,
+    Serve(Config),
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub socket: SocketSpec,
+    pub disk: DiskSpec,
+    pub read_only: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub serial: String,
+    pub cache: CacheMode,
+    /// Create the disk as a sparse file of this size if it does not exist (the no-argument
+    /// default run).
+    pub create_size: Option<u64>,
+}
+
+/// A bad command line; the message names the argument.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--disk is required (PATH or file:PATH)")]
+    MissingDisk,
+    #[error("--disk {0:?}: unknown disk type {1:?} (expected PATH or file:PATH)")]
+    UnknownDiskType(String, String),
+    #[error("--disk: empty path")]
+    EmptyDiskPath,
+    #[error("--num-queues {0}: must be between 1 and {MAX_QUEUES}")]
+    NumQueues(u16),
+    #[error("--queue-size {0}: must be a power of two between 2 and {MAX_QUEUE_SIZE}")]
+    QueueSize(u16),
+    #[error("--serial {0:?}: longer than {MAX_SERIAL_LEN} bytes")]
+    SerialTooLong(String),
+    #[error("--socket-path {0}: directory {1} does not exist")]
+    SocketDirMissing(PathBuf, PathBuf),
+    #[error("--fd {0}: not a valid file descriptor number")]
+    BadFd(i32),
+}
+
+impl Args {
+    /// True when the command line had no arguments at all.
+    fn is_bare(&self) -> bool {
+        self.socket_path.is_none()
+            && self.fd.is_none()
+            && self.disk.is_none()
+            && !self.readonly
+            && self.serial.is_none()
+            && !self.print_capabilities
+    }
+}
+
+impl TryFrom<Args> for Command {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
+        if args.print_capabilities {
+            return Ok(Command::PrintCapabilities);
+        }
+        let bare = args.is_bare();
+        let disk = match (&args.disk, bare) {
+            (Some(d), _) => parse_disk(d)?,
+            (None, true) => DiskSpec::File(PathBuf::from(DEFAULT_DISK)),
+            (None, false) => return Err(ConfigError::MissingDisk),
+        };
+        if args.num_queues == 0 || args.num_queues > MAX_QUEUES {
+            return Err(ConfigError::NumQueues(args.num_queues));
+        }
+        if !args.queue_size.is_power_of_two()
+            || args.queue_size < 2
+            || args.queue_size > MAX_QUEUE_SIZE
+        {
+            return Err(ConfigError::QueueSize(args.queue_size));
+        }
+        let socket = match (args.socket_path, args.fd) {
+            (_, Some(fd)) if fd < 0 => return Err(ConfigError::BadFd(fd)),
+            (_, Some(fd)) => SocketSpec::Fd(fd),
+            (Some(p), None) => {
+                check_socket_dir(&p)?;
+                SocketSpec::Path(p)
+            }
+            (None, None) => SocketSpec::Path(PathBuf::from(DEFAULT_SOCKET)),
+        };
+        let serial = match args.serial {
+            Some(s) if s.len() > MAX_SERIAL_LEN => return Err(ConfigError::SerialTooLong(s)),
+            Some(s) => s,
+            None => default_serial(&disk),
+        };
+        Ok(Command::Serve(Config {
+            socket,
+            disk,
+            read_only: args.readonly,
+            num_queues: args.num_queues,
+            queue_size: args.queue_size,
+            serial,
+            cache: match args.cache {
+                CacheArg::None => CacheMode::None,
+                CacheArg::Writeback => CacheMode::Writeback,
+            },
+            create_size: bare.then_some(DEFAULT_DISK_SIZE),
+        }))
+    }
+}
+
+/// `PATH`, `file:PATH`; a `scheme:` prefix of another kind is refused unless a file by that
+/// very name exists.
+pub fn parse_disk(s: &str) -> Result<DiskSpec, ConfigError> {
+    if let Some(path) = s.strip_prefix("file:") {
+        if path.is_empty() {
+            return Err(ConfigError::EmptyDiskPath);
+        }
+        return Ok(DiskSpec::File(PathBuf::from(path)));
+    }
+    if s.is_empty() {
+        return Err(ConfigError::EmptyDiskPath);
+    }
+    if let Some((scheme, _)) = s.split_once(':') {
+        let looks_like_scheme = !scheme.is_empty()
+            && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        if looks_like_scheme && !Path::new(s).exists() {
+            return Err(ConfigError::UnknownDiskType(
+                s.to_owned(),
+                scheme.to_owned(),
+            ));
+        }
+    }
+    Ok(DiskSpec::File(PathBuf::from(s)))
+}
+
+fn check_socket_dir(p: &Path) -> Result<(), ConfigError> {
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => return Ok(()),
+    };
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(ConfigError::SocketDirMissing(p.to_owned(), dir.to_owned()))
+    }
+}
+
+/// The serial a disk gets without `--serial`: the last 20 bytes of its file name, cut at a
+/// character boundary.
+fn default_serial(disk: &DiskSpec) -> String {
+    let DiskSpec::File(path) = disk;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut start = name.len().saturating_sub(MAX_SERIAL_LEN);
+    while !name.is_char_boundary(start) {
+        start += 1;
+    }
+    name[start..].to_owned()
+}
+
+/// `--print-capabilities` output (vhost-user.rst, "Backend program conventions").
+pub fn capabilities_json() -> String {
+    serde_json::json!({
+        "type": "block",
+        "features": ["read-only", "blk-file"]
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, ConfigError> {
+        let a = Args::try_parse_from(std::iter::once("vubd").chain(args.iter().copied()))
+            .expect("clap accepts");
+        Command::try_from(a)
+    }
+
+    fn serve(args: &[&str]) -> Config {
+        match parse(args) {
+            Ok(Command::Serve(c)) => c,
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn no_arguments_serve_the_default_image_on_the_default_socket() {
+        let c = serve(&[]);
+        assert_eq!(c.socket, SocketSpec::Path(PathBuf::from(DEFAULT_SOCKET)));
+        assert_eq!(c.disk, DiskSpec::File(PathBuf::from(DEFAULT_DISK)));
+        assert_eq!(c.create_size, Some(DEFAULT_DISK_SIZE));
+    }
+
+    #[test]
+    fn explicit_disk_is_never_created() {
+        let c = serve(&["--disk", "x.img"]);
+        assert_eq!(c.create_size, None);
+        assert_eq!(c.serial, "x.img");
+    }
+
+    #[test]
+    fn other_arguments_without_disk_are_refused() {
+        assert_eq!(
+            parse(&["--readonly"]).unwrap_err(),
+            ConfigError::MissingDisk
+        );
+    }
+
+    #[test]
+    fn disk_uri_forms() {
+        assert_eq!(parse_disk("a.img"), Ok(DiskSpec::File("a.img".into())));
+        assert_eq!(parse_disk("file:/x/y"), Ok(DiskSpec::File("/x/y".into())));
+        assert_eq!(parse_disk("file:"), Err(ConfigError::EmptyDiskPath));
+        assert!(matches!(
+            parse_disk("bogus:thing"),
+            Err(ConfigError::UnknownDiskType(_, s)) if s == "bogus"
+        ));
+        // Not a scheme: starts with a digit / contains a slash before the colon.
+        assert_eq!(parse_disk("./a:b"), Ok(DiskSpec::File("./a:b".into())));
+    }
+
+    #[test]
+    fn conventions_spellings_are_accepted() {
+        let c = serve(&["--blk-file", "d.img", "--read-only"]);
+        assert!(c.read_only);
+        assert_eq!(c.disk, DiskSpec::File("d.img".into()));
+    }
+
+    #[test]
+    fn numeric_limits_name_the_argument() {
+        let e = parse(&["--disk", "d", "--num-queues", "0"]).unwrap_err();
+        assert!(e.to_string().starts_with("--num-queues"));
+        let e = parse(&["--disk", "d", "--queue-size", "100"]).unwrap_err();
+        assert!(e.to_string().starts_with("--queue-size"));
+        let e = parse(&["--disk", "d", "--serial", "123456789012345678901"]).unwrap_err();
+        assert!(e.to_string().starts_with("--serial"));
+    }
+
+    #[test]
+    fn socket_in_missing_directory_is_refused() {
+        let e = parse(&["--disk", "d", "--socket-path", "/nonexistent-dir/s.sock"]).unwrap_err();
+        assert!(matches!(e, ConfigError::SocketDirMissing(..)), "{e}");
+    }
+
+    #[test]
+    fn default_serial_keeps_the_last_twenty_bytes() {
+        let s = default_serial(&DiskSpec::File("/a/abcdefghijklmnopqrstuvwxyz.img".into()));
+        assert_eq!(s, "hijklmnopqrstuvwxyz.img"[3..]);
+        assert_eq!(s.len(), 20);
+    }
+
+    #[test]
+    fn capabilities_follow_the_conventions() {
+        let v: serde_json::Value = serde_json::from_str(&capabilities_json()).expect("json");
+        assert_eq!(v["type"], "block");
+    }
+}

@@ -1,0 +1,478 @@
+//! Wiring and lifecycle: builds the device from the validated configuration, serves the
+//! socket one frontend at a time (a disconnect leaves vubd ready for the next), and shuts down
+//! cleanly on SIGINT / SIGTERM.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+use tracing::{error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::bdev::file::{FileDevice, FileError, FileOptions};
+use crate::bdev::{BlockDevice, DeviceInfo};
+use crate::config::{Config, DiskSpec, SocketSpec};
+use crate::mem::{GuestMemory, GuestMemoryAtomic};
+use crate::poller::{DeviceShared, Poller};
+use crate::vhost_user::{BlkBackend, BlkShape};
+use crate::virtio_blk::request::Limits;
+use crate::virtio_blk::{BlkConfig, DeviceFeatures, ID_BYTES, SECTOR_SHIFT};
+
+/// Largest data segment a driver may use, bytes (`size_max`).
+const SIZE_MAX: u32 = 4 << 20;
+/// Largest discard / write-zeroes segment, sectors.
+const MAX_RANGE_SECTORS: u32 = 1 << 22;
+/// Most data segments per request, whatever the queue size.
+const SEG_MAX_CAP: u32 = 254;
+
+/// Why the daemon stopped or could not start.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error("--disk")]
+    Disk(#[source] FileError),
+    #[error("cannot create {path}")]
+    CreateDisk {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--socket-path {0}: another process is serving this socket")]
+    SocketBusy(PathBuf),
+    #[error("--socket-path {0}: exists and is not a socket")]
+    NotASocket(PathBuf),
+    #[error("--socket-path {path}: cannot listen")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--fd {0}: not a listening unix socket")]
+    BadFd(i32),
+    #[error("cannot set up signal handling")]
+    Signals(#[source] io::Error),
+    #[error("cannot open an I/O channel")]
+    Channel(#[source] io::Error),
+    #[error("vhost-user: {0}")]
+    VhostUser(vhost_user_backend::Error),
+    #[error("vhost-user worker")]
+    Worker(#[source] io::Error),
+}
+
+impl DaemonError {
+    /// Exit status: 2 for a configuration the user can fix, 1 for a failure while serving.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DaemonError::Disk(_)
+            | DaemonError::CreateDisk { .. }
+            | DaemonError::SocketBusy(_)
+            | DaemonError::NotASocket(_)
+            | DaemonError::Bind { .. }
+            | DaemonError::BadFd(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Serves the configured device until SIGINT / SIGTERM.
+pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    // Block the signals before any thread exists so that every thread inherits the mask and
+    // only the signal thread receives them.
+    let signals = Signals::block().map_err(DaemonError::Signals)?;
+
+    let DiskSpec::File(path) = &cfg.disk;
+    if let Some(size) = cfg.create_size {
+        create_sparse(path, size)?;
+    }
+    let device = FileDevice::open(&FileOptions {
+        path: path.clone(),
+        read_only: cfg.read_only,
+        cache: cfg.cache,
+    })
+    .map_err(DaemonError::Disk)?;
+    let info = device.info();
+    let (mut listener, _socket_file) = listen(&cfg.socket)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| DaemonError::VhostUser(vhost_user_backend::Error::CreateBackendListener(e)))?;
+
+    let stop = Arc::new(StopState::new().map_err(DaemonError::Signals)?);
+    signals
+        .spawn_waiter(stop.clone())
+        .map_err(DaemonError::Signals)?;
+
+    print_attach_hint(&cfg, path, &info);
+    info!(disk = %path.display(), capacity = info.capacity_bytes, queues = cfg.num_queues, "ready");
+    while wait_for_frontend(&listener, &stop) {
+        if let Err(e) = serve_one(&cfg, &device, &mut listener, &stop) {
+            error!(error = %error_chain(&e), "frontend session ended with an error");
+        }
+    }
+    info!("shutting down");
+    Ok(())
+}
+
+/// One frontend session: fresh pollers and protocol state, torn down and drained at the end.
+fn serve_one(
+    cfg: &Config,
+    device: &FileDevice,
+    listener: &mut Listener,
+    stop: &StopState,
+) -> Result<(), DaemonError> {
+    let info = device.info();
+    let (shape, shared) = device_model(cfg, &info);
+    let shared = Arc::new(shared);
+    let mem = GuestMemoryAtomic::new(GuestMemory::new());
+    let mut pollers = Vec::with_capacity(usize::from(cfg.num_queues));
+    for _ in 0..cfg.num_queues {
+        let channel = device
+            .open_channel(u32::from(cfg.queue_size))
+            .map_err(DaemonError::Channel)?;
+        pollers.push(Poller::new(
+            shared.clone(),
+            mem.clone(),
+            channel,
+            1,
+            cfg.queue_size,
+        ));
+    }
+    let backend = Arc::new(BlkBackend::new(shape, shared, pollers));
+    let mut daemon = VhostUserDaemon::new("vubd-vhost-user".into(), backend.clone(), mem)
+        .map_err(DaemonError::VhostUser)?;
+    let event_id = backend.completion_event_id();
+    for (handler, fd) in daemon
+        .get_epoll_handlers()
+        .iter()
+        .zip(backend.completion_fds())
+    {
+        if let Some(fd) = fd {
+            handler
+                .register_listener(fd, EventSet::IN, event_id)
+                .map_err(DaemonError::Worker)?;
+        }
+    }
+
+    daemon.start(listener).map_err(DaemonError::VhostUser)?;
+    info!("frontend connected");
+    stop.set_session(daemon.shutdown_handle());
+    let result = daemon.wait();
+    stop.set_session(None);
+    match &result {
+        Ok(()) => info!("frontend disconnected"),
+        Err(e) => warn!(error = %e, "frontend connection ended"),
+    }
+    // Stops and joins the queue workers; then nothing else touches the pollers.
+    drop(daemon);
+    backend.drain();
+    Ok(())
+}
+
+/// The virtio-blk view of the device.
+fn device_model(cfg: &Config, info: &DeviceInfo) -> (BlkShape, DeviceShared) {
+    let seg_max = (u32::from(cfg.queue_size) - 2).clamp(1, SEG_MAX_CAP);
+    let capacity_sectors = info.capacity_bytes >> SECTOR_SHIFT;
+    let features = DeviceFeatures {
+        read_only: info.read_only,
+        discard: info.discard,
+        write_zeroes: info.write_zeroes,
+        multi_queue: cfg.num_queues > 1,
+    };
+    let logical = info.logical_block_size;
+    let physical_exp = (info.physical_block_size / logical).max(1).ilog2();
+    let range_align = info.physical_block_size.max(4096) >> SECTOR_SHIFT;
+    let config = BlkConfig {
+        capacity_sectors,
+        size_max: SIZE_MAX,
+        seg_max,
+        blk_size: logical,
+        physical_block_exp: u8::try_from(physical_exp).unwrap_or(0),
+        min_io_size: 1,
+        opt_io_size: 0,
+        writeback: 1,
+        num_queues: cfg.num_queues,
+        max_discard_sectors: if features.discard {
+            MAX_RANGE_SECTORS
+        } else {
+            0
+        },
+        discard_sector_alignment: if features.discard { range_align } else { 0 },
+        max_write_zeroes_sectors: if features.write_zeroes {
+            MAX_RANGE_SECTORS
+        } else {
+            0
+        },
+        write_zeroes_may_unmap: features.write_zeroes,
+    };
+    let mut serial = [0u8; ID_BYTES];
+    let n = cfg.serial.len().min(ID_BYTES);
+    serial[..n].copy_from_slice(&cfg.serial.as_bytes()[..n]);
+    let shape = BlkShape {
+        num_queues: usize::from(cfg.num_queues),
+        max_queue_size: cfg.queue_size,
+        features: features.bits(),
+        config,
+    };
+    let shared = DeviceShared {
+        limits: Limits {
+            capacity_sectors,
+            seg_max,
+            read_only: info.read_only,
+            max_discard_sectors: (info.discard && !info.read_only).then_some(MAX_RANGE_SECTORS),
+            max_write_zeroes_sectors: (info.write_zeroes && !info.read_only)
+                .then_some(MAX_RANGE_SECTORS),
+        },
+        serial,
+        writeback: AtomicBool::new(true),
+    };
+    (shape, shared)
+}
+
+fn create_sparse(path: &Path, size: u64) -> Result<(), DaemonError> {
+    let err = |source| DaemonError::CreateDisk {
+        path: path.to_owned(),
+        source,
+    };
+    match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(f) => {
+            f.set_len(size).map_err(err)?;
+            info!(path = %path.display(), size, "created a sparse disk image");
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// Removes the socket file when vubd stops serving it.
+struct SocketFile(Option<PathBuf>);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn listen(spec: &SocketSpec) -> Result<(Listener, SocketFile), DaemonError> {
+    match spec {
+        SocketSpec::Fd(fd) => {
+            let fd = *fd;
+            if !is_listening_socket(fd) {
+                return Err(DaemonError::BadFd(fd));
+            }
+            // SAFETY: the fd was handed to us by the parent (backend program conventions),
+            // checked above to be an open listening socket, and is owned by nothing else in
+            // this process.
+            let l = unsafe { UnixListener::from_raw_fd(fd) };
+            Ok((Listener::from(l), SocketFile(None)))
+        }
+        SocketSpec::Path(path) => {
+            match std::fs::symlink_metadata(path) {
+                Ok(meta) if meta.file_type().is_socket() => {
+                    if UnixStream::connect(path).is_ok() {
+                        return Err(DaemonError::SocketBusy(path.clone()));
+                    }
+                    // Left behind by a process that is gone.
+                    let _ = std::fs::remove_file(path);
+                }
+                Ok(_) => return Err(DaemonError::NotASocket(path.clone())),
+                Err(_) => {}
+            }
+            let l = UnixListener::bind(path).map_err(|source| DaemonError::Bind {
+                path: path.clone(),
+                source,
+            })?;
+            Ok((Listener::from(l), SocketFile(Some(path.clone()))))
+        }
+    }
+}
+
+fn is_listening_socket(fd: i32) -> bool {
+    let mut accepting: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `accepting`, a live c_int; an fd that
+    // is not a socket just makes it fail.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut accepting as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && accepting != 0
+}
+
+/// Waits until a frontend connects (true) or shutdown was requested (false).
+fn wait_for_frontend(listener: &Listener, stop: &StopState) -> bool {
+    loop {
+        if stop.requested() {
+            return false;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfd structs and the count matches.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                error!(error = %e, "poll on the listening socket failed");
+                return false;
+            }
+            continue;
+        }
+        if stop.requested() {
+            return false;
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            return true;
+        }
+    }
+}
+
+/// Shutdown requests, shared between the signal thread and the serving loop.
+struct StopState {
+    requested: AtomicBool,
+    wake: EventFd,
+    session: Mutex<Option<ShutdownHandle>>,
+}
+
+impl StopState {
+    fn new() -> io::Result<Self> {
+        Ok(Self {
+            requested: AtomicBool::new(false),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            session: Mutex::new(None),
+        })
+    }
+
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+        let _ = self.wake.write(1);
+        if let Some(h) = self
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            h.shutdown();
+        }
+    }
+
+    /// Records the current session; ends it at once if shutdown was already requested.
+    fn set_session(&self, handle: Option<ShutdownHandle>) {
+        let mut s = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        *s = handle;
+        if self.requested() {
+            if let Some(h) = s.as_ref() {
+                h.shutdown();
+            }
+        }
+    }
+}
+
+/// SIGINT and SIGTERM, blocked in every thread and received by one waiter thread.
+struct Signals {
+    set: libc::sigset_t,
+}
+
+impl Signals {
+    fn block() -> io::Result<Self> {
+        // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a live sigset_t; the calls only write to it and to this thread's
+        // signal mask.
+        let rc = unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(Self { set })
+    }
+
+    fn spawn_waiter(self, stop: Arc<StopState>) -> io::Result<()> {
+        std::thread::Builder::new()
+            .name("vubd-signals".into())
+            .spawn(move || {
+                let mut first = true;
+                loop {
+                    let mut sig: libc::c_int = 0;
+                    // SAFETY: `self.set` is an initialised sigset_t and `sig` a live c_int.
+                    if unsafe { libc::sigwait(&self.set, &mut sig) } != 0 {
+                        continue;
+                    }
+                    if first {
+                        info!(signal = sig, "stopping: finishing in-flight I/O");
+                        stop.request();
+                        first = false;
+                    } else {
+                        warn!(signal = sig, "second signal: exiting at once");
+                        std::process::exit(1);
+                    }
+                }
+            })
+            .map(|_| ())
+    }
+}
+
+fn print_attach_hint(cfg: &Config, disk: &Path, info: &DeviceInfo) {
+    let SocketSpec::Path(sock) = &cfg.socket else {
+        return;
+    };
+    let abs = std::path::absolute(sock).unwrap_or_else(|_| sock.clone());
+    let mib = info.capacity_bytes >> 20;
+    println!(
+        "vubd: serving {} ({mib} MiB{}) on {}",
+        disk.display(),
+        if info.read_only { ", read-only" } else { "" },
+        abs.display()
+    );
+    println!("Attach a QEMU VM (guest RAM must be shared) with:");
+    println!(
+        "  -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n  \
+         -chardev socket,id=vubd0,path={} \\\n  \
+         -device vhost-user-blk-pci,chardev=vubd0,num-queues={}",
+        abs.display(),
+        cfg.num_queues
+    );
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,48 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::error::ErrorKind;
+use vubd::config::{Args, Command, capabilities_json};
+use vubd::daemon::{self, error_chain};
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            print!("{e}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line naming the argument, as for every other configuration error.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("vubd: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VUBD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match Command::try_from(args) {
+        Err(e) => {
+            eprintln!("vubd: {e}");
+            ExitCode::from(2)
+        }
+        Ok(Command::PrintCapabilities) => {
+            println!("{}", capabilities_json());
+            ExitCode::SUCCESS
+        }
+        Ok(Command::Serve(cfg)) => match daemon::run(cfg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vubd: {}", error_chain(&e));
+                ExitCode::from(e.exit_code())
+            }
+        },
+    }
+}

@@ -1,0 +1,239 @@
+//! Guest memory: the snapshot type the data plane works on, and the translation of guest
+//! buffers into host iovecs that the kernel (or a device) reads and writes directly.
+//!
+//! This is the main home of raw guest pointers. An iovec produced here stays valid for as long
+//! as the [`MemSnapshot`] it was translated from is alive: in-flight requests hold one.
+
+use std::sync::Arc;
+
+use thiserror::Error;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// Guest memory as the vhost-user frontend shared it (no dirty bitmap).
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// The atomically replaceable guest memory of one device: the control plane swaps in a new
+/// map on SET_MEM_TABLE / ADD_MEM_REG, pollers load a snapshot once per batch.
+pub type GuestMemoryAtomic = vm_memory::GuestMemoryAtomic<GuestMemory>;
+
+/// A counted reference that keeps one version of the guest memory map mapped.
+pub type MemSnapshot = Arc<GuestMemory>;
+
+/// Why a guest buffer could not be translated.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum MemError {
+    /// Part of the buffer lies outside every guest memory region.
+    #[error("guest buffer {addr:#x}+{len:#x} is outside guest memory")]
+    OutOfRange { addr: u64, len: u32 },
+    /// The buffer needs more iovecs than the request may carry.
+    #[error("guest buffer needs more than {0} iovecs")]
+    TooManyIovecs(usize),
+}
+
+/// A fixed-capacity list of iovecs pointing into guest memory. Allocated once per in-flight
+/// slot; filling it never allocates.
+#[derive(Debug)]
+pub struct IovecList {
+    iov: Box<[libc::iovec]>,
+    len: usize,
+    bytes: u64,
+}
+
+// SAFETY: the iovecs are plain addresses into guest memory mappings that are shared with the
+// frontend anyway; the list does not own or alias Rust objects, so moving it to another thread
+// cannot create a data race on Rust-visible state.
+unsafe impl Send for IovecList {}
+
+impl IovecList {
+    /// A list that holds at most `capacity` iovecs.
+    pub fn with_capacity(capacity: usize) -> Self {
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        Self {
+            iov: vec![empty; capacity].into_boxed_slice(),
+            len: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Forgets every entry (keeps the storage).
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.bytes = 0;
+    }
+
+    /// The filled entries.
+    pub fn as_slice(&self) -> &[libc::iovec] {
+        &self.iov[..self.len]
+    }
+
+    /// Number of filled entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no entry is filled.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Total bytes covered by the entries.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Appends the host addresses of guest range `addr..addr+len`, split where it crosses
+    /// guest memory regions.
+    pub fn push_guest(
+        &mut self,
+        mem: &GuestMemory,
+        addr: GuestAddress,
+        len: u32,
+    ) -> Result<(), MemError> {
+        let out_of_range = || MemError::OutOfRange { addr: addr.0, len };
+        let start_len = self.len;
+        let mut covered = 0usize;
+        for slice in mem.get_slices(addr, len as usize) {
+            let Ok(slice) = slice else {
+                self.len = start_len;
+                return Err(out_of_range());
+            };
+            if self.len == self.iov.len() {
+                self.len = start_len;
+                return Err(MemError::TooManyIovecs(self.iov.len()));
+            }
+            let guard = slice.ptr_guard_mut();
+            self.iov[self.len] = libc::iovec {
+                iov_base: guard.as_ptr().cast(),
+                iov_len: slice.len(),
+            };
+            self.len += 1;
+            covered += slice.len();
+        }
+        if covered != len as usize {
+            self.len = start_len;
+            return Err(out_of_range());
+        }
+        self.bytes += u64::from(len);
+        Ok(())
+    }
+
+    /// True when every entry's address is a multiple of `mem_align` and its length a multiple
+    /// of `len_align` (both powers of two): what O_DIRECT requires of each segment.
+    pub fn is_dio_aligned(&self, mem_align: usize, len_align: usize) -> bool {
+        let (mm, lm) = (mem_align - 1, len_align - 1);
+        self.as_slice()
+            .iter()
+            .all(|v| v.iov_base as usize & mm == 0 && v.iov_len & lm == 0)
+    }
+
+    /// Copies `src` into the buffers, in order, and returns how many bytes were written
+    /// (at most the buffers' total size).
+    ///
+    /// # Safety
+    ///
+    /// Every entry must point into guest memory that is still mapped: the caller holds the
+    /// [`MemSnapshot`] the list was filled from.
+    pub unsafe fn copy_from(&self, src: &[u8]) -> usize {
+        let mut done = 0;
+        for v in self.as_slice() {
+            if done == src.len() {
+                break;
+            }
+            let n = v.iov_len.min(src.len() - done);
+            // SAFETY: `v` covers `iov_len` bytes of a live guest mapping (caller's contract);
+            // `n <= iov_len` and `src[done..done + n]` is in bounds. Guest memory is never a
+            // Rust allocation, so the ranges cannot overlap `src`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.as_ptr().add(done), v.iov_base.cast::<u8>(), n);
+            }
+            done += n;
+        }
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_regions() -> GuestMemory {
+        // Two regions that touch at 0x2000, and a hole after 0x3000.
+        GuestMemory::from_ranges(&[
+            (GuestAddress(0x1000), 0x1000),
+            (GuestAddress(0x2000), 0x1000),
+        ])
+        .expect("guest memory")
+    }
+
+    #[test]
+    fn buffer_within_one_region_is_one_iovec() {
+        let mem = two_regions();
+        let mut list = IovecList::with_capacity(4);
+        list.push_guest(&mem, GuestAddress(0x1100), 0x200)
+            .expect("push");
+        assert_eq!(list.len(), 1);
+        assert_eq!(list.bytes(), 0x200);
+        assert_eq!(list.as_slice()[0].iov_len, 0x200);
+    }
+
+    #[test]
+    fn buffer_across_regions_is_split() {
+        let mem = two_regions();
+        let mut list = IovecList::with_capacity(4);
+        list.push_guest(&mem, GuestAddress(0x1f00), 0x200)
+            .expect("push");
+        assert_eq!(list.len(), 2);
+        assert_eq!(list.as_slice()[0].iov_len, 0x100);
+        assert_eq!(list.as_slice()[1].iov_len, 0x100);
+        assert_eq!(list.bytes(), 0x200);
+    }
+
+    #[test]
+    fn buffer_reaching_outside_memory_is_rejected_and_leaves_list_unchanged() {
+        let mem = two_regions();
+        let mut list = IovecList::with_capacity(4);
+        list.push_guest(&mem, GuestAddress(0x1000), 0x10)
+            .expect("push");
+        let err = list
+            .push_guest(&mem, GuestAddress(0x2f00), 0x200)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            MemError::OutOfRange {
+                addr: 0x2f00,
+                len: 0x200
+            }
+        );
+        assert_eq!(list.len(), 1);
+        assert_eq!(list.bytes(), 0x10);
+        assert!(list.push_guest(&mem, GuestAddress(0x9000), 1).is_err());
+    }
+
+    #[test]
+    fn capacity_is_enforced() {
+        let mem = two_regions();
+        let mut list = IovecList::with_capacity(1);
+        let err = list
+            .push_guest(&mem, GuestAddress(0x1f00), 0x200)
+            .unwrap_err();
+        assert_eq!(err, MemError::TooManyIovecs(1));
+        assert!(list.is_empty());
+    }
+
+    #[test]
+    fn copy_from_fills_buffers_in_order() {
+        let mem = two_regions();
+        let mut list = IovecList::with_capacity(4);
+        list.push_guest(&mem, GuestAddress(0x1ffe), 4)
+            .expect("push");
+        // SAFETY: `mem` outlives the list's use here.
+        let n = unsafe { list.copy_from(b"abcdef") };
+        assert_eq!(n, 4);
+        let mut back = [0u8; 4];
+        vm_memory::Bytes::read_slice(&mem, &mut back, GuestAddress(0x1ffe)).expect("read");
+        assert_eq!(&back, b"abcd");
+    }
+}

@@ -1,0 +1,461 @@
+//! Parse, then execute: a descriptor chain becomes either a fully validated [`Parsed`] request
+//! whose data buffers are already translated to host iovecs, or a [`Rejected`] one that carries
+//! the status to complete it with. Pure: reads guest memory, writes only the caller's iovec list.
+//!
+//! Framing follows virtio 1.2 §2.7.4 ("the device MUST NOT make assumptions about the particular
+//! arrangement of descriptors"): the 16-byte header is at the start of the device-readable part,
+//! the status byte is the last byte of the device-writable part, and everything in between is
+//! data, however the driver split it into descriptors.
+
+use thiserror::Error;
+use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::{
+    HEADER_LEN, MAX_RANGE_SEGMENTS, RANGE_SEGMENT_LEN, SECTOR_SHIFT, SECTOR_SIZE, Status,
+    WRITE_ZEROES_FLAG_UNMAP, req_type,
+};
+use crate::mem::{GuestMemory, IovecList, MemError};
+
+/// What the parser checks requests against.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub capacity_sectors: u64,
+    /// Most data descriptors per request (`seg_max`).
+    pub seg_max: u32,
+    pub read_only: bool,
+    /// Discard is offered; its per-segment limit in sectors.
+    pub max_discard_sectors: Option<u32>,
+    /// Write-zeroes is offered; its per-segment limit in sectors.
+    pub max_write_zeroes_sectors: Option<u32>,
+}
+
+/// One discard / write-zeroes segment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Range {
+    pub sector: u64,
+    pub sectors: u32,
+    /// Write-zeroes only: the range may be deallocated.
+    pub unmap: bool,
+}
+
+/// The segments of a discard / write-zeroes request, stored inline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RangeList {
+    len: u8,
+    ranges: [Range; MAX_RANGE_SEGMENTS],
+}
+
+impl RangeList {
+    pub fn as_slice(&self) -> &[Range] {
+        &self.ranges[..usize::from(self.len)]
+    }
+
+    fn push(&mut self, r: Range) {
+        self.ranges[usize::from(self.len)] = r;
+        self.len += 1;
+    }
+}
+
+/// A validated request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    /// Read `data_len` bytes at `sector` into the iovecs.
+    Read {
+        sector: u64,
+    },
+    /// Write the iovecs' `data_len` bytes at `sector`.
+    Write {
+        sector: u64,
+    },
+    Flush,
+    /// Write the device id into the iovecs.
+    GetId,
+    Discard(RangeList),
+    WriteZeroes(RangeList),
+}
+
+/// The request part of a [`Parsed`] chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub kind: RequestKind,
+    /// Bytes of data buffers (what the iovecs cover).
+    pub data_len: u32,
+}
+
+/// A chain that passed validation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub head: u16,
+    /// Guest address of the status byte.
+    pub status: GuestAddress,
+    pub request: Request,
+}
+
+/// A chain that must be completed without running.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub head: u16,
+    /// Where to write the status; `None` when the chain has no usable status byte, in which
+    /// case it can only be returned to the driver with a used length of 0.
+    pub status: Option<GuestAddress>,
+    pub error: RequestError,
+}
+
+/// Why a request is rejected. Each maps to the status the driver sees.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("descriptor chain is empty or could not be read")]
+    EmptyChain,
+    #[error("no device-writable status byte at the end of the chain")]
+    MissingStatus,
+    #[error("request header missing or shorter than {HEADER_LEN} bytes")]
+    ShortHeader,
+    #[error("request header is not device-readable")]
+    HeaderNotReadable,
+    #[error("device-readable descriptor after a device-writable one")]
+    ReadableAfterWritable,
+    #[error("more than {max} data segments")]
+    TooManySegments { max: u32 },
+    #[error("data buffers have the wrong direction for this request type")]
+    WrongDirection,
+    #[error("data length {0} is not a multiple of 512")]
+    UnalignedLength(u32),
+    #[error("sectors {sector}+{sectors} are beyond the capacity of {capacity} sectors")]
+    OutOfRange {
+        sector: u64,
+        sectors: u64,
+        capacity: u64,
+    },
+    #[error("write to a read-only device")]
+    ReadOnly,
+    #[error("range segment list malformed")]
+    BadRangeList,
+    #[error("range segment of {sectors} sectors exceeds the limit of {max}")]
+    RangeTooLong { sectors: u32, max: u32 },
+    #[error("unknown range segment flags {0:#x}")]
+    BadRangeFlags(u32),
+    #[error("unsupported request type {0}")]
+    Unsupported(u32),
+    #[error("guest memory")]
+    Memory(#[source] MemError),
+}
+
+impl RequestError {
+    /// The status a driver sees for this error.
+    pub fn status(&self) -> Status {
+        match self {
+            RequestError::Unsupported(_) => Status::Unsupp,
+            _ => Status::IoErr,
+        }
+    }
+}
+
+/// Parses and validates one chain. `descs` is scratch storage whose capacity bounds the chain
+/// length accepted (it is cleared, never grown); `iov` receives the data buffers.
+pub fn parse(
+    chain: DescriptorChain<&GuestMemory>,
+    limits: &Limits,
+    descs: &mut Vec<Descriptor>,
+    iov: &mut IovecList,
+) -> Result<Parsed, Rejected> {
+    let head = chain.head_index();
+    let mem = chain.memory();
+    descs.clear();
+    iov.clear();
+
+    // Collect the chain; keep counting past capacity so the status byte is still found.
+    let mut overflow = false;
+    let mut last = None;
+    for d in chain.clone() {
+        if descs.len() < descs.capacity() {
+            descs.push(d);
+        } else {
+            overflow = true;
+        }
+        last = Some(d);
+    }
+    let reject = |status, error| Rejected {
+        head,
+        status,
+        error,
+    };
+    let Some(last) = last else {
+        return Err(reject(None, RequestError::EmptyChain));
+    };
+    let status = status_address(mem, &last).ok_or(reject(None, RequestError::MissingStatus))?;
+    let rej = |error| reject(Some(status), error);
+    if overflow {
+        return Err(rej(RequestError::TooManySegments {
+            max: limits.seg_max,
+        }));
+    }
+
+    let first = descs[0];
+    if first.is_write_only() {
+        return Err(rej(RequestError::HeaderNotReadable));
+    }
+    if first.len() < HEADER_LEN {
+        return Err(rej(RequestError::ShortHeader));
+    }
+    let Ok(header) = mem.read_obj::<[u8; 16]>(first.addr()) else {
+        return Err(rej(RequestError::Memory(MemError::OutOfRange {
+            addr: first.addr().0,
+            len: HEADER_LEN,
+        })));
+    };
+    let rtype = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let sector = u64::from_le_bytes([
+        header[8], header[9], header[10], header[11], header[12], header[13], header[14],
+        header[15],
+    ]);
+
+    // Split the chain into its readable payload (after the header) and its writable payload
+    // (before the status byte), checking the readable-then-writable order.
+    let n_writable = descs.iter().filter(|d| d.is_write_only()).count();
+    let n_readable = descs.len() - n_writable;
+    if descs[..n_readable].iter().any(|d| d.is_write_only()) {
+        return Err(rej(RequestError::ReadableAfterWritable));
+    }
+    let data = Payload {
+        descs: descs.as_slice(),
+        n_readable,
+    };
+
+    let request = match rtype {
+        req_type::IN | req_type::OUT => {
+            let write = rtype == req_type::OUT;
+            if write && limits.read_only {
+                return Err(rej(RequestError::ReadOnly));
+            }
+            let (seg_count, len) = if write {
+                if data.writable_len() != 1 {
+                    return Err(rej(RequestError::WrongDirection));
+                }
+                (data.readable_segments(), data.readable_len())
+            } else {
+                if data.readable_len() != 0 {
+                    return Err(rej(RequestError::WrongDirection));
+                }
+                (data.writable_segments(), data.writable_len() - 1)
+            };
+            if seg_count > limits.seg_max as usize {
+                return Err(rej(RequestError::TooManySegments {
+                    max: limits.seg_max,
+                }));
+            }
+            let Ok(len32) = u32::try_from(len) else {
+                return Err(rej(RequestError::UnalignedLength(u32::MAX)));
+            };
+            if len % SECTOR_SIZE != 0 {
+                return Err(rej(RequestError::UnalignedLength(len32)));
+            }
+            check_range(sector, len >> SECTOR_SHIFT, limits.capacity_sectors).map_err(rej)?;
+            let pushed = if write {
+                data.push_readable(mem, iov)
+            } else {
+                data.push_writable(mem, iov)
+            };
+            pushed.map_err(RequestError::Memory).map_err(rej)?;
+            let kind = if write {
+                RequestKind::Write { sector }
+            } else {
+                RequestKind::Read { sector }
+            };
+            Request {
+                kind,
+                data_len: len32,
+            }
+        }
+        req_type::FLUSH => {
+            // Data buffers, if any, are ignored (virtio 1.2 §5.2.6.2 gives FLUSH none).
+            Request {
+                kind: RequestKind::Flush,
+                data_len: 0,
+            }
+        }
+        req_type::GET_ID => {
+            if data.readable_len() != 0 || data.writable_len() < 2 {
+                return Err(rej(RequestError::WrongDirection));
+            }
+            data.push_writable(mem, iov)
+                .map_err(RequestError::Memory)
+                .map_err(rej)?;
+            let len = u32::try_from(iov.bytes()).unwrap_or(u32::MAX);
+            Request {
+                kind: RequestKind::GetId,
+                data_len: len,
+            }
+        }
+        req_type::DISCARD | req_type::WRITE_ZEROES => {
+            let discard = rtype == req_type::DISCARD;
+            let max = if discard {
+                limits.max_discard_sectors
+            } else {
+                limits.max_write_zeroes_sectors
+            };
+            let Some(max) = max else {
+                return Err(rej(RequestError::Unsupported(rtype)));
+            };
+            if limits.read_only {
+                return Err(rej(RequestError::ReadOnly));
+            }
+            if data.writable_len() != 1 {
+                return Err(rej(RequestError::WrongDirection));
+            }
+            let ranges =
+                read_ranges(mem, &data, discard, max, limits.capacity_sectors).map_err(rej)?;
+            Request {
+                kind: if discard {
+                    RequestKind::Discard(ranges)
+                } else {
+                    RequestKind::WriteZeroes(ranges)
+                },
+                data_len: 0,
+            }
+        }
+        other => return Err(rej(RequestError::Unsupported(other))),
+    };
+    Ok(Parsed {
+        head,
+        status,
+        request,
+    })
+}
+
+/// The last byte of the last descriptor, if it is device-writable and inside guest memory.
+fn status_address(mem: &GuestMemory, last: &Descriptor) -> Option<GuestAddress> {
+    if !last.is_write_only() || last.len() == 0 {
+        return None;
+    }
+    let addr = last.addr().checked_add(u64::from(last.len()) - 1)?;
+    mem.check_address(addr)
+}
+
+fn check_range(sector: u64, sectors: u64, capacity: u64) -> Result<(), RequestError> {
+    match sector.checked_add(sectors) {
+        Some(end) if end <= capacity => Ok(()),
+        _ => Err(RequestError::OutOfRange {
+            sector,
+            sectors,
+            capacity,
+        }),
+    }
+}
+
+/// The data part of a chain: readable bytes after the header, writable bytes before the
+/// status byte.
+struct Payload<'a> {
+    descs: &'a [Descriptor],
+    n_readable: usize,
+}
+
+impl Payload<'_> {
+    /// (address, length) of readable data pieces, header bytes removed.
+    fn readable(&self) -> impl Iterator<Item = (GuestAddress, u32)> + '_ {
+        let mut skip = HEADER_LEN;
+        self.descs[..self.n_readable].iter().filter_map(move |d| {
+            let cut = skip.min(d.len());
+            skip -= cut;
+            (d.len() > cut).then(|| (d.addr().unchecked_add(u64::from(cut)), d.len() - cut))
+        })
+    }
+
+    /// (address, length) of writable data pieces, status byte removed.
+    fn writable(&self) -> impl Iterator<Item = (GuestAddress, u32)> + '_ {
+        let w = &self.descs[self.n_readable..];
+        let last = w.len().saturating_sub(1);
+        w.iter().enumerate().filter_map(move |(i, d)| {
+            let len = if i == last { d.len() - 1 } else { d.len() };
+            (len > 0).then_some((d.addr(), len))
+        })
+    }
+
+    fn readable_len(&self) -> u64 {
+        self.readable().map(|(_, l)| u64::from(l)).sum()
+    }
+
+    /// Writable bytes including the status byte.
+    fn writable_len(&self) -> u64 {
+        self.descs[self.n_readable..]
+            .iter()
+            .map(|d| u64::from(d.len()))
+            .sum()
+    }
+
+    fn readable_segments(&self) -> usize {
+        self.readable().count()
+    }
+
+    fn writable_segments(&self) -> usize {
+        self.writable().count()
+    }
+
+    fn push_readable(&self, mem: &GuestMemory, iov: &mut IovecList) -> Result<(), MemError> {
+        self.readable()
+            .try_for_each(|(a, l)| iov.push_guest(mem, a, l))
+    }
+
+    fn push_writable(&self, mem: &GuestMemory, iov: &mut IovecList) -> Result<(), MemError> {
+        self.writable()
+            .try_for_each(|(a, l)| iov.push_guest(mem, a, l))
+    }
+}
+
+/// Reads the `struct virtio_blk_discard_write_zeroes` segments of a discard / write-zeroes
+/// request (virtio 1.2 §5.2.6), validating each against the limits and the capacity.
+fn read_ranges(
+    mem: &GuestMemory,
+    data: &Payload<'_>,
+    discard: bool,
+    max_sectors: u32,
+    capacity: u64,
+) -> Result<RangeList, RequestError> {
+    let total = data.readable_len();
+    if total == 0 || total % u64::from(RANGE_SEGMENT_LEN) != 0 {
+        return Err(RequestError::BadRangeList);
+    }
+    if total / u64::from(RANGE_SEGMENT_LEN) > MAX_RANGE_SEGMENTS as u64 {
+        return Err(RequestError::TooManySegments {
+            max: MAX_RANGE_SEGMENTS as u32,
+        });
+    }
+    // Gather the raw bytes; a segment may straddle descriptors.
+    let mut raw = [0u8; MAX_RANGE_SEGMENTS * RANGE_SEGMENT_LEN as usize];
+    let mut at = 0usize;
+    for (addr, len) in data.readable() {
+        let dst = &mut raw[at..at + len as usize];
+        mem.read_slice(dst, addr)
+            .map_err(|_| RequestError::Memory(MemError::OutOfRange { addr: addr.0, len }))?;
+        at += len as usize;
+    }
+    let mut list = RangeList::default();
+    for seg in raw[..at].chunks_exact(RANGE_SEGMENT_LEN as usize) {
+        let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
+        let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
+        let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
+        // Discard has no flags; write-zeroes knows only UNMAP (virtio 1.2 §5.2.6.2).
+        let allowed = if discard { 0 } else { WRITE_ZEROES_FLAG_UNMAP };
+        if flags & !allowed != 0 {
+            return Err(RequestError::BadRangeFlags(flags));
+        }
+        if sectors > max_sectors {
+            return Err(RequestError::RangeTooLong {
+                sectors,
+                max: max_sectors,
+            });
+        }
+        check_range(sector, u64::from(sectors), capacity)?;
+        list.push(Range {
+            sector,
+            sectors,
+            unmap: flags & WRITE_ZEROES_FLAG_UNMAP != 0,
+        });
+    }
+    Ok(list)
+}
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod tests;
