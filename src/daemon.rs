@@ -88,6 +88,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // only the signal thread receives them.
     let signals = Signals::block().map_err(DaemonError::Signals)?;
 
+    // The socket first: a busy socket must be reported before anything else happens.
+    let (mut listener, _socket_file) = listen(&cfg.socket)?;
     let DiskSpec::File(path) = &cfg.disk;
     if let Some(size) = cfg.create_size {
         create_sparse(path, size)?;
@@ -99,7 +101,6 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     })
     .map_err(DaemonError::Disk)?;
     let info = device.info();
-    let (mut listener, _socket_file) = listen(&cfg.socket)?;
     listener
         .set_nonblocking(true)
         .map_err(|e| DaemonError::VhostUser(vhost_user_backend::Error::CreateBackendListener(e)))?;
@@ -171,6 +172,7 @@ fn serve_one(
     }
     // Stops and joins the queue workers; then nothing else touches the pollers.
     drop(daemon);
+    backend.close_exit_events();
     backend.drain();
     Ok(())
 }

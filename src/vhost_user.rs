@@ -3,6 +3,7 @@
 //! and completion events are forwarded to the poller that owns the queue.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -37,6 +38,8 @@ pub struct BlkBackend<C: IoChannel> {
     pollers: Vec<Mutex<Poller<C>>>,
     /// The virtqueues each worker owns, remembered at its first event for draining.
     thread_vrings: Vec<OnceLock<Vec<Vring>>>,
+    /// Exit-event consumers handed to the workers' epoll loops; see [`BlkBackend::close_exit_events`].
+    exit_fds: Mutex<Vec<RawFd>>,
 }
 
 impl<C: IoChannel> BlkBackend<C> {
@@ -48,6 +51,19 @@ impl<C: IoChannel> BlkBackend<C> {
             shared,
             pollers: pollers.into_iter().map(Mutex::new).collect(),
             thread_vrings,
+            exit_fds: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Closes the exit-event consumers of the session's workers. vhost-user-backend 0.24
+    /// registers each one with `into_raw_fd()` and never closes it; call this once the
+    /// `VhostUserDaemon` (and with it every worker and its epoll loop) is gone.
+    pub fn close_exit_events(&self) {
+        for fd in lock(&self.exit_fds).drain(..) {
+            // SAFETY: `fd` is the consumer created in `exit_event`, whose ownership the
+            // worker loop took with `into_raw_fd` and abandoned: the loop never closes it and
+            // has ended, so this is the only owner and the number cannot have been reused.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
         }
     }
 
@@ -72,10 +88,7 @@ impl<C: IoChannel> BlkBackend<C> {
             if p.in_flight() == 0 {
                 continue;
             }
-            match vrings.get() {
-                Some(v) => p.drain(v),
-                None => p.drain(&[]),
-            }
+            p.drain(vrings.get().map_or(&[][..], |v| &v[..]));
         }
     }
 
@@ -158,8 +171,26 @@ impl<C: IoChannel + Send + 'static> VhostUserBackend for BlkBackend<C> {
         (0..self.shape.num_queues).map(|q| 1u64 << q).collect()
     }
 
+    /// GET_VRING_BASE: the frontend takes the returned index as final, so every request of
+    /// the queue that was popped must be completed first (vhost-user spec, "stop ring").
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // Queue i is served by worker i (see `queues_per_thread`).
+        let t = queue_index as usize;
+        if let Some(poller) = self.pollers.get(t) {
+            let mut p = lock(poller);
+            if p.in_flight() > 0 {
+                let vrings = self.thread_vrings[t].get().map_or(&[][..], |v| &v[..]);
+                p.drain(vrings);
+            }
+        }
+        Ok(())
+    }
+
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+        let pair =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        lock(&self.exit_fds).push(pair.0.as_raw_fd());
+        Some(pair)
     }
 
     fn handle_event(

@@ -350,13 +350,15 @@ impl<C: IoChannel> Poller<C> {
         }
     }
 
+    /// Publishes the requests in `done`. Those of a queue without a handle (never kicked
+    /// before a disconnect) are finished without a used-ring entry: nobody is left to read it.
     fn publish_done(&mut self, vrings: &[Vring]) {
         let snapshot: MemSnapshot = self.mem.memory().into_inner();
-        for (local, vring) in vrings.iter().enumerate() {
+        for local in 0..self.stalled.len() {
             if !self.done.iter().any(|&t| self.slots.queue_of(t) == local) {
                 continue;
             }
-            let mut state = vring.get_mut();
+            let mut state = vrings.get(local).map(|v| v.get_mut());
             for i in 0..self.done.len() {
                 let tag = self.done[i];
                 if self.slots.queue_of(tag) != local {
@@ -366,9 +368,13 @@ impl<C: IoChannel> Poller<C> {
                 let c = self.slots.finish(tag);
                 // The status byte is written through the snapshot the request ran with.
                 let mem = self.slots.release(tag).unwrap_or_else(|| snapshot.clone());
-                publish(state.get_queue_mut(), &mem, head, c);
+                if let Some(state) = state.as_mut() {
+                    publish(state.get_queue_mut(), &mem, head, c);
+                }
             }
-            notify(&mut state, &snapshot);
+            if let Some(state) = state.as_mut() {
+                notify(state, &snapshot);
+            }
         }
         self.done.clear();
     }

@@ -192,32 +192,22 @@ pub fn parse(
         }));
     }
 
-    let first = descs[0];
-    if first.is_write_only() {
+    if descs[0].is_write_only() {
         return Err(rej(RequestError::HeaderNotReadable));
     }
-    if first.len() < HEADER_LEN {
-        return Err(rej(RequestError::ShortHeader));
-    }
-    let Ok(header) = mem.read_obj::<[u8; 16]>(first.addr()) else {
-        return Err(rej(RequestError::Memory(MemError::OutOfRange {
-            addr: first.addr().0,
-            len: HEADER_LEN,
-        })));
-    };
-    let rtype = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-    let sector = u64::from_le_bytes([
-        header[8], header[9], header[10], header[11], header[12], header[13], header[14],
-        header[15],
-    ]);
-
-    // Split the chain into its readable payload (after the header) and its writable payload
-    // (before the status byte), checking the readable-then-writable order.
+    // Split the chain into its readable part (header, then payload) and its writable part
+    // (payload, then the status byte), checking the readable-then-writable order.
     let n_writable = descs.iter().filter(|d| d.is_write_only()).count();
     let n_readable = descs.len() - n_writable;
     if descs[..n_readable].iter().any(|d| d.is_write_only()) {
         return Err(rej(RequestError::ReadableAfterWritable));
     }
+    let header = read_header(mem, &descs[..n_readable]).map_err(rej)?;
+    let rtype = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let sector = u64::from_le_bytes([
+        header[8], header[9], header[10], header[11], header[12], header[13], header[14],
+        header[15],
+    ]);
     let data = Payload {
         descs: descs.as_slice(),
         n_readable,
@@ -322,6 +312,30 @@ pub fn parse(
         status,
         request,
     })
+}
+
+/// The 16-byte header from the start of the readable descriptors, however it is split.
+fn read_header(mem: &GuestMemory, readable: &[Descriptor]) -> Result<[u8; 16], RequestError> {
+    let mut header = [0u8; HEADER_LEN as usize];
+    let mut at = 0usize;
+    for d in readable {
+        if at == header.len() {
+            break;
+        }
+        let n = (d.len() as usize).min(header.len() - at);
+        mem.read_slice(&mut header[at..at + n], d.addr())
+            .map_err(|_| {
+                RequestError::Memory(MemError::OutOfRange {
+                    addr: d.addr().0,
+                    len: n as u32,
+                })
+            })?;
+        at += n;
+    }
+    if at < header.len() {
+        return Err(RequestError::ShortHeader);
+    }
+    Ok(header)
 }
 
 /// The last byte of the last descriptor, if it is device-writable and inside guest memory.
