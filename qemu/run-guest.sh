@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# Boots a QEMU guest (TCG, no KVM) from a kernel and an initramfs built by
+# build-initramfs.sh, optionally with vhost-user-blk disks, and reports the
+# guest's GUEST-RESULT line as the exit status.
+#
+# Usage: run-guest.sh --initrd FILE [options] [-- QEMU_ARGS...]
+#
+#   --initrd FILE          initramfs (required)
+#   --kernel FILE          kernel image; by default fetch-kernel.sh is run on
+#                          the lab cache ($VUBD_LAB_CACHE, default target/lab)
+#   --vhost-user-blk SOCK[,num-queues=N][,PROP=VALUE...]
+#                          attach a vhost-user-blk-pci disk served on the unix
+#                          socket SOCK (num-queues defaults to 1; other
+#                          properties go to -device as they are); repeatable,
+#                          the guest sees them as vda, vdb, ... in order
+#   --smp N                guest CPUs (default 1; virtio-blk uses at most one
+#                          queue per CPU, so num-queues=2 needs --smp 2)
+#   --memory SIZE          guest memory, shared memfd (default 512M)
+#   --append STR           extra kernel command line; NAME=VALUE words reach
+#                          the guest script as environment variables
+#   --timeout SEC          stop the guest after SEC seconds (default 300,
+#                          or $VUBD_LAB_TIMEOUT)
+#   --log FILE             also keep the serial console output in FILE
+#   --no-echo              do not copy the console to stdout (needs --log
+#                          to be of any use)
+#   --interactive          give QEMU this terminal (for an initramfs built
+#                          without --script, whose /init starts a shell);
+#                          Ctrl-A x quits QEMU
+#   --qemu-arg ARG         one extra QEMU argument; repeatable (or put them
+#                          after --)
+#   --dry-run              print the QEMU command line and exit
+#   -h, --help             show this help
+#
+# Exit status: 0 the guest printed "GUEST-RESULT: PASS"; 1 it printed
+# "GUEST-RESULT: FAIL ..."; 3 no result line (QEMU failed, the guest
+# crashed, or the timeout hit); 2 bad usage.
+set -euo pipefail
+
+LAB_PROG=run-guest.sh
+# shellcheck source=qemu/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; }
+usage_error() { printf '%s: error: %s (see --help)\n' "$LAB_PROG" "$*" >&2; exit 2; }
+
+kernel='' initrd='' smp=1 memory=512M append='' log='' echo_console=1 dry_run=0 interactive=0
+timeout_s=${VUBD_LAB_TIMEOUT:-300}
+disks=() extra=()
+need_value() { [[ $2 -ge 2 ]] || usage_error "$1 needs a value"; }
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --initrd) need_value "$1" $#; initrd=$2; shift 2 ;;
+        --kernel) need_value "$1" $#; kernel=$2; shift 2 ;;
+        --vhost-user-blk) need_value "$1" $#; disks+=("$2"); shift 2 ;;
+        --smp) need_value "$1" $#; smp=$2; shift 2 ;;
+        --memory) need_value "$1" $#; memory=$2; shift 2 ;;
+        --append) need_value "$1" $#; append+=" $2"; shift 2 ;;
+        --timeout) need_value "$1" $#; timeout_s=$2; shift 2 ;;
+        --log) need_value "$1" $#; log=$2; shift 2 ;;
+        --no-echo) echo_console=0; shift ;;
+        --interactive) interactive=1; shift ;;
+        --qemu-arg) need_value "$1" $#; extra+=("$2"); shift 2 ;;
+        --dry-run) dry_run=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        --) shift; extra+=("$@"); break ;;
+        *) usage_error "unexpected argument '$1'" ;;
+    esac
+done
+[[ -n $initrd ]] || usage_error "--initrd is required"
+[[ -f $initrd ]] || usage_error "initramfs '$initrd' not found"
+[[ $smp =~ ^[1-9][0-9]*$ ]] || usage_error "--smp wants a positive number, not '$smp'"
+[[ $timeout_s =~ ^[1-9][0-9]*$ ]] || usage_error "--timeout wants seconds, not '$timeout_s'"
+[[ $memory =~ ^[1-9][0-9]*[MG]$ ]] || usage_error "--memory wants a size such as 512M or 1G, not '$memory'"
+
+if [[ -z $kernel ]]; then
+    lab_load_kernel
+    kernel=$VMLINUZ
+fi
+[[ -f $kernel ]] || usage_error "kernel '$kernel' not found"
+
+lab_need_cmd qemu-system-x86_64 qemu-system-x86
+lab_need_cmd timeout coreutils
+
+# Nested KVM is not dependable where this lab runs, so always TCG. The
+# guest RAM is a shared memfd: vhost-user back ends map it.
+# shellcheck disable=SC2054 # the commas are inside option values
+qemu=(qemu-system-x86_64
+    -accel tcg
+    -nodefaults -nographic -no-reboot
+    -serial mon:stdio
+    -smp "$smp"
+    -m "$memory"
+    -object "memory-backend-memfd,id=mem,size=$memory,share=on"
+    -numa node,memdev=mem
+    -kernel "$kernel" -initrd "$initrd"
+    -append "console=ttyS0 panic=-1 quiet${append}")
+
+n=0
+for spec in "${disks[@]}"; do
+    IFS=, read -r -a fields <<<"$spec"
+    sock=${fields[0]}
+    [[ -n $sock ]] || usage_error "--vhost-user-blk '$spec': no socket path"
+    [[ -S $sock || $dry_run -eq 1 ]] ||
+        die "--vhost-user-blk: '$sock' is not a unix socket (is the back end listening?)"
+    props="chardev=vub$n" have_nq=0
+    for f in "${fields[@]:1}"; do
+        [[ $f == *=* ]] || usage_error "--vhost-user-blk '$spec': '$f' is not PROP=VALUE"
+        [[ $f == num-queues=* ]] && have_nq=1
+        props+=",$f"
+    done
+    [[ $have_nq -eq 1 ]] || props+=",num-queues=1"
+    qemu+=(-chardev "socket,id=vub$n,path=$sock"
+        -device "vhost-user-blk-pci,$props")
+    n=$((n + 1))
+done
+qemu+=("${extra[@]}")
+
+if [[ $dry_run -eq 1 ]]; then
+    printf '%q ' "${qemu[@]}"
+    printf '\n'
+    exit 0
+fi
+
+workdir=$(mktemp -d "${TMPDIR:-/tmp}/run-guest.XXXXXX")
+[[ -n $log ]] || log=$workdir/console.log
+mkdir -p "$(dirname "$log")"
+: >"$log"
+
+qemu_pid='' tail_pid=''
+# shellcheck disable=SC2317 # run by the EXIT trap
+cleanup() {
+    if [[ -n $qemu_pid ]]; then
+        kill -TERM "$qemu_pid" 2>/dev/null || true
+        wait "$qemu_pid" 2>/dev/null || true
+    fi
+    if [[ -n $tail_pid ]]; then
+        kill "$tail_pid" 2>/dev/null || true
+        wait "$tail_pid" 2>/dev/null || true
+    fi
+    rm -rf "$workdir"
+}
+trap cleanup EXIT
+trap 'log "interrupted, stopping the guest"; exit 130' INT TERM HUP
+
+start=$SECONDS
+status=0
+if [[ $interactive -eq 1 ]]; then
+    # In the foreground process group, so that QEMU can read the terminal.
+    set +o errexit
+    timeout --foreground -k 10 "$timeout_s" "${qemu[@]}" 2>&1 | tee -a "$log"
+    status=${PIPESTATUS[0]}
+    set -o errexit
+else
+    # timeout sends SIGTERM to QEMU, then SIGKILL 10 s later if needed. QEMU
+    # reads its stdin for the serial console; keep it off the caller's.
+    timeout -k 10 "$timeout_s" "${qemu[@]}" </dev/null >>"$log" 2>&1 &
+    qemu_pid=$!
+    if [[ $echo_console -eq 1 ]]; then
+        tail -n +1 -s 0.2 -f --pid="$qemu_pid" "$log" &
+        tail_pid=$!
+    fi
+    wait "$qemu_pid" || status=$?
+    qemu_pid=''
+    if [[ -n $tail_pid ]]; then
+        wait "$tail_pid" 2>/dev/null || true
+        tail_pid=''
+    fi
+fi
+elapsed=$((SECONDS - start))
+
+# The marker may follow other output on the same line; the last one counts.
+result=$(tr -d '\r' <"$log" | grep -a -o 'GUEST-RESULT: .*' | tail -n 1 || true)
+if [[ $status -eq 124 || $status -eq 137 ]]; then
+    log "guest timed out after ${timeout_s} s"
+elif [[ $status -ne 0 ]]; then
+    log "QEMU exited with status $status after ${elapsed} s"
+fi
+case $result in
+    'GUEST-RESULT: PASS')
+        log "guest passed in ${elapsed} s"
+        exit 0 ;;
+    'GUEST-RESULT: FAIL'*)
+        log "guest failed (${result#GUEST-RESULT: }) in ${elapsed} s"
+        exit 1 ;;
+    *)
+        log "no GUEST-RESULT line in the console output; last lines:"
+        tr -d '\r' <"$log" | tail -n 15 | sed 's/^/    /' >&2
+        exit 3 ;;
+esac
