@@ -44,7 +44,8 @@ pub struct Poller<C: IoChannel> {
     mem: GuestMemoryAtomic,
     channel: C,
     slots: SlotTable,
-    /// Parser scratch: its capacity bounds the descriptors of one chain.
+    /// Parser scratch: its capacity bounds the descriptors of one chain (`seg_max` itself
+    /// is enforced on data segments by the parser).
     descs: Vec<Descriptor>,
     /// Tags finished in the current reap.
     done: Vec<Tag>,
@@ -71,7 +72,8 @@ impl<C: IoChannel> Poller<C> {
             channel,
             // Region crossings can split a segment; leave room for a few.
             slots: SlotTable::new(depth, seg_max + 8),
-            descs: Vec::with_capacity(seg_max + 2),
+            // Data segments plus header and status, which may themselves be split.
+            descs: Vec::with_capacity(seg_max + 8),
             done: Vec::with_capacity(depth),
             stalled: vec![false; num_queues],
             dirty: vec![false; num_queues],

@@ -181,7 +181,10 @@ pub fn parse(
         status,
         error,
     };
-    let Some(last) = last else {
+    // The chain iterator stops silently on a `next` outside the queue, a loop, a bad
+    // indirect table or a chain over 4 GiB: a last descriptor that still has NEXT set means
+    // the driver's chain was not followed to its end, and its status byte is unknown.
+    let Some(last) = last.filter(|d| !d.has_next()) else {
         return Err(reject(None, RequestError::EmptyChain));
     };
     let status = status_address(mem, &last).ok_or(reject(None, RequestError::MissingStatus))?;
@@ -471,5 +474,5 @@ fn read_ranges(
 }
 
 #[cfg(test)]
-#[path = "request_tests.rs"]
+#[path = "request_tests/mod.rs"]
 mod tests;
