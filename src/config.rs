@@ -9,6 +9,8 @@ use clap::{Parser, ValueEnum};
 use thiserror::Error;
 
 use crate::bdev::file::CacheMode;
+use crate::poller::{PollMode, allowed_cpus};
+use std::time::Duration;
 
 /// Default socket, disk and disk size when vubd runs without arguments.
 pub const DEFAULT_SOCKET: &str = "vubd.sock";
@@ -50,9 +52,27 @@ pub struct Args {
     /// Host cache mode: none uses O_DIRECT where the file system allows it.
     #[arg(long, value_enum, default_value_t = CacheArg::None)]
     pub cache: CacheArg,
+    /// Run one poller thread on each of these CPUs, pinned (e.g. `2,3` or `2-5`); default: one
+    /// unpinned poller per queue, up to the number of CPUs.
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<String>,
+    /// How pollers wait for work: always (busy-poll), adaptive (poll, then sleep when idle),
+    /// never (event-driven).
+    #[arg(long, value_enum, default_value_t = PollArg::Adaptive)]
+    pub poll: PollArg,
+    /// Adaptive mode: how long a poller keeps polling after its last request, microseconds.
+    #[arg(long, value_name = "US", default_value_t = 50)]
+    pub poll_idle_us: u64,
     /// Print the vhost-user backend capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PollArg {
+    Always,
+    Adaptive,
+    Never,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -72,6 +92,8 @@ pub enum SocketSpec {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DiskSpec {
     File(PathBuf),
+    /// `null:SIZE`: completes every request at once, stores nothing.
+    Null(u64),
 }
 
 /// What `vubd` was asked to do.
@@ -91,6 +113,9 @@ pub struct Config {
     pub queue_size: u16,
     pub serial: String,
     pub cache: CacheMode,
+    /// One entry per poller thread: the CPU it is pinned to, if any.
+    pub pollers: Vec<Option<usize>>,
+    pub poll: PollMode,
     /// Create the disk as a sparse file of this size if it does not exist (the no-argument
     /// default run).
     pub create_size: Option<u64>,
@@ -115,6 +140,16 @@ pub enum ConfigError {
     SocketDirMissing(PathBuf, PathBuf),
     #[error("--fd {0}: not a valid file descriptor number")]
     BadFd(i32),
+    #[error("--disk {0:?}: size must be a positive multiple of 512 bytes, like 16G or 512M")]
+    BadNullSize(String),
+    #[error("--cpus {0:?}: expected a list like 2,3 or 2-5")]
+    BadCpuList(String),
+    #[error("--cpus {0:?}: CPU {1} is not available to vubd")]
+    CpuNotAvailable(String, usize),
+    #[error("--cpus {0:?}: CPU {1} is listed twice")]
+    DuplicateCpu(String, usize),
+    #[error("--poll-idle-us {0}: must be at most 1000000")]
+    PollIdle(u64),
 }
 
 impl Args {
@@ -126,6 +161,7 @@ impl Args {
             && !self.readonly
             && self.serial.is_none()
             && !self.print_capabilities
+            && self.cpus.is_none()
     }
 }
 
@@ -165,6 +201,21 @@ impl TryFrom<Args> for Command {
             Some(s) => s,
             None => default_serial(&disk),
         };
+        if args.poll_idle_us > 1_000_000 {
+            return Err(ConfigError::PollIdle(args.poll_idle_us));
+        }
+        let allowed = allowed_cpus();
+        let pollers = match &args.cpus {
+            Some(list) => parse_cpus(list, &allowed)?.into_iter().map(Some).collect(),
+            None => vec![None; usize::from(args.num_queues).min(allowed.len().max(1))],
+        };
+        let poll = match args.poll {
+            PollArg::Always => PollMode::Always,
+            PollArg::Never => PollMode::Never,
+            PollArg::Adaptive => PollMode::Adaptive {
+                idle: Duration::from_micros(args.poll_idle_us),
+            },
+        };
         Ok(Command::Serve(Config {
             socket,
             disk,
@@ -176,6 +227,8 @@ impl TryFrom<Args> for Command {
                 CacheArg::None => CacheMode::None,
                 CacheArg::Writeback => CacheMode::Writeback,
             },
+            pollers,
+            poll,
             create_size: bare.then_some(DEFAULT_DISK_SIZE),
         }))
     }
@@ -184,6 +237,12 @@ impl TryFrom<Args> for Command {
 /// `PATH`, `file:PATH`; a `scheme:` prefix of another kind is refused unless a file by that
 /// very name exists.
 pub fn parse_disk(s: &str) -> Result<DiskSpec, ConfigError> {
+    if let Some(size) = s.strip_prefix("null:") {
+        return parse_size(size)
+            .filter(|&n| n > 0 && n % 512 == 0)
+            .map(DiskSpec::Null)
+            .ok_or_else(|| ConfigError::BadNullSize(s.to_owned()));
+    }
     if let Some(path) = s.strip_prefix("file:") {
         if path.is_empty() {
             return Err(ConfigError::EmptyDiskPath);
@@ -209,6 +268,50 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, ConfigError> {
     Ok(DiskSpec::File(PathBuf::from(s)))
 }
 
+/// `1024`, `4K`, `512M`, `16G`, `2T` (binary multiples).
+fn parse_size(s: &str) -> Option<u64> {
+    let (digits, shift) = match s.as_bytes().last()?.to_ascii_uppercase() {
+        b'K' => (&s[..s.len() - 1], 10),
+        b'M' => (&s[..s.len() - 1], 20),
+        b'G' => (&s[..s.len() - 1], 30),
+        b'T' => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().ok()?;
+    n.checked_mul(1 << shift)
+}
+
+/// `2,3`, `2-5`, `0,2-3`: distinct CPUs this process may run on, in the order given.
+pub fn parse_cpus(list: &str, allowed: &[usize]) -> Result<Vec<usize>, ConfigError> {
+    let bad = || ConfigError::BadCpuList(list.to_owned());
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (
+                a.trim().parse().map_err(|_| bad())?,
+                b.trim().parse().map_err(|_| bad())?,
+            ),
+            None => {
+                let c: usize = part.trim().parse().map_err(|_| bad())?;
+                (c, c)
+            }
+        };
+        if lo > hi || hi - lo > 4096 {
+            return Err(bad());
+        }
+        for c in lo..=hi {
+            if !allowed.contains(&c) {
+                return Err(ConfigError::CpuNotAvailable(list.to_owned(), c));
+            }
+            if cpus.contains(&c) {
+                return Err(ConfigError::DuplicateCpu(list.to_owned(), c));
+            }
+            cpus.push(c);
+        }
+    }
+    Ok(cpus)
+}
+
 fn check_socket_dir(p: &Path) -> Result<(), ConfigError> {
     let dir = match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -224,7 +327,10 @@ fn check_socket_dir(p: &Path) -> Result<(), ConfigError> {
 /// The serial a disk gets without `--serial`: the last 20 bytes of its file name, cut at a
 /// character boundary.
 fn default_serial(disk: &DiskSpec) -> String {
-    let DiskSpec::File(path) = disk;
+    let path = match disk {
+        DiskSpec::File(path) => path,
+        DiskSpec::Null(_) => return "null".to_owned(),
+    };
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -326,6 +432,74 @@ mod tests {
         let s = default_serial(&DiskSpec::File("/a/abcdefghijklmnopqrstuvwxyz.img".into()));
         assert_eq!(s, "hijklmnopqrstuvwxyz.img"[3..]);
         assert_eq!(s.len(), 20);
+    }
+
+    #[test]
+    fn null_disk_sizes() {
+        assert_eq!(parse_disk("null:16G"), Ok(DiskSpec::Null(16 << 30)));
+        assert_eq!(parse_disk("null:512"), Ok(DiskSpec::Null(512)));
+        assert_eq!(parse_disk("null:4k"), Ok(DiskSpec::Null(4096)));
+        for bad in [
+            "null:",
+            "null:0",
+            "null:1000",
+            "null:x",
+            "null:99999999999T",
+        ] {
+            assert!(
+                matches!(parse_disk(bad), Err(ConfigError::BadNullSize(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn cpu_lists() {
+        let allowed = [0, 1, 2, 3, 5];
+        assert_eq!(parse_cpus("2,3", &allowed), Ok(vec![2, 3]));
+        assert_eq!(parse_cpus("1-3", &allowed), Ok(vec![1, 2, 3]));
+        assert_eq!(parse_cpus("5,0-1", &allowed), Ok(vec![5, 0, 1]));
+        assert_eq!(
+            parse_cpus("3-5", &allowed),
+            Err(ConfigError::CpuNotAvailable("3-5".into(), 4))
+        );
+        assert_eq!(
+            parse_cpus("1,1", &allowed),
+            Err(ConfigError::DuplicateCpu("1,1".into(), 1))
+        );
+        for bad in ["", "a", "3-1", "1,,2", "-1"] {
+            assert!(
+                matches!(parse_cpus(bad, &allowed), Err(ConfigError::BadCpuList(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn default_pollers_are_one_per_queue_up_to_the_cpus_unpinned() {
+        let c = serve(&["--disk", "d", "--num-queues", "1"]);
+        assert_eq!(c.pollers, vec![None]);
+        let c = serve(&["--disk", "d", "--num-queues", "64"]);
+        assert_eq!(c.pollers.len(), allowed_cpus().len().min(64));
+        assert!(c.pollers.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn poll_modes() {
+        assert_eq!(
+            serve(&["--disk", "d", "--poll", "always"]).poll,
+            PollMode::Always
+        );
+        assert_eq!(
+            serve(&["--disk", "d", "--poll", "never"]).poll,
+            PollMode::Never
+        );
+        assert_eq!(
+            serve(&["--disk", "d", "--poll-idle-us", "7"]).poll,
+            PollMode::Adaptive {
+                idle: Duration::from_micros(7)
+            }
+        );
     }
 
     #[test]

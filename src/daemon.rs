@@ -8,31 +8,29 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use tracing::{error, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::bdev::file::{FileDevice, FileError, FileOptions};
-use crate::bdev::{BlockDevice, DeviceInfo};
+use crate::bdev::null::NullDevice;
+use crate::bdev::{BlockDevice, DeviceInfo, Disk};
 use crate::config::{Config, DiskSpec, SocketSpec};
 use crate::mem::{GuestMemory, GuestMemoryAtomic};
-use crate::poller::{DeviceShared, Poller};
+use crate::poller::{DeviceShared, PollerSet};
 use crate::vhost_user::{BlkBackend, BlkShape};
 use crate::virtio_blk::request::Limits;
-use crate::virtio_blk::{BlkConfig, DeviceFeatures, ID_BYTES, SECTOR_SHIFT};
+use crate::virtio_blk::{BlkConfig, DeviceFeatures, ID_BYTES, MAX_SEGMENTS, SECTOR_SHIFT};
 
 /// Largest data segment a driver may use, bytes (`size_max`).
 const SIZE_MAX: u32 = 4 << 20;
 /// Largest discard / write-zeroes segment, sectors.
 const MAX_RANGE_SECTORS: u32 = 1 << 22;
-/// Most data segments per request, whatever the queue size.
-const SEG_MAX_CAP: u32 = 254;
 
 /// Why the daemon stopped or could not start.
 #[derive(Debug, Error)]
@@ -59,8 +57,8 @@ pub enum DaemonError {
     BadFd(i32),
     #[error("cannot set up signal handling")]
     Signals(#[source] io::Error),
-    #[error("cannot open an I/O channel")]
-    Channel(#[source] io::Error),
+    #[error("cannot start the pollers")]
+    Pollers(#[source] io::Error),
     #[error("vhost-user: {0}")]
     VhostUser(vhost_user_backend::Error),
     #[error("vhost-user worker")]
@@ -90,76 +88,80 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
 
     // The socket first: a busy socket must be reported before anything else happens.
     let (mut listener, _socket_file) = listen(&cfg.socket)?;
-    let DiskSpec::File(path) = &cfg.disk;
-    if let Some(size) = cfg.create_size {
-        create_sparse(path, size)?;
-    }
-    let device = FileDevice::open(&FileOptions {
-        path: path.clone(),
-        read_only: cfg.read_only,
-        cache: cfg.cache,
-    })
-    .map_err(DaemonError::Disk)?;
-    let info = device.info();
+    let disk = Arc::new(open_disk(&cfg)?);
+    let info = disk.info();
     listener
         .set_nonblocking(true)
         .map_err(|e| DaemonError::VhostUser(vhost_user_backend::Error::CreateBackendListener(e)))?;
-
     let stop = Arc::new(StopState::new().map_err(DaemonError::Signals)?);
     signals
         .spawn_waiter(stop.clone())
         .map_err(DaemonError::Signals)?;
 
-    print_attach_hint(&cfg, path, &info);
-    info!(disk = %path.display(), capacity = info.capacity_bytes, queues = cfg.num_queues, "ready");
+    let pollers = PollerSet::start(&cfg.pollers, cfg.poll).map_err(DaemonError::Pollers)?;
+    print_attach_hint(&cfg, &info);
+    info!(
+        disk = ?cfg.disk,
+        capacity = info.capacity_bytes,
+        queues = cfg.num_queues,
+        pollers = pollers.len(),
+        poll = ?cfg.poll,
+        "ready"
+    );
     while wait_for_frontend(&listener, &stop) {
-        if let Err(e) = serve_one(&cfg, &device, &mut listener, &stop) {
+        if let Err(e) = serve_one(&cfg, &disk, &pollers, &mut listener, &stop) {
             error!(error = %error_chain(&e), "frontend session ended with an error");
         }
     }
     info!("shutting down");
+    pollers.stop();
     Ok(())
 }
 
-/// One frontend session: fresh pollers and protocol state, torn down and drained at the end.
+fn open_disk(cfg: &Config) -> Result<Disk, DaemonError> {
+    Ok(match &cfg.disk {
+        DiskSpec::File(path) => {
+            if let Some(size) = cfg.create_size {
+                create_sparse(path, size)?;
+            }
+            Disk::File(
+                FileDevice::open(&FileOptions {
+                    path: path.clone(),
+                    read_only: cfg.read_only,
+                    cache: cfg.cache,
+                })
+                .map_err(DaemonError::Disk)?,
+            )
+        }
+        DiskSpec::Null(size) => Disk::Null(NullDevice::new(*size, cfg.read_only)),
+    })
+}
+
+/// One frontend session: fresh protocol state, queues attached to the shared pollers while
+/// the frontend runs them, detached (in-flight I/O completed) when it goes.
 fn serve_one(
     cfg: &Config,
-    device: &FileDevice,
+    disk: &Arc<Disk>,
+    pollers: &PollerSet,
     listener: &mut Listener,
     stop: &StopState,
 ) -> Result<(), DaemonError> {
-    let info = device.info();
-    let (shape, shared) = device_model(cfg, &info);
-    let shared = Arc::new(shared);
+    static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+    let (shape, shared) = device_model(cfg, &disk.info());
     let mem = GuestMemoryAtomic::new(GuestMemory::new());
-    let mut pollers = Vec::with_capacity(usize::from(cfg.num_queues));
-    for _ in 0..cfg.num_queues {
-        let channel = device
-            .open_channel(u32::from(cfg.queue_size))
-            .map_err(DaemonError::Channel)?;
-        pollers.push(Poller::new(
-            shared.clone(),
-            mem.clone(),
-            channel,
-            1,
-            cfg.queue_size,
-        ));
-    }
-    let backend = Arc::new(BlkBackend::new(shape, shared, pollers));
+    let handles = (0..shape.num_queues)
+        .map(|q| pollers.for_queue(q).clone())
+        .collect();
+    let backend = Arc::new(BlkBackend::new(
+        shape,
+        NEXT_KEY.fetch_add(1, Ordering::Relaxed),
+        Arc::new(shared),
+        disk.clone(),
+        mem.clone(),
+        handles,
+    ));
     let mut daemon = VhostUserDaemon::new("vubd-vhost-user".into(), backend.clone(), mem)
         .map_err(DaemonError::VhostUser)?;
-    let event_id = backend.completion_event_id();
-    for (handler, fd) in daemon
-        .get_epoll_handlers()
-        .iter()
-        .zip(backend.completion_fds())
-    {
-        if let Some(fd) = fd {
-            handler
-                .register_listener(fd, EventSet::IN, event_id)
-                .map_err(DaemonError::Worker)?;
-        }
-    }
 
     daemon.start(listener).map_err(DaemonError::VhostUser)?;
     info!("frontend connected");
@@ -170,16 +172,17 @@ fn serve_one(
         Ok(()) => info!("frontend disconnected"),
         Err(e) => warn!(error = %e, "frontend connection ended"),
     }
-    // Stops and joins the queue workers; then nothing else touches the pollers.
+    // In-flight requests complete and are published before the pollers let go of the queues;
+    // then the relay thread is stopped and joined.
+    backend.close();
     drop(daemon);
     backend.close_exit_events();
-    backend.drain();
     Ok(())
 }
 
 /// The virtio-blk view of the device.
 fn device_model(cfg: &Config, info: &DeviceInfo) -> (BlkShape, DeviceShared) {
-    let seg_max = (u32::from(cfg.queue_size) - 2).clamp(1, SEG_MAX_CAP);
+    let seg_max = (u32::from(cfg.queue_size) - 2).clamp(1, MAX_SEGMENTS);
     let capacity_sectors = info.capacity_bytes >> SECTOR_SHIFT;
     let features = DeviceFeatures {
         read_only: info.read_only,
@@ -445,7 +448,7 @@ impl Signals {
     }
 }
 
-fn print_attach_hint(cfg: &Config, disk: &Path, info: &DeviceInfo) {
+fn print_attach_hint(cfg: &Config, info: &DeviceInfo) {
     let SocketSpec::Path(sock) = &cfg.socket else {
         return;
     };
@@ -453,7 +456,10 @@ fn print_attach_hint(cfg: &Config, disk: &Path, info: &DeviceInfo) {
     let mib = info.capacity_bytes >> 20;
     println!(
         "vubd: serving {} ({mib} MiB{}) on {}",
-        disk.display(),
+        match &cfg.disk {
+            DiskSpec::File(p) => p.display().to_string(),
+            DiskSpec::Null(_) => "a null device".to_owned(),
+        },
         if info.read_only { ", read-only" } else { "" },
         abs.display()
     );

@@ -1,22 +1,28 @@
-//! The vhost-user control plane of one virtio-blk device: features, configuration space,
-//! memory table and the mapping of virtqueues onto pollers. It never does I/O itself: kicks
-//! and completion events are forwarded to the poller that owns the queue.
+//! The vhost-user control plane of one virtio-blk device session: features, configuration
+//! space, and the hand-over of virtqueues to the pollers. It never does I/O.
+//!
+//! vhost-user-backend runs the protocol and one relay thread per session that watches the
+//! queues' kick eventfds. A queue's first kick attaches it to its poller; later kicks only
+//! wake the poller if it sleeps (while it polls, guest notifications are suppressed and kicks
+//! are rare). GET_VRING_BASE and the end of the session detach queues again, and return only
+//! once nothing of them is in flight.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::VhostUserBackend;
+use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
 
-use crate::bdev::IoChannel;
+use crate::bdev::Disk;
 use crate::mem::GuestMemoryAtomic;
-use crate::poller::{DeviceShared, Poller, Vring};
+use crate::poller::{DeviceKey, DeviceShared, PollerHandle, QueueAttach, Vring};
 use crate::virtio_blk::config::{self, BlkConfig, WRITEBACK_OFFSET};
 
 /// The shape of the device as the control plane exposes it.
@@ -30,65 +36,110 @@ pub struct BlkShape {
     pub config: BlkConfig,
 }
 
-/// One vhost-user-blk device, shared by the protocol thread and the pollers.
-pub struct BlkBackend<C: IoChannel> {
+/// One vhost-user-blk device session (one frontend connection).
+pub struct BlkBackend {
     shape: BlkShape,
+    key: DeviceKey,
     shared: Arc<DeviceShared>,
-    /// One poller per worker thread; only that thread locks it while the device runs.
-    pollers: Vec<Mutex<Poller<C>>>,
-    /// The virtqueues each worker owns, remembered at its first event for draining.
-    thread_vrings: Vec<OnceLock<Vec<Vring>>>,
-    /// Exit-event consumers handed to the workers' epoll loops; see [`BlkBackend::close_exit_events`].
+    disk: Arc<Disk>,
+    mem: GuestMemoryAtomic,
+    /// `pollers[q]` serves queue `q`.
+    pollers: Vec<PollerHandle>,
+    /// Queue `q` is attached to its poller: kicks only need a wake-up.
+    attached: Vec<AtomicBool>,
+    /// Serialises attach and detach; true once the session is closing.
+    transitions: Mutex<bool>,
+    /// Exit-event consumers handed to the relay loop; see [`BlkBackend::close_exit_events`].
     exit_fds: Mutex<Vec<RawFd>>,
 }
 
-impl<C: IoChannel> BlkBackend<C> {
-    /// A device whose queue `i` is served by `pollers[i]`.
-    pub fn new(shape: BlkShape, shared: Arc<DeviceShared>, pollers: Vec<Poller<C>>) -> Self {
-        let thread_vrings = pollers.iter().map(|_| OnceLock::new()).collect();
+impl std::fmt::Debug for BlkBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlkBackend")
+            .field("shape", &self.shape)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl BlkBackend {
+    /// A session whose queue `q` is served by `pollers[q]`.
+    pub fn new(
+        shape: BlkShape,
+        key: DeviceKey,
+        shared: Arc<DeviceShared>,
+        disk: Arc<Disk>,
+        mem: GuestMemoryAtomic,
+        pollers: Vec<PollerHandle>,
+    ) -> Self {
+        let attached = (0..shape.num_queues)
+            .map(|_| AtomicBool::new(false))
+            .collect();
         Self {
             shape,
+            key,
             shared,
-            pollers: pollers.into_iter().map(Mutex::new).collect(),
-            thread_vrings,
+            disk,
+            mem,
+            pollers,
+            attached,
+            transitions: Mutex::new(false),
             exit_fds: Mutex::new(Vec::new()),
         }
     }
 
-    /// Closes the exit-event consumers of the session's workers. vhost-user-backend 0.24
-    /// registers each one with `into_raw_fd()` and never closes it; call this once the
-    /// `VhostUserDaemon` (and with it every worker and its epoll loop) is gone.
-    pub fn close_exit_events(&self) {
-        for fd in lock(&self.exit_fds).drain(..) {
-            // SAFETY: `fd` is the consumer created in `exit_event`, whose ownership the
-            // worker loop took with `into_raw_fd` and abandoned: the loop never closes it and
-            // has ended, so this is the only owner and the number cannot have been reused.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    fn attach(&self, q: usize, vring: &Vring) {
+        let closing = lock(&self.transitions);
+        if *closing || self.attached[q].load(Ordering::Acquire) {
+            return;
+        }
+        {
+            let state = vring.get_ref();
+            if !state.get_queue().ready() || !state.is_enabled() {
+                return;
+            }
+        }
+        self.attached[q].store(true, Ordering::Release);
+        self.pollers[q].attach(QueueAttach {
+            device: self.key,
+            queue: q as u16,
+            vring: vring.clone(),
+            mem: self.mem.clone(),
+            shared: self.shared.clone(),
+            disk: self.disk.clone(),
+            max_queue_size: self.shape.max_queue_size,
+        });
+    }
+
+    fn detach(&self, q: usize) {
+        if self.attached[q].swap(false, Ordering::AcqRel) {
+            self.pollers[q].detach(self.key, q as u16);
         }
     }
 
-    /// Event id under which a poller's completion fd is registered with its worker's epoll
-    /// loop (ids up to `num_queues` belong to the queues and the exit event).
-    pub fn completion_event_id(&self) -> u64 {
-        self.shape.num_queues as u64 + 1
+    /// Ends the session's data plane: detaches every queue once its in-flight requests have
+    /// completed, and refuses new attachments.
+    pub fn close(&self) {
+        let mut closing = lock(&self.transitions);
+        *closing = true;
+        for q in 0..self.shape.num_queues {
+            self.detach(q);
+        }
     }
 
-    /// The completion fd of each worker's poller, by worker index.
-    pub fn completion_fds(&self) -> Vec<Option<std::os::fd::RawFd>> {
-        self.pollers
-            .iter()
-            .map(|p| lock(p).completion_fd())
-            .collect()
-    }
-
-    /// Completes every request still in flight. Call once the workers have stopped.
-    pub fn drain(&self) {
-        for (poller, vrings) in self.pollers.iter().zip(&self.thread_vrings) {
-            let mut p = lock(poller);
-            if p.in_flight() == 0 {
-                continue;
-            }
-            p.drain(vrings.get().map_or(&[][..], |v| &v[..]));
+    /// Closes the exit-event consumers of the relay loop. vhost-user-backend 0.24 registers
+    /// each one with `into_raw_fd()` and never closes it; call this once the
+    /// `VhostUserDaemon` (and with it the relay loop) is gone.
+    pub fn close_exit_events(&self) {
+        for fd in lock(&self.exit_fds).drain(..) {
+            // SAFETY: `fd` is the consumer created in `exit_event`, whose ownership the
+            // relay loop took with `into_raw_fd` and abandoned: the loop never closes it and
+            // has ended, so this is the only owner and the number cannot have been reused.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
         }
     }
 
@@ -99,22 +150,7 @@ impl<C: IoChannel> BlkBackend<C> {
     }
 }
 
-impl<C: IoChannel> std::fmt::Debug for BlkBackend<C> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlkBackend")
-            .field("shape", &self.shape)
-            .field("shared", &self.shared)
-            .finish_non_exhaustive()
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A poisoned poller only means a worker panicked mid-batch; its state is still the
-    // table of what is in flight, which draining needs.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl<C: IoChannel + Send + 'static> VhostUserBackend for BlkBackend<C> {
+impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
     type Vring = Vring;
 
@@ -138,7 +174,7 @@ impl<C: IoChannel + Send + 'static> VhostUserBackend for BlkBackend<C> {
     }
 
     fn set_event_idx(&self, _enabled: bool) {
-        // Read from each queue's state by the poller.
+        // Read from each queue's state by its poller.
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -167,21 +203,20 @@ impl<C: IoChannel + Send + 'static> VhostUserBackend for BlkBackend<C> {
         Ok(())
     }
 
+    /// All queues on one relay thread: it only forwards kicks.
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.shape.num_queues).map(|q| 1u64 << q).collect()
+        vec![u64::MAX >> (64 - self.shape.num_queues)]
     }
 
     /// GET_VRING_BASE: the frontend takes the returned index as final, so every request of
     /// the queue that was popped must be completed first (vhost-user spec, "stop ring").
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // Queue i is served by worker i (see `queues_per_thread`).
-        let t = queue_index as usize;
-        if let Some(poller) = self.pollers.get(t) {
-            let mut p = lock(poller);
-            if p.in_flight() > 0 {
-                let vrings = self.thread_vrings[t].get().map_or(&[][..], |v| &v[..]);
-                p.drain(vrings);
-            }
+        let _serial = lock(&self.transitions);
+        if let Some(q) = usize::try_from(queue_index)
+            .ok()
+            .filter(|&q| q < self.shape.num_queues)
+        {
+            self.detach(q);
         }
         Ok(())
     }
@@ -198,17 +233,16 @@ impl<C: IoChannel + Send + 'static> VhostUserBackend for BlkBackend<C> {
         device_event: u16,
         _evset: EventSet,
         vrings: &[Vring],
-        thread_id: usize,
+        _thread_id: usize,
     ) -> io::Result<()> {
-        let Some(poller) = self.pollers.get(thread_id) else {
+        let q = usize::from(device_event);
+        let Some(vring) = vrings.get(q) else {
             return Ok(());
         };
-        self.thread_vrings[thread_id].get_or_init(|| vrings.to_vec());
-        let mut p = lock(poller);
-        if u64::from(device_event) == self.completion_event_id() {
-            p.on_completion_event(vrings);
-        } else if usize::from(device_event) < vrings.len() {
-            p.on_kick(vrings, usize::from(device_event));
+        if self.attached[q].load(Ordering::Acquire) {
+            self.pollers[q].kick();
+        } else {
+            self.attach(q, vring);
         }
         Ok(())
     }

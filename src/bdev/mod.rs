@@ -5,12 +5,17 @@
 //! hands a whole batch to the kernel or device in one [`IoChannel::submit`].
 
 pub mod file;
+pub mod null;
 pub mod uring;
 
 use std::io;
 use std::os::fd::RawFd;
 
 use crate::mem::IovecList;
+
+use self::file::FileDevice;
+use self::null::{NullChannel, NullDevice};
+use self::uring::UringChannel;
 
 /// What a device is and can do; fixed for the device's lifetime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,4 +105,80 @@ pub trait IoChannel {
 
     /// Acknowledges a wake-up from [`IoChannel::completion_fd`].
     fn clear_completion_fd(&self);
+}
+
+/// Any of vubd's devices.
+#[derive(Debug)]
+pub enum Disk {
+    File(FileDevice),
+    Null(NullDevice),
+}
+
+/// The channel of any of vubd's devices (static dispatch by `match`).
+// One per device per poller, kept inline for locality on the hot path: size is no concern.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Channel {
+    Uring(UringChannel),
+    Null(NullChannel),
+}
+
+impl BlockDevice for Disk {
+    type Channel = Channel;
+
+    fn info(&self) -> DeviceInfo {
+        match self {
+            Disk::File(d) => d.info(),
+            Disk::Null(d) => d.info(),
+        }
+    }
+
+    fn open_channel(&self, depth: u32) -> io::Result<Channel> {
+        Ok(match self {
+            Disk::File(d) => Channel::Uring(d.open_channel(depth)?),
+            Disk::Null(d) => Channel::Null(d.open_channel(depth)?),
+        })
+    }
+}
+
+macro_rules! each_channel {
+    ($self:expr, $c:ident => $e:expr) => {
+        match $self {
+            Channel::Uring($c) => $e,
+            Channel::Null($c) => $e,
+        }
+    };
+}
+
+impl IoChannel for Channel {
+    const MAX_COMPLETIONS_PER_OP: u32 = 2;
+
+    fn has_room(&self) -> bool {
+        each_channel!(self, c => c.has_room())
+    }
+
+    unsafe fn queue(&mut self, tag: u32, op: IoOp<'_>) -> Result<u32, ChannelFull> {
+        // SAFETY: the caller's contract is passed on unchanged.
+        each_channel!(self, c => unsafe { c.queue(tag, op) })
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        each_channel!(self, c => c.submit())
+    }
+
+    fn poll(&mut self, max: usize, f: impl FnMut(u32, i32)) -> usize {
+        each_channel!(self, c => c.poll(max, f))
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        each_channel!(self, c => c.wait())
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        each_channel!(self, c => c.completion_fd())
+    }
+
+    fn clear_completion_fd(&self) {
+        each_channel!(self, c => c.clear_completion_fd())
+    }
 }

@@ -179,6 +179,14 @@ impl IoChannel for UringChannel {
     }
 
     fn submit(&mut self) -> io::Result<()> {
+        {
+            // io_uring_enter only when something is queued or the kernel holds back
+            // completions (CQ overflow): an idle poll loop makes no syscall.
+            let sq = self.ring.submission();
+            if sq.is_empty() && !sq.cq_overflow() && !sq.taskrun() {
+                return Ok(());
+            }
+        }
         loop {
             match self.ring.submit() {
                 Ok(_) => return Ok(()),

@@ -1,33 +1,50 @@
-//! The data plane: a poller owns a set of virtqueues, one I/O channel and a preallocated
-//! in-flight table, and moves requests between them in batches.
+//! The data plane: poller threads, each pinnable to a CPU, each exclusively owning the
+//! virtqueues attached to it (of any number of devices), one I/O channel per device, and a
+//! preallocated in-flight table.
 //!
-//! Per batch: one guest memory snapshot, one channel submit, one used-ring notification per
-//! queue. Per request: no allocation, no lock, no syscall.
+//! The control plane talks to a poller only through [`PollerHandle`]: attach a queue, detach
+//! it (acknowledged once nothing of it is in flight), wake it. A poller polls its queues and
+//! channels while there is work; depending on [`PollMode`] it then keeps spinning, or
+//! re-enables guest notifications, re-checks its rings and sleeps on its wake eventfd and its
+//! channels' completion fds.
 
 mod slots;
+mod worker;
 
-use std::sync::Arc;
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-use tracing::{debug, error, warn};
-use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueT;
-use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddressSpace};
+use tracing::warn;
+use vhost_user_backend::VringRwLock;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use self::slots::{SlotTable, Tag};
-use crate::bdev::{IoChannel, IoOp};
-use crate::mem::{GuestMemoryAtomic, MemSnapshot};
+use crate::bdev::Disk;
+use crate::mem::GuestMemoryAtomic;
+use crate::virtio_blk::ID_BYTES;
 use crate::virtio_blk::request::Limits;
-use crate::virtio_blk::{ID_BYTES, Parsed, RequestKind, SECTOR_SHIFT, Status, parse};
 
-/// Virtqueue handle as the vhost-user layer shares it with the poller.
+/// Virtqueue handle as the vhost-user layer shares it with the pollers.
 pub type Vring = VringRwLock<GuestMemoryAtomic>;
 
-/// Most completions reaped before they are published to the guest.
-const REAP_BATCH: usize = 256;
+/// Identifies one device session (one frontend connection) across pollers.
+pub type DeviceKey = u64;
 
-/// What all pollers of one device share, read-only or atomically.
+/// How a poller waits for work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollMode {
+    /// Busy-poll avail rings and completions; guest notifications stay suppressed.
+    Always,
+    /// Poll while there is work and for `idle` after the last of it, then sleep.
+    Adaptive { idle: Duration },
+    /// Sleep as soon as there is no work: purely event-driven.
+    Never,
+}
+
+/// What all queues of one device share, read-only or atomically.
 #[derive(Debug)]
 pub struct DeviceShared {
     pub limits: Limits,
@@ -37,384 +54,198 @@ pub struct DeviceShared {
     pub writeback: AtomicBool,
 }
 
-/// A poller: owns its queues' processing, its channel and its in-flight requests.
-#[derive(Debug)]
-pub struct Poller<C: IoChannel> {
-    shared: Arc<DeviceShared>,
-    mem: GuestMemoryAtomic,
-    channel: C,
-    slots: SlotTable,
-    /// Parser scratch: its capacity bounds the descriptors of one chain (`seg_max` itself
-    /// is enforced on data segments by the parser).
-    descs: Vec<Descriptor>,
-    /// Tags finished in the current reap.
-    done: Vec<Tag>,
-    /// Per local queue: popping stopped for lack of slots or channel room.
-    stalled: Vec<bool>,
-    /// Per local queue: used entries were added since the last notification.
-    dirty: Vec<bool>,
+/// Everything a poller needs to serve one virtqueue.
+pub struct QueueAttach {
+    pub device: DeviceKey,
+    pub queue: u16,
+    pub vring: Vring,
+    pub mem: GuestMemoryAtomic,
+    pub shared: Arc<DeviceShared>,
+    pub disk: Arc<Disk>,
+    /// Largest size the queue can have: in-flight slots reserved for it.
+    pub max_queue_size: u16,
 }
 
-impl<C: IoChannel> Poller<C> {
-    /// A poller for `num_queues` queues of at most `max_queue_size` entries each.
-    pub fn new(
-        shared: Arc<DeviceShared>,
-        mem: GuestMemoryAtomic,
-        channel: C,
-        num_queues: usize,
-        max_queue_size: u16,
-    ) -> Self {
-        let seg_max = shared.limits.seg_max as usize;
-        let depth = num_queues * usize::from(max_queue_size);
-        Self {
-            shared,
-            mem,
-            channel,
-            // Region crossings can split a segment; leave room for a few.
-            slots: SlotTable::new(depth, seg_max + 8),
-            // Data segments plus header and status, which may themselves be split.
-            descs: Vec::with_capacity(seg_max + 8),
-            done: Vec::with_capacity(depth),
-            stalled: vec![false; num_queues],
-            dirty: vec![false; num_queues],
-        }
+impl std::fmt::Debug for QueueAttach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueAttach")
+            .field("device", &self.device)
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+enum Command {
+    Attach(Box<QueueAttach>),
+    Detach {
+        device: DeviceKey,
+        queue: u16,
+        done: mpsc::SyncSender<()>,
+    },
+    Stop,
+}
+
+/// State a poller shares with the control plane.
+#[derive(Debug)]
+struct Shared {
+    commands: Mutex<Vec<Command>>,
+    /// Commands are waiting: checked every loop iteration without taking the lock.
+    has_commands: AtomicBool,
+    /// The poller is (about to be) asleep: kicks must wake it.
+    sleeping: AtomicBool,
+    wake: EventFd,
+}
+
+/// The control plane's handle on one poller.
+#[derive(Clone, Debug)]
+pub struct PollerHandle {
+    index: usize,
+    shared: Arc<Shared>,
+}
+
+/// How long the control plane waits for a poller to finish a queue's in-flight requests.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl PollerHandle {
+    pub fn index(&self) -> usize {
+        self.index
     }
 
-    /// The completion fd of the channel, to sleep on.
-    pub fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
-        self.channel.completion_fd()
+    fn send(&self, cmd: Command) {
+        self.shared
+            .commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(cmd);
+        self.shared.has_commands.store(true, Ordering::Release);
+        let _ = self.shared.wake.write(1);
     }
 
-    /// Requests in flight.
-    pub fn in_flight(&self) -> usize {
-        self.slots.in_use()
+    /// Hands a queue to the poller, which starts serving it at once.
+    pub fn attach(&self, attach: QueueAttach) {
+        self.send(Command::Attach(Box::new(attach)));
     }
 
-    /// A kick on local queue `local`: pop, parse and submit everything available, then
-    /// publish whatever already finished.
-    pub fn on_kick(&mut self, vrings: &[Vring], local: usize) {
-        self.process_queue(vrings, local);
-        self.flush_submissions();
-        self.on_completions(vrings);
-    }
-
-    /// The channel signalled completions: publish them, and resume stalled queues.
-    pub fn on_completion_event(&mut self, vrings: &[Vring]) {
-        self.channel.clear_completion_fd();
-        self.on_completions(vrings);
-    }
-
-    /// Waits for every in-flight request and publishes it (disconnect and shutdown).
-    pub fn drain(&mut self, vrings: &[Vring]) {
-        while self.slots.in_use() > 0 {
-            self.flush_submissions();
-            if let Err(e) = self.channel.wait() {
-                error!(error = %e, "waiting for in-flight I/O failed; abandoning it");
-                return;
-            }
-            self.reap(vrings);
-        }
-    }
-
-    fn on_completions(&mut self, vrings: &[Vring]) {
-        loop {
-            let reaped = self.reap(vrings);
-            let mut resumed = false;
-            for local in 0..self.stalled.len() {
-                if self.stalled[local] {
-                    self.stalled[local] = false;
-                    self.process_queue(vrings, local);
-                    resumed = true;
-                }
-            }
-            if resumed {
-                self.flush_submissions();
-            }
-            if reaped == 0 && !resumed {
-                break;
-            }
-        }
-    }
-
-    fn flush_submissions(&mut self) {
-        if let Err(e) = self.channel.submit() {
-            // Queued operations stay queued; the next batch retries.
-            warn!(error = %e, "I/O submission failed");
-        }
-    }
-
-    /// Pops every available chain of one queue (re-enabling notifications with EVENT_IDX
-    /// without losing a kick), and notifies the guest once for those completed at once.
-    fn process_queue(&mut self, vrings: &[Vring], local: usize) {
-        let Some(vring) = vrings.get(local) else {
-            return;
-        };
-        let snapshot: MemSnapshot = self.mem.memory().into_inner();
-        let mut state = vring.get_mut();
-        if !state.get_queue().ready() || !state.is_enabled() {
-            return;
-        }
-        let event_idx = state.get_queue().event_idx_enabled();
-        'refill: loop {
-            if event_idx {
-                // A failure only means more kicks than needed.
-                let _ = state.get_queue_mut().disable_notification(&*snapshot);
-            }
-            loop {
-                if self.slots.is_full() || !self.channel.has_room() {
-                    // Resumed from the completion path; keep notifications off meanwhile.
-                    self.stalled[local] = true;
-                    break 'refill;
-                }
-                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*snapshot) else {
-                    break;
-                };
-                let Some(tag) = self.slots.alloc() else {
-                    break 'refill;
-                };
-                let parsed = parse(
-                    chain,
-                    &self.shared.limits,
-                    &mut self.descs,
-                    self.slots.iov_mut(tag),
+    /// Takes a queue back: returns once every request of it that the poller popped has
+    /// completed and been published (false if that took longer than the timeout).
+    pub fn detach(&self, device: DeviceKey, queue: u16) -> bool {
+        let (done, wait) = mpsc::sync_channel(1);
+        self.send(Command::Detach {
+            device,
+            queue,
+            done,
+        });
+        match wait.recv_timeout(DETACH_TIMEOUT) {
+            Ok(()) => true,
+            Err(RecvTimeoutError::Timeout) => {
+                warn!(
+                    poller = self.index,
+                    queue, "queue still has I/O in flight after the detach timeout"
                 );
-                match parsed {
-                    Ok(p) => {
-                        if let Some((head, status)) = self.start(local, tag, p, &snapshot) {
-                            self.slots.free(tag);
-                            publish(state.get_queue_mut(), &snapshot, head, status);
-                            self.dirty[local] = true;
+                false
+            }
+            Err(RecvTimeoutError::Disconnected) => false,
+        }
+    }
+
+    /// A guest kicked one of this poller's queues: wake it if it sleeps. While it polls,
+    /// nothing is needed (and nothing is done: no syscall).
+    pub fn kick(&self) {
+        if self.shared.sleeping.load(Ordering::SeqCst) {
+            let _ = self.shared.wake.write(1);
+        }
+    }
+}
+
+/// The running pollers.
+#[derive(Debug)]
+pub struct PollerSet {
+    handles: Vec<PollerHandle>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl PollerSet {
+    /// Starts one poller per entry of `cpus`: pinned to that CPU, or unpinned for `None`.
+    pub fn start(cpus: &[Option<usize>], mode: PollMode) -> io::Result<Self> {
+        let mut set = Self {
+            handles: Vec::with_capacity(cpus.len()),
+            threads: Vec::with_capacity(cpus.len()),
+        };
+        for (index, &cpu) in cpus.iter().enumerate() {
+            let shared = Arc::new(Shared {
+                commands: Mutex::new(Vec::new()),
+                has_commands: AtomicBool::new(false),
+                sleeping: AtomicBool::new(false),
+                wake: EventFd::new(EFD_NONBLOCK)?,
+            });
+            let w = worker::Worker::new(shared.clone(), mode)?;
+            let thread = std::thread::Builder::new()
+                .name(format!("vubd-poller-{index}"))
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        if let Err(e) = pin_current_thread(cpu) {
+                            warn!(cpu, error = %e, "cannot pin poller");
                         }
                     }
-                    Err(rej) => {
-                        debug!(queue = local, head = rej.head, error = %rej.error, "request rejected");
-                        self.slots.free(tag);
-                        let len = match rej.status {
-                            Some(addr) => {
-                                // The address was checked by the parser.
-                                let _ = snapshot.write_obj(rej.error.status() as u8, addr);
-                                1
-                            }
-                            None => 0,
-                        };
-                        add_used(state.get_queue_mut(), &snapshot, rej.head, len);
-                        self.dirty[local] = true;
-                    }
-                }
-            }
-            if !event_idx {
-                break;
-            }
-            match state.get_queue_mut().enable_notification(&*snapshot) {
-                Ok(true) => continue,
-                _ => break,
-            }
+                    w.run();
+                })?;
+            set.handles.push(PollerHandle { index, shared });
+            set.threads.push(thread);
         }
-        if std::mem::take(&mut self.dirty[local]) {
-            notify(&mut state, &snapshot);
-        }
+        Ok(set)
     }
 
-    /// Starts a parsed request. Returns `Some((head, completion))` when it completed at once.
-    fn start(
-        &mut self,
-        local: usize,
-        tag: Tag,
-        p: Parsed,
-        snapshot: &MemSnapshot,
-    ) -> Option<(u16, Completion)> {
-        let req = p.request;
-        let immediate = |status, used_len| {
-            Some((
-                p.head,
-                Completion {
-                    status_addr: p.status,
-                    status,
-                    used_len,
-                },
-            ))
-        };
-        let (used_len, expect) = match req.kind {
-            RequestKind::Read { .. } => (req.data_len + 1, Some(req.data_len)),
-            RequestKind::Write { .. } => (1, Some(req.data_len)),
-            _ => (1, None),
-        };
-        match req.kind {
-            RequestKind::GetId => {
-                let iov = self.slots.iov_mut(tag);
-                // SAFETY: the iovecs were translated from `snapshot`, which is alive here.
-                let n = unsafe { iov.copy_from(&self.shared.serial) };
-                return immediate(Status::Ok, n as u32 + 1);
-            }
-            RequestKind::Read { .. } | RequestKind::Write { .. } if req.data_len == 0 => {
-                return immediate(Status::Ok, 1);
-            }
-            _ => {}
-        }
-        self.slots.begin(
-            tag,
-            local,
-            p.head,
-            p.status,
-            used_len,
-            expect,
-            snapshot.clone(),
-        );
-        let fua = !self.shared.writeback.load(Ordering::Relaxed);
-        let mut pending = 0u32;
-        let mut failed = false;
-        let (slots, channel) = (&mut self.slots, &mut self.channel);
-        let iov = slots.iov(tag);
-        let mut queue = |op: IoOp<'_>| {
-            // SAFETY: the slot keeps the iovec list and the memory snapshot until every
-            // completion for `tag` is reaped (the slot is freed only then).
-            let r = unsafe { channel.queue(tag, op) };
-            let r = match r {
-                Ok(n) => Ok(n),
-                Err(_) => {
-                    // Make room by handing what is queued to the kernel, then retry once.
-                    let _ = channel.submit();
-                    // SAFETY: as above.
-                    unsafe { channel.queue(tag, op) }
-                }
-            };
-            match r {
-                Ok(n) => pending += n,
-                Err(_) => failed = true,
-            }
-        };
-        let bytes = |sectors: u32| u64::from(sectors) << SECTOR_SHIFT;
-        match req.kind {
-            RequestKind::Read { sector } => queue(IoOp::Read {
-                offset: sector << SECTOR_SHIFT,
-                iov,
-            }),
-            RequestKind::Write { sector } => queue(IoOp::Write {
-                offset: sector << SECTOR_SHIFT,
-                iov,
-                fua,
-            }),
-            RequestKind::Flush => queue(IoOp::Flush),
-            RequestKind::Discard(ranges) => {
-                for r in ranges.as_slice() {
-                    queue(IoOp::Discard {
-                        offset: r.sector << SECTOR_SHIFT,
-                        len: bytes(r.sectors),
-                    });
-                }
-            }
-            RequestKind::WriteZeroes(ranges) => {
-                for r in ranges.as_slice() {
-                    queue(IoOp::WriteZeroes {
-                        offset: r.sector << SECTOR_SHIFT,
-                        len: bytes(r.sectors),
-                        unmap: r.unmap,
-                    });
-                }
-            }
-            RequestKind::GetId => {}
-        }
-        if failed {
-            warn!(queue = local, "I/O channel full; failing part of a request");
-            slots.set_error(tag);
-        }
-        slots.add_pending(tag, pending);
-        if pending == 0 {
-            let c = slots.finish(tag);
-            slots.free(tag);
-            return Some((p.head, c));
-        }
-        None
+    pub fn len(&self) -> usize {
+        self.handles.len()
     }
 
-    /// Reaps finished operations and publishes finished requests, one notification per queue.
-    /// Returns how many operations were reaped.
-    fn reap(&mut self, vrings: &[Vring]) -> usize {
-        let mut total = 0;
-        loop {
-            let (slots, done) = (&mut self.slots, &mut self.done);
-            let n = self.channel.poll(REAP_BATCH, |tag, res| {
-                if slots.complete_op(tag, res) {
-                    done.push(tag);
-                }
-            });
-            total += n;
-            if self.done.is_empty() {
-                if n < REAP_BATCH {
-                    return total;
-                }
-                continue;
-            }
-            self.publish_done(vrings);
-            if n < REAP_BATCH {
-                return total;
-            }
-        }
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
     }
 
-    /// Publishes the requests in `done`. Those of a queue without a handle (never kicked
-    /// before a disconnect) are finished without a used-ring entry: nobody is left to read it.
-    fn publish_done(&mut self, vrings: &[Vring]) {
-        let snapshot: MemSnapshot = self.mem.memory().into_inner();
-        for local in 0..self.stalled.len() {
-            if !self.done.iter().any(|&t| self.slots.queue_of(t) == local) {
-                continue;
-            }
-            let mut state = vrings.get(local).map(|v| v.get_mut());
-            for i in 0..self.done.len() {
-                let tag = self.done[i];
-                if self.slots.queue_of(tag) != local {
-                    continue;
-                }
-                let head = self.slots.head_of(tag);
-                let c = self.slots.finish(tag);
-                // The status byte is written through the snapshot the request ran with.
-                let mem = self.slots.release(tag).unwrap_or_else(|| snapshot.clone());
-                if let Some(state) = state.as_mut() {
-                    publish(state.get_queue_mut(), &mem, head, c);
-                }
-            }
-            if let Some(state) = state.as_mut() {
-                notify(state, &snapshot);
-            }
+    /// The poller that serves queue `queue` of a device (queues are spread round-robin).
+    pub fn for_queue(&self, queue: usize) -> &PollerHandle {
+        &self.handles[queue % self.handles.len()]
+    }
+
+    /// Stops every poller once its queues are drained, and joins it.
+    pub fn stop(self) {
+        for h in &self.handles {
+            h.send(Command::Stop);
         }
-        self.done.clear();
+        for t in self.threads {
+            let _ = t.join();
+        }
     }
 }
 
-/// How a request ends.
-#[derive(Clone, Copy, Debug)]
-pub struct Completion {
-    pub status_addr: vm_memory::GuestAddress,
-    pub status: Status,
-    pub used_len: u32,
-}
-
-/// Writes the status byte and puts the chain on the used ring.
-fn publish(queue: &mut virtio_queue::Queue, mem: &MemSnapshot, head: u16, c: Completion) {
-    let len = if mem.write_obj(c.status as u8, c.status_addr).is_ok() {
-        c.used_len
+fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live cpu_set_t; `cpu` was validated against CPU_SETSIZE by the config.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; `set` is a valid mask of the size passed.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc == 0 {
+        Ok(())
     } else {
-        0
-    };
-    add_used(queue, mem, head, len);
-}
-
-fn add_used(queue: &mut virtio_queue::Queue, mem: &MemSnapshot, head: u16, len: u32) {
-    if let Err(e) = queue.add_used(&**mem, head, len) {
-        warn!(head, error = %e, "cannot add to the used ring");
+        Err(io::Error::last_os_error())
     }
 }
 
-/// Signals the guest if EVENT_IDX (or the no-interrupt flag) says it wants to be.
-fn notify(state: &mut vhost_user_backend::VringState<GuestMemoryAtomic>, mem: &MemSnapshot) {
-    let needed = state
-        .get_queue_mut()
-        .needs_notification(&**mem)
-        .unwrap_or(true);
-    if needed {
-        if let Err(e) = state.signal_used_queue() {
-            debug!(error = %e, "cannot signal the guest");
-        }
+/// The CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: as in `pin_current_thread`.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is the calling process; `set` is a writable mask of the size passed.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return vec![0];
     }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `set` is initialised and the index is below CPU_SETSIZE.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
 }

@@ -3,7 +3,7 @@
 
 use vm_memory::GuestAddress;
 
-use super::Completion;
+use super::worker::Completion;
 use crate::mem::{IovecList, MemSnapshot};
 use crate::virtio_blk::Status;
 
@@ -27,38 +27,59 @@ struct Slot {
     iov: IovecList,
 }
 
+impl Slot {
+    fn new(iov_cap: usize) -> Self {
+        Slot {
+            queue: 0,
+            head: 0,
+            status_addr: GuestAddress(0),
+            used_len: 0,
+            expect: None,
+            pending: 0,
+            error: false,
+            mem: None,
+            iov: IovecList::with_capacity(iov_cap),
+        }
+    }
+}
+
 /// Preallocated slots and their free list.
 #[derive(Debug)]
 pub struct SlotTable {
     slots: Vec<Slot>,
     free: Vec<Tag>,
+    iov_cap: usize,
 }
 
 impl SlotTable {
     /// `depth` slots, each able to hold `iov_cap` iovecs.
     pub fn new(depth: usize, iov_cap: usize) -> Self {
-        let slots = (0..depth)
-            .map(|_| Slot {
-                queue: 0,
-                head: 0,
-                status_addr: GuestAddress(0),
-                used_len: 0,
-                expect: None,
-                pending: 0,
-                error: false,
-                mem: None,
-                iov: IovecList::with_capacity(iov_cap),
-            })
-            .collect();
-        // Popped from the end: hand out low tags first.
-        let free = (0..depth as Tag).rev().collect();
-        Self { slots, free }
+        let mut t = Self {
+            slots: Vec::new(),
+            free: Vec::new(),
+            iov_cap,
+        };
+        t.grow(depth);
+        t
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Adds `n` free slots (control path: allocates).
+    pub fn grow(&mut self, n: usize) {
+        let iov_cap = self.iov_cap;
+        let start = self.slots.len();
+        self.slots.extend((0..n).map(|_| Slot::new(iov_cap)));
+        self.free.extend((start..start + n).rev().map(|t| t as Tag));
     }
 
     pub fn is_full(&self) -> bool {
         self.free.is_empty()
     }
 
+    #[cfg(test)]
     pub fn in_use(&self) -> usize {
         self.slots.len() - self.free.len()
     }

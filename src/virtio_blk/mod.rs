@@ -21,6 +21,8 @@ pub const HEADER_LEN: u32 = 16;
 pub const ID_BYTES: usize = vb::VIRTIO_BLK_ID_BYTES as usize;
 /// Length of one discard / write-zeroes segment (`struct virtio_blk_discard_write_zeroes`).
 pub const RANGE_SEGMENT_LEN: u32 = 16;
+/// Most data segments per request, whatever the queue size (`seg_max` is at most this).
+pub const MAX_SEGMENTS: u32 = 254;
 /// Most segments one discard or write-zeroes request may carry (advertised as
 /// `max_discard_seg` / `max_write_zeroes_seg`).
 pub const MAX_RANGE_SEGMENTS: usize = 16;

@@ -1,0 +1,640 @@
+//! One poller thread: its loop, the queues and device channels it owns, and the life of a
+//! request from pop to used ring.
+//!
+//! Per loop iteration: every queue is checked for available chains (no syscall when there are
+//! none), each device channel gets at most one submit, and completions are reaped in bounded
+//! batches and published with one guest notification per queue.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::SyncSender;
+use std::time::Instant;
+
+use tracing::{debug, error, info, warn};
+use vhost_user_backend::{VringState, VringT};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddressSpace};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::slots::{SlotTable, Tag};
+use super::{Command, DeviceKey, DeviceShared, PollMode, QueueAttach, Shared, Vring};
+use crate::bdev::{BlockDevice, Channel, IoChannel, IoOp};
+use crate::mem::{GuestMemoryAtomic, MemSnapshot};
+use crate::virtio_blk::{
+    MAX_RANGE_SEGMENTS, MAX_SEGMENTS, Parsed, RequestKind, SECTOR_SHIFT, Status, parse,
+};
+
+/// Most completions reaped from one channel before they are published.
+const REAP_BATCH: usize = 256;
+/// Iovecs per slot: every data segment, plus a few for buffers that cross memory regions.
+const IOV_PER_SLOT: usize = MAX_SEGMENTS as usize + 8;
+/// Epoll data of the wake eventfd; device channels use their index.
+const WAKE_EVENT: u64 = u64::MAX;
+
+/// A device with at least one queue on this poller.
+struct Device {
+    key: DeviceKey,
+    shared: Arc<DeviceShared>,
+    mem: GuestMemoryAtomic,
+    channel: Channel,
+    queues: usize,
+}
+
+/// A queue this poller serves.
+struct QueueSlot {
+    device: usize,
+    index: u16,
+    vring: Vring,
+    /// In-flight slots reserved for this queue (its largest ring).
+    reserve: usize,
+    in_flight: u32,
+    /// Set by a detach request: stop popping, acknowledge once `in_flight` is zero.
+    detach: Option<SyncSender<()>>,
+}
+
+/// How a request ends.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Completion {
+    pub status_addr: vm_memory::GuestAddress,
+    pub status: Status,
+    pub used_len: u32,
+}
+
+pub(super) struct Worker {
+    shared: Arc<Shared>,
+    mode: PollMode,
+    devices: Vec<Option<Device>>,
+    queues: Vec<Option<QueueSlot>>,
+    slots: SlotTable,
+    /// Parser scratch: its capacity bounds the descriptors of one chain.
+    descs: Vec<Descriptor>,
+    /// Tags finished in the current reap.
+    done: Vec<Tag>,
+    commands: Vec<Command>,
+    epoll: Epoll,
+    events: Vec<EpollEvent>,
+    stopping: bool,
+}
+
+impl Worker {
+    pub(super) fn new(shared: Arc<Shared>, mode: PollMode) -> std::io::Result<Self> {
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            shared.wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, WAKE_EVENT),
+        )?;
+        Ok(Self {
+            shared,
+            mode,
+            devices: Vec::new(),
+            queues: Vec::new(),
+            slots: SlotTable::new(0, IOV_PER_SLOT),
+            // Data segments plus header and status, which may themselves be split.
+            descs: Vec::with_capacity(MAX_SEGMENTS as usize + 8),
+            done: Vec::new(),
+            commands: Vec::new(),
+            epoll,
+            events: vec![EpollEvent::default(); 16],
+            stopping: false,
+        })
+    }
+
+    pub(super) fn run(mut self) {
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            if self.shared.has_commands.load(Ordering::Acquire) {
+                self.handle_commands();
+            }
+            let work = self.poll_once();
+            self.finish_detaches();
+            if self.stopping && self.queues.iter().all(Option::is_none) {
+                return;
+            }
+            if work > 0 {
+                idle_since = None;
+                continue;
+            }
+            let sleep = match self.mode {
+                _ if self.queues.iter().all(Option::is_none) => true,
+                PollMode::Always => false,
+                PollMode::Never => true,
+                PollMode::Adaptive { idle } => {
+                    let now = Instant::now();
+                    now.duration_since(*idle_since.get_or_insert(now)) >= idle
+                }
+            };
+            if sleep {
+                self.sleep();
+                idle_since = None;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    fn handle_commands(&mut self) {
+        self.shared.has_commands.store(false, Ordering::Release);
+        {
+            let mut pending = self
+                .shared
+                .commands
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            std::mem::swap(&mut *pending, &mut self.commands);
+        }
+        let mut commands = std::mem::take(&mut self.commands);
+        for cmd in commands.drain(..) {
+            match cmd {
+                Command::Attach(a) => self.attach(*a),
+                Command::Detach {
+                    device,
+                    queue,
+                    done,
+                } => {
+                    let devices = &self.devices;
+                    let found = self.queues.iter_mut().flatten().find(|q| {
+                        q.index == queue
+                            && devices[q.device].as_ref().is_some_and(|d| d.key == device)
+                    });
+                    match found {
+                        Some(q) => q.detach = Some(done),
+                        None => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+                Command::Stop => {
+                    self.stopping = true;
+                    for q in self.queues.iter_mut().flatten() {
+                        if q.detach.is_none() {
+                            let (tx, _) = std::sync::mpsc::sync_channel(1);
+                            q.detach = Some(tx);
+                        }
+                    }
+                }
+            }
+        }
+        self.commands = commands;
+    }
+
+    fn attach(&mut self, a: QueueAttach) {
+        let device = match self
+            .devices
+            .iter()
+            .position(|d| d.as_ref().is_some_and(|d| d.key == a.device))
+        {
+            Some(i) => i,
+            None => {
+                let depth = u32::from(a.max_queue_size) * MAX_RANGE_SEGMENTS as u32;
+                let channel = match a.disk.open_channel(depth) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // The queue stays unserved; the guest sees a stuck queue, not a crash.
+                        error!(queue = a.queue, error = %e, "cannot open an I/O channel");
+                        return;
+                    }
+                };
+                let i = free_index(&mut self.devices);
+                if let Some(fd) = channel.completion_fd() {
+                    let ev = EpollEvent::new(EventSet::IN, i as u64);
+                    if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, ev) {
+                        error!(error = %e, "cannot watch I/O completions");
+                        return;
+                    }
+                }
+                self.devices[i] = Some(Device {
+                    key: a.device,
+                    shared: a.shared.clone(),
+                    mem: a.mem.clone(),
+                    channel,
+                    queues: 0,
+                });
+                i
+            }
+        };
+        if let Some(d) = self.devices[device].as_mut() {
+            d.queues += 1;
+        }
+        // Enough free slots for a full ring of every queue.
+        let reserve = usize::from(a.max_queue_size);
+        let want = self
+            .queues
+            .iter()
+            .flatten()
+            .map(|q| q.reserve)
+            .sum::<usize>()
+            + reserve;
+        if self.slots.capacity() < want {
+            self.slots.grow(want - self.slots.capacity());
+            self.done.reserve(want.saturating_sub(self.done.capacity()));
+        }
+        let q = free_index(&mut self.queues);
+        info!(queue = a.queue, poller_queue = q, "queue attached");
+        self.queues[q] = Some(QueueSlot {
+            device,
+            index: a.queue,
+            vring: a.vring,
+            reserve,
+            in_flight: 0,
+            detach: None,
+        });
+        self.set_notifications(q, false);
+    }
+
+    /// Acknowledges detach requests of queues with nothing in flight, and forgets them.
+    fn finish_detaches(&mut self) {
+        for qi in 0..self.queues.len() {
+            let ready = self.queues[qi]
+                .as_ref()
+                .is_some_and(|q| q.detach.is_some() && q.in_flight == 0);
+            if !ready {
+                continue;
+            }
+            let Some(q) = self.queues[qi].take() else {
+                continue;
+            };
+            info!(queue = q.index, "queue detached");
+            let last = match self.devices[q.device].as_mut() {
+                Some(d) => {
+                    d.queues -= 1;
+                    d.queues == 0
+                }
+                None => false,
+            };
+            if last {
+                if let Some(d) = self.devices[q.device].take() {
+                    if let Some(fd) = d.channel.completion_fd() {
+                        let _ = self.epoll.ctl(
+                            ControlOperation::Delete,
+                            fd,
+                            EpollEvent::new(EventSet::IN, q.device as u64),
+                        );
+                    }
+                }
+            }
+            if let Some(done) = q.detach {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// One pass over every queue and channel; returns how much work it found.
+    fn poll_once(&mut self) -> usize {
+        let mut work = 0;
+        for qi in 0..self.queues.len() {
+            work += self.process_queue(qi);
+        }
+        for di in 0..self.devices.len() {
+            let Some(d) = self.devices[di].as_mut() else {
+                continue;
+            };
+            if let Err(e) = d.channel.submit() {
+                // Queued operations stay queued; the next iteration retries.
+                warn!(error = %e, "I/O submission failed");
+            }
+            work += self.reap(di);
+        }
+        work
+    }
+
+    /// Pops, parses and starts every available chain of one queue. Returns how many.
+    fn process_queue(&mut self, qi: usize) -> usize {
+        let Worker {
+            queues,
+            devices,
+            slots,
+            descs,
+            ..
+        } = self;
+        let Some(q) = queues[qi].as_mut() else {
+            return 0;
+        };
+        if q.detach.is_some() {
+            return 0;
+        }
+        let Some(dev) = devices[q.device].as_mut() else {
+            return 0;
+        };
+        let guard = dev.mem.memory();
+        let mut state = q.vring.get_mut();
+        let queue = state.get_queue_mut();
+        if !queue.ready() {
+            return 0;
+        }
+        // The common idle case: nothing new, no snapshot taken, no lock beyond the vring's.
+        match queue.avail_idx(&*guard, Ordering::Acquire) {
+            Ok(idx) if idx.0 != queue.next_avail() => {}
+            _ => return 0,
+        }
+        let snapshot: MemSnapshot = guard.into_inner();
+        let mut popped = 0;
+        let mut dirty = false;
+        loop {
+            if slots.is_full() || !dev.channel.has_room() {
+                // Retried on the next iteration, once completions have freed room.
+                break;
+            }
+            let Some(chain) = queue.pop_descriptor_chain(&*snapshot) else {
+                break;
+            };
+            let Some(tag) = slots.alloc() else {
+                break;
+            };
+            popped += 1;
+            match parse(chain, &dev.shared.limits, descs, slots.iov_mut(tag)) {
+                Ok(p) => match start(dev, slots, qi, tag, p, &snapshot) {
+                    Some((head, c)) => {
+                        slots.free(tag);
+                        publish(queue, &snapshot, head, c);
+                        dirty = true;
+                    }
+                    None => q.in_flight += 1,
+                },
+                Err(rej) => {
+                    debug!(queue = q.index, head = rej.head, error = %rej.error, "request rejected");
+                    slots.free(tag);
+                    let len = match rej.status {
+                        Some(addr) => {
+                            // The address was checked by the parser.
+                            let _ = snapshot.write_obj(rej.error.status() as u8, addr);
+                            1
+                        }
+                        None => 0,
+                    };
+                    add_used(queue, &snapshot, rej.head, len);
+                    dirty = true;
+                }
+            }
+        }
+        if dirty {
+            notify(&mut state, &snapshot);
+        }
+        popped
+    }
+
+    /// Reaps one device's finished operations and publishes the finished requests.
+    fn reap(&mut self, di: usize) -> usize {
+        let mut total = 0;
+        loop {
+            let Some(d) = self.devices[di].as_mut() else {
+                return total;
+            };
+            let (slots, done) = (&mut self.slots, &mut self.done);
+            let n = d.channel.poll(REAP_BATCH, |tag, res| {
+                if slots.complete_op(tag, res) {
+                    done.push(tag);
+                }
+            });
+            total += n;
+            if !self.done.is_empty() {
+                self.publish_done();
+            }
+            if n < REAP_BATCH {
+                return total;
+            }
+        }
+    }
+
+    /// Publishes the requests in `done`: status byte, used ring, one notification per queue.
+    fn publish_done(&mut self) {
+        for i in 0..self.done.len() {
+            let qi = self.slots.queue_of(self.done[i]);
+            if self.done[..i].iter().any(|&t| self.slots.queue_of(t) == qi) {
+                continue; // this queue's requests were published with an earlier tag
+            }
+            let Some(q) = self.queues.get_mut(qi).and_then(Option::as_mut) else {
+                // Unreachable (a queue is forgotten only with nothing in flight); free anyway.
+                for &tag in self.done[i..].iter() {
+                    if self.slots.queue_of(tag) == qi {
+                        self.slots.release(tag);
+                    }
+                }
+                continue;
+            };
+            let mut state = q.vring.get_mut();
+            let mut last_mem = None;
+            for &tag in &self.done[i..] {
+                if self.slots.queue_of(tag) != qi {
+                    continue;
+                }
+                let head = self.slots.head_of(tag);
+                let c = self.slots.finish(tag);
+                let Some(mem) = self.slots.release(tag) else {
+                    continue;
+                };
+                publish(state.get_queue_mut(), &mem, head, c);
+                q.in_flight = q.in_flight.saturating_sub(1);
+                last_mem = Some(mem);
+            }
+            if let Some(mem) = last_mem {
+                notify(&mut state, &mem);
+            }
+        }
+        self.done.clear();
+    }
+
+    /// Re-enables guest notifications, re-checks every ring so that no kick is lost, and
+    /// sleeps until a kick, a completion or a command.
+    fn sleep(&mut self) {
+        self.shared.sleeping.store(true, Ordering::SeqCst);
+        let mut more = self.shared.has_commands.load(Ordering::SeqCst);
+        for qi in 0..self.queues.len() {
+            more |= self.set_notifications(qi, true);
+        }
+        if !more {
+            match self.epoll.wait(-1, &mut self.events) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => error!(error = %e, "poller epoll_wait failed"),
+            }
+        }
+        self.shared.sleeping.store(false, Ordering::SeqCst);
+        let _ = self.shared.wake.read();
+        for d in self.devices.iter().flatten() {
+            d.channel.clear_completion_fd();
+        }
+        for qi in 0..self.queues.len() {
+            self.set_notifications(qi, false);
+        }
+    }
+
+    /// Turns guest kicks for one queue on or off; when turning them on, returns whether
+    /// chains became available meanwhile (virtio 1.2 §2.7.10: re-check after enabling).
+    fn set_notifications(&mut self, qi: usize, enable: bool) -> bool {
+        let Some(q) = self.queues[qi].as_ref() else {
+            return false;
+        };
+        if q.detach.is_some() {
+            return false;
+        }
+        let Some(d) = self.devices[q.device].as_ref() else {
+            return false;
+        };
+        let guard = d.mem.memory();
+        let mut state = q.vring.get_mut();
+        let queue = state.get_queue_mut();
+        if !queue.ready() {
+            return false;
+        }
+        if enable {
+            queue.enable_notification(&*guard).unwrap_or(true)
+        } else {
+            let _ = queue.disable_notification(&*guard);
+            false
+        }
+    }
+}
+
+/// Index of a free entry of `v`, growing it if none is free (control path only).
+fn free_index<T>(v: &mut Vec<Option<T>>) -> usize {
+    match v.iter().position(Option::is_none) {
+        Some(i) => i,
+        None => {
+            v.push(None);
+            v.len() - 1
+        }
+    }
+}
+
+/// Starts a parsed request on the device's channel. Returns `Some((head, completion))` when
+/// it completed at once.
+fn start(
+    dev: &mut Device,
+    slots: &mut SlotTable,
+    qi: usize,
+    tag: Tag,
+    p: Parsed,
+    snapshot: &MemSnapshot,
+) -> Option<(u16, Completion)> {
+    let req = p.request;
+    let immediate = |status, used_len| {
+        Some((
+            p.head,
+            Completion {
+                status_addr: p.status,
+                status,
+                used_len,
+            },
+        ))
+    };
+    match req.kind {
+        RequestKind::GetId => {
+            let iov = slots.iov_mut(tag);
+            // SAFETY: the iovecs were translated from `snapshot`, which is alive here.
+            let n = unsafe { iov.copy_from(&dev.shared.serial) };
+            return immediate(Status::Ok, n as u32 + 1);
+        }
+        RequestKind::Read { .. } | RequestKind::Write { .. } if req.data_len == 0 => {
+            return immediate(Status::Ok, 1);
+        }
+        _ => {}
+    }
+    let (used_len, expect) = match req.kind {
+        RequestKind::Read { .. } => (req.data_len + 1, Some(req.data_len)),
+        RequestKind::Write { .. } => (1, Some(req.data_len)),
+        _ => (1, None),
+    };
+    slots.begin(
+        tag,
+        qi,
+        p.head,
+        p.status,
+        used_len,
+        expect,
+        snapshot.clone(),
+    );
+    let fua = !dev.shared.writeback.load(Ordering::Relaxed);
+    let channel = &mut dev.channel;
+    let iov = slots.iov(tag);
+    let mut pending = 0u32;
+    let mut failed = false;
+    let mut queue = |op: IoOp<'_>| {
+        // SAFETY: the slot keeps the iovec list and the memory snapshot until every
+        // completion for `tag` is reaped (the slot is freed only then).
+        let mut r = unsafe { channel.queue(tag, op) };
+        if r.is_err() {
+            // Make room by handing what is queued to the kernel, then retry once.
+            let _ = channel.submit();
+            // SAFETY: as above.
+            r = unsafe { channel.queue(tag, op) };
+        }
+        match r {
+            Ok(n) => pending += n,
+            Err(_) => failed = true,
+        }
+    };
+    let bytes = |sectors: u32| u64::from(sectors) << SECTOR_SHIFT;
+    match req.kind {
+        RequestKind::Read { sector } => queue(IoOp::Read {
+            offset: sector << SECTOR_SHIFT,
+            iov,
+        }),
+        RequestKind::Write { sector } => queue(IoOp::Write {
+            offset: sector << SECTOR_SHIFT,
+            iov,
+            fua,
+        }),
+        RequestKind::Flush => queue(IoOp::Flush),
+        RequestKind::Discard(ranges) => {
+            for r in ranges.as_slice() {
+                queue(IoOp::Discard {
+                    offset: r.sector << SECTOR_SHIFT,
+                    len: bytes(r.sectors),
+                });
+            }
+        }
+        RequestKind::WriteZeroes(ranges) => {
+            for r in ranges.as_slice() {
+                queue(IoOp::WriteZeroes {
+                    offset: r.sector << SECTOR_SHIFT,
+                    len: bytes(r.sectors),
+                    unmap: r.unmap,
+                });
+            }
+        }
+        RequestKind::GetId => {}
+    }
+    if failed {
+        warn!("I/O channel full; failing part of a request");
+        slots.set_error(tag);
+    }
+    slots.add_pending(tag, pending);
+    if pending == 0 {
+        let c = slots.finish(tag);
+        slots.free(tag);
+        return Some((p.head, c));
+    }
+    None
+}
+
+/// Writes the status byte and puts the chain on the used ring.
+fn publish(queue: &mut Queue, mem: &MemSnapshot, head: u16, c: Completion) {
+    let len = if mem.write_obj(c.status as u8, c.status_addr).is_ok() {
+        c.used_len
+    } else {
+        0
+    };
+    add_used(queue, mem, head, len);
+}
+
+fn add_used(queue: &mut Queue, mem: &MemSnapshot, head: u16, len: u32) {
+    if let Err(e) = queue.add_used(&**mem, head, len) {
+        warn!(head, error = %e, "cannot add to the used ring");
+    }
+}
+
+/// Signals the guest if EVENT_IDX (or the no-interrupt flag) says it wants to be.
+fn notify(state: &mut VringState<GuestMemoryAtomic>, mem: &MemSnapshot) {
+    let needed = state
+        .get_queue_mut()
+        .needs_notification(&**mem)
+        .unwrap_or(true);
+    if needed {
+        if let Err(e) = state.signal_used_queue() {
+            debug!(error = %e, "cannot signal the guest");
+        }
+    }
+}
