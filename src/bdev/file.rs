@@ -77,6 +77,8 @@ pub struct FileDevice {
     buffered: Arc<File>,
     direct_align: DirectAlign,
     zero: ZeroStrategy,
+    /// Hole punching works (discard, and write-zeroes with UNMAP).
+    punch: bool,
     info: DeviceInfo,
 }
 
@@ -141,13 +143,21 @@ impl FileDevice {
         let direct_align = direct_alignment(&buffered, logical);
         let physical = physical.max(direct_align.offset).max(logical);
 
-        let (discard, zero) = if opts.read_only {
+        let (punch, zero) = if opts.read_only {
             (false, ZeroStrategy::Unsupported)
         } else if is_block {
-            (block_discard_supported(&buffered), ZeroStrategy::ZeroRange)
+            // On a block device, PUNCH_HOLE is a zero-out that may unmap but never falls
+            // back to writing zeros: it needs the device's write-zeroes support. ZERO_RANGE
+            // always works (the kernel writes zeros where the device cannot).
+            (
+                block_write_zeroes_supported(&buffered),
+                ZeroStrategy::ZeroRange,
+            )
         } else {
             probe_fallocate(path)
         };
+        // Discard is carried out by punching: offered only where that works.
+        let discard = punch;
         let info = DeviceInfo {
             capacity_bytes: size,
             logical_block_size: logical,
@@ -170,6 +180,7 @@ impl FileDevice {
             buffered: Arc::new(buffered),
             direct_align,
             zero,
+            punch,
             info,
         })
     }
@@ -189,6 +200,7 @@ impl BlockDevice for FileDevice {
             self.buffered.clone(),
             self.direct_align,
             self.zero,
+            self.punch,
         )
     }
 }
@@ -241,20 +253,19 @@ fn direct_alignment(f: &File, logical: u32) -> DirectAlign {
     }
 }
 
-/// Whether a block device accepts discards (`queue/discard_max_bytes` in sysfs).
-fn block_discard_supported(f: &File) -> bool {
+/// Whether a block device zeroes ranges natively (`queue/write_zeroes_max_bytes` in sysfs),
+/// which hole punching on it requires.
+fn block_write_zeroes_supported(f: &File) -> bool {
     let Ok(meta) = f.metadata() else {
         return false;
     };
     use std::os::unix::fs::MetadataExt;
     let rdev = meta.rdev();
-    let path = format!(
-        "/sys/dev/block/{}:{}/queue/discard_max_bytes",
-        libc::major(rdev),
-        libc::minor(rdev)
-    );
-    std::fs::read_to_string(path)
-        .ok()
+    let dev = format!("/sys/dev/block/{}:{}", libc::major(rdev), libc::minor(rdev));
+    // A partition has no queue directory of its own: its disk's applies.
+    [format!("{dev}/queue"), format!("{dev}/../queue")]
+        .iter()
+        .find_map(|q| std::fs::read_to_string(format!("{q}/write_zeroes_max_bytes")).ok())
         .and_then(|s| s.trim().parse::<u64>().ok())
         .is_some_and(|n| n > 0)
 }

@@ -36,6 +36,8 @@ pub struct UringChannel {
     has_direct: bool,
     align: DirectAlign,
     zero: ZeroStrategy,
+    /// `fallocate(PUNCH_HOLE)` works: used for discard and for write-zeroes with UNMAP.
+    punch: bool,
     eventfd: EventFd,
     /// The registered files stay open as long as the ring may use them.
     _files: (Option<Arc<File>>, Arc<File>),
@@ -48,6 +50,7 @@ impl UringChannel {
         buffered: Arc<File>,
         align: DirectAlign,
         zero: ZeroStrategy,
+        punch: bool,
     ) -> io::Result<Self> {
         let entries = (depth.max(1) * Self::MAX_COMPLETIONS_PER_OP).next_power_of_two();
         let ring = IoUring::builder().build(entries.min(32768))?;
@@ -61,6 +64,7 @@ impl UringChannel {
             has_direct: direct.is_some(),
             align,
             zero,
+            punch,
             eventfd,
             _files: (direct, buffered),
         })
@@ -146,9 +150,9 @@ impl IoChannel for UringChannel {
             IoOp::Discard { offset, len } => {
                 entries[0] = Some(self.fallocate(tag, offset, len, punch));
             }
-            IoOp::WriteZeroes { offset, len, unmap } => match (unmap, self.zero) {
+            IoOp::WriteZeroes { offset, len, unmap } => match (unmap && self.punch, self.zero) {
+                // UNMAP allows deallocation (virtio 1.2 §5.2.6.2): a punched hole reads as zeros.
                 (true, _) | (false, ZeroStrategy::Unsupported) => {
-                    // A punched hole reads back as zeros.
                     entries[0] = Some(self.fallocate(tag, offset, len, punch));
                 }
                 (false, ZeroStrategy::ZeroRange) => {

@@ -329,7 +329,11 @@ impl Worker {
             Ok(idx) if idx.0 != queue.next_avail() => {}
             _ => return 0,
         }
-        let snapshot: MemSnapshot = guard.into_inner();
+        drop(guard);
+        // Load the memory map only now: a frontend adds a region (ADD_MEM_REG, acknowledged
+        // after the map is replaced) before it publishes requests that use it, so the map
+        // read after the avail index always covers what that index announces.
+        let snapshot: MemSnapshot = dev.mem.memory().into_inner();
         let mut popped = 0;
         let mut dirty = false;
         loop {
