@@ -10,9 +10,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 
-use common::{
-    ClientOptions, Daemon, DaemonConfig, Exit, Image, run_vubd, run_vubd_with, socket_exists,
-};
+use common::Image;
+use common::client::ClientOptions;
+use common::daemon::{Daemon, DaemonConfig, Exit, run_vubd, run_vubd_with, socket_exists};
 
 const MIB: u64 = 1 << 20;
 
@@ -69,7 +69,7 @@ fn unreadable_disk_exits_2_naming_the_disk() {
     fs::set_permissions(image.path(), fs::Permissions::from_mode(0o000)).expect("chmod 000");
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("sock");
-    let mut cmd = common::vubd_command();
+    let mut cmd = common::daemon::vubd_command();
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {
         // Permission bits do not stop root: run vubd as nobody, with directories it may use.

@@ -3,11 +3,14 @@
 //! read-only disk.
 
 mod common;
+#[path = "common/raw.rs"]
+mod raw;
 
 use blkio::Errno;
-use common::{
-    ClientOptions, Daemon, DaemonConfig, Image, RawFrontend, Rng, SECTOR, assert_same, describe_ret,
-};
+use common::client::ClientOptions;
+use common::daemon::{Daemon, DaemonConfig};
+use common::{Image, Rng, SECTOR, assert_same, describe_ret};
+use raw::RawFrontend;
 use virtio_driver::VirtioBlkFeatureFlags;
 
 const MIB: u64 = 1 << 20;
@@ -30,8 +33,7 @@ fn frontend_sees_the_image_geometry(size: u64) {
 
     let socket = daemon.socket().to_owned();
     let (capacity_sectors, blk_size) = common::bounded("raw config", move || {
-        let raw =
-            RawFrontend::connect(&socket, common::raw_features_without_ro()).expect("raw connect");
+        let raw = RawFrontend::connect(&socket, raw::features_without_ro()).expect("raw connect");
         let config = raw.config().expect("GET_CONFIG");
         let blk_size = raw
             .has_feature(VirtioBlkFeatureFlags::BLK_SIZE)
@@ -204,7 +206,7 @@ fn readonly_device_refuses_writes_discards_and_write_zeroes_it_receives() {
         // A frontend that leaves VIRTIO_BLK_F_RO unacknowledged and writes anyway: the device
         // must fail the write with VIRTIO_BLK_S_IOERR and write nothing (virtio 1.2, 5.2.6.2).
         let mut raw =
-            RawFrontend::connect(&socket, common::raw_features_without_ro()).expect("raw connect");
+            RawFrontend::connect(&socket, raw::features_without_ro()).expect("raw connect");
         let read = raw.read(0, 4096);
         let write = raw.write(0, &[0xff; 4096]);
         let discard = raw.discard(0, 4096);

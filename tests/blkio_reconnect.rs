@@ -8,7 +8,8 @@ use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, DaemonConfig, Image, Rng, TIMEOUT, assert_same};
+use common::daemon::{Daemon, DaemonConfig};
+use common::{Image, Rng, TIMEOUT, assert_same};
 
 const MIB: u64 = 1 << 20;
 

@@ -1,0 +1,380 @@
+//! Running the backend under test: the [`Daemon`] guard for a backend serving a socket, the
+//! process helpers behind it, and [`run_vubd`] for vubd runs that are expected to exit.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::client::{Client, ClientOptions};
+use super::{Image, TIMEOUT};
+
+/// Backend settings that both vubd and the reference backend understand.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonConfig {
+    pub num_queues: Option<u16>,
+    pub readonly: bool,
+}
+
+/// Which program [`Daemon::start`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Vubd,
+    QemuStorageDaemon,
+}
+
+const BACKEND_ENV: &str = "VUBD_TEST_BACKEND";
+
+fn selected_backend() -> Backend {
+    match std::env::var(BACKEND_ENV).as_deref() {
+        Err(std::env::VarError::NotPresent) | Ok("" | "vubd") => Backend::Vubd,
+        Ok("qemu-storage-daemon") => Backend::QemuStorageDaemon,
+        other => panic!("{BACKEND_ENV}={other:?}: expected vubd or qemu-storage-daemon"),
+    }
+}
+
+/// A command for the vubd binary under test.
+pub fn vubd_command() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vubd"))
+}
+
+fn vubd_args(disk: &Path, socket: &Path, config: &DaemonConfig) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--socket-path".into(),
+        socket.into(),
+        "--disk".into(),
+        disk.into(),
+    ];
+    if config.readonly {
+        args.push("--readonly".into());
+    }
+    if let Some(n) = config.num_queues {
+        args.extend(["--num-queues".into(), n.to_string().into()]);
+    }
+    args
+}
+
+fn qemu_storage_daemon_command(disk: &Path, socket: &Path, config: &DaemonConfig) -> Command {
+    fn qemu_path(path: &Path) -> String {
+        // QEMU option values escape a comma by doubling it.
+        path.to_str()
+            .expect("temporary paths are UTF-8")
+            .replace(',', ",,")
+    }
+    let read_only = if config.readonly { "on" } else { "off" };
+    // QEMU's `file` driver refuses block devices; `host_device` is the one for them.
+    let is_block_device = fs::metadata(disk).is_ok_and(|m| m.file_type().is_block_device());
+    let driver = if is_block_device {
+        "host_device"
+    } else {
+        "file"
+    };
+    let mut cmd = Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev").arg(format!(
+        "driver={driver},filename={},node-name=disk0,discard=unmap,read-only={read_only}",
+        qemu_path(disk)
+    ));
+    let mut export = format!(
+        "type=vhost-user-blk,id=export0,node-name=disk0,addr.type=unix,addr.path={},writable={}",
+        qemu_path(socket),
+        if config.readonly { "off" } else { "on" },
+    );
+    if let Some(n) = config.num_queues {
+        write!(export, ",num-queues={n}").expect("write to String");
+    }
+    cmd.arg("--export").arg(export);
+    cmd
+}
+
+/// A running backend serving one image on a socket in a private directory. Dropping it sends
+/// SIGTERM (SIGKILL if that is not enough); if the test is failing it prints the backend's
+/// output.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    name: String,
+    socket: PathBuf,
+    output: PathBuf,
+    /// Holds the socket (usually) and the output log; removed on drop.
+    dir: TempDir,
+}
+
+impl Daemon {
+    /// Starts the selected backend (vubd unless `VUBD_TEST_BACKEND` says otherwise) with default
+    /// settings.
+    pub fn start(image: &Image) -> Self {
+        Self::start_with(image, &DaemonConfig::default())
+    }
+
+    /// Starts the selected backend (vubd unless `VUBD_TEST_BACKEND` says otherwise).
+    pub fn start_with(image: &Image, config: &DaemonConfig) -> Self {
+        Self::start_disk(image.path(), config)
+    }
+
+    /// Starts the selected backend (vubd unless `VUBD_TEST_BACKEND` says otherwise) on `disk`,
+    /// a regular file or a block device.
+    pub fn start_disk(disk: &Path, config: &DaemonConfig) -> Self {
+        let dir = tempfile::tempdir().expect("create daemon directory");
+        let socket = dir.path().join("vhost-user-blk.sock");
+        match selected_backend() {
+            Backend::Vubd => {
+                let mut cmd = vubd_command();
+                cmd.args(vubd_args(disk, &socket, config));
+                Self::spawn(cmd, "vubd", dir, socket)
+            }
+            Backend::QemuStorageDaemon => {
+                let cmd = qemu_storage_daemon_command(disk, &socket, config);
+                Self::spawn(cmd, "qemu-storage-daemon", dir, socket)
+            }
+        }
+    }
+
+    /// Starts vubd (whatever `VUBD_TEST_BACKEND` says) with the usual arguments plus `extra`.
+    pub fn vubd(image: &Image, config: &DaemonConfig, extra: &[&OsStr]) -> Self {
+        Self::vubd_disk(image.path(), config, extra)
+    }
+
+    /// Starts vubd (whatever `VUBD_TEST_BACKEND` says) on `disk`, a regular file or a block
+    /// device, with the usual arguments plus `extra`.
+    pub fn vubd_disk(disk: &Path, config: &DaemonConfig, extra: &[&OsStr]) -> Self {
+        let dir = tempfile::tempdir().expect("create daemon directory");
+        let socket = dir.path().join("vhost-user-blk.sock");
+        let mut cmd = vubd_command();
+        cmd.args(vubd_args(disk, &socket, config)).args(extra);
+        Self::spawn(cmd, "vubd", dir, socket)
+    }
+
+    /// Starts vubd with exactly `args` and waits until it listens on `socket`.
+    pub fn vubd_with_args(args: &[&OsStr], socket: &Path) -> Self {
+        let dir = tempfile::tempdir().expect("create daemon directory");
+        let mut cmd = vubd_command();
+        cmd.args(args);
+        Self::spawn(cmd, "vubd", dir, socket.to_owned())
+    }
+
+    fn spawn(mut cmd: Command, name: &str, dir: TempDir, socket: PathBuf) -> Self {
+        let output = dir.path().join("output.log");
+        let log = File::create(&output).expect("create output log");
+        let log2 = log.try_clone().expect("clone output log");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let mut daemon = Self {
+            child,
+            name: name.to_owned(),
+            socket,
+            output,
+            dir,
+        };
+        daemon.wait_for_socket();
+        daemon
+    }
+
+    /// Waits until the backend listens on its socket: a connect between its bind(2), which
+    /// creates the socket file, and its listen(2) would be refused.
+    fn wait_for_socket(&mut self) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if socket_listening(&self.socket) {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().expect("poll daemon") {
+                panic!(
+                    "{} exited with {status} before listening on {}:\n{}",
+                    self.name,
+                    self.socket.display(),
+                    self.output()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not listen on {} within {TIMEOUT:?}",
+                self.name,
+                self.socket.display()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the backend wrote to stdout and stderr so far.
+    pub fn output(&self) -> String {
+        fs::read_to_string(&self.output).unwrap_or_else(|e| format!("<output unreadable: {e}>"))
+    }
+
+    /// Fails the test if the backend has exited.
+    #[track_caller]
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("poll daemon") {
+            panic!(
+                "{} exited unexpectedly with {status}:\n{}",
+                self.name,
+                self.output()
+            );
+        }
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the backend to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.assert_running();
+        send_signal(&self.child, libc::SIGTERM).expect("send SIGTERM");
+        wait_bounded(&mut self.child).unwrap_or_else(|| {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            panic!(
+                "{} still running {TIMEOUT:?} after SIGTERM:\n{}",
+                self.name,
+                self.output()
+            )
+        })
+    }
+
+    /// Connects a frontend with `num_queues` queues, failing the test on error.
+    pub fn connect(&self, num_queues: usize) -> Client {
+        self.connect_with(&ClientOptions::queues(num_queues))
+    }
+
+    /// Connects a frontend, failing the test on error.
+    pub fn connect_with(&self, options: &ClientOptions) -> Client {
+        self.try_connect(options).unwrap_or_else(|e| {
+            panic!(
+                "connect to {} with {options:?}: {e} ({})\n{} output:\n{}",
+                self.socket.display(),
+                e.errno(),
+                self.name,
+                self.output()
+            )
+        })
+    }
+
+    /// Connects a frontend and returns libblkio's error if that fails.
+    pub fn try_connect(&self, options: &ClientOptions) -> Result<Client, blkio::Error> {
+        Client::connect(&self.socket, options)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let stopped = send_signal(&self.child, libc::SIGTERM).is_ok()
+                && wait_bounded(&mut self.child).is_some();
+            if !stopped {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        if thread::panicking() {
+            eprintln!(
+                "---- {} output ----\n{}---- end of {} output ----",
+                self.name,
+                self.output(),
+                self.name
+            );
+        }
+    }
+}
+
+/// Whether `path` exists as a socket file.
+pub fn socket_exists(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// Whether a unix socket bound to `path` (as given to bind(2)) is listening, from
+/// `/proc/net/unix` (columns `Num RefCount Protocol Flags Type St Inode Path`; `Flags` has
+/// `__SO_ACCEPTCON` set once the socket listens). Connecting to find out would start a session
+/// with the backend.
+pub fn socket_listening(path: &Path) -> bool {
+    const SO_ACCEPTCON: u32 = 1 << 16;
+    let table =
+        fs::read_to_string("/proc/net/unix").unwrap_or_else(|e| panic!("read /proc/net/unix: {e}"));
+    let suffix = format!(" {}", path.display());
+    table.lines().skip(1).any(|line| {
+        line.ends_with(&suffix)
+            && line
+                .split_whitespace()
+                .nth(3)
+                .and_then(|flags| u32::from_str_radix(flags, 16).ok())
+                .is_some_and(|flags| flags & SO_ACCEPTCON != 0)
+    })
+}
+
+fn send_signal(child: &Child, signal: libc::c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+    // SAFETY: kill(2) has no memory-safety preconditions. `child` has not been reaped (callers
+    // check with try_wait first), so its pid cannot have been reused by another process.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Waits up to [`TIMEOUT`] for `child` to exit; `None` if it did not (or cannot be polled).
+pub fn wait_bounded(child: &mut Child) -> Option<ExitStatus> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// How a short-lived vubd run ended.
+#[derive(Debug)]
+pub struct Exit {
+    pub status: ExitStatus,
+    pub stderr: String,
+}
+
+/// Runs vubd with `args` and waits (bounded) for it to exit on its own; fails the test if it is
+/// still running after [`TIMEOUT`] (for a bad argument, that means it was accepted).
+pub fn run_vubd(args: &[&OsStr]) -> Exit {
+    run_vubd_with(vubd_command(), args)
+}
+
+/// Like [`run_vubd`], with a prepared command (for example one that drops privileges).
+pub fn run_vubd_with(mut cmd: Command, args: &[&OsStr]) -> Exit {
+    let dir = tempfile::tempdir().expect("create output directory");
+    let stderr_path = dir.path().join("stderr.log");
+    let stderr = File::create(&stderr_path).expect("create stderr log");
+    let mut child = cmd
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn vubd");
+    let status = wait_bounded(&mut child).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "vubd {args:?} still running after {TIMEOUT:?}; stderr:\n{}",
+            fs::read_to_string(&stderr_path).unwrap_or_default()
+        )
+    });
+    let stderr = fs::read_to_string(&stderr_path).expect("read stderr log");
+    Exit { status, stderr }
+}
