@@ -7,7 +7,10 @@
 use std::sync::Arc;
 
 use thiserror::Error;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 
 /// Guest memory as the vhost-user frontend shared it (no dirty bitmap).
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -18,6 +21,129 @@ pub type GuestMemoryAtomic = vm_memory::GuestMemoryAtomic<GuestMemory>;
 
 /// A counted reference that keeps one version of the guest memory map mapped.
 pub type MemSnapshot = Arc<GuestMemory>;
+
+/// The host addresses of one guest memory snapshot's regions, for translation on the data
+/// path without going through vm-memory's generic accessors. Built when the memory table
+/// changes; holds the snapshot, so its addresses stay mapped while the map exists.
+#[derive(Debug)]
+pub struct HostMap {
+    snapshot: MemSnapshot,
+    regions: Vec<HostRegion>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct HostRegion {
+    start: u64,
+    /// Exclusive.
+    end: u64,
+    host: usize,
+}
+
+// SAFETY: the raw addresses point into mappings owned by `snapshot`, which is Send + Sync;
+// the map only reads them or hands them out under the same contract as vm-memory's slices.
+unsafe impl Send for HostMap {}
+// SAFETY: as above; the map itself is immutable.
+unsafe impl Sync for HostMap {}
+
+impl HostMap {
+    /// Builds the map of `snapshot` (allocates: control path only).
+    pub fn new(snapshot: MemSnapshot) -> Self {
+        let regions = snapshot
+            .iter()
+            .filter_map(|r| {
+                let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+                Some(HostRegion {
+                    start: r.start_addr().0,
+                    end: r.start_addr().0.checked_add(r.len())?,
+                    host: host as usize,
+                })
+            })
+            .collect();
+        Self { snapshot, regions }
+    }
+
+    /// The snapshot the map was built from.
+    pub fn snapshot(&self) -> &MemSnapshot {
+        &self.snapshot
+    }
+
+    /// True when the map describes exactly `mem`.
+    pub fn is_of(&self, mem: &GuestMemory) -> bool {
+        std::ptr::eq(Arc::as_ptr(&self.snapshot), mem)
+    }
+
+    #[inline]
+    fn region(&self, addr: u64) -> Option<&HostRegion> {
+        self.regions
+            .iter()
+            .find(|r| addr >= r.start && addr < r.end)
+    }
+
+    /// Host address of `addr..addr + len` when the range lies inside one region.
+    #[inline]
+    pub fn host_range(&self, addr: u64, len: u64) -> Option<*mut u8> {
+        let r = self.region(addr)?;
+        let end = addr.checked_add(len)?;
+        if end > r.end {
+            return None;
+        }
+        Some((r.host + (addr - r.start) as usize) as *mut u8)
+    }
+
+    /// True when `addr` is guest memory.
+    #[inline]
+    pub fn contains(&self, addr: u64) -> bool {
+        self.region(addr).is_some()
+    }
+
+    /// Reads `buf.len()` bytes at `addr` (any alignment, across regions if need be).
+    #[inline]
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        match self.host_range(addr, buf.len() as u64) {
+            Some(p) => {
+                for (i, b) in buf.iter_mut().enumerate() {
+                    // SAFETY: `p..p + len` lies inside one mapping kept alive by `snapshot`
+                    // and `i < len`. Guest memory is shared with the guest: read volatile.
+                    *b = unsafe { p.add(i).read_volatile() };
+                }
+                true
+            }
+            None => self.snapshot.read_slice(buf, GuestAddress(addr)).is_ok(),
+        }
+    }
+
+    /// Reads 16 little-endian bytes at `addr`: two aligned volatile loads in the common case.
+    #[inline]
+    pub fn read16(&self, addr: u64) -> Option<[u8; 16]> {
+        if addr % 8 == 0 {
+            if let Some(p) = self.host_range(addr, 16) {
+                let p = p.cast::<u64>();
+                // SAFETY: 16 bytes inside one live mapping, 8-byte aligned (checked above, and
+                // mappings are page aligned); volatile because the guest shares the memory.
+                let (a, b) = unsafe { (p.read_volatile(), p.add(1).read_volatile()) };
+                let mut out = [0u8; 16];
+                out[..8].copy_from_slice(&a.to_ne_bytes());
+                out[8..].copy_from_slice(&b.to_ne_bytes());
+                return Some(out);
+            }
+        }
+        let mut out = [0u8; 16];
+        self.read(addr, &mut out).then_some(out)
+    }
+
+    /// Writes one byte at `addr`.
+    #[inline]
+    pub fn write_u8(&self, addr: u64, value: u8) -> bool {
+        match self.host_range(addr, 1) {
+            Some(p) => {
+                // SAFETY: one byte inside a live mapping; volatile as the guest shares it.
+                unsafe { p.write_volatile(value) };
+                true
+            }
+            None => false,
+        }
+    }
+}
 
 /// Why a guest buffer could not be translated.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -82,6 +208,25 @@ impl IovecList {
     /// Total bytes covered by the entries.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Appends the host address of guest range `addr..addr+len`: one iovec when it lies in one
+    /// region (the common case, through `map`), else one per region crossed.
+    #[inline]
+    pub fn push(&mut self, map: &HostMap, addr: u64, len: u32) -> Result<(), MemError> {
+        match map.host_range(addr, u64::from(len)) {
+            Some(p) if self.len < self.iov.len() => {
+                self.iov[self.len] = libc::iovec {
+                    iov_base: p.cast(),
+                    iov_len: len as usize,
+                };
+                self.len += 1;
+                self.bytes += u64::from(len);
+                Ok(())
+            }
+            Some(_) => Err(MemError::TooManyIovecs(self.iov.len())),
+            None => self.push_guest(map.snapshot(), GuestAddress(addr), len),
+        }
     }
 
     /// Appends the host addresses of guest range `addr..addr+len`, split where it crosses
@@ -221,6 +366,46 @@ mod tests {
             .unwrap_err();
         assert_eq!(err, MemError::TooManyIovecs(1));
         assert!(list.is_empty());
+    }
+
+    #[test]
+    fn host_map_translates_like_vm_memory() {
+        let mem = Arc::new(two_regions());
+        let map = HostMap::new(mem.clone());
+        assert!(map.is_of(&mem));
+        for addr in [0x1000u64, 0x1abc, 0x1fff, 0x2000, 0x2fff] {
+            let want = mem.get_host_address(GuestAddress(addr)).expect("mapped");
+            assert_eq!(map.host_range(addr, 1), Some(want));
+        }
+        assert_eq!(map.host_range(0x1f00, 0x200), None, "crosses regions");
+        assert_eq!(map.host_range(0x3000, 1), None, "hole");
+        assert_eq!(map.host_range(u64::MAX, 2), None, "overflow");
+        assert!(!map.contains(0xfff));
+    }
+
+    #[test]
+    fn host_map_reads_and_writes_guest_bytes() {
+        let mem = Arc::new(two_regions());
+        let map = HostMap::new(mem.clone());
+        let bytes: Vec<u8> = (0u8..32).collect();
+        mem.write_slice(&bytes, GuestAddress(0x1ff0))
+            .expect("write");
+        assert_eq!(map.read16(0x1ff0).expect("aligned"), bytes[..16]);
+        assert_eq!(map.read16(0x1ff8).expect("across regions"), bytes[8..24]);
+        assert_eq!(map.read16(0x1ff1).expect("unaligned"), bytes[1..17]);
+        assert!(map.read16(0x2ff8).is_none());
+        assert!(map.write_u8(0x2001, 0xaa));
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0x2001)).expect("read"),
+            0xaa
+        );
+        let mut list = IovecList::with_capacity(4);
+        list.push(&map, 0x1f00, 0x200)
+            .expect("split by the slow path");
+        assert_eq!(list.len(), 2);
+        list.push(&map, 0x1000, 0x10).expect("fast path");
+        assert_eq!(list.len(), 3);
+        assert_eq!(list.bytes(), 0x210);
     }
 
     #[test]

@@ -220,7 +220,8 @@ impl PollerSet {
     }
 }
 
-fn pin_current_thread(cpu: usize) -> io::Result<()> {
+/// Pins the calling thread to one CPU.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write inside it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a live cpu_set_t; `cpu` was validated against CPU_SETSIZE by the config.

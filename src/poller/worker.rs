@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use tracing::{debug, error, info, warn};
 use vhost_user_backend::{VringState, VringT};
-use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -21,9 +20,10 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::slots::{SlotTable, Tag};
 use super::{Command, DeviceKey, DeviceShared, PollMode, QueueAttach, Shared, Vring};
 use crate::bdev::{BlockDevice, Channel, IoChannel, IoOp};
-use crate::mem::{GuestMemoryAtomic, MemSnapshot};
+use crate::mem::{GuestMemoryAtomic, HostMap, MemSnapshot};
 use crate::virtio_blk::{
-    MAX_RANGE_SEGMENTS, MAX_SEGMENTS, Parsed, RequestKind, SECTOR_SHIFT, Status, parse,
+    Desc, DescTable, MAX_RANGE_SEGMENTS, MAX_SEGMENTS, Parsed, RequestKind, SECTOR_SHIFT, Status,
+    parse,
 };
 
 /// Most completions reaped from one channel before they are published.
@@ -38,6 +38,8 @@ struct Device {
     key: DeviceKey,
     shared: Arc<DeviceShared>,
     mem: GuestMemoryAtomic,
+    /// Host addresses of the current guest memory map (rebuilt when the map changes).
+    map: HostMap,
     channel: Channel,
     queues: usize,
 }
@@ -69,7 +71,7 @@ pub(super) struct Worker {
     queues: Vec<Option<QueueSlot>>,
     slots: SlotTable,
     /// Parser scratch: its capacity bounds the descriptors of one chain.
-    descs: Vec<Descriptor>,
+    descs: Vec<Desc>,
     /// Tags finished in the current reap.
     done: Vec<Tag>,
     commands: Vec<Command>,
@@ -208,6 +210,7 @@ impl Worker {
                 self.devices[i] = Some(Device {
                     key: a.device,
                     shared: a.shared.clone(),
+                    map: HostMap::new(a.mem.memory().into_inner()),
                     mem: a.mem.clone(),
                     channel,
                     queues: 0,
@@ -333,7 +336,16 @@ impl Worker {
         // Load the memory map only now: a frontend adds a region (ADD_MEM_REG, acknowledged
         // after the map is replaced) before it publishes requests that use it, so the map
         // read after the avail index always covers what that index announces.
-        let snapshot: MemSnapshot = dev.mem.memory().into_inner();
+        let guard = dev.mem.memory();
+        if !dev.map.is_of(&guard) {
+            dev.map = HostMap::new(guard.into_inner());
+        }
+        let table = DescTable {
+            addr: queue.desc_table(),
+            size: queue.size(),
+        };
+        let map = &dev.map;
+        let snapshot = map.snapshot();
         let mut popped = 0;
         let mut dirty = false;
         loop {
@@ -341,18 +353,29 @@ impl Worker {
                 // Retried on the next iteration, once completions have freed room.
                 break;
             }
-            let Some(chain) = queue.pop_descriptor_chain(&*snapshot) else {
+            let Some(head) = queue
+                .pop_descriptor_chain(&**snapshot)
+                .map(|c| c.head_index())
+            else {
                 break;
             };
             let Some(tag) = slots.alloc() else {
                 break;
             };
             popped += 1;
-            match parse(chain, &dev.shared.limits, descs, slots.iov_mut(tag)) {
-                Ok(p) => match start(dev, slots, qi, tag, p, &snapshot) {
+            let parsed = parse(
+                map,
+                table,
+                head,
+                &dev.shared.limits,
+                descs,
+                slots.iov_mut(tag),
+            );
+            match parsed {
+                Ok(p) => match start(&dev.shared, &mut dev.channel, slots, qi, tag, p, snapshot) {
                     Some((head, c)) => {
                         slots.free(tag);
-                        publish(queue, &snapshot, head, c);
+                        publish(queue, map, snapshot, head, c);
                         dirty = true;
                     }
                     None => q.in_flight += 1,
@@ -363,18 +386,18 @@ impl Worker {
                     let len = match rej.status {
                         Some(addr) => {
                             // The address was checked by the parser.
-                            let _ = snapshot.write_obj(rej.error.status() as u8, addr);
+                            map.write_u8(addr.0, rej.error.status() as u8);
                             1
                         }
                         None => 0,
                     };
-                    add_used(queue, &snapshot, rej.head, len);
+                    add_used(queue, snapshot, rej.head, len);
                     dirty = true;
                 }
             }
         }
         if dirty {
-            notify(&mut state, &snapshot);
+            notify(&mut state, snapshot);
         }
         popped
     }
@@ -418,6 +441,9 @@ impl Worker {
                 }
                 continue;
             };
+            let Some(dev) = self.devices[q.device].as_ref() else {
+                continue;
+            };
             let mut state = q.vring.get_mut();
             let mut last_mem = None;
             for &tag in &self.done[i..] {
@@ -429,7 +455,7 @@ impl Worker {
                 let Some(mem) = self.slots.release(tag) else {
                     continue;
                 };
-                publish(state.get_queue_mut(), &mem, head, c);
+                publish(state.get_queue_mut(), &dev.map, &mem, head, c);
                 q.in_flight = q.in_flight.saturating_sub(1);
                 last_mem = Some(mem);
             }
@@ -506,7 +532,8 @@ fn free_index<T>(v: &mut Vec<Option<T>>) -> usize {
 /// Starts a parsed request on the device's channel. Returns `Some((head, completion))` when
 /// it completed at once.
 fn start(
-    dev: &mut Device,
+    shared: &DeviceShared,
+    channel: &mut Channel,
     slots: &mut SlotTable,
     qi: usize,
     tag: Tag,
@@ -528,7 +555,7 @@ fn start(
         RequestKind::GetId => {
             let iov = slots.iov_mut(tag);
             // SAFETY: the iovecs were translated from `snapshot`, which is alive here.
-            let n = unsafe { iov.copy_from(&dev.shared.serial) };
+            let n = unsafe { iov.copy_from(&shared.serial) };
             return immediate(Status::Ok, n as u32 + 1);
         }
         RequestKind::Read { .. } | RequestKind::Write { .. } if req.data_len == 0 => {
@@ -550,8 +577,7 @@ fn start(
         expect,
         snapshot.clone(),
     );
-    let fua = !dev.shared.writeback.load(Ordering::Relaxed);
-    let channel = &mut dev.channel;
+    let fua = !shared.writeback.load(Ordering::Relaxed);
     let iov = slots.iov(tag);
     let mut pending = 0u32;
     let mut failed = false;
@@ -614,14 +640,15 @@ fn start(
     None
 }
 
-/// Writes the status byte and puts the chain on the used ring.
-fn publish(queue: &mut Queue, mem: &MemSnapshot, head: u16, c: Completion) {
-    let len = if mem.write_obj(c.status as u8, c.status_addr).is_ok() {
-        c.used_len
+/// Writes the status byte (through `map` when the request ran with the map's snapshot) and
+/// puts the chain on the used ring.
+fn publish(queue: &mut Queue, map: &HostMap, mem: &MemSnapshot, head: u16, c: Completion) {
+    let written = if map.is_of(mem) {
+        map.write_u8(c.status_addr.0, c.status as u8)
     } else {
-        0
+        mem.write_obj(c.status as u8, c.status_addr).is_ok()
     };
-    add_used(queue, mem, head, len);
+    add_used(queue, mem, head, if written { c.used_len } else { 0 });
 }
 
 fn add_used(queue: &mut Queue, mem: &MemSnapshot, head: u16, len: u32) {

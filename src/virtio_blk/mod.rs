@@ -1,9 +1,11 @@
 //! The virtio-blk device model (virtio 1.2 §5.2): feature bits, the configuration space, and
 //! the pure request codec that turns a descriptor chain into a validated request.
 
+pub mod chain;
 pub mod config;
 pub mod request;
 
+pub use chain::{Desc, DescTable};
 pub use config::{BlkConfig, CONFIG_SPACE_SIZE};
 pub use request::{Parsed, Range, RangeList, Rejected, Request, RequestError, RequestKind, parse};
 

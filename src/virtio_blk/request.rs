@@ -8,15 +8,14 @@
 //! data, however the driver split it into descriptors.
 
 use thiserror::Error;
-use virtio_queue::DescriptorChain;
-use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestAddress;
 
+use super::chain::{Desc, DescTable, walk};
 use super::{
     HEADER_LEN, MAX_RANGE_SEGMENTS, RANGE_SEGMENT_LEN, SECTOR_SHIFT, SECTOR_SIZE, Status,
     WRITE_ZEROES_FLAG_UNMAP, req_type,
 };
-use crate::mem::{GuestMemory, IovecList, MemError};
+use crate::mem::{HostMap, IovecList, MemError};
 
 /// What the parser checks requests against.
 #[derive(Clone, Copy, Debug)]
@@ -152,44 +151,31 @@ impl RequestError {
     }
 }
 
-/// Parses and validates one chain. `descs` is scratch storage whose capacity bounds the chain
-/// length accepted (it is cleared, never grown); `iov` receives the data buffers.
+/// Parses and validates the chain at `head` of `table`. `descs` is scratch storage whose
+/// capacity bounds the chain length accepted (it is cleared, never grown); `iov` receives the
+/// data buffers, as host addresses from `map`.
 pub fn parse(
-    chain: DescriptorChain<&GuestMemory>,
+    map: &HostMap,
+    table: DescTable,
+    head: u16,
     limits: &Limits,
-    descs: &mut Vec<Descriptor>,
+    descs: &mut Vec<Desc>,
     iov: &mut IovecList,
 ) -> Result<Parsed, Rejected> {
-    let head = chain.head_index();
-    let mem = chain.memory();
-    descs.clear();
     iov.clear();
-
-    // Collect the chain; keep counting past capacity so the status byte is still found.
-    let mut overflow = false;
-    let mut last = None;
-    for d in chain.clone() {
-        if descs.len() < descs.capacity() {
-            descs.push(d);
-        } else {
-            overflow = true;
-        }
-        last = Some(d);
-    }
     let reject = |status, error| Rejected {
         head,
         status,
         error,
     };
-    // The chain iterator stops silently on a `next` outside the queue, a loop, a bad
-    // indirect table or a chain over 4 GiB: a last descriptor that still has NEXT set means
-    // the driver's chain was not followed to its end, and its status byte is unknown.
-    let Some(last) = last.filter(|d| !d.has_next()) else {
+    // A chain that cannot be followed to its end has no known status byte.
+    let Ok(walk) = walk(map, table, head, descs) else {
         return Err(reject(None, RequestError::EmptyChain));
     };
-    let status = status_address(mem, &last).ok_or(reject(None, RequestError::MissingStatus))?;
+    let status =
+        status_address(map, &walk.last).ok_or(reject(None, RequestError::MissingStatus))?;
     let rej = |error| reject(Some(status), error);
-    if overflow {
+    if walk.overflow {
         return Err(rej(RequestError::TooManySegments {
             max: limits.seg_max,
         }));
@@ -205,7 +191,7 @@ pub fn parse(
     if descs[..n_readable].iter().any(|d| d.is_write_only()) {
         return Err(rej(RequestError::ReadableAfterWritable));
     }
-    let header = read_header(mem, &descs[..n_readable]).map_err(rej)?;
+    let header = read_header(map, &descs[..n_readable]).map_err(rej)?;
     let rtype = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let sector = u64::from_le_bytes([
         header[8], header[9], header[10], header[11], header[12], header[13], header[14],
@@ -246,9 +232,9 @@ pub fn parse(
             }
             check_range(sector, len >> SECTOR_SHIFT, limits.capacity_sectors).map_err(rej)?;
             let pushed = if write {
-                data.push_readable(mem, iov)
+                data.push_readable(map, iov)
             } else {
-                data.push_writable(mem, iov)
+                data.push_writable(map, iov)
             };
             pushed.map_err(RequestError::Memory).map_err(rej)?;
             let kind = if write {
@@ -272,7 +258,7 @@ pub fn parse(
             if data.readable_len() != 0 || data.writable_len() < 2 {
                 return Err(rej(RequestError::WrongDirection));
             }
-            data.push_writable(mem, iov)
+            data.push_writable(map, iov)
                 .map_err(RequestError::Memory)
                 .map_err(rej)?;
             let len = u32::try_from(iov.bytes()).unwrap_or(u32::MAX);
@@ -298,7 +284,7 @@ pub fn parse(
                 return Err(rej(RequestError::WrongDirection));
             }
             let ranges =
-                read_ranges(mem, &data, discard, max, limits.capacity_sectors).map_err(rej)?;
+                read_ranges(map, &data, discard, max, limits.capacity_sectors).map_err(rej)?;
             Request {
                 kind: if discard {
                     RequestKind::Discard(ranges)
@@ -318,21 +304,25 @@ pub fn parse(
 }
 
 /// The 16-byte header from the start of the readable descriptors, however it is split.
-fn read_header(mem: &GuestMemory, readable: &[Descriptor]) -> Result<[u8; 16], RequestError> {
+fn read_header(map: &HostMap, readable: &[Desc]) -> Result<[u8; 16], RequestError> {
+    let oob = |d: &Desc, len| RequestError::Memory(MemError::OutOfRange { addr: d.addr, len });
+    match readable.first() {
+        None => return Err(RequestError::ShortHeader),
+        Some(d) if d.len >= HEADER_LEN => {
+            return map.read16(d.addr).ok_or_else(|| oob(d, HEADER_LEN));
+        }
+        Some(_) => {}
+    }
     let mut header = [0u8; HEADER_LEN as usize];
     let mut at = 0usize;
     for d in readable {
         if at == header.len() {
             break;
         }
-        let n = (d.len() as usize).min(header.len() - at);
-        mem.read_slice(&mut header[at..at + n], d.addr())
-            .map_err(|_| {
-                RequestError::Memory(MemError::OutOfRange {
-                    addr: d.addr().0,
-                    len: n as u32,
-                })
-            })?;
+        let n = (d.len as usize).min(header.len() - at);
+        if !map.read(d.addr, &mut header[at..at + n]) {
+            return Err(oob(d, n as u32));
+        }
         at += n;
     }
     if at < header.len() {
@@ -342,12 +332,12 @@ fn read_header(mem: &GuestMemory, readable: &[Descriptor]) -> Result<[u8; 16], R
 }
 
 /// The last byte of the last descriptor, if it is device-writable and inside guest memory.
-fn status_address(mem: &GuestMemory, last: &Descriptor) -> Option<GuestAddress> {
-    if !last.is_write_only() || last.len() == 0 {
+fn status_address(map: &HostMap, last: &Desc) -> Option<GuestAddress> {
+    if !last.is_write_only() || last.len == 0 {
         return None;
     }
-    let addr = last.addr().checked_add(u64::from(last.len()) - 1)?;
-    mem.check_address(addr)
+    let addr = last.addr.checked_add(u64::from(last.len) - 1)?;
+    map.contains(addr).then_some(GuestAddress(addr))
 }
 
 fn check_range(sector: u64, sectors: u64, capacity: u64) -> Result<(), RequestError> {
@@ -364,28 +354,29 @@ fn check_range(sector: u64, sectors: u64, capacity: u64) -> Result<(), RequestEr
 /// The data part of a chain: readable bytes after the header, writable bytes before the
 /// status byte.
 struct Payload<'a> {
-    descs: &'a [Descriptor],
+    descs: &'a [Desc],
     n_readable: usize,
 }
 
 impl Payload<'_> {
     /// (address, length) of readable data pieces, header bytes removed.
-    fn readable(&self) -> impl Iterator<Item = (GuestAddress, u32)> + '_ {
+    fn readable(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
         let mut skip = HEADER_LEN;
         self.descs[..self.n_readable].iter().filter_map(move |d| {
-            let cut = skip.min(d.len());
+            let cut = skip.min(d.len);
             skip -= cut;
-            (d.len() > cut).then(|| (d.addr().unchecked_add(u64::from(cut)), d.len() - cut))
+            // The walk bounded the chain below 4 GiB, not each address: wrap like the guest.
+            (d.len > cut).then(|| (d.addr.wrapping_add(u64::from(cut)), d.len - cut))
         })
     }
 
     /// (address, length) of writable data pieces, status byte removed.
-    fn writable(&self) -> impl Iterator<Item = (GuestAddress, u32)> + '_ {
+    fn writable(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
         let w = &self.descs[self.n_readable..];
         let last = w.len().saturating_sub(1);
         w.iter().enumerate().filter_map(move |(i, d)| {
-            let len = if i == last { d.len() - 1 } else { d.len() };
-            (len > 0).then_some((d.addr(), len))
+            let len = if i == last { d.len - 1 } else { d.len };
+            (len > 0).then_some((d.addr, len))
         })
     }
 
@@ -397,7 +388,7 @@ impl Payload<'_> {
     fn writable_len(&self) -> u64 {
         self.descs[self.n_readable..]
             .iter()
-            .map(|d| u64::from(d.len()))
+            .map(|d| u64::from(d.len))
             .sum()
     }
 
@@ -409,21 +400,19 @@ impl Payload<'_> {
         self.writable().count()
     }
 
-    fn push_readable(&self, mem: &GuestMemory, iov: &mut IovecList) -> Result<(), MemError> {
-        self.readable()
-            .try_for_each(|(a, l)| iov.push_guest(mem, a, l))
+    fn push_readable(&self, map: &HostMap, iov: &mut IovecList) -> Result<(), MemError> {
+        self.readable().try_for_each(|(a, l)| iov.push(map, a, l))
     }
 
-    fn push_writable(&self, mem: &GuestMemory, iov: &mut IovecList) -> Result<(), MemError> {
-        self.writable()
-            .try_for_each(|(a, l)| iov.push_guest(mem, a, l))
+    fn push_writable(&self, map: &HostMap, iov: &mut IovecList) -> Result<(), MemError> {
+        self.writable().try_for_each(|(a, l)| iov.push(map, a, l))
     }
 }
 
 /// Reads the `struct virtio_blk_discard_write_zeroes` segments of a discard / write-zeroes
 /// request (virtio 1.2 §5.2.6), validating each against the limits and the capacity.
 fn read_ranges(
-    mem: &GuestMemory,
+    map: &HostMap,
     data: &Payload<'_>,
     discard: bool,
     max_sectors: u32,
@@ -443,8 +432,9 @@ fn read_ranges(
     let mut at = 0usize;
     for (addr, len) in data.readable() {
         let dst = &mut raw[at..at + len as usize];
-        mem.read_slice(dst, addr)
-            .map_err(|_| RequestError::Memory(MemError::OutOfRange { addr: addr.0, len }))?;
+        if !map.read(addr, dst) {
+            return Err(RequestError::Memory(MemError::OutOfRange { addr, len }));
+        }
         at += len as usize;
     }
     let mut list = RangeList::default();

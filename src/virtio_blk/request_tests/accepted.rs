@@ -157,10 +157,26 @@ fn parsed_and_rejected_requests_carry_the_chain_head_index() {
     let mut chains = queue.iter(&b.mem).expect("iter");
     let (mut scratch, mut iov) = (Vec::with_capacity(8), IovecList::with_capacity(8));
     let first = chains.next().expect("chain 1");
-    let p = parse(first, &b.lim, &mut scratch, &mut iov).expect("accepted");
+    let p = parse_in(
+        &b.mem,
+        &q,
+        first.head_index(),
+        &b.lim,
+        &mut scratch,
+        &mut iov,
+    )
+    .expect("accepted");
     assert_eq!(p.head, 5);
     let second = chains.next().expect("chain 2");
-    let rej = parse(second, &b.lim, &mut scratch, &mut iov).expect_err("rejected");
+    let rej = parse_in(
+        &b.mem,
+        &q,
+        second.head_index(),
+        &b.lim,
+        &mut scratch,
+        &mut iov,
+    )
+    .expect_err("rejected");
     assert_eq!((rej.head, rej.error), (9, E::Unsupported(77)));
 }
 
@@ -171,11 +187,27 @@ fn reused_scratch_and_iovec_list_are_cleared_between_parses() {
     let (mut scratch, mut iov) = (Vec::with_capacity(8), IovecList::with_capacity(8));
     b.put(HDR, &header_bytes(IN, 0));
     let c = q.build_desc_chain(&[r(HDR, 16), w(DATA, 512), w(DATA2, 512), st()]);
-    parse(c.expect("chain"), &b.lim, &mut scratch, &mut iov).expect("first");
+    parse_in(
+        &b.mem,
+        &q,
+        c.expect("chain").head_index(),
+        &b.lim,
+        &mut scratch,
+        &mut iov,
+    )
+    .expect("first");
     assert_eq!(iov.len(), 2);
     b.put(HDR2, &header_bytes(OUT, 0));
     let c = q.build_desc_chain(&[r(HDR2, 16), r(DATA3, 512), st()]);
-    let p = parse(c.expect("chain"), &b.lim, &mut scratch, &mut iov).expect("second");
+    let p = parse_in(
+        &b.mem,
+        &q,
+        c.expect("chain").head_index(),
+        &b.lim,
+        &mut scratch,
+        &mut iov,
+    )
+    .expect("second");
     assert_eq!(p.request.kind, K::Write { sector: 0 });
     assert_iov_covers(&b.mem, &iov, &[(DATA3, 512)]);
     assert_eq!(scratch.capacity(), 8, "scratch must never grow");

@@ -6,11 +6,14 @@ use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::*;
+use crate::mem::GuestMemory;
+use crate::virtio_blk::chain::DescTable;
 use crate::virtio_blk::req_type::{DISCARD, FLUSH, GET_ID, IN, OUT, WRITE_ZEROES};
 use crate::virtio_blk::{HEADER_LEN, MAX_RANGE_SEGMENTS, Status, WRITE_ZEROES_FLAG_UNMAP};
 use RequestError as E;
@@ -116,12 +119,34 @@ fn parse_with(
     cap: (usize, usize),
 ) -> Outcome {
     let q = MockSplitQueue::new(mem, QUEUE_SIZE);
-    let chain = q.build_desc_chain(c).expect("build chain");
+    let head = q.build_desc_chain(c).expect("build chain").head_index();
+    let map = HostMap::new(std::sync::Arc::new(mem.clone()));
+    let table = DescTable {
+        addr: q.desc_table_addr().0,
+        size: QUEUE_SIZE,
+    };
     let mut scratch = Vec::with_capacity(cap.0);
     let mut iov = IovecList::with_capacity(cap.1);
-    let res = parse(chain, lim, &mut scratch, &mut iov);
+    let res = parse(&map, table, head, lim, &mut scratch, &mut iov);
     assert!(scratch.capacity() >= cap.0, "scratch shrunk");
     (res, iov)
+}
+
+/// Parses the chain at `head` of the mock queue `q` in `mem`.
+fn parse_in(
+    mem: &GuestMemory,
+    q: &MockSplitQueue<'_, GuestMemory>,
+    head: u16,
+    lim: &Limits,
+    scratch: &mut Vec<crate::virtio_blk::Desc>,
+    iov: &mut IovecList,
+) -> Result<Parsed, Rejected> {
+    let map = HostMap::new(std::sync::Arc::new(mem.clone()));
+    let table = DescTable {
+        addr: q.desc_table_addr().0,
+        size: QUEUE_SIZE,
+    };
+    parse(&map, table, head, lim, scratch, iov)
 }
 
 /// Asserts the iovecs cover exactly the guest bytes of `pieces` `(addr, len)`, in order, by

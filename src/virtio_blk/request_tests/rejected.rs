@@ -25,7 +25,14 @@ fn chain_cut_short_by_a_bad_next_index_or_a_loop_is_rejected_without_status() {
         let q = MockSplitQueue::new(&b.mem, QUEUE_SIZE);
         let chain = q.build_multiple_desc_chains(descs).expect("chain");
         let (mut scratch, mut iov) = (Vec::with_capacity(32), IovecList::with_capacity(64));
-        let res = parse(chain, &b.lim, &mut scratch, &mut iov);
+        let res = parse_in(
+            &b.mem,
+            &q,
+            chain.head_index(),
+            &b.lim,
+            &mut scratch,
+            &mut iov,
+        );
         assert_rejected(res, (E::EmptyChain, Status::IoErr, None));
     }
 }
