@@ -5,7 +5,7 @@
 //! none), each device channel gets at most one submit, and completions are reaped in bounded
 //! batches and published with one guest notification per queue.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::SyncSender;
@@ -32,6 +32,8 @@ const REAP_BATCH: usize = 256;
 const IOV_PER_SLOT: usize = MAX_SEGMENTS as usize + 8;
 /// Epoll data of the wake eventfd; device channels use their index.
 const WAKE_EVENT: u64 = u64::MAX;
+/// Epoll data of the queues' kick eventfds.
+const KICK_EVENT: u64 = u64::MAX - 1;
 
 /// A device with at least one queue on this poller.
 struct Device {
@@ -54,6 +56,10 @@ struct QueueSlot {
     in_flight: u32,
     /// Set by a detach request: stop popping, acknowledge once `in_flight` is zero.
     detach: Option<SyncSender<()>>,
+    /// This poller's own reference to the queue's kick eventfd, watched edge-triggered (and
+    /// never read) while the poller sleeps, so that a kick wakes it directly; the relay thread
+    /// reads the counter and wakes the poller itself if it got there first.
+    kick: Option<OwnedFd>,
 }
 
 /// How a request ends.
@@ -234,6 +240,17 @@ impl Worker {
             self.slots.grow(want - self.slots.capacity());
             self.done.reserve(want.saturating_sub(self.done.capacity()));
         }
+        let kick = a.vring.get_ref().get_kick().as_ref().and_then(|k| {
+            // SAFETY: the kick eventfd stays open while the vring state that owns it is
+            // borrowed here; it is only duplicated.
+            let fd = unsafe { BorrowedFd::borrow_raw(k.as_raw_fd()) };
+            let own = fd.try_clone_to_owned().ok()?;
+            let ev = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, KICK_EVENT);
+            self.epoll
+                .ctl(ControlOperation::Add, own.as_raw_fd(), ev)
+                .ok()
+                .map(|()| own)
+        });
         let q = free_index(&mut self.queues);
         info!(queue = a.queue, poller_queue = q, "queue attached");
         self.queues[q] = Some(QueueSlot {
@@ -243,6 +260,7 @@ impl Worker {
             reserve,
             in_flight: 0,
             detach: None,
+            kick,
         });
         self.set_notifications(q, false);
     }
@@ -260,6 +278,12 @@ impl Worker {
                 continue;
             };
             info!(queue = q.index, "queue detached");
+            if let Some(kick) = &q.kick {
+                let ev = EpollEvent::new(EventSet::IN, KICK_EVENT);
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, kick.as_raw_fd(), ev);
+            }
             let last = match self.devices[q.device].as_mut() {
                 Some(d) => {
                     d.queues -= 1;
