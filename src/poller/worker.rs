@@ -5,6 +5,7 @@
 //! none), each device channel gets at most one submit, and completions are reaped in bounded
 //! batches and published with one guest notification per queue.
 
+use std::num::Wrapping;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,6 +22,7 @@ use super::slots::{SlotTable, Tag};
 use super::{Command, DeviceKey, DeviceShared, PollMode, QueueAttach, Shared, Vring};
 use crate::bdev::{BlockDevice, Channel, IoChannel, IoOp};
 use crate::mem::{GuestMemoryAtomic, HostMap, MemSnapshot};
+use crate::virtio_blk::ring::SplitRing;
 use crate::virtio_blk::{
     Desc, DescTable, MAX_RANGE_SEGMENTS, MAX_SEGMENTS, Parsed, RequestKind, SECTOR_SHIFT, Status,
     parse,
@@ -42,6 +44,8 @@ struct Device {
     mem: GuestMemoryAtomic,
     /// Host addresses of the current guest memory map (rebuilt when the map changes).
     map: HostMap,
+    /// Incremented whenever `map` is rebuilt: ring pointers of an older one are stale.
+    map_gen: u64,
     channel: Channel,
     queues: usize,
 }
@@ -60,6 +64,8 @@ struct QueueSlot {
     /// never read) while the poller sleeps, so that a kick wakes it directly; the relay thread
     /// reads the counter and wakes the poller itself if it got there first.
     kick: Option<OwnedFd>,
+    /// Host pointers to the rings, with the `map_gen` they were translated under.
+    ring: Option<(u64, SplitRing)>,
 }
 
 /// How a request ends.
@@ -217,6 +223,7 @@ impl Worker {
                     key: a.device,
                     shared: a.shared.clone(),
                     map: HostMap::new(a.mem.memory().into_inner()),
+                    map_gen: 0,
                     mem: a.mem.clone(),
                     channel,
                     queues: 0,
@@ -261,6 +268,7 @@ impl Worker {
             in_flight: 0,
             detach: None,
             kick,
+            ring: None,
         });
         self.set_notifications(q, false);
     }
@@ -345,24 +353,40 @@ impl Worker {
         let Some(dev) = devices[q.device].as_mut() else {
             return 0;
         };
-        let guard = dev.mem.memory();
         let mut state = q.vring.get_mut();
         let queue = state.get_queue_mut();
         if !queue.ready() {
             return 0;
         }
-        // The common idle case: nothing new, no snapshot taken, no lock beyond the vring's.
-        match queue.avail_idx(&*guard, Ordering::Acquire) {
-            Ok(idx) if idx.0 != queue.next_avail() => {}
-            _ => return 0,
+        let Some(mut ring) = fresh_ring(&mut q.ring, dev, queue) else {
+            return 0;
+        };
+        // The common idle case: nothing new, nothing loaded, no syscall.
+        let mut next = Wrapping(queue.next_avail());
+        let avail = ring.avail_idx();
+        if avail == next {
+            return 0;
         }
-        drop(guard);
         // Load the memory map only now: a frontend adds a region (ADD_MEM_REG, acknowledged
         // after the map is replaced) before it publishes requests that use it, so the map
         // read after the avail index always covers what that index announces.
-        let guard = dev.mem.memory();
-        if !dev.map.is_of(&guard) {
-            dev.map = HostMap::new(guard.into_inner());
+        if !dev.map.is_of(&dev.mem.memory()) {
+            dev.map = HostMap::new(dev.mem.memory().into_inner());
+            dev.map_gen += 1;
+            match fresh_ring(&mut q.ring, dev, queue) {
+                Some(r) => ring = r,
+                None => return 0,
+            }
+        }
+        if (avail - next).0 > ring.size() {
+            // virtio 1.2 §2.7.6: the driver never makes more than a ring's worth available.
+            warn!(
+                queue = q.index,
+                avail = avail.0,
+                next = next.0,
+                "avail index out of range; queue ignored"
+            );
+            return 0;
         }
         let table = DescTable {
             addr: queue.desc_table(),
@@ -370,23 +394,27 @@ impl Worker {
         };
         let map = &dev.map;
         let snapshot = map.snapshot();
+        let old_used = Wrapping(queue.next_used());
+        let mut used = old_used;
         let mut popped = 0;
-        let mut dirty = false;
-        loop {
+        while next != avail {
             if slots.is_full() || !dev.channel.has_room() {
                 // Retried on the next iteration, once completions have freed room.
                 break;
             }
-            let Some(head) = queue
-                .pop_descriptor_chain(&**snapshot)
-                .map(|c| c.head_index())
-            else {
-                break;
-            };
+            let head = ring.avail_head(next);
+            next += 1;
+            popped += 1;
+            if head >= table.size {
+                warn!(
+                    queue = q.index,
+                    head, "avail entry names no descriptor; skipped"
+                );
+                continue;
+            }
             let Some(tag) = slots.alloc() else {
                 break;
             };
-            popped += 1;
             let parsed = parse(
                 map,
                 table,
@@ -395,33 +423,39 @@ impl Worker {
                 descs,
                 slots.iov_mut(tag),
             );
-            match parsed {
+            let done = match parsed {
                 Ok(p) => match start(&dev.shared, &mut dev.channel, slots, qi, tag, p, snapshot) {
                     Some((head, c)) => {
                         slots.free(tag);
-                        publish(queue, map, snapshot, head, c);
-                        dirty = true;
+                        Some((head, write_status(map, snapshot, c)))
                     }
-                    None => q.in_flight += 1,
+                    None => {
+                        q.in_flight += 1;
+                        None
+                    }
                 },
                 Err(rej) => {
                     debug!(queue = q.index, head = rej.head, error = %rej.error, "request rejected");
                     slots.free(tag);
+                    // The status address was checked by the parser.
                     let len = match rej.status {
-                        Some(addr) => {
-                            // The address was checked by the parser.
-                            map.write_u8(addr.0, rej.error.status() as u8);
-                            1
-                        }
+                        Some(addr) => u32::from(map.write_u8(addr.0, rej.error.status() as u8)),
                         None => 0,
                     };
-                    add_used(queue, snapshot, rej.head, len);
-                    dirty = true;
+                    Some((rej.head, len))
                 }
+            };
+            if let Some((head, len)) = done {
+                ring.put_used(used, head, len);
+                used += 1;
             }
         }
-        if dirty {
-            notify(&mut state, snapshot);
+        queue.set_next_avail(next.0);
+        if used != old_used {
+            queue.set_next_used(used.0);
+            if ring.publish_used(old_used, used) {
+                signal(&state);
+            }
         }
         popped
     }
@@ -469,7 +503,10 @@ impl Worker {
                 continue;
             };
             let mut state = q.vring.get_mut();
-            let mut last_mem = None;
+            let queue = state.get_queue_mut();
+            let ring = fresh_ring(&mut q.ring, dev, queue);
+            let old_used = Wrapping(queue.next_used());
+            let mut used = old_used;
             for &tag in &self.done[i..] {
                 if self.slots.queue_of(tag) != qi {
                     continue;
@@ -479,12 +516,22 @@ impl Worker {
                 let Some(mem) = self.slots.release(tag) else {
                     continue;
                 };
-                publish(state.get_queue_mut(), &dev.map, &mem, head, c);
                 q.in_flight = q.in_flight.saturating_sub(1);
-                last_mem = Some(mem);
+                let len = write_status(&dev.map, &mem, c);
+                match ring {
+                    Some(r) => {
+                        r.put_used(used, head, len);
+                        used += 1;
+                    }
+                    // Rings outside guest memory: nothing can be published.
+                    None => warn!(queue = q.index, head, "used ring unreachable"),
+                }
             }
-            if let Some(mem) = last_mem {
-                notify(&mut state, &mem);
+            if let Some(r) = ring.filter(|_| used != old_used) {
+                queue.set_next_used(used.0);
+                if r.publish_used(old_used, used) {
+                    signal(&state);
+                }
             }
         }
         self.done.clear();
@@ -518,7 +565,7 @@ impl Worker {
     /// Turns guest kicks for one queue on or off; when turning them on, returns whether
     /// chains became available meanwhile (virtio 1.2 §2.7.10: re-check after enabling).
     fn set_notifications(&mut self, qi: usize, enable: bool) -> bool {
-        let Some(q) = self.queues[qi].as_ref() else {
+        let Some(q) = self.queues[qi].as_mut() else {
             return false;
         };
         if q.detach.is_some() {
@@ -527,19 +574,44 @@ impl Worker {
         let Some(d) = self.devices[q.device].as_ref() else {
             return false;
         };
-        let guard = d.mem.memory();
         let mut state = q.vring.get_mut();
         let queue = state.get_queue_mut();
         if !queue.ready() {
             return false;
         }
+        let Some(ring) = fresh_ring(&mut q.ring, d, queue) else {
+            return false;
+        };
         if enable {
-            queue.enable_notification(&*guard).unwrap_or(true)
+            ring.enable_kicks(Wrapping(queue.next_avail()))
         } else {
-            let _ = queue.disable_notification(&*guard);
+            ring.disable_kicks();
             false
         }
     }
+}
+
+/// The queue's ring pointers, re-translated when the queue was reconfigured or the device's
+/// memory map rebuilt since they were computed.
+fn fresh_ring(
+    cache: &mut Option<(u64, SplitRing)>,
+    dev: &Device,
+    queue: &Queue,
+) -> Option<SplitRing> {
+    let (avail, used, size, ev) = (
+        queue.avail_ring(),
+        queue.used_ring(),
+        queue.size(),
+        queue.event_idx_enabled(),
+    );
+    if let Some((built, r)) = cache {
+        if *built == dev.map_gen && r.is_at(avail, used, size, ev) {
+            return Some(*r);
+        }
+    }
+    let r = SplitRing::new(&dev.map, avail, used, size, ev);
+    *cache = r.map(|r| (dev.map_gen, r));
+    r
 }
 
 /// Index of a free entry of `v`, growing it if none is free (control path only).
@@ -665,31 +737,19 @@ fn start(
 }
 
 /// Writes the status byte (through `map` when the request ran with the map's snapshot) and
-/// puts the chain on the used ring.
-fn publish(queue: &mut Queue, map: &HostMap, mem: &MemSnapshot, head: u16, c: Completion) {
+/// returns the used length to report: 0 when the status byte could not be written.
+fn write_status(map: &HostMap, mem: &MemSnapshot, c: Completion) -> u32 {
     let written = if map.is_of(mem) {
         map.write_u8(c.status_addr.0, c.status as u8)
     } else {
         mem.write_obj(c.status as u8, c.status_addr).is_ok()
     };
-    add_used(queue, mem, head, if written { c.used_len } else { 0 });
+    if written { c.used_len } else { 0 }
 }
 
-fn add_used(queue: &mut Queue, mem: &MemSnapshot, head: u16, len: u32) {
-    if let Err(e) = queue.add_used(&**mem, head, len) {
-        warn!(head, error = %e, "cannot add to the used ring");
-    }
-}
-
-/// Signals the guest if EVENT_IDX (or the no-interrupt flag) says it wants to be.
-fn notify(state: &mut VringState<GuestMemoryAtomic>, mem: &MemSnapshot) {
-    let needed = state
-        .get_queue_mut()
-        .needs_notification(&**mem)
-        .unwrap_or(true);
-    if needed {
-        if let Err(e) = state.signal_used_queue() {
-            debug!(error = %e, "cannot signal the guest");
-        }
+/// Interrupts the guest (its call eventfd): once per queue per batch at most.
+fn signal(state: &VringState<GuestMemoryAtomic>) {
+    if let Err(e) = state.signal_used_queue() {
+        debug!(error = %e, "cannot signal the guest");
     }
 }

@@ -4,6 +4,7 @@
 pub mod chain;
 pub mod config;
 pub mod request;
+pub mod ring;
 
 pub use chain::{Desc, DescTable};
 pub use config::{BlkConfig, CONFIG_SPACE_SIZE};
