@@ -453,9 +453,13 @@ fn print_attach_hint(cfg: &Config, info: &DeviceInfo) {
         return;
     };
     let abs = std::path::absolute(sock).unwrap_or_else(|_| sock.clone());
-    let mib = info.capacity_bytes >> 20;
+    let size = match info.capacity_bytes {
+        b if b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b if b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b => format!("{b} bytes"),
+    };
     println!(
-        "vubd: serving {} ({mib} MiB{}) on {}",
+        "vubd: serving {} ({size}{}) on {}",
         match &cfg.disk {
             DiskSpec::File(p) => p.display().to_string(),
             DiskSpec::Null(_) => "a null device".to_owned(),

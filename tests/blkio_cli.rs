@@ -1,6 +1,7 @@
-//! The vubd command line and process lifecycle: bad arguments exit with status 2 and one
-//! stderr line naming the problem; SIGTERM exits 0 and removes the socket. These always run
-//! vubd, whatever `VUBD_TEST_BACKEND` says.
+//! The vubd command line and process lifecycle: bad arguments (among them bad `--cpus`,
+//! `--poll`, `--poll-idle-us` and null disk sizes) exit with status 2 and one stderr line
+//! naming the problem; SIGTERM exits 0 and removes the socket, in every poll mode. These always
+//! run vubd, whatever `VUBD_TEST_BACKEND` says.
 
 mod common;
 
@@ -10,9 +11,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 
-use common::Image;
 use common::client::ClientOptions;
-use common::daemon::{Daemon, DaemonConfig, Exit, run_vubd, run_vubd_with, socket_exists};
+use common::daemon::{
+    Daemon, DaemonConfig, Exit, PollMode, run_vubd, run_vubd_with, socket_exists,
+};
+use common::{Image, procfs};
 
 const MIB: u64 = 1 << 20;
 
@@ -194,9 +197,23 @@ fn sigterm_exits_0_and_removes_the_socket() {
 
 #[test]
 fn sigterm_with_a_frontend_connected_exits_0_and_removes_the_socket() {
+    sigterm_with_a_frontend_connected_exits_0(None);
+}
+
+common::per_poll_mode! {
+    #[test]
+    fn sigterm_with_a_frontend_connected_exits_0_and_removes_the_socket() {
+        sigterm_with_a_frontend_connected_exits_0(Some(POLL));
+    }
+}
+
+/// SIGTERM with a frontend connected, with `poll` (vubd's default if `None`): exit 0, no
+/// socket left, the completed write on disk.
+fn sigterm_with_a_frontend_connected_exits_0(poll: Option<PollMode>) {
     let image = Image::new(MIB);
     let config = DaemonConfig {
         num_queues: Some(2),
+        poll,
         ..DaemonConfig::default()
     };
     let mut daemon = Daemon::vubd(&image, &config, &[]);
@@ -211,4 +228,121 @@ fn sigterm_with_a_frontend_connected_exits_0_and_removes_the_socket() {
     assert!(!socket_exists(daemon.socket()), "socket still exists");
     assert_eq!(image.read_host(0, 4096), [0x99; 4096], "completed write");
     drop(client);
+}
+
+/// Runs vubd on a valid socket path and disk (unless `extra` names another `--disk`) with
+/// `extra` appended, and asserts that it exits 2 with one stderr line naming `name` and leaves
+/// no socket behind.
+#[track_caller]
+fn rejected_with(cmd: std::process::Command, extra: &[&str], name: &str) {
+    let image = Image::new(MIB);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("sock");
+    let mut all: Vec<&OsStr> = args(&socket, image.path()).to_vec();
+    all.extend(extra.iter().map(OsStr::new));
+    let exit = run_vubd_with(cmd, &all);
+    assert_rejected(&exit, &[name]);
+    assert!(!socket_exists(&socket), "{extra:?}: socket left behind");
+}
+
+#[test]
+fn malformed_cpu_lists_exit_2_naming_cpus() {
+    // `--cpus=` so that a value starting with '-' is not taken for an option.
+    for list in [
+        "", "x", "0-", "-1", "1-0", "0,,1", "0,", "0;1", "0x1", "1-2-3",
+    ] {
+        let arg = format!("--cpus={list}");
+        rejected_with(common::daemon::vubd_command(), &[&arg], "--cpus");
+    }
+}
+
+#[test]
+fn unavailable_cpus_exit_2_naming_cpus() {
+    let cpus = procfs::own_cpus();
+    let last = cpus.last().expect("at least one CPU");
+    let beyond = format!("0-{}", last + 1);
+    let huge = format!("0-{}", u64::MAX);
+    for list in ["4096", "1024", "99999999999999999999", &beyond, &huge] {
+        rejected_with(common::daemon::vubd_command(), &["--cpus", list], "--cpus");
+    }
+}
+
+#[test]
+fn cpu_outside_the_affinity_vubd_runs_with_exits_2_naming_cpus() {
+    // vubd may only use the first of the test's CPUs: the second exists, but not for it.
+    let cpus = procfs::own_cpus();
+    assert!(
+        cpus.len() >= 2,
+        "this test needs two CPUs, and may use only {cpus:?}"
+    );
+    let mut cmd = common::daemon::vubd_command();
+    common::daemon::restrict_to_cpus(&mut cmd, &cpus[..1]);
+    rejected_with(cmd, &["--cpus", &cpus[1].to_string()], "--cpus");
+}
+
+#[test]
+fn duplicate_cpus_exit_2_naming_cpus() {
+    for list in ["0,0", "0-1,1", "0,0-1"] {
+        rejected_with(common::daemon::vubd_command(), &["--cpus", list], "--cpus");
+    }
+}
+
+#[test]
+fn unknown_poll_mode_exits_2_naming_poll() {
+    for mode in ["bogus", "", "Always2", "busy"] {
+        rejected_with(common::daemon::vubd_command(), &["--poll", mode], "--poll");
+    }
+}
+
+#[test]
+fn out_of_range_poll_idle_time_exits_2_naming_poll_idle_us() {
+    for us in [
+        "2000000",
+        "1000001",
+        "18446744073709551616",
+        "-1",
+        "x",
+        "1.5",
+    ] {
+        let arg = format!("--poll-idle-us={us}");
+        rejected_with(common::daemon::vubd_command(), &[&arg], "--poll-idle-us");
+    }
+}
+
+#[test]
+fn bad_null_disk_sizes_exit_2_naming_the_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("sock");
+    for size in ["1000", "x", "0", "", "4k5", "-512", "16Q", "99999999999T"] {
+        let disk = format!("null:{size}");
+        let args: [&OsStr; 4] = [
+            "--socket-path".as_ref(),
+            socket.as_os_str(),
+            "--disk".as_ref(),
+            disk.as_ref(),
+        ];
+        let exit = run_vubd(&args);
+        assert_rejected(&exit, &["--disk"]);
+        assert!(!socket_exists(&socket), "{disk}: socket left behind");
+    }
+}
+
+#[test]
+fn poll_options_with_their_extreme_values_are_accepted() {
+    let image = Image::new(MIB);
+    let variants: [&[&str]; 4] = [
+        &["--poll", "never"],
+        &["--poll", "adaptive", "--poll-idle-us", "0"],
+        &["--poll", "adaptive", "--poll-idle-us", "1000000"],
+        &["--poll-idle-us", "1000000"],
+    ];
+    for extra in variants {
+        let extra: Vec<&OsStr> = extra.iter().map(OsStr::new).collect();
+        let mut daemon = Daemon::vubd(&image, &DaemonConfig::default(), &extra);
+        let mut client = daemon.connect(1);
+        client.queue(0).write(0, &[0x17; 4096]);
+        assert_eq!(client.queue(0).read(0, 4096), [0x17; 4096], "{extra:?}");
+        drop(client);
+        daemon.assert_running();
+    }
 }

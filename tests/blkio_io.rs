@@ -1,5 +1,7 @@
 //! Data-path tests through a real vhost-user frontend (libblkio): what is written reads back,
 //! lands in the image file, and survives many requests in flight on several queues at once.
+//! The conformance core (random I/O, flush, discard and write-zeroes) runs with the default
+//! settings and again in every vubd poll mode (the `poll_*` modules).
 
 mod common;
 #[path = "common/raw.rs"]
@@ -15,15 +17,15 @@ use virtio_driver::VirtioBlkFeatureFlags;
 
 const MIB: u64 = 1 << 20;
 
-/// Runs the random workload on `num_queues` queues at once, each on its own slice of a 16 MiB
-/// image served by the daemon `start` returns, then checks the whole image through the
-/// frontend and on the host.
+/// Runs the random workload on `num_queues` queues at once, each on its own slice of an image
+/// of `size` bytes served by the daemon `start` returns, then checks the whole image through
+/// the frontend and on the host.
 fn random_io_verifies(
+    size: u64,
     num_queues: u16,
     seed: u64,
     start: impl FnOnce(&Image, &DaemonConfig) -> Daemon,
 ) {
-    let size = 16 * MIB;
     let image = Image::new(size);
     let config = DaemonConfig {
         num_queues: Some(num_queues),
@@ -40,18 +42,18 @@ fn random_io_verifies(
 
 #[test]
 fn random_io_on_one_queue_reads_back_and_reaches_image_file() {
-    random_io_verifies(1, 0x5eed_0001, Daemon::start_with);
+    random_io_verifies(16 * MIB, 1, 0x5eed_0001, Daemon::start_with);
 }
 
 #[test]
 fn random_io_on_four_concurrent_queues_reads_back_and_reaches_image_file() {
-    random_io_verifies(4, 0x5eed_0004, Daemon::start_with);
+    random_io_verifies(16 * MIB, 4, 0x5eed_0004, Daemon::start_with);
 }
 
 #[test]
 fn random_io_with_writeback_cache_reads_back_and_reaches_image_file() {
     // A vubd option: runs vubd whatever VUBD_TEST_BACKEND says.
-    random_io_verifies(2, 0x5eed_00cb, |image, config| {
+    random_io_verifies(16 * MIB, 2, 0x5eed_00cb, |image, config| {
         Daemon::vubd(image, config, &["--cache".as_ref(), "writeback".as_ref()])
     });
 }
@@ -92,6 +94,10 @@ fn flush_is_offered_and_completes_successfully() {
     // Without VIRTIO_BLK_F_FLUSH libblkio would complete a flush without sending it.
     assert!(offers_flush, "device does not offer VIRTIO_BLK_F_FLUSH");
 
+    flushes_complete_alone_and_among_writes(&image, &mut daemon);
+}
+
+fn flushes_complete_alone_and_among_writes(image: &Image, daemon: &mut Daemon) {
     let mut client = daemon.connect(1);
     client.queue(0).flush();
     client.queue(0).write(0, &[0xa5; 4096]);
@@ -109,11 +115,15 @@ fn flush_is_offered_and_completes_successfully() {
     daemon.assert_running();
 }
 
-/// Fills a 1 MiB image with random data, zeroes `[offset, offset + len)` with `zero`, and
-/// checks that exactly that range reads back as zeros, through the frontend and on the host.
-fn zeroing_leaves_neighbours_intact(zero: impl FnOnce(&mut Queue, u64, u64)) {
+/// Fills a 1 MiB image with random data, serves it with the daemon `start` returns, zeroes
+/// `[offset, offset + len)` with `zero`, and checks that exactly that range reads back as
+/// zeros, through the frontend and on the host.
+fn zeroing_leaves_neighbours_intact(
+    start: impl FnOnce(&Image, &DaemonConfig) -> Daemon,
+    zero: impl FnOnce(&mut Queue, u64, u64),
+) {
     let (image, mut expected) = Image::with_random_contents(MIB, 0xd15c);
-    let mut daemon = Daemon::start(&image);
+    let mut daemon = start(&image, &DaemonConfig::default());
     let mut client = daemon.connect(1);
     let (offset, len) = (64 << 10, 128 << 10);
     let q = client.queue(0);
@@ -141,17 +151,23 @@ fn zeroing_leaves_neighbours_intact(zero: impl FnOnce(&mut Queue, u64, u64)) {
 
 #[test]
 fn discarded_range_reads_back_as_zeros_and_neighbours_are_untouched() {
-    zeroing_leaves_neighbours_intact(|q, offset, len| q.discard(offset, len));
+    zeroing_leaves_neighbours_intact(Daemon::start_with, |q, offset, len| {
+        q.discard(offset, len);
+    });
 }
 
 #[test]
 fn write_zeroes_with_unmap_reads_back_as_zeros_and_neighbours_are_untouched() {
-    zeroing_leaves_neighbours_intact(|q, offset, len| q.write_zeroes(offset, len, true));
+    zeroing_leaves_neighbours_intact(Daemon::start_with, |q, offset, len| {
+        q.write_zeroes(offset, len, true);
+    });
 }
 
 #[test]
 fn write_zeroes_without_unmap_reads_back_as_zeros_and_neighbours_are_untouched() {
-    zeroing_leaves_neighbours_intact(|q, offset, len| q.write_zeroes(offset, len, false));
+    zeroing_leaves_neighbours_intact(Daemon::start_with, |q, offset, len| {
+        q.write_zeroes(offset, len, false);
+    });
 }
 
 #[test]
@@ -245,5 +261,49 @@ fn ring_indices_wrap_past_u16_max_without_losing_requests() {
                 first + i
             );
         }
+    }
+}
+
+common::per_poll_mode! {
+    /// vubd with its pollers in this module's mode.
+    fn start(image: &Image, config: &DaemonConfig) -> Daemon {
+        Daemon::vubd_polling(POLL, image, config)
+    }
+
+    // A smaller image than the default-mode tests use, to keep the four modes fast.
+    #[test]
+    fn random_io_on_one_queue_reads_back_and_reaches_image_file() {
+        random_io_verifies(2 * MIB, 1, 0x5eed_0101, start);
+    }
+
+    #[test]
+    fn random_io_on_four_concurrent_queues_reads_back_and_reaches_image_file() {
+        random_io_verifies(2 * MIB, 4, 0x5eed_0104, start);
+    }
+
+    #[test]
+    fn flushes_complete_successfully() {
+        let image = Image::new(MIB);
+        let mut daemon = start(&image, &DaemonConfig::default());
+        flushes_complete_alone_and_among_writes(&image, &mut daemon);
+    }
+
+    #[test]
+    fn discarded_range_reads_back_as_zeros_and_neighbours_are_untouched() {
+        zeroing_leaves_neighbours_intact(start, |q, offset, len| q.discard(offset, len));
+    }
+
+    #[test]
+    fn write_zeroes_with_unmap_reads_back_as_zeros_and_neighbours_are_untouched() {
+        zeroing_leaves_neighbours_intact(start, |q, offset, len| {
+            q.write_zeroes(offset, len, true);
+        });
+    }
+
+    #[test]
+    fn write_zeroes_without_unmap_reads_back_as_zeros_and_neighbours_are_untouched() {
+        zeroing_leaves_neighbours_intact(start, |q, offset, len| {
+            q.write_zeroes(offset, len, false);
+        });
     }
 }

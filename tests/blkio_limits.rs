@@ -1,6 +1,6 @@
 //! What the frontend sees of the device (capacity, block size, queue count, read-only), and
-//! how the device treats requests it must refuse: beyond the end of the disk, or writes to a
-//! read-only disk.
+//! how the device treats requests it must refuse: beyond the end of the disk (with the default
+//! settings and in every vubd poll mode), or writes to a read-only disk.
 
 mod common;
 #[path = "common/raw.rs"]
@@ -102,9 +102,23 @@ fn num_queues_option_is_the_queue_count_the_frontend_sees() {
 
 #[test]
 fn out_of_range_requests_fail_with_ioerr_and_the_daemon_keeps_serving() {
+    out_of_range_requests_fail(Daemon::start_with);
+}
+
+common::per_poll_mode! {
+    #[test]
+    fn out_of_range_requests_fail_with_ioerr_and_the_daemon_keeps_serving() {
+        out_of_range_requests_fail(|image, config| Daemon::vubd_polling(POLL, image, config));
+    }
+}
+
+/// Sends reads, writes, discards and write-zeroes that reach past the end of a 1 MiB image
+/// served by the daemon `start` returns: each fails, none writes anything, and the daemon keeps
+/// serving the same connection and the next.
+fn out_of_range_requests_fail(start: impl FnOnce(&Image, &DaemonConfig) -> Daemon) {
     let size = MIB;
     let (image, contents) = Image::with_random_contents(size, 0x0e0e);
-    let mut daemon = Daemon::start(&image);
+    let mut daemon = start(&image, &DaemonConfig::default());
     let mut client = daemon.connect(1);
     let q = client.queue(0);
     // The largest 512-aligned offset: sector × 512 + length overflows a u64.

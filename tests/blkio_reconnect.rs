@@ -1,5 +1,6 @@
 //! Frontends come and go (a VMM restarts, a guest reboots): the daemon keeps serving the same
-//! disk to the next one, whatever the previous one left behind.
+//! disk to the next one, whatever the previous one left behind, in every vubd poll mode (the
+//! `poll_*` modules): busy-polling queues, too, are detached when their frontend goes.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::daemon::{Daemon, DaemonConfig};
+use common::daemon::{Daemon, DaemonConfig, PollMode};
 use common::{Image, Rng, TIMEOUT, assert_same};
 
 const MIB: u64 = 1 << 20;
@@ -166,4 +167,78 @@ fn many_short_connections_leak_no_file_descriptors() {
         fd_summary(daemon.pid())
     );
     daemon.assert_running();
+}
+
+/// A session sequence on a 4 MiB image, four queues, pollers in `poll`: the first frontend
+/// writes `[0, 1 MiB)` and waits for it, then leaves with 64 KiB writes of a stale pattern in
+/// flight on every queue over `[2 MiB, 4 MiB)`. The second sees the completed data, and each
+/// stale block either whole or not at all (a request the backend took is finished before the
+/// next session starts, one it did not take is never run); it overwrites the stale area, and
+/// nothing of the first session lands after that. A third frontend sees the second's data.
+fn sessions_follow_one_another_consistently(poll: PollMode) {
+    let image = Image::new(4 * MIB);
+    let config = DaemonConfig {
+        poll: Some(poll),
+        ..four_queues()
+    };
+    let mut daemon = Daemon::vubd(&image, &config, &[]);
+    let block = 64 << 10;
+    let (done_len, stale_at) = (MIB as usize, 2 * MIB);
+    let completed = Rng::new(0x5e55).bytes(done_len);
+    let stale = vec![0xde; block];
+
+    let mut first = daemon.connect(4);
+    first.queue(1).write(0, &completed);
+    for (i, q) in (0u64..).zip(first.queues_mut()) {
+        for j in 0..8u64 {
+            q.submit_write(stale_at + (i * 8 + j) * block as u64, &stale);
+        }
+        q.kick();
+    }
+    drop(first);
+
+    let mut second = daemon.connect(4);
+    let q = second.queue(2);
+    assert_same(&completed, &q.read(0, done_len), 0, "completed writes");
+    let area = q.read(stale_at, 2 * MIB as usize);
+    for (i, got) in (0u64..).zip(area.chunks(block)) {
+        assert!(
+            got.iter().all(|&b| b == 0) || got == stale.as_slice(),
+            "{poll}: 64 KiB block at {} is partly written by the vanished frontend",
+            stale_at + i * block as u64
+        );
+    }
+    let fresh = Rng::new(0xf5e5).bytes(2 * MIB as usize);
+    q.write(stale_at, &fresh);
+    q.flush();
+    // Writes of the vanished frontend must not land after the new one's.
+    thread::sleep(Duration::from_millis(50));
+    assert_same(
+        &fresh,
+        &q.read(stale_at, fresh.len()),
+        stale_at,
+        "second frontend",
+    );
+    drop(second);
+
+    let mut third = daemon.connect(1);
+    let q = third.queue(0);
+    assert_same(
+        &completed,
+        &q.read(0, done_len),
+        0,
+        "third frontend: first's data",
+    );
+    let back = q.read(stale_at, fresh.len());
+    assert_same(&fresh, &back, stale_at, "third frontend: second's data");
+    let on_host = image.read_host(stale_at, fresh.len());
+    assert_same(&fresh, &on_host, stale_at, "image file");
+    daemon.assert_running();
+}
+
+common::per_poll_mode! {
+    #[test]
+    fn sessions_follow_one_another_after_a_frontend_vanishes_with_requests_in_flight() {
+        sessions_follow_one_another_consistently(POLL);
+    }
 }

@@ -277,10 +277,9 @@ impl Queue {
         (tag, ptr, count)
     }
 
-    /// Queues a write of the concatenation of `segments` at `offset`, one descriptor per
-    /// segment. Returns the request's tag (its index in [`Queue::wait_all`]'s result).
-    pub fn submit_writev(&mut self, offset: u64, segments: &[&[u8]]) -> usize {
-        let iov: Box<[iovec]> = segments
+    /// Buffers of this batch holding a copy of `segments`, one iovec each.
+    fn filled(&mut self, segments: &[&[u8]]) -> Box<[iovec]> {
+        segments
             .iter()
             .map(|segment| {
                 let iov = self.alloc(segment.len());
@@ -297,9 +296,25 @@ impl Queue {
                 }
                 iov
             })
-            .collect();
+            .collect()
+    }
+
+    /// Queues a write of the concatenation of `segments` at `offset`, one descriptor per
+    /// segment. Returns the request's tag (its index in [`Queue::wait_all`]'s result).
+    pub fn submit_writev(&mut self, offset: u64, segments: &[&[u8]]) -> usize {
+        let iov = self.filled(segments);
         let (tag, ptr, count) = self.track(iov, false);
         self.q.writev(offset, ptr, count, tag, ReqFlags::empty());
+        tag
+    }
+
+    /// Queues a read at `offset` into buffers that hold `segments` beforehand, one descriptor
+    /// per segment: the data read back shows what the device wrote into them and what it left
+    /// alone. Returns the request's tag.
+    pub fn submit_readv_over(&mut self, offset: u64, segments: &[&[u8]]) -> usize {
+        let iov = self.filled(segments);
+        let (tag, ptr, count) = self.track(iov, true);
+        self.q.readv(offset, ptr, count, tag, ReqFlags::empty());
         tag
     }
 
@@ -431,6 +446,13 @@ impl Queue {
     /// Reads `len` bytes at `offset`; `Err` holds the negative errno.
     pub fn try_read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
         let done = self.single(|q| q.submit_read(offset, len));
+        Self::ret_to_result(done.ret).map(|()| done.data)
+    }
+
+    /// Reads `prefill.len()` bytes at `offset` into a buffer that holds `prefill` beforehand;
+    /// `Err` holds the negative errno.
+    pub fn try_read_over(&mut self, offset: u64, prefill: &[u8]) -> Result<Vec<u8>, i32> {
+        let done = self.single(|q| q.submit_readv_over(offset, &[prefill]));
         Self::ret_to_result(done.ret).map(|()| done.data)
     }
 

@@ -6,21 +6,78 @@ use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileTypeExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
 use super::client::{Client, ClientOptions};
-use super::{Image, TIMEOUT};
+use super::{Image, TIMEOUT, procfs};
 
-/// Backend settings that both vubd and the reference backend understand.
+/// Backend settings. The reference backend understands `num_queues` and `readonly`; the rest
+/// are vubd's own, and [`Daemon::start_with`] refuses them when it would start the reference.
 #[derive(Debug, Clone, Default)]
 pub struct DaemonConfig {
     pub num_queues: Option<u16>,
     pub readonly: bool,
+    /// vubd only: `--poll` (and `--poll-idle-us`); vubd's default (adaptive) when `None`.
+    pub poll: Option<PollMode>,
+    /// vubd only: `--cpus`, the CPUs to run one pinned poller each on.
+    pub cpus: Option<Vec<usize>>,
+    /// vubd only: the CPUs the vubd process may run on, set before it starts; vubd counts
+    /// them as the machine's CPUs. Inherited from the tests when `None`.
+    pub affinity: Option<Vec<usize>>,
+}
+
+impl DaemonConfig {
+    fn has_vubd_only_settings(&self) -> bool {
+        self.poll.is_some() || self.cpus.is_some() || self.affinity.is_some()
+    }
+}
+
+/// How vubd's pollers wait for work (`--poll`, `--poll-idle-us`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollMode {
+    /// `--poll always`: busy-poll, a full CPU per poller.
+    Always,
+    /// `--poll adaptive`: poll while busy and `idle_us` (`--poll-idle-us`, vubd's default when
+    /// `None`) after the last request, then sleep.
+    Adaptive { idle_us: Option<u32> },
+    /// `--poll never`: sleep whenever there is no work.
+    Never,
+}
+
+impl PollMode {
+    fn args(self) -> Vec<OsString> {
+        let (mode, idle_us) = match self {
+            Self::Always => ("always", None),
+            Self::Adaptive { idle_us } => ("adaptive", idle_us),
+            Self::Never => ("never", None),
+        };
+        let mut args: Vec<OsString> = vec!["--poll".into(), mode.into()];
+        if let Some(us) = idle_us {
+            args.extend(["--poll-idle-us".into(), us.to_string().into()]);
+        }
+        args
+    }
+}
+
+impl std::fmt::Display for PollMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let args = self.args();
+        let args: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
+        f.write_str(&args.join(" "))
+    }
+}
+
+/// `0,1` for `--cpus`.
+fn cpu_list(cpus: &[usize]) -> String {
+    let cpus: Vec<String> = cpus.iter().map(ToString::to_string).collect();
+    cpus.join(",")
 }
 
 /// Which program [`Daemon::start`] runs.
@@ -58,10 +115,93 @@ fn vubd_args(disk: &Path, socket: &Path, config: &DaemonConfig) -> Vec<OsString>
     if let Some(n) = config.num_queues {
         args.extend(["--num-queues".into(), n.to_string().into()]);
     }
+    if let Some(poll) = config.poll {
+        args.extend(poll.args());
+    }
+    if let Some(cpus) = &config.cpus {
+        args.extend(["--cpus".into(), cpu_list(cpus).into()]);
+    }
     args
 }
 
+/// Whether a busy-polling daemon of this test binary is running: they run one at a time.
+static BUSY_POLLING: AtomicBool = AtomicBool::new(false);
+
+/// The turn of one busy-polling daemon; the next one may start once it is dropped.
+#[derive(Debug)]
+struct BusyPollTurn;
+
+impl Drop for BusyPollTurn {
+    fn drop(&mut self) {
+        BUSY_POLLING.store(false, Ordering::Release);
+    }
+}
+
+/// For a vubd that busy-polls (`--poll always`), waits for the other busy-polling daemons of
+/// this test binary to be gone and returns the turn that keeps the next ones waiting until
+/// this one is gone too. Each such daemon keeps up to one CPU per poller busy as long as a
+/// frontend is connected: several at once on a small machine would starve each other and
+/// every test running beside them. The wait is bounded, generously, since tests queue here.
+fn busy_poll_turn(config: &DaemonConfig) -> Option<BusyPollTurn> {
+    if config.poll != Some(PollMode::Always) {
+        return None;
+    }
+    let patience = 6 * TIMEOUT;
+    let deadline = Instant::now() + patience;
+    while BUSY_POLLING
+        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "another busy-polling vubd of this test binary ran for more than {patience:?}"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    Some(BusyPollTurn)
+}
+
+/// A command for vubd serving `disk` on `socket` as `config` says.
+fn vubd_process(disk: &Path, socket: &Path, config: &DaemonConfig) -> Command {
+    let mut cmd = vubd_command();
+    cmd.args(vubd_args(disk, socket, config));
+    if let Some(cpus) = &config.affinity {
+        restrict_to_cpus(&mut cmd, cpus);
+    }
+    cmd
+}
+
+/// Makes `cmd` run on `cpus` only (sched_setaffinity(2) between fork and exec).
+pub fn restrict_to_cpus(cmd: &mut Command, cpus: &[usize]) {
+    // SAFETY: cpu_set_t is plain data, for which all zeros is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        assert!(
+            cpu < 8 * std::mem::size_of::<libc::cpu_set_t>(),
+            "CPU {cpu} is beyond cpu_set_t"
+        );
+        // SAFETY: `set` is a live cpu_set_t and `cpu` is within it (checked above).
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
+    // calls are allowed: it makes one system call on a mask built beforehand (moved into the
+    // closure), and neither allocates nor takes a lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 fn qemu_storage_daemon_command(disk: &Path, socket: &Path, config: &DaemonConfig) -> Command {
+    assert!(
+        !config.has_vubd_only_settings(),
+        "{config:?} has settings only vubd understands: start vubd itself (Daemon::vubd)"
+    );
     fn qemu_path(path: &Path) -> String {
         // QEMU option values escape a comma by doubling it.
         path.to_str()
@@ -104,6 +244,9 @@ pub struct Daemon {
     output: PathBuf,
     /// Holds the socket (usually) and the output log; removed on drop.
     dir: TempDir,
+    /// Held by a busy-polling vubd (see [`busy_poll_turn`]) and released after the drop
+    /// handler has stopped it, like every field.
+    busy_poll: Option<BusyPollTurn>,
 }
 
 impl Daemon {
@@ -125,9 +268,9 @@ impl Daemon {
         let socket = dir.path().join("vhost-user-blk.sock");
         match selected_backend() {
             Backend::Vubd => {
-                let mut cmd = vubd_command();
-                cmd.args(vubd_args(disk, &socket, config));
-                Self::spawn(cmd, "vubd", dir, socket)
+                let turn = busy_poll_turn(config);
+                let cmd = vubd_process(disk, &socket, config);
+                Self::spawn(cmd, "vubd", dir, socket).holding(turn)
             }
             Backend::QemuStorageDaemon => {
                 let cmd = qemu_storage_daemon_command(disk, &socket, config);
@@ -146,9 +289,25 @@ impl Daemon {
     pub fn vubd_disk(disk: &Path, config: &DaemonConfig, extra: &[&OsStr]) -> Self {
         let dir = tempfile::tempdir().expect("create daemon directory");
         let socket = dir.path().join("vhost-user-blk.sock");
-        let mut cmd = vubd_command();
-        cmd.args(vubd_args(disk, &socket, config)).args(extra);
-        Self::spawn(cmd, "vubd", dir, socket)
+        let turn = busy_poll_turn(config);
+        let mut cmd = vubd_process(disk, &socket, config);
+        cmd.args(extra);
+        Self::spawn(cmd, "vubd", dir, socket).holding(turn)
+    }
+
+    /// Starts vubd (whatever `VUBD_TEST_BACKEND` says) with `config`, its pollers in `mode`.
+    pub fn vubd_polling(mode: PollMode, image: &Image, config: &DaemonConfig) -> Self {
+        let config = DaemonConfig {
+            poll: Some(mode),
+            ..config.clone()
+        };
+        Self::vubd(image, &config, &[])
+    }
+
+    /// Starts vubd on a null disk (`--disk null:SIZE`, `size` as the command line takes it:
+    /// `4k`, `16G`, `1536`), which completes every request at once and stores nothing.
+    pub fn vubd_null(size: &str, config: &DaemonConfig) -> Self {
+        Self::vubd_disk(Path::new(&format!("null:{size}")), config, &[])
     }
 
     /// Starts vubd with exactly `args` and waits until it listens on `socket`.
@@ -175,9 +334,15 @@ impl Daemon {
             socket,
             output,
             dir,
+            busy_poll: None,
         };
         daemon.wait_for_socket();
         daemon
+    }
+
+    fn holding(mut self, busy_poll: Option<BusyPollTurn>) -> Self {
+        self.busy_poll = busy_poll;
+        self
     }
 
     /// Waits until the backend listens on its socket: a connect between its bind(2), which
@@ -212,6 +377,11 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// CPU time the backend has used so far, all threads together (see [`procfs::cpu_time`]).
+    pub fn cpu_time(&self) -> Duration {
+        procfs::cpu_time(self.pid())
     }
 
     /// Everything the backend wrote to stdout and stderr so far.

@@ -1,11 +1,14 @@
 //! Shared harness for the integration tests that drive a vhost-user-blk backend the way a VMM
 //! does.
 //!
-//! - here: [`bounded`] and [`TIMEOUT`], [`Rng`], [`assert_same`], and [`Image`], a disk image in
-//!   a private temporary directory, readable from the host side.
+//! - here: [`bounded`] and [`TIMEOUT`], [`Rng`], [`assert_same`], [`Image`], a disk image in a
+//!   private temporary directory, readable from the host side, and [`per_poll_mode!`], which
+//!   repeats tests for every vubd poll mode.
 //! - [`daemon`]: [`daemon::Daemon`] runs the backend on a private socket and stops it on drop
-//!   (on a failing test it prints the backend's output); [`daemon::run_vubd`] runs vubd to
+//!   (on a failing test it prints the backend's output); [`daemon::DaemonConfig`] holds the
+//!   settings, among them vubd's poll mode and poller CPUs; [`daemon::run_vubd`] runs vubd to
 //!   completion for the command-line tests.
+//! - [`procfs`]: the CPU time and CPU affinity of a running backend, from `/proc`.
 //! - [`client`]: [`client::Client`], a vhost-user frontend built on libblkio: N queues, one
 //!   shared-memory region as I/O buffers, many requests in flight per queue, raw completion
 //!   values.
@@ -34,6 +37,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod procfs;
 
 use std::fs::{self, File};
 use std::io;
@@ -51,6 +55,56 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The virtio-blk sector size: offsets and lengths on the wire are in units of it.
 pub const SECTOR: u64 = 512;
+
+/// Repeats the given items (tests and their helpers) once per vubd poll mode, each copy in a
+/// module named after the mode (`poll_always`, `poll_adaptive`, `poll_adaptive_idle_0`,
+/// `poll_never`) in which the constant `POLL` is that mode and the enclosing module's names are
+/// in scope:
+///
+/// ```ignore
+/// common::per_poll_mode! {
+///     #[test]
+///     fn random_io_reads_back() {
+///         random_io_reads_back(POLL);
+///     }
+/// }
+/// ```
+// Each test binary uses a different part of the harness (the crate-level allow covers items,
+// not macros and their re-exports).
+#[allow(unused_macros)]
+macro_rules! per_poll_mode {
+    ($($item:item)*) => {
+        /// `--poll always`: busy-polling pollers.
+        mod poll_always {
+            use super::*;
+            const POLL: $crate::common::daemon::PollMode = $crate::common::daemon::PollMode::Always;
+            $($item)*
+        }
+        /// `--poll adaptive` with the default idle time.
+        mod poll_adaptive {
+            use super::*;
+            const POLL: $crate::common::daemon::PollMode =
+                $crate::common::daemon::PollMode::Adaptive { idle_us: None };
+            $($item)*
+        }
+        /// `--poll adaptive --poll-idle-us 0`: sleep as soon as there is no work, but through
+        /// the adaptive path.
+        mod poll_adaptive_idle_0 {
+            use super::*;
+            const POLL: $crate::common::daemon::PollMode =
+                $crate::common::daemon::PollMode::Adaptive { idle_us: Some(0) };
+            $($item)*
+        }
+        /// `--poll never`: event-driven pollers.
+        mod poll_never {
+            use super::*;
+            const POLL: $crate::common::daemon::PollMode = $crate::common::daemon::PollMode::Never;
+            $($item)*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use per_poll_mode;
 
 /// Runs `f` on a worker thread and returns its result, failing the test if it takes longer than
 /// [`TIMEOUT`]. A panic in `f` is re-raised here. On a timeout the worker is left blocked; the

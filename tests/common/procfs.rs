@@ -1,0 +1,104 @@
+//! What `/proc` says about a running backend: the CPU time it has used (all threads together,
+//! or thread by thread) and the CPUs each of its threads may run on.
+
+use std::fs;
+use std::time::Duration;
+
+/// CPU time a process has used so far, all its threads together, dead ones included: `utime +
+/// stime` of `/proc/PID/stat`. Its resolution is one clock tick (10 ms with the usual
+/// `USER_HZ` of 100).
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
+    stat_cpu_time(&stat).unwrap_or_else(|| panic!("unexpected /proc/{pid}/stat: {stat}"))
+}
+
+/// Each live thread of a process: its name and the CPU time it has used, busiest first. For
+/// failure messages: which thread burnt the time.
+pub fn thread_cpu_times(pid: u32) -> Vec<(String, Duration)> {
+    let mut threads: Vec<(String, Duration)> = tasks(pid)
+        .into_iter()
+        .filter_map(|tid| {
+            // A thread may end between the listing and the read: leave it out.
+            let stat = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+            let name = stat.split_once(" (")?.1.rsplit_once(')')?.0.to_owned();
+            Some((name, stat_cpu_time(&stat)?))
+        })
+        .collect();
+    threads.sort_by_key(|&(_, time)| std::cmp::Reverse(time));
+    threads
+}
+
+/// Each live thread of a process: its name and the CPUs it may run on
+/// (`Cpus_allowed_list` of `/proc/PID/task/TID/status`).
+pub fn thread_affinities(pid: u32) -> Vec<(String, Vec<usize>)> {
+    tasks(pid)
+        .into_iter()
+        .filter_map(|tid| {
+            let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+            let field = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|line| line.strip_prefix(key))
+                    .map(str::trim)
+            };
+            let name = field("Name:")?.to_owned();
+            let cpus = parse_cpu_list(field("Cpus_allowed_list:")?)?;
+            Some((name, cpus))
+        })
+        .collect()
+}
+
+/// The CPUs this test process may run on.
+pub fn own_cpus() -> Vec<usize> {
+    let status = fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .and_then(|list| parse_cpu_list(list.trim()))
+        .unwrap_or_else(|| panic!("no Cpus_allowed_list in /proc/self/status:\n{status}"))
+}
+
+/// The thread ids of a process.
+fn tasks(pid: u32) -> Vec<String> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("list /proc/{pid}/task: {e}"))
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .collect()
+}
+
+/// `utime + stime` of a `stat` line. The name field may hold spaces and parentheses, so the
+/// fields are counted from its closing parenthesis: state is the first after it, utime the
+/// 12th, stime the 13th (fields 3, 14 and 15 of proc(5)).
+fn stat_cpu_time(stat: &str) -> Option<Duration> {
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(ticks(utime + stime))
+}
+
+fn ticks(n: u64) -> Duration {
+    // SAFETY: sysconf(3) only reads a system constant; it has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz)
+        .ok()
+        .filter(|&hz| hz > 0)
+        .expect("sysconf(_SC_CLK_TCK) is positive");
+    Duration::from_nanos(n.saturating_mul(1_000_000_000) / hz)
+}
+
+/// `0-1,4`, as the kernel prints CPU lists.
+pub fn parse_cpu_list(list: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|part| !part.is_empty()) {
+        let (lo, hi): (usize, usize) = match part.split_once('-') {
+            Some((lo, hi)) => (lo.parse().ok()?, hi.parse().ok()?),
+            None => {
+                let cpu = part.parse().ok()?;
+                (cpu, cpu)
+            }
+        };
+        cpus.extend(lo..=hi);
+    }
+    Some(cpus)
+}
