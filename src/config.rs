@@ -144,7 +144,7 @@ pub enum ConfigError {
     BadNullSize(String),
     #[error("--cpus {0:?}: expected a list like 2,3 or 2-5")]
     BadCpuList(String),
-    #[error("--cpus {0:?}: CPU {1} is not available to vubd")]
+    #[error("--cpus {0:?}: CPU {1} is not available to this process")]
     CpuNotAvailable(String, usize),
     #[error("--cpus {0:?}: CPU {1} is listed twice")]
     DuplicateCpu(String, usize),
