@@ -112,23 +112,17 @@ impl HostMap {
         }
     }
 
-    /// Reads 16 little-endian bytes at `addr`: two aligned volatile loads in the common case.
+    /// Reads 16 bytes at `addr`: two aligned volatile loads in the common case.
     #[inline]
     pub fn read16(&self, addr: u64) -> Option<[u8; 16]> {
-        if addr % 8 == 0 {
-            if let Some(p) = self.host_range(addr, 16) {
-                let p = p.cast::<u64>();
-                // SAFETY: 16 bytes inside one live mapping, 8-byte aligned (checked above, and
-                // mappings are page aligned); volatile because the guest shares the memory.
-                let (a, b) = unsafe { (p.read_volatile(), p.add(1).read_volatile()) };
+        match self.host_range(addr, 16) {
+            // SAFETY: 16 bytes inside one live mapping (kept by `snapshot`).
+            Some(p) => Some(unsafe { read16_at(p) }),
+            None => {
                 let mut out = [0u8; 16];
-                out[..8].copy_from_slice(&a.to_ne_bytes());
-                out[8..].copy_from_slice(&b.to_ne_bytes());
-                return Some(out);
+                self.read(addr, &mut out).then_some(out)
             }
         }
-        let mut out = [0u8; 16];
-        self.read(addr, &mut out).then_some(out)
     }
 
     /// Writes one byte at `addr`.
@@ -143,6 +137,30 @@ impl HostMap {
             None => false,
         }
     }
+}
+
+/// Reads 16 bytes of guest memory at `p`, volatile (the guest shares it): two 8-byte loads
+/// when `p` is 8-byte aligned, else byte by byte.
+///
+/// # Safety
+///
+/// `p..p + 16` must lie inside a live guest memory mapping.
+#[inline]
+pub unsafe fn read16_at(p: *const u8) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    if p as usize % 8 == 0 {
+        let q = p.cast::<u64>();
+        // SAFETY: aligned and inside the mapping (caller's contract).
+        let (a, b) = unsafe { (q.read_volatile(), q.add(1).read_volatile()) };
+        out[..8].copy_from_slice(&a.to_ne_bytes());
+        out[8..].copy_from_slice(&b.to_ne_bytes());
+    } else {
+        for (i, b) in out.iter_mut().enumerate() {
+            // SAFETY: `i < 16`, inside the mapping (caller's contract).
+            *b = unsafe { p.add(i).read_volatile() };
+        }
+    }
+    out
 }
 
 /// Why a guest buffer could not be translated.

@@ -423,7 +423,7 @@ impl Worker {
                 descs,
                 slots.iov_mut(tag),
             );
-            let done = match parsed {
+            let done = match &parsed {
                 Ok(p) => match start(&dev.shared, &mut dev.channel, slots, qi, tag, p, snapshot) {
                     Some((head, c)) => {
                         slots.free(tag);
@@ -633,7 +633,7 @@ fn start(
     slots: &mut SlotTable,
     qi: usize,
     tag: Tag,
-    p: Parsed,
+    p: &Parsed,
     snapshot: &MemSnapshot,
 ) -> Option<(u16, Completion)> {
     let req = p.request;

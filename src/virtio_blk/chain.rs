@@ -6,7 +6,7 @@
 //! chain carries less than 4 GiB. Unlike it, a chain that breaks a rule is reported as such
 //! rather than ending silently.
 
-use crate::mem::HostMap;
+use crate::mem::{HostMap, read16_at};
 
 /// `VIRTQ_DESC_F_NEXT`.
 const F_NEXT: u16 = 1;
@@ -105,14 +105,23 @@ pub fn walk(
     let mut indirect = false;
     let mut overflow = false;
     let mut bytes = 0u32;
+    // The table translated once (the common case), else descriptor by descriptor.
+    let mut table_host = map.host_range(base, u64::from(size) * DESC_SIZE);
     loop {
         if ttl == 0 || index >= size {
             return Err(BrokenChain);
         }
-        let addr = base
-            .checked_add(u64::from(index) * DESC_SIZE)
-            .ok_or(BrokenChain)?;
-        let d = Desc::from_le(map.read16(addr).ok_or(BrokenChain)?);
+        let d = match table_host {
+            // SAFETY: `index < size` and the whole table (`size` entries) was translated into
+            // one live mapping.
+            Some(t) => Desc::from_le(unsafe { read16_at(t.add(usize::from(index) * 16)) }),
+            None => {
+                let addr = base
+                    .checked_add(u64::from(index) * DESC_SIZE)
+                    .ok_or(BrokenChain)?;
+                Desc::from_le(map.read16(addr).ok_or(BrokenChain)?)
+            }
+        };
         if d.is_indirect() {
             // §2.7.5.3.1: no nesting; the table is whole descriptors.
             if indirect || d.len == 0 || u64::from(d.len) % DESC_SIZE != 0 {
@@ -120,6 +129,7 @@ pub fn walk(
             }
             let entries = u16::try_from(u64::from(d.len) / DESC_SIZE).map_err(|_| BrokenChain)?;
             (base, size, index, ttl, indirect) = (d.addr, entries, 0, entries, true);
+            table_host = map.host_range(base, u64::from(size) * DESC_SIZE);
             continue;
         }
         // §2.7.5.2: a chain carries less than 2^32 bytes.

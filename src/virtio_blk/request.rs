@@ -200,6 +200,8 @@ pub fn parse(
     let data = Payload {
         descs: descs.as_slice(),
         n_readable,
+        readable_len: descs[..n_readable].iter().map(|d| u64::from(d.len)).sum(),
+        writable_len: descs[n_readable..].iter().map(|d| u64::from(d.len)).sum(),
     };
 
     let request = match rtype {
@@ -208,16 +210,18 @@ pub fn parse(
             if write && limits.read_only {
                 return Err(rej(RequestError::ReadOnly));
             }
-            let (seg_count, len) = if write {
-                if data.writable_len() != 1 {
+            // One pass: count the data pieces and translate them; a translation failure is
+            // reported only after the checks that do not depend on memory.
+            let (seg_count, len, mem_err) = if write {
+                if data.writable_len != 1 {
                     return Err(rej(RequestError::WrongDirection));
                 }
-                (data.readable_segments(), data.readable_len())
+                push_pieces(data.readable(), map, iov)
             } else {
                 if data.readable_len() != 0 {
                     return Err(rej(RequestError::WrongDirection));
                 }
-                (data.writable_segments(), data.writable_len() - 1)
+                push_pieces(data.writable(), map, iov)
             };
             if seg_count > limits.seg_max as usize {
                 return Err(rej(RequestError::TooManySegments {
@@ -231,12 +235,9 @@ pub fn parse(
                 return Err(rej(RequestError::UnalignedLength(len32)));
             }
             check_range(sector, len >> SECTOR_SHIFT, limits.capacity_sectors).map_err(rej)?;
-            let pushed = if write {
-                data.push_readable(map, iov)
-            } else {
-                data.push_writable(map, iov)
-            };
-            pushed.map_err(RequestError::Memory).map_err(rej)?;
+            if let Some(e) = mem_err {
+                return Err(rej(RequestError::Memory(e)));
+            }
             let kind = if write {
                 RequestKind::Write { sector }
             } else {
@@ -255,12 +256,12 @@ pub fn parse(
             }
         }
         req_type::GET_ID => {
-            if data.readable_len() != 0 || data.writable_len() < 2 {
+            if data.readable_len() != 0 || data.writable_len < 2 {
                 return Err(rej(RequestError::WrongDirection));
             }
-            data.push_writable(map, iov)
-                .map_err(RequestError::Memory)
-                .map_err(rej)?;
+            if let (_, _, Some(e)) = push_pieces(data.writable(), map, iov) {
+                return Err(rej(RequestError::Memory(e)));
+            }
             let len = u32::try_from(iov.bytes()).unwrap_or(u32::MAX);
             Request {
                 kind: RequestKind::GetId,
@@ -280,7 +281,7 @@ pub fn parse(
             if limits.read_only {
                 return Err(rej(RequestError::ReadOnly));
             }
-            if data.writable_len() != 1 {
+            if data.writable_len != 1 {
                 return Err(rej(RequestError::WrongDirection));
             }
             let ranges =
@@ -356,6 +357,10 @@ fn check_range(sector: u64, sectors: u64, capacity: u64) -> Result<(), RequestEr
 struct Payload<'a> {
     descs: &'a [Desc],
     n_readable: usize,
+    /// Bytes of the readable descriptors, header included.
+    readable_len: u64,
+    /// Bytes of the writable descriptors, status byte included.
+    writable_len: u64,
 }
 
 impl Payload<'_> {
@@ -380,33 +385,28 @@ impl Payload<'_> {
         })
     }
 
+    /// Readable bytes after the header.
     fn readable_len(&self) -> u64 {
-        self.readable().map(|(_, l)| u64::from(l)).sum()
+        self.readable_len.saturating_sub(u64::from(HEADER_LEN))
     }
+}
 
-    /// Writable bytes including the status byte.
-    fn writable_len(&self) -> u64 {
-        self.descs[self.n_readable..]
-            .iter()
-            .map(|d| u64::from(d.len))
-            .sum()
+/// Translates data pieces into `iov`, in order. Returns the number of pieces, their bytes, and
+/// the first translation failure (after which nothing more is translated, but counting goes on).
+fn push_pieces(
+    pieces: impl Iterator<Item = (u64, u32)>,
+    map: &HostMap,
+    iov: &mut IovecList,
+) -> (usize, u64, Option<MemError>) {
+    let (mut n, mut bytes, mut err) = (0usize, 0u64, None);
+    for (addr, len) in pieces {
+        n += 1;
+        bytes += u64::from(len);
+        if err.is_none() {
+            err = iov.push(map, addr, len).err();
+        }
     }
-
-    fn readable_segments(&self) -> usize {
-        self.readable().count()
-    }
-
-    fn writable_segments(&self) -> usize {
-        self.writable().count()
-    }
-
-    fn push_readable(&self, map: &HostMap, iov: &mut IovecList) -> Result<(), MemError> {
-        self.readable().try_for_each(|(a, l)| iov.push(map, a, l))
-    }
-
-    fn push_writable(&self, map: &HostMap, iov: &mut IovecList) -> Result<(), MemError> {
-        self.writable().try_for_each(|(a, l)| iov.push(map, a, l))
-    }
+    (n, bytes, err)
 }
 
 /// Reads the `struct virtio_blk_discard_write_zeroes` segments of a discard / write-zeroes
