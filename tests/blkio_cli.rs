@@ -346,3 +346,96 @@ fn poll_options_with_their_extreme_values_are_accepted() {
         daemon.assert_running();
     }
 }
+
+#[test]
+fn print_capabilities_prints_the_block_backend_json_and_exits_0() {
+    let out = common::daemon::vubd_command()
+        .arg("--print-capabilities")
+        .output()
+        .expect("run vubd");
+    assert!(out.status.success(), "exit status {}", out.status);
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("--print-capabilities prints JSON");
+    assert_eq!(json["type"], "block");
+    let features: Vec<&str> = json["features"]
+        .as_array()
+        .expect("features array")
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect();
+    assert!(
+        features.contains(&"read-only") && features.contains(&"blk-file"),
+        "{json}"
+    );
+}
+
+/// The fd vubd gets through `--fd` in the inherited-socket test.
+const INHERITED_FD: i32 = 7;
+
+#[test]
+fn inherited_listening_socket_is_served_through_fd() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixListener;
+
+    let image = Image::new(MIB);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("inherited.sock");
+    let listener = UnixListener::bind(&socket).expect("bind");
+    let fd = listener.as_raw_fd();
+    let mut cmd = common::daemon::vubd_command();
+    cmd.args([
+        "--fd",
+        &INHERITED_FD.to_string(),
+        "--disk",
+        text(image.path()),
+    ]);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec, and the
+    // duplicate (without FD_CLOEXEC) is the listening socket the child inherits.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, INHERITED_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn vubd");
+    drop(listener);
+    let result = std::panic::catch_unwind(|| {
+        let mut client = common::client::Client::connect(&socket, &ClientOptions::queues(1))
+            .expect("connect through the inherited socket");
+        let data = vec![0x5au8; 4096];
+        client.queue(0).write(8192, &data);
+        assert_eq!(client.queue(0).read(8192, 4096), data);
+    });
+    let pid = i32::try_from(child.id()).expect("pid fits");
+    // SAFETY: kill has no memory effects; `pid` is our own child, not yet reaped.
+    let _ = unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = common::daemon::wait_bounded(&mut child);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "vubd exit after SIGTERM"
+    );
+    assert_eq!(image.read_host(8192, 4096), vec![0x5au8; 4096]);
+}
+
+#[test]
+fn fd_that_is_not_a_listening_socket_exits_2_naming_fd() {
+    let image = Image::new(MIB);
+    // fd 0 of the child is /dev/null, not a socket; 987 is not open at all.
+    for fd in ["0", "987"] {
+        let exit = run_vubd(&[
+            "--fd".as_ref(),
+            fd.as_ref(),
+            "--disk".as_ref(),
+            image.path().as_os_str(),
+        ]);
+        assert_rejected(&exit, &["--fd"]);
+    }
+}
