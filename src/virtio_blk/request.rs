@@ -204,7 +204,16 @@ pub fn parse(
         writable_len: descs[n_readable..].iter().map(|d| u64::from(d.len)).sum(),
     };
 
-    let request = match rtype {
+    // Each arm builds the result in place: `Request` is large (the inline range list), and
+    // moving a finished one would copy all of it for every read and write.
+    let done = |request| {
+        Ok(Parsed {
+            head,
+            status,
+            request,
+        })
+    };
+    match rtype {
         req_type::IN | req_type::OUT => {
             let write = rtype == req_type::OUT;
             if write && limits.read_only {
@@ -238,22 +247,33 @@ pub fn parse(
             if let Some(e) = mem_err {
                 return Err(rej(RequestError::Memory(e)));
             }
-            let kind = if write {
-                RequestKind::Write { sector }
+            let data_len = len32;
+            if write {
+                Ok(Parsed {
+                    head,
+                    status,
+                    request: Request {
+                        kind: RequestKind::Write { sector },
+                        data_len,
+                    },
+                })
             } else {
-                RequestKind::Read { sector }
-            };
-            Request {
-                kind,
-                data_len: len32,
+                Ok(Parsed {
+                    head,
+                    status,
+                    request: Request {
+                        kind: RequestKind::Read { sector },
+                        data_len,
+                    },
+                })
             }
         }
         req_type::FLUSH => {
             // Data buffers, if any, are ignored (virtio 1.2 §5.2.6.2 gives FLUSH none).
-            Request {
+            done(Request {
                 kind: RequestKind::Flush,
                 data_len: 0,
-            }
+            })
         }
         req_type::GET_ID => {
             if data.readable_len() != 0 || data.writable_len < 2 {
@@ -263,10 +283,10 @@ pub fn parse(
                 return Err(rej(RequestError::Memory(e)));
             }
             let len = u32::try_from(iov.bytes()).unwrap_or(u32::MAX);
-            Request {
+            done(Request {
                 kind: RequestKind::GetId,
                 data_len: len,
-            }
+            })
         }
         req_type::DISCARD | req_type::WRITE_ZEROES => {
             let discard = rtype == req_type::DISCARD;
@@ -286,22 +306,17 @@ pub fn parse(
             }
             let ranges =
                 read_ranges(map, &data, discard, max, limits.capacity_sectors).map_err(rej)?;
-            Request {
+            done(Request {
                 kind: if discard {
                     RequestKind::Discard(ranges)
                 } else {
                     RequestKind::WriteZeroes(ranges)
                 },
                 data_len: 0,
-            }
+            })
         }
-        other => return Err(rej(RequestError::Unsupported(other))),
-    };
-    Ok(Parsed {
-        head,
-        status,
-        request,
-    })
+        other => Err(rej(RequestError::Unsupported(other))),
+    }
 }
 
 /// The 16-byte header from the start of the readable descriptors, however it is split.
