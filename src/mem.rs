@@ -39,12 +39,6 @@ struct HostRegion {
     host: usize,
 }
 
-// SAFETY: the raw addresses point into mappings owned by `snapshot`, which is Send + Sync;
-// the map only reads them or hands them out under the same contract as vm-memory's slices.
-unsafe impl Send for HostMap {}
-// SAFETY: as above; the map itself is immutable.
-unsafe impl Sync for HostMap {}
-
 impl HostMap {
     /// Builds the map of `snapshot` (allocates: control path only).
     pub fn new(snapshot: MemSnapshot) -> Self {

@@ -96,9 +96,6 @@ pub trait IoChannel {
     /// an errno and a non-negative one the bytes transferred; returns how many it reported.
     fn poll(&mut self, max: usize, f: impl FnMut(u32, i32)) -> usize;
 
-    /// Blocks until at least one operation completes (used only when draining).
-    fn wait(&mut self) -> io::Result<()>;
-
     /// A file descriptor that becomes readable when completions are ready, if the channel has
     /// one; the poller sleeps on it in event mode.
     fn completion_fd(&self) -> Option<RawFd>;
@@ -168,10 +165,6 @@ impl IoChannel for Channel {
 
     fn poll(&mut self, max: usize, f: impl FnMut(u32, i32)) -> usize {
         each_channel!(self, c => c.poll(max, f))
-    }
-
-    fn wait(&mut self) -> io::Result<()> {
-        each_channel!(self, c => c.wait())
     }
 
     fn completion_fd(&self) -> Option<RawFd> {

@@ -83,10 +83,6 @@ impl IoChannel for NullChannel {
         n
     }
 
-    fn wait(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-
     fn completion_fd(&self) -> Option<RawFd> {
         None
     }

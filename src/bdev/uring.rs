@@ -215,14 +215,6 @@ impl IoChannel for UringChannel {
         n
     }
 
-    fn wait(&mut self) -> io::Result<()> {
-        match self.ring.submit_and_wait(1) {
-            Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
     fn completion_fd(&self) -> Option<RawFd> {
         Some(self.eventfd.as_raw_fd())
     }

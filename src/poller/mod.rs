@@ -108,10 +108,6 @@ pub struct PollerHandle {
 const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl PollerHandle {
-    pub fn index(&self) -> usize {
-        self.index
-    }
-
     fn send(&self, cmd: Command) {
         self.shared
             .commands
