@@ -25,7 +25,7 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 pub const MAX_SERIAL_LEN: usize = 20;
 
 /// vhost-user-blk backend daemon.
-#[derive(Debug, Parser)]
+#[derive(Debug, PartialEq, Eq, Parser)]
 #[command(name = "vubd", version, about, long_about = None)]
 pub struct Args {
     /// Listen for the VMM on this unix socket.
@@ -153,15 +153,10 @@ pub enum ConfigError {
 }
 
 impl Args {
-    /// True when the command line had no arguments at all.
+    /// True when the command line is the empty one (every option at its default): the
+    /// default run. Any option given without `--disk` is a mistake, not a request for it.
     fn is_bare(&self) -> bool {
-        self.socket_path.is_none()
-            && self.fd.is_none()
-            && self.disk.is_none()
-            && !self.readonly
-            && self.serial.is_none()
-            && !self.print_capabilities
-            && self.cpus.is_none()
+        Args::try_parse_from(["vubd"]).is_ok_and(|empty| *self == empty)
     }
 }
 
