@@ -391,7 +391,7 @@ mod tests {
         std::fs::create_dir_all(&base).expect("target dir");
         let dir = tempfile::tempdir_in(&base).expect("tempdir");
         let path = dir.path().join("disk.img");
-        let content: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+        let content: Vec<u8> = (0u32..64 * 1024).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(&path, &content).expect("write image");
         let dev = FileDevice::open(&opts(&path)).expect("open");
         assert!(
@@ -424,7 +424,7 @@ mod tests {
         assert_eq!(back, content[4096..8192]);
 
         // Write 4 KiB from a buffer 3 bytes past a page boundary, durably.
-        let data: Vec<u8> = (0..4096).map(|i| (i % 13) as u8).collect();
+        let data: Vec<u8> = (0u32..4096).map(|i| (i % 13) as u8).collect();
         mem.write_slice(&data, GuestAddress(0x3003)).expect("fill");
         let mut iov = IovecList::with_capacity(1);
         iov.push_guest(&mem, GuestAddress(0x3003), 4096)
