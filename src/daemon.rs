@@ -236,6 +236,7 @@ fn device_model(cfg: &Config, info: &DeviceInfo) -> (BlkShape, DeviceShared) {
         },
         serial,
         writeback: AtomicBool::new(true),
+        mem_gen: AtomicU64::new(0),
     };
     (shape, shared)
 }

@@ -157,6 +157,30 @@ pub unsafe fn read16_at(p: *const u8) -> [u8; 16] {
     out
 }
 
+/// Reads two consecutive 8-byte words of guest memory at `p`, volatile (the guest shares it),
+/// as stored (native byte order): two loads when `p` is 8-byte aligned, else byte by byte.
+///
+/// # Safety
+///
+/// `p..p + 16` must lie inside a live guest memory mapping.
+#[inline]
+pub unsafe fn read_u64_pair_at(p: *const u8) -> (u64, u64) {
+    if p as usize % 8 == 0 {
+        let q = p.cast::<u64>();
+        // SAFETY: aligned and inside the mapping (caller's contract).
+        unsafe { (q.read_volatile(), q.add(1).read_volatile()) }
+    } else {
+        // SAFETY: as above; `read16_at` handles any alignment.
+        let b = unsafe { read16_at(p) };
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            u64::from_ne_bytes(w)
+        };
+        (word(0), word(8))
+    }
+}
+
 /// Why a guest buffer could not be translated.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum MemError {

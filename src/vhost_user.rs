@@ -199,7 +199,10 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, _mem: GuestMemoryAtomic) -> io::Result<()> {
-        // Pollers share the same atomic map and load a snapshot per batch.
+        // The pollers share the atomic map, which already holds the new one; tell them to load
+        // it. The frontend is acknowledged only after this returns, so it cannot publish a
+        // request that uses the new map before the pollers can see the change.
+        self.shared.mem_gen.fetch_add(1, Ordering::Release);
         Ok(())
     }
 

@@ -12,7 +12,7 @@ mod slots;
 mod worker;
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -52,6 +52,9 @@ pub struct DeviceShared {
     pub serial: [u8; ID_BYTES],
     /// Guest-visible write cache mode (CONFIG_WCE): false means every write is write-through.
     pub writeback: AtomicBool,
+    /// Bumped by the control plane after it replaced a session's guest memory map (before the
+    /// frontend is acknowledged): pollers compare it with one load instead of loading the map.
+    pub mem_gen: AtomicU64,
 }
 
 /// Everything a poller needs to serve one virtqueue.

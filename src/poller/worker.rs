@@ -24,8 +24,8 @@ use crate::bdev::{BlockDevice, Channel, IoChannel, IoOp};
 use crate::mem::{GuestMemoryAtomic, HostMap, MemSnapshot};
 use crate::virtio_blk::ring::SplitRing;
 use crate::virtio_blk::{
-    Desc, DescTable, MAX_RANGE_SEGMENTS, MAX_SEGMENTS, Parsed, RequestKind, SECTOR_SHIFT, Status,
-    parse,
+    DescTable, MAX_RANGE_SEGMENTS, MAX_SEGMENTS, Parsed, Range, RequestKind, SECTOR_SHIFT, Scratch,
+    Status, parse,
 };
 
 /// Most completions reaped from one channel before they are published.
@@ -46,6 +46,8 @@ struct Device {
     map: HostMap,
     /// Incremented whenever `map` is rebuilt: ring pointers of an older one are stale.
     map_gen: u64,
+    /// The device's `mem_gen` when `map` was last checked against `mem`.
+    seen_mem_gen: u64,
     channel: Channel,
     queues: usize,
 }
@@ -82,8 +84,8 @@ pub(super) struct Worker {
     devices: Vec<Option<Device>>,
     queues: Vec<Option<QueueSlot>>,
     slots: SlotTable,
-    /// Parser scratch: its capacity bounds the descriptors of one chain.
-    descs: Vec<Desc>,
+    /// Parser scratch: bounds the descriptors of one chain, holds discard segments.
+    scratch: Scratch,
     /// Tags finished in the current reap.
     done: Vec<Tag>,
     commands: Vec<Command>,
@@ -107,7 +109,7 @@ impl Worker {
             queues: Vec::new(),
             slots: SlotTable::new(0, IOV_PER_SLOT),
             // Data segments plus header and status, which may themselves be split.
-            descs: Vec::with_capacity(MAX_SEGMENTS as usize + 8),
+            scratch: Scratch::new(MAX_SEGMENTS as usize + 8),
             done: Vec::new(),
             commands: Vec::new(),
             epoll,
@@ -219,9 +221,12 @@ impl Worker {
                         return;
                     }
                 }
+                // The generation first: a change after it is seen on the next check.
+                let seen_mem_gen = a.shared.mem_gen.load(Ordering::Acquire);
                 self.devices[i] = Some(Device {
                     key: a.device,
                     shared: a.shared.clone(),
+                    seen_mem_gen,
                     map: HostMap::new(a.mem.memory().into_inner()),
                     map_gen: 0,
                     mem: a.mem.clone(),
@@ -341,7 +346,7 @@ impl Worker {
             queues,
             devices,
             slots,
-            descs,
+            scratch,
             ..
         } = self;
         let Some(q) = queues[qi].as_mut() else {
@@ -367,15 +372,20 @@ impl Worker {
         if avail == next {
             return 0;
         }
-        // Load the memory map only now: a frontend adds a region (ADD_MEM_REG, acknowledged
-        // after the map is replaced) before it publishes requests that use it, so the map
-        // read after the avail index always covers what that index announces.
-        if !dev.map.is_of(&dev.mem.memory()) {
-            dev.map = HostMap::new(dev.mem.memory().into_inner());
-            dev.map_gen += 1;
-            match fresh_ring(&mut q.ring, dev, queue) {
-                Some(r) => ring = r,
-                None => return 0,
+        // Check the memory map only now: a frontend adds a region (ADD_MEM_REG, acknowledged
+        // after the map is replaced and `mem_gen` bumped) before it publishes requests that use
+        // it, so the generation read after the avail index covers what that index announces.
+        let mem_gen = dev.shared.mem_gen.load(Ordering::Acquire);
+        if mem_gen != dev.seen_mem_gen {
+            dev.seen_mem_gen = mem_gen;
+            let mem = dev.mem.memory();
+            if !dev.map.is_of(&mem) {
+                dev.map = HostMap::new(mem.into_inner());
+                dev.map_gen += 1;
+                match fresh_ring(&mut q.ring, dev, queue) {
+                    Some(r) => ring = r,
+                    None => return 0,
+                }
             }
         }
         if (avail - next).0 > ring.size() {
@@ -420,11 +430,19 @@ impl Worker {
                 table,
                 head,
                 &dev.shared.limits,
-                descs,
+                scratch,
                 slots.iov_mut(tag),
             );
             let done = match &parsed {
-                Ok(p) => match start(&dev.shared, &mut dev.channel, slots, qi, tag, p, snapshot) {
+                Ok(p) => match start(
+                    &dev.shared,
+                    &mut dev.channel,
+                    slots,
+                    (qi, tag),
+                    p,
+                    scratch.ranges(),
+                    snapshot,
+                ) {
                     Some((head, c)) => {
                         slots.free(tag);
                         Some((head, write_status(map, snapshot, c)))
@@ -625,15 +643,16 @@ fn free_index<T>(v: &mut Vec<Option<T>>) -> usize {
     }
 }
 
-/// Starts a parsed request on the device's channel. Returns `Some((head, completion))` when
-/// it completed at once.
+/// Starts a parsed request of queue `qi` in slot `tag` on the device's channel; `ranges` are
+/// the segments of a discard / write-zeroes request. Returns `Some((head, completion))` when it
+/// completed at once.
 fn start(
     shared: &DeviceShared,
     channel: &mut Channel,
     slots: &mut SlotTable,
-    qi: usize,
-    tag: Tag,
+    (qi, tag): (usize, Tag),
     p: &Parsed,
+    ranges: &[Range],
     snapshot: &MemSnapshot,
 ) -> Option<(u16, Completion)> {
     let req = p.request;
@@ -704,16 +723,16 @@ fn start(
             fua,
         }),
         RequestKind::Flush => queue(IoOp::Flush),
-        RequestKind::Discard(ranges) => {
-            for r in ranges.as_slice() {
+        RequestKind::Discard => {
+            for r in ranges {
                 queue(IoOp::Discard {
                     offset: r.sector << SECTOR_SHIFT,
                     len: bytes(r.sectors),
                 });
             }
         }
-        RequestKind::WriteZeroes(ranges) => {
-            for r in ranges.as_slice() {
+        RequestKind::WriteZeroes => {
+            for r in ranges {
                 queue(IoOp::WriteZeroes {
                     offset: r.sector << SECTOR_SHIFT,
                     len: bytes(r.sectors),

@@ -6,7 +6,7 @@
 //! chain carries less than 4 GiB. Unlike it, a chain that breaks a rule is reported as such
 //! rather than ending silently.
 
-use crate::mem::{HostMap, read16_at};
+use crate::mem::{HostMap, read_u64_pair_at};
 
 /// `VIRTQ_DESC_F_NEXT`.
 const F_NEXT: u16 = 1;
@@ -35,31 +35,25 @@ pub struct Desc {
 }
 
 impl Desc {
-    fn from_le(b: [u8; 16]) -> Self {
-        let [
-            a0,
-            a1,
-            a2,
-            a3,
-            a4,
-            a5,
-            a6,
-            a7,
-            l0,
-            l1,
-            l2,
-            l3,
-            f0,
-            f1,
-            n0,
-            n1,
-        ] = b;
+    /// Decodes a descriptor from its two little-endian 8-byte words.
+    #[inline]
+    fn from_words(lo: u64, hi: u64) -> Self {
+        let (lo, hi) = (u64::from_le(lo), u64::from_le(hi));
         Self {
-            addr: u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
-            len: u32::from_le_bytes([l0, l1, l2, l3]),
-            flags: u16::from_le_bytes([f0, f1]),
-            next: u16::from_le_bytes([n0, n1]),
+            addr: lo,
+            len: hi as u32,
+            flags: (hi >> 32) as u16,
+            next: (hi >> 48) as u16,
         }
+    }
+
+    fn from_le(b: [u8; 16]) -> Self {
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            u64::from_ne_bytes(w)
+        };
+        Self::from_words(word(0), word(8))
     }
 
     /// The device writes this buffer (the driver reads it).
@@ -81,13 +75,21 @@ impl Desc {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BrokenChain;
 
-/// The result of a walk.
+/// The result of a walk: the chain's shape, summed over all of it (kept or not).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Walk {
     /// The chain's last descriptor.
     pub last: Desc,
     /// More descriptors than `descs` could hold: only the first ones were kept.
     pub overflow: bool,
+    /// Descriptors before the first device-writable one.
+    pub n_readable: usize,
+    /// A device-readable descriptor follows a device-writable one.
+    pub readable_after_writable: bool,
+    /// Bytes of the device-readable descriptors.
+    pub readable_len: u32,
+    /// Bytes of the device-writable descriptors.
+    pub writable_len: u32,
 }
 
 /// Collects the descriptors of the chain at `head` into `descs` (cleared; its capacity bounds
@@ -103,8 +105,10 @@ pub fn walk(
     let mut index = head;
     let mut ttl = size;
     let mut indirect = false;
-    let mut overflow = false;
-    let mut bytes = 0u32;
+    let mut count = 0usize;
+    let mut first_writable = None;
+    let mut readable_after_writable = false;
+    let (mut readable_len, mut writable_len) = (0u32, 0u32);
     // The table translated once (the common case), else descriptor by descriptor.
     let mut table_host = map.host_range(base, u64::from(size) * DESC_SIZE);
     loop {
@@ -112,9 +116,12 @@ pub fn walk(
             return Err(BrokenChain);
         }
         let d = match table_host {
-            // SAFETY: `index < size` and the whole table (`size` entries) was translated into
-            // one live mapping.
-            Some(t) => Desc::from_le(unsafe { read16_at(t.add(usize::from(index) * 16)) }),
+            Some(t) => {
+                // SAFETY: `index < size` and the whole table (`size` entries) was translated
+                // into one live mapping.
+                let (lo, hi) = unsafe { read_u64_pair_at(t.add(usize::from(index) * 16)) };
+                Desc::from_words(lo, hi)
+            }
             None => {
                 let addr = base
                     .checked_add(u64::from(index) * DESC_SIZE)
@@ -132,15 +139,32 @@ pub fn walk(
             table_host = map.host_range(base, u64::from(size) * DESC_SIZE);
             continue;
         }
-        // §2.7.5.2: a chain carries less than 2^32 bytes.
-        bytes = bytes.checked_add(d.len).ok_or(BrokenChain)?;
+        // §2.7.5.2: a chain carries less than 2^32 bytes, so neither sum below overflows once
+        // their total is checked.
+        readable_len
+            .checked_add(writable_len)
+            .and_then(|t| t.checked_add(d.len))
+            .ok_or(BrokenChain)?;
+        if d.is_write_only() {
+            first_writable.get_or_insert(count);
+            writable_len += d.len;
+        } else {
+            readable_after_writable |= first_writable.is_some();
+            readable_len += d.len;
+        }
+        count += 1;
         if descs.len() < descs.capacity() {
             descs.push(d);
-        } else {
-            overflow = true;
         }
         if !d.has_next() {
-            return Ok(Walk { last: d, overflow });
+            return Ok(Walk {
+                last: d,
+                overflow: count > descs.len(),
+                n_readable: first_writable.unwrap_or(count),
+                readable_after_writable,
+                readable_len,
+                writable_len,
+            });
         }
         index = d.next;
         ttl -= 1;

@@ -8,7 +8,7 @@ pub mod ring;
 
 pub use chain::{Desc, DescTable};
 pub use config::{BlkConfig, CONFIG_SPACE_SIZE};
-pub use request::{Parsed, Range, RangeList, Rejected, Request, RequestError, RequestKind, parse};
+pub use request::{Parsed, Range, Rejected, Request, RequestError, RequestKind, Scratch, parse};
 
 use virtio_bindings::virtio_blk as vb;
 

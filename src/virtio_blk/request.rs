@@ -15,7 +15,7 @@ use super::{
     HEADER_LEN, MAX_RANGE_SEGMENTS, RANGE_SEGMENT_LEN, SECTOR_SHIFT, SECTOR_SIZE, Status,
     WRITE_ZEROES_FLAG_UNMAP, req_type,
 };
-use crate::mem::{HostMap, IovecList, MemError};
+use crate::mem::{HostMap, IovecList, MemError, read_u64_pair_at};
 
 /// What the parser checks requests against.
 #[derive(Clone, Copy, Debug)]
@@ -39,21 +39,30 @@ pub struct Range {
     pub unmap: bool,
 }
 
-/// The segments of a discard / write-zeroes request, stored inline.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RangeList {
-    len: u8,
+/// The parser's working storage, owned by the caller and reused for every request: the
+/// descriptors of the chain being parsed, and the segments of the last discard / write-zeroes
+/// request (kept out of [`Request`] so that reads and writes stay small).
+#[derive(Debug)]
+pub struct Scratch {
+    descs: Vec<Desc>,
     ranges: [Range; MAX_RANGE_SEGMENTS],
+    n_ranges: usize,
 }
 
-impl RangeList {
-    pub fn as_slice(&self) -> &[Range] {
-        &self.ranges[..usize::from(self.len)]
+impl Scratch {
+    /// Scratch for chains of at most `max_descs` descriptors; longer chains are rejected.
+    pub fn new(max_descs: usize) -> Self {
+        Self {
+            descs: Vec::with_capacity(max_descs),
+            ranges: [Range::default(); MAX_RANGE_SEGMENTS],
+            n_ranges: 0,
+        }
     }
 
-    fn push(&mut self, r: Range) {
-        self.ranges[usize::from(self.len)] = r;
-        self.len += 1;
+    /// The segments of the last request parsed as [`RequestKind::Discard`] or
+    /// [`RequestKind::WriteZeroes`].
+    pub fn ranges(&self) -> &[Range] {
+        &self.ranges[..self.n_ranges]
     }
 }
 
@@ -71,8 +80,10 @@ pub enum RequestKind {
     Flush,
     /// Write the device id into the iovecs.
     GetId,
-    Discard(RangeList),
-    WriteZeroes(RangeList),
+    /// Deallocate the segments in [`Scratch::ranges`].
+    Discard,
+    /// Zero the segments in [`Scratch::ranges`].
+    WriteZeroes,
 }
 
 /// The request part of a [`Parsed`] chain.
@@ -151,15 +162,15 @@ impl RequestError {
     }
 }
 
-/// Parses and validates the chain at `head` of `table`. `descs` is scratch storage whose
-/// capacity bounds the chain length accepted (it is cleared, never grown); `iov` receives the
-/// data buffers, as host addresses from `map`.
+/// Parses and validates the chain at `head` of `table`. `scratch` holds the chain's
+/// descriptors (its capacity bounds the chain length accepted) and receives the segments of a
+/// discard / write-zeroes request; `iov` receives the data buffers, as host addresses from `map`.
 pub fn parse(
     map: &HostMap,
     table: DescTable,
     head: u16,
     limits: &Limits,
-    descs: &mut Vec<Desc>,
+    scratch: &mut Scratch,
     iov: &mut IovecList,
 ) -> Result<Parsed, Rejected> {
     iov.clear();
@@ -169,7 +180,7 @@ pub fn parse(
         error,
     };
     // A chain that cannot be followed to its end has no known status byte.
-    let Ok(walk) = walk(map, table, head, descs) else {
+    let Ok(walk) = walk(map, table, head, &mut scratch.descs) else {
         return Err(reject(None, RequestError::EmptyChain));
     };
     let status =
@@ -180,39 +191,23 @@ pub fn parse(
             max: limits.seg_max,
         }));
     }
-
-    if descs[0].is_write_only() {
+    let descs = scratch.descs.as_slice();
+    // The chain is its readable part (header, then payload), then its writable part (payload,
+    // then the status byte).
+    if walk.n_readable == 0 {
         return Err(rej(RequestError::HeaderNotReadable));
     }
-    // Split the chain into its readable part (header, then payload) and its writable part
-    // (payload, then the status byte), checking the readable-then-writable order.
-    let n_writable = descs.iter().filter(|d| d.is_write_only()).count();
-    let n_readable = descs.len() - n_writable;
-    if descs[..n_readable].iter().any(|d| d.is_write_only()) {
+    if walk.readable_after_writable {
         return Err(rej(RequestError::ReadableAfterWritable));
     }
-    let header = read_header(map, &descs[..n_readable]).map_err(rej)?;
-    let rtype = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-    let sector = u64::from_le_bytes([
-        header[8], header[9], header[10], header[11], header[12], header[13], header[14],
-        header[15],
-    ]);
+    let (rtype, sector) = read_header(map, &descs[..walk.n_readable]).map_err(rej)?;
     let data = Payload {
-        descs: descs.as_slice(),
-        n_readable,
-        readable_len: descs[..n_readable].iter().map(|d| u64::from(d.len)).sum(),
-        writable_len: descs[n_readable..].iter().map(|d| u64::from(d.len)).sum(),
+        descs,
+        n_readable: walk.n_readable,
+        readable_len: walk.readable_len,
+        writable_len: walk.writable_len,
     };
 
-    // Each arm builds the result in place: `Request` is large (the inline range list), and
-    // moving a finished one would copy all of it for every read and write.
-    let done = |request| {
-        Ok(Parsed {
-            head,
-            status,
-            request,
-        })
-    };
     match rtype {
         req_type::IN | req_type::OUT => {
             let write = rtype == req_type::OUT;
@@ -232,60 +227,63 @@ pub fn parse(
                 }
                 push_pieces(data.writable(), map, iov)
             };
-            if seg_count > limits.seg_max as usize {
+            if seg_count > limits.seg_max {
                 return Err(rej(RequestError::TooManySegments {
                     max: limits.seg_max,
                 }));
             }
-            let Ok(len32) = u32::try_from(len) else {
-                return Err(rej(RequestError::UnalignedLength(u32::MAX)));
-            };
-            if len % SECTOR_SIZE != 0 {
-                return Err(rej(RequestError::UnalignedLength(len32)));
+            if len % SECTOR_SIZE as u32 != 0 {
+                return Err(rej(RequestError::UnalignedLength(len)));
             }
-            check_range(sector, len >> SECTOR_SHIFT, limits.capacity_sectors).map_err(rej)?;
+            check_range(
+                sector,
+                u64::from(len) >> SECTOR_SHIFT,
+                limits.capacity_sectors,
+            )
+            .map_err(rej)?;
             if let Some(e) = mem_err {
                 return Err(rej(RequestError::Memory(e)));
             }
-            let data_len = len32;
-            if write {
-                Ok(Parsed {
-                    head,
-                    status,
-                    request: Request {
-                        kind: RequestKind::Write { sector },
-                        data_len,
-                    },
-                })
+            let kind = if write {
+                RequestKind::Write { sector }
             } else {
-                Ok(Parsed {
-                    head,
-                    status,
-                    request: Request {
-                        kind: RequestKind::Read { sector },
-                        data_len,
-                    },
-                })
-            }
+                RequestKind::Read { sector }
+            };
+            Ok(Parsed {
+                head,
+                status,
+                request: Request {
+                    kind,
+                    data_len: len,
+                },
+            })
         }
         req_type::FLUSH => {
             // Data buffers, if any, are ignored (virtio 1.2 §5.2.6.2 gives FLUSH none).
-            done(Request {
-                kind: RequestKind::Flush,
-                data_len: 0,
+            Ok(Parsed {
+                head,
+                status,
+                request: Request {
+                    kind: RequestKind::Flush,
+                    data_len: 0,
+                },
             })
         }
         req_type::GET_ID => {
             if data.readable_len() != 0 || data.writable_len < 2 {
                 return Err(rej(RequestError::WrongDirection));
             }
-            if let (_, _, Some(e)) = push_pieces(data.writable(), map, iov) {
+            let (_, len, mem_err) = push_pieces(data.writable(), map, iov);
+            if let Some(e) = mem_err {
                 return Err(rej(RequestError::Memory(e)));
             }
-            let len = u32::try_from(iov.bytes()).unwrap_or(u32::MAX);
-            done(Request {
-                kind: RequestKind::GetId,
-                data_len: len,
+            Ok(Parsed {
+                head,
+                status,
+                request: Request {
+                    kind: RequestKind::GetId,
+                    data_len: len,
+                },
             })
         }
         req_type::DISCARD | req_type::WRITE_ZEROES => {
@@ -304,47 +302,69 @@ pub fn parse(
             if data.writable_len != 1 {
                 return Err(rej(RequestError::WrongDirection));
             }
-            let ranges =
-                read_ranges(map, &data, discard, max, limits.capacity_sectors).map_err(rej)?;
-            done(Request {
-                kind: if discard {
-                    RequestKind::Discard(ranges)
-                } else {
-                    RequestKind::WriteZeroes(ranges)
-                },
-                data_len: 0,
+            scratch.n_ranges = 0;
+            scratch.n_ranges = read_ranges(
+                map,
+                &data,
+                discard,
+                max,
+                limits.capacity_sectors,
+                &mut scratch.ranges,
+            )
+            .map_err(rej)?;
+            let kind = if discard {
+                RequestKind::Discard
+            } else {
+                RequestKind::WriteZeroes
+            };
+            Ok(Parsed {
+                head,
+                status,
+                request: Request { kind, data_len: 0 },
             })
         }
         other => Err(rej(RequestError::Unsupported(other))),
     }
 }
 
-/// The 16-byte header from the start of the readable descriptors, however it is split.
-fn read_header(map: &HostMap, readable: &[Desc]) -> Result<[u8; 16], RequestError> {
+/// The request type and sector from the 16-byte header at the start of the readable
+/// descriptors, however it is split.
+fn read_header(map: &HostMap, readable: &[Desc]) -> Result<(u32, u64), RequestError> {
     let oob = |d: &Desc, len| RequestError::Memory(MemError::OutOfRange { addr: d.addr, len });
-    match readable.first() {
+    let header = match readable.first() {
         None => return Err(RequestError::ShortHeader),
-        Some(d) if d.len >= HEADER_LEN => {
-            return map.read16(d.addr).ok_or_else(|| oob(d, HEADER_LEN));
+        Some(d) if d.len >= HEADER_LEN => match map.host_range(d.addr, u64::from(HEADER_LEN)) {
+            Some(p) => {
+                // SAFETY: 16 bytes inside one live mapping (kept by the map's snapshot).
+                let (lo, hi) = unsafe { read_u64_pair_at(p) };
+                // `struct virtio_blk_outhdr`: le32 type, le32 ioprio, le64 sector.
+                return Ok((u64::from_le(lo) as u32, u64::from_le(hi)));
+            }
+            None => map.read16(d.addr).ok_or_else(|| oob(d, HEADER_LEN))?,
+        },
+        Some(_) => {
+            let mut header = [0u8; HEADER_LEN as usize];
+            let mut at = 0usize;
+            for d in readable {
+                if at == header.len() {
+                    break;
+                }
+                let n = (d.len as usize).min(header.len() - at);
+                if !map.read(d.addr, &mut header[at..at + n]) {
+                    return Err(oob(d, n as u32));
+                }
+                at += n;
+            }
+            if at < header.len() {
+                return Err(RequestError::ShortHeader);
+            }
+            header
         }
-        Some(_) => {}
-    }
-    let mut header = [0u8; HEADER_LEN as usize];
-    let mut at = 0usize;
-    for d in readable {
-        if at == header.len() {
-            break;
-        }
-        let n = (d.len as usize).min(header.len() - at);
-        if !map.read(d.addr, &mut header[at..at + n]) {
-            return Err(oob(d, n as u32));
-        }
-        at += n;
-    }
-    if at < header.len() {
-        return Err(RequestError::ShortHeader);
-    }
-    Ok(header)
+    };
+    let rtype = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let mut sector = [0u8; 8];
+    sector.copy_from_slice(&header[8..]);
+    Ok((rtype, u64::from_le_bytes(sector)))
 }
 
 /// The last byte of the last descriptor, if it is device-writable and inside guest memory.
@@ -373,9 +393,9 @@ struct Payload<'a> {
     descs: &'a [Desc],
     n_readable: usize,
     /// Bytes of the readable descriptors, header included.
-    readable_len: u64,
+    readable_len: u32,
     /// Bytes of the writable descriptors, status byte included.
-    writable_len: u64,
+    writable_len: u32,
 }
 
 impl Payload<'_> {
@@ -401,22 +421,23 @@ impl Payload<'_> {
     }
 
     /// Readable bytes after the header.
-    fn readable_len(&self) -> u64 {
-        self.readable_len.saturating_sub(u64::from(HEADER_LEN))
+    fn readable_len(&self) -> u32 {
+        self.readable_len.saturating_sub(HEADER_LEN)
     }
 }
 
-/// Translates data pieces into `iov`, in order. Returns the number of pieces, their bytes, and
-/// the first translation failure (after which nothing more is translated, but counting goes on).
+/// Translates data pieces into `iov`, in order. Returns the number of pieces, their bytes (less
+/// than 4 GiB: the walk bounded the chain), and the first translation failure (after which
+/// nothing more is translated, but counting goes on).
 fn push_pieces(
     pieces: impl Iterator<Item = (u64, u32)>,
     map: &HostMap,
     iov: &mut IovecList,
-) -> (usize, u64, Option<MemError>) {
-    let (mut n, mut bytes, mut err) = (0usize, 0u64, None);
+) -> (u32, u32, Option<MemError>) {
+    let (mut n, mut bytes, mut err) = (0u32, 0u32, None);
     for (addr, len) in pieces {
         n += 1;
-        bytes += u64::from(len);
+        bytes += len;
         if err.is_none() {
             err = iov.push(map, addr, len).err();
         }
@@ -425,19 +446,21 @@ fn push_pieces(
 }
 
 /// Reads the `struct virtio_blk_discard_write_zeroes` segments of a discard / write-zeroes
-/// request (virtio 1.2 §5.2.6), validating each against the limits and the capacity.
+/// request (virtio 1.2 §5.2.6) into `out`, validating each against the limits and the capacity;
+/// returns how many there are.
 fn read_ranges(
     map: &HostMap,
     data: &Payload<'_>,
     discard: bool,
     max_sectors: u32,
     capacity: u64,
-) -> Result<RangeList, RequestError> {
+    out: &mut [Range; MAX_RANGE_SEGMENTS],
+) -> Result<usize, RequestError> {
     let total = data.readable_len();
-    if total == 0 || total % u64::from(RANGE_SEGMENT_LEN) != 0 {
+    if total == 0 || total % RANGE_SEGMENT_LEN != 0 {
         return Err(RequestError::BadRangeList);
     }
-    if total / u64::from(RANGE_SEGMENT_LEN) > MAX_RANGE_SEGMENTS as u64 {
+    if total / RANGE_SEGMENT_LEN > MAX_RANGE_SEGMENTS as u32 {
         return Err(RequestError::TooManySegments {
             max: MAX_RANGE_SEGMENTS as u32,
         });
@@ -452,7 +475,7 @@ fn read_ranges(
         }
         at += len as usize;
     }
-    let mut list = RangeList::default();
+    let mut n = 0;
     for seg in raw[..at].chunks_exact(RANGE_SEGMENT_LEN as usize) {
         let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
         let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
@@ -469,13 +492,14 @@ fn read_ranges(
             });
         }
         check_range(sector, u64::from(sectors), capacity)?;
-        list.push(Range {
+        out[n] = Range {
             sector,
             sectors,
             unmap: flags & WRITE_ZEROES_FLAG_UNMAP != 0,
-        });
+        };
+        n += 1;
     }
-    Ok(list)
+    Ok(n)
 }
 
 #[cfg(test)]

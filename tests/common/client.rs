@@ -176,6 +176,26 @@ impl Client {
     pub fn queues_mut(&mut self) -> &mut [Queue] {
         &mut self.queues
     }
+
+    /// Maps a new memory region while the device runs (ADD_MEM_REG) and moves every queue's
+    /// buffers into it; the old region stays mapped. Only with nothing in flight.
+    pub fn move_buffers_to_new_region(&mut self) -> Result<(), blkio::Error> {
+        assert!(
+            self.queues.iter().all(|q| q.pending.is_empty()),
+            "requests in flight"
+        );
+        let per_queue = self.queues.first().map_or(0, |q| q.len);
+        let region = self
+            .blkio
+            .alloc_mem_region(per_queue * self.queues.len().max(1))?;
+        self.blkio.map_mem_region(&region)?;
+        let base = region.addr as *mut u8;
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            q.base = base.wrapping_add(i * per_queue);
+            q.used = 0;
+        }
+        Ok(())
+    }
 }
 
 /// One request's outcome.

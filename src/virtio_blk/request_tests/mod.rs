@@ -109,7 +109,8 @@ fn indirect(mem: &GuestMemory, table: u64, descs: &[RawDescriptor]) -> RawDescri
     desc(table, 16 * descs.len() as u32, F_INDIRECT)
 }
 
-type Outcome = (Result<Parsed, Rejected>, IovecList);
+/// The parse result, the iovecs, and the discard / write-zeroes segments left in the scratch.
+type Outcome = (Result<Parsed, Rejected>, IovecList, Vec<Range>);
 
 /// Parses `descs` as chain 0 of a fresh queue, with the given scratch and iovec capacities.
 fn parse_with(
@@ -125,11 +126,11 @@ fn parse_with(
         addr: q.desc_table_addr().0,
         size: QUEUE_SIZE,
     };
-    let mut scratch = Vec::with_capacity(cap.0);
+    let mut scratch = Scratch::new(cap.0);
     let mut iov = IovecList::with_capacity(cap.1);
     let res = parse(&map, table, head, lim, &mut scratch, &mut iov);
-    assert!(scratch.capacity() >= cap.0, "scratch shrunk");
-    (res, iov)
+    assert_eq!(scratch.descs.capacity(), cap.0, "scratch capacity changed");
+    (res, iov, scratch.ranges().to_vec())
 }
 
 /// Parses the chain at `head` of the mock queue `q` in `mem`.
@@ -138,7 +139,7 @@ fn parse_in(
     q: &MockSplitQueue<'_, GuestMemory>,
     head: u16,
     lim: &Limits,
-    scratch: &mut Vec<crate::virtio_blk::Desc>,
+    scratch: &mut Scratch,
     iov: &mut IovecList,
 ) -> Result<Parsed, Rejected> {
     let map = HostMap::new(std::sync::Arc::new(mem.clone()));
@@ -222,8 +223,8 @@ impl Bench {
         chain: &[RawDescriptor],
         status: u64,
         pieces: &[(u64, u32)],
-    ) -> (Parsed, IovecList) {
-        let (res, iov) = self.run(rtype, sector, chain);
+    ) -> (Parsed, IovecList, Vec<Range>) {
+        let (res, iov, ranges) = self.run(rtype, sector, chain);
         let p = res.expect("request accepted");
         let kind = match rtype {
             IN => K::Read { sector },
@@ -236,7 +237,7 @@ impl Bench {
         assert_eq!(p.request, Request { kind, data_len });
         assert_eq!((p.head, p.status), (0, GuestAddress(status)));
         assert_iov_covers(&self.mem, &iov, pieces);
-        (p, iov)
+        (p, iov, ranges)
     }
 
     fn rejects(&self, rtype: u32, chain: &[RawDescriptor], want: Want) {
@@ -262,16 +263,14 @@ fn mem_oor(addr: u64, len: u32) -> E {
     E::Memory(MemError::OutOfRange { addr, len })
 }
 
-fn ranges(list: &[(u64, u32, bool)]) -> RangeList {
-    let mut out = RangeList::default();
-    for &(sector, sectors, unmap) in list {
-        out.push(Range {
+fn ranges(list: &[(u64, u32, bool)]) -> Vec<Range> {
+    list.iter()
+        .map(|&(sector, sectors, unmap)| Range {
             sector,
             sectors,
             unmap,
-        });
-    }
-    out
+        })
+        .collect()
 }
 
 /// A discard / write-zeroes chain whose segment list is the `len` bytes at `DATA`.

@@ -24,7 +24,7 @@ fn chain_cut_short_by_a_bad_next_index_or_a_loop_is_rejected_without_status() {
     for descs in [&cut, &looped] {
         let q = MockSplitQueue::new(&b.mem, QUEUE_SIZE);
         let chain = q.build_multiple_desc_chains(descs).expect("chain");
-        let (mut scratch, mut iov) = (Vec::with_capacity(32), IovecList::with_capacity(64));
+        let (mut scratch, mut iov) = (Scratch::new(32), IovecList::with_capacity(64));
         let res = parse_in(
             &b.mem,
             &q,
@@ -116,11 +116,11 @@ fn chain_longer_than_scratch_capacity_is_rejected_with_its_status() {
     let mut c = vec![r(HDR, 16)];
     c.extend([DATA, DATA2, DATA3].map(|a| w(a, 512)));
     c.push(st());
-    let (res, _) = parse_with(&b.mem, &c, &b.lim, (4, 64));
+    let (res, ..) = parse_with(&b.mem, &c, &b.lim, (4, 64));
     let err = E::TooManySegments { max: 8 };
     assert_rejected(res, (err, Status::IoErr, Some(STATUS)));
     // One more slot and the same chain fits.
-    let (res, _) = parse_with(&b.mem, &c, &b.lim, (5, 64));
+    let (res, ..) = parse_with(&b.mem, &c, &b.lim, (5, 64));
     assert_eq!(res.expect("fits").request.data_len, 1536);
 }
 
@@ -199,7 +199,7 @@ fn more_buffers_than_the_iovec_list_holds_is_a_memory_error() {
     let b = Bench::new();
     b.put(HDR, &header_bytes(IN, 0));
     let c = [r(HDR, 16), w(DATA, 512), w(DATA2, 512), st()];
-    let (res, _) = parse_with(&b.mem, &c, &b.lim, (8, 1));
+    let (res, ..) = parse_with(&b.mem, &c, &b.lim, (8, 1));
     let err = E::Memory(MemError::TooManyIovecs(1));
     assert_rejected(res, (err, Status::IoErr, Some(STATUS)));
 }
@@ -273,11 +273,9 @@ fn more_than_max_range_segments_is_rejected() {
         .map(|i| seg(i, 1, 0))
         .collect();
     b.put(DATA, &list.concat());
-    let p = b.ok(DISCARD, 0, &range_chain(16 * MAX_SEGS));
-    let K::Discard(got) = p.request.kind else {
-        panic!("not a discard")
-    };
-    assert_eq!(got.as_slice().len(), MAX_RANGE_SEGMENTS);
+    let (res, _, got) = b.run(DISCARD, 0, &range_chain(16 * MAX_SEGS));
+    assert_eq!(res.expect("accepted").request.kind, K::Discard);
+    assert_eq!(got.len(), MAX_RANGE_SEGMENTS);
     let err = E::TooManySegments { max: MAX_SEGS };
     b.ioerr(DISCARD, 0, &range_chain(16 * MAX_SEGS + 16), err);
 }
