@@ -8,6 +8,9 @@
 //!   (on a failing test it prints the backend's output); [`daemon::DaemonConfig`] holds the
 //!   settings, among them vubd's poll mode and poller CPUs; [`daemon::run_vubd`] runs vubd to
 //!   completion for the command-line tests.
+//! - [`nvmet`]: [`nvmet::NvmetTarget`], the Linux kernel's NVMe/TCP target in a QEMU guest
+//!   (`qemu/nvmet-target.sh`), reached at 127.0.0.1, for NVMe/TCP initiator tests; its guest can
+//!   be paused and resumed over QMP.
 //! - [`procfs`]: the CPU time and CPU affinity of a running backend, from `/proc`.
 //! - [`client`]: [`client::Client`], a vhost-user frontend built on libblkio: N queues, one
 //!   shared-memory region as I/O buffers, many requests in flight per queue, raw completion
@@ -37,6 +40,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod nvmet;
 pub mod procfs;
 
 use std::fs::{self, File};
