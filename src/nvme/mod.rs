@@ -1,0 +1,9 @@
+//! The NVMe driver's transport-agnostic core and its transports.
+//!
+//! - [`spec`]: wire types shared by every transport (NVMe Base 2.0, NVMe over Fabrics 1.1):
+//!   submission and completion queue entries, Identify data, controller registers, Fabrics
+//!   Connect and discovery, NQNs.
+//!
+//! Nothing here knows of virtio, vhost or `bdev`: the block-device adapter lives in `bdev`.
+
+pub mod spec;
