@@ -2,12 +2,14 @@
 //!
 //! Layers, each using only those below it: `daemon` (wiring, lifecycle) → `vhost_user`
 //! (control plane) → `poller` (data plane) → `virtio_blk` (request codec) → `bdev` (block
-//! devices and their I/O channels) → `mem` (guest memory).
+//! devices and their I/O channels) → `nvme` (NVMe wire types and transports) → `mem` (guest
+//! memory).
 
 pub mod bdev;
 pub mod config;
 pub mod daemon;
 pub mod mem;
+pub mod nvme;
 pub mod poller;
 pub mod vhost_user;
 pub mod virtio_blk;

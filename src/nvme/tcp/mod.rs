@@ -1,0 +1,7 @@
+//! The NVMe/TCP transport (NVMe/TCP Transport Specification 1.0).
+//!
+//! [`pdu`] is the pure codec: PDU encoders that write into caller buffers, CRC32C digests, and
+//! a receive state machine that never touches payload bytes, so they can go straight from the
+//! socket into the command's own buffers.
+
+pub mod pdu;
