@@ -7,5 +7,7 @@
 //!
 //! Nothing here knows of virtio, vhost or `bdev`: the block-device adapter lives in `bdev`.
 
+pub mod cid;
 pub mod spec;
+pub mod split;
 pub mod tcp;

@@ -17,8 +17,11 @@ struct Slot {
     head: u16,
     status_addr: GuestAddress,
     used_len: u32,
-    /// Bytes a read or write operation must transfer; `None` for other operations.
+    /// Bytes a read or write request must transfer, summed over its operations (a device may
+    /// split a request); `None` for other requests.
     expect: Option<u32>,
+    /// Bytes the request's operations reported so far.
+    transferred: u32,
     /// Channel completions still to come.
     pending: u32,
     error: bool,
@@ -35,6 +38,7 @@ impl Slot {
             status_addr: GuestAddress(0),
             used_len: 0,
             expect: None,
+            transferred: 0,
             pending: 0,
             error: false,
             mem: None,
@@ -122,6 +126,7 @@ impl SlotTable {
         slot.status_addr = status_addr;
         slot.used_len = used_len;
         slot.expect = expect;
+        slot.transferred = 0;
         slot.pending = 0;
         slot.error = false;
         slot.mem = Some(mem);
@@ -144,17 +149,22 @@ impl SlotTable {
         if slot.pending == 0 {
             return false;
         }
-        let ok = match (u32::try_from(result), slot.expect) {
-            (Err(_), _) => false,
-            (Ok(n), Some(want)) => n == want,
-            (Ok(_), None) => true,
-        };
-        if !ok {
-            tracing::debug!(tag, result, expect = ?slot.expect, "I/O operation failed");
-            slot.error = true;
+        match u32::try_from(result) {
+            Ok(n) => slot.transferred = slot.transferred.saturating_add(n),
+            Err(_) => {
+                tracing::debug!(tag, result, "I/O operation failed");
+                slot.error = true;
+            }
         }
         slot.pending -= 1;
-        slot.pending == 0
+        if slot.pending > 0 {
+            return false;
+        }
+        if slot.expect.is_some_and(|want| want != slot.transferred) {
+            tracing::debug!(tag, transferred = slot.transferred, expect = ?slot.expect, "short transfer");
+            slot.error = true;
+        }
+        true
     }
 
     /// How the request in `tag` ends.
@@ -233,5 +243,28 @@ mod tests {
         assert!(t.complete_op(tag, 2048));
         assert_eq!(t.finish(tag).status, Status::IoErr);
         assert_eq!(t.finish(tag).used_len, 1);
+    }
+
+    #[test]
+    fn a_request_split_into_operations_transfers_the_sum_of_their_bytes() {
+        let mem = std::sync::Arc::new(
+            crate::mem::GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).expect("mem"),
+        );
+        let mut t = SlotTable::new(1, 1);
+        let tag = t.alloc().expect("tag");
+        t.begin(tag, 0, 0, GuestAddress(0), 8193, Some(8192), mem.clone());
+        t.add_pending(tag, 2);
+        assert!(!t.complete_op(tag, 4096));
+        assert!(t.complete_op(tag, 4096));
+        assert_eq!(t.finish(tag).status, Status::Ok);
+        assert_eq!(t.finish(tag).used_len, 8193);
+        assert!(t.release(tag).is_some());
+        // One part short: the whole request fails.
+        let tag = t.alloc().expect("tag");
+        t.begin(tag, 0, 0, GuestAddress(0), 8193, Some(8192), mem);
+        t.add_pending(tag, 2);
+        assert!(!t.complete_op(tag, 4096));
+        assert!(t.complete_op(tag, 4095));
+        assert_eq!(t.finish(tag).status, Status::IoErr);
     }
 }

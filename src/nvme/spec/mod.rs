@@ -57,7 +57,7 @@ pub enum SpecError {
     DiscoveryTruncated { numrec: u64, available: usize },
     #[error("NQN of {len} bytes, at most {NQN_MAX_LEN}")]
     NqnTooLong { len: usize },
-    #[error("malformed NQN {0:?}")]
+    #[error("malformed NQN {0:?} (expected nqn.YYYY-MM.reverse.domain[:name])")]
     NqnFormat(String),
 }
 

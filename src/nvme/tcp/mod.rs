@@ -4,4 +4,6 @@
 //! a receive state machine that never touches payload bytes, so they can go straight from the
 //! socket into the command's own buffers.
 
+pub mod data;
 pub mod pdu;
+pub mod queue;

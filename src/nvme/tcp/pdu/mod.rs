@@ -15,7 +15,7 @@ mod rx;
 mod tx;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use rx::{C2hData, IcResp, R2t, RxEvent, RxNeed, RxParser, header_len_after_icresp};
 pub use tx::{H2cData, IcReq, encode_capsule_cmd, encode_h2c_data, encode_h2c_term_req};

@@ -10,16 +10,16 @@ use std::collections::BTreeMap;
 
 use super::*;
 
-pub(super) const ALL: Digests = Digests {
+pub(crate) const ALL: Digests = Digests {
     header: true,
     data: true,
 };
-pub(super) const NONE: Digests = Digests {
+pub(crate) const NONE: Digests = Digests {
     header: false,
     data: false,
 };
 
-pub(super) fn icreq(hpda: u8, digests: Digests) -> IcReq {
+pub(crate) fn icreq(hpda: u8, digests: Digests) -> IcReq {
     IcReq {
         hpda,
         digests,
@@ -42,7 +42,7 @@ fn seal(mut h: Vec<u8>, d: Digests) -> Vec<u8> {
     h
 }
 
-pub(super) fn icresp(cpda: u8, dgst: u8, maxh2cdata: u32) -> Vec<u8> {
+pub(crate) fn icresp(cpda: u8, dgst: u8, maxh2cdata: u32) -> Vec<u8> {
     let mut b = ch(pdu_type::ICRESP, 0, 128, 0, 128);
     b.extend_from_slice(&[0, 0, cpda, dgst]);
     b.extend_from_slice(&maxh2cdata.to_le_bytes());
@@ -50,7 +50,7 @@ pub(super) fn icresp(cpda: u8, dgst: u8, maxh2cdata: u32) -> Vec<u8> {
     b
 }
 
-pub(super) fn cqe_bytes(cid: u16, sc: u8) -> [u8; 16] {
+pub(crate) fn cqe_bytes(cid: u16, sc: u8) -> [u8; 16] {
     let mut c = [0u8; 16];
     c[0..4].copy_from_slice(&0xdead_beefu32.to_le_bytes());
     c[12..14].copy_from_slice(&cid.to_le_bytes());
@@ -58,7 +58,7 @@ pub(super) fn cqe_bytes(cid: u16, sc: u8) -> [u8; 16] {
     c
 }
 
-pub(super) fn capsule_resp(cid: u16, d: Digests) -> Vec<u8> {
+pub(crate) fn capsule_resp(cid: u16, d: Digests) -> Vec<u8> {
     let plen = 24 + if d.header { 4 } else { 0 };
     let mut b = ch(
         pdu_type::CAPSULE_RESP,
@@ -71,7 +71,7 @@ pub(super) fn capsule_resp(cid: u16, d: Digests) -> Vec<u8> {
     seal(b, d)
 }
 
-pub(super) fn r2t(cccid: u16, ttag: u16, r2to: u32, r2tl: u32, d: Digests) -> Vec<u8> {
+pub(crate) fn r2t(cccid: u16, ttag: u16, r2to: u32, r2tl: u32, d: Digests) -> Vec<u8> {
     let plen = 24 + if d.header { 4 } else { 0 };
     let mut b = ch(pdu_type::R2T, if d.header { 1 } else { 0 }, 24, 0, plen);
     for f in [u32::from(cccid) | u32::from(ttag) << 16, r2to, r2tl, 0] {
@@ -82,7 +82,7 @@ pub(super) fn r2t(cccid: u16, ttag: u16, r2to: u32, r2tl: u32, d: Digests) -> Ve
 
 /// A whole C2HData PDU: header, digest, padding to a `(hpda + 1) * 4` aligned PDO, data,
 /// data digest.
-pub(super) fn c2h_data(
+pub(crate) fn c2h_data(
     cccid: u16,
     datao: u32,
     data: &[u8],
@@ -109,7 +109,7 @@ pub(super) fn c2h_data(
     b
 }
 
-pub(super) fn c2h_term_req(fes: u16, fei: u32, data: &[u8]) -> Vec<u8> {
+pub(crate) fn c2h_term_req(fes: u16, fei: u32, data: &[u8]) -> Vec<u8> {
     let mut b = ch(pdu_type::C2H_TERM_REQ, 0, 24, 0, 24 + data.len() as u32);
     b.extend_from_slice(&fes.to_le_bytes());
     b.extend_from_slice(&fei.to_le_bytes());

@@ -1,0 +1,626 @@
+//! The command line, and its validation into a [`Config`] that nothing below the daemon
+//! ever sees in clap form. Follows QEMU's "vhost-user backend program conventions"
+//! (`--socket-path`, `--fd`, `--print-capabilities`, and for block devices `--blk-file` and
+//! `--read-only` as spellings of `--disk` and `--readonly`).
+
+mod nvme;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use thiserror::Error;
+
+pub use self::nvme::{
+    DEFAULT_DISCOVERY_PORT, NvmeHostArgs, NvmeHostConfig, NvmeTcpUri, check_nqn, parse_uuid,
+};
+
+use crate::bdev::file::CacheMode;
+use crate::poller::{PollMode, allowed_cpus};
+use std::time::Duration;
+
+/// Default socket, disk and disk size when vubd runs without arguments.
+pub const DEFAULT_SOCKET: &str = "vubd.sock";
+pub const DEFAULT_DISK: &str = "vubd.img";
+pub const DEFAULT_DISK_SIZE: u64 = 1 << 30;
+
+/// Largest queue count (queues map onto a 64-bit worker mask).
+pub const MAX_QUEUES: u16 = 64;
+/// Largest virtqueue size accepted.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// GET_ID returns at most this many bytes of serial.
+pub const MAX_SERIAL_LEN: usize = 20;
+
+/// vhost-user-blk backend daemon.
+#[derive(Debug, PartialEq, Eq, Parser)]
+#[command(name = "vubd", version, about, long_about = None)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<SubCommand>,
+    /// Listen for the VMM on this unix socket.
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+    /// Use this already listening unix socket (inherited file descriptor).
+    #[arg(long, value_name = "N")]
+    pub fd: Option<i32>,
+    /// The disk: PATH or file:PATH (a raw image file or a block device), null:SIZE, or
+    /// nvme-tcp://HOST[:PORT]/SUBNQN[?nsid=N&hdgst=1&ddgst=1].
+    #[arg(long, value_name = "DISK", alias = "blk-file")]
+    pub disk: Option<String>,
+    /// Serve the disk read-only.
+    #[arg(long, alias = "read-only")]
+    pub readonly: bool,
+    /// Number of request queues.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub num_queues: u16,
+    /// Largest virtqueue size the frontend may set (a power of two).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub queue_size: u16,
+    /// Serial number returned by GET_ID (at most 20 bytes; default: the disk's file name).
+    #[arg(long, value_name = "STR")]
+    pub serial: Option<String>,
+    /// Host cache mode: none uses O_DIRECT where the file system allows it.
+    #[arg(long, value_enum, default_value_t = CacheArg::None)]
+    pub cache: CacheArg,
+    /// Run one poller thread on each of these CPUs, pinned (e.g. `2,3` or `2-5`); default: one
+    /// unpinned poller per queue, up to the number of CPUs.
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<String>,
+    /// How pollers wait for work: always (busy-poll), adaptive (poll, then sleep when idle),
+    /// never (event-driven).
+    #[arg(long, value_enum, default_value_t = PollArg::Adaptive)]
+    pub poll: PollArg,
+    /// Adaptive mode: how long a poller keeps polling after its last request, microseconds.
+    #[arg(long, value_name = "US", default_value_t = 50)]
+    pub poll_idle_us: u64,
+    /// Print the vhost-user backend capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+    #[command(flatten)]
+    pub nvme: NvmeHostArgs,
+}
+
+#[derive(Debug, PartialEq, Eq, Subcommand)]
+pub enum SubCommand {
+    /// Print the discovery log page of an NVMe/TCP discovery controller, like `nvme discover`.
+    Discover {
+        /// The discovery controller's address.
+        #[arg(long, value_name = "HOST")]
+        traddr: String,
+        /// Its port.
+        #[arg(long, value_name = "PORT", default_value_t = DEFAULT_DISCOVERY_PORT)]
+        trsvcid: u16,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PollArg {
+    Always,
+    Adaptive,
+    Never,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CacheArg {
+    None,
+    Writeback,
+}
+
+/// Where the VMM connects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketSpec {
+    Path(PathBuf),
+    Fd(i32),
+}
+
+/// The disk a device serves, parsed from `--disk` as a tagged URI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskSpec {
+    File(PathBuf),
+    /// `null:SIZE`: completes every request at once, stores nothing.
+    Null(u64),
+    /// A namespace of a remote NVMe/TCP subsystem.
+    NvmeTcp(NvmeTcpUri),
+}
+
+/// What `vubd` was asked to do.
+#[derive(Debug)]
+pub enum Command {
+    PrintCapabilities,
+    Serve(Config),
+    Discover(DiscoverConfig),
+}
+
+/// `vubd discover`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiscoverConfig {
+    pub host: String,
+    pub port: u16,
+    pub nvme: NvmeHostConfig,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub socket: SocketSpec,
+    pub disk: DiskSpec,
+    pub read_only: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    /// `--serial`, or the default for a file or null disk; `None`: the device's own serial
+    /// number (an NVMe controller's).
+    pub serial: Option<String>,
+    pub cache: CacheMode,
+    /// One entry per poller thread: the CPU it is pinned to, if any.
+    pub pollers: Vec<Option<usize>>,
+    pub poll: PollMode,
+    /// Create the disk as a sparse file of this size if it does not exist (the no-argument
+    /// default run).
+    pub create_size: Option<u64>,
+    pub nvme: NvmeHostConfig,
+}
+
+/// A bad command line; the message names the argument.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--disk is required (PATH, file:PATH, null:SIZE or nvme-tcp://HOST:PORT/SUBNQN)")]
+    MissingDisk,
+    #[error(
+        "--disk {0:?}: unknown disk type {1:?} (expected PATH, file:PATH, null:SIZE or nvme-tcp://)"
+    )]
+    UnknownDiskType(String, String),
+    #[error("--disk {0:?}: {1}")]
+    BadNvmeUri(String, &'static str),
+    #[error("--hostnqn {0:?}: {1}")]
+    BadHostNqn(String, &'static str),
+    #[error("--hostid {0:?}: expected a UUID like f81d4fae-7dec-11d0-a765-00a0c91e6bf6")]
+    BadHostId(String),
+    #[error("{0} {1}: must be between {2} and {3} seconds")]
+    BadSeconds(&'static str, u64, u64, u64),
+    #[error("--disk: empty path")]
+    EmptyDiskPath,
+    #[error("--num-queues {0}: must be between 1 and {MAX_QUEUES}")]
+    NumQueues(u16),
+    #[error("--queue-size {0}: must be a power of two between 2 and {MAX_QUEUE_SIZE}")]
+    QueueSize(u16),
+    #[error("--serial {0:?}: longer than {MAX_SERIAL_LEN} bytes")]
+    SerialTooLong(String),
+    #[error("--socket-path {0}: directory {1} does not exist")]
+    SocketDirMissing(PathBuf, PathBuf),
+    #[error("--fd {0}: not a valid file descriptor number")]
+    BadFd(i32),
+    #[error("--disk {0:?}: size must be a positive multiple of 512 bytes, like 16G or 512M")]
+    BadNullSize(String),
+    #[error("--cpus {0:?}: expected a list like 2,3 or 2-5")]
+    BadCpuList(String),
+    #[error("--cpus {0:?}: CPU {1} is not available to this process")]
+    CpuNotAvailable(String, usize),
+    #[error("--cpus {0:?}: CPU {1} is listed twice")]
+    DuplicateCpu(String, usize),
+    #[error("--poll-idle-us {0}: must be at most 1000000")]
+    PollIdle(u64),
+}
+
+impl Args {
+    /// True when the command line is the empty one (every option at its default): the
+    /// default run. Any option given without `--disk` is a mistake, not a request for it.
+    fn is_bare(&self) -> bool {
+        Args::try_parse_from(["vubd"]).is_ok_and(|empty| *self == empty)
+    }
+}
+
+impl TryFrom<Args> for Command {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
+        if args.print_capabilities {
+            return Ok(Command::PrintCapabilities);
+        }
+        let nvme = args.nvme.validate()?;
+        if let Some(SubCommand::Discover { traddr, trsvcid }) = args.command {
+            return Ok(Command::Discover(DiscoverConfig {
+                host: traddr,
+                port: trsvcid,
+                nvme,
+            }));
+        }
+        let bare = args.is_bare();
+        let disk = match (&args.disk, bare) {
+            (Some(d), _) => parse_disk(d)?,
+            (None, true) => DiskSpec::File(PathBuf::from(DEFAULT_DISK)),
+            (None, false) => return Err(ConfigError::MissingDisk),
+        };
+        if args.num_queues == 0 || args.num_queues > MAX_QUEUES {
+            return Err(ConfigError::NumQueues(args.num_queues));
+        }
+        if !args.queue_size.is_power_of_two()
+            || args.queue_size < 2
+            || args.queue_size > MAX_QUEUE_SIZE
+        {
+            return Err(ConfigError::QueueSize(args.queue_size));
+        }
+        let socket = match (args.socket_path, args.fd) {
+            (_, Some(fd)) if fd < 0 => return Err(ConfigError::BadFd(fd)),
+            (_, Some(fd)) => SocketSpec::Fd(fd),
+            (Some(p), None) => {
+                check_socket_dir(&p)?;
+                SocketSpec::Path(p)
+            }
+            (None, None) => SocketSpec::Path(PathBuf::from(DEFAULT_SOCKET)),
+        };
+        let serial = match args.serial {
+            Some(s) if s.len() > MAX_SERIAL_LEN => return Err(ConfigError::SerialTooLong(s)),
+            Some(s) => Some(s),
+            None => default_serial(&disk),
+        };
+        if args.poll_idle_us > 1_000_000 {
+            return Err(ConfigError::PollIdle(args.poll_idle_us));
+        }
+        let allowed = allowed_cpus();
+        let pollers = match &args.cpus {
+            Some(list) => parse_cpus(list, &allowed)?.into_iter().map(Some).collect(),
+            None => vec![None; usize::from(args.num_queues).min(allowed.len().max(1))],
+        };
+        let poll = match args.poll {
+            PollArg::Always => PollMode::Always,
+            PollArg::Never => PollMode::Never,
+            PollArg::Adaptive => PollMode::Adaptive {
+                idle: Duration::from_micros(args.poll_idle_us),
+            },
+        };
+        Ok(Command::Serve(Config {
+            socket,
+            disk,
+            read_only: args.readonly,
+            num_queues: args.num_queues,
+            queue_size: args.queue_size,
+            serial,
+            cache: match args.cache {
+                CacheArg::None => CacheMode::None,
+                CacheArg::Writeback => CacheMode::Writeback,
+            },
+            pollers,
+            poll,
+            create_size: bare.then_some(DEFAULT_DISK_SIZE),
+            nvme,
+        }))
+    }
+}
+
+/// `PATH`, `file:PATH`; a `scheme:` prefix of another kind is refused unless a file by that
+/// very name exists.
+pub fn parse_disk(s: &str) -> Result<DiskSpec, ConfigError> {
+    if let Some(size) = s.strip_prefix("null:") {
+        return parse_size(size)
+            .filter(|&n| n > 0 && n % 512 == 0)
+            .map(DiskSpec::Null)
+            .ok_or_else(|| ConfigError::BadNullSize(s.to_owned()));
+    }
+    if let Some(rest) = s.strip_prefix("nvme-tcp://") {
+        return nvme::parse_uri(rest, s).map(DiskSpec::NvmeTcp);
+    }
+    if let Some(path) = s.strip_prefix("file:") {
+        if path.is_empty() {
+            return Err(ConfigError::EmptyDiskPath);
+        }
+        return Ok(DiskSpec::File(PathBuf::from(path)));
+    }
+    if s.is_empty() {
+        return Err(ConfigError::EmptyDiskPath);
+    }
+    if let Some((scheme, _)) = s.split_once(':') {
+        let looks_like_scheme = !scheme.is_empty()
+            && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        if looks_like_scheme && !Path::new(s).exists() {
+            return Err(ConfigError::UnknownDiskType(
+                s.to_owned(),
+                scheme.to_owned(),
+            ));
+        }
+    }
+    Ok(DiskSpec::File(PathBuf::from(s)))
+}
+
+/// `1024`, `4K`, `512M`, `16G`, `2T` (binary multiples).
+fn parse_size(s: &str) -> Option<u64> {
+    let (digits, shift) = match s.as_bytes().last()?.to_ascii_uppercase() {
+        b'K' => (&s[..s.len() - 1], 10),
+        b'M' => (&s[..s.len() - 1], 20),
+        b'G' => (&s[..s.len() - 1], 30),
+        b'T' => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().ok()?;
+    n.checked_mul(1 << shift)
+}
+
+/// `2,3`, `2-5`, `0,2-3`: distinct CPUs this process may run on, in the order given.
+pub fn parse_cpus(list: &str, allowed: &[usize]) -> Result<Vec<usize>, ConfigError> {
+    let bad = || ConfigError::BadCpuList(list.to_owned());
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (
+                a.trim().parse().map_err(|_| bad())?,
+                b.trim().parse().map_err(|_| bad())?,
+            ),
+            None => {
+                let c: usize = part.trim().parse().map_err(|_| bad())?;
+                (c, c)
+            }
+        };
+        if lo > hi || hi - lo > 4096 {
+            return Err(bad());
+        }
+        for c in lo..=hi {
+            if !allowed.contains(&c) {
+                return Err(ConfigError::CpuNotAvailable(list.to_owned(), c));
+            }
+            if cpus.contains(&c) {
+                return Err(ConfigError::DuplicateCpu(list.to_owned(), c));
+            }
+            cpus.push(c);
+        }
+    }
+    Ok(cpus)
+}
+
+fn check_socket_dir(p: &Path) -> Result<(), ConfigError> {
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => return Ok(()),
+    };
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(ConfigError::SocketDirMissing(p.to_owned(), dir.to_owned()))
+    }
+}
+
+/// The serial a disk gets without `--serial`: the last 20 bytes of its file name, cut at a
+/// character boundary; `None` for a device that has a serial number of its own.
+fn default_serial(disk: &DiskSpec) -> Option<String> {
+    let path = match disk {
+        DiskSpec::File(path) => path,
+        DiskSpec::Null(_) => return Some("null".to_owned()),
+        DiskSpec::NvmeTcp(_) => return None,
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut start = name.len().saturating_sub(MAX_SERIAL_LEN);
+    while !name.is_char_boundary(start) {
+        start += 1;
+    }
+    Some(name[start..].to_owned())
+}
+
+/// `--print-capabilities` output (vhost-user.rst, "Backend program conventions").
+pub fn capabilities_json() -> String {
+    serde_json::json!({
+        "type": "block",
+        "features": ["read-only", "blk-file"]
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, ConfigError> {
+        let a = Args::try_parse_from(std::iter::once("vubd").chain(args.iter().copied()))
+            .expect("clap accepts");
+        Command::try_from(a)
+    }
+
+    fn serve(args: &[&str]) -> Config {
+        match parse(args) {
+            Ok(Command::Serve(c)) => c,
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn no_arguments_serve_the_default_image_on_the_default_socket() {
+        let c = serve(&[]);
+        assert_eq!(c.socket, SocketSpec::Path(PathBuf::from(DEFAULT_SOCKET)));
+        assert_eq!(c.disk, DiskSpec::File(PathBuf::from(DEFAULT_DISK)));
+        assert_eq!(c.create_size, Some(DEFAULT_DISK_SIZE));
+    }
+
+    #[test]
+    fn explicit_disk_is_never_created() {
+        let c = serve(&["--disk", "x.img"]);
+        assert_eq!(c.create_size, None);
+        assert_eq!(c.serial.as_deref(), Some("x.img"));
+    }
+
+    #[test]
+    fn other_arguments_without_disk_are_refused() {
+        assert_eq!(
+            parse(&["--readonly"]).unwrap_err(),
+            ConfigError::MissingDisk
+        );
+    }
+
+    #[test]
+    fn disk_uri_forms() {
+        assert_eq!(parse_disk("a.img"), Ok(DiskSpec::File("a.img".into())));
+        assert_eq!(parse_disk("file:/x/y"), Ok(DiskSpec::File("/x/y".into())));
+        assert_eq!(parse_disk("file:"), Err(ConfigError::EmptyDiskPath));
+        assert!(matches!(
+            parse_disk("bogus:thing"),
+            Err(ConfigError::UnknownDiskType(_, s)) if s == "bogus"
+        ));
+        // Not a scheme: starts with a digit / contains a slash before the colon.
+        assert_eq!(parse_disk("./a:b"), Ok(DiskSpec::File("./a:b".into())));
+    }
+
+    #[test]
+    fn conventions_spellings_are_accepted() {
+        let c = serve(&["--blk-file", "d.img", "--read-only"]);
+        assert!(c.read_only);
+        assert_eq!(c.disk, DiskSpec::File("d.img".into()));
+    }
+
+    #[test]
+    fn numeric_limits_name_the_argument() {
+        let e = parse(&["--disk", "d", "--num-queues", "0"]).unwrap_err();
+        assert!(e.to_string().starts_with("--num-queues"));
+        let e = parse(&["--disk", "d", "--queue-size", "100"]).unwrap_err();
+        assert!(e.to_string().starts_with("--queue-size"));
+        let e = parse(&["--disk", "d", "--serial", "123456789012345678901"]).unwrap_err();
+        assert!(e.to_string().starts_with("--serial"));
+    }
+
+    #[test]
+    fn socket_in_missing_directory_is_refused() {
+        let e = parse(&["--disk", "d", "--socket-path", "/nonexistent-dir/s.sock"]).unwrap_err();
+        assert!(matches!(e, ConfigError::SocketDirMissing(..)), "{e}");
+    }
+
+    #[test]
+    fn default_serial_keeps_the_last_twenty_bytes() {
+        let s = default_serial(&DiskSpec::File("/a/abcdefghijklmnopqrstuvwxyz.img".into()))
+            .expect("a file's serial");
+        assert_eq!(s, "hijklmnopqrstuvwxyz.img"[3..]);
+        assert_eq!(s.len(), 20);
+    }
+
+    #[test]
+    fn null_disk_sizes() {
+        assert_eq!(parse_disk("null:16G"), Ok(DiskSpec::Null(16 << 30)));
+        assert_eq!(parse_disk("null:512"), Ok(DiskSpec::Null(512)));
+        assert_eq!(parse_disk("null:4k"), Ok(DiskSpec::Null(4096)));
+        for bad in [
+            "null:",
+            "null:0",
+            "null:1000",
+            "null:x",
+            "null:99999999999T",
+        ] {
+            assert!(
+                matches!(parse_disk(bad), Err(ConfigError::BadNullSize(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn cpu_lists() {
+        let allowed = [0, 1, 2, 3, 5];
+        assert_eq!(parse_cpus("2,3", &allowed), Ok(vec![2, 3]));
+        assert_eq!(parse_cpus("1-3", &allowed), Ok(vec![1, 2, 3]));
+        assert_eq!(parse_cpus("5,0-1", &allowed), Ok(vec![5, 0, 1]));
+        assert_eq!(
+            parse_cpus("3-5", &allowed),
+            Err(ConfigError::CpuNotAvailable("3-5".into(), 4))
+        );
+        assert_eq!(
+            parse_cpus("1,1", &allowed),
+            Err(ConfigError::DuplicateCpu("1,1".into(), 1))
+        );
+        for bad in ["", "a", "3-1", "1,,2", "-1"] {
+            assert!(
+                matches!(parse_cpus(bad, &allowed), Err(ConfigError::BadCpuList(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn default_pollers_are_one_per_queue_up_to_the_cpus_unpinned() {
+        let c = serve(&["--disk", "d", "--num-queues", "1"]);
+        assert_eq!(c.pollers, vec![None]);
+        let c = serve(&["--disk", "d", "--num-queues", "64"]);
+        assert_eq!(c.pollers.len(), allowed_cpus().len().min(64));
+        assert!(c.pollers.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn poll_modes() {
+        assert_eq!(
+            serve(&["--disk", "d", "--poll", "always"]).poll,
+            PollMode::Always
+        );
+        assert_eq!(
+            serve(&["--disk", "d", "--poll", "never"]).poll,
+            PollMode::Never
+        );
+        assert_eq!(
+            serve(&["--disk", "d", "--poll-idle-us", "7"]).poll,
+            PollMode::Adaptive {
+                idle: Duration::from_micros(7)
+            }
+        );
+    }
+
+    #[test]
+    fn nvme_tcp_disk_and_host_options() {
+        let c = serve(&[
+            "--disk",
+            "nvme-tcp://127.0.0.1:4420/nqn.2014-08.org.example:d?ddgst=1",
+            "--hostnqn",
+            "nqn.2014-08.org.example:host",
+            "--hostid",
+            "f81d4fae-7dec-11d0-a765-00a0c91e6bf6",
+            "--ctrl-loss-tmo",
+            "30",
+            "--io-timeout",
+            "5",
+        ]);
+        let DiskSpec::NvmeTcp(uri) = &c.disk else {
+            panic!("not an NVMe/TCP disk: {:?}", c.disk)
+        };
+        assert_eq!((uri.port, uri.ddgst, uri.hdgst), (4420, true, false));
+        assert_eq!(c.serial, None, "the controller's serial number is used");
+        assert_eq!(c.nvme.hostnqn.as_deref(), Some("nqn.2014-08.org.example:host"));
+        assert_eq!(c.nvme.hostid.map(|id| id[0]), Some(0xf8));
+        assert_eq!(c.nvme.ctrl_loss_tmo, Duration::from_secs(30));
+        assert_eq!(c.nvme.io_timeout, Duration::from_secs(5));
+        assert_eq!(c.nvme.reconnect_delay, Duration::from_secs(10));
+        assert_eq!(c.nvme.keep_alive_tmo, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_nvme_host_options_name_the_argument() {
+        let e = parse(&["--disk", "d", "--hostnqn", "host1"]).unwrap_err();
+        assert!(e.to_string().starts_with("--hostnqn"), "{e}");
+        let e = parse(&["--disk", "d", "--hostid", "1234"]).unwrap_err();
+        assert!(e.to_string().starts_with("--hostid"), "{e}");
+        let e = parse(&["--disk", "d", "--reconnect-delay", "0"]).unwrap_err();
+        assert!(e.to_string().starts_with("--reconnect-delay 0"), "{e}");
+        let e = parse(&["--disk", "d", "--keep-alive-tmo", "0"]).unwrap_err();
+        assert!(e.to_string().starts_with("--keep-alive-tmo"), "{e}");
+    }
+
+    #[test]
+    fn discover_subcommand() {
+        match parse(&["discover", "--traddr", "127.0.0.1", "--trsvcid", "4420"]) {
+            Ok(Command::Discover(d)) => {
+                assert_eq!((d.host.as_str(), d.port), ("127.0.0.1", 4420));
+            }
+            other => panic!("expected discover, got {other:?}"),
+        }
+        match parse(&["discover", "--traddr", "h", "--hostnqn", "nqn.2014-08.org.example:h"]) {
+            Ok(Command::Discover(d)) => {
+                assert_eq!(d.port, DEFAULT_DISCOVERY_PORT);
+                assert!(d.nvme.hostnqn.is_some());
+            }
+            other => panic!("expected discover, got {other:?}"),
+        }
+        let a = Args::try_parse_from(["vubd", "--disk", "d", "discover", "--traddr", "h"]);
+        assert!(a.is_err(), "serving options do not mix with discover");
+    }
+
+    #[test]
+    fn capabilities_follow_the_conventions() {
+        let v: serde_json::Value = serde_json::from_str(&capabilities_json()).expect("json");
+        assert_eq!(v["type"], "block");
+    }
+}
