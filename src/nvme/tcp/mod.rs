@@ -3,5 +3,10 @@
 //! [`pdu`] is the pure codec: PDU encoders that write into caller buffers, CRC32C digests, and
 //! a receive state machine that never touches payload bytes, so they can go straight from the
 //! socket into the command's own buffers.
+//!
+//! The control path is blocking:
+//! - [`sync`]: [`sync::SyncConn`], one connection driven one command at a time, every wait
+//!   bounded; it establishes queues and carries admin commands.
 
 pub mod pdu;
+pub mod sync;
