@@ -7,6 +7,12 @@
 //! The control path is blocking:
 //! - [`sync`]: [`sync::SyncConn`], one connection driven one command at a time, every wait
 //!   bounded; it establishes queues and carries admin commands.
+//! - [`ctrl`]: controller bring-up ([`ctrl::Controller`]), I/O queue connections handed to the
+//!   data path ([`ctrl::IoQueueConn`]), discovery ([`ctrl::discover`]), and [`ctrl::CtrlError`]
+//!   with its retryable / permanent split.
+//! - [`host`]: the host NQN and Host Identifier ([`host::HostId`]), as nvme-cli resolves them.
 
+pub mod ctrl;
+pub mod host;
 pub mod pdu;
 pub mod sync;
