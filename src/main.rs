@@ -37,6 +37,13 @@ fn main() -> ExitCode {
             println!("{}", capabilities_json());
             ExitCode::SUCCESS
         }
+        Ok(Command::Discover(d)) => match daemon::discover(&d) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vubd: {}", error_chain(&e));
+                ExitCode::from(e.exit_code())
+            }
+        },
         Ok(Command::Serve(cfg)) => match daemon::run(cfg) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -6,6 +6,7 @@
 
 pub mod file;
 pub mod null;
+pub mod nvme_tcp;
 pub mod uring;
 
 use std::io;
@@ -15,6 +16,7 @@ use crate::mem::IovecList;
 
 use self::file::FileDevice;
 use self::null::{NullChannel, NullDevice};
+use self::nvme_tcp::{NvmeTcpChannel, NvmeTcpDevice};
 use self::uring::UringChannel;
 
 /// What a device is and can do; fixed for the device's lifetime.
@@ -74,9 +76,6 @@ pub trait BlockDevice: Send + Sync {
 
 /// The per-poller I/O path of a device.
 pub trait IoChannel {
-    /// Most completions a single [`IoChannel::queue`] call can produce.
-    const MAX_COMPLETIONS_PER_OP: u32;
-
     /// True when an operation can be queued now.
     fn has_room(&self) -> bool;
 
@@ -109,6 +108,17 @@ pub trait IoChannel {
 pub enum Disk {
     File(FileDevice),
     Null(NullDevice),
+    NvmeTcp(NvmeTcpDevice),
+}
+
+impl Disk {
+    /// The device's own serial number, if it has one.
+    pub fn serial(&self) -> Option<&str> {
+        match self {
+            Disk::NvmeTcp(d) => Some(d.serial()),
+            Disk::File(_) | Disk::Null(_) => None,
+        }
+    }
 }
 
 /// The channel of any of vubd's devices (static dispatch by `match`).
@@ -118,6 +128,7 @@ pub enum Disk {
 pub enum Channel {
     Uring(UringChannel),
     Null(NullChannel),
+    NvmeTcp(NvmeTcpChannel),
 }
 
 impl BlockDevice for Disk {
@@ -127,6 +138,7 @@ impl BlockDevice for Disk {
         match self {
             Disk::File(d) => d.info(),
             Disk::Null(d) => d.info(),
+            Disk::NvmeTcp(d) => d.info(),
         }
     }
 
@@ -134,6 +146,7 @@ impl BlockDevice for Disk {
         Ok(match self {
             Disk::File(d) => Channel::Uring(d.open_channel(depth)?),
             Disk::Null(d) => Channel::Null(d.open_channel(depth)?),
+            Disk::NvmeTcp(d) => Channel::NvmeTcp(d.open_channel(depth)?),
         })
     }
 }
@@ -143,13 +156,12 @@ macro_rules! each_channel {
         match $self {
             Channel::Uring($c) => $e,
             Channel::Null($c) => $e,
+            Channel::NvmeTcp($c) => $e,
         }
     };
 }
 
 impl IoChannel for Channel {
-    const MAX_COMPLETIONS_PER_OP: u32 = 2;
-
     fn has_room(&self) -> bool {
         each_channel!(self, c => c.has_room())
     }

@@ -51,8 +51,6 @@ pub struct NullChannel {
 }
 
 impl IoChannel for NullChannel {
-    const MAX_COMPLETIONS_PER_OP: u32 = 1;
-
     fn has_room(&self) -> bool {
         self.done.len() < self.capacity
     }

@@ -44,6 +44,9 @@ pub struct UringChannel {
 }
 
 impl UringChannel {
+    /// Most submission entries one operation takes (a linked punch and allocate).
+    const MAX_COMPLETIONS_PER_OP: u32 = 2;
+
     pub(super) fn new(
         depth: u32,
         direct: Option<Arc<File>>,
@@ -101,8 +104,6 @@ impl std::fmt::Debug for UringChannel {
 }
 
 impl IoChannel for UringChannel {
-    const MAX_COMPLETIONS_PER_OP: u32 = 2;
-
     fn has_room(&self) -> bool {
         // SAFETY: only reads the ring's head and tail; the ring is owned by this thread and
         // no SubmissionQueue handle is alive at the same time.

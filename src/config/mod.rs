@@ -10,11 +10,10 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
-pub use self::nvme::{
-    DEFAULT_DISCOVERY_PORT, NvmeHostArgs, NvmeHostConfig, NvmeTcpUri, check_nqn, parse_uuid,
-};
+pub use self::nvme::{DEFAULT_DISCOVERY_PORT, NvmeHostArgs, NvmeHostConfig, NvmeTcpUri};
 
 use crate::bdev::file::CacheMode;
+use crate::nvme::spec::SpecError;
 use crate::poller::{PollMode, allowed_cpus};
 use std::time::Duration;
 
@@ -171,8 +170,10 @@ pub enum ConfigError {
     UnknownDiskType(String, String),
     #[error("--disk {0:?}: {1}")]
     BadNvmeUri(String, &'static str),
+    #[error("--disk {0:?}: {1}")]
+    BadSubNqn(String, SpecError),
     #[error("--hostnqn {0:?}: {1}")]
-    BadHostNqn(String, &'static str),
+    BadHostNqn(String, SpecError),
     #[error("--hostid {0:?}: expected a UUID like f81d4fae-7dec-11d0-a765-00a0c91e6bf6")]
     BadHostId(String),
     #[error("{0} {1}: must be between {2} and {3} seconds")]
@@ -579,7 +580,10 @@ mod tests {
         };
         assert_eq!((uri.port, uri.ddgst, uri.hdgst), (4420, true, false));
         assert_eq!(c.serial, None, "the controller's serial number is used");
-        assert_eq!(c.nvme.hostnqn.as_deref(), Some("nqn.2014-08.org.example:host"));
+        assert_eq!(
+            c.nvme.hostnqn.as_ref().map(|n| n.as_str()),
+            Some("nqn.2014-08.org.example:host")
+        );
         assert_eq!(c.nvme.hostid.map(|id| id[0]), Some(0xf8));
         assert_eq!(c.nvme.ctrl_loss_tmo, Duration::from_secs(30));
         assert_eq!(c.nvme.io_timeout, Duration::from_secs(5));
@@ -607,7 +611,13 @@ mod tests {
             }
             other => panic!("expected discover, got {other:?}"),
         }
-        match parse(&["discover", "--traddr", "h", "--hostnqn", "nqn.2014-08.org.example:h"]) {
+        match parse(&[
+            "discover",
+            "--traddr",
+            "h",
+            "--hostnqn",
+            "nqn.2014-08.org.example:h",
+        ]) {
             Ok(Command::Discover(d)) => {
                 assert_eq!(d.port, DEFAULT_DISCOVERY_PORT);
                 assert!(d.nvme.hostnqn.is_some());

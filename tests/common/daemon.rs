@@ -516,6 +516,7 @@ pub fn wait_bounded(child: &mut Child) -> Option<ExitStatus> {
 #[derive(Debug)]
 pub struct Exit {
     pub status: ExitStatus,
+    pub stdout: String,
     pub stderr: String,
 }
 
@@ -529,11 +530,13 @@ pub fn run_vubd(args: &[&OsStr]) -> Exit {
 pub fn run_vubd_with(mut cmd: Command, args: &[&OsStr]) -> Exit {
     let dir = tempfile::tempdir().expect("create output directory");
     let stderr_path = dir.path().join("stderr.log");
+    let stdout_path = dir.path().join("stdout.log");
     let stderr = File::create(&stderr_path).expect("create stderr log");
+    let stdout = File::create(&stdout_path).expect("create stdout log");
     let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(stderr)
         .spawn()
         .expect("spawn vubd");
@@ -546,5 +549,10 @@ pub fn run_vubd_with(mut cmd: Command, args: &[&OsStr]) -> Exit {
         )
     });
     let stderr = fs::read_to_string(&stderr_path).expect("read stderr log");
-    Exit { status, stderr }
+    let stdout = fs::read_to_string(&stdout_path).expect("read stdout log");
+    Exit {
+        status,
+        stdout,
+        stderr,
+    }
 }

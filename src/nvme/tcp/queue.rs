@@ -20,6 +20,7 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use thiserror::Error;
 
+pub use super::ctrl::IoQueueConn;
 use super::data::{DataRef, IovBuf};
 use super::pdu::{
     DIGEST_LEN, DataDigest, H2cData, IcResp, PduError, RxEvent, RxNeed, RxParser,
@@ -34,15 +35,6 @@ const MAX_IOVECS: usize = 256;
 /// Most `read`s one [`IoQueue::poll`] makes before returning, so that a fast target cannot
 /// keep the poller from its other queues.
 const READS_PER_POLL: usize = 64;
-
-/// An established I/O queue connection: after ICResp and a successful Fabrics Connect, at a
-/// PDU boundary.
-#[derive(Debug)]
-pub struct IoQueueConn {
-    pub stream: TcpStream,
-    pub rx: RxParser,
-    pub params: IcResp,
-}
 
 /// The data a command moves.
 #[derive(Clone, Copy, Debug)]
@@ -572,8 +564,9 @@ impl IoQueue {
         }
     }
 
-    /// Takes a new connection and queues every command in flight on it again.
-    pub fn reconnect(&mut self, conn: IoQueueConn) -> io::Result<()> {
+    /// Takes a new connection and queues every command in flight on it again; their age for
+    /// [`IoQueue::oldest`] starts over at `now`.
+    pub fn reconnect(&mut self, conn: IoQueueConn, now: u64) -> io::Result<()> {
         self.disconnect();
         conn.stream.set_nonblocking(true)?;
         let params = conn.params;
@@ -585,6 +578,9 @@ impl IoQueue {
         });
         let cids: Vec<u16> = self.cmds.cids().collect();
         for cid in cids {
+            if let Some(c) = self.cmds.get_mut(cid) {
+                c.since = now;
+            }
             queue_capsule(&mut self.cmds, &mut self.txq, cid, &params);
         }
         Ok(())
@@ -757,9 +753,9 @@ fn empty_msghdr() -> libc::msghdr {
 /// `readv` into `iov`: `Some(n)` bytes, `None` when nothing is there, an error for EOF.
 fn readv(stream: &TcpStream, iov: &[libc::iovec]) -> Result<Option<usize>, QueueError> {
     loop {
+        let count = i32::try_from(iov.len()).unwrap_or(i32::MAX);
         // SAFETY: every iovec describes writable memory that stays valid for the call: the
         // command's buffer (kept mapped by the caller of `push`) and the queue's own arrays.
-        let count = i32::try_from(iov.len()).unwrap_or(i32::MAX);
         let n = unsafe { libc::readv(stream.as_raw_fd(), iov.as_ptr(), count) };
         match usize::try_from(n) {
             Ok(0) => return Err(QueueError::Closed),

@@ -122,11 +122,14 @@ fn connect(q: &mut IoQueue, d: Digests, maxh2cdata: u32) -> Target {
     let Ok(Some(RxEvent::IcResp(params))) = last else {
         panic!("ICResp not accepted: {last:?}")
     };
-    q.reconnect(IoQueueConn {
-        stream: host,
-        rx,
-        params,
-    })
+    q.reconnect(
+        IoQueueConn {
+            stream: host,
+            rx,
+            params,
+        },
+        0,
+    )
     .expect("reconnect");
     Target { s, d }
 }
@@ -326,9 +329,10 @@ fn a_bad_data_digest_resets_the_connection() {
 fn commands_in_flight_are_sent_again_on_a_new_connection() {
     let buf = Buf::new(4096, 0);
     let (mut q, mut t) = pair(NONE, 65536, 8192);
-    q.push(5, Sqe::read(1, 0, 7, false), Data::In(buf.data()), 0)
+    q.push(5, Sqe::read(1, 0, 7, false), Data::In(buf.data()), 5)
         .expect("room");
-    q.push(6, Sqe::flush(1), Data::None, 0).expect("room");
+    q.push(6, Sqe::flush(1), Data::None, 9).expect("room");
+    assert_eq!(q.oldest(), Some(5));
     q.flush().expect("flush");
     let first = [t.capsule().0, t.capsule().0];
     drop(t);
@@ -339,6 +343,7 @@ fn commands_in_flight_are_sent_again_on_a_new_connection() {
     );
     assert_eq!(q.in_flight(), 2);
     let mut t = connect(&mut q, NONE, 65536);
+    assert_eq!(q.oldest(), Some(0), "resent commands are as old as the new connection");
     q.flush().expect("flush");
     let again = [t.capsule().0, t.capsule().0];
     assert_eq!(again, first, "same commands, same identifiers");

@@ -2,6 +2,10 @@
 //! socket one frontend at a time (a disconnect leaves vubd ready for the next), and shuts down
 //! cleanly on SIGINT / SIGTERM.
 
+mod nvme;
+
+pub use self::nvme::discover;
+
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -19,6 +23,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::bdev::file::{FileDevice, FileError, FileOptions};
 use crate::bdev::null::NullDevice;
+use crate::bdev::nvme_tcp::{NvmeTcpDevice, NvmeTcpError};
 use crate::bdev::{BlockDevice, DeviceInfo, Disk};
 use crate::config::{Config, DiskSpec, SocketSpec};
 use crate::mem::{GuestMemory, GuestMemoryAtomic};
@@ -63,6 +68,12 @@ pub enum DaemonError {
     VhostUser(vhost_user_backend::Error),
     #[error("vhost-user worker")]
     Worker(#[source] io::Error),
+    #[error("--disk")]
+    NvmeTcp(#[source] NvmeTcpError),
+    #[error("NVMe host identity")]
+    NvmeHost(#[source] crate::nvme::tcp::ctrl::CtrlError),
+    #[error("discover")]
+    Discover(#[source] crate::nvme::tcp::ctrl::CtrlError),
 }
 
 impl DaemonError {
@@ -74,7 +85,10 @@ impl DaemonError {
             | DaemonError::SocketBusy(_)
             | DaemonError::NotASocket(_)
             | DaemonError::Bind { .. }
-            | DaemonError::BadFd(_) => 2,
+            | DaemonError::BadFd(_)
+            | DaemonError::NvmeTcp(_)
+            | DaemonError::NvmeHost(_)
+            | DaemonError::Discover(_) => 2,
             _ => 1,
         }
     }
@@ -134,6 +148,10 @@ fn open_disk(cfg: &Config) -> Result<Disk, DaemonError> {
             )
         }
         DiskSpec::Null(size) => Disk::Null(NullDevice::new(*size, cfg.read_only)),
+        DiskSpec::NvmeTcp(uri) => {
+            let tcp = nvme::tcp_config(uri, &cfg.nvme, cfg.pollers.len(), cfg.read_only)?;
+            Disk::NvmeTcp(NvmeTcpDevice::open(tcp).map_err(DaemonError::NvmeTcp)?)
+        }
     })
 }
 
@@ -147,7 +165,8 @@ fn serve_one(
     stop: &StopState,
 ) -> Result<(), DaemonError> {
     static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
-    let (shape, shared) = device_model(cfg, &disk.info());
+    let serial = cfg.serial.as_deref().or(disk.serial()).unwrap_or_default();
+    let (shape, shared) = device_model(cfg, &disk.info(), serial);
     let mem = GuestMemoryAtomic::new(GuestMemory::new());
     let handles = (0..shape.num_queues)
         .map(|q| pollers.for_queue(q).clone())
@@ -180,8 +199,9 @@ fn serve_one(
     Ok(())
 }
 
-/// The virtio-blk view of the device.
-fn device_model(cfg: &Config, info: &DeviceInfo) -> (BlkShape, DeviceShared) {
+/// The guest-visible model of the disk: features, configuration space, request limits, and
+/// `device_serial` as the GET_ID answer.
+fn device_model(cfg: &Config, info: &DeviceInfo, device_serial: &str) -> (BlkShape, DeviceShared) {
     let seg_max = (u32::from(cfg.queue_size) - 2).clamp(1, MAX_SEGMENTS);
     let capacity_sectors = info.capacity_bytes >> SECTOR_SHIFT;
     let features = DeviceFeatures {
@@ -217,8 +237,8 @@ fn device_model(cfg: &Config, info: &DeviceInfo) -> (BlkShape, DeviceShared) {
         write_zeroes_may_unmap: features.write_zeroes,
     };
     let mut serial = [0u8; ID_BYTES];
-    let n = cfg.serial.len().min(ID_BYTES);
-    serial[..n].copy_from_slice(&cfg.serial.as_bytes()[..n]);
+    let n = device_serial.len().min(ID_BYTES);
+    serial[..n].copy_from_slice(&device_serial.as_bytes()[..n]);
     let shape = BlkShape {
         num_queues: usize::from(cfg.num_queues),
         max_queue_size: cfg.queue_size,
@@ -464,6 +484,10 @@ fn print_attach_hint(cfg: &Config, info: &DeviceInfo) {
         match &cfg.disk {
             DiskSpec::File(p) => p.display().to_string(),
             DiskSpec::Null(_) => "a null device".to_owned(),
+            DiskSpec::NvmeTcp(u) => format!(
+                "namespace {} of {} at {}:{}",
+                u.nsid, u.subnqn, u.host, u.port
+            ),
         },
         if info.read_only { ", read-only" } else { "" },
         abs.display()

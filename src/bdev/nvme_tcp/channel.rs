@@ -1,0 +1,409 @@
+//! The per-poller channel of an NVMe/TCP namespace: virtio-blk operations become NVMe
+//! commands on this poller's own I/O queue (its own TCP connection).
+//!
+//! The hot path is the queue's: commands are queued without a syscall, one `sendmsg` per
+//! batch, completions read straight into the guest's buffers. The channel adds what a lost
+//! connection needs: it notices a new controller generation (one relaxed load per poll),
+//! takes the connection the supervisor hands over, and fails its I/O once the controller is
+//! declared lost for good.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tracing::{debug, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::{CtrlState, Geometry, QueueShared, Shared};
+use crate::bdev::{ChannelFull, IoChannel, IoOp};
+use crate::nvme::spec::{DsmRange, Sqe, Status, sc, sct};
+use crate::nvme::split::split;
+use crate::nvme::tcp::data::DataRef;
+use crate::nvme::tcp::queue::{Completion, Data, IoQueue};
+
+/// Commands waiting for a free command identifier, per queue slot, before the channel
+/// reports itself full.
+const BACKLOG_PER_SLOT: usize = 2;
+/// How often, at most, the channel looks for commands older than the I/O timeout.
+const TIMEOUT_CHECK_MS: u64 = 100;
+
+/// The status of commands failed because the controller is gone.
+fn aborted() -> Status {
+    Status::new(sct::GENERIC, sc::ABORTED_SQ_DELETION, true)
+}
+
+/// Epoll data of the socket and of the supervisor's notifications in the channel's own epoll.
+const SOCKET_EVENT: u64 = 0;
+const NOTIFY_EVENT: u64 = 1;
+
+/// A command that has no identifier yet.
+#[derive(Debug)]
+struct Waiting {
+    tag: u32,
+    sqe: Sqe,
+    data: Data,
+}
+
+#[derive(Debug)]
+pub struct NvmeTcpChannel {
+    shared: Arc<Shared>,
+    queue_shared: Arc<QueueShared>,
+    geo: Geometry,
+    queue: IoQueue,
+    /// The controller generation the connection belongs to.
+    generation: u64,
+    backlog: VecDeque<Waiting>,
+    backlog_max: usize,
+    /// Results known without the controller (a flush without a volatile cache, failures).
+    ready: VecDeque<(u32, i32)>,
+    /// The channel's own epoll: the socket and the supervisor's notifications. Its fd is what
+    /// the poller sleeps on.
+    epoll: Epoll,
+    /// The socket registered in `epoll`, and whether for writing too.
+    watched: Option<(RawFd, bool)>,
+    next_timeout_check: u64,
+}
+
+impl NvmeTcpChannel {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        queue_shared: Arc<QueueShared>,
+        depth: u16,
+    ) -> io::Result<Self> {
+        let geo = shared.geo;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            queue_shared.notify.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, NOTIFY_EVENT),
+        )?;
+        let queue = IoQueue::new(depth, geo.in_capsule_max);
+        let backlog_max = queue.depth() * BACKLOG_PER_SLOT;
+        let mut ch = Self {
+            shared,
+            queue_shared,
+            geo,
+            queue,
+            generation: 0,
+            backlog: VecDeque::with_capacity(backlog_max),
+            backlog_max,
+            ready: VecDeque::with_capacity(backlog_max),
+            epoll,
+            watched: None,
+            next_timeout_check: 0,
+        };
+        ch.take_connection();
+        Ok(ch)
+    }
+
+    /// Adopts the connection the supervisor prepared, if there is one.
+    fn take_connection(&mut self) -> bool {
+        let Some((conn, generation)) = self.queue_shared.take() else {
+            return false;
+        };
+        if let Err(e) = self.queue.reconnect(conn, self.shared.clock.now_ms()) {
+            warn!(qid = self.queue_shared.qid, error = %e, "cannot use the new connection");
+            self.report_failure();
+            return false;
+        }
+        self.generation = generation;
+        self.watch();
+        debug!(
+            qid = self.queue_shared.qid,
+            in_flight = self.queue.in_flight(),
+            "I/O queue connected"
+        );
+        true
+    }
+
+    /// Keeps the channel's epoll in step with the queue's socket and its need to write.
+    fn watch(&mut self) {
+        let want = self.queue.fd().map(|fd| (fd, self.queue.wants_write()));
+        if want == self.watched {
+            return;
+        }
+        if let Some((fd, _)) = self.watched.take() {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        if let Some((fd, write)) = want {
+            let events = if write {
+                EventSet::IN | EventSet::OUT
+            } else {
+                EventSet::IN
+            };
+            match self.epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(events, SOCKET_EVENT),
+            ) {
+                Ok(()) => self.watched = want,
+                Err(e) => warn!(error = %e, "cannot watch the I/O queue's socket"),
+            }
+        }
+    }
+
+    /// The connection failed: ask the supervisor for a controller reset.
+    #[cold]
+    fn report_failure(&mut self) {
+        self.queue.disconnect();
+        self.watch();
+        self.queue_shared.request_reset(&self.shared);
+    }
+
+    /// Moves waiting commands into the queue while it has identifiers free.
+    fn drain_backlog(&mut self) {
+        let now = self.shared.clock.now_ms();
+        while self.queue.has_room() {
+            let Some(w) = self.backlog.pop_front() else {
+                return;
+            };
+            if self.queue.push(w.tag, w.sqe, w.data, now).is_err() {
+                self.backlog.push_front(w);
+                return;
+            }
+        }
+    }
+
+    fn enqueue(&mut self, tag: u32, sqe: Sqe, data: Data) {
+        if self.backlog.is_empty() && self.queue.has_room() {
+            let now = self.shared.clock.now_ms();
+            if self.queue.push(tag, sqe, data, now).is_ok() {
+                return;
+            }
+        }
+        self.backlog.push_back(Waiting { tag, sqe, data });
+    }
+
+    /// Follows the controller's state: a new generation means the connection is stale; a
+    /// lost controller fails everything.
+    fn follow_controller(&mut self) {
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        if self.queue.is_connected() && generation != self.generation {
+            self.queue.disconnect();
+            self.watch();
+        }
+        if !self.queue.is_connected()
+            && !self.take_connection()
+            && self.shared.state() == CtrlState::Failed
+        {
+            self.fail_everything();
+        }
+    }
+
+    #[cold]
+    fn fail_everything(&mut self) {
+        let ready = &mut self.ready;
+        let n = self.queue.fail_all(aborted(), |c| {
+            ready.push_back((c.user, -libc::EIO));
+        });
+        for w in self.backlog.drain(..) {
+            self.ready.push_back((w.tag, -libc::EIO));
+        }
+        if n > 0 {
+            warn!(
+                qid = self.queue_shared.qid,
+                commands = n,
+                "controller lost: failing I/O in flight"
+            );
+        }
+    }
+
+    /// Commands older than the I/O timeout mean a stuck controller: reset it.
+    fn check_timeouts(&mut self) {
+        if self.queue.in_flight() == 0 {
+            return;
+        }
+        let now = self.shared.clock.now_ms();
+        if now < self.next_timeout_check {
+            return;
+        }
+        self.next_timeout_check = now + TIMEOUT_CHECK_MS;
+        if let Some(oldest) = self.queue.oldest()
+            && now.saturating_sub(oldest) > self.geo.io_timeout_ms
+        {
+            warn!(
+                qid = self.queue_shared.qid,
+                waited_ms = now - oldest,
+                "I/O timeout: resetting the controller"
+            );
+            self.report_failure();
+        }
+    }
+}
+
+fn result_of(c: &Completion) -> i32 {
+    if c.status.is_success() {
+        i32::try_from(c.bytes).unwrap_or(i32::MAX)
+    } else {
+        debug!(status = %c.status, "NVMe command failed");
+        -libc::EIO
+    }
+}
+
+impl IoChannel for NvmeTcpChannel {
+    fn has_room(&self) -> bool {
+        self.backlog.len() < self.backlog_max
+    }
+
+    unsafe fn queue(&mut self, tag: u32, op: IoOp<'_>) -> Result<u32, ChannelFull> {
+        if !self.has_room() {
+            return Err(ChannelFull);
+        }
+        if self.shared.state() == CtrlState::Failed && !self.queue.is_connected() {
+            // Fail fast while the controller is gone.
+            self.ready.push_back((tag, -libc::EIO));
+            return Ok(1);
+        }
+        let geo = self.geo;
+        let (offset, len, iov, write, fua) = match op {
+            IoOp::Read { offset, iov } => (offset, iov.bytes(), iov, false, false),
+            IoOp::Write { offset, iov, fua } => (offset, iov.bytes(), iov, true, fua),
+            IoOp::Flush => {
+                if geo.volatile_cache {
+                    self.enqueue(tag, Sqe::flush(geo.nsid), Data::None);
+                } else {
+                    self.ready.push_back((tag, 0));
+                }
+                return Ok(1);
+            }
+            IoOp::Discard { offset, len } => {
+                let Ok(pieces) = split(offset, len, geo.lba_shift, u32::MAX) else {
+                    self.ready.push_back((tag, -libc::EINVAL));
+                    return Ok(1);
+                };
+                let mut n = 0;
+                for p in pieces {
+                    let range = DsmRange {
+                        context_attributes: 0,
+                        nlb: p.blocks,
+                        slba: p.slba,
+                    };
+                    self.enqueue(
+                        tag,
+                        Sqe::dsm_deallocate(geo.nsid, 0),
+                        Data::OutInline(range.encode()),
+                    );
+                    n += 1;
+                }
+                return Ok(n);
+            }
+            IoOp::WriteZeroes { offset, len, unmap } => {
+                let Ok(pieces) = split(offset, len, geo.lba_shift, 1 << 16) else {
+                    self.ready.push_back((tag, -libc::EINVAL));
+                    return Ok(1);
+                };
+                let mut n = 0;
+                for p in pieces {
+                    let nlb = (p.blocks - 1) as u16;
+                    self.enqueue(
+                        tag,
+                        Sqe::write_zeroes(geo.nsid, p.slba, nlb, unmap),
+                        Data::None,
+                    );
+                    n += 1;
+                }
+                return Ok(n);
+            }
+        };
+        let Ok(pieces) = split(offset, len, geo.lba_shift, geo.max_rw_blocks) else {
+            // virtio-blk sectors are 512 bytes; the namespace's blocks may be larger.
+            self.ready.push_back((tag, -libc::EINVAL));
+            return Ok(1);
+        };
+        // SAFETY: the caller keeps the iovec list and the memory behind it unchanged until
+        // every completion for `tag` is reported (`IoChannel::queue`'s contract); every
+        // command built here completes before that.
+        let Some(whole) = (unsafe { DataRef::new(iov.as_slice(), 0, len as usize) }) else {
+            self.ready.push_back((tag, -libc::EINVAL));
+            return Ok(1);
+        };
+        let mut n = 0;
+        for p in pieces {
+            let nlb = (p.blocks - 1) as u16;
+            let Some(part) = whole.sub(p.offset, p.len) else {
+                continue;
+            };
+            let (sqe, data) = if write {
+                (Sqe::write(geo.nsid, p.slba, nlb, fua), Data::Out(part))
+            } else {
+                (Sqe::read(geo.nsid, p.slba, nlb, false), Data::In(part))
+            };
+            self.enqueue(tag, sqe, data);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        if let Err(e) = self.queue.flush() {
+            warn!(qid = self.queue_shared.qid, error = %e, "NVMe/TCP send failed");
+            self.report_failure();
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, max: usize, mut f: impl FnMut(u32, i32)) -> usize {
+        self.follow_controller();
+        let mut n = 0;
+        while n < max {
+            let Some((tag, res)) = self.ready.pop_front() else {
+                break;
+            };
+            f(tag, res);
+            n += 1;
+        }
+        if n < max && self.queue.is_connected() {
+            match self.queue.poll(|c| {
+                f(c.user, result_of(&c));
+                n += 1;
+            }) {
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(qid = self.queue_shared.qid, error = %e, "NVMe/TCP connection lost");
+                    self.report_failure();
+                }
+            }
+            self.check_timeouts();
+        }
+        if !self.backlog.is_empty() {
+            self.drain_backlog();
+            // Newly queued commands go out with this poll rather than the next batch.
+            if let Err(e) = self.queue.flush() {
+                warn!(qid = self.queue_shared.qid, error = %e, "NVMe/TCP send failed");
+                self.report_failure();
+            }
+        }
+        if self.queue.wants_write() != self.watched.is_some_and(|(_, w)| w) {
+            self.watch();
+        }
+        n
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.epoll.as_raw_fd())
+    }
+
+    fn clear_completion_fd(&self) {
+        // The socket is level-triggered and drained by `poll`; only the notification counter
+        // needs reading.
+        let _ = self.queue_shared.notify.read();
+    }
+}
+
+impl Drop for NvmeTcpChannel {
+    fn drop(&mut self) {
+        // Nothing is in flight once a channel is dropped (its queues were detached first); a
+        // live connection of the current controller stays for the next channel of this queue.
+        let current = self.shared.generation.load(Ordering::Acquire) == self.generation;
+        let conn = if current {
+            self.queue.take_conn()
+        } else {
+            None
+        };
+        self.queue_shared.release(conn, self.generation);
+    }
+}
