@@ -352,6 +352,8 @@ pub(super) struct Tx {
     segs: Vec<Seg>,
     /// Start of the part of `buf` not yet in `segs`.
     open: usize,
+    /// Bytes of zeros in `segs`.
+    zero_bytes: usize,
 }
 
 impl Tx {
@@ -361,15 +363,7 @@ impl Tx {
 
     /// Bytes queued, zeros included.
     pub(super) fn len(&self) -> usize {
-        let zeros: usize = self
-            .segs
-            .iter()
-            .map(|s| match *s {
-                Seg::Zeros(n) => n,
-                Seg::Buf(..) => 0,
-            })
-            .sum();
-        self.buf.len() + zeros
+        self.buf.len() + self.zero_bytes
     }
 
     /// The buffer, for appending data read from the namespace.
@@ -382,6 +376,7 @@ impl Tx {
             self.segs.push(Seg::Buf(self.open, self.buf.len()));
             self.open = self.buf.len();
         }
+        self.zero_bytes += len;
         while len > 0 {
             let n = len.min(ZEROS.len());
             self.segs.push(Seg::Zeros(n));
@@ -524,6 +519,7 @@ impl Tx {
         self.buf.clear();
         self.segs.clear();
         self.open = 0;
+        self.zero_bytes = 0;
         r
     }
 }
