@@ -11,6 +11,10 @@
 //! - [`nvmet`]: [`nvmet::NvmetTarget`], the Linux kernel's NVMe/TCP target in a QEMU guest
 //!   (`qemu/nvmet-target.sh`), reached at 127.0.0.1, for NVMe/TCP initiator tests; its guest can
 //!   be paused and resumed over QMP.
+//! - [`fake_target`]: [`fake_target::FakeTarget`], a small NVMe/TCP target on 127.0.0.1 with
+//!   a RAM or null namespace, fault injection and counters, for initiator tests the kernel
+//!   target cannot serve (misbehaviour, speed). It depends on nothing else here, so
+//!   `examples/fake_target.rs` includes it by path.
 //! - [`procfs`]: the CPU time and CPU affinity of a running backend, from `/proc`.
 //! - [`client`]: [`client::Client`], a vhost-user frontend built on libblkio: N queues, one
 //!   shared-memory region as I/O buffers, many requests in flight per queue, raw completion
@@ -40,6 +44,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod fake_target;
 pub mod nvmet;
 pub mod procfs;
 
