@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole vubd test suite, as CI runs it: installs what it needs on a Debian machine (as root
 # or through sudo), then runs formatting and lint checks, unit and integration tests against
-# real vhost-user frontends (libblkio), and the QEMU guest test.
+# real vhost-user frontends (libblkio) and against the Linux kernel's NVMe/TCP target in a QEMU
+# guest, the QEMU guest test, and a bounded run of the NVMe/TCP receive-path fuzzer.
 #
 # Usage: tests/run.sh          (from anywhere; exits non-zero on the first failing stage)
 set -euo pipefail
@@ -51,9 +52,21 @@ stage() {
   fi
 }
 
+# The fuzz target builds with cargo-fuzz on the stable toolchain (no sanitizer); installed
+# once, then a bounded run on top of a short build.
+fuzz() {
+  if ! command -v cargo-fuzz >/dev/null; then
+    cargo install cargo-fuzz --locked --quiet || return 1
+  fi
+  cargo fuzz run --fuzz-dir fuzz --sanitizer none nvme_tcp_rx -- \
+    -max_total_time="${VUBD_FUZZ_SECS:-30}" -rss_limit_mb=2048
+}
+
 stage "cargo fmt --check" cargo fmt --all -- --check
+stage "cargo fmt --check (fuzz)" cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 stage "cargo clippy" cargo clippy --all-targets --locked -- -D warnings
 stage "cargo test" cargo test --locked --all-targets
 stage "QEMU guest test" tests/guest-test.sh "$top/target/debug/vubd"
+stage "fuzz nvme_tcp_rx" fuzz
 
 echo "suite: $passed passed, 0 failed"

@@ -3,7 +3,8 @@
 //! - [`spec`]: wire types shared by every transport (NVMe Base 2.0, NVMe over Fabrics 1.1):
 //!   submission and completion queue entries, Identify data, controller registers, Fabrics
 //!   Connect and discovery, NQNs.
-//! - [`tcp`]: the NVMe/TCP transport (NVMe/TCP Transport 1.0); for now its pure PDU codec.
+//! - [`cid`], [`split`]: the in-flight command table and MDTS / block-count splitting.
+//! - [`tcp`]: the NVMe/TCP transport (NVMe/TCP Transport 1.0): codec, I/O queues, controller.
 //!
 //! Nothing here knows of virtio, vhost or `bdev`: the block-device adapter lives in `bdev`.
 

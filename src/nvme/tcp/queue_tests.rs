@@ -343,7 +343,11 @@ fn commands_in_flight_are_sent_again_on_a_new_connection() {
     );
     assert_eq!(q.in_flight(), 2);
     let mut t = connect(&mut q, NONE, 65536);
-    assert_eq!(q.oldest(), Some(0), "resent commands are as old as the new connection");
+    assert_eq!(
+        q.oldest(),
+        Some(0),
+        "resent commands are as old as the new connection"
+    );
     q.flush().expect("flush");
     let again = [t.capsule().0, t.capsule().0];
     assert_eq!(again, first, "same commands, same identifiers");
