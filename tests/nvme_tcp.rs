@@ -50,7 +50,17 @@ fn data_path_against_the_kernel_target() {
         let mut vubd = serve(&target, "?nsid=1", 1, &[]);
         let mut client = vubd.connect(1);
         assert_eq!(client.capacity(), 8 * MIB);
-        workload::random_io(&mut client, 0x7c9_0001);
+        let expected = workload::random_io(&mut client, 0x7c9_0001);
+        // A frontend that goes and comes back gets the same I/O queue's connection.
+        drop(client);
+        let mut client = vubd.connect(1);
+        let q = client.queue(0);
+        assert_same(
+            &expected[..MIB as usize],
+            &q.read(0, MIB as usize),
+            0,
+            "after reconnect",
+        );
         vubd.assert_running();
     }
 
