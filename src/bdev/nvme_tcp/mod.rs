@@ -55,6 +55,11 @@ pub enum NvmeTcpError {
     Ctrl(#[from] CtrlError),
     #[error("namespace {nsid} uses {ms} bytes of metadata per block, which vubd cannot serve")]
     Metadata { nsid: u32, ms: u16 },
+    #[error(
+        "the controller grants {granted} I/O queues and vubd needs {wanted}, one per poller \
+         (use --cpus with at most {granted} CPUs)"
+    )]
+    TooFewQueues { granted: u16, wanted: u16 },
     #[error("cannot start the NVMe/TCP supervisor")]
     Thread(#[source] io::Error),
 }
@@ -230,7 +235,14 @@ impl NvmeTcpDevice {
             write_zeroes: id.oncs.write_zeroes(),
         };
         let serial = id.sn.clone();
-        let granted = ctrl.io_queues_granted().min(cfg.io_queues).max(1);
+        let granted = ctrl.io_queues_granted();
+        if granted < cfg.io_queues {
+            return Err(NvmeTcpError::TooFewQueues {
+                granted,
+                wanted: cfg.io_queues,
+            });
+        }
+        let granted = cfg.io_queues;
         let depth = ctrl.max_queue_entries().min(1024);
         let queues = (1..=granted)
             .map(|qid| {
@@ -318,12 +330,27 @@ impl BlockDevice for NvmeTcpDevice {
     }
 }
 
+/// How long closing the device waits for the supervisor, which may be in the middle of a
+/// connection attempt bounded only by the I/O timeout.
+const SUPERVISOR_STOP_WAIT: Duration = Duration::from_secs(2);
+
 impl Drop for NvmeTcpDevice {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::Release);
         let _ = self.shared.wake.write(1);
-        if let Some(h) = self.supervisor.take() {
+        let Some(h) = self.supervisor.take() else {
+            return;
+        };
+        let deadline = Instant::now() + SUPERVISOR_STOP_WAIT;
+        while !h.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if h.is_finished() {
             let _ = h.join();
+        } else {
+            // Still waiting on an unresponsive target: leave it, it stops at its next check
+            // (or with the process).
+            tracing::debug!("NVMe/TCP supervisor still busy; not waiting for it");
         }
     }
 }
