@@ -206,6 +206,9 @@ pub struct Done {
     pub ret: i32,
     /// The data read (reads only, and only on success).
     pub data: Vec<u8>,
+    /// The guard areas around the buffer of a [`Queue::submit_read_guarded`] read (before,
+    /// then after) as they are now; empty for other requests.
+    pub guards: Vec<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -214,6 +217,9 @@ struct Pending {
     iov: Box<[iovec]>,
     is_read: bool,
     ret: Option<i32>,
+    /// Memory around the request's buffers, outside every request (see
+    /// [`Queue::submit_read_guarded`]).
+    guards: Box<[iovec]>,
 }
 
 /// Buffers start on this boundary: what a Linux guest guarantees (its default DMA alignment),
@@ -293,6 +299,7 @@ impl Queue {
             iov,
             is_read,
             ret: None,
+            guards: Box::new([]),
         });
         (tag, ptr, count)
     }
@@ -342,6 +349,25 @@ impl Queue {
     pub fn submit_readv(&mut self, offset: u64, segment_lens: &[usize]) -> usize {
         let iov: Box<[iovec]> = segment_lens.iter().map(|&len| self.alloc(len)).collect();
         let (tag, ptr, count) = self.track(iov, true);
+        self.q.readv(offset, ptr, count, tag, ReqFlags::empty());
+        tag
+    }
+
+    /// Queues a read of `len` bytes at `offset` into a buffer that has a copy of `guard` right
+    /// before and right after it, in the same memory region but outside every request: what
+    /// [`Done::guards`] then holds shows whether the device wrote outside the request's
+    /// buffer. `len` and `guard.len()` are multiples of 512, so that no gap lies between the
+    /// buffer and its guards. Returns the request's tag.
+    pub fn submit_read_guarded(&mut self, offset: u64, len: usize, guard: &[u8]) -> usize {
+        assert!(
+            len % BUFFER_ALIGN == 0 && guard.len() % BUFFER_ALIGN == 0,
+            "guarded reads need lengths that are multiples of {BUFFER_ALIGN}"
+        );
+        let before = self.filled(&[guard]);
+        let iov: Box<[iovec]> = Box::new([self.alloc(len)]);
+        let after = self.filled(&[guard]);
+        let (tag, ptr, count) = self.track(iov, true);
+        self.pending[tag].guards = before.iter().chain(after.iter()).copied().collect();
         self.q.readv(offset, ptr, count, tag, ReqFlags::empty());
         tag
     }
@@ -438,7 +464,18 @@ impl Queue {
                 } else {
                     Vec::new()
                 };
-                Done { ret, data }
+                let guards = p
+                    .guards
+                    .iter()
+                    .map(|iov| {
+                        // SAFETY: the guard lies in this queue's slice of the mapped region
+                        // (see `alloc`) and no request uses it; the batch is over, so nothing
+                        // writes to it any more.
+                        unsafe { slice::from_raw_parts(iov.iov_base.cast::<u8>(), iov.iov_len) }
+                            .to_vec()
+                    })
+                    .collect();
+                Done { ret, data, guards }
             })
             .collect();
         self.used = 0;
