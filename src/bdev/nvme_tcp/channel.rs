@@ -12,9 +12,11 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tracing::{debug, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::{CtrlState, Geometry, QueueShared, Shared};
 use crate::bdev::{ChannelFull, IoChannel, IoOp};
@@ -34,9 +36,11 @@ fn aborted() -> Status {
     Status::new(sct::GENERIC, sc::ABORTED_SQ_DELETION, true)
 }
 
-/// Epoll data of the socket and of the supervisor's notifications in the channel's own epoll.
+/// Epoll data of the socket, of the supervisor's notifications and of the timeout timer in
+/// the channel's own epoll.
 const SOCKET_EVENT: u64 = 0;
 const NOTIFY_EVENT: u64 = 1;
+const TIMER_EVENT: u64 = 2;
 
 /// A command that has no identifier yet.
 #[derive(Debug)]
@@ -64,6 +68,12 @@ pub struct NvmeTcpChannel {
     /// The socket registered in `epoll`, and whether for writing too.
     watched: Option<(RawFd, bool)>,
     next_timeout_check: u64,
+    /// In `epoll`: wakes a sleeping poller when the oldest command in flight may have timed
+    /// out. The I/O timeout is checked by `poll`, which a poller asleep on `epoll` would not
+    /// call while a silent target sends nothing.
+    timer: TimerFd,
+    /// When `timer` fires (the clock's milliseconds), while it is armed.
+    timer_at: Option<u64>,
 }
 
 impl NvmeTcpChannel {
@@ -79,6 +89,12 @@ impl NvmeTcpChannel {
             queue_shared.notify.as_raw_fd(),
             EpollEvent::new(EventSet::IN, NOTIFY_EVENT),
         )?;
+        let timer = TimerFd::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TIMER_EVENT),
+        )?;
         let queue = IoQueue::new(depth, geo.in_capsule_max);
         let backlog_max = queue.depth() * BACKLOG_PER_SLOT;
         let mut ch = Self {
@@ -93,6 +109,8 @@ impl NvmeTcpChannel {
             epoll,
             watched: None,
             next_timeout_check: 0,
+            timer,
+            timer_at: None,
         };
         ch.take_connection();
         Ok(ch)
@@ -231,6 +249,39 @@ impl NvmeTcpChannel {
                 "I/O timeout: resetting the controller"
             );
             self.report_failure();
+        }
+    }
+
+    /// Keeps `timer` armed for the moment the oldest command in flight on a live connection
+    /// times out. It is armed once per such moment: commands that complete leave it armed
+    /// (one needless wake-up at most), and once the moment has passed it is armed again for
+    /// the new oldest command, or disarmed; either also clears its expiry, so that the
+    /// poller's epoll does not stay readable.
+    fn keep_timer(&mut self) {
+        let busy = self.queue.is_connected() && self.queue.in_flight() > 0;
+        if !busy && self.timer_at.is_none() {
+            return;
+        }
+        let now = self.shared.clock.now_ms();
+        if self.timer_at.is_some_and(|at| at > now) {
+            return;
+        }
+        let oldest = if busy { self.queue.oldest() } else { None };
+        let result = match oldest {
+            Some(oldest) => {
+                // Past the timeout (or, if that has passed, one check interval from now),
+                // and past the next check `check_timeouts` makes.
+                let at = (oldest + self.geo.io_timeout_ms).max(now) + TIMEOUT_CHECK_MS;
+                self.timer_at = Some(at);
+                self.timer.reset(Duration::from_millis(at - now), None)
+            }
+            None => {
+                self.timer_at = None;
+                self.timer.clear()
+            }
+        };
+        if let Err(e) = result {
+            warn!(qid = self.queue_shared.qid, error = %e, "cannot set the I/O timeout timer");
         }
     }
 }
@@ -380,6 +431,7 @@ impl IoChannel for NvmeTcpChannel {
         if self.queue.wants_write() != self.watched.is_some_and(|(_, w)| w) {
             self.watch();
         }
+        self.keep_timer();
         n
     }
 
