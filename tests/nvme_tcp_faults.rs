@@ -758,3 +758,37 @@ fn repeated_out_of_range_or_unknown_command_answers_never_crash_vubd_and_io_resu
         0xfa_0801,
     );
 }
+
+/// Not a fault: the baseline the fault tests stand on. A write larger than MDTS (128 KiB
+/// here) is split into several commands, and with no in-capsule data and a 4 KiB MAXH2CDATA
+/// each command's data goes as one R2T answered by many H2CData PDUs (the target refuses
+/// any PDU over MAXH2CDATA); with both digests on, the data lands whole.
+#[test]
+fn large_writes_split_at_mdts_and_go_in_maxh2cdata_pieces() {
+    let opts = Options {
+        maxh2cdata: 4096,
+        ioccsz: 4,
+        ..Options::default()
+    };
+    let mut rig = Rig::start(opts, "?hdgst=1&ddgst=1", 1, QUIET);
+    let data = Rng::new(0x4d75).bytes(512 * 1024);
+    rig.client.queue(0).write(0, &data);
+    assert_same(
+        &data,
+        &rig.target.read_namespace(0, data.len()),
+        0,
+        "namespace",
+    );
+    let back = rig.client.queue(0).read(0, data.len());
+    assert_same(&data, &back, 0, "read back through vubd");
+    let c = rig.target.counters();
+    assert_eq!(
+        c.io(io_opc::WRITE),
+        4,
+        "512 KiB in commands of at most 128 KiB"
+    );
+    assert_eq!(c.r2ts_sent, 4, "every write's data by R2T");
+    assert_eq!(c.io(io_opc::READ), 4);
+    assert_eq!(c.bytes_written, data.len() as u64);
+    rig.vubd.assert_running();
+}

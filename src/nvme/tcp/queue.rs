@@ -290,12 +290,17 @@ impl IoQueue {
                 let from = cmd.pdu_data.0 + cmd.pdu_data.1;
                 (from < end).then_some((ttag, from, end))
             });
+            self.txq.pop_front();
             match next {
-                Some((ttag, from, end)) => build_h2c(cmd, ttag, from, end, params),
+                // The next chunk goes behind what the same send already carried of the
+                // PDUs queued after this one.
+                Some((ttag, from, end)) => {
+                    build_h2c(cmd, ttag, from, end, params);
+                    self.txq.push_back(cid);
+                }
                 None => {
                     cmd.queued = false;
                     cmd.r2t = None;
-                    self.txq.pop_front();
                 }
             }
         }

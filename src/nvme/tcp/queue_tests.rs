@@ -260,6 +260,49 @@ fn large_write_answers_the_r2t_in_maxh2cdata_pieces() {
 }
 
 #[test]
+fn h2c_pieces_and_other_pdus_sent_together_keep_their_order() {
+    let a = Buf::new(3 * 4096, 0x31);
+    let b = Buf::new(512, 0x32);
+    let (mut q, mut t) = pair(NONE, 4096, 1024);
+    q.push(1, Sqe::write(1, 0, 23, false), Data::Out(a.data()), 0)
+        .expect("room");
+    q.flush().expect("flush");
+    let (cid_a, _, sgl, _) = t.capsule();
+    assert_eq!(sgl, 0x5a, "too large for the capsule");
+    t.send(&r2t(cid_a, 3, 0, 3 * 4096, NONE));
+    // The R2T queues A's first piece; B's capsule queues behind it; one flush sends both and
+    // then A's remaining pieces.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !q.wants_write() && Instant::now() < deadline {
+        q.poll(|c| panic!("unexpected completion {c:?}"))
+            .expect("poll");
+    }
+    q.push(2, Sqe::write(1, 100, 0, false), Data::Out(b.data()), 0)
+        .expect("room");
+    pump_until_target_has_data(&mut q, &t);
+    let mut seen = Vec::new();
+    let mut got_a = Vec::new();
+    for _ in 0..4 {
+        let p = t.pdu();
+        match p[0] {
+            pdu_type::H2C_DATA => {
+                let datao = u32::from_le_bytes([p[12], p[13], p[14], p[15]]);
+                seen.push(format!("A@{datao}"));
+                got_a.extend_from_slice(&p[usize::from(p[3])..]);
+            }
+            pdu_type::CAPSULE_CMD => {
+                seen.push("B".to_owned());
+                assert_eq!(&p[usize::from(p[3])..], b.bytes());
+            }
+            other => panic!("unexpected PDU type {other:#x}"),
+        }
+        q.flush().expect("flush");
+    }
+    assert_eq!(seen, ["A@0", "B", "A@4096", "A@8192"]);
+    assert_eq!(got_a, a.bytes());
+}
+
+#[test]
 fn dsm_range_is_sent_from_the_command_itself() {
     let (mut q, mut t) = pair(NONE, 65536, 8192);
     let range = [5u8; 16];
