@@ -6,8 +6,11 @@
 //! in vubd, so an iovec's address is its IOVA), and hands this code the memory it writes.
 //!
 //! - [`prp`]: PRP entries for a command's data (§4.1.1), with PRP lists chained across pages.
+//! - [`sgl`]: an SGL for controllers that support them (§4.1.2): one Data Block descriptor in
+//!   the command, or a Last Segment of Data Block descriptors.
 
 pub mod prp;
+pub mod sgl;
 
 use super::spec::{Cap, Sqe};
 
