@@ -8,9 +8,13 @@
 //! - [`prp`]: PRP entries for a command's data (§4.1.1), with PRP lists chained across pages.
 //! - [`sgl`]: an SGL for controllers that support them (§4.1.2): one Data Block descriptor in
 //!   the command, or a Last Segment of Data Block descriptors.
+//! - [`regs`]: BAR0 register offsets, doorbell offsets, the admin queue attributes.
 
 pub mod prp;
+pub mod regs;
 pub mod sgl;
+
+pub use regs::{cq_head_doorbell, sq_tail_doorbell};
 
 use super::spec::{Cap, Sqe};
 
