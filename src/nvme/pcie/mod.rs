@@ -8,13 +8,27 @@
 //! - [`prp`]: PRP entries for a command's data (§4.1.1), with PRP lists chained across pages.
 //! - [`sgl`]: an SGL for controllers that support them (§4.1.2): one Data Block descriptor in
 //!   the command, or a Last Segment of Data Block descriptors.
+//! - [`ring`]: submission and completion queue rings over memory reached through [`SqMem`] /
+//!   [`CqMem`]: slices for tests, volatile accesses for device memory ([`DmaSq`], [`DmaCq`]).
+//! - [`queue`]: [`QueuePair`], the rings of one queue with its in-flight [`CmdTable`]: submit,
+//!   doorbells once per batch, completions mapped back to commands.
 //! - [`regs`]: BAR0 register offsets, doorbell offsets, the admin queue attributes.
+//! - [`sim`]: [`Loopback`], a controller model that completes every command, for tests and
+//!   instruction counts.
+//!
+//! [`CmdTable`]: super::cid::CmdTable
 
 pub mod prp;
+pub mod queue;
 pub mod regs;
+pub mod ring;
 pub mod sgl;
+pub mod sim;
 
+pub use queue::{QueueError, QueuePair, SubmitError};
 pub use regs::{cq_head_doorbell, sq_tail_doorbell};
+pub use ring::{CqMem, CqRing, DmaCq, DmaSq, RingError, SqMem, SqRing};
+pub use sim::Loopback;
 
 use super::spec::{Cap, Sqe};
 
