@@ -79,6 +79,7 @@ impl<'a> PrpList<'a> {
     /// The spec lets a list start anywhere in a page and chains at the page's last entry,
     /// but QEMU's controller counts a page's worth of entries from PRP2 instead; a list that
     /// starts a page, or never reaches a page boundary, reads the same both ways.
+    #[inline]
     pub fn new(slots: &'a mut [u64], iova: u64, page: PageSize) -> Result<Self, PrpError> {
         let misplaced = PrpError::ListMisplaced {
             iova,
@@ -175,6 +176,7 @@ pub struct PrpBuilder<'l, 'a> {
 }
 
 impl<'l, 'a> PrpBuilder<'l, 'a> {
+    #[inline]
     pub fn new(list: &'l mut PrpList<'a>) -> Self {
         Self {
             list,
@@ -191,6 +193,7 @@ impl<'l, 'a> PrpBuilder<'l, 'a> {
     }
 
     /// Adds the next piece of data. Empty pieces are skipped.
+    #[inline]
     pub fn push(&mut self, iova: u64, len: usize) -> Result<(), PrpError> {
         if let Some(e) = self.error {
             return Err(e);
@@ -198,6 +201,7 @@ impl<'l, 'a> PrpBuilder<'l, 'a> {
         self.add(iova, len).inspect_err(|&e| self.error = Some(e))
     }
 
+    #[inline]
     fn add(&mut self, iova: u64, len: usize) -> Result<(), PrpError> {
         if len == 0 {
             return Ok(());
@@ -236,6 +240,7 @@ impl<'l, 'a> PrpBuilder<'l, 'a> {
         Ok(())
     }
 
+    #[inline]
     fn entry(&mut self, e: u64) {
         self.entries += 1;
         match self.entries {
@@ -270,6 +275,7 @@ impl<'l, 'a> PrpBuilder<'l, 'a> {
     }
 
     /// The PRPs for a command transferring `transfer_len` bytes.
+    #[inline]
     pub fn finish(mut self, transfer_len: usize) -> Result<Prps, PrpError> {
         if let Some(e) = self.error {
             return Err(e);
@@ -304,6 +310,7 @@ impl<'l, 'a> PrpBuilder<'l, 'a> {
 
 /// PRPs for `pieces` (in transfer order) of a command transferring `transfer_len` bytes,
 /// with the list (if one is needed) in `list`.
+#[inline]
 pub fn build(
     pieces: impl IntoIterator<Item = (u64, usize)>,
     transfer_len: usize,

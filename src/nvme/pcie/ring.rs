@@ -150,13 +150,19 @@ impl<M: SqMem> SqRing<M> {
     }
 
     fn next(&self, i: u16) -> u16 {
-        // `size` <= 65536, so the result fits.
-        ((u32::from(i) + 1) % self.size) as u16
+        let n = u32::from(i) + 1;
+        // Below `size` <= 65536, so it fits.
+        if n == self.size { 0 } else { n as u16 }
     }
 
-    /// Entries between `from` and `to` going forward.
+    /// Entries between `from` and `to` going forward (both below `size`).
     fn distance(&self, from: u16, to: u16) -> u32 {
-        (u32::from(to) + self.size - u32::from(from)) % self.size
+        let (from, to) = (u32::from(from), u32::from(to));
+        if to >= from {
+            to - from
+        } else {
+            to + self.size - from
+        }
     }
 
     pub fn size(&self) -> u32 {
