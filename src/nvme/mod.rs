@@ -4,11 +4,14 @@
 //!   submission and completion queue entries, Identify data, controller registers, Fabrics
 //!   Connect and discovery, NQNs.
 //! - [`cid`], [`split`]: the in-flight command table and MDTS / block-count splitting.
+//! - [`pcie`]: the hardware-independent core of the PCIe (VFIO) transport, over memory and
+//!   addresses the driver provides.
 //! - [`tcp`]: the NVMe/TCP transport (NVMe/TCP Transport 1.0): codec, I/O queues, controller.
 //!
 //! Nothing here knows of virtio, vhost or `bdev`: the block-device adapter lives in `bdev`.
 
 pub mod cid;
+pub mod pcie;
 pub mod spec;
 pub mod split;
 pub mod tcp;
