@@ -19,7 +19,11 @@
 #                        lists for it, each at the path ldd names, the
 #                        program loader included (symbolic links are
 #                        followed: the guest gets plain files); a static
-#                        program is copied alone; repeatable
+#                        program is copied alone; repeatable. The copy
+#                        loses its debugging sections (strip
+#                        --strip-debug; symbols stay): debug builds are
+#                        large, and the guest unpacks them under TCG
+#   --keep-debug         copy --bin programs whole
 #   --module NAME        also include module NAME (and what it depends on);
 #                        repeatable; the guest can load it with modprobe
 #   --load NAME          include module NAME and load it at boot; repeatable
@@ -47,7 +51,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; }
 
-output='' moddir='' script=''
+output='' moddir='' script='' keep_debug=0
 adds=() bins=()
 boot_modules=(virtio_pci virtio_blk virtio_net configfs)
 extra_modules=(nvme nvme-tcp nvmet nvmet-tcp null_blk vfio vfio_iommu_type1 vfio-pci crc32c_generic)
@@ -59,6 +63,7 @@ while [[ $# -gt 0 ]]; do
         --script) need_value "$1" $#; script=$2; shift 2 ;;
         --add) need_value "$1" $#; adds+=("$2"); shift 2 ;;
         --bin) need_value "$1" $#; bins+=("$2"); shift 2 ;;
+        --keep-debug) keep_debug=1; shift ;;
         --module) need_value "$1" $#; extra_modules+=("$2"); shift 2 ;;
         --load) need_value "$1" $#; boot_modules+=("$2"); shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -86,6 +91,7 @@ fi
 kver=$(basename "$moddir")
 
 lab_need_cmd cpio cpio
+[[ ${#bins[@]} -eq 0 || $keep_debug -eq 1 ]] || lab_need_cmd strip binutils
 lab_need_cmd gzip gzip
 # The initramfs has no libc, so busybox must be linked statically: the one
 # from busybox-static is; the one from the "busybox" package is not.
@@ -232,6 +238,9 @@ for b in "${bins[@]}"; do
     [[ $b == *:* ]] && dest=${b#*:}
     rm -f "$staging$dest"   # a busybox applet of the same name gives way
     add_file "$src" "$dest"
+    if [[ $keep_debug -eq 0 ]]; then
+        strip --strip-debug "$staging$dest" || die "strip --strip-debug $src failed"
+    fi
     if ! libs=$(LC_ALL=C ldd "$src" 2>&1); then
         [[ $libs == *'not a dynamic executable'* || $libs == *'statically linked'* ]] ||
             die "--bin $src: ldd failed: $libs"
