@@ -253,6 +253,9 @@ fn nvme_behind_the_iommu_is_usable_from_user_space_and_vhost_user_runs_in_the_gu
         eprintln!("{line}");
     }
     line_with(&console, "vfio-lab: all steps passed");
+    for line in console.lines().filter(|l| l.starts_with("vfio-lab: ")) {
+        eprintln!("{line}");
+    }
     eprintln!(
         "vfio lab: examples {:.1} s, initramfs {:.1} s, guest {:.1} s, total {:.1} s",
         built_examples.as_secs_f64(),

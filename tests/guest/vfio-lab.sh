@@ -36,14 +36,15 @@ wait_for() {
 }
 
 [ -n "${NVME_BYTES:-}" ] || fatal "NVME_BYTES is not set on the kernel command line"
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+say "script started at $(uptime_s) s of guest uptime"
 
 # --- 1. the kernel driver -----------------------------------------------------
-t0=$(date +%s)
 modprobe nvme || fatal "modprobe nvme"
 wait_for 100 test -b /dev/nvme0n1 || fatal "/dev/nvme0n1 did not appear"
 size=$(($(cat /sys/block/nvme0n1/size) * 512))
 [ "$size" -eq "$NVME_BYTES" ] || fatal "nvme0n1 has $size bytes, expected $NVME_BYTES"
-say "nvme0n1: $size bytes, serial $(cat /sys/block/nvme0n1/device/serial)"
+say "nvme0n1: $size bytes, serial $(sed 's/ *$//' /sys/block/nvme0n1/device/serial)"
 
 # --- 2. to vfio-pci -------------------------------------------------------------
 out=$(bind-vfio.sh) || fatal "bind-vfio.sh: $out"
@@ -59,10 +60,9 @@ vfio_probe "$bdf" || fatal "vfio_probe $bdf"
 bind-vfio.sh --release "$bdf" || fatal "bind-vfio.sh --release $bdf"
 wait_for 100 test -b /dev/nvme0n1 || fatal "/dev/nvme0n1 did not come back after the release"
 say "nvme0n1 is back with the nvme driver"
-say "VFIO steps took $(($(date +%s) - t0)) s"
+say "VFIO steps done at $(uptime_s) s of guest uptime"
 
 # --- 5. vhost-user inside the guest ----------------------------------------------
-t0=$(date +%s)
 img=/tmp/disk.img
 sock=/tmp/vubd.sock
 truncate -s 32M $img || fatal "truncate $img"
@@ -90,5 +90,5 @@ rc=0
 wait "$vubd_pid" || rc=$?
 [ "$rc" -eq 0 ] || { tail -n 20 /tmp/vubd.log; fatal "vubd exited with status $rc"; }
 [ ! -e $sock ] || fatal "vubd left $sock behind"
-say "vhost-user steps took $(($(date +%s) - t0)) s"
+say "vhost-user steps done at $(uptime_s) s of guest uptime"
 say "all steps passed"
