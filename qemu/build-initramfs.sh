@@ -14,14 +14,24 @@
 #                        interactive shell on the console instead
 #   --add SRC:DEST       copy host file or directory SRC to DEST (an
 #                        absolute path) in the initramfs; repeatable
+#   --bin PATH[:DEST]    copy the program PATH to DEST (default
+#                        /usr/bin/NAME) with the shared libraries `ldd`
+#                        lists for it, each at the path ldd names, the
+#                        program loader included (symbolic links are
+#                        followed: the guest gets plain files); a static
+#                        program is copied alone; repeatable. The copy
+#                        loses its debugging sections (strip
+#                        --strip-debug; symbols stay): debug builds are
+#                        large, and the guest unpacks them under TCG
+#   --keep-debug         copy --bin programs whole
 #   --module NAME        also include module NAME (and what it depends on);
 #                        repeatable; the guest can load it with modprobe
 #   --load NAME          include module NAME and load it at boot; repeatable
 #   -h, --help           show this help
 #
 # Always included: virtio_pci virtio_blk virtio_net configfs (loaded at
-# boot) and nvme nvme-tcp nvmet nvmet-tcp null_blk vfio-pci
-# vfio_iommu_type1 crc32c_generic (for modprobe in the guest). Modules that
+# boot) and nvme nvme-tcp nvmet nvmet-tcp null_blk vfio vfio_iommu_type1
+# vfio-pci crc32c_generic (for modprobe in the guest). Modules that
 # the kernel has built in are skipped; unknown names are an error.
 # Compressed modules (.ko.xz/.ko.zst/.ko.gz) are stored decompressed, since
 # busybox insmod cannot read them.
@@ -41,10 +51,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; }
 
-output='' moddir='' script=''
-adds=()
+output='' moddir='' script='' keep_debug=0
+adds=() bins=()
 boot_modules=(virtio_pci virtio_blk virtio_net configfs)
-extra_modules=(nvme nvme-tcp nvmet nvmet-tcp null_blk vfio-pci vfio_iommu_type1 crc32c_generic)
+extra_modules=(nvme nvme-tcp nvmet nvmet-tcp null_blk vfio vfio_iommu_type1 vfio-pci crc32c_generic)
 need_value() { [[ $2 -ge 2 ]] || die "$1 needs a value (see --help)"; }
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -52,6 +62,8 @@ while [[ $# -gt 0 ]]; do
         --modules-dir) need_value "$1" $#; moddir=$2; shift 2 ;;
         --script) need_value "$1" $#; script=$2; shift 2 ;;
         --add) need_value "$1" $#; adds+=("$2"); shift 2 ;;
+        --bin) need_value "$1" $#; bins+=("$2"); shift 2 ;;
+        --keep-debug) keep_debug=1; shift ;;
         --module) need_value "$1" $#; extra_modules+=("$2"); shift 2 ;;
         --load) need_value "$1" $#; boot_modules+=("$2"); shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -64,6 +76,11 @@ for a in "${adds[@]}"; do
     [[ $a == *:/* ]] || die "--add '$a': expected SRC:DEST with an absolute DEST"
     [[ -e ${a%:*} ]] || die "--add '$a': '${a%:*}' not found"
 done
+for b in "${bins[@]}"; do
+    src=${b%%:*}
+    [[ -f $src && -x $src ]] || die "--bin '$b': '$src' is not an executable file"
+    [[ $b != *:* || ${b#*:} == /* ]] || die "--bin '$b': DEST must be an absolute path"
+done
 
 if [[ -z $moddir ]]; then
     lab_load_kernel
@@ -74,6 +91,7 @@ fi
 kver=$(basename "$moddir")
 
 lab_need_cmd cpio cpio
+[[ ${#bins[@]} -eq 0 || $keep_debug -eq 1 ]] || lab_need_cmd strip binutils
 lab_need_cmd gzip gzip
 # The initramfs has no libc, so busybox must be linked statically: the one
 # from busybox-static is; the one from the "busybox" package is not.
@@ -204,6 +222,45 @@ for a in "${adds[@]}"; do
     src=${a%:*} dest=${a##*:}
     mkdir -p "$staging$(dirname "$dest")"
     cp -a "$src" "$staging$dest"
+done
+
+# --- programs and their shared libraries ----------------------------------
+# ldd prints "NAME => /path (0x...)" for each library, "/path (0x...)" for
+# the loader and "NAME (0x...)" for the vDSO; a static program makes it
+# print "not a dynamic executable" (glibc) or "statically linked" and fail.
+add_file() { # SRC DEST: copies the contents, through symbolic links.
+    [[ -e $staging$2 ]] && return 0
+    mkdir -p "$staging$(dirname "$2")"
+    cp -L "$1" "$staging$2" || die "cannot copy $1 to $2"
+}
+for b in "${bins[@]}"; do
+    src=${b%%:*} dest=/usr/bin/$(basename "${b%%:*}")
+    [[ $b == *:* ]] && dest=${b#*:}
+    rm -f "$staging$dest"   # a busybox applet of the same name gives way
+    add_file "$src" "$dest"
+    if [[ $keep_debug -eq 0 ]]; then
+        strip --strip-debug "$staging$dest" || die "strip --strip-debug $src failed"
+    fi
+    if ! libs=$(LC_ALL=C ldd "$src" 2>&1); then
+        [[ $libs == *'not a dynamic executable'* || $libs == *'statically linked'* ]] ||
+            die "--bin $src: ldd failed: $libs"
+        log "$src is static: copied alone to $dest"
+        continue
+    fi
+    n=0
+    while read -r first arrow path _; do
+        lib=''
+        if [[ $arrow == '=>' ]]; then
+            [[ $path == /* ]] || die "--bin $src: ldd cannot find $first ($path)"
+            lib=$path
+        elif [[ $first == /* ]]; then
+            lib=$first
+        fi
+        [[ -n $lib ]] || continue
+        add_file "$lib" "$lib"
+        n=$((n + 1))
+    done <<<"$libs"
+    log "$src copied to $dest with $n shared object(s)"
 done
 
 # --- /init -----------------------------------------------------------------

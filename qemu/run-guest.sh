@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Boots a QEMU guest (TCG, no KVM) from a kernel and an initramfs built by
-# build-initramfs.sh, optionally with vhost-user-blk disks, and reports the
-# guest's GUEST-RESULT line as the exit status.
+# build-initramfs.sh, optionally with vhost-user-blk disks, emulated NVMe
+# controllers and an emulated IOMMU, and reports the guest's GUEST-RESULT
+# line as the exit status.
 #
 # Usage: run-guest.sh --initrd FILE [options] [-- QEMU_ARGS...]
 #
@@ -13,6 +14,26 @@
 #                          socket SOCK (num-queues defaults to 1; other
 #                          properties go to -device as they are); repeatable,
 #                          the guest sees them as vda, vdb, ... in order
+#   --iommu                an emulated Intel IOMMU (VT-d), needed for VFIO in
+#                          the guest: machine q35, -device intel-iommu
+#                          (intremap=on, caching-mode=on, aw-bits=48) ahead
+#                          of every other device, and "intel_iommu=on
+#                          iommu=pt no_timer_check" on the kernel command
+#                          line
+#   --nvme IMG[,serial=S][,PROP=VALUE...]
+#                          an emulated NVMe controller whose namespace 1 is
+#                          the raw image IMG (serial defaults to vubd-nvmeN;
+#                          other properties go to -device nvme as they are);
+#                          repeatable, one controller each
+#   --nvme-ctrl ID[,serial=S][,PROP=VALUE...]
+#                          an emulated NVMe controller without namespaces,
+#                          named ID (letters, digits, '_'), for --nvme-ns
+#   --nvme-ns ID:IMG[,nsid=N][,PROP=VALUE...]
+#                          a namespace on controller ID backed by the raw
+#                          image IMG; nsid defaults to one more than the
+#                          controller's previous namespace (1 for the
+#                          first); other properties go to -device nvme-ns
+#                          as they are
 #   --smp N                guest CPUs (default 1; virtio-blk uses at most one
 #                          queue per CPU, so num-queues=2 needs --smp 2)
 #   --memory SIZE          guest memory, shared memfd (default 512M)
@@ -45,13 +66,17 @@ usage_error() { printf '%s: error: %s (see --help)\n' "$LAB_PROG" "$*" >&2; exit
 
 kernel='' initrd='' smp=1 memory=512M append='' log='' echo_console=1 dry_run=0 interactive=0
 timeout_s=${VUBD_LAB_TIMEOUT:-300}
-disks=() extra=()
+disks=() extra=() nvmes=() nvme_ctrls=() nvme_nss=() iommu=0
 need_value() { [[ $2 -ge 2 ]] || usage_error "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
     case $1 in
         --initrd) need_value "$1" $#; initrd=$2; shift 2 ;;
         --kernel) need_value "$1" $#; kernel=$2; shift 2 ;;
         --vhost-user-blk) need_value "$1" $#; disks+=("$2"); shift 2 ;;
+        --iommu) iommu=1; shift ;;
+        --nvme) need_value "$1" $#; nvmes+=("$2"); shift 2 ;;
+        --nvme-ctrl) need_value "$1" $#; nvme_ctrls+=("$2"); shift 2 ;;
+        --nvme-ns) need_value "$1" $#; nvme_nss+=("$2"); shift 2 ;;
         --smp) need_value "$1" $#; smp=$2; shift 2 ;;
         --memory) need_value "$1" $#; memory=$2; shift 2 ;;
         --append) need_value "$1" $#; append+=" $2"; shift 2 ;;
@@ -81,11 +106,45 @@ fi
 lab_need_cmd qemu-system-x86_64 qemu-system-x86
 lab_need_cmd timeout coreutils
 
+# The IOMMU: VT-d on q35, ahead of every PCI device so that they all sit
+# behind it. What VFIO in the guest needs of it:
+# - intremap=on: without interrupt remapping vfio_iommu_type1 refuses the
+#   container (EPERM; allow_unsafe_interrupts is off). Under TCG it is on
+#   by default; explicit here. kernel-irqchip=split is for KVM only.
+# - aw-bits=48: 48-bit IOVAs, so that a user-space driver can map a buffer
+#   at IOVA = its virtual address (user addresses reach 2^47); with the
+#   default, 39, that map fails with EINVAL.
+# - intel_iommu=on: the kernel would turn VT-d on by itself (Debian's
+#   kernel has INTEL_IOMMU_DEFAULT_ON_INTGPU_OFF) but older ones do not.
+# - iommu=pt: not needed; it keeps the guest's own drivers (virtio, nvme)
+#   on identity mappings, VFIO domains are translated all the same.
+# - caching-mode=on: not needed for emulated devices; QEMU wants it as soon
+#   as a host device is passed through to the lab guest.
+# - no_timer_check: with interrupt remapping on, a boot whose IO-APIC timer
+#   check misses a tick (TCG on a busy host, one boot in a few with --smp 2)
+#   panics ("timer doesn't work through Interrupt-remapped IO-APIC")
+#   instead of falling back; the check is skipped.
+iommu_append='' machine=()
+if [[ $iommu -eq 1 ]]; then
+    iommu_append=' intel_iommu=on iommu=pt no_timer_check'
+    # shellcheck disable=SC2054 # the commas are inside option values
+    machine=(-machine q35 -device intel-iommu,intremap=on,caching-mode=on,aw-bits=48)
+fi
+
+# need_image WHAT IMG: IMG names an existing file (unless --dry-run) and
+# has no comma, which would end the QEMU option value.
+need_image() {
+    [[ -n $2 ]] || usage_error "$1: no image"
+    [[ $2 != *,* ]] || usage_error "$1: '$2' contains a comma, which QEMU options cannot take"
+    [[ -f $2 || $dry_run -eq 1 ]] || usage_error "$1: image '$2' not found"
+}
+
 # Nested KVM is not dependable where this lab runs, so always TCG. The
 # guest RAM is a shared memfd: vhost-user back ends map it.
 # shellcheck disable=SC2054 # the commas are inside option values
 qemu=(qemu-system-x86_64
     -accel tcg
+    "${machine[@]}"
     -nodefaults -nographic -no-reboot
     -serial mon:stdio
     -smp "$smp"
@@ -93,7 +152,7 @@ qemu=(qemu-system-x86_64
     -object "memory-backend-memfd,id=mem,size=$memory,share=on"
     -numa node,memdev=mem
     -kernel "$kernel" -initrd "$initrd"
-    -append "console=ttyS0 panic=-1 quiet${append}")
+    -append "console=ttyS0 panic=-1 quiet${iommu_append}${append}")
 
 n=0
 for spec in "${disks[@]}"; do
@@ -111,6 +170,67 @@ for spec in "${disks[@]}"; do
     [[ $have_nq -eq 1 ]] || props+=",num-queues=1"
     qemu+=(-chardev "socket,id=vub$n,path=$sock"
         -device "vhost-user-blk-pci,$props")
+    n=$((n + 1))
+done
+
+# NVMe controllers: raw images, one drive each.
+n=0
+for spec in "${nvmes[@]}"; do
+    IFS=, read -r -a fields <<<"$spec"
+    img=${fields[0]:-}
+    need_image "--nvme '$spec'" "$img"
+    props="drive=nvme$n" have_serial=0
+    for f in "${fields[@]:1}"; do
+        [[ $f == *=* ]] || usage_error "--nvme '$spec': '$f' is not PROP=VALUE"
+        [[ $f == serial=* ]] && have_serial=1
+        [[ $f != drive=* ]] || usage_error "--nvme '$spec': the drive is the image"
+        props+=",$f"
+    done
+    [[ $have_serial -eq 1 ]] || props+=",serial=vubd-nvme$n"
+    qemu+=(-drive "file=$img,if=none,id=nvme$n,format=raw"
+        -device "nvme,$props")
+    n=$((n + 1))
+done
+declare -A ctrl_nsid=()
+for spec in "${nvme_ctrls[@]}"; do
+    IFS=, read -r -a fields <<<"$spec"
+    id=${fields[0]}
+    [[ $id =~ ^[A-Za-z][A-Za-z0-9_]*$ ]] ||
+        usage_error "--nvme-ctrl '$spec': the ID must be letters, digits and '_', starting with a letter"
+    [[ -z ${ctrl_nsid[$id]:-} ]] || usage_error "--nvme-ctrl: ID '$id' given twice"
+    ctrl_nsid[$id]=0
+    props="id=$id" have_serial=0
+    for f in "${fields[@]:1}"; do
+        [[ $f == *=* ]] || usage_error "--nvme-ctrl '$spec': '$f' is not PROP=VALUE"
+        [[ $f == serial=* ]] && have_serial=1
+        props+=",$f"
+    done
+    [[ $have_serial -eq 1 ]] || props+=",serial=vubd-$id"
+    qemu+=(-device "nvme,$props")
+done
+n=0
+for spec in "${nvme_nss[@]}"; do
+    [[ $spec == *:* ]] || usage_error "--nvme-ns '$spec': expected ID:IMG[,nsid=N][,PROP=VALUE...]"
+    id=${spec%%:*}
+    IFS=, read -r -a fields <<<"${spec#*:}"
+    [[ -n ${ctrl_nsid[$id]:-} ]] || usage_error "--nvme-ns '$spec': no --nvme-ctrl $id"
+    img=${fields[0]:-}
+    need_image "--nvme-ns '$spec'" "$img"
+    nsid=$((ctrl_nsid[$id] + 1))
+    props="drive=nvmens$n,bus=$id"
+    for f in "${fields[@]:1}"; do
+        [[ $f == *=* ]] || usage_error "--nvme-ns '$spec': '$f' is not PROP=VALUE"
+        case $f in
+            nsid=*)
+                nsid=${f#nsid=}
+                [[ $nsid =~ ^[1-9][0-9]*$ ]] || usage_error "--nvme-ns '$spec': bad nsid" ;;
+            drive=*|bus=*) usage_error "--nvme-ns '$spec': '${f%%=*}' is set from ID:IMG" ;;
+            *) props+=",$f" ;;
+        esac
+    done
+    ctrl_nsid[$id]=$nsid
+    qemu+=(-drive "file=$img,if=none,id=nvmens$n,format=raw"
+        -device "nvme-ns,$props,nsid=$nsid")
     n=$((n + 1))
 done
 qemu+=("${extra[@]}")

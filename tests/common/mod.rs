@@ -16,6 +16,8 @@
 //!   target cannot serve (misbehaviour, speed). It depends on nothing else here, so
 //!   `examples/fake_target.rs` includes it by path.
 //! - [`procfs`]: the CPU time and CPU affinity of a running backend, from `/proc`.
+//! - [`examples`]: [`examples::example_bin`], the executable of an example program (built on
+//!   first use), for tests that run `blkcheck` or `vfio_probe`.
 //! - [`client`]: [`client::Client`], a vhost-user frontend built on libblkio: N queues, one
 //!   shared-memory region as I/O buffers, many requests in flight per queue, raw completion
 //!   values.
@@ -44,6 +46,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod examples;
 pub mod fake_target;
 pub mod nvmet;
 pub mod procfs;

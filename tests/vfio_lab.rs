@@ -1,0 +1,266 @@
+//! The lab for vubd's user-space NVMe driver: a QEMU guest (TCG) with an emulated NVMe
+//! controller behind an emulated Intel IOMMU (`qemu/run-guest.sh --iommu --nvme`), running
+//! `tests/guest/vfio-lab.sh`, which binds the controller to vfio-pci
+//! (`qemu/guest/bind-vfio.sh`), drives it from user space with `examples/vfio_probe.rs`
+//! (config space, BAR0, CAP and VS, a DMA map at IOVA = virtual address, one Identify command
+//! whose data the controller writes through the IOMMU), gives it back to the kernel's nvme
+//! driver, and then runs vubd on a tmpfs file with `examples/blkcheck.rs` as its vhost-user
+//! client, all inside the guest.
+//!
+//! One guest boot, in one test; the guest's programs are this build's vubd and the two
+//! examples (built on first use, see `common/examples.rs`), copied into the initramfs with
+//! their shared libraries. The test needs QEMU and a kernel (the lab fetches one into its
+//! cache); where the lab cannot start, it fails and says why, never skips.
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::examples::example_bin;
+
+/// The namespace of the emulated controller: a sparse image of this size.
+const NVME_BYTES: u64 = 64 << 20;
+const SERIAL: &str = "vubd-lab-0";
+/// QEMU's emulated NVMe controller: Red Hat's vendor ID and the device ID of QEMU's NVMe.
+const QEMU_NVME_ID: &str = "1b36:0010";
+/// How long building the initramfs may take, a kernel download included.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
+/// The guest's time limit (run-guest.sh --timeout); a run takes about 15 s.
+const GUEST_TIMEOUT_S: u64 = 240;
+
+fn lab_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu")
+}
+
+/// Waits up to `limit` for `child`; on the limit sends SIGTERM (run-guest.sh then stops QEMU),
+/// then SIGKILL 15 s later, and returns `None`.
+fn wait_limited(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("poll child") {
+            return Some(status);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+    // SAFETY: kill(2) on the pid of our own child, which has not been reaped (try_wait saw it
+    // running), so the pid cannot have been reused.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if child.try_wait().expect("poll child").is_some() {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// Runs a lab script with its output in `log`, bounded by `limit`; panics if it fails.
+fn run_script(cmd: &mut Command, log: &Path, limit: Duration, what: &str) {
+    let out = File::create(log).expect("create log");
+    let err = out.try_clone().expect("clone log");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let status = wait_limited(&mut child, limit);
+    if status.is_some_and(|s| s.success()) {
+        return;
+    }
+    let output = fs::read_to_string(log).unwrap_or_default();
+    match status {
+        Some(status) => panic!("{what} failed with {status}:\n{output}"),
+        None => panic!("{what} still running after {limit:?}:\n{output}"),
+    }
+}
+
+/// The `KEY=VALUE` fields of a console line after its tag; a value may be a quoted string
+/// (`mn="QEMU NVMe Ctrl"`), returned without the quotes.
+fn fields(line: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let mut rest = line.trim();
+    while !rest.is_empty() {
+        let end = rest.find(' ').unwrap_or(rest.len());
+        match rest[..end].split_once('=') {
+            Some((key, value)) if value.starts_with('"') => {
+                let quoted = &rest[key.len() + 2..];
+                let close = quoted.find('"').unwrap_or(quoted.len());
+                out.insert(key.to_owned(), quoted[..close].to_owned());
+                rest = quoted.get(close + 1..).unwrap_or("").trim_start();
+                continue;
+            }
+            Some((key, value)) => {
+                out.insert(key.to_owned(), value.to_owned());
+            }
+            None => {}
+        }
+        rest = rest[end..].trim_start();
+    }
+    out
+}
+
+/// The console line that starts with `tag`, or a panic that shows the console.
+#[track_caller]
+fn line_with<'a>(console: &'a str, tag: &str) -> &'a str {
+    console
+        .lines()
+        .find_map(|l| l.find(tag).map(|at| &l[at..]))
+        .unwrap_or_else(|| panic!("no {tag:?} line on the guest console:\n{console}"))
+}
+
+#[test]
+fn nvme_behind_the_iommu_is_usable_from_user_space_and_vhost_user_runs_in_the_guest() {
+    let started = Instant::now();
+    let probe = example_bin("vfio_probe");
+    let blkcheck = example_bin("blkcheck");
+    let vubd = Path::new(env!("CARGO_BIN_EXE_vubd"));
+    let built_examples = started.elapsed();
+
+    let dir = tempfile::tempdir().expect("create test directory");
+    let dir_path = dir.path();
+    assert!(
+        !dir_path.to_string_lossy().contains(','),
+        "QEMU options cannot take the path {}",
+        dir_path.display()
+    );
+    let initrd = dir_path.join("vfio-lab.cpio.gz");
+    let t = Instant::now();
+    let bin = |path: &Path| {
+        format!(
+            "{}:/usr/bin/{}",
+            path.display(),
+            path.file_name().expect("a file name").to_string_lossy()
+        )
+    };
+    run_script(
+        Command::new(lab_dir().join("build-initramfs.sh"))
+            .arg("--output")
+            .arg(&initrd)
+            .arg("--script")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/vfio-lab.sh"))
+            .args([
+                "--bin",
+                &bin(&probe),
+                "--bin",
+                &bin(&blkcheck),
+                "--bin",
+                &bin(vubd),
+            ])
+            .arg("--add")
+            .arg(format!(
+                "{}:/usr/bin/bind-vfio.sh",
+                lab_dir().join("guest/bind-vfio.sh").display()
+            )),
+        &dir_path.join("build.log"),
+        BUILD_TIMEOUT,
+        "build-initramfs.sh",
+    );
+    let built_initrd = t.elapsed();
+
+    let image = dir_path.join("nvme0.img");
+    File::create(&image)
+        .and_then(|f| f.set_len(NVME_BYTES))
+        .expect("create the NVMe image");
+    let console_log = dir_path.join("console.log");
+    let t = Instant::now();
+    let mut guest = Command::new(lab_dir().join("run-guest.sh"));
+    guest
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--smp", "2", "--iommu", "--nvme"])
+        .arg(format!("{},serial={SERIAL}", image.display()))
+        .args(["--append", &format!("NVME_BYTES={NVME_BYTES}")])
+        .args([
+            "--timeout",
+            &GUEST_TIMEOUT_S.to_string(),
+            "--no-echo",
+            "--log",
+        ])
+        .arg(&console_log);
+    let guest_log = dir_path.join("run-guest.log");
+    let out = File::create(&guest_log).expect("create log");
+    let mut child = guest
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("clone log"))
+        .stderr(out)
+        .spawn()
+        .expect("spawn run-guest.sh");
+    let status = wait_limited(&mut child, Duration::from_secs(GUEST_TIMEOUT_S + 30));
+    let guest_time = t.elapsed();
+    let console = fs::read_to_string(&console_log)
+        .unwrap_or_default()
+        .replace('\r', "");
+    if !status.is_some_and(|s| s.success()) {
+        panic!(
+            "the guest did not pass ({status:?}):\n{}\n---- console ----\n{console}",
+            fs::read_to_string(&guest_log).unwrap_or_default()
+        );
+    }
+
+    let bound = fields(line_with(&console, "VFIO-BOUND "));
+    assert_eq!(bound["id"], QEMU_NVME_ID, "{bound:?}");
+    assert_eq!(
+        bound["was"], "nvme",
+        "the kernel's driver had it first: {bound:?}"
+    );
+    assert_eq!(
+        bound["dev"],
+        format!("/dev/vfio/{}", bound["group"]),
+        "{bound:?}"
+    );
+
+    let probe_line = line_with(&console, "VFIO-PROBE ");
+    let p = fields(probe_line);
+    eprintln!("{probe_line}");
+    assert_eq!(p["bdf"], bound["bdf"], "{probe_line}");
+    assert_eq!(p["group"], bound["group"], "{probe_line}");
+    assert_eq!(p["id"], QEMU_NVME_ID, "{probe_line}");
+    assert_eq!(p["class"], "010802", "{probe_line}");
+    // QEMU's controller (7.2 and later): NVMe 1.4, CAP.MQES 0x7ff (2048 entries), doorbell
+    // stride 0, BAR0 mappable (interrupt remapping makes even the MSI-X table mappable).
+    assert_eq!(p["vs"], "1.4.0", "{probe_line}");
+    assert_eq!(p["mqes"], "2048", "{probe_line}");
+    assert_eq!(p["dstrd"], "0", "{probe_line}");
+    assert_eq!(p["bar0"], "mmap", "{probe_line}");
+    assert_eq!(p["dma_map"], "ok", "{probe_line}");
+    assert_eq!(p["dma_unmap"], "ok", "{probe_line}");
+    // IOVA = virtual address: a user address above the 39-bit IOVA space a default VT-d gives.
+    let iova = u64::from_str_radix(p["iova"].trim_start_matches("0x"), 16).expect("hex IOVA");
+    assert!((1 << 39..1 << 47).contains(&iova), "{probe_line}");
+    // The Identify data came through the IOMMU: the controller wrote it into the buffer.
+    assert_eq!(p["identify"], "ok", "{probe_line}");
+    assert_eq!(p["vid"], "1b36", "{probe_line}");
+    assert_eq!(p["sn"], SERIAL, "{probe_line}");
+    assert_eq!(p["mn"], "QEMU NVMe Ctrl", "{probe_line}");
+
+    let released = fields(line_with(&console, "VFIO-RELEASED "));
+    assert_eq!(released["driver"], "nvme", "{released:?}");
+
+    for mode in ["write-verify", "write-zeroes"] {
+        let tag = format!("blkcheck: PASS {mode} ");
+        let line = line_with(&console, &tag);
+        assert!(line.contains(" queues=2 "), "{line}");
+        eprintln!("{line}");
+    }
+    line_with(&console, "vfio-lab: all steps passed");
+    for line in console.lines().filter(|l| l.starts_with("vfio-lab: ")) {
+        eprintln!("{line}");
+    }
+    eprintln!(
+        "vfio lab: examples {:.1} s, initramfs {:.1} s, guest {:.1} s, total {:.1} s",
+        built_examples.as_secs_f64(),
+        built_initrd.as_secs_f64(),
+        guest_time.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+}
