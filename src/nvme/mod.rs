@@ -3,7 +3,9 @@
 //! - [`spec`]: wire types shared by every transport (NVMe Base 2.0, NVMe over Fabrics 1.1):
 //!   submission and completion queue entries, Identify data, controller registers, Fabrics
 //!   Connect and discovery, NQNs.
-//! - [`cid`], [`split`]: the in-flight command table and MDTS / block-count splitting.
+//! - [`cid`], [`split`], [`data`]: the in-flight command table, MDTS / block-count splitting,
+//!   and command data as byte ranges of a caller's iovecs (guest memory), shared by the
+//!   transports.
 //! - [`pcie`]: the hardware-independent core of the PCIe (VFIO) transport, over memory and
 //!   addresses the driver provides.
 //! - [`tcp`]: the NVMe/TCP transport (NVMe/TCP Transport 1.0): codec, I/O queues, controller.
@@ -11,6 +13,7 @@
 //! Nothing here knows of virtio, vhost or `bdev`: the block-device adapter lives in `bdev`.
 
 pub mod cid;
+pub mod data;
 pub mod pcie;
 pub mod spec;
 pub mod split;

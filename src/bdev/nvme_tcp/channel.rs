@@ -20,9 +20,9 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::{CtrlState, Geometry, QueueShared, Shared};
 use crate::bdev::{ChannelFull, IoChannel, IoOp};
+use crate::nvme::data::DataRef;
 use crate::nvme::spec::{DsmRange, Sqe, Status, sc, sct};
 use crate::nvme::split::split;
-use crate::nvme::tcp::data::DataRef;
 use crate::nvme::tcp::queue::{Completion, Data, IoQueue};
 
 /// Commands waiting for a free command identifier, per queue slot, before the channel

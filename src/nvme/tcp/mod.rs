@@ -7,7 +7,6 @@
 //! The data path is non-blocking, one queue per poller:
 //! - [`queue`]: [`queue::IoQueue`], an I/O queue on a non-blocking connection: batched sends
 //!   with iovecs into the commands' buffers, payload received straight into them.
-//! - [`data`]: command data as byte ranges of a caller's iovecs.
 //!
 //! The control path is blocking:
 //! - [`sync`]: [`sync::SyncConn`], one connection driven one command at a time, every wait
@@ -18,7 +17,6 @@
 //! - [`host`]: the host NQN and Host Identifier ([`host::HostId`]), as nvme-cli resolves them.
 
 pub mod ctrl;
-pub mod data;
 pub mod host;
 pub mod pdu;
 pub mod queue;

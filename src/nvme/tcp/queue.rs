@@ -21,13 +21,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use thiserror::Error;
 
 pub use super::ctrl::IoQueueConn;
-use super::data::{DataRef, IovBuf};
 use super::pdu::{
     DIGEST_LEN, DataDigest, H2cData, IcResp, PduError, RxEvent, RxNeed, RxParser,
     TERM_REQ_MAX_PLEN, TX_HEADER_MAX, encode_capsule_cmd, encode_h2c_data, encode_h2c_term_req,
     header_len_after_icresp,
 };
 use crate::nvme::cid::CmdTable;
+use crate::nvme::data::{DataRef, IovBuf};
 use crate::nvme::spec::{Sgl, Sqe, Status};
 
 /// Most iovecs one `sendmsg` or `readv` gathers.

@@ -1,6 +1,7 @@
-//! Command data as byte ranges of a caller's iovec array: what a capsule or H2CData PDU sends
-//! and what a C2HData PDU fills, without copying. The iovecs point into memory the caller
-//! keeps alive (and does not reuse) until the command completes.
+//! Command data as byte ranges of a caller's iovec array, without copying: what an NVMe/TCP
+//! capsule or H2CData PDU sends and a C2HData PDU fills, what PCIe PRP entries point at. The
+//! iovecs point into memory the caller keeps alive (and does not reuse) until the command
+//! completes.
 
 use libc::iovec;
 
