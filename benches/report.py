@@ -553,7 +553,19 @@ def nvme_tcp(facts_path, results_path, work, doc):
         return " / ".join(us(m(key, lambda r, k=k: r["lat_ns"][k])) for k in ("p50", "p99", "p99.9"))
 
     pc, oc = facts["poller_cpu"], facts["other_cpu"]
-    out = [machine_section(facts)]
+    out = [f"""### Machine
+
+| | |
+|---|---|
+| CPU | {facts['cpu']} ({facts.get('cpuid', '?')}), {facts['cpus']} CPUs{guest(facts)} |
+| kernel | {facts['kernel']} |
+| toolchain | {facts['rustc']}, release profile, no `target-cpu=native` |
+| vubd | commit {facts['commit']}{dirty(facts)} |
+| target | `examples/fake_target.rs` (the test suite's fake NVMe/TCP target), null namespace |
+| client | `examples/loadgen.rs` on libblkio (the `blkio` crate {facts['blkio']}) |
+| profilers | {facts['valgrind']}, {facts.get('perf', 'perf: none')} |
+| date | {facts['date']} |
+"""]
     rounds, secs, warmup = facts["rounds"], facts["secs"], facts["warmup"]
     how = para(
         f"""`benches/nvme_tcp.sh`: vubd serves the null namespace of the fake NVMe/TCP target
