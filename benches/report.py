@@ -575,7 +575,7 @@ and random writes at QD 32 (4 KiB fits the target's in-capsule data, so a write 
 and one response), one queue, {secs} s measured after {warmup} s of warm-up, {rounds} rounds
 with the poll modes interleaved; every number is the median of the rounds. vubd's one poller
 (`--cpus {pc}`) always has CPU {pc}; there are two CPUs for three parties, so two placements:
-*shared*, the target's connection threads on CPU {pc} with the poller and the client alone on
+*shared*, the target's connection threads on CPU {pc} with the poller, the client alone on
 CPU {oc}; *split*, the poller alone on CPU {pc}, the target and the client both on CPU {oc}.
 A *poll* client spins on the used ring; an *eventfd* client sleeps on the completion
 eventfd."""
@@ -611,6 +611,16 @@ taskset -c {pc} target/release/vubd --socket-path $B/vubd.sock \\
 target/release/examples/loadgen --socket $B/vubd.sock --rw randread --bs 4k --qd 1 --queues 1 \\
     --secs {secs} --warmup {warmup} --mode poll --backend-pid $VUBD_PID --backend-thread vubd-poller-0 \\
     --watch-pid $TARGET_PID --cpu {oc} --json   # randread QD 1|32, randwrite QD 32; poll|eventfd
+# the profile: syscalls of the poller thread during a fixed count of I/Os...
+perf stat -x, -t $POLLER_TID -e raw_syscalls:sys_enter \\
+    -e syscalls:sys_enter_readv -e syscalls:sys_exit_readv --filter 'ret < 0' ...   # also sendmsg, epoll_wait, write, read
+target/release/examples/loadgen --socket $B/vubd.sock --rw randread --bs 4k --qd 1 --mode poll \\
+    --ios {int(facts['ios'])} --secs 600 --cpu {oc}   # then SIGINT to perf
+# ...and its instructions
+taskset -c {pc} valgrind --tool=callgrind --separate-threads=yes target/release/vubd \\
+    --socket-path $B/cg.sock --disk nvme-tcp://127.0.0.1:$PORT/{facts['nqn']} --cpus {pc} --poll adaptive
+target/release/examples/loadgen --socket $B/cg.sock --rw randread --bs 4k --qd 1 --mode poll \\
+    --ios {int(facts.get('cg_ios', facts['ios']))} --secs 600 --connect-timeout 60 --cpu {oc}   # QD 1|32
 ```
 """
     )
