@@ -1,7 +1,7 @@
 # shellcheck shell=bash disable=SC2034,SC2154
-# Shared by benches/compare.sh and benches/callgrind.sh: tool checks, the release build, and
-# starting and stopping backends. Sourced, not run; uses the caller's $top and $work, and sets
-# VUBD and LOADGEN for it.
+# Shared by benches/compare.sh, benches/callgrind.sh and benches/nvme_tcp.sh: tool checks, the
+# release build, and starting and stopping backends. Sourced, not run; uses the caller's $top
+# and $work, and sets VUBD and LOADGEN for it.
 
 die() { echo "${0##*/}: $*" >&2; exit 1; }
 log() { echo "== $*" >&2; }
@@ -27,12 +27,18 @@ need() {
   done
 }
 
-# The release build of vubd and the load generator, for the baseline x86-64 target (no
-# target-cpu=native from the environment).
+# The release build of vubd and the load generator (and of the examples named as arguments),
+# for the baseline x86-64 target (no target-cpu=native from the environment).
+# shellcheck disable=SC2120 # the examples are optional
 build_release() {
-  log "cargo build --release --bin vubd --example loadgen"
+  local ex extra=()
+  for ex in "$@"; do
+    extra+=(--example "$ex")
+  done
+  log "cargo build --release --bin vubd --example loadgen ${extra[*]}"
   env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS -u CARGO_BUILD_RUSTFLAGS \
-    cargo build --release --locked --bin vubd --example loadgen >&2 || die "build failed"
+    cargo build --release --locked --bin vubd --example loadgen "${extra[@]}" >&2 ||
+    die "build failed"
   VUBD=$top/target/release/vubd
   LOADGEN=$top/target/release/examples/loadgen
 }

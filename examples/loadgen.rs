@@ -9,9 +9,13 @@
 //! (the device never interrupts; the thread spins on the used ring); `--mode eventfd` sleeps
 //! on each queue's completion eventfd. Reports IOPS, MB/s (10^6 bytes), latency percentiles
 //! and, with `--backend-pid`, the backend's CPU time (utime + stime from `/proc`, per process
-//! and per thread) per million I/Os. `--ios N` ends the run after N requests instead of after
-//! `--secs` (which then only bounds it); `--idle` issues a short burst to attach the queues,
-//! then submits nothing for `--secs` and reports what the backend burns meanwhile.
+//! and per thread) per million I/Os; `--backend-thread NAME` adds the CPU µs per I/O of the
+//! backend's threads of that name (`vubd-poller-0`). `--watch-pid` reports the CPU time of
+//! another process over the same interval (an NVMe/TCP target behind the backend), so that it
+//! does not count as other work on the machine. `--ios N` ends the run after N requests
+//! instead of after `--secs` (which then only bounds it); `--idle` issues a short burst to
+//! attach the queues, then submits nothing for `--secs` and reports what the backend burns
+//! meanwhile.
 //!
 //! Every loop is bounded: connecting by `--connect-timeout`, the run by `--secs` (plus
 //! `--warmup`), draining by a stall timeout.
@@ -92,6 +96,12 @@ struct Args {
     /// Report the CPU time this process (and each of its threads) used during the run.
     #[arg(long, value_name = "PID")]
     backend_pid: Option<u32>,
+    /// With --backend-pid: report the CPU time per I/O of the backend's threads of this name.
+    #[arg(long, value_name = "NAME", requires = "backend_pid")]
+    backend_thread: Option<String>,
+    /// Also report the CPU time of this process over the same interval (may be repeated).
+    #[arg(long, value_name = "PID")]
+    watch_pid: Vec<u32>,
     /// Pin the load generator: queue thread i runs on the (i mod n)-th CPU of this list.
     #[arg(long, value_name = "LIST")]
     cpu: Option<String>,
@@ -272,6 +282,8 @@ struct Report {
     errors: u64,
     first_error: Option<i32>,
     backend: Option<(u32, procstat::Delta)>,
+    /// Each `--watch-pid` process: pid, command name, CPU seconds.
+    watched: Vec<(u32, String, f64)>,
     client_cpu: f64,
     /// Busy CPU seconds of the whole machine during the measurement.
     machine_cpu: f64,
@@ -281,12 +293,14 @@ struct Report {
 #[derive(Debug)]
 struct Sampler {
     backend: Option<u32>,
+    watched: Vec<u32>,
 }
 
 /// One sample of each.
 #[derive(Debug)]
 struct Samples {
     backend: Option<procstat::Sample>,
+    watched: Vec<procstat::Sample>,
     client: procstat::Sample,
 }
 
@@ -295,6 +309,11 @@ impl Sampler {
         let sample = |pid: u32| procstat::sample(pid).map_err(|e| Error::Proc(pid, e));
         Ok(Samples {
             backend: self.backend.map(sample).transpose()?,
+            watched: self
+                .watched
+                .iter()
+                .map(|&pid| sample(pid))
+                .collect::<Result<_, _>>()?,
             client: sample(std::process::id())?,
         })
     }
@@ -469,6 +488,7 @@ fn run(args: &Args) -> Result<Report, Error> {
     };
     let sampler = Sampler {
         backend: args.backend_pid,
+        watched: args.watch_pid.clone(),
     };
     let secs = Duration::from_secs_f64(args.secs);
     let now = Instant::now();
@@ -513,6 +533,10 @@ fn run(args: &Args) -> Result<Report, Error> {
         _ => None,
     };
     let client = procstat::delta(&m.before.client, &m.after.client);
+    let watched = (args.watch_pid.iter())
+        .zip(m.before.watched.iter().zip(&m.after.watched))
+        .map(|(&pid, (b0, b1))| (pid, procstat::comm(pid), procstat::delta(b0, b1).total))
+        .collect();
     Ok(Report {
         secs: measured.as_secs_f64(),
         hist: m.stats.hist,
@@ -522,9 +546,19 @@ fn run(args: &Args) -> Result<Report, Error> {
         errors: m.stats.errors,
         first_error: m.stats.first_error,
         backend,
+        watched,
         client_cpu: client.total,
         machine_cpu: client.machine,
     })
+}
+
+/// CPU seconds of the backend's threads named `name`.
+fn thread_secs(d: &procstat::Delta, name: &str) -> f64 {
+    d.threads
+        .iter()
+        .filter(|t| t.name == name)
+        .map(|t| t.secs)
+        .sum()
 }
 
 fn per_sec(n: f64, secs: f64) -> f64 {
@@ -583,6 +617,23 @@ fn print_table(args: &Args, r: &Report, out: &mut dyn io::Write) -> io::Result<(
         for t in threads.iter().filter(|t| t.secs > 0.0) {
             writeln!(out, "  {:>8} {:<16} {:.2} CPU s", t.tid, t.name, t.secs)?;
         }
+        if let Some(name) = &args.backend_thread {
+            let secs = thread_secs(d, name);
+            let per_io = if ios > 0 {
+                format!("{:.3} CPU us per I/O", secs * 1e6 / ios as f64)
+            } else {
+                "no I/O".to_owned()
+            };
+            writeln!(out, "  thread {name}: {secs:.2} CPU s, {per_io}")?;
+        }
+    }
+    for (pid, name, secs) in &r.watched {
+        other -= secs;
+        writeln!(
+            out,
+            "watched {pid} ({name}): {secs:.2} CPU s ({:.1} % of one CPU)",
+            per_sec(secs * 100.0, r.secs)
+        )?;
     }
     writeln!(
         out,
@@ -604,6 +655,15 @@ fn to_json(args: &Args, r: &Report) -> serde_json::Value {
     lat.insert("max".into(), json!(r.hist.max()));
     let backend = r.backend.as_ref().map(|(pid, d)| {
         let (total, threads) = (d.total, &d.threads);
+        let thread = args.backend_thread.as_ref().map(|name| {
+            let secs = thread_secs(d, name);
+            json!({
+                "name": name,
+                "cpu_s": secs,
+                "cpu_pct": per_sec(secs * 100.0, r.secs),
+                "cpu_us_per_io": if ios > 0 { Some(secs * 1e6 / ios as f64) } else { None },
+            })
+        });
         json!({
             "pid": pid,
             "cpu_s": total,
@@ -612,6 +672,7 @@ fn to_json(args: &Args, r: &Report) -> serde_json::Value {
             "threads": threads.iter().map(|t| json!({
                 "tid": t.tid, "name": t.name, "cpu_s": t.secs,
             })).collect::<Vec<_>>(),
+            "thread": thread,
         })
     });
     json!({
@@ -631,6 +692,10 @@ fn to_json(args: &Args, r: &Report) -> serde_json::Value {
         "mbps": per_sec(r.bytes as f64 / 1e6, r.secs),
         "lat_ns": lat,
         "backend": backend,
+        "watched": r.watched.iter().map(|(pid, name, secs)| json!({
+            "pid": pid, "name": name, "cpu_s": secs,
+            "cpu_pct": per_sec(secs * 100.0, r.secs),
+        })).collect::<Vec<_>>(),
         "client_cpu_s": r.client_cpu,
         "machine_cpu_s": r.machine_cpu,
     })

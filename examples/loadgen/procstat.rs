@@ -62,6 +62,13 @@ pub fn sample(pid: u32) -> io::Result<Sample> {
     })
 }
 
+/// The command name of a process (`/proc/PID/comm`), empty if it cannot be read.
+pub fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_default()
+}
+
 /// Clock ticks per second (`_SC_CLK_TCK`).
 pub fn ticks_per_sec() -> f64 {
     // SAFETY: sysconf only reads a configuration value.
