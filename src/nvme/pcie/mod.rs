@@ -28,16 +28,21 @@
 //! [`CmdTable`]: super::cid::CmdTable
 //! [`Sqe`]: super::spec::Sqe
 
+pub mod error;
+pub mod layout;
 pub mod prp;
 pub mod queue;
 pub mod regs;
 pub mod ring;
 pub mod sgl;
 pub mod sim;
+pub mod sysfs;
 
+pub use error::PcieError;
 pub use queue::{QueueError, QueuePair, SubmitError};
 pub use regs::{cq_head_doorbell, sq_tail_doorbell};
 pub use ring::{CqMem, CqRing, DmaCq, DmaSq, RingError, SqMem, SqRing};
+pub use sgl::SglAlign;
 pub use sim::Loopback;
 
 use super::spec::{Cap, Sqe};
