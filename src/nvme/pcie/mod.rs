@@ -28,7 +28,9 @@
 //! [`CmdTable`]: super::cid::CmdTable
 //! [`Sqe`]: super::spec::Sqe
 
+pub mod ctrl;
 pub mod error;
+pub mod io;
 pub mod layout;
 pub mod prp;
 pub mod queue;
@@ -37,13 +39,17 @@ pub mod ring;
 pub mod sgl;
 pub mod sim;
 pub mod sysfs;
+pub mod vfio;
 
+pub use ctrl::{PcieController, PcieOptions};
 pub use error::PcieError;
+pub use io::{PcieIoQueue, QueueFull};
 pub use queue::{QueueError, QueuePair, SubmitError};
 pub use regs::{cq_head_doorbell, sq_tail_doorbell};
 pub use ring::{CqMem, CqRing, DmaCq, DmaSq, RingError, SqMem, SqRing};
 pub use sgl::SglAlign;
 pub use sim::Loopback;
+pub use vfio::{DmaBuf, VfioNvme};
 
 use super::spec::{Cap, Sqe};
 
