@@ -75,6 +75,8 @@ pub struct PcieIoQueue {
     /// `(cid, submitted)` in submission order; the front is in flight (or the queue empty).
     order: VecDeque<(u16, Instant)>,
     bounces: u64,
+    /// The controller no longer has the queue ([`PcieIoQueue::delete`] ran).
+    deleted: bool,
 }
 
 fn round_up(n: usize, to: usize) -> usize {
@@ -159,6 +161,7 @@ impl PcieIoQueue {
             failed: VecDeque::with_capacity(depth_n),
             order: VecDeque::with_capacity(2 * depth_n),
             bounces: 0,
+            deleted: false,
             ctrl,
         })
     }
@@ -427,13 +430,26 @@ fn copy_back(base: Option<std::ptr::NonNull<u8>>, off: usize, data: &DataRef) {
     });
 }
 
+impl PcieIoQueue {
+    /// Deletes the queue pair on the controller (SQ, then CQ) and reports how that went;
+    /// dropping the queue does the same and only logs a failure. Commands still in flight are
+    /// aborted by the controller and never reported.
+    pub fn delete(mut self) -> Result<(), PcieError> {
+        self.deleted = true;
+        self.ctrl.delete_queue_pair(self.qid, self.generation)
+    }
+}
+
 impl Drop for PcieIoQueue {
     /// Deletes the SQ then the CQ (commands still in flight are aborted by the controller),
-    /// unless a reset already did; the QID goes back to the pool either way.
+    /// unless a reset or [`PcieIoQueue::delete`] already did; the QID goes back to the pool
+    /// either way.
     fn drop(&mut self) {
         let ctrl = self.ctrl.clone();
-        if let Err(e) = ctrl.delete_queue_pair(self.qid, self.generation) {
-            tracing::warn!("{}: I/O queue {}: {e}", ctrl.bdf(), self.qid);
+        if !self.deleted {
+            if let Err(e) = ctrl.delete_queue_pair(self.qid, self.generation) {
+                tracing::warn!("{}: I/O queue {}: {e}", ctrl.bdf(), self.qid);
+            }
         }
         ctrl.free_qid(self.qid);
     }
