@@ -9,6 +9,9 @@
 //!    controller without SGLs) a bounce buffer; read back through another such layout.
 //!
 //! The data buffers are one anonymous mapping DMA-mapped like guest memory (IOVA = address).
+//! With `--reset` it then resets the controller, sees the queue report itself lost, and reads
+//! the first write back through a new queue.
+//!
 //! It prints one line and exits with status 0, or `PCIE-CHECK-FAILED <error>` and status 1:
 //!
 //! ```text
@@ -26,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use vubd::nvme::data::DataRef;
-use vubd::nvme::pcie::{PcieController, PcieIoQueue, PcieOptions, SglAlign};
+use vubd::nvme::pcie::{PcieController, PcieError, PcieIoQueue, PcieOptions, SglAlign};
 use vubd::nvme::spec::{Sqe, Status};
 
 /// Bytes of the mapping holding the data buffers.
@@ -59,6 +62,10 @@ struct Args {
     /// Describe misaligned data with bounce buffers, not SGLs.
     #[arg(long)]
     no_sgl: bool,
+    /// Then reset the controller: the queue reports itself lost, a new one reads the first
+    /// write back.
+    #[arg(long)]
+    reset: bool,
     /// Bound of each command, seconds.
     #[arg(long, default_value_t = 10)]
     timeout: u64,
@@ -291,12 +298,42 @@ fn check(args: &Args) -> Result<String, String> {
         None => "none",
     };
     let via = if bounces > 0 { "bounce" } else { "sgl" };
+    let mut reset = String::new();
+    if args.reset {
+        ctrl.reset().map_err(|e| format!("reset: {e}"))?;
+        match q.poll(|_, _| {}) {
+            Err(PcieError::QueueLost { .. }) => {}
+            other => return Err(format!("old queue after the reset: {other:?}")),
+        }
+        let mut lost = 0;
+        q.drain(|_| lost += 1);
+        drop(q);
+        q = ctrl.create_io_queue(32).map_err(|e| e.to_string())?;
+        let r = [arena.iov(READ_ALIGNED, ALIGNED_LEN)];
+        arena.put(READ_ALIGNED, &vec![0u8; ALIGNED_LEN]);
+        run(
+            &mut q,
+            Sqe::read(args.nsid, args.offset / block, nlb(ALIGNED_LEN), false),
+            &r,
+            false,
+            timeout,
+        )
+        .map_err(|e| format!("read after the reset: {e}"))?;
+        if arena.get(READ_ALIGNED, ALIGNED_LEN) != arena.get(WRITE_ALIGNED, ALIGNED_LEN) {
+            return Err("after the reset: read back differs from what was written".into());
+        }
+        reset = format!(
+            " reset=ok generation={} lost={lost} new_qid={}",
+            ctrl.generation(),
+            q.qid()
+        );
+    }
     q.delete().map_err(|e| format!("delete the queue: {e}"))?;
     drop(arena);
     Ok(format!(
         "PCIE-CHECK bdf={} nsid={} block={block} qid={qid} queues={} max_transfer={} sgl={sgl} \
          aligned={ALIGNED_LEN} misaligned={MISALIGNED_LEN} via={via} bounces={bounces} \
-         verify=ok deleted=ok",
+         verify=ok deleted=ok{reset}",
         ctrl.bdf(),
         args.nsid,
         ctrl.io_queues_granted(),

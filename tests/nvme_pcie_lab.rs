@@ -2,10 +2,10 @@
 //! emulated NVMe controllers behind an emulated Intel IOMMU, running
 //! `tests/guest/nvme-pcie-lab.sh`. One controller (namespaces 1 and 2) goes to vfio-pci and
 //! is driven from user space: `vubd nvme list` lists it, `examples/pcie_check.rs` writes and
-//! reads back a pattern through an I/O queue with PRPs, SGLs and bounce buffers. The other
-//! stays with the kernel's nvme driver, so `vubd nvme list --bdf` shows the error a user sees
-//! for an unbound controller. After the guest is gone the host checks that the images hold
-//! the pattern where it was written, and zeros around it.
+//! reads back a pattern through an I/O queue with PRPs, SGLs and bounce buffers, and across a
+//! controller reset. The other stays with the kernel's nvme driver, so `vubd nvme list --bdf`
+//! shows the error a user sees for an unbound controller. After the guest is gone the host
+//! checks that the images hold the pattern where it was written, and zeros around it.
 //!
 //! One guest boot, in one test; the guest's programs are this build's vubd and `pcie_check`
 //! (built on first use). Where the lab cannot start, the test fails and says why.
@@ -207,6 +207,16 @@ fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
     assert_eq!(checks[1]["via"], "bounce");
     assert_eq!(checks[1]["bounces"], "2", "the write and the read");
     assert_eq!(checks[2]["nsid"], "2");
+    // After a reset the old queue is lost (nothing was in flight) and a new one gets QID 1.
+    assert_eq!(
+        (
+            checks[2]["reset"].as_str(),
+            checks[2]["generation"].as_str(),
+            checks[2]["lost"].as_str(),
+            checks[2]["new_qid"].as_str()
+        ),
+        ("ok", "1", "0", "1")
+    );
     let missing = line_with(&console, "PCIE-CHECK-FAILED ");
     assert!(
         missing.contains(&format!(

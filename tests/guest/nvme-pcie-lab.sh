@@ -13,7 +13,7 @@
 #    (NVME-LIST-OTHER line, exit status 1);
 # 5. pcie_check writes and reads back the pattern through an I/O queue: on
 #    namespace 1 with SGLs, on namespace 1 at 4 MiB with bounce buffers, on
-#    namespace 2 (PCIE-CHECK lines); on namespace 3 it reports the missing
+#    namespace 2 followed by a controller reset (PCIE-CHECK lines); on namespace 3 it reports the missing
 #    namespace (PCIE-CHECK-FAILED line, exit status 1).
 # The host checks the lines and then the images; this script fails on the
 # first error.
@@ -72,7 +72,7 @@ echo "$out" | sed 's/^/NVME-LIST-OTHER: /'
 pcie_check "$bdf" --nsid 1 --offset 0 --seed 0x1ab || fatal "pcie_check nsid 1 with SGLs"
 pcie_check "$bdf" --nsid 1 --offset 4194304 --seed 0x1ab --no-sgl ||
     fatal "pcie_check nsid 1 with bounce buffers"
-pcie_check "$bdf" --nsid 2 --offset 0 --seed 0x2cd || fatal "pcie_check nsid 2"
+pcie_check "$bdf" --nsid 2 --offset 0 --seed 0x2cd --reset || fatal "pcie_check nsid 2 with a reset"
 rc=0
 pcie_check "$bdf" --nsid 3 || rc=$?
 [ "$rc" -eq 1 ] || fatal "pcie_check on the missing namespace 3 exited with $rc, expected 1"
