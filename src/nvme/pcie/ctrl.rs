@@ -152,6 +152,12 @@ pub struct PcieController {
     nvme: VfioNvme,
 }
 
+// Shared by the control path and every poller that owns one of its queues.
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    shared::<PcieController>();
+};
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }

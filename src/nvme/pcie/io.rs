@@ -79,6 +79,12 @@ pub struct PcieIoQueue {
     deleted: bool,
 }
 
+// Created on the control path, then moved to its poller.
+const _: () = {
+    const fn movable<T: Send>() {}
+    movable::<PcieIoQueue>();
+};
+
 fn round_up(n: usize, to: usize) -> usize {
     n.div_ceil(to) * to
 }
