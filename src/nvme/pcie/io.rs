@@ -34,6 +34,15 @@ const BOUNCE_BUFFERS: usize = 4;
 #[error("I/O queue full")]
 pub struct QueueFull;
 
+/// Why a command did not reach the submission queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NotSent {
+    /// No room now (SQ or bounce buffers): the caller tries again later.
+    Full,
+    /// Its data cannot be described: it is in `failed`, completed by the next poll.
+    Failed,
+}
+
 /// A command whose data passes through a bounce buffer.
 #[derive(Debug)]
 struct Bounce {
@@ -229,23 +238,27 @@ impl PcieIoQueue {
         };
         match self.submit_in(user, &sqe, data, area) {
             Ok(()) => Ok(()),
-            Err(e) => {
+            Err(not_sent) => {
                 self.free_areas.push(area);
-                e
+                match not_sent {
+                    NotSent::Full => Err(QueueFull),
+                    // Reported by the next poll.
+                    NotSent::Failed => Ok(()),
+                }
             }
         }
     }
 
-    /// `submit` with list area `area` taken; an `Err` gives it back.
+    /// `submit` with list area `area` taken; the caller takes it back on an `Err`.
     fn submit_in(
         &mut self,
         user: u32,
         sqe: &Sqe,
         data: Option<(DataRef, bool)>,
         area: u16,
-    ) -> Result<(), Result<(), QueueFull>> {
+    ) -> Result<(), NotSent> {
         let Some((area_ptr, area_iova)) = self.area(area) else {
-            return Err(Err(QueueFull));
+            return Err(NotSent::Full);
         };
         let slots = self.area_bytes / 8;
         let mut bounce = None;
@@ -264,7 +277,7 @@ impl PcieIoQueue {
                     Ok(Layout::Sgl(s)) => s.dptr(),
                     Ok(Layout::Bounce) => {
                         let Some(slot) = self.free_bounce.pop() else {
-                            return Err(Err(QueueFull));
+                            return Err(NotSent::Full);
                         };
                         let (buf, iova) = self.bounce_at(slot);
                         if to_device {
@@ -286,7 +299,7 @@ impl PcieIoQueue {
                         // holds until it completes; `v` outlives the `DataRef`.
                         let Some(bd) = (unsafe { DataRef::new(&v, 0, d.len()) }) else {
                             self.free_bounce.push(slot);
-                            return Err(Err(QueueFull));
+                            return Err(NotSent::Full);
                         };
                         match layout::prps(&bd, self.page, list, area_iova) {
                             Ok(p) => {
@@ -301,13 +314,13 @@ impl PcieIoQueue {
                             Err(_) => {
                                 self.free_bounce.push(slot);
                                 self.failed.push_back((user, unusable_status()));
-                                return Err(Ok(()));
+                                return Err(NotSent::Failed);
                             }
                         }
                     }
                     Err(_) => {
                         self.failed.push_back((user, unusable_status()));
-                        return Err(Ok(()));
+                        return Err(NotSent::Failed);
                     }
                 }
             }
@@ -333,7 +346,7 @@ impl PcieIoQueue {
                 if let Some(b) = cmd.bounce {
                     self.free_bounce.push(b.slot);
                 }
-                Err(Err(QueueFull))
+                Err(NotSent::Full)
             }
         }
     }
