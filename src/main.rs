@@ -44,6 +44,13 @@ fn main() -> ExitCode {
                 ExitCode::from(e.exit_code())
             }
         },
+        Ok(Command::NvmeList(l)) => {
+            if daemon::nvme_list(&l) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Ok(Command::Serve(cfg)) => match daemon::run(cfg) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

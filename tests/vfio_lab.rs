@@ -14,14 +14,13 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::fs::{self, File};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::examples::example_bin;
+use common::lab::{bin_arg, fields, lab_dir, line_with, run_script, wait_limited};
 
 /// The namespace of the emulated controller: a sparse image of this size.
 const NVME_BYTES: u64 = 64 << 20;
@@ -32,91 +31,6 @@ const QEMU_NVME_ID: &str = "1b36:0010";
 const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 /// The guest's time limit (run-guest.sh --timeout); a run takes about 15 s.
 const GUEST_TIMEOUT_S: u64 = 240;
-
-fn lab_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu")
-}
-
-/// Waits up to `limit` for `child`; on the limit sends SIGTERM (run-guest.sh then stops QEMU),
-/// then SIGKILL 15 s later, and returns `None`.
-fn wait_limited(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().expect("poll child") {
-            return Some(status);
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
-    // SAFETY: kill(2) on the pid of our own child, which has not been reaped (try_wait saw it
-    // running), so the pid cannot have been reused.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        if child.try_wait().expect("poll child").is_some() {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
-}
-
-/// Runs a lab script with its output in `log`, bounded by `limit`; panics if it fails.
-fn run_script(cmd: &mut Command, log: &Path, limit: Duration, what: &str) {
-    let out = File::create(log).expect("create log");
-    let err = out.try_clone().expect("clone log");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-    let status = wait_limited(&mut child, limit);
-    if status.is_some_and(|s| s.success()) {
-        return;
-    }
-    let output = fs::read_to_string(log).unwrap_or_default();
-    match status {
-        Some(status) => panic!("{what} failed with {status}:\n{output}"),
-        None => panic!("{what} still running after {limit:?}:\n{output}"),
-    }
-}
-
-/// The `KEY=VALUE` fields of a console line after its tag; a value may be a quoted string
-/// (`mn="QEMU NVMe Ctrl"`), returned without the quotes.
-fn fields(line: &str) -> HashMap<String, String> {
-    let mut out = HashMap::new();
-    let mut rest = line.trim();
-    while !rest.is_empty() {
-        let end = rest.find(' ').unwrap_or(rest.len());
-        match rest[..end].split_once('=') {
-            Some((key, value)) if value.starts_with('"') => {
-                let quoted = &rest[key.len() + 2..];
-                let close = quoted.find('"').unwrap_or(quoted.len());
-                out.insert(key.to_owned(), quoted[..close].to_owned());
-                rest = quoted.get(close + 1..).unwrap_or("").trim_start();
-                continue;
-            }
-            Some((key, value)) => {
-                out.insert(key.to_owned(), value.to_owned());
-            }
-            None => {}
-        }
-        rest = rest[end..].trim_start();
-    }
-    out
-}
-
-/// The console line that starts with `tag`, or a panic that shows the console.
-#[track_caller]
-fn line_with<'a>(console: &'a str, tag: &str) -> &'a str {
-    console
-        .lines()
-        .find_map(|l| l.find(tag).map(|at| &l[at..]))
-        .unwrap_or_else(|| panic!("no {tag:?} line on the guest console:\n{console}"))
-}
 
 #[test]
 fn nvme_behind_the_iommu_is_usable_from_user_space_and_vhost_user_runs_in_the_guest() {
@@ -135,13 +49,6 @@ fn nvme_behind_the_iommu_is_usable_from_user_space_and_vhost_user_runs_in_the_gu
     );
     let initrd = dir_path.join("vfio-lab.cpio.gz");
     let t = Instant::now();
-    let bin = |path: &Path| {
-        format!(
-            "{}:/usr/bin/{}",
-            path.display(),
-            path.file_name().expect("a file name").to_string_lossy()
-        )
-    };
     run_script(
         Command::new(lab_dir().join("build-initramfs.sh"))
             .arg("--output")
@@ -150,11 +57,11 @@ fn nvme_behind_the_iommu_is_usable_from_user_space_and_vhost_user_runs_in_the_gu
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/vfio-lab.sh"))
             .args([
                 "--bin",
-                &bin(&probe),
+                &bin_arg(&probe),
                 "--bin",
-                &bin(&blkcheck),
+                &bin_arg(&blkcheck),
                 "--bin",
-                &bin(vubd),
+                &bin_arg(vubd),
             ])
             .arg("--add")
             .arg(format!(

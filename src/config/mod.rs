@@ -90,6 +90,22 @@ pub enum SubCommand {
         #[arg(long, value_name = "PORT", default_value_t = DEFAULT_DISCOVERY_PORT)]
         trsvcid: u16,
     },
+    /// NVMe controllers owned from user space through VFIO.
+    Nvme {
+        #[command(subcommand)]
+        command: NvmeSubCommand,
+    },
+}
+
+#[derive(Debug, PartialEq, Eq, Subcommand)]
+pub enum NvmeSubCommand {
+    /// Open every NVMe controller bound to vfio-pci and print it with its active namespaces.
+    List {
+        /// Only this controller (0000:01:00.0), whatever its driver: says why it cannot be
+        /// opened.
+        #[arg(long, value_name = "BDF")]
+        bdf: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -128,6 +144,15 @@ pub enum Command {
     PrintCapabilities,
     Serve(Config),
     Discover(DiscoverConfig),
+    NvmeList(NvmeListConfig),
+}
+
+/// `vubd nvme list`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NvmeListConfig {
+    /// One controller, with its domain; `None`: every NVMe controller bound to vfio-pci.
+    pub bdf: Option<String>,
+    pub io_timeout: Duration,
 }
 
 /// `vubd discover`.
@@ -200,6 +225,8 @@ pub enum ConfigError {
     DuplicateCpu(String, usize),
     #[error("--poll-idle-us {0}: must be at most 1000000")]
     PollIdle(u64),
+    #[error("--bdf {0:?}: expected a PCI address such as 0000:01:00.0")]
+    BadBdf(String),
 }
 
 impl Args {
@@ -223,6 +250,22 @@ impl TryFrom<Args> for Command {
                 host: traddr,
                 port: trsvcid,
                 nvme,
+            }));
+        }
+        if let Some(SubCommand::Nvme {
+            command: NvmeSubCommand::List { bdf },
+        }) = args.command
+        {
+            let bdf = match bdf {
+                Some(b) => Some(
+                    crate::nvme::pcie::sysfs::normalize_bdf(&b)
+                        .map_err(|_| ConfigError::BadBdf(b))?,
+                ),
+                None => None,
+            };
+            return Ok(Command::NvmeList(NvmeListConfig {
+                bdf,
+                io_timeout: nvme.io_timeout,
             }));
         }
         let bare = args.is_bare();
@@ -626,6 +669,29 @@ mod tests {
         }
         let a = Args::try_parse_from(["vubd", "--disk", "d", "discover", "--traddr", "h"]);
         assert!(a.is_err(), "serving options do not mix with discover");
+    }
+
+    #[test]
+    fn nvme_list_subcommand() {
+        match parse(&["nvme", "list"]) {
+            Ok(Command::NvmeList(l)) => {
+                assert_eq!(l.bdf, None);
+                assert_eq!(l.io_timeout, Duration::from_secs(30));
+            }
+            other => panic!("expected nvme list, got {other:?}"),
+        }
+        match parse(&["nvme", "list", "--bdf", "01:00.0", "--io-timeout", "5"]) {
+            Ok(Command::NvmeList(l)) => {
+                assert_eq!(l.bdf.as_deref(), Some("0000:01:00.0"));
+                assert_eq!(l.io_timeout, Duration::from_secs(5));
+            }
+            other => panic!("expected nvme list, got {other:?}"),
+        }
+        let e = parse(&["nvme", "list", "--bdf", "nvme0"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--bdf \"nvme0\": expected a PCI address such as 0000:01:00.0"
+        );
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! cleanly on SIGINT / SIGTERM.
 
 mod nvme;
+mod pcie;
 
 pub use self::nvme::discover;
+pub use self::pcie::nvme_list;
 
 use std::fs::OpenOptions;
 use std::io;

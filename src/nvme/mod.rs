@@ -6,8 +6,8 @@
 //! - [`cid`], [`split`], [`data`]: the in-flight command table, MDTS / block-count splitting,
 //!   and command data as byte ranges of a caller's iovecs (guest memory), shared by the
 //!   transports.
-//! - [`pcie`]: the hardware-independent core of the PCIe (VFIO) transport, over memory and
-//!   addresses the driver provides.
+//! - [`pcie`]: the PCIe transport: its hardware-independent core, and the user-space driver
+//!   that owns a controller through VFIO.
 //! - [`tcp`]: the NVMe/TCP transport (NVMe/TCP Transport 1.0): codec, I/O queues, controller.
 //!
 //! Nothing here knows of virtio, vhost or `bdev`: the block-device adapter lives in `bdev`.

@@ -15,6 +15,8 @@
 //!   a RAM or null namespace, fault injection and counters, for initiator tests the kernel
 //!   target cannot serve (misbehaviour, speed). It depends on nothing else here, so
 //!   `examples/fake_target.rs` includes it by path.
+//! - [`lab`]: running the QEMU lab's scripts bounded in time, and reading the `TAG key=value`
+//!   lines its guests print.
 //! - [`procfs`]: the CPU time and CPU affinity of a running backend, from `/proc`.
 //! - [`examples`]: [`examples::example_bin`], the executable of an example program (built on
 //!   first use), for tests that run `blkcheck` or `vfio_probe`.
@@ -48,6 +50,7 @@ pub mod client;
 pub mod daemon;
 pub mod examples;
 pub mod fake_target;
+pub mod lab;
 pub mod nvmet;
 pub mod procfs;
 

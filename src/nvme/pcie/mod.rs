@@ -1,10 +1,21 @@
-//! The hardware-independent core of the NVMe PCIe transport (NVMe Base 2.0; the PCIe
-//! transport is the memory-based one of §3-4).
+//! The NVMe PCIe transport (NVMe Base 2.0; the PCIe transport is the memory-based one of
+//! §3-4): a hardware-independent core, and the user-space driver over VFIO built on it.
 //!
-//! Everything here works on plain slices and integer addresses, so it is unit tested without
-//! a device: the VFIO driver built on it maps BAR0 and the guest's memory (IOVA = the address
-//! in vubd, so an iovec's address is its IOVA), and hands this code the memory it writes.
+//! The core works on plain slices and integer addresses, so it is unit tested without a
+//! device: the driver maps BAR0 and the guest's memory (IOVA = the address in vubd, so an
+//! iovec's address is its IOVA), and hands the core the memory it writes.
 //!
+//! The driver:
+//!
+//! - [`sysfs`]: what the kernel says about a PCI function before VFIO is asked for it.
+//! - [`vfio`]: [`VfioNvme`] (container, group, device, BAR0) and [`DmaBuf`].
+//! - [`ctrl`]: [`PcieController`]: bring-up, the admin queue, namespaces, resets.
+//! - [`io`]: [`PcieIoQueue`], a polled I/O queue pair for one poller.
+//! - [`error`]: [`PcieError`], one line per case the user can fix.
+//!
+//! The core:
+//!
+//! - [`layout`]: PRPs, an SGL or a bounce buffer for a command's data.
 //! - [`prp`]: PRP entries for a command's data (§4.1.1), with PRP lists chained across pages.
 //! - [`sgl`]: an SGL for controllers that support them (§4.1.2): one Data Block descriptor in
 //!   the command, or a Last Segment of Data Block descriptors.
@@ -28,17 +39,28 @@
 //! [`CmdTable`]: super::cid::CmdTable
 //! [`Sqe`]: super::spec::Sqe
 
+pub mod ctrl;
+pub mod error;
+pub mod io;
+pub mod layout;
 pub mod prp;
 pub mod queue;
 pub mod regs;
 pub mod ring;
 pub mod sgl;
 pub mod sim;
+pub mod sysfs;
+pub mod vfio;
 
+pub use ctrl::{PcieController, PcieOptions};
+pub use error::PcieError;
+pub use io::{PcieIoQueue, QueueFull};
 pub use queue::{QueueError, QueuePair, SubmitError};
 pub use regs::{cq_head_doorbell, sq_tail_doorbell};
 pub use ring::{CqMem, CqRing, DmaCq, DmaSq, RingError, SqMem, SqRing};
+pub use sgl::SglAlign;
 pub use sim::Loopback;
+pub use vfio::{DmaBuf, VfioNvme};
 
 use super::spec::{Cap, Sqe};
 

@@ -131,6 +131,11 @@ impl<T, S: SqMem, C: CqMem> QueuePair<T, S, C> {
         self.cmds.cids()
     }
 
+    /// The value of command `cid`, if it is in flight.
+    pub fn get(&self, cid: u16) -> Option<&T> {
+        self.cmds.get(cid)
+    }
+
     /// Takes back command `cid` without a completion (after a controller reset).
     pub fn take(&mut self, cid: u16) -> Option<T> {
         self.cmds.remove(cid)

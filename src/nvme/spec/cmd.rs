@@ -13,7 +13,11 @@ pub mod io_opc {
 
 /// Admin command opcodes (Base 2.0 §5, Figure 139).
 pub mod admin_opc {
+    pub const DELETE_IO_SQ: u8 = 0x00;
+    pub const CREATE_IO_SQ: u8 = 0x01;
     pub const GET_LOG_PAGE: u8 = 0x02;
+    pub const DELETE_IO_CQ: u8 = 0x04;
+    pub const CREATE_IO_CQ: u8 = 0x05;
     pub const IDENTIFY: u8 = 0x06;
     pub const ABORT: u8 = 0x08;
     pub const SET_FEATURES: u8 = 0x09;
@@ -237,6 +241,46 @@ impl Sqe {
         let mut s = Sqe::new(admin_opc::SET_FEATURES);
         s.put32(CDW10, u32::from(FID_NUMBER_OF_QUEUES));
         s.put32(CDW11, u32::from(nsqr) | (u32::from(ncqr) << 16));
+        s
+    }
+
+    /// Create I/O Completion Queue (Base 2.0 §5.4), physically contiguous (PC = 1) and without
+    /// interrupts (IEN = 0): the host polls it. `entries` is the queue size (1-based here, as
+    /// the other builders take counts; CDW10 holds it 0-based). The queue's address goes in
+    /// PRP1.
+    pub fn create_io_cq(qid: u16, entries: u16) -> Sqe {
+        let mut s = Sqe::new(admin_opc::CREATE_IO_CQ);
+        s.put32(
+            CDW10,
+            u32::from(qid) | (u32::from(entries.saturating_sub(1)) << 16),
+        );
+        s.put32(CDW11, 1);
+        s
+    }
+
+    /// Create I/O Submission Queue (Base 2.0 §5.5), physically contiguous (PC = 1), completing
+    /// into CQ `cqid`, priority urgent (ignored under round robin). The address goes in PRP1.
+    pub fn create_io_sq(qid: u16, entries: u16, cqid: u16) -> Sqe {
+        let mut s = Sqe::new(admin_opc::CREATE_IO_SQ);
+        s.put32(
+            CDW10,
+            u32::from(qid) | (u32::from(entries.saturating_sub(1)) << 16),
+        );
+        s.put32(CDW11, 1 | (u32::from(cqid) << 16));
+        s
+    }
+
+    /// Delete I/O Submission Queue (Base 2.0 §5.7).
+    pub fn delete_io_sq(qid: u16) -> Sqe {
+        let mut s = Sqe::new(admin_opc::DELETE_IO_SQ);
+        s.put32(CDW10, u32::from(qid));
+        s
+    }
+
+    /// Delete I/O Completion Queue (Base 2.0 §5.6); its submission queues go first.
+    pub fn delete_io_cq(qid: u16) -> Sqe {
+        let mut s = Sqe::new(admin_opc::DELETE_IO_CQ);
+        s.put32(CDW10, u32::from(qid));
         s
     }
 

@@ -57,6 +57,30 @@ fn admin_commands_encode_their_dwords() {
 }
 
 #[test]
+fn io_queue_commands_are_polled_contiguous_queues() {
+    // CDW10: QID in 15:0, size 0-based in 31:16; CDW11: PC in bit 0, IEN (bit 1) clear.
+    let cq = Sqe::create_io_cq(3, 64);
+    assert_eq!(
+        (cq.opcode(), cq.cdw(10), cq.cdw(11)),
+        (admin_opc::CREATE_IO_CQ, 0x003f_0003, 1)
+    );
+    // The SQ names its CQ in CDW11 31:16.
+    let sq = Sqe::create_io_sq(3, 64, 3);
+    assert_eq!(
+        (sq.opcode(), sq.cdw(10), sq.cdw(11)),
+        (admin_opc::CREATE_IO_SQ, 0x003f_0003, 0x0003_0001)
+    );
+    assert_eq!(
+        (Sqe::delete_io_sq(5).opcode(), Sqe::delete_io_sq(5).cdw(10)),
+        (admin_opc::DELETE_IO_SQ, 5)
+    );
+    assert_eq!(
+        (Sqe::delete_io_cq(5).opcode(), Sqe::delete_io_cq(5).cdw(10)),
+        (admin_opc::DELETE_IO_CQ, 5)
+    );
+}
+
+#[test]
 fn get_log_page_splits_numd_and_offset() {
     let s = Sqe::get_log_page(LID_DISCOVERY, 0x0003_00ff, 0x1_0000_0400);
     assert_eq!(s.opcode(), admin_opc::GET_LOG_PAGE);

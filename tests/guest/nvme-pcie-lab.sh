@@ -1,0 +1,80 @@
+#!/bin/sh
+# Guest side of tests/nvme_pcie_lab.rs; runs as /test.sh under busybox in the
+# lab initramfs, in a guest with two emulated NVMe controllers behind an
+# emulated IOMMU: one with namespaces 1 and 2 (serial $PCIE_SERIAL), for the
+# user-space driver, and one that stays with the kernel's nvme driver (serial
+# $OTHER_SERIAL). The initramfs holds bind-vfio.sh, vubd and pcie_check.
+#
+# 1. the kernel's nvme driver takes both controllers; their addresses are
+#    found by serial number;
+# 2. bind-vfio.sh hands the first to vfio-pci (VFIO-BOUND line);
+# 3. `vubd nvme list` lists it with both namespaces (NVME-LIST lines);
+# 4. `vubd nvme list --bdf` on the second says it is not bound to vfio-pci
+#    (NVME-LIST-OTHER line, exit status 1);
+# 5. pcie_check writes and reads back the pattern through an I/O queue: on
+#    namespace 1 with SGLs, on namespace 1 at 4 MiB with bounce buffers, on
+#    namespace 2 followed by a controller reset (PCIE-CHECK lines); on namespace 3 it reports the missing
+#    namespace (PCIE-CHECK-FAILED line, exit status 1).
+# The host checks the lines and then the images; this script fails on the
+# first error.
+set -u
+
+say() { echo "nvme-pcie-lab: $*"; }
+fatal() { say "FAIL $*"; exit 1; }
+
+wait_for() {
+    n=$1
+    shift
+    while [ "$n" -gt 0 ]; do
+        "$@" && return 0
+        sleep 0.1
+        n=$((n - 1))
+    done
+    "$@"
+}
+
+[ -n "${PCIE_SERIAL:-}" ] && [ -n "${OTHER_SERIAL:-}" ] ||
+    fatal "PCIE_SERIAL and OTHER_SERIAL must be set on the kernel command line"
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+say "script started at $(uptime_s) s of guest uptime"
+
+# --- 1. the kernel driver, and which controller is which ----------------------
+modprobe nvme || fatal "modprobe nvme"
+two_ctrls() { [ -e /sys/class/nvme/nvme0/address ] && [ -e /sys/class/nvme/nvme1/address ]; }
+wait_for 100 two_ctrls || fatal "two NVMe controllers did not appear"
+# bdf_of SERIAL: the PCI address of the controller with that serial number.
+bdf_of() {
+    for c in /sys/class/nvme/nvme*; do
+        [ "$(sed 's/ *$//' "$c/serial")" = "$1" ] && cat "$c/address" && return 0
+    done
+    return 1
+}
+wait_for 100 bdf_of "$PCIE_SERIAL" >/dev/null || fatal "no controller with serial $PCIE_SERIAL"
+bdf=$(bdf_of "$PCIE_SERIAL")
+other=$(bdf_of "$OTHER_SERIAL") || fatal "no controller with serial $OTHER_SERIAL"
+say "controllers: $bdf ($PCIE_SERIAL), $other ($OTHER_SERIAL)"
+
+# --- 2. to vfio-pci -------------------------------------------------------------
+out=$(bind-vfio.sh "$bdf") || fatal "bind-vfio.sh: $out"
+echo "$out"
+
+# --- 3. vubd nvme list ------------------------------------------------------------
+out=$(vubd nvme list 2>&1) || { echo "$out"; fatal "vubd nvme list"; }
+echo "$out" | sed 's/^/NVME-LIST: /'
+
+# --- 4. a controller on another driver ---------------------------------------------
+rc=0
+out=$(vubd nvme list --bdf "$other" 2>&1) || rc=$?
+echo "$out" | sed 's/^/NVME-LIST-OTHER: /'
+[ "$rc" -eq 1 ] || fatal "vubd nvme list --bdf $other exited with $rc, expected 1"
+
+# --- 5. I/O through the driver -------------------------------------------------------
+pcie_check "$bdf" --nsid 1 --offset 0 --seed 0x1ab || fatal "pcie_check nsid 1 with SGLs"
+pcie_check "$bdf" --nsid 1 --offset 4194304 --seed 0x1ab --no-sgl ||
+    fatal "pcie_check nsid 1 with bounce buffers"
+pcie_check "$bdf" --nsid 2 --offset 0 --seed 0x2cd --reset || fatal "pcie_check nsid 2 with a reset"
+rc=0
+pcie_check "$bdf" --nsid 3 || rc=$?
+[ "$rc" -eq 1 ] || fatal "pcie_check on the missing namespace 3 exited with $rc, expected 1"
+say "driver steps done at $(uptime_s) s of guest uptime"
+say "all steps passed"

@@ -1,0 +1,247 @@
+//! vubd's user-space NVMe PCIe driver (`nvme::pcie`) in the lab: a QEMU guest (TCG) with two
+//! emulated NVMe controllers behind an emulated Intel IOMMU, running
+//! `tests/guest/nvme-pcie-lab.sh`. One controller (namespaces 1 and 2) goes to vfio-pci and
+//! is driven from user space: `vubd nvme list` lists it, `examples/pcie_check.rs` writes and
+//! reads back a pattern through an I/O queue with PRPs, SGLs and bounce buffers, and across a
+//! controller reset. The other stays with the kernel's nvme driver, so `vubd nvme list --bdf`
+//! shows the error a user sees for an unbound controller. After the guest is gone the host
+//! checks that the images hold the pattern where it was written, and zeros around it.
+//!
+//! One guest boot, in one test; the guest's programs are this build's vubd and `pcie_check`
+//! (built on first use). Where the lab cannot start, the test fails and says why.
+
+mod common;
+
+#[path = "../examples/blkcheck/pattern.rs"]
+mod pattern;
+
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::examples::example_bin;
+use common::lab::{bin_arg, fields, lab_dir, line_with, lines_with, run_script, wait_limited};
+
+const NS1_BYTES: u64 = 64 << 20;
+const NS2_BYTES: u64 = 32 << 20;
+const OTHER_BYTES: u64 = 16 << 20;
+const PCIE_SERIAL: &str = "vubd-pcie-1";
+const OTHER_SERIAL: &str = "vubd-pcie-0";
+/// What `pcie_check` writes from `--offset`: 64 KiB there and 8 KiB 1 MiB further.
+const CHECKED: [(u64, usize); 2] = [(0, 64 << 10), (1 << 20, 8 << 10)];
+const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
+const GUEST_TIMEOUT_S: u64 = 240;
+
+fn image(dir: &Path, name: &str, len: u64) -> std::path::PathBuf {
+    let p = dir.join(name);
+    File::create(&p)
+        .and_then(|f| f.set_len(len))
+        .expect("create an image");
+    p
+}
+
+/// Checks that `img` holds the pattern of `seed` at `offset + CHECKED` for each offset.
+fn assert_pattern(img: &Path, seed: u64, offsets: &[u64]) {
+    let f = File::open(img).expect("open image");
+    for &base in offsets {
+        for (delta, len) in CHECKED {
+            let at = base + delta;
+            let mut got = vec![0u8; len];
+            f.read_exact_at(&mut got, at).expect("read image");
+            assert!(
+                got == pattern::bytes(seed, at, len),
+                "{}: the pattern of seed {seed:#x} is not at {at:#x}",
+                img.display()
+            );
+        }
+    }
+}
+
+/// Checks that `img` is zero in `from..to`.
+fn assert_zero(img: &Path, from: u64, to: u64) {
+    let f = File::open(img).expect("open image");
+    let mut got = vec![0u8; usize::try_from(to - from).expect("fits")];
+    f.read_exact_at(&mut got, from).expect("read image");
+    assert!(
+        got.iter().all(|&b| b == 0),
+        "{}: data in {from:#x}..{to:#x}",
+        img.display()
+    );
+}
+
+#[test]
+fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
+    let started = Instant::now();
+    let check = example_bin("pcie_check");
+    let vubd = Path::new(env!("CARGO_BIN_EXE_vubd"));
+    let built_examples = started.elapsed();
+
+    let dir = tempfile::tempdir().expect("create test directory");
+    let d = dir.path();
+    assert!(
+        !d.to_string_lossy().contains(','),
+        "QEMU options cannot take the path {}",
+        d.display()
+    );
+    let initrd = d.join("nvme-pcie-lab.cpio.gz");
+    let t = Instant::now();
+    run_script(
+        Command::new(lab_dir().join("build-initramfs.sh"))
+            .arg("--output")
+            .arg(&initrd)
+            .arg("--script")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/nvme-pcie-lab.sh"))
+            .args(["--bin", &bin_arg(&check), "--bin", &bin_arg(vubd)])
+            .arg("--add")
+            .arg(format!(
+                "{}:/usr/bin/bind-vfio.sh",
+                lab_dir().join("guest/bind-vfio.sh").display()
+            )),
+        &d.join("build.log"),
+        BUILD_TIMEOUT,
+        "build-initramfs.sh",
+    );
+    let built_initrd = t.elapsed();
+
+    let ns1 = image(d, "ns1.img", NS1_BYTES);
+    let ns2 = image(d, "ns2.img", NS2_BYTES);
+    let other = image(d, "other.img", OTHER_BYTES);
+    let console_log = d.join("console.log");
+    let t = Instant::now();
+    let mut guest = Command::new(lab_dir().join("run-guest.sh"));
+    guest
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--smp", "2", "--iommu", "--nvme"])
+        .arg(format!("{},serial={OTHER_SERIAL}", other.display()))
+        .args(["--nvme-ctrl", &format!("c1,serial={PCIE_SERIAL}")])
+        .arg("--nvme-ns")
+        .arg(format!("c1:{}", ns1.display()))
+        .arg("--nvme-ns")
+        .arg(format!("c1:{},nsid=2", ns2.display()))
+        .args([
+            "--append",
+            &format!("PCIE_SERIAL={PCIE_SERIAL} OTHER_SERIAL={OTHER_SERIAL}"),
+        ])
+        .args([
+            "--timeout",
+            &GUEST_TIMEOUT_S.to_string(),
+            "--no-echo",
+            "--log",
+        ])
+        .arg(&console_log);
+    let guest_log = d.join("run-guest.log");
+    let out = File::create(&guest_log).expect("create log");
+    let mut child = guest
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("clone log"))
+        .stderr(out)
+        .spawn()
+        .expect("spawn run-guest.sh");
+    let status = wait_limited(&mut child, Duration::from_secs(GUEST_TIMEOUT_S + 30));
+    let guest_time = t.elapsed();
+    let console = fs::read_to_string(&console_log)
+        .unwrap_or_default()
+        .replace('\r', "");
+    if !status.is_some_and(|s| s.success()) {
+        panic!(
+            "the guest did not pass ({status:?}):\n{}\n---- console ----\n{console}",
+            fs::read_to_string(&guest_log).unwrap_or_default()
+        );
+    }
+    for line in console
+        .lines()
+        .filter(|l| l.starts_with("NVME-LIST") || l.starts_with("PCIE-CHECK"))
+    {
+        eprintln!("{line}");
+    }
+
+    let bound = fields(line_with(&console, "VFIO-BOUND "));
+    let bdf = bound["bdf"].clone();
+
+    // vubd nvme list: the controller, then one line per namespace with its size.
+    let head = line_with(&console, &format!("NVME-LIST: {bdf} "));
+    let c = fields(head.trim_start_matches("NVME-LIST: "));
+    assert_eq!(c["model"], "QEMU NVMe Ctrl", "{head}");
+    assert_eq!(c["serial"], PCIE_SERIAL, "{head}");
+    assert!(!c["firmware"].is_empty(), "{head}");
+    let namespaces: Vec<_> = lines_with(&console, "NVME-LIST:   nsid=")
+        .map(|l| fields(l.trim_start_matches("NVME-LIST:")))
+        .collect();
+    assert_eq!(namespaces.len(), 2, "{console}");
+    for (ns, (nsid, bytes)) in namespaces.iter().zip([(1, NS1_BYTES), (2, NS2_BYTES)]) {
+        assert_eq!(ns["nsid"], nsid.to_string());
+        assert_eq!(ns["size"], bytes.to_string());
+        assert_eq!(ns["block_size"], "512");
+        assert_eq!(ns["blocks"], (bytes / 512).to_string());
+    }
+
+    // The controller left to the kernel: one line that says what to do.
+    let other_line = line_with(&console, "NVME-LIST-OTHER: ");
+    assert!(
+        other_line
+            .contains(" is bound to nvme, not vfio-pci: bind it with `driverctl set-override"),
+        "{other_line}"
+    );
+
+    // I/O: SGLs, then bounce buffers, then the second namespace.
+    let checks: Vec<_> = lines_with(&console, "PCIE-CHECK ").map(fields).collect();
+    assert_eq!(checks.len(), 3, "{console}");
+    for c in &checks {
+        assert_eq!(c["bdf"], bdf);
+        assert_eq!(c["verify"], "ok");
+        assert_eq!(c["deleted"], "ok");
+        assert_eq!(c["block"], "512");
+    }
+    assert_eq!(
+        (checks[0]["nsid"].as_str(), checks[0]["sgl"].as_str()),
+        ("1", "byte"),
+        "QEMU's controller takes byte-aligned SGLs"
+    );
+    assert_eq!(
+        (checks[0]["via"].as_str(), checks[0]["bounces"].as_str()),
+        ("sgl", "0")
+    );
+    assert_eq!(checks[1]["via"], "bounce");
+    assert_eq!(checks[1]["bounces"], "2", "the write and the read");
+    assert_eq!(checks[2]["nsid"], "2");
+    // After a reset the old queue is lost (nothing was in flight) and a new one gets QID 1.
+    assert_eq!(
+        (
+            checks[2]["reset"].as_str(),
+            checks[2]["generation"].as_str(),
+            checks[2]["lost"].as_str(),
+            checks[2]["new_qid"].as_str()
+        ),
+        ("ok", "1", "0", "1")
+    );
+    let missing = line_with(&console, "PCIE-CHECK-FAILED ");
+    assert!(
+        missing.contains(&format!(
+            "namespace 3 not found on {bdf} (active namespaces: 1, 2)"
+        )),
+        "{missing}"
+    );
+    line_with(&console, "nvme-pcie-lab: all steps passed");
+
+    // The data reached the images, and nothing else did.
+    assert_pattern(&ns1, 0x1ab, &[0, 4 << 20]);
+    assert_pattern(&ns2, 0x2cd, &[0]);
+    assert_zero(&ns1, 64 << 10, 1 << 20);
+    assert_zero(&ns1, (1 << 20) + (8 << 10), 4 << 20);
+    assert_zero(&ns2, 64 << 10, 1 << 20);
+    assert_zero(&other, 0, 1 << 20);
+
+    for line in console.lines().filter(|l| l.starts_with("nvme-pcie-lab: ")) {
+        eprintln!("{line}");
+    }
+    eprintln!(
+        "nvme pcie lab: examples {:.1} s, initramfs {:.1} s, guest {:.1} s, total {:.1} s",
+        built_examples.as_secs_f64(),
+        built_initrd.as_secs_f64(),
+        guest_time.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+}
