@@ -21,9 +21,11 @@ use vmm_sys_util::event::{
 };
 
 use crate::bdev::Disk;
+use crate::bdev::nvme_pcie::GuestDma;
 use crate::mem::GuestMemoryAtomic;
 use crate::poller::{DeviceKey, DeviceShared, PollerHandle, QueueAttach, Vring};
 use crate::virtio_blk::config::{self, BlkConfig, WRITEBACK_OFFSET};
+use vm_memory::GuestAddressSpace;
 
 /// The shape of the device as the control plane exposes it.
 #[derive(Clone, Copy, Debug)]
@@ -51,6 +53,8 @@ pub struct BlkBackend {
     transitions: Mutex<bool>,
     /// Exit-event consumers handed to the relay loop; see [`BlkBackend::close_exit_events`].
     exit_fds: Mutex<Vec<RawFd>>,
+    /// A device that DMAs into guest memory: the session's mappings in its IOMMU domain.
+    dma: Option<Mutex<GuestDma>>,
 }
 
 impl std::fmt::Debug for BlkBackend {
@@ -79,6 +83,10 @@ impl BlkBackend {
         let attached = (0..shape.num_queues)
             .map(|_| AtomicBool::new(false))
             .collect();
+        let dma = match &*disk {
+            Disk::NvmePcie(d) => Some(Mutex::new(d.guest_dma())),
+            _ => None,
+        };
         Self {
             shape,
             key,
@@ -89,6 +97,7 @@ impl BlkBackend {
             attached,
             transitions: Mutex::new(false),
             exit_fds: Mutex::new(Vec::new()),
+            dma,
         }
     }
 
@@ -128,6 +137,10 @@ impl BlkBackend {
         *closing = true;
         for q in 0..self.shape.num_queues {
             self.detach(q);
+        }
+        // Nothing is in flight any more: the device may forget the guest's memory.
+        if let Some(dma) = &self.dma {
+            lock(dma).release();
         }
     }
 
@@ -198,7 +211,14 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemoryAtomic) -> io::Result<()> {
+        // A device that DMAs into guest memory must reach the new regions before any request
+        // can name them (the frontend waits for this message to be acknowledged).
+        if let Some(dma) = &self.dma {
+            lock(dma)
+                .update(mem.memory().into_inner())
+                .map_err(io::Error::other)?;
+        }
         // The pollers share the atomic map, which already holds the new one; tell them to load
         // it. The frontend is acknowledged only after this returns, so it cannot publish a
         // request that uses the new map before the pollers can see the change.

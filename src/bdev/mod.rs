@@ -6,6 +6,7 @@
 
 pub mod file;
 pub mod null;
+pub mod nvme_pcie;
 pub mod nvme_tcp;
 pub mod uring;
 
@@ -16,6 +17,7 @@ use crate::mem::IovecList;
 
 use self::file::FileDevice;
 use self::null::{NullChannel, NullDevice};
+use self::nvme_pcie::{NvmePcieChannel, NvmePcieDevice};
 use self::nvme_tcp::{NvmeTcpChannel, NvmeTcpDevice};
 use self::uring::UringChannel;
 
@@ -101,6 +103,12 @@ pub trait IoChannel {
 
     /// Acknowledges a wake-up from [`IoChannel::completion_fd`].
     fn clear_completion_fd(&self);
+
+    /// Completions will come that no file descriptor announces: the poller must keep polling
+    /// instead of sleeping.
+    fn must_poll(&self) -> bool {
+        false
+    }
 }
 
 /// Any of vubd's devices.
@@ -109,6 +117,7 @@ pub enum Disk {
     File(FileDevice),
     Null(NullDevice),
     NvmeTcp(NvmeTcpDevice),
+    NvmePcie(NvmePcieDevice),
 }
 
 impl Disk {
@@ -116,6 +125,7 @@ impl Disk {
     pub fn serial(&self) -> Option<&str> {
         match self {
             Disk::NvmeTcp(d) => Some(d.serial()),
+            Disk::NvmePcie(d) => Some(d.serial()),
             Disk::File(_) | Disk::Null(_) => None,
         }
     }
@@ -129,6 +139,7 @@ pub enum Channel {
     Uring(UringChannel),
     Null(NullChannel),
     NvmeTcp(NvmeTcpChannel),
+    NvmePcie(NvmePcieChannel),
 }
 
 impl BlockDevice for Disk {
@@ -139,6 +150,7 @@ impl BlockDevice for Disk {
             Disk::File(d) => d.info(),
             Disk::Null(d) => d.info(),
             Disk::NvmeTcp(d) => d.info(),
+            Disk::NvmePcie(d) => d.info(),
         }
     }
 
@@ -147,6 +159,7 @@ impl BlockDevice for Disk {
             Disk::File(d) => Channel::Uring(d.open_channel(depth)?),
             Disk::Null(d) => Channel::Null(d.open_channel(depth)?),
             Disk::NvmeTcp(d) => Channel::NvmeTcp(d.open_channel(depth)?),
+            Disk::NvmePcie(d) => Channel::NvmePcie(d.open_channel(depth)?),
         })
     }
 }
@@ -157,6 +170,7 @@ macro_rules! each_channel {
             Channel::Uring($c) => $e,
             Channel::Null($c) => $e,
             Channel::NvmeTcp($c) => $e,
+            Channel::NvmePcie($c) => $e,
         }
     };
 }
@@ -185,5 +199,9 @@ impl IoChannel for Channel {
 
     fn clear_completion_fd(&self) {
         each_channel!(self, c => c.clear_completion_fd())
+    }
+
+    fn must_poll(&self) -> bool {
+        each_channel!(self, c => c.must_poll())
     }
 }

@@ -136,6 +136,11 @@ pub enum DiskSpec {
     Null(u64),
     /// A namespace of a remote NVMe/TCP subsystem.
     NvmeTcp(NvmeTcpUri),
+    /// `nvme-pcie:BDF[?nsid=N]`: a namespace of a local NVMe controller bound to vfio-pci.
+    NvmePcie {
+        bdf: String,
+        nsid: u32,
+    },
 }
 
 /// What `vubd` was asked to do.
@@ -343,6 +348,10 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, ConfigError> {
     if let Some(rest) = s.strip_prefix("nvme-tcp://") {
         return nvme::parse_uri(rest, s).map(DiskSpec::NvmeTcp);
     }
+    if let Some(rest) = s.strip_prefix("nvme-pcie:") {
+        let (bdf, nsid) = nvme::parse_pcie(rest, s)?;
+        return Ok(DiskSpec::NvmePcie { bdf, nsid });
+    }
     if let Some(path) = s.strip_prefix("file:") {
         if path.is_empty() {
             return Err(ConfigError::EmptyDiskPath);
@@ -430,7 +439,7 @@ fn default_serial(disk: &DiskSpec) -> Option<String> {
     let path = match disk {
         DiskSpec::File(path) => path,
         DiskSpec::Null(_) => return Some("null".to_owned()),
-        DiskSpec::NvmeTcp(_) => return None,
+        DiskSpec::NvmeTcp(_) | DiskSpec::NvmePcie { .. } => return None,
     };
     let name = path
         .file_name()
@@ -602,6 +611,36 @@ mod tests {
                 idle: Duration::from_micros(7)
             }
         );
+    }
+
+    #[test]
+    fn nvme_pcie_disks() {
+        assert_eq!(
+            parse_disk("nvme-pcie:0000:01:00.0"),
+            Ok(DiskSpec::NvmePcie {
+                bdf: "0000:01:00.0".into(),
+                nsid: 1
+            })
+        );
+        assert_eq!(
+            parse_disk("nvme-pcie:01:00.0?nsid=2"),
+            Ok(DiskSpec::NvmePcie {
+                bdf: "0000:01:00.0".into(),
+                nsid: 2
+            })
+        );
+        for bad in [
+            "nvme-pcie:",
+            "nvme-pcie:01:00",
+            "nvme-pcie:0000:01:00.0?nsid=0",
+            "nvme-pcie:zz:00.0",
+            "nvme-pcie:01:00.0?x=1",
+        ] {
+            assert!(
+                matches!(parse_disk(bad), Err(ConfigError::BadNvmeUri(..))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -152,6 +152,48 @@ pub fn parse_uri(rest: &str, full: &str) -> Result<NvmeTcpUri, ConfigError> {
     Ok(uri)
 }
 
+/// Parses the part of `--disk` after `nvme-pcie:`: a PCI address (`0000:01:00.0`, or
+/// `01:00.0` in domain 0) and an optional `?nsid=N`. `full` is the whole argument, for errors.
+pub fn parse_pcie(rest: &str, full: &str) -> Result<(String, u32), ConfigError> {
+    let bad = |why: &'static str| ConfigError::BadNvmeUri(full.to_owned(), why);
+    let (addr, query) = match rest.split_once('?') {
+        Some((a, q)) => (a, Some(q)),
+        None => (rest, None),
+    };
+    let bdf = normalize_bdf(addr).ok_or(bad("expected nvme-pcie:DDDD:BB:DD.F[?nsid=N]"))?;
+    let mut nsid = 1;
+    for pair in query.into_iter().flat_map(|q| q.split('&')) {
+        match pair.split_once('=') {
+            Some(("nsid", v)) => {
+                nsid = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n != 0 && n != u32::MAX)
+                    .ok_or(bad("nsid must be between 1 and 4294967294"))?;
+            }
+            _ => return Err(bad("unknown option (known: nsid)")),
+        }
+    }
+    Ok((bdf, nsid))
+}
+
+/// `DDDD:BB:DD.F` with lower-case hex digits, from that or `BB:DD.F`.
+fn normalize_bdf(s: &str) -> Option<String> {
+    let parts: Vec<&str> = s.split([':', '.']).collect();
+    let (domain, bus, dev, func) = match parts.as_slice() {
+        [d, b, v, f] => (*d, *b, *v, *f),
+        [b, v, f] => ("0000", *b, *v, *f),
+        _ => return None,
+    };
+    let hex = |x: &str, max_len: usize| {
+        (!x.is_empty() && x.len() <= max_len && x.bytes().all(|c| c.is_ascii_hexdigit()))
+            .then(|| u32::from_str_radix(x, 16).ok())
+            .flatten()
+    };
+    let (d, b, v, f) = (hex(domain, 4)?, hex(bus, 2)?, hex(dev, 2)?, hex(func, 1)?);
+    (v < 32 && f < 8).then(|| format!("{d:04x}:{b:02x}:{v:02x}.{f:x}"))
+}
+
 /// `HOST`, `HOST:PORT`, `[V6]`, `[V6]:PORT`.
 fn parse_authority(s: &str) -> Option<(String, u16)> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {

@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::bdev::file::{FileDevice, FileError, FileOptions};
 use crate::bdev::null::NullDevice;
+use crate::bdev::nvme_pcie::{NvmePcieConfig, NvmePcieDevice, NvmePcieError};
 use crate::bdev::nvme_tcp::{NvmeTcpDevice, NvmeTcpError};
 use crate::bdev::{BlockDevice, DeviceInfo, Disk};
 use crate::config::{Config, DiskSpec, SocketSpec};
@@ -72,6 +73,8 @@ pub enum DaemonError {
     Worker(#[source] io::Error),
     #[error("--disk")]
     NvmeTcp(#[source] NvmeTcpError),
+    #[error("--disk")]
+    NvmePcie(#[source] NvmePcieError),
     #[error("NVMe host identity")]
     NvmeHost(#[source] crate::nvme::tcp::ctrl::CtrlError),
     #[error("discover")]
@@ -89,6 +92,7 @@ impl DaemonError {
             | DaemonError::Bind { .. }
             | DaemonError::BadFd(_)
             | DaemonError::NvmeTcp(_)
+            | DaemonError::NvmePcie(_)
             | DaemonError::NvmeHost(_)
             | DaemonError::Discover(_) => 2,
             _ => 1,
@@ -154,6 +158,15 @@ fn open_disk(cfg: &Config) -> Result<Disk, DaemonError> {
             let tcp = nvme::tcp_config(uri, &cfg.nvme, cfg.pollers.len(), cfg.read_only)?;
             Disk::NvmeTcp(NvmeTcpDevice::open(tcp).map_err(DaemonError::NvmeTcp)?)
         }
+        DiskSpec::NvmePcie { bdf, nsid } => Disk::NvmePcie(
+            NvmePcieDevice::open(&NvmePcieConfig {
+                bdf: bdf.clone(),
+                nsid: *nsid,
+                io_timeout: cfg.nvme.io_timeout,
+                read_only: cfg.read_only,
+            })
+            .map_err(DaemonError::NvmePcie)?,
+        ),
     })
 }
 
@@ -490,6 +503,7 @@ fn print_attach_hint(cfg: &Config, info: &DeviceInfo) {
                 "namespace {} of {} at {}:{}",
                 u.nsid, u.subnqn, u.host, u.port
             ),
+            DiskSpec::NvmePcie { bdf, nsid } => format!("namespace {nsid} of NVMe {bdf}"),
         },
         if info.read_only { ", read-only" } else { "" },
         abs.display()

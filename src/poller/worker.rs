@@ -142,6 +142,9 @@ impl Worker {
                     now.duration_since(*idle_since.get_or_insert(now)) >= idle
                 }
             };
+            // A channel without a completion event (a polled device with commands in flight)
+            // keeps its poller awake.
+            let sleep = sleep && !self.devices.iter().flatten().any(|d| d.channel.must_poll());
             if sleep {
                 self.sleep();
                 idle_since = None;

@@ -3,7 +3,7 @@
 # lab initramfs, in a guest with two emulated NVMe controllers behind an
 # emulated IOMMU: one with namespaces 1 and 2 (serial $PCIE_SERIAL), for the
 # user-space driver, and one that stays with the kernel's nvme driver (serial
-# $OTHER_SERIAL). The initramfs holds bind-vfio.sh, vubd and pcie_check.
+# $OTHER_SERIAL). The initramfs holds bind-vfio.sh, vubd, pcie_check and blkcheck.
 #
 # 1. the kernel's nvme driver takes both controllers; their addresses are
 #    found by serial number;
@@ -14,7 +14,11 @@
 # 5. pcie_check writes and reads back the pattern through an I/O queue: on
 #    namespace 1 with SGLs, on namespace 1 at 4 MiB with bounce buffers, on
 #    namespace 2 followed by a controller reset (PCIE-CHECK lines); on namespace 3 it reports the missing
-#    namespace (PCIE-CHECK-FAILED line, exit status 1).
+#    namespace (PCIE-CHECK-FAILED line, exit status 1);
+# 6. vubd serves namespace 2 (--disk nvme-pcie:BDF?nsid=2, two queues, so two
+#    pollers and two I/O queue pairs) and blkcheck checks it through
+#    vhost-user: write-verify, write-zeroes, then a sector pattern over the
+#    first 4 MiB that the host finds in the image.
 # The host checks the lines and then the images; this script fails on the
 # first error.
 set -u
@@ -77,4 +81,30 @@ rc=0
 pcie_check "$bdf" --nsid 3 || rc=$?
 [ "$rc" -eq 1 ] || fatal "pcie_check on the missing namespace 3 exited with $rc, expected 1"
 say "driver steps done at $(uptime_s) s of guest uptime"
+
+# --- 6. vubd serving namespace 2 to a vhost-user client ------------------------------
+sock=/tmp/vubd.sock
+vubd --socket-path $sock --disk "nvme-pcie:$bdf?nsid=2" --num-queues 2 >/tmp/vubd.log 2>&1 &
+vubd_pid=$!
+stop_vubd() { kill -KILL "$vubd_pid" 2>/dev/null; }
+wait_for 100 test -S $sock || { cat /tmp/vubd.log; stop_vubd; fatal "vubd did not create $sock"; }
+# The last mode leaves a pattern the host checks in the image.
+for mode in write-verify write-zeroes pattern; do
+    if ! blkcheck --socket $sock --queues 2 --seed 0x3ef --size 4M --rounds 4 $mode; then
+        tail -n 20 /tmp/vubd.log
+        stop_vubd
+        fatal "blkcheck $mode through vubd on $bdf"
+    fi
+done
+gone() { [ ! -e "/proc/$1" ] || grep -q ') Z ' "/proc/$1/stat" 2>/dev/null; }
+kill -TERM "$vubd_pid"
+if ! wait_for 100 gone "$vubd_pid"; then
+    stop_vubd
+    fatal "vubd still running 10 s after SIGTERM"
+fi
+rc=0
+wait "$vubd_pid" || rc=$?
+[ "$rc" -eq 0 ] || { tail -n 20 /tmp/vubd.log; fatal "vubd exited with status $rc"; }
+grep -q "NVMe controller opened" /tmp/vubd.log || { cat /tmp/vubd.log; fatal "vubd log"; }
+say "vubd steps done at $(uptime_s) s of guest uptime"
 say "all steps passed"

@@ -1,0 +1,121 @@
+//! Guest memory in the controller's IOMMU domain: every region of a session's guest memory is
+//! DMA-mapped whole at IOVA = its address in vubd, so PRPs point straight at guest buffers.
+//!
+//! A region that leaves the memory table is unmapped only once nothing can still use it: the
+//! snapshot it came from is kept until no in-flight request and no poller's map holds that
+//! snapshot any more (its reference count falls to the one kept here). Keeping the snapshot
+//! also keeps the region's mapping in vubd alive until then.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use crate::mem::MemSnapshot;
+use crate::nvme::pcie::PcieError;
+use crate::nvme::pcie::ctrl::PcieController;
+
+/// A region as the IOMMU sees it: its host address (= IOVA) and length.
+type Span = (u64, usize);
+
+/// The DMA mappings of one session's guest memory.
+#[derive(Debug)]
+pub struct GuestDma {
+    ctrl: Arc<PcieController>,
+    mapped: BTreeSet<Span>,
+    /// Regions that left the memory table, with the snapshot that last had them.
+    retired: Vec<(MemSnapshot, Vec<Span>)>,
+    /// The snapshot `mapped` describes.
+    current: Option<MemSnapshot>,
+}
+
+/// The host pages of every region: the IOMMU maps whole pages, and a region need not start or
+/// end on one (a frontend may share a small ring area at an offset into its mapping). The
+/// pages around a region belong to the same mapping, so IOVA = address holds for every byte.
+fn spans(mem: &MemSnapshot) -> BTreeSet<Span> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .ok()
+        .filter(|p| p.is_power_of_two())
+        .unwrap_or(4096);
+    mem.iter()
+        .filter_map(|r| {
+            let host = r.get_host_address(MemoryRegionAddress(0)).ok()? as u64;
+            let start = host & !(page - 1);
+            let end = host.checked_add(r.len())?.checked_next_multiple_of(page)?;
+            Some((start, usize::try_from(end - start).ok()?))
+        })
+        .collect()
+}
+
+impl GuestDma {
+    pub fn new(ctrl: Arc<PcieController>) -> Self {
+        Self {
+            ctrl,
+            mapped: BTreeSet::new(),
+            retired: Vec::new(),
+            current: None,
+        }
+    }
+
+    /// Maps the regions of `mem` that are not mapped yet and retires those that left it.
+    pub fn update(&mut self, mem: MemSnapshot) -> Result<(), PcieError> {
+        let want = spans(&mem);
+        for &(addr, len) in want.difference(&self.mapped) {
+            // SAFETY: the region is a live mapping of guest memory held by `mem`, which is
+            // kept (as `current`, then in `retired`) until the region is unmapped again.
+            unsafe { self.ctrl.dma_map(addr as *mut u8, len)? };
+        }
+        let gone: Vec<Span> = self.mapped.difference(&want).copied().collect();
+        if let Some(old) = self.current.replace(mem) {
+            self.retired.push((old, gone));
+        }
+        self.mapped = want;
+        self.sweep();
+        Ok(())
+    }
+
+    /// Unmaps retired regions nothing refers to any more.
+    pub fn sweep(&mut self) {
+        let mapped = &self.mapped;
+        let ctrl = &self.ctrl;
+        self.retired.retain(|(snapshot, spans)| {
+            if Arc::strong_count(snapshot) > 1 {
+                return true;
+            }
+            for &(addr, len) in spans {
+                // A region back in the table under the same address stays mapped.
+                if !mapped.contains(&(addr, len))
+                    && let Err(e) = ctrl.dma_unmap(addr, len)
+                {
+                    tracing::warn!(addr, len, error = %e, "cannot unmap guest memory");
+                }
+            }
+            false
+        });
+    }
+
+    /// Unmaps everything: the session is over and no request is in flight.
+    pub fn release(&mut self) {
+        self.current = None;
+        let mapped = std::mem::take(&mut self.mapped);
+        for (_, spans) in std::mem::take(&mut self.retired) {
+            for (addr, len) in spans {
+                if !mapped.contains(&(addr, len)) {
+                    let _ = self.ctrl.dma_unmap(addr, len);
+                }
+            }
+        }
+        for (addr, len) in mapped {
+            if let Err(e) = self.ctrl.dma_unmap(addr, len) {
+                tracing::warn!(addr, len, error = %e, "cannot unmap guest memory");
+            }
+        }
+    }
+}
+
+impl Drop for GuestDma {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
