@@ -153,10 +153,9 @@ fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
             fs::read_to_string(&guest_log).unwrap_or_default()
         );
     }
-    for line in console
-        .lines()
-        .filter(|l| l.starts_with("NVME-LIST") || l.starts_with("PCIE-CHECK"))
-    {
+    for line in console.lines().filter(|l| {
+        l.starts_with("NVME-LIST") || l.starts_with("PCIE-CHECK") || l.starts_with("blkcheck: ")
+    }) {
         eprintln!("{line}");
     }
 
@@ -225,6 +224,14 @@ fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
             "namespace 3 not found on {bdf} (active namespaces: 1, 2)"
         )),
         "{missing}"
+    );
+    // Discard through vubd is Dataset Management on the controller.
+    let discard = fields(line_with(&console, "blkcheck: PASS discard "));
+    assert!(
+        discard["discarded_blocks"]
+            .parse::<u64>()
+            .is_ok_and(|n| n > 0),
+        "{discard:?}"
     );
     line_with(&console, "nvme-pcie-lab: all steps passed");
 

@@ -17,7 +17,9 @@
 #    namespace (PCIE-CHECK-FAILED line, exit status 1);
 # 6. vubd serves namespace 2 (--disk nvme-pcie:BDF?nsid=2, two queues, so two
 #    pollers and two I/O queue pairs) and blkcheck checks it through
-#    vhost-user: write-verify, write-zeroes, then a sector pattern over the
+#    vhost-user: write-verify, write-zeroes, discard (Dataset Management;
+#    QEMU's drive does not unmap, so discarded blocks may keep their data and
+#    blkcheck runs without --discard-zeroes), then a sector pattern over the
 #    first 4 MiB that the host finds in the image.
 # The host checks the lines and then the images; this script fails on the
 # first error.
@@ -89,7 +91,7 @@ vubd_pid=$!
 stop_vubd() { kill -KILL "$vubd_pid" 2>/dev/null; }
 wait_for 100 test -S $sock || { cat /tmp/vubd.log; stop_vubd; fatal "vubd did not create $sock"; }
 # The last mode leaves a pattern the host checks in the image.
-for mode in write-verify write-zeroes pattern; do
+for mode in write-verify write-zeroes discard pattern; do
     if ! blkcheck --socket $sock --queues 2 --seed 0x3ef --size 4M --rounds 4 $mode; then
         tail -n 20 /tmp/vubd.log
         stop_vubd

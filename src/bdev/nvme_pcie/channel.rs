@@ -13,19 +13,30 @@ use super::Geometry;
 use crate::bdev::{ChannelFull, IoChannel, IoOp};
 use crate::nvme::cid::CmdTable;
 use crate::nvme::data::DataRef;
-use crate::nvme::pcie::PcieIoQueue;
-use crate::nvme::spec::{Sqe, Status};
+use crate::nvme::pcie::io::INLINE_LEN;
+use crate::nvme::pcie::{PcieIoQueue, QueueFull};
+use crate::nvme::spec::{DsmRange, Sqe, Status};
 use crate::nvme::split::split;
 
 /// Commands waiting for a free slot in the queue pair, per slot, before the channel reports
 /// itself full.
 const BACKLOG_PER_SLOT: usize = 2;
 
+/// What a command carries besides its SQE.
+#[derive(Clone, Copy, Debug)]
+enum Payload {
+    None,
+    /// Guest data (`true`: to the device).
+    Data(DataRef, bool),
+    /// A Dataset Management range, copied into the queue's DMA memory.
+    Inline([u8; INLINE_LEN]),
+}
+
 #[derive(Debug)]
 struct Waiting {
     id: u16,
     sqe: Sqe,
-    data: Option<(DataRef, bool)>,
+    payload: Payload,
 }
 
 /// A command of the channel: the request it belongs to and the bytes it moves.
@@ -64,8 +75,11 @@ impl NvmePcieChannel {
         }
     }
 
-    fn enqueue(&mut self, tag: u32, sqe: Sqe, data: Option<(DataRef, bool)>) {
-        let bytes = data.map_or(0, |(d, _)| u32::try_from(d.len()).unwrap_or(u32::MAX));
+    fn enqueue(&mut self, tag: u32, sqe: Sqe, payload: Payload) {
+        let bytes = match payload {
+            Payload::Data(d, _) => u32::try_from(d.len()).unwrap_or(u32::MAX),
+            Payload::None | Payload::Inline(_) => 0,
+        };
         let Some(id) = self.cmds.insert(Cmd { tag, bytes }) else {
             // Unreachable: the table holds the queue's depth and the whole backlog.
             self.ready.push_back((tag, -libc::EBUSY));
@@ -73,12 +87,12 @@ impl NvmePcieChannel {
         };
         if self.backlog.is_empty()
             && self.queue.has_room()
-            && self.queue.submit(u32::from(id), sqe, data).is_ok()
+            && submit_to(&mut self.queue, id, sqe, payload).is_ok()
         {
             self.queued = true;
             return;
         }
-        self.backlog.push_back(Waiting { id, sqe, data });
+        self.backlog.push_back(Waiting { id, sqe, payload });
     }
 
     fn drain_backlog(&mut self) {
@@ -86,7 +100,7 @@ impl NvmePcieChannel {
             let Some(w) = self.backlog.pop_front() else {
                 return;
             };
-            if self.queue.submit(u32::from(w.id), w.sqe, w.data).is_err() {
+            if submit_to(&mut self.queue, w.id, w.sqe, w.payload).is_err() {
                 self.backlog.push_front(w);
                 return;
             }
@@ -110,16 +124,33 @@ impl IoChannel for NvmePcieChannel {
             IoOp::Write { offset, iov, fua } => (offset, iov, true, fua),
             IoOp::Flush => {
                 if geo.volatile_cache {
-                    self.enqueue(tag, Sqe::flush(geo.nsid), None);
+                    self.enqueue(tag, Sqe::flush(geo.nsid), Payload::None);
                 } else {
                     self.ready.push_back((tag, 0));
                 }
                 return Ok(1);
             }
-            IoOp::Discard { .. } => {
-                // Not offered to the guest (see `NvmePcieDevice::open`).
-                self.ready.push_back((tag, -libc::EOPNOTSUPP));
-                return Ok(1);
+            IoOp::Discard { offset, len } => {
+                // One range per command: its range list is the queue's inline payload.
+                let Ok(pieces) = split(offset, len, geo.lba_shift, u32::MAX) else {
+                    self.ready.push_back((tag, -libc::EINVAL));
+                    return Ok(1);
+                };
+                let mut n = 0;
+                for p in pieces {
+                    let range = DsmRange {
+                        context_attributes: 0,
+                        nlb: p.blocks,
+                        slba: p.slba,
+                    };
+                    self.enqueue(
+                        tag,
+                        Sqe::dsm_deallocate(geo.nsid, 0),
+                        Payload::Inline(range.encode()),
+                    );
+                    n += 1;
+                }
+                return Ok(n);
             }
             IoOp::WriteZeroes { offset, len, unmap } => {
                 let Ok(pieces) = split(offset, len, geo.lba_shift, 1 << 16) else {
@@ -129,7 +160,11 @@ impl IoChannel for NvmePcieChannel {
                 let mut n = 0;
                 for p in pieces {
                     let nlb = (p.blocks - 1) as u16;
-                    self.enqueue(tag, Sqe::write_zeroes(geo.nsid, p.slba, nlb, unmap), None);
+                    self.enqueue(
+                        tag,
+                        Sqe::write_zeroes(geo.nsid, p.slba, nlb, unmap),
+                        Payload::None,
+                    );
                     n += 1;
                 }
                 return Ok(n);
@@ -157,7 +192,7 @@ impl IoChannel for NvmePcieChannel {
             } else {
                 Sqe::read(geo.nsid, p.slba, nlb, false)
             };
-            self.enqueue(tag, sqe, Some((part, write)));
+            self.enqueue(tag, sqe, Payload::Data(part, write));
             n += 1;
         }
         Ok(n)
@@ -208,6 +243,21 @@ impl IoChannel for NvmePcieChannel {
 
     fn must_poll(&self) -> bool {
         !self.cmds.is_empty()
+    }
+}
+
+/// Queues command `id` on `queue` with its payload.
+fn submit_to(
+    queue: &mut PcieIoQueue,
+    id: u16,
+    sqe: Sqe,
+    payload: Payload,
+) -> Result<(), QueueFull> {
+    let user = u32::from(id);
+    match payload {
+        Payload::None => queue.submit(user, sqe, None),
+        Payload::Data(d, to_device) => queue.submit(user, sqe, Some((d, to_device))),
+        Payload::Inline(b) => queue.submit_inline(user, sqe, &b),
     }
 }
 

@@ -97,8 +97,8 @@ impl NvmePcieDevice {
             logical_block_size: block_size,
             physical_block_size: block_size,
             read_only: cfg.read_only,
-            // Deallocation needs its range list in DMA memory per command; not offered yet.
-            discard: false,
+            // Dataset Management (deallocate), one range per command.
+            discard: id.oncs.dsm(),
             write_zeroes: id.oncs.write_zeroes(),
         };
         info!(

@@ -28,6 +28,8 @@ use crate::nvme::spec::{Cqe, Sqe, Status, sc, sct};
 
 /// Bounce buffers per queue, each of the largest transfer.
 const BOUNCE_BUFFERS: usize = 4;
+/// Bytes of payload [`PcieIoQueue::submit_inline`] carries.
+pub const INLINE_LEN: usize = 16;
 
 /// The queue has no room for the command now: poll for completions and try again.
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
@@ -249,6 +251,46 @@ impl PcieIoQueue {
         }
     }
 
+    /// Queues `sqe` with a 16-byte payload the controller reads (a Dataset Management range,
+    /// say), as command `user`. The payload is copied into the command's list area, which
+    /// lives as long as the command and which a payload this small needs no PRP list from:
+    /// PRP1 points at it. Nothing reaches the controller before
+    /// [`PcieIoQueue::ring_doorbell`].
+    pub fn submit_inline(
+        &mut self,
+        user: u32,
+        sqe: Sqe,
+        payload: &[u8; INLINE_LEN],
+    ) -> Result<(), QueueFull> {
+        if !self.has_room() {
+            return Err(QueueFull);
+        }
+        let Some(area) = self.free_areas.pop() else {
+            return Err(QueueFull);
+        };
+        let Some((area_ptr, area_iova)) = self.area(area) else {
+            self.free_areas.push(area);
+            return Err(QueueFull);
+        };
+        // SAFETY: list area `area` was taken from the free list, so no command in flight uses
+        // it and the controller does not read it until this command is submitted; it is at
+        // least a page long inside `mem`, so the payload fits, and nothing else refers to it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), area_ptr.as_ptr(), INLINE_LEN);
+        }
+        let dptr = super::Dptr::Prp {
+            prp1: area_iova,
+            prp2: 0,
+        };
+        match self.push(user, &sqe, dptr, area, None) {
+            Ok(()) => Ok(()),
+            Err(NotSent::Full | NotSent::Failed) => {
+                self.free_areas.push(area);
+                Err(QueueFull)
+            }
+        }
+    }
+
     /// `submit` with list area `area` taken; the caller takes it back on an `Err`.
     fn submit_in(
         &mut self,
@@ -325,6 +367,19 @@ impl PcieIoQueue {
                 }
             }
         };
+        self.push(user, sqe, dptr, area, bounce)
+    }
+
+    /// Puts the command in the submission ring with its data pointer built; on an `Err` the
+    /// bounce buffer is free again and the caller takes list area `area` back.
+    fn push(
+        &mut self,
+        user: u32,
+        sqe: &Sqe,
+        dptr: super::Dptr,
+        area: u16,
+        bounce: Option<Bounce>,
+    ) -> Result<(), NotSent> {
         let since = Instant::now();
         let cmd = Cmd {
             user,
