@@ -366,6 +366,22 @@ impl PcieController {
     /// the I/O queues again. Every I/O queue is lost (see the module documentation).
     pub fn reset(&self) -> Result<(), PcieError> {
         let mut a = lock(&self.admin);
+        self.reset_locked(&mut a)
+    }
+
+    /// Resets the controller as [`PcieController::reset`] does, but only if it is still in
+    /// `generation`: several owners of queues that see the same failure reset it once.
+    /// Returns whether this call reset it; `false` means another reset came first (and has
+    /// finished: resets hold the admin lock).
+    pub fn reset_if(&self, generation: u64) -> Result<bool, PcieError> {
+        let mut a = lock(&self.admin);
+        if self.generation() != generation {
+            return Ok(false);
+        }
+        self.reset_locked(&mut a).map(|()| true)
+    }
+
+    fn reset_locked(&self, a: &mut Admin) -> Result<(), PcieError> {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.disable()?;
         let page = a.page;
@@ -383,8 +399,8 @@ impl PcieController {
                 source: source.into(),
             })?;
         }
-        self.enable(&a)?;
-        let granted = self.ask_queues(&mut a)?;
+        self.enable(a)?;
+        let granted = self.ask_queues(a)?;
         if granted < self.granted {
             tracing::warn!(
                 "{}: {granted} I/O queues granted after the reset, {} before",
