@@ -154,7 +154,10 @@ fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
         );
     }
     for line in console.lines().filter(|l| {
-        l.starts_with("NVME-LIST") || l.starts_with("PCIE-CHECK") || l.starts_with("blkcheck: ")
+        l.starts_with("NVME-LIST")
+            || l.starts_with("PCIE-CHECK")
+            || l.starts_with("VUBD-RESET")
+            || l.starts_with("blkcheck: ")
     }) {
         eprintln!("{line}");
     }
@@ -225,6 +228,27 @@ fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
         )),
         "{missing}"
     );
+    // A controller reset during write-verify (the debug trigger): blkcheck passed (the
+    // script stops otherwise), the controller was reset once, and the commands in flight
+    // were submitted again on new queues.
+    line_with(
+        &console,
+        "blkcheck: PASS write-verify queues=2 size=4194304 seed=0x4a1 ",
+    );
+    let resets: Vec<_> = lines_with(&console, "VUBD-RESET: ")
+        .filter(|l| l.contains("NVMe controller reset") && !l.contains("failed"))
+        .collect();
+    assert_eq!(resets.len(), 1, "{console}");
+    assert!(resets[0].contains("debug reset"), "{}", resets[0]);
+    let resubmitted: Vec<u64> = lines_with(&console, "VUBD-RESET: ")
+        .filter(|l| l.contains("commands resubmitted"))
+        .filter_map(|l| fields(l).get("resubmitted").and_then(|n| n.parse().ok()))
+        .collect();
+    assert!(
+        resubmitted.iter().any(|&n| n > 0),
+        "no command was resubmitted: {console}"
+    );
+
     // Discard through vubd is Dataset Management on the controller.
     let discard = fields(line_with(&console, "blkcheck: PASS discard "));
     assert!(

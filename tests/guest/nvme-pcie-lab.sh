@@ -20,7 +20,9 @@
 #    vhost-user: write-verify, write-zeroes, discard (Dataset Management;
 #    QEMU's drive does not unmap, so discarded blocks may keep their data and
 #    blkcheck runs without --discard-zeroes), then a sector pattern over the
-#    first 4 MiB that the host finds in the image.
+#    first 4 MiB that the host finds in the image. Before that, a vubd with
+#    the debug reset trigger runs write-verify across a controller reset
+#    (VUBD-RESET lines).
 # The host checks the lines and then the images; this script fails on the
 # first error.
 set -u
@@ -86,10 +88,45 @@ say "driver steps done at $(uptime_s) s of guest uptime"
 
 # --- 6. vubd serving namespace 2 to a vhost-user client ------------------------------
 sock=/tmp/vubd.sock
-vubd --socket-path $sock --disk "nvme-pcie:$bdf?nsid=2" --num-queues 2 >/tmp/vubd.log 2>&1 &
-vubd_pid=$!
+vubd_pid=
 stop_vubd() { kill -KILL "$vubd_pid" 2>/dev/null; }
-wait_for 100 test -S $sock || { cat /tmp/vubd.log; stop_vubd; fatal "vubd did not create $sock"; }
+gone() { [ ! -e "/proc/$1" ] || grep -q ') Z ' "/proc/$1/stat" 2>/dev/null; }
+# start_vubd LOG: vubd on namespace 2 with two queues, its log in LOG.
+start_vubd() {
+    rm -f $sock
+    vubd --socket-path $sock --disk "nvme-pcie:$bdf?nsid=2" --num-queues 2 >"$1" 2>&1 &
+    vubd_pid=$!
+    wait_for 100 test -S $sock || { cat "$1"; stop_vubd; fatal "vubd did not create $sock"; }
+}
+# end_vubd LOG: SIGTERM, and vubd must exit with status 0.
+end_vubd() {
+    kill -TERM "$vubd_pid"
+    if ! wait_for 100 gone "$vubd_pid"; then
+        stop_vubd
+        fatal "vubd still running 10 s after SIGTERM"
+    fi
+    rc=0
+    wait "$vubd_pid" || rc=$?
+    [ "$rc" -eq 0 ] || { tail -n 20 "$1"; fatal "vubd exited with status $rc"; }
+}
+
+# 6a. A controller reset in the middle of write-verify (the debug trigger resets
+# it once, after 40 commands on a channel): every request completes and the data
+# verifies; the log shows the reset and the commands submitted again.
+export VUBD_DEBUG_NVME_RESET_AFTER=40
+start_vubd /tmp/vubd-reset.log
+unset VUBD_DEBUG_NVME_RESET_AFTER
+if ! blkcheck --socket $sock --queues 2 --seed 0x4a1 --size 4M --rounds 4 write-verify; then
+    tail -n 20 /tmp/vubd-reset.log
+    stop_vubd
+    fatal "blkcheck write-verify through vubd across a controller reset"
+fi
+end_vubd /tmp/vubd-reset.log
+grep -E "NVMe controller reset|commands resubmitted|lost in a controller reset" /tmp/vubd-reset.log |
+    sed 's/^/VUBD-RESET: /'
+
+# 6b. write-verify, write-zeroes, discard, then the pattern the host checks.
+start_vubd /tmp/vubd.log
 # The last mode leaves a pattern the host checks in the image.
 for mode in write-verify write-zeroes discard pattern; do
     if ! blkcheck --socket $sock --queues 2 --seed 0x3ef --size 4M --rounds 4 $mode; then
@@ -98,15 +135,7 @@ for mode in write-verify write-zeroes discard pattern; do
         fatal "blkcheck $mode through vubd on $bdf"
     fi
 done
-gone() { [ ! -e "/proc/$1" ] || grep -q ') Z ' "/proc/$1/stat" 2>/dev/null; }
-kill -TERM "$vubd_pid"
-if ! wait_for 100 gone "$vubd_pid"; then
-    stop_vubd
-    fatal "vubd still running 10 s after SIGTERM"
-fi
-rc=0
-wait "$vubd_pid" || rc=$?
-[ "$rc" -eq 0 ] || { tail -n 20 /tmp/vubd.log; fatal "vubd exited with status $rc"; }
+end_vubd /tmp/vubd.log
 grep -q "NVMe controller opened" /tmp/vubd.log || { cat /tmp/vubd.log; fatal "vubd log"; }
 say "vubd steps done at $(uptime_s) s of guest uptime"
 say "all steps passed"

@@ -52,6 +52,8 @@ struct Geometry {
     lba_shift: u32,
     max_rw_blocks: u32,
     volatile_cache: bool,
+    /// A command older than this resets the controller.
+    io_timeout: Duration,
 }
 
 /// A namespace on a local NVMe controller.
@@ -91,6 +93,7 @@ impl NvmePcieDevice {
             lba_shift,
             max_rw_blocks: max_blocks.min(max_rw_blocks(0, 12, lba_shift)).max(1),
             volatile_cache: id.vwc,
+            io_timeout: cfg.io_timeout,
         };
         let info = DeviceInfo {
             capacity_bytes: ns.nsze << lba_shift,
@@ -141,6 +144,6 @@ impl BlockDevice for NvmePcieDevice {
         let max = u32::from(self.ctrl.cap().mqes()).min(MAX_QUEUE_DEPTH);
         let depth = u16::try_from(depth.clamp(1, max)).unwrap_or(1);
         let queue = self.ctrl.create_io_queue(depth).map_err(io::Error::other)?;
-        Ok(NvmePcieChannel::new(self.geo, queue))
+        Ok(NvmePcieChannel::new(self.geo, self.ctrl.clone(), queue))
     }
 }
