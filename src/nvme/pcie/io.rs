@@ -273,14 +273,12 @@ impl PcieIoQueue {
             return Err(QueueFull);
         };
         // SAFETY: list area `area` was taken from the free list, so no command in flight uses
-        // it and the controller does not read it until this command is submitted; it is at
-        // least a page long inside `mem`, so the payload fits, and nothing else refers to it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(payload.as_ptr(), area_ptr.as_ptr(), INLINE_LEN);
-        }
-        let dptr = super::Dptr::Prp {
-            prp1: area_iova,
-            prp2: 0,
+        // it and the controller does not read it until this command is submitted; it is
+        // `area_bytes` long inside `mem`, and the slice lives only for this statement.
+        let list = unsafe { std::slice::from_raw_parts_mut(area_ptr.as_ptr(), self.area_bytes) };
+        let Some(dptr) = put_inline(list, area_iova, payload) else {
+            self.free_areas.push(area);
+            return Err(QueueFull);
         };
         match self.push(user, &sqe, dptr, area, None) {
             Ok(()) => Ok(()),
@@ -490,6 +488,21 @@ impl PcieIoQueue {
     }
 }
 
+/// Puts a small payload at the start of a command's list area (at `area_iova`) and returns
+/// the data pointer to it: PRP1 alone, as the payload does not cross a page. `None` if the
+/// area is too small.
+pub(super) fn put_inline(
+    area: &mut [u8],
+    area_iova: u64,
+    payload: &[u8; INLINE_LEN],
+) -> Option<super::Dptr> {
+    area.get_mut(..INLINE_LEN)?.copy_from_slice(payload);
+    Some(super::Dptr::Prp {
+        prp1: area_iova,
+        prp2: 0,
+    })
+}
+
 /// Copies a bounced read from the bounce buffer at `base + off` into the command's data.
 fn copy_back(base: Option<std::ptr::NonNull<u8>>, off: usize, data: &DataRef) {
     let Some(base) = base else { return };
@@ -526,5 +539,51 @@ impl Drop for PcieIoQueue {
             }
         }
         ctrl.free_qid(self.qid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nvme::pcie::Loopback;
+    use crate::nvme::pcie::ring::SqSlot;
+    use crate::nvme::spec::DsmRange;
+
+    #[test]
+    fn an_inline_payload_is_in_the_list_area_and_prp1_points_at_it() {
+        let mut area = vec![0xeeu8; 4096];
+        let iova = 0x7f00_0004_2000;
+        let range = DsmRange {
+            context_attributes: 0,
+            nlb: 8,
+            slba: 0x1234,
+        };
+        let dptr = put_inline(&mut area, iova, &range.encode()).expect("room");
+        assert_eq!(area[..INLINE_LEN], range.encode());
+        assert!(area[INLINE_LEN..].iter().all(|&b| b == 0xee));
+        assert!(put_inline(&mut [0; 8], iova, &range.encode()).is_none());
+
+        // Through a queue pair and the controller model: the SQE carries the DSM dwords and
+        // PRP1 = the area, PRP2 = 0, and the command completes with its value.
+        let mut q: QueuePair<u32, Vec<SqSlot>, Vec<Cqe>> =
+            QueuePair::new(1, vec![[0; 64]; 4], vec![Cqe::from_bytes([0; 16]); 4]).expect("q");
+        let cid = q
+            .submit(&Sqe::dsm_deallocate(2, 0), dptr, 7)
+            .map_err(|(e, _)| e)
+            .expect("room");
+        let e = q.sq().mem()[0];
+        assert_eq!(e[0], 0x09, "DSM opcode");
+        assert_eq!(e[1] & 0xc0, 0, "PSDT: PRPs");
+        assert_eq!(e[24..32], iova.to_le_bytes());
+        assert_eq!(e[32..40], [0; 8]);
+        assert_eq!(e[40..44], 0u32.to_le_bytes(), "one range");
+        assert_eq!(e[44..48], 4u32.to_le_bytes(), "deallocate");
+        let mut dev = Loopback::new(1);
+        let tail = q.take_sq_doorbell().expect("doorbell");
+        assert_eq!(dev.sq_doorbell(&mut q, tail), 1);
+        let mut done = Vec::new();
+        q.poll(usize::MAX, |v, cqe| done.push((v, cqe.cid(), cqe.status())))
+            .expect("poll");
+        assert_eq!(done, [(7, cid, Status::SUCCESS)]);
     }
 }
