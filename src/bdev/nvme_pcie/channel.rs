@@ -9,7 +9,9 @@
 //! (the controller's generation tells); a queue lost in someone else's reset only needs a new
 //! queue. Either way the commands in flight are taken back, a new queue pair is created and
 //! they are submitted again. Only when the controller cannot be brought back
-//! ([`RECOVERY_ATTEMPTS`] resets) do they fail, and new requests fail at once until a later
+//! ([`RECOVERY_ATTEMPTS`] resets) do they fail, after the controller has been disabled and
+//! stopped from mastering the bus (so no late DMA reaches a failed request's buffers), and
+//! new requests fail at once until a later
 //! attempt ([`RETRY_DOWN`] apart) succeeds. A reset blocks the poller that does it (admin
 //! commands, bounded by the I/O timeout and CAP.TO).
 
@@ -297,6 +299,11 @@ impl NvmePcieChannel {
             "NVMe controller cannot be brought back: failing its I/O"
         );
         self.down_since = Some(Instant::now());
+        // Nothing the controller still holds may reach guest memory once its requests are
+        // failed: stop it from mastering the bus first.
+        if let Err(e) = self.ctrl.stop_dma() {
+            warn!(bdf = self.ctrl.bdf(), error = %e, "cannot stop the NVMe controller's DMA");
+        }
         self.fail_everything();
     }
 

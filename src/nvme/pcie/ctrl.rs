@@ -381,8 +381,20 @@ impl PcieController {
         self.reset_locked(&mut a).map(|()| true)
     }
 
+    /// Stops the controller from touching memory: disabled (best effort) and no longer a bus
+    /// master, so that requests failed while it is down can never see a late DMA. Every I/O
+    /// queue is lost; a later [`PcieController::reset`] brings it back.
+    pub fn stop_dma(&self) -> Result<(), PcieError> {
+        let _a = lock(&self.admin);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let _ = self.disable();
+        self.nvme.set_bus_master(false)
+    }
+
     fn reset_locked(&self, a: &mut Admin) -> Result<(), PcieError> {
         self.generation.fetch_add(1, Ordering::AcqRel);
+        // After `stop_dma` the controller may not master the bus: it needs to again.
+        self.nvme.set_bus_master(true)?;
         self.disable()?;
         let page = a.page;
         a.mem.zero(0, 3 * page);

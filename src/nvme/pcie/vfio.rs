@@ -74,6 +74,8 @@ impl Bar0 {
 pub struct VfioNvme {
     bdf: String,
     group: u32,
+    /// Offset of the PCI configuration space region in the device file.
+    config: u64,
     // Dropped in this order: BAR0's mapping holds a reference to the device file, which must
     // be closed before the group leaves the container.
     bar: Bar0,
@@ -162,14 +164,10 @@ impl VfioNvme {
                 class,
             });
         }
-        let mut cmd = [0u8; 2];
-        file.read_exact_at(&mut cmd, config + PCI_COMMAND)
-            .map_err(io_err("read the PCI command register"))?;
-        let cmd = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
-        file.write_all_at(&cmd.to_le_bytes(), config + PCI_COMMAND)
-            .map_err(io_err("enable memory decoding and bus mastering"))?;
+        set_command_bits(&file, config, PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER, true)?;
         let bar = map_bar0(&dev, &cand.bdf)?;
         let nvme = VfioNvme {
+            config,
             bdf: cand.bdf,
             group: cand.group,
             bar,
@@ -181,6 +179,12 @@ impl VfioNvme {
             return Err(PcieError::Removed(nvme.bdf));
         }
         Ok(nvme)
+    }
+
+    /// Lets the device master the bus (DMA) or stops it from doing so. Off, nothing the
+    /// controller still holds can reach memory.
+    pub fn set_bus_master(&self, on: bool) -> Result<(), PcieError> {
+        set_command_bits(&self.file, self.config, PCI_COMMAND_MASTER, on)
     }
 
     pub fn bdf(&self) -> &str {
@@ -491,4 +495,17 @@ impl Drop for DmaBuf {
             }
         }
     }
+}
+
+/// Sets (`on`) or clears `bits` in the PCI command register, through the configuration space
+/// region at `config` of the device file.
+fn set_command_bits(file: &File, config: u64, bits: u16, on: bool) -> Result<(), PcieError> {
+    let io_err = |what| move |source| PcieError::Io { what, source };
+    let mut cmd = [0u8; 2];
+    file.read_exact_at(&mut cmd, config + PCI_COMMAND)
+        .map_err(io_err("read the PCI command register"))?;
+    let cmd = u16::from_le_bytes(cmd);
+    let cmd = if on { cmd | bits } else { cmd & !bits };
+    file.write_all_at(&cmd.to_le_bytes(), config + PCI_COMMAND)
+        .map_err(io_err("write the PCI command register"))
 }
