@@ -235,6 +235,11 @@ fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
         &console,
         "blkcheck: PASS write-verify queues=2 size=4194304 seed=0x4a1 ",
     );
+    // One queue: one poller, one queue pair.
+    line_with(
+        &console,
+        "blkcheck: PASS write-verify queues=1 size=4194304 seed=0x51 ",
+    );
     let resets: Vec<_> = lines_with(&console, "VUBD-RESET: ")
         .filter(|l| l.contains("NVMe controller reset") && !l.contains("failed"))
         .collect();

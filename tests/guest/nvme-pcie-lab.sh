@@ -91,10 +91,10 @@ sock=/tmp/vubd.sock
 vubd_pid=
 stop_vubd() { kill -KILL "$vubd_pid" 2>/dev/null; }
 gone() { [ ! -e "/proc/$1" ] || grep -q ') Z ' "/proc/$1/stat" 2>/dev/null; }
-# start_vubd LOG: vubd on namespace 2 with two queues, its log in LOG.
+# start_vubd LOG [QUEUES]: vubd on namespace 2 with QUEUES (2) queues, its log in LOG.
 start_vubd() {
     rm -f $sock
-    vubd --socket-path $sock --disk "nvme-pcie:$bdf?nsid=2" --num-queues 2 >"$1" 2>&1 &
+    vubd --socket-path $sock --disk "nvme-pcie:$bdf?nsid=2" --num-queues "${2:-2}" >"$1" 2>&1 &
     vubd_pid=$!
     wait_for 100 test -S $sock || { cat "$1"; stop_vubd; fatal "vubd did not create $sock"; }
 }
@@ -125,7 +125,16 @@ end_vubd /tmp/vubd-reset.log
 grep -E "NVMe controller reset|commands resubmitted|lost in a controller reset" /tmp/vubd-reset.log |
     sed 's/^/VUBD-RESET: /'
 
-# 6b. write-verify, write-zeroes, discard, then the pattern the host checks.
+# 6b. One queue (one poller, one queue pair): write-verify.
+start_vubd /tmp/vubd-1q.log 1
+if ! blkcheck --socket $sock --queues 1 --seed 0x51 --size 4M --rounds 4 write-verify; then
+    tail -n 20 /tmp/vubd-1q.log
+    stop_vubd
+    fatal "blkcheck write-verify through vubd on one queue"
+fi
+end_vubd /tmp/vubd-1q.log
+
+# 6c. Two queues: write-verify, write-zeroes, discard, then the pattern the host checks.
 start_vubd /tmp/vubd.log
 # The last mode leaves a pattern the host checks in the image.
 for mode in write-verify write-zeroes discard pattern; do
