@@ -80,6 +80,8 @@ pub struct BrokenChain;
 pub struct Walk {
     /// The chain's last descriptor.
     pub last: Desc,
+    /// Descriptors written to `descs` (the first ones of the chain).
+    pub kept: usize,
     /// More descriptors than `descs` could hold: only the first ones were kept.
     pub overflow: bool,
     /// Descriptors before the first device-writable one.
@@ -92,23 +94,26 @@ pub struct Walk {
     pub writable_len: u32,
 }
 
-/// Collects the descriptors of the chain at `head` into `descs` (cleared; its capacity bounds
-/// what is kept, it never grows), following indirect tables.
+/// Collects the descriptors of the chain at `head` into `descs` (as many as it holds; the
+/// rest are only counted), following indirect tables.
+#[inline]
 pub fn walk(
     map: &HostMap,
     table: DescTable,
     head: u16,
-    descs: &mut Vec<Desc>,
+    descs: &mut [Desc],
 ) -> Result<Walk, BrokenChain> {
-    descs.clear();
     let (mut base, mut size) = (table.addr, table.size);
     let mut index = head;
     let mut ttl = size;
     let mut indirect = false;
     let mut count = 0usize;
-    let mut first_writable = None;
+    // Descriptors before the first writable one: follows `count` until a writable one is seen.
+    let mut n_readable = 0usize;
+    let mut seen_writable = false;
     let mut readable_after_writable = false;
-    let (mut readable_len, mut writable_len) = (0u32, 0u32);
+    // Bytes of the whole chain and of its writable part; the readable part is the difference.
+    let (mut total_len, mut writable_len) = (0u32, 0u32);
     // The table translated once (the common case), else descriptor by descriptor.
     let mut table_host = map.host_range(base, u64::from(size) * DESC_SIZE);
     loop {
@@ -139,30 +144,30 @@ pub fn walk(
             table_host = map.host_range(base, u64::from(size) * DESC_SIZE);
             continue;
         }
-        // §2.7.5.2: a chain carries less than 2^32 bytes, so neither sum below overflows once
-        // their total is checked.
-        readable_len
-            .checked_add(writable_len)
-            .and_then(|t| t.checked_add(d.len))
-            .ok_or(BrokenChain)?;
+        // §2.7.5.2: a chain carries less than 2^32 bytes, so neither part's sum overflows
+        // once the total is checked.
+        total_len = total_len.checked_add(d.len).ok_or(BrokenChain)?;
         if d.is_write_only() {
-            first_writable.get_or_insert(count);
+            seen_writable = true;
             writable_len += d.len;
         } else {
-            readable_after_writable |= first_writable.is_some();
-            readable_len += d.len;
+            readable_after_writable |= seen_writable;
+        }
+        if let Some(slot) = descs.get_mut(count) {
+            *slot = d;
         }
         count += 1;
-        if descs.len() < descs.capacity() {
-            descs.push(d);
+        if !seen_writable {
+            n_readable = count;
         }
         if !d.has_next() {
             return Ok(Walk {
                 last: d,
+                kept: count.min(descs.len()),
                 overflow: count > descs.len(),
-                n_readable: first_writable.unwrap_or(count),
+                n_readable,
                 readable_after_writable,
-                readable_len,
+                readable_len: total_len - writable_len,
                 writable_len,
             });
         }

@@ -44,7 +44,7 @@ pub struct Range {
 /// request (kept out of [`Request`] so that reads and writes stay small).
 #[derive(Debug)]
 pub struct Scratch {
-    descs: Vec<Desc>,
+    descs: Box<[Desc]>,
     ranges: [Range; MAX_RANGE_SEGMENTS],
     n_ranges: usize,
 }
@@ -53,7 +53,7 @@ impl Scratch {
     /// Scratch for chains of at most `max_descs` descriptors; longer chains are rejected.
     pub fn new(max_descs: usize) -> Self {
         Self {
-            descs: Vec::with_capacity(max_descs),
+            descs: vec![Desc::default(); max_descs].into_boxed_slice(),
             ranges: [Range::default(); MAX_RANGE_SEGMENTS],
             n_ranges: 0,
         }
@@ -191,7 +191,7 @@ pub fn parse(
             max: limits.seg_max,
         }));
     }
-    let descs = scratch.descs.as_slice();
+    let descs = &scratch.descs[..walk.kept];
     // The chain is its readable part (header, then payload), then its writable part (payload,
     // then the status byte).
     if walk.n_readable == 0 {
