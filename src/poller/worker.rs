@@ -783,7 +783,7 @@ fn queue_op(channel: &mut Channel, tag: Tag, op: IoOp<'_>) -> Option<u32> {
 
 /// Writes the status byte (through `map` when the request ran with the map's snapshot) and
 /// returns the used length to report: 0 when the status byte could not be written.
-#[inline]
+#[inline(always)]
 fn write_status(map: &HostMap, mem: &MemSnapshot, c: Completion) -> u32 {
     let written = if map.is_of(mem) {
         map.write_u8(c.status_addr.0, c.status as u8)
