@@ -252,7 +252,7 @@ impl IovecList {
 
     /// Appends the host address of guest range `addr..addr+len`: one iovec when it lies in one
     /// region (the common case, through `map`), else one per region crossed.
-    #[inline]
+    #[inline(always)]
     pub fn push(&mut self, map: &HostMap, addr: u64, len: u32) -> Result<(), MemError> {
         match map.host_range(addr, u64::from(len)) {
             Some(p) if self.len < self.iov.len() => {
