@@ -440,7 +440,7 @@ fn push_writable(w: &[Desc], map: &HostMap, iov: &mut IovecList) -> (u32, u32, O
         for d in init {
             acc.push(map, iov, d.addr, d.len);
         }
-        // The walk's status check left the last descriptor at least one byte long.
+        // `status_address` accepted the last descriptor only with at least one byte.
         acc.push(map, iov, last.addr, last.len.saturating_sub(1));
     }
     (acc.n, acc.bytes, acc.err)
