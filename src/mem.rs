@@ -28,14 +28,14 @@ pub type MemSnapshot = Arc<GuestMemory>;
 #[derive(Debug)]
 pub struct HostMap {
     snapshot: MemSnapshot,
-    regions: Vec<HostRegion>,
+    regions: Box<[HostRegion]>,
 }
 
 #[derive(Clone, Copy, Debug)]
 struct HostRegion {
     start: u64,
-    /// Exclusive.
-    end: u64,
+    /// Bytes (non-zero, and `start + len` does not overflow).
+    len: u64,
     host: usize,
 }
 
@@ -46,9 +46,10 @@ impl HostMap {
             .iter()
             .filter_map(|r| {
                 let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+                r.start_addr().0.checked_add(r.len())?;
                 Some(HostRegion {
                     start: r.start_addr().0,
-                    end: r.start_addr().0.checked_add(r.len())?,
+                    len: r.len(),
                     host: host as usize,
                 })
             })
@@ -66,22 +67,25 @@ impl HostMap {
         std::ptr::eq(Arc::as_ptr(&self.snapshot), mem)
     }
 
+    /// The region holding `addr`, and `addr`'s offset in it: one comparison per region (an
+    /// address below a region's start wraps to an offset past its end).
     #[inline]
-    fn region(&self, addr: u64) -> Option<&HostRegion> {
-        self.regions
-            .iter()
-            .find(|r| addr >= r.start && addr < r.end)
+    fn region(&self, addr: u64) -> Option<(&HostRegion, u64)> {
+        self.regions.iter().find_map(|r| {
+            let off = addr.wrapping_sub(r.start);
+            (off < r.len).then_some((r, off))
+        })
     }
 
     /// Host address of `addr..addr + len` when the range lies inside one region.
     #[inline]
     pub fn host_range(&self, addr: u64, len: u64) -> Option<*mut u8> {
-        let r = self.region(addr)?;
-        let end = addr.checked_add(len)?;
-        if end > r.end {
+        let (r, off) = self.region(addr)?;
+        // `off < r.len`, so `r.len - off` is the room left in the region.
+        if len > r.len - off {
             return None;
         }
-        Some((r.host + (addr - r.start) as usize) as *mut u8)
+        Some((r.host + off as usize) as *mut u8)
     }
 
     /// True when `addr` is guest memory.
@@ -248,7 +252,7 @@ impl IovecList {
 
     /// Appends the host address of guest range `addr..addr+len`: one iovec when it lies in one
     /// region (the common case, through `map`), else one per region crossed.
-    #[inline]
+    #[inline(always)]
     pub fn push(&mut self, map: &HostMap, addr: u64, len: u32) -> Result<(), MemError> {
         match map.host_range(addr, u64::from(len)) {
             Some(p) if self.len < self.iov.len() => {

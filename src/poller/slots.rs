@@ -79,6 +79,7 @@ impl SlotTable {
         self.free.extend((start..start + n).rev().map(|t| t as Tag));
     }
 
+    #[inline]
     pub fn is_full(&self) -> bool {
         self.free.is_empty()
     }
@@ -88,11 +89,13 @@ impl SlotTable {
         self.slots.len() - self.free.len()
     }
 
+    #[inline]
     pub fn alloc(&mut self) -> Option<Tag> {
         self.free.pop()
     }
 
     /// Returns a slot to the free list, dropping its memory snapshot.
+    #[inline]
     pub fn free(&mut self, tag: Tag) {
         let slot = &mut self.slots[tag as usize];
         slot.mem = None;
@@ -100,16 +103,19 @@ impl SlotTable {
         self.free.push(tag);
     }
 
+    #[inline]
     pub fn iov(&self, tag: Tag) -> &IovecList {
         &self.slots[tag as usize].iov
     }
 
+    #[inline]
     pub fn iov_mut(&mut self, tag: Tag) -> &mut IovecList {
         &mut self.slots[tag as usize].iov
     }
 
     /// Records a request that is about to be queued to the channel.
     #[allow(clippy::too_many_arguments)]
+    #[inline]
     pub fn begin(
         &mut self,
         tag: Tag,
@@ -132,6 +138,7 @@ impl SlotTable {
         slot.mem = Some(mem);
     }
 
+    #[inline]
     pub fn add_pending(&mut self, tag: Tag, n: u32) {
         self.slots[tag as usize].pending += n;
     }
@@ -142,6 +149,7 @@ impl SlotTable {
 
     /// Accounts one channel completion; true when it was the request's last one. A result
     /// for a tag that has nothing pending is ignored.
+    #[inline]
     pub fn complete_op(&mut self, tag: Tag, result: i32) -> bool {
         let Some(slot) = self.slots.get_mut(tag as usize) else {
             return false;
@@ -168,6 +176,7 @@ impl SlotTable {
     }
 
     /// How the request in `tag` ends.
+    #[inline]
     pub fn finish(&self, tag: Tag) -> Completion {
         let slot = &self.slots[tag as usize];
         Completion {
@@ -182,16 +191,19 @@ impl SlotTable {
     }
 
     /// Frees the slot and hands back its memory snapshot (for writing the status).
+    #[inline]
     pub fn release(&mut self, tag: Tag) -> Option<MemSnapshot> {
         let mem = self.slots[tag as usize].mem.take();
         self.free(tag);
         mem
     }
 
+    #[inline]
     pub fn queue_of(&self, tag: Tag) -> usize {
         usize::from(self.slots[tag as usize].queue)
     }
 
+    #[inline]
     pub fn head_of(&self, tag: Tag) -> u16 {
         self.slots[tag as usize].head
     }

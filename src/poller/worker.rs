@@ -697,50 +697,55 @@ fn start(
     );
     let fua = !shared.writeback.load(Ordering::Relaxed);
     let iov = slots.iov(tag);
-    let mut pending = 0u32;
-    let mut failed = false;
-    let mut queue = |op: IoOp<'_>| {
-        // SAFETY: the slot keeps the iovec list and the memory snapshot until every
-        // completion for `tag` is reaped (the slot is freed only then).
-        let mut r = unsafe { channel.queue(tag, op) };
-        if r.is_err() {
-            // Make room by handing what is queued to the kernel, then retry once.
-            let _ = channel.submit();
-            // SAFETY: as above.
-            r = unsafe { channel.queue(tag, op) };
-        }
-        match r {
-            Ok(n) => pending += n,
-            Err(_) => failed = true,
-        }
+    // Operations queued, and whether one could not be.
+    let (mut pending, mut failed) = (0u32, false);
+    let mut count = |r: Option<u32>| match r {
+        Some(n) => pending += n,
+        None => failed = true,
     };
     let bytes = |sectors: u32| u64::from(sectors) << SECTOR_SHIFT;
     match req.kind {
-        RequestKind::Read { sector } => queue(IoOp::Read {
-            offset: sector << SECTOR_SHIFT,
-            iov,
-        }),
-        RequestKind::Write { sector } => queue(IoOp::Write {
-            offset: sector << SECTOR_SHIFT,
-            iov,
-            fua,
-        }),
-        RequestKind::Flush => queue(IoOp::Flush),
+        RequestKind::Read { sector } => count(queue_op(
+            channel,
+            tag,
+            IoOp::Read {
+                offset: sector << SECTOR_SHIFT,
+                iov,
+            },
+        )),
+        RequestKind::Write { sector } => count(queue_op(
+            channel,
+            tag,
+            IoOp::Write {
+                offset: sector << SECTOR_SHIFT,
+                iov,
+                fua,
+            },
+        )),
+        RequestKind::Flush => count(queue_op(channel, tag, IoOp::Flush)),
         RequestKind::Discard => {
             for r in ranges {
-                queue(IoOp::Discard {
-                    offset: r.sector << SECTOR_SHIFT,
-                    len: bytes(r.sectors),
-                });
+                count(queue_op(
+                    channel,
+                    tag,
+                    IoOp::Discard {
+                        offset: r.sector << SECTOR_SHIFT,
+                        len: bytes(r.sectors),
+                    },
+                ));
             }
         }
         RequestKind::WriteZeroes => {
             for r in ranges {
-                queue(IoOp::WriteZeroes {
-                    offset: r.sector << SECTOR_SHIFT,
-                    len: bytes(r.sectors),
-                    unmap: r.unmap,
-                });
+                count(queue_op(
+                    channel,
+                    tag,
+                    IoOp::WriteZeroes {
+                        offset: r.sector << SECTOR_SHIFT,
+                        len: bytes(r.sectors),
+                        unmap: r.unmap,
+                    },
+                ));
             }
         }
         RequestKind::GetId => {}
@@ -758,8 +763,27 @@ fn start(
     None
 }
 
+/// Queues one operation of the request in slot `tag`; when the channel is full, hands what is
+/// queued to the kernel and retries once. Returns the completions to expect, `None` when the
+/// operation could not be queued.
+#[inline]
+fn queue_op(channel: &mut Channel, tag: Tag, op: IoOp<'_>) -> Option<u32> {
+    // SAFETY: the slot keeps the iovec list and the memory snapshot until every completion
+    // for `tag` is reaped (the slot is freed only then).
+    match unsafe { channel.queue(tag, op) } {
+        Ok(n) => Some(n),
+        Err(_) => {
+            // Make room by handing what is queued to the kernel, then retry once.
+            let _ = channel.submit();
+            // SAFETY: as above.
+            unsafe { channel.queue(tag, op) }.ok()
+        }
+    }
+}
+
 /// Writes the status byte (through `map` when the request ran with the map's snapshot) and
 /// returns the used length to report: 0 when the status byte could not be written.
+#[inline(always)]
 fn write_status(map: &HostMap, mem: &MemSnapshot, c: Completion) -> u32 {
     let written = if map.is_of(mem) {
         map.write_u8(c.status_addr.0, c.status as u8)

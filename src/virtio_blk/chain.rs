@@ -80,6 +80,8 @@ pub struct BrokenChain;
 pub struct Walk {
     /// The chain's last descriptor.
     pub last: Desc,
+    /// Descriptors written to `descs` (the first ones of the chain).
+    pub kept: usize,
     /// More descriptors than `descs` could hold: only the first ones were kept.
     pub overflow: bool,
     /// Descriptors before the first device-writable one.
@@ -92,25 +94,102 @@ pub struct Walk {
     pub writable_len: u32,
 }
 
-/// Collects the descriptors of the chain at `head` into `descs` (cleared; its capacity bounds
-/// what is kept, it never grows), following indirect tables.
+/// The running sums of a walk.
+struct Shape<'a> {
+    descs: &'a mut [Desc],
+    count: usize,
+    /// Descriptors before the first writable one: follows `count` until a writable one.
+    n_readable: usize,
+    seen_writable: bool,
+    readable_after_writable: bool,
+    /// Bytes of the whole chain; the readable part is this less `writable_len`.
+    total_len: u32,
+    writable_len: u32,
+}
+
+impl Shape<'_> {
+    /// Accounts one (non-indirect) descriptor.
+    #[inline(always)]
+    fn add(&mut self, d: Desc) -> Result<(), BrokenChain> {
+        // §2.7.5.2: a chain carries less than 2^32 bytes, so neither part's sum overflows
+        // once the total is checked.
+        self.total_len = self.total_len.checked_add(d.len).ok_or(BrokenChain)?;
+        if d.is_write_only() {
+            self.seen_writable = true;
+            self.writable_len += d.len;
+        } else {
+            self.readable_after_writable |= self.seen_writable;
+        }
+        if let Some(slot) = self.descs.get_mut(self.count) {
+            *slot = d;
+        }
+        self.count += 1;
+        if !self.seen_writable {
+            self.n_readable = self.count;
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn finish(self, last: Desc) -> Walk {
+        Walk {
+            last,
+            kept: self.count.min(self.descs.len()),
+            overflow: self.count > self.descs.len(),
+            n_readable: self.n_readable,
+            readable_after_writable: self.readable_after_writable,
+            readable_len: self.total_len - self.writable_len,
+            writable_len: self.writable_len,
+        }
+    }
+}
+
+/// Collects the descriptors of the chain at `head` into `descs` (as many as it holds; the
+/// rest are only counted), following indirect tables.
+#[inline]
 pub fn walk(
     map: &HostMap,
     table: DescTable,
     head: u16,
-    descs: &mut Vec<Desc>,
+    descs: &mut [Desc],
 ) -> Result<Walk, BrokenChain> {
-    descs.clear();
     let (mut base, mut size) = (table.addr, table.size);
     let mut index = head;
     let mut ttl = size;
     let mut indirect = false;
-    let mut count = 0usize;
-    let mut first_writable = None;
-    let mut readable_after_writable = false;
-    let (mut readable_len, mut writable_len) = (0u32, 0u32);
+    let mut shape = Shape {
+        descs,
+        count: 0,
+        n_readable: 0,
+        seen_writable: false,
+        readable_after_writable: false,
+        total_len: 0,
+        writable_len: 0,
+    };
     // The table translated once (the common case), else descriptor by descriptor.
     let mut table_host = map.host_range(base, u64::from(size) * DESC_SIZE);
+    // Fast path: the descriptors of a translated table, up to the end of the chain or to an
+    // indirect descriptor, which the general loop below then reads again and follows.
+    if let Some(t) = table_host {
+        loop {
+            if ttl == 0 || index >= size {
+                return Err(BrokenChain);
+            }
+            // SAFETY: `index < size` and the whole table (`size` entries) was translated into
+            // one live mapping.
+            let (lo, hi) = unsafe { read_u64_pair_at(t.add(usize::from(index) * 16)) };
+            let d = Desc::from_words(lo, hi);
+            if d.is_indirect() {
+                break;
+            }
+            shape.add(d)?;
+            if !d.has_next() {
+                return Ok(shape.finish(d));
+            }
+            index = d.next;
+            ttl -= 1;
+        }
+    }
     loop {
         if ttl == 0 || index >= size {
             return Err(BrokenChain);
@@ -139,32 +218,9 @@ pub fn walk(
             table_host = map.host_range(base, u64::from(size) * DESC_SIZE);
             continue;
         }
-        // §2.7.5.2: a chain carries less than 2^32 bytes, so neither sum below overflows once
-        // their total is checked.
-        readable_len
-            .checked_add(writable_len)
-            .and_then(|t| t.checked_add(d.len))
-            .ok_or(BrokenChain)?;
-        if d.is_write_only() {
-            first_writable.get_or_insert(count);
-            writable_len += d.len;
-        } else {
-            readable_after_writable |= first_writable.is_some();
-            readable_len += d.len;
-        }
-        count += 1;
-        if descs.len() < descs.capacity() {
-            descs.push(d);
-        }
+        shape.add(d)?;
         if !d.has_next() {
-            return Ok(Walk {
-                last: d,
-                overflow: count > descs.len(),
-                n_readable: first_writable.unwrap_or(count),
-                readable_after_writable,
-                readable_len,
-                writable_len,
-            });
+            return Ok(shape.finish(d));
         }
         index = d.next;
         ttl -= 1;

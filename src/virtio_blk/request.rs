@@ -44,7 +44,7 @@ pub struct Range {
 /// request (kept out of [`Request`] so that reads and writes stay small).
 #[derive(Debug)]
 pub struct Scratch {
-    descs: Vec<Desc>,
+    descs: Box<[Desc]>,
     ranges: [Range; MAX_RANGE_SEGMENTS],
     n_ranges: usize,
 }
@@ -53,7 +53,7 @@ impl Scratch {
     /// Scratch for chains of at most `max_descs` descriptors; longer chains are rejected.
     pub fn new(max_descs: usize) -> Self {
         Self {
-            descs: Vec::with_capacity(max_descs),
+            descs: vec![Desc::default(); max_descs].into_boxed_slice(),
             ranges: [Range::default(); MAX_RANGE_SEGMENTS],
             n_ranges: 0,
         }
@@ -191,7 +191,7 @@ pub fn parse(
             max: limits.seg_max,
         }));
     }
-    let descs = scratch.descs.as_slice();
+    let descs = &scratch.descs[..walk.kept];
     // The chain is its readable part (header, then payload), then its writable part (payload,
     // then the status byte).
     if walk.n_readable == 0 {
@@ -225,7 +225,7 @@ pub fn parse(
                 if data.readable_len() != 0 {
                     return Err(rej(RequestError::WrongDirection));
                 }
-                push_pieces(data.writable(), map, iov)
+                push_writable(&descs[data.n_readable..], map, iov)
             };
             if seg_count > limits.seg_max {
                 return Err(rej(RequestError::TooManySegments {
@@ -273,7 +273,7 @@ pub fn parse(
             if data.readable_len() != 0 || data.writable_len < 2 {
                 return Err(rej(RequestError::WrongDirection));
             }
-            let (_, len, mem_err) = push_pieces(data.writable(), map, iov);
+            let (_, len, mem_err) = push_writable(&descs[data.n_readable..], map, iov);
             if let Some(e) = mem_err {
                 return Err(rej(RequestError::Memory(e)));
             }
@@ -410,16 +410,6 @@ impl Payload<'_> {
         })
     }
 
-    /// (address, length) of writable data pieces, status byte removed.
-    fn writable(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
-        let w = &self.descs[self.n_readable..];
-        let last = w.len().saturating_sub(1);
-        w.iter().enumerate().filter_map(move |(i, d)| {
-            let len = if i == last { d.len - 1 } else { d.len };
-            (len > 0).then_some((d.addr, len))
-        })
-    }
-
     /// Readable bytes after the header.
     fn readable_len(&self) -> u32 {
         self.readable_len.saturating_sub(HEADER_LEN)
@@ -434,15 +424,49 @@ fn push_pieces(
     map: &HostMap,
     iov: &mut IovecList,
 ) -> (u32, u32, Option<MemError>) {
-    let (mut n, mut bytes, mut err) = (0u32, 0u32, None);
+    let mut acc = Pieces::default();
     for (addr, len) in pieces {
-        n += 1;
-        bytes += len;
-        if err.is_none() {
-            err = iov.push(map, addr, len).err();
+        acc.push(map, iov, addr, len);
+    }
+    (acc.n, acc.bytes, acc.err)
+}
+
+/// [`push_pieces`] over the writable data pieces of a chain: `w` is its writable descriptors,
+/// the status byte at the end of the last one. The same result, without the iterator.
+#[inline(always)]
+fn push_writable(w: &[Desc], map: &HostMap, iov: &mut IovecList) -> (u32, u32, Option<MemError>) {
+    let mut acc = Pieces::default();
+    if let Some((last, init)) = w.split_last() {
+        for d in init {
+            acc.push(map, iov, d.addr, d.len);
+        }
+        // `status_address` accepted the last descriptor only with at least one byte.
+        acc.push(map, iov, last.addr, last.len.saturating_sub(1));
+    }
+    (acc.n, acc.bytes, acc.err)
+}
+
+/// What [`push_pieces`] counts.
+#[derive(Default)]
+struct Pieces {
+    n: u32,
+    bytes: u32,
+    err: Option<MemError>,
+}
+
+impl Pieces {
+    /// Counts and translates one piece; empty pieces are skipped.
+    #[inline(always)]
+    fn push(&mut self, map: &HostMap, iov: &mut IovecList, addr: u64, len: u32) {
+        if len == 0 {
+            return;
+        }
+        self.n += 1;
+        self.bytes += len;
+        if self.err.is_none() {
+            self.err = iov.push(map, addr, len).err();
         }
     }
-    (n, bytes, err)
 }
 
 /// Reads the `struct virtio_blk_discard_write_zeroes` segments of a discard / write-zeroes

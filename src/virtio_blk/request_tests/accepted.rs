@@ -213,7 +213,7 @@ fn reused_scratch_and_iovec_list_are_cleared_between_parses() {
     .expect("second");
     assert_eq!(p.request.kind, K::Write { sector: 0 });
     assert_iov_covers(&b.mem, &iov, &[(DATA3, 512)]);
-    assert_eq!(scratch.descs.capacity(), 8, "scratch must never grow");
+    assert_eq!(scratch.descs.len(), 8, "scratch must never grow");
 }
 
 #[test]

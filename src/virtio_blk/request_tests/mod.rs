@@ -129,7 +129,7 @@ fn parse_with(
     let mut scratch = Scratch::new(cap.0);
     let mut iov = IovecList::with_capacity(cap.1);
     let res = parse(&map, table, head, lim, &mut scratch, &mut iov);
-    assert_eq!(scratch.descs.capacity(), cap.0, "scratch capacity changed");
+    assert_eq!(scratch.descs.len(), cap.0, "scratch capacity changed");
     (res, iov, scratch.ranges().to_vec())
 }
 
