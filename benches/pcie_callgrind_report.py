@@ -108,7 +108,8 @@ def main():
     out.append("```")
     out.append("")
     out.append(
-        "*submit* is `PcieIoQueue::submit` (free-list pop, PRP build through "
+        "*submit* is `bench_submit`: the caller's `DataRef::new` over one iovec and "
+        "`PcieIoQueue::submit` (free-list pop, PRP build through "
         "`layout::describe`, SQE write, command table, the timestamp of the command); "
         "*doorbell* is `ring_doorbell` (one MMIO write per batch) spread over the batch; "
         "*poll* is `poll` for the polls that found completions (phase check, CID lookup, "
