@@ -100,6 +100,26 @@ impl DataRef {
         }
     }
 
+    /// The range as one contiguous piece `(address, length)`, if it lies inside a single
+    /// iovec (the common case: one guest buffer per request).
+    #[inline]
+    pub fn single_piece(&self) -> Option<(*mut u8, usize)> {
+        let mut base = 0usize;
+        for v in self.iovecs() {
+            let next = base + v.iov_len;
+            if self.offset < next {
+                return (self.offset + self.len <= next).then(|| {
+                    (
+                        v.iov_base.cast::<u8>().wrapping_add(self.offset - base),
+                        self.len,
+                    )
+                });
+            }
+            base = next;
+        }
+        None
+    }
+
     /// Appends iovecs for `from..from + len` of the range to `out`, as far as `out` has room;
     /// returns the bytes they cover.
     pub fn append_to(&self, from: usize, len: usize, out: &mut IovBuf) -> usize {

@@ -46,6 +46,9 @@ pub fn describe(
     if len > max_len {
         return Err(Unusable::TooLarge { len, max: max_len });
     }
+    if let Some(p) = two_page_prps(data, page) {
+        return Ok(Layout::Prp(p));
+    }
     let prp_result = prps(data, page, area, area_iova);
     let prp_error = match prp_result {
         Ok(p) => return Ok(Layout::Prp(p)),
@@ -73,6 +76,30 @@ pub fn describe(
         ) if prp_error.needs_fallback() => Ok(Layout::Bounce),
         Err(e) => Err(Unusable::Sgl(e)),
     }
+}
+
+/// The common case without a list: one contiguous, dword-aligned piece within two pages
+/// (NVMe Base 2.0 §4.1.1: PRP1 with any dword offset, PRP2 the next page). `None` for
+/// anything else, which [`prps`] handles in general.
+#[inline]
+fn two_page_prps(data: &DataRef, page: PageSize) -> Option<Prps> {
+    let (addr, len) = data.single_piece()?;
+    let addr = addr as u64;
+    let size = page.bytes() as u64;
+    let offset = page.offset(addr);
+    if len == 0 || addr % 4 != 0 || offset + len as u64 > 2 * size {
+        return None;
+    }
+    let prp2 = if offset + len as u64 > size {
+        addr - offset + size
+    } else {
+        0
+    };
+    Some(Prps {
+        prp1: addr,
+        prp2,
+        list_slots: 0,
+    })
 }
 
 /// PRPs for `data`, the list in `area`.
@@ -129,6 +156,31 @@ mod tests {
         let data = unsafe { DataRef::new(v, 0, len) }.expect("fits");
         let mut area = vec![0u64; 512];
         describe(&data, MAX, PAGE, sgl, &mut area, AREA_IOVA)
+    }
+
+    #[test]
+    fn one_piece_within_two_pages_takes_the_short_path_with_the_general_result() {
+        // Offsets and lengths around the page boundary: whenever the short path answers, it
+        // must give what the general builder gives.
+        let mut answered = 0;
+        for start in [0u64, 4, 512, 4092, 4096, 6000] {
+            for len in [4usize, 512, 4096, 4097, 8192, 8200] {
+                let v = [iov(0x10_0000 + start, len)];
+                // SAFETY: the addresses are never dereferenced: only described.
+                let d = unsafe { DataRef::new(&v, 0, len) }.expect("fits");
+                let Some(fast) = two_page_prps(&d, PageSize::K4) else {
+                    continue;
+                };
+                answered += 1;
+                let mut area = [0u64; 16];
+                let general = prps(&d, PageSize::K4, &mut area, 0x20_0000).expect("valid");
+                assert_eq!(fast, general, "start {start} len {len}");
+            }
+        }
+        assert!(
+            answered >= 12,
+            "the short path takes the common cases ({answered})"
+        );
     }
 
     #[test]
