@@ -33,6 +33,8 @@ pub struct NvmePcieConfig {
     /// PCI address, `0000:01:00.0`.
     pub bdf: String,
     pub nsid: u32,
+    /// Completions through the controller's MSI-X interrupts when it has them.
+    pub interrupts: bool,
     pub io_timeout: Duration,
     pub read_only: bool,
 }
@@ -70,6 +72,7 @@ impl NvmePcieDevice {
     pub fn open(cfg: &NvmePcieConfig) -> Result<Self, NvmePcieError> {
         let opts = PcieOptions {
             io_timeout: cfg.io_timeout,
+            interrupts: cfg.interrupts,
             ..PcieOptions::default()
         };
         let ctrl = PcieController::open(&cfg.bdf, &opts)?;

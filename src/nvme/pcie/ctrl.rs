@@ -49,6 +49,10 @@ pub struct PcieOptions {
     /// Describe data that PRPs cannot with SGLs when the controller supports them; `false`
     /// bounces such data instead.
     pub use_sgl: bool,
+    /// Enable the controller's MSI-X vectors, when it has them, and create I/O completion
+    /// queues with interrupts on: [`PcieIoQueue::event_fd`] is then readable when the queue
+    /// has completions. The admin queue is polled either way.
+    pub interrupts: bool,
 }
 
 impl Default for PcieOptions {
@@ -56,6 +60,7 @@ impl Default for PcieOptions {
         PcieOptions {
             io_timeout: Duration::from_secs(30),
             use_sgl: true,
+            interrupts: true,
         }
     }
 }
@@ -533,7 +538,7 @@ impl PcieController {
         self.admin_locked(
             &mut a,
             "Create I/O Completion Queue",
-            &Sqe::create_io_cq(qid, entries),
+            &Sqe::create_io_cq(qid, entries, None),
             prp(cq_iova),
         )?;
         if let Err(e) = self.admin_locked(
