@@ -45,7 +45,8 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub fd: Option<i32>,
     /// The disk: PATH or file:PATH (a raw image file or a block device), null:SIZE, or
-    /// nvme-tcp://HOST[:PORT]/SUBNQN[?nsid=N&hdgst=1&ddgst=1].
+    /// nvme-tcp://HOST[:PORT]/SUBNQN[?nsid=N&hdgst=1&ddgst=1], or
+    /// nvme-pcie:BDF[?nsid=N&interrupts=0].
     #[arg(long, value_name = "DISK", alias = "blk-file")]
     pub disk: Option<String>,
     /// Serve the disk read-only.
