@@ -196,6 +196,20 @@ fn choose_page(cap: Cap, host: usize, bdf: &str) -> Result<PageSize, PcieError> 
         .ok_or_else(too_small)
 }
 
+/// MSI-X vectors to enable for `granted` I/O queues on a device with `have`: vector 0 (the
+/// admin queue's) and one per I/O queue, as far as the table goes; 0 when no I/O queue would
+/// get one.
+fn vectors_to_enable(have: u32, granted: u16) -> u32 {
+    let n = have.min(u32::from(granted) + 1);
+    if n < 2 { 0 } else { n }
+}
+
+/// The vector of I/O queue `qid` with `enabled` vectors: `qid` itself, if enabled. Never
+/// shared, never vector 0.
+fn vector_for(qid: u16, enabled: usize) -> Option<u16> {
+    (qid != 0 && usize::from(qid) < enabled).then_some(qid)
+}
+
 impl PcieController {
     /// Opens controller `bdf` (bound to vfio-pci) and brings it up.
     pub fn open(bdf: &str, opts: &PcieOptions) -> Result<Arc<PcieController>, PcieError> {
@@ -278,8 +292,8 @@ impl PcieController {
     /// device has no MSI-X, or too few vectors to serve an I/O queue, or VFIO refuses.
     fn enable_vectors(&self) -> Vec<EventFd> {
         let have = self.nvme.msix_vectors();
-        let n = have.min(u32::from(self.granted) + 1);
-        if n < 2 {
+        let n = vectors_to_enable(have, self.granted);
+        if n == 0 {
             tracing::info!(
                 "{}: {have} MSI-X vectors: I/O completions are polled",
                 self.bdf()
@@ -316,7 +330,7 @@ impl PcieController {
 
     /// The vector of I/O queue `qid`: `qid` itself if it was enabled, else none.
     pub(super) fn vector_for(&self, qid: u16) -> Option<u16> {
-        (qid != 0 && usize::from(qid) < self.vectors.len()).then_some(qid)
+        vector_for(qid, self.vectors.len())
     }
 
     /// The eventfd MSI-X vector `iv` signals.
