@@ -600,6 +600,9 @@ impl IoChannel for NvmePcieChannel {
             n += 1;
         }
         let Some(q) = self.queue.as_mut() else {
+            // The controller is down: a timer armed before it went down is disarmed once it
+            // fires, or it would keep the poller's epoll readable.
+            self.keep_timer();
             return n;
         };
         let cmds = &mut self.cmds;
