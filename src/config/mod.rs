@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
-pub use self::nvme::{DEFAULT_DISCOVERY_PORT, NvmeHostArgs, NvmeHostConfig, NvmeTcpUri};
+pub use self::nvme::{
+    DEFAULT_DISCOVERY_PORT, NvmeHostArgs, NvmeHostConfig, NvmePcieUri, NvmeTcpUri,
+};
 
 use crate::bdev::file::CacheMode;
 use crate::nvme::spec::SpecError;
@@ -43,7 +45,8 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub fd: Option<i32>,
     /// The disk: PATH or file:PATH (a raw image file or a block device), null:SIZE, or
-    /// nvme-tcp://HOST[:PORT]/SUBNQN[?nsid=N&hdgst=1&ddgst=1].
+    /// nvme-tcp://HOST[:PORT]/SUBNQN[?nsid=N&hdgst=1&ddgst=1], or
+    /// nvme-pcie:BDF[?nsid=N&interrupts=0].
     #[arg(long, value_name = "DISK", alias = "blk-file")]
     pub disk: Option<String>,
     /// Serve the disk read-only.
@@ -136,11 +139,9 @@ pub enum DiskSpec {
     Null(u64),
     /// A namespace of a remote NVMe/TCP subsystem.
     NvmeTcp(NvmeTcpUri),
-    /// `nvme-pcie:BDF[?nsid=N]`: a namespace of a local NVMe controller bound to vfio-pci.
-    NvmePcie {
-        bdf: String,
-        nsid: u32,
-    },
+    /// `nvme-pcie:BDF[?nsid=N&interrupts=0|1]`: a namespace of a local NVMe controller bound
+    /// to vfio-pci.
+    NvmePcie(NvmePcieUri),
 }
 
 /// What `vubd` was asked to do.
@@ -349,8 +350,7 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, ConfigError> {
         return nvme::parse_uri(rest, s).map(DiskSpec::NvmeTcp);
     }
     if let Some(rest) = s.strip_prefix("nvme-pcie:") {
-        let (bdf, nsid) = nvme::parse_pcie(rest, s)?;
-        return Ok(DiskSpec::NvmePcie { bdf, nsid });
+        return nvme::parse_pcie(rest, s).map(DiskSpec::NvmePcie);
     }
     if let Some(path) = s.strip_prefix("file:") {
         if path.is_empty() {
@@ -439,7 +439,7 @@ fn default_serial(disk: &DiskSpec) -> Option<String> {
     let path = match disk {
         DiskSpec::File(path) => path,
         DiskSpec::Null(_) => return Some("null".to_owned()),
-        DiskSpec::NvmeTcp(_) | DiskSpec::NvmePcie { .. } => return None,
+        DiskSpec::NvmeTcp(_) | DiskSpec::NvmePcie(_) => return None,
     };
     let name = path
         .file_name()
@@ -615,19 +615,26 @@ mod tests {
 
     #[test]
     fn nvme_pcie_disks() {
-        assert_eq!(
-            parse_disk("nvme-pcie:0000:01:00.0"),
-            Ok(DiskSpec::NvmePcie {
+        let pcie = |nsid, interrupts| {
+            Ok(DiskSpec::NvmePcie(NvmePcieUri {
                 bdf: "0000:01:00.0".into(),
-                nsid: 1
-            })
+                nsid,
+                interrupts,
+            }))
+        };
+        assert_eq!(parse_disk("nvme-pcie:0000:01:00.0"), pcie(1, true));
+        assert_eq!(parse_disk("nvme-pcie:01:00.0?nsid=2"), pcie(2, true));
+        assert_eq!(
+            parse_disk("nvme-pcie:01:00.0?nsid=2&interrupts=0"),
+            pcie(2, false)
         );
+        assert_eq!(parse_disk("nvme-pcie:01:00.0?interrupts=1"), pcie(1, true));
         assert_eq!(
-            parse_disk("nvme-pcie:01:00.0?nsid=2"),
-            Ok(DiskSpec::NvmePcie {
-                bdf: "0000:01:00.0".into(),
-                nsid: 2
-            })
+            parse_disk("nvme-pcie:01:00.0?interrupts=2"),
+            Err(ConfigError::BadNvmeUri(
+                "nvme-pcie:01:00.0?interrupts=2".into(),
+                "interrupts takes 0 or 1"
+            ))
         );
         for bad in [
             "nvme-pcie:",

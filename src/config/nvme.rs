@@ -152,29 +152,54 @@ pub fn parse_uri(rest: &str, full: &str) -> Result<NvmeTcpUri, ConfigError> {
     Ok(uri)
 }
 
+/// `nvme-pcie:BDF[?nsid=N&interrupts=0|1]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NvmePcieUri {
+    /// `DDDD:BB:DD.F`.
+    pub bdf: String,
+    pub nsid: u32,
+    /// Use the controller's MSI-X interrupts for I/O completions when it has them, so that an
+    /// adaptive poller can sleep with commands in flight; off, completions are only polled.
+    pub interrupts: bool,
+}
+
 /// Parses the part of `--disk` after `nvme-pcie:`: a PCI address (`0000:01:00.0`, or
-/// `01:00.0` in domain 0) and an optional `?nsid=N`. `full` is the whole argument, for errors.
-pub fn parse_pcie(rest: &str, full: &str) -> Result<(String, u32), ConfigError> {
+/// `01:00.0` in domain 0), an optional `nsid=N` (1) and `interrupts=0|1` (1). `full` is the
+/// whole argument, for errors.
+pub fn parse_pcie(rest: &str, full: &str) -> Result<NvmePcieUri, ConfigError> {
     let bad = |why: &'static str| ConfigError::BadNvmeUri(full.to_owned(), why);
     let (addr, query) = match rest.split_once('?') {
         Some((a, q)) => (a, Some(q)),
         None => (rest, None),
     };
-    let bdf = normalize_bdf(addr).ok_or(bad("expected nvme-pcie:DDDD:BB:DD.F[?nsid=N]"))?;
-    let mut nsid = 1;
+    let bdf = normalize_bdf(addr).ok_or(bad(
+        "expected nvme-pcie:DDDD:BB:DD.F[?nsid=N&interrupts=0|1]",
+    ))?;
+    let mut uri = NvmePcieUri {
+        bdf,
+        nsid: 1,
+        interrupts: true,
+    };
     for pair in query.into_iter().flat_map(|q| q.split('&')) {
         match pair.split_once('=') {
             Some(("nsid", v)) => {
-                nsid = v
+                uri.nsid = v
                     .parse()
                     .ok()
                     .filter(|&n| n != 0 && n != u32::MAX)
                     .ok_or(bad("nsid must be between 1 and 4294967294"))?;
             }
-            _ => return Err(bad("unknown option (known: nsid)")),
+            Some(("interrupts", v)) => {
+                uri.interrupts = match v {
+                    "1" | "on" | "true" => true,
+                    "0" | "off" | "false" => false,
+                    _ => return Err(bad("interrupts takes 0 or 1")),
+                };
+            }
+            _ => return Err(bad("unknown option (known: nsid, interrupts)")),
         }
     }
-    Ok((bdf, nsid))
+    Ok(uri)
 }
 
 /// `DDDD:BB:DD.F` with lower-case hex digits, from that or `BB:DD.F`.

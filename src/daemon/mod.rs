@@ -158,10 +158,11 @@ fn open_disk(cfg: &Config) -> Result<Disk, DaemonError> {
             let tcp = nvme::tcp_config(uri, &cfg.nvme, cfg.pollers.len(), cfg.read_only)?;
             Disk::NvmeTcp(NvmeTcpDevice::open(tcp).map_err(DaemonError::NvmeTcp)?)
         }
-        DiskSpec::NvmePcie { bdf, nsid } => Disk::NvmePcie(
+        DiskSpec::NvmePcie(uri) => Disk::NvmePcie(
             NvmePcieDevice::open(&NvmePcieConfig {
-                bdf: bdf.clone(),
-                nsid: *nsid,
+                bdf: uri.bdf.clone(),
+                nsid: uri.nsid,
+                interrupts: uri.interrupts,
                 io_timeout: cfg.nvme.io_timeout,
                 read_only: cfg.read_only,
             })
@@ -503,7 +504,9 @@ fn print_attach_hint(cfg: &Config, info: &DeviceInfo) {
                 "namespace {} of {} at {}:{}",
                 u.nsid, u.subnqn, u.host, u.port
             ),
-            DiskSpec::NvmePcie { bdf, nsid } => format!("namespace {nsid} of NVMe {bdf}"),
+            DiskSpec::NvmePcie(uri) => {
+                format!("namespace {} of NVMe {}", uri.nsid, uri.bdf)
+            }
         },
         if info.read_only { ", read-only" } else { "" },
         abs.display()

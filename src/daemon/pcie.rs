@@ -86,8 +86,10 @@ fn list_one(bdf: &str, opts: &PcieOptions, out: &mut impl Write) -> std::io::Res
 /// Lists the controllers under `devices` (or `cfg.bdf` alone) on `out`; false when one could
 /// not be opened or read.
 fn list_at(devices: &Path, cfg: &NvmeListConfig, out: &mut impl Write) -> std::io::Result<bool> {
+    // Listing runs admin commands only: no interrupts.
     let opts = PcieOptions {
         io_timeout: cfg.io_timeout,
+        interrupts: false,
         ..PcieOptions::default()
     };
     let bdfs = match &cfg.bdf {

@@ -22,7 +22,13 @@
 #    blkcheck runs without --discard-zeroes), then a sector pattern over the
 #    first 4 MiB that the host finds in the image. Before that, a vubd with
 #    the debug reset trigger runs write-verify across a controller reset
-#    (VUBD-RESET lines).
+#    (VUBD-RESET lines), and before the last vubd (6c) step 7 runs;
+# 7. interrupts: vubd with an adaptive poller that sleeps as soon as it is
+#    idle (--poll adaptive --poll-idle-us 0) serves namespace 2 to blkcheck
+#    write-verify, with MSI-X (the default) and with interrupts=0; the
+#    interrupt counts of vubd's vfio-msix vectors (/proc/interrupts) and
+#    vubd's CPU time (utime + stime, clock ticks) before and after are printed
+#    (IRQ-CHECK lines), with the number of I/O timeouts and resets in vubd's log.
 # The host checks the lines and then the images; this script fails on the
 # first error.
 set -u
@@ -91,12 +97,17 @@ sock=/tmp/vubd.sock
 vubd_pid=
 stop_vubd() { kill -KILL "$vubd_pid" 2>/dev/null; }
 gone() { [ ! -e "/proc/$1" ] || grep -q ') Z ' "/proc/$1/stat" 2>/dev/null; }
-# start_vubd LOG [QUEUES]: vubd on namespace 2 with QUEUES (2) queues, its log in LOG.
+# start_vubd LOG [QUEUES [ARG...]]: vubd on namespace 2 with QUEUES (2) queues and
+# the extra arguments, its log in LOG.
 start_vubd() {
+    log_=$1
+    queues_=${2:-2}
+    shift
+    [ $# -gt 0 ] && shift
     rm -f $sock
-    vubd --socket-path $sock --disk "nvme-pcie:$bdf?nsid=2" --num-queues "${2:-2}" >"$1" 2>&1 &
+    vubd --socket-path $sock --disk "nvme-pcie:$bdf?nsid=2" --num-queues "$queues_" "$@" >"$log_" 2>&1 &
     vubd_pid=$!
-    wait_for 100 test -S $sock || { cat "$1"; stop_vubd; fatal "vubd did not create $sock"; }
+    wait_for 100 test -S $sock || { cat "$log_"; stop_vubd; fatal "vubd did not create $sock"; }
 }
 # end_vubd LOG: SIGTERM, and vubd must exit with status 0.
 end_vubd() {
@@ -110,17 +121,29 @@ end_vubd() {
     [ "$rc" -eq 0 ] || { tail -n 20 "$1"; fatal "vubd exited with status $rc"; }
 }
 
+# The sum of the per-CPU counts of every vfio-msix line (present while vubd has
+# its vectors enabled).
+msix_count() {
+    awk '/vfio-msix/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i }
+        END { print s + 0 }' /proc/interrupts
+}
+msix_lines() { grep -c vfio-msix /proc/interrupts; }
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
 # 6a. A controller reset in the middle of write-verify (the debug trigger resets
 # it once, after 40 commands on a channel): every request completes and the data
-# verifies; the log shows the reset and the commands submitted again.
+# verifies; the log shows the reset and the commands submitted again. The poller
+# sleeps as soon as it is idle, so the completions after the reset come through
+# the MSI-X vectors, which stay enabled across it (one reset only, no timeout).
 export VUBD_DEBUG_NVME_RESET_AFTER=40
-start_vubd /tmp/vubd-reset.log
+start_vubd /tmp/vubd-reset.log 2 --poll adaptive --poll-idle-us 0
 unset VUBD_DEBUG_NVME_RESET_AFTER
 if ! blkcheck --socket $sock --queues 2 --seed 0x4a1 --size 4M --rounds 4 write-verify; then
     tail -n 20 /tmp/vubd-reset.log
     stop_vubd
     fatal "blkcheck write-verify through vubd across a controller reset"
 fi
+echo "IRQ-RESET vectors=$(msix_lines) msix=$(msix_count)"
 end_vubd /tmp/vubd-reset.log
 grep -E "NVMe controller reset|commands resubmitted|lost in a controller reset" /tmp/vubd-reset.log |
     sed 's/^/VUBD-RESET: /'
@@ -133,6 +156,34 @@ if ! blkcheck --socket $sock --queues 1 --seed 0x51 --size 4M --rounds 4 write-v
     fatal "blkcheck write-verify through vubd on one queue"
 fi
 end_vubd /tmp/vubd-1q.log
+
+# 7. Interrupts (before 6c, whose pattern the host checks in the image).
+for irq in 1 0; do
+    log=/tmp/vubd-irq$irq.log
+    rm -f $sock
+    vubd --socket-path $sock --disk "nvme-pcie:$bdf?nsid=2&interrupts=$irq" --num-queues 2 \
+        --poll adaptive --poll-idle-us 0 >$log 2>&1 &
+    vubd_pid=$!
+    wait_for 100 test -S $sock || { cat $log; stop_vubd; fatal "vubd did not create $sock"; }
+    irq_before=$(msix_count)
+    cpu_before=$(cpu_ticks "$vubd_pid")
+    if ! blkcheck --socket $sock --queues 2 --seed "0x6$irq" --size 4M --rounds 4 write-verify; then
+        tail -n 20 $log
+        stop_vubd
+        fatal "blkcheck write-verify through vubd with interrupts=$irq"
+    fi
+    irq_after=$(msix_count)
+    cpu_after=$(cpu_ticks "$vubd_pid")
+    vectors=$(msix_lines)
+    end_vubd $log
+    # A lost wake-up would show as an I/O timeout and a reset.
+    resets=$(grep -c -E "NVMe I/O timeout|NVMe controller reset" $log)
+    echo "IRQ-CHECK interrupts=$irq vectors=$vectors msix_before=$irq_before" \
+        "msix_after=$irq_after cpu_ticks_before=$cpu_before cpu_ticks_after=$cpu_after" \
+        "resets=$resets"
+    grep "NVMe controller opened" $log | sed 's/^/VUBD-IRQ: /'
+done
+say "interrupt steps done at $(uptime_s) s of guest uptime"
 
 # 6c. Two queues: write-verify, write-zeroes, discard, then the pattern the host checks.
 start_vubd /tmp/vubd.log
@@ -147,4 +198,5 @@ done
 end_vubd /tmp/vubd.log
 grep -q "NVMe controller opened" /tmp/vubd.log || { cat /tmp/vubd.log; fatal "vubd log"; }
 say "vubd steps done at $(uptime_s) s of guest uptime"
+
 say "all steps passed"

@@ -14,15 +14,26 @@
 //! new requests fail at once until a later
 //! attempt ([`RETRY_DOWN`] apart) succeeds. A reset blocks the poller that does it (admin
 //! commands, bounded by the I/O timeout and CAP.TO).
+//!
+//! **Sleeping.** When the controller's I/O queues have MSI-X interrupts, the channel's
+//! completion fd is an epoll fd of its own holding the queue's vector eventfd (re-watched
+//! when recovery brings a new queue) and a timerfd armed for when the oldest command would
+//! pass the I/O timeout, so an adaptive poller sleeps with commands in flight and still
+//! notices a controller that went silent. An interrupt raised while the poller was polling
+//! leaves the eventfd readable: one needless wake-up at most. Without interrupts (none on
+//! the device, `interrupts=0`, or no vector left for this queue) the poller keeps polling
+//! while commands are in flight.
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::Geometry;
 use crate::bdev::{ChannelFull, IoChannel, IoOp};
@@ -43,6 +54,12 @@ const CHECK_EVERY_POLLS: u32 = 256;
 pub const RECOVERY_ATTEMPTS: u32 = 3;
 /// While the controller is down, how long before a new request tries to bring it back.
 pub const RETRY_DOWN: Duration = Duration::from_secs(5);
+
+/// How long after the oldest command's timeout a sleeping poller is woken to look at it.
+const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
+/// Epoll data in the channel's own epoll fd.
+const IRQ_EVENT: u64 = 0;
+const TIMER_EVENT: u64 = 1;
 
 /// Debugging only, off unless set: after this many commands submitted on a channel, the
 /// controller is reset once (once per process) with commands in flight, to exercise
@@ -71,6 +88,59 @@ struct Cmd {
     payload: Payload,
 }
 
+/// What a poller sleeps on when the queue has interrupts.
+#[derive(Debug)]
+struct Wait {
+    epoll: Epoll,
+    /// The vector eventfd in `epoll`: the current queue's, if it has one.
+    watched: Option<RawFd>,
+    timer: TimerFd,
+    /// When `timer` fires, while it is armed.
+    timer_at: Option<Instant>,
+}
+
+impl Wait {
+    fn new() -> io::Result<Wait> {
+        let epoll = Epoll::new()?;
+        let timer = TimerFd::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TIMER_EVENT),
+        )?;
+        Ok(Wait {
+            epoll,
+            watched: None,
+            timer,
+            timer_at: None,
+        })
+    }
+
+    /// Watches `fd` (the current queue's vector eventfd) instead of the one watched so far.
+    fn watch(&mut self, fd: Option<RawFd>) {
+        if fd == self.watched {
+            return;
+        }
+        if let Some(old) = self.watched.take() {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                old,
+                EpollEvent::new(EventSet::IN, IRQ_EVENT),
+            );
+        }
+        if let Some(fd) = fd {
+            match self.epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, IRQ_EVENT),
+            ) {
+                Ok(()) => self.watched = Some(fd),
+                Err(e) => warn!(error = %e, "cannot watch the NVMe queue's interrupts: polling"),
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct NvmePcieChannel {
     geo: Geometry,
@@ -93,10 +163,16 @@ pub struct NvmePcieChannel {
     down_since: Option<Instant>,
     /// [`DEBUG_RESET_ENV`]: commands still to submit before the debug reset.
     debug_reset_in: Option<u64>,
+    /// The completion fd, when the controller's queues have interrupts.
+    wait: Option<Wait>,
 }
 
 impl NvmePcieChannel {
-    pub(super) fn new(geo: Geometry, ctrl: Arc<PcieController>, queue: PcieIoQueue) -> Self {
+    pub(super) fn new(
+        geo: Geometry,
+        ctrl: Arc<PcieController>,
+        queue: PcieIoQueue,
+    ) -> io::Result<Self> {
         let depth = queue.depth();
         let backlog_max = depth * BACKLOG_PER_SLOT;
         let debug_reset_in = std::env::var(DEBUG_RESET_ENV)
@@ -109,7 +185,20 @@ impl NvmePcieChannel {
                 "{DEBUG_RESET_ENV} is set: the controller will be reset during I/O (debugging)"
             );
         }
-        Self {
+        let wait = if ctrl.interrupts() {
+            let mut w = Wait::new()?;
+            w.watch(queue.event_fd().map(AsRawFd::as_raw_fd));
+            Some(w)
+        } else {
+            None
+        };
+        if wait.as_ref().is_some_and(|w| w.watched.is_none()) {
+            info!(
+                qid = queue.qid(),
+                "no MSI-X vector for this NVMe queue: it is polled"
+            );
+        }
+        Ok(Self {
             geo,
             ctrl,
             depth: u16::try_from(depth).unwrap_or(u16::MAX),
@@ -122,6 +211,66 @@ impl NvmePcieChannel {
             until_check: CHECK_EVERY_POLLS,
             down_since: None,
             debug_reset_in,
+            wait,
+        })
+    }
+
+    /// Completions may come that no interrupt announces: commands in flight on a queue
+    /// without a watched vector.
+    fn polled(&self) -> bool {
+        self.wait.as_ref().is_none_or(|w| w.watched.is_none())
+    }
+
+    /// Watches the current queue's vector (none while the controller is down).
+    fn watch_queue(&mut self) {
+        if let Some(w) = self.wait.as_mut() {
+            w.watch(
+                self.queue
+                    .as_ref()
+                    .and_then(PcieIoQueue::event_fd)
+                    .map(AsRawFd::as_raw_fd),
+            );
+        }
+    }
+
+    /// The timeout timer has fired (or should have): the next health check is now.
+    fn timer_due(&self) -> bool {
+        self.wait
+            .as_ref()
+            .and_then(|w| w.timer_at)
+            .is_some_and(|at| at <= Instant::now())
+    }
+
+    /// Keeps the timer armed for the moment the oldest command in flight times out. It is
+    /// armed once per such moment: commands that complete leave it armed (one needless
+    /// wake-up at most), and once the moment has passed it is armed again for the new oldest
+    /// command, or disarmed; either also clears its expiry, so that the poller's epoll does
+    /// not stay readable.
+    fn keep_timer(&mut self) {
+        let Some(w) = self.wait.as_mut() else {
+            return;
+        };
+        let oldest = self.queue.as_ref().and_then(PcieIoQueue::oldest);
+        if oldest.is_none() && w.timer_at.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        if w.timer_at.is_some_and(|at| at > now) {
+            return;
+        }
+        let result = match oldest {
+            Some(oldest) => {
+                let at = (oldest + self.geo.io_timeout).max(now) + TIMEOUT_SLACK;
+                w.timer_at = Some(at);
+                w.timer.reset(at - now, None)
+            }
+            None => {
+                w.timer_at = None;
+                w.timer.clear()
+            }
+        };
+        if let Err(e) = result {
+            warn!(error = %e, "cannot set the NVMe I/O timeout timer");
         }
     }
 
@@ -279,6 +428,7 @@ impl NvmePcieChannel {
                         "NVMe I/O queue re-created; commands resubmitted"
                     );
                     self.queue = Some(q);
+                    self.watch_queue();
                     self.down_since = None;
                     self.until_check = CHECK_EVERY_POLLS;
                     self.drain_backlog();
@@ -293,6 +443,7 @@ impl NvmePcieChannel {
             }
         }
         drop(old);
+        self.watch_queue();
         error!(
             bdf = self.ctrl.bdf(),
             error = last_err.map(|e| e.to_string()).unwrap_or_default(),
@@ -449,6 +600,9 @@ impl IoChannel for NvmePcieChannel {
             n += 1;
         }
         let Some(q) = self.queue.as_mut() else {
+            // The controller is down: a timer armed before it went down is disarmed once it
+            // fires, or it would keep the poller's epoll readable.
+            self.keep_timer();
             return n;
         };
         let cmds = &mut self.cmds;
@@ -460,7 +614,12 @@ impl IoChannel for NvmePcieChannel {
             n += 1;
         });
         match polled {
-            Ok(_) => self.check_health(),
+            Ok(_) => {
+                if self.timer_due() {
+                    self.until_check = 1;
+                }
+                self.check_health();
+            }
             Err(e @ PcieError::QueueLost { .. }) => {
                 info!(qid = q.qid(), "{e}");
                 self.recover("queue lost in a reset");
@@ -474,19 +633,33 @@ impl IoChannel for NvmePcieChannel {
             self.drain_backlog();
             self.ring();
         }
+        self.keep_timer();
         n
     }
 
-    /// Completions are polled (no interrupts yet): a poller with commands in flight here must
-    /// not sleep.
+    /// With interrupts: the channel's epoll fd (the queue's vector and the timeout timer).
     fn completion_fd(&self) -> Option<RawFd> {
-        None
+        self.wait.as_ref().map(|w| w.epoll.as_raw_fd())
     }
 
-    fn clear_completion_fd(&self) {}
+    /// Reads the vector's eventfd; the timer is cleared or re-armed by the next poll.
+    fn clear_completion_fd(&self) {
+        if self.wait.as_ref().is_some_and(|w| w.watched.is_some())
+            && let Some(fd) = self.queue.as_ref().and_then(PcieIoQueue::event_fd)
+        {
+            let _ = fd.read();
+        }
+    }
 
+    /// Without interrupts, commands in flight keep the poller polling; with them, only
+    /// results no interrupt announces do.
     fn must_poll(&self) -> bool {
-        !self.cmds.is_empty() || !self.ready.is_empty()
+        !self.ready.is_empty()
+            || self
+                .queue
+                .as_ref()
+                .is_some_and(PcieIoQueue::has_local_completions)
+            || (!self.cmds.is_empty() && self.polled())
     }
 }
 

@@ -4,7 +4,8 @@
 //! - [`NvmePcieDevice`] opens the controller at startup (errors a user can fix are reported
 //!   then) and checks the namespace.
 //! - Each poller gets an [`NvmePcieChannel`] with an I/O queue pair of its own, polled by phase
-//!   bit; PRPs point straight at guest buffers.
+//!   bit, with an MSI-X vector of its own when the controller has one so that the poller can
+//!   sleep with commands in flight; PRPs point straight at guest buffers.
 //! - [`GuestDma`] keeps a session's guest memory DMA-mapped in the controller's IOMMU domain
 //!   (IOVA = its address in vubd), in step with the memory table.
 
@@ -33,6 +34,8 @@ pub struct NvmePcieConfig {
     /// PCI address, `0000:01:00.0`.
     pub bdf: String,
     pub nsid: u32,
+    /// Completions through the controller's MSI-X interrupts when it has them.
+    pub interrupts: bool,
     pub io_timeout: Duration,
     pub read_only: bool,
 }
@@ -70,6 +73,7 @@ impl NvmePcieDevice {
     pub fn open(cfg: &NvmePcieConfig) -> Result<Self, NvmePcieError> {
         let opts = PcieOptions {
             io_timeout: cfg.io_timeout,
+            interrupts: cfg.interrupts,
             ..PcieOptions::default()
         };
         let ctrl = PcieController::open(&cfg.bdf, &opts)?;
@@ -110,6 +114,7 @@ impl NvmePcieDevice {
             blocks = ns.nsze,
             block_size,
             io_queues = ctrl.io_queues_granted(),
+            msix_vectors = ctrl.vectors(),
             "NVMe controller opened"
         );
         Ok(Self {
@@ -144,6 +149,6 @@ impl BlockDevice for NvmePcieDevice {
         let max = u32::from(self.ctrl.cap().mqes()).min(MAX_QUEUE_DEPTH);
         let depth = u16::try_from(depth.clamp(1, max)).unwrap_or(1);
         let queue = self.ctrl.create_io_queue(depth).map_err(io::Error::other)?;
-        Ok(NvmePcieChannel::new(self.geo, self.ctrl.clone(), queue))
+        NvmePcieChannel::new(self.geo, self.ctrl.clone(), queue)
     }
 }

@@ -6,6 +6,14 @@
 //! by [`PcieOptions::io_timeout`]; I/O queues ([`PcieIoQueue`]) are created from any thread
 //! and then belong to one poller.
 //!
+//! **Interrupts.** With [`PcieOptions::interrupts`] and a device with MSI-X, `open` enables
+//! one eventfd per vector the I/O queues can use, all at once (VFIO takes a set of vectors
+//! in one go; enabling a larger set later would disturb the vectors in use). I/O queue `qid`
+//! gets vector `qid` while there are enough, else none (it is polled): a vector is never
+//! shared, so that a poller that reads its eventfd never takes another's wake-up. Vector 0
+//! belongs to the admin queue, which stays polled. MSI-X state is PCI configuration, which a
+//! controller reset (CC.EN) leaves alone: the vectors stay enabled across resets.
+//!
 //! **Resets.** [`PcieController::reset`] disables and re-enables the controller, which
 //! deletes every I/O queue. Each reset adds one to [`PcieController::generation`]; a queue
 //! created in an earlier generation reports [`PcieError::QueueLost`] from `poll`, hands its
@@ -28,6 +36,7 @@ use crate::nvme::spec::{
     ActiveNamespaces, Cap, Cc, Cns, Cqe, Csts, IDENTIFY_LEN, IdentifyController, IdentifyNamespace,
     Shn, Shst, SpecError, Sqe, sc, sct,
 };
+use vmm_sys_util::eventfd::EventFd;
 
 /// I/O queues asked for: one per poller is plenty.
 pub const MAX_IO_QUEUES: u16 = 64;
@@ -49,6 +58,10 @@ pub struct PcieOptions {
     /// Describe data that PRPs cannot with SGLs when the controller supports them; `false`
     /// bounces such data instead.
     pub use_sgl: bool,
+    /// Enable the controller's MSI-X vectors, when it has them, and create I/O completion
+    /// queues with interrupts on: [`PcieIoQueue::event_fd`] is then readable when the queue
+    /// has completions. The admin queue is polled either way.
+    pub interrupts: bool,
 }
 
 impl Default for PcieOptions {
@@ -56,6 +69,7 @@ impl Default for PcieOptions {
         PcieOptions {
             io_timeout: Duration::from_secs(30),
             use_sgl: true,
+            interrupts: true,
         }
     }
 }
@@ -149,6 +163,8 @@ pub struct PcieController {
     max_transfer: u64,
     sgl: Option<SglAlign>,
     opts: PcieOptions,
+    /// The eventfd of each enabled MSI-X vector, by vector; empty without interrupts.
+    vectors: Vec<EventFd>,
     nvme: VfioNvme,
 }
 
@@ -178,6 +194,20 @@ fn choose_page(cap: Cap, host: usize, bdf: &str) -> Result<PageSize, PcieError> 
     PageSize::from_mps(best)
         .filter(|p| p.supported_by(cap) && p.bytes() <= host)
         .ok_or_else(too_small)
+}
+
+/// MSI-X vectors to enable for `granted` I/O queues on a device with `have`: vector 0 (the
+/// admin queue's) and one per I/O queue, as far as the table goes; 0 when no I/O queue would
+/// get one.
+fn vectors_to_enable(have: u32, granted: u16) -> u32 {
+    let n = have.min(u32::from(granted) + 1);
+    if n < 2 { 0 } else { n }
+}
+
+/// The vector of I/O queue `qid` with `enabled` vectors: `qid` itself, if enabled. Never
+/// shared, never vector 0.
+fn vector_for(qid: u16, enabled: usize) -> Option<u16> {
+    (qid != 0 && usize::from(qid) < enabled).then_some(qid)
 }
 
 impl PcieController {
@@ -212,6 +242,7 @@ impl PcieController {
             max_transfer: DRIVER_MAX_TRANSFER,
             sgl: None,
             opts: *opts,
+            vectors: Vec::new(),
             nvme,
         };
         {
@@ -235,6 +266,9 @@ impl PcieController {
             None
         };
         ctrl.qids = Mutex::new(QidPool::new(ctrl.granted));
+        if opts.interrupts {
+            ctrl.vectors = ctrl.enable_vectors();
+        }
         Ok(Arc::new(ctrl))
     }
 
@@ -252,6 +286,56 @@ impl PcieController {
 
     pub fn options(&self) -> &PcieOptions {
         &self.opts
+    }
+
+    /// One eventfd per MSI-X vector from 0 up to the last I/O queue's, enabled; none when the
+    /// device has no MSI-X, or too few vectors to serve an I/O queue, or VFIO refuses.
+    fn enable_vectors(&self) -> Vec<EventFd> {
+        let have = self.nvme.msix_vectors();
+        let n = vectors_to_enable(have, self.granted);
+        if n == 0 {
+            tracing::info!(
+                "{}: {have} MSI-X vectors: I/O completions are polled",
+                self.bdf()
+            );
+            return Vec::new();
+        }
+        let fds: Result<Vec<EventFd>, _> = (0..n)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
+            .collect();
+        let fds = match fds {
+            Ok(fds) => fds,
+            Err(e) => {
+                tracing::warn!("{}: cannot create eventfds for MSI-X: {e}", self.bdf());
+                return Vec::new();
+            }
+        };
+        if let Err(e) = self.nvme.enable_msix(&fds) {
+            tracing::warn!("{}: {e}: I/O completions are polled", self.bdf());
+            return Vec::new();
+        }
+        fds
+    }
+
+    /// I/O queues can get an interrupt vector ([`PcieOptions::interrupts`], and the device
+    /// has MSI-X).
+    pub fn interrupts(&self) -> bool {
+        self.vectors.len() > 1
+    }
+
+    /// MSI-X vectors enabled (vector 0 included); 0 without interrupts.
+    pub fn vectors(&self) -> usize {
+        self.vectors.len()
+    }
+
+    /// The vector of I/O queue `qid`: `qid` itself if it was enabled, else none.
+    pub(super) fn vector_for(&self, qid: u16) -> Option<u16> {
+        vector_for(qid, self.vectors.len())
+    }
+
+    /// The eventfd MSI-X vector `iv` signals.
+    pub(super) fn vector_fd(&self, iv: u16) -> Option<&EventFd> {
+        self.vectors.get(usize::from(iv))
     }
 
     /// I/O queues the controller granted (at most [`MAX_IO_QUEUES`]).
@@ -300,7 +384,8 @@ impl PcieController {
         self.nvme.dma_unmap(addr, len)
     }
 
-    /// A new I/O queue pair of `depth` commands in flight, polled, for one thread.
+    /// A new I/O queue pair of `depth` commands in flight, for one thread; with an interrupt
+    /// vector of its own when there is one ([`PcieIoQueue::event_fd`]).
     pub fn create_io_queue(self: &Arc<Self>, depth: u16) -> Result<PcieIoQueue, PcieError> {
         PcieIoQueue::create(self.clone(), depth)
     }
@@ -518,22 +603,23 @@ impl PcieController {
         Ok(out)
     }
 
-    /// Creates I/O CQ `qid` then SQ `qid` (rings of `entries` at the IOVAs), under one hold
-    /// of the admin lock; returns the generation they belong to. If the SQ cannot be created
-    /// the CQ is deleted again.
+    /// Creates I/O CQ `qid` (interrupts on vector `iv`, if any) then SQ `qid` (rings of
+    /// `entries` at the IOVAs), under one hold of the admin lock; returns the generation they
+    /// belong to. If the SQ cannot be created the CQ is deleted again.
     pub(super) fn create_queue_pair(
         &self,
         qid: u16,
         entries: u16,
         sq_iova: u64,
         cq_iova: u64,
+        iv: Option<u16>,
     ) -> Result<u64, PcieError> {
         let mut a = lock(&self.admin);
         let prp = |prp1| Dptr::Prp { prp1, prp2: 0 };
         self.admin_locked(
             &mut a,
             "Create I/O Completion Queue",
-            &Sqe::create_io_cq(qid, entries),
+            &Sqe::create_io_cq(qid, entries, iv),
             prp(cq_iova),
         )?;
         if let Err(e) = self.admin_locked(

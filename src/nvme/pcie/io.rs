@@ -1,4 +1,5 @@
-//! A polled I/O queue pair of a controller owned through VFIO, for one poller thread.
+//! An I/O queue pair of a controller owned through VFIO, for one poller thread. Completions
+//! are found by polling; with an MSI-X vector, its eventfd also tells when there are some.
 //!
 //! Its memory is one [`DmaBuf`]: the submission ring, the completion ring, one list area per
 //! command (a PRP list or an SGL segment, sized for the largest transfer) and a few bounce
@@ -70,6 +71,8 @@ pub struct PcieIoQueue {
     mem: DmaBuf,
     ctrl: Arc<PcieController>,
     qid: u16,
+    /// The MSI-X vector of its completion queue, if interrupts are on.
+    vector: Option<u16>,
     generation: u64,
     sq_db: usize,
     cq_db: usize,
@@ -157,13 +160,15 @@ impl PcieIoQueue {
             source: source.into(),
         })?;
         let (sq_iova, cq_iova) = (mem.iova(), mem.iova() + sq_bytes as u64);
-        let generation = ctrl.create_queue_pair(qid, entries, sq_iova, cq_iova)?;
+        let vector = ctrl.vector_for(qid);
+        let generation = ctrl.create_queue_pair(qid, entries, sq_iova, cq_iova, vector)?;
         let dstrd = ctrl.cap().dstrd();
         let depth_n = usize::from(depth);
         Ok(PcieIoQueue {
             qp,
             mem,
             qid,
+            vector,
             generation,
             sq_db: sq_tail_doorbell(qid, dstrd),
             cq_db: cq_head_doorbell(qid, dstrd),
@@ -185,6 +190,24 @@ impl PcieIoQueue {
 
     pub fn qid(&self) -> u16 {
         self.qid
+    }
+
+    /// The MSI-X vector the queue's completions raise, if it has one.
+    pub fn vector(&self) -> Option<u16> {
+        self.vector
+    }
+
+    /// Readable when the controller has raised the queue's vector since it was last read
+    /// (non-blocking): completions may be waiting. `None`: the queue has no interrupts and
+    /// must be polled. A later queue with the same QID (once this one is gone) gets the same one.
+    pub fn event_fd(&self) -> Option<&vmm_sys_util::eventfd::EventFd> {
+        self.vector.and_then(|v| self.ctrl.vector_fd(v))
+    }
+
+    /// Completions known without the controller (commands whose data could not be
+    /// described) wait for the next poll; no interrupt announces them.
+    pub fn has_local_completions(&self) -> bool {
+        !self.failed.is_empty()
     }
 
     /// The controller generation the queue was created in (see [`PcieController::reset`]).

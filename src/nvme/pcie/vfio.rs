@@ -18,6 +18,7 @@ use std::ptr::{self, NonNull};
 use std::sync::Arc;
 
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioRegionInfoCap};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::error::PcieError;
 use super::regs::offset;
@@ -26,6 +27,8 @@ use super::sysfs::{self, NVME_CLASS, PCI_DEVICES};
 /// VFIO region indexes of a PCI device (`VFIO_PCI_*_REGION_INDEX`).
 const BAR0_REGION: u32 = 0;
 const CONFIG_REGION: u32 = 7;
+/// `VFIO_PCI_MSIX_IRQ_INDEX`.
+const MSIX_IRQ_INDEX: u32 = 2;
 /// `VFIO_REGION_INFO_FLAG_MMAP`.
 const REGION_FLAG_MMAP: u32 = 1 << 2;
 /// PCI configuration space: class code (3 bytes at 0x09), command register and its bits.
@@ -80,8 +83,9 @@ pub struct VfioNvme {
     // be closed before the group leaves the container.
     bar: Bar0,
     file: File,
-    /// Held open: the device stays ours while it lives.
-    _dev: VfioDevice,
+    /// Held open: the device stays ours while it lives. Closing it also disables its
+    /// interrupts.
+    dev: VfioDevice,
     container: Arc<VfioContainer>,
 }
 
@@ -172,7 +176,7 @@ impl VfioNvme {
             group: cand.group,
             bar,
             file,
-            _dev: dev,
+            dev,
             container,
         };
         if nvme.read32(offset::CSTS) == u32::MAX {
@@ -189,6 +193,22 @@ impl VfioNvme {
 
     pub fn bdf(&self) -> &str {
         &self.bdf
+    }
+
+    /// MSI-X vectors the device has (0: no MSI-X).
+    pub fn msix_vectors(&self) -> u32 {
+        self.dev.get_irq_info(MSIX_IRQ_INDEX).map_or(0, |i| i.count)
+    }
+
+    /// Enables MSI-X with vector `i` signalling `fds[i]`. VFIO takes the whole set at once:
+    /// enabling another set later replaces this one.
+    pub fn enable_msix(&self, fds: &[EventFd]) -> Result<(), PcieError> {
+        self.dev
+            .enable_msix(fds.iter().collect())
+            .map_err(|source| PcieError::Vfio {
+                what: "enable MSI-X",
+                source,
+            })
     }
 
     pub fn group(&self) -> u32 {

@@ -244,17 +244,19 @@ impl Sqe {
         s
     }
 
-    /// Create I/O Completion Queue (Base 2.0 §5.4), physically contiguous (PC = 1) and without
-    /// interrupts (IEN = 0): the host polls it. `entries` is the queue size (1-based here, as
-    /// the other builders take counts; CDW10 holds it 0-based). The queue's address goes in
-    /// PRP1.
-    pub fn create_io_cq(qid: u16, entries: u16) -> Sqe {
+    /// Create I/O Completion Queue (Base 2.0 §5.4), physically contiguous (PC = 1). With
+    /// `Some(iv)` interrupts are enabled (IEN = 1) on MSI-X vector `iv`; with `None` they are
+    /// not (IEN = 0) and the host polls the queue. `entries` is the queue size (1-based here,
+    /// as the other builders take counts; CDW10 holds it 0-based). The queue's address goes
+    /// in PRP1.
+    pub fn create_io_cq(qid: u16, entries: u16, iv: Option<u16>) -> Sqe {
         let mut s = Sqe::new(admin_opc::CREATE_IO_CQ);
         s.put32(
             CDW10,
             u32::from(qid) | (u32::from(entries.saturating_sub(1)) << 16),
         );
-        s.put32(CDW11, 1);
+        let irq = iv.map_or(0, |iv| (1 << 1) | (u32::from(iv) << 16));
+        s.put32(CDW11, 1 | irq);
         s
     }
 

@@ -59,11 +59,18 @@ fn admin_commands_encode_their_dwords() {
 #[test]
 fn io_queue_commands_are_polled_contiguous_queues() {
     // CDW10: QID in 15:0, size 0-based in 31:16; CDW11: PC in bit 0, IEN (bit 1) clear.
-    let cq = Sqe::create_io_cq(3, 64);
+    let cq = Sqe::create_io_cq(3, 64, None);
     assert_eq!(
         (cq.opcode(), cq.cdw(10), cq.cdw(11)),
         (admin_opc::CREATE_IO_CQ, 0x003f_0003, 1)
     );
+    // With interrupts: IEN (bit 1) and the vector in CDW11 31:16, PC still set.
+    let cq = Sqe::create_io_cq(3, 64, Some(5));
+    assert_eq!(
+        (cq.opcode(), cq.cdw(10), cq.cdw(11)),
+        (admin_opc::CREATE_IO_CQ, 0x003f_0003, 0x0005_0003)
+    );
+    assert_eq!(Sqe::create_io_cq(1, 2, Some(0)).cdw(11), 0x0000_0003);
     // The SQ names its CQ in CDW11 31:16.
     let sq = Sqe::create_io_sq(3, 64, 3);
     assert_eq!(

@@ -48,3 +48,22 @@ fn a_controller_that_needs_larger_pages_than_the_host_has_is_refused() {
         "controller 0000:00:04.0 needs memory pages of at least 8192 bytes, larger than the host's 4096"
     );
 }
+
+#[test]
+fn each_io_queue_gets_its_own_vector_while_the_msix_table_lasts() {
+    // 65 vectors, 64 queues granted: vector 0 and one per queue.
+    assert_eq!(vectors_to_enable(65, 64), 65);
+    // A small table: as many as it has; fewer queues granted: no more than they need.
+    assert_eq!(vectors_to_enable(8, 64), 8);
+    assert_eq!(vectors_to_enable(65, 2), 3);
+    // No MSI-X, only the admin vector, or no I/O queue: none.
+    for (have, granted) in [(0, 64), (1, 64), (65, 0)] {
+        assert_eq!(vectors_to_enable(have, granted), 0, "{have} {granted}");
+    }
+    assert_eq!(vector_for(1, 8), Some(1));
+    assert_eq!(vector_for(7, 8), Some(7));
+    // Past the table, without vectors, and the admin queue: polled.
+    assert_eq!(vector_for(8, 8), None);
+    assert_eq!(vector_for(1, 0), None);
+    assert_eq!(vector_for(0, 8), None);
+}
