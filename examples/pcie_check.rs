@@ -256,6 +256,7 @@ fn bench(args: &Args, ios: u64) -> Result<String, String> {
     let opts = PcieOptions {
         io_timeout: Duration::from_secs(args.timeout),
         use_sgl: !args.no_sgl,
+        ..PcieOptions::default()
     };
     let ctrl = PcieController::open(&args.bdf, &opts).map_err(|e| e.to_string())?;
     let ns = ctrl.namespace(args.nsid).map_err(|e| e.to_string())?;
