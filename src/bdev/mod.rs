@@ -6,6 +6,7 @@
 
 pub mod file;
 pub mod null;
+pub mod nvme_ops;
 pub mod nvme_pcie;
 pub mod nvme_tcp;
 pub mod uring;

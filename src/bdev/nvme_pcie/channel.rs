@@ -36,13 +36,13 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::Geometry;
+use crate::bdev::nvme_ops::{CmdData, Translated, translate};
 use crate::bdev::{ChannelFull, IoChannel, IoOp};
 use crate::nvme::cid::CmdTable;
 use crate::nvme::data::DataRef;
 use crate::nvme::pcie::io::INLINE_LEN;
 use crate::nvme::pcie::{PcieController, PcieError, PcieIoQueue, QueueFull};
-use crate::nvme::spec::{DsmRange, Sqe, Status};
-use crate::nvme::split::split;
+use crate::nvme::spec::{Sqe, Status};
 
 /// Commands waiting for a free slot in the queue pair, per slot, before the channel reports
 /// itself full.
@@ -504,85 +504,27 @@ impl IoChannel for NvmePcieChannel {
             self.ready.push_back((tag, -libc::EIO));
             return Ok(1);
         }
-        let geo = self.geo;
-        let (offset, iov, write, fua) = match op {
-            IoOp::Read { offset, iov } => (offset, iov, false, false),
-            IoOp::Write { offset, iov, fua } => (offset, iov, true, fua),
-            IoOp::Flush => {
-                if geo.volatile_cache {
-                    self.enqueue(tag, Sqe::flush(geo.nsid), Payload::None);
-                } else {
-                    self.ready.push_back((tag, 0));
-                }
-                return Ok(1);
-            }
-            IoOp::Discard { offset, len } => {
-                // One range per command: its range list is the queue's inline payload.
-                let Ok(pieces) = split(offset, len, geo.lba_shift, u32::MAX) else {
-                    self.ready.push_back((tag, -libc::EINVAL));
-                    return Ok(1);
+        let ns = self.geo.namespace();
+        // SAFETY: the caller's contract (`IoChannel::queue`) is translate's; the channel keeps
+        // the data references (to submit again after a reset) no longer than that.
+        let t = unsafe {
+            translate(&ns, op, |sqe, data| {
+                let payload = match data {
+                    CmdData::None => Payload::None,
+                    CmdData::Read(d) => Payload::Data(d, false),
+                    CmdData::Write(d) => Payload::Data(d, true),
+                    CmdData::Range(r) => Payload::Inline(r),
                 };
-                let mut n = 0;
-                for p in pieces {
-                    let range = DsmRange {
-                        context_attributes: 0,
-                        nlb: p.blocks,
-                        slba: p.slba,
-                    };
-                    self.enqueue(
-                        tag,
-                        Sqe::dsm_deallocate(geo.nsid, 0),
-                        Payload::Inline(range.encode()),
-                    );
-                    n += 1;
-                }
-                return Ok(n);
+                self.enqueue(tag, sqe, payload);
+            })
+        };
+        Ok(match t {
+            Translated::Commands(n) => n,
+            Translated::Complete(res) => {
+                self.ready.push_back((tag, res));
+                1
             }
-            IoOp::WriteZeroes { offset, len, unmap } => {
-                let Ok(pieces) = split(offset, len, geo.lba_shift, 1 << 16) else {
-                    self.ready.push_back((tag, -libc::EINVAL));
-                    return Ok(1);
-                };
-                let mut n = 0;
-                for p in pieces {
-                    let nlb = (p.blocks - 1) as u16;
-                    self.enqueue(
-                        tag,
-                        Sqe::write_zeroes(geo.nsid, p.slba, nlb, unmap),
-                        Payload::None,
-                    );
-                    n += 1;
-                }
-                return Ok(n);
-            }
-        };
-        let len = iov.bytes();
-        let Ok(pieces) = split(offset, len, geo.lba_shift, geo.max_rw_blocks) else {
-            self.ready.push_back((tag, -libc::EINVAL));
-            return Ok(1);
-        };
-        // SAFETY: the caller keeps the iovec list and the guest memory behind it unchanged
-        // until every completion for `tag` is reported (`IoChannel::queue`'s contract); the
-        // channel keeps the reference (to submit again after a reset) no longer than that.
-        let Some(whole) = (unsafe { DataRef::new(iov.as_slice(), 0, len as usize) }) else {
-            self.ready.push_back((tag, -libc::EINVAL));
-            return Ok(1);
-        };
-        let mut n = 0;
-        for p in pieces {
-            let Some(part) = whole.sub(p.offset, p.len) else {
-                continue;
-            };
-            let nlb = (p.blocks - 1) as u16;
-            let sqe = if write {
-                Sqe::write(geo.nsid, p.slba, nlb, fua)
-            } else {
-                Sqe::read(geo.nsid, p.slba, nlb, false)
-            };
-            self.enqueue(tag, sqe, Payload::Data(part, write));
-            n += 1;
-        }
-        Ok(n)
+        })
     }
 
     fn submit(&mut self) -> io::Result<()> {

@@ -21,6 +21,7 @@ use tracing::info;
 
 pub use self::channel::NvmePcieChannel;
 pub use self::dma::GuestDma;
+use super::nvme_ops::Namespace;
 use super::{BlockDevice, DeviceInfo};
 use crate::nvme::pcie::{PcieController, PcieError, PcieOptions};
 use crate::nvme::split::max_rw_blocks;
@@ -57,6 +58,17 @@ struct Geometry {
     volatile_cache: bool,
     /// A command older than this resets the controller.
     io_timeout: Duration,
+}
+
+impl Geometry {
+    fn namespace(&self) -> Namespace {
+        Namespace {
+            nsid: self.nsid,
+            lba_shift: self.lba_shift,
+            max_rw_blocks: self.max_rw_blocks,
+            volatile_cache: self.volatile_cache,
+        }
+    }
 }
 
 /// A namespace on a local NVMe controller.

@@ -19,10 +19,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::{CtrlState, Geometry, QueueShared, Shared};
+use crate::bdev::nvme_ops::{CmdData, Translated, translate};
 use crate::bdev::{ChannelFull, IoChannel, IoOp};
-use crate::nvme::data::DataRef;
-use crate::nvme::spec::{DsmRange, Sqe, Status, sc, sct};
-use crate::nvme::split::split;
+use crate::nvme::spec::{Sqe, Status, sc, sct};
 use crate::nvme::tcp::queue::{Completion, Data, IoQueue};
 
 /// Commands waiting for a free command identifier, per queue slot, before the channel
@@ -309,84 +308,27 @@ impl IoChannel for NvmeTcpChannel {
             self.ready.push_back((tag, -libc::EIO));
             return Ok(1);
         }
-        let geo = self.geo;
-        let (offset, len, iov, write, fua) = match op {
-            IoOp::Read { offset, iov } => (offset, iov.bytes(), iov, false, false),
-            IoOp::Write { offset, iov, fua } => (offset, iov.bytes(), iov, true, fua),
-            IoOp::Flush => {
-                if geo.volatile_cache {
-                    self.enqueue(tag, Sqe::flush(geo.nsid), Data::None);
-                } else {
-                    self.ready.push_back((tag, 0));
-                }
-                return Ok(1);
-            }
-            IoOp::Discard { offset, len } => {
-                let Ok(pieces) = split(offset, len, geo.lba_shift, u32::MAX) else {
-                    self.ready.push_back((tag, -libc::EINVAL));
-                    return Ok(1);
+        let ns = self.geo.namespace();
+        // SAFETY: the caller's contract (`IoChannel::queue`) is translate's: every command
+        // emitted completes before the iovecs change.
+        let t = unsafe {
+            translate(&ns, op, |sqe, data| {
+                let data = match data {
+                    CmdData::None => Data::None,
+                    CmdData::Read(d) => Data::In(d),
+                    CmdData::Write(d) => Data::Out(d),
+                    CmdData::Range(r) => Data::OutInline(r),
                 };
-                let mut n = 0;
-                for p in pieces {
-                    let range = DsmRange {
-                        context_attributes: 0,
-                        nlb: p.blocks,
-                        slba: p.slba,
-                    };
-                    self.enqueue(
-                        tag,
-                        Sqe::dsm_deallocate(geo.nsid, 0),
-                        Data::OutInline(range.encode()),
-                    );
-                    n += 1;
-                }
-                return Ok(n);
+                self.enqueue(tag, sqe, data);
+            })
+        };
+        Ok(match t {
+            Translated::Commands(n) => n,
+            Translated::Complete(res) => {
+                self.ready.push_back((tag, res));
+                1
             }
-            IoOp::WriteZeroes { offset, len, unmap } => {
-                let Ok(pieces) = split(offset, len, geo.lba_shift, 1 << 16) else {
-                    self.ready.push_back((tag, -libc::EINVAL));
-                    return Ok(1);
-                };
-                let mut n = 0;
-                for p in pieces {
-                    let nlb = (p.blocks - 1) as u16;
-                    self.enqueue(
-                        tag,
-                        Sqe::write_zeroes(geo.nsid, p.slba, nlb, unmap),
-                        Data::None,
-                    );
-                    n += 1;
-                }
-                return Ok(n);
-            }
-        };
-        let Ok(pieces) = split(offset, len, geo.lba_shift, geo.max_rw_blocks) else {
-            // virtio-blk sectors are 512 bytes; the namespace's blocks may be larger.
-            self.ready.push_back((tag, -libc::EINVAL));
-            return Ok(1);
-        };
-        // SAFETY: the caller keeps the iovec list and the memory behind it unchanged until
-        // every completion for `tag` is reported (`IoChannel::queue`'s contract); every
-        // command built here completes before that.
-        let Some(whole) = (unsafe { DataRef::new(iov.as_slice(), 0, len as usize) }) else {
-            self.ready.push_back((tag, -libc::EINVAL));
-            return Ok(1);
-        };
-        let mut n = 0;
-        for p in pieces {
-            let nlb = (p.blocks - 1) as u16;
-            let Some(part) = whole.sub(p.offset, p.len) else {
-                continue;
-            };
-            let (sqe, data) = if write {
-                (Sqe::write(geo.nsid, p.slba, nlb, fua), Data::Out(part))
-            } else {
-                (Sqe::read(geo.nsid, p.slba, nlb, false), Data::In(part))
-            };
-            self.enqueue(tag, sqe, data);
-            n += 1;
-        }
-        Ok(n)
+        })
     }
 
     fn submit(&mut self) -> io::Result<()> {

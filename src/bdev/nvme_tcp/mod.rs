@@ -28,6 +28,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use self::channel::NvmeTcpChannel;
 use self::supervisor::Supervisor;
+use super::nvme_ops::Namespace;
 use super::{BlockDevice, DeviceInfo};
 use crate::nvme::split::max_rw_blocks;
 use crate::nvme::tcp::ctrl::{Controller, CtrlError, CtrlOptions, TargetAddr};
@@ -74,6 +75,17 @@ struct Geometry {
     in_capsule_max: u32,
     volatile_cache: bool,
     io_timeout_ms: u64,
+}
+
+impl Geometry {
+    fn namespace(&self) -> Namespace {
+        Namespace {
+            nsid: self.nsid,
+            lba_shift: self.lba_shift,
+            max_rw_blocks: self.max_rw_blocks,
+            volatile_cache: self.volatile_cache,
+        }
+    }
 }
 
 /// The controller as the channels see it.
