@@ -17,14 +17,14 @@ mod common;
 #[path = "../examples/blkcheck/pattern.rs"]
 mod pattern;
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::examples::example_bin;
-use common::lab::{bin_arg, fields, lab_dir, line_with, lines_with, run_script, wait_limited};
+use common::lab::{bin_arg, fields, lab_dir, line_with, lines_with, run_guest, run_script};
 
 const NS1_BYTES: u64 = 64 << 20;
 const NS2_BYTES: u64 = 32 << 20;
@@ -136,25 +136,13 @@ fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
             "--log",
         ])
         .arg(&console_log);
-    let guest_log = d.join("run-guest.log");
-    let out = File::create(&guest_log).expect("create log");
-    let mut child = guest
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("clone log"))
-        .stderr(out)
-        .spawn()
-        .expect("spawn run-guest.sh");
-    let status = wait_limited(&mut child, Duration::from_secs(GUEST_TIMEOUT_S + 30));
+    let console = run_guest(
+        &mut guest,
+        &console_log,
+        d,
+        Duration::from_secs(GUEST_TIMEOUT_S + 30),
+    );
     let guest_time = t.elapsed();
-    let console = fs::read_to_string(&console_log)
-        .unwrap_or_default()
-        .replace('\r', "");
-    if !status.is_some_and(|s| s.success()) {
-        panic!(
-            "the guest did not pass ({status:?}):\n{}\n---- console ----\n{console}",
-            fs::read_to_string(&guest_log).unwrap_or_default()
-        );
-    }
     for line in console.lines().filter(|l| {
         l.starts_with("NVME-LIST")
             || l.starts_with("PCIE-CHECK")

@@ -14,13 +14,13 @@
 
 mod common;
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::examples::example_bin;
-use common::lab::{bin_arg, fields, lab_dir, line_with, run_script, wait_limited};
+use common::lab::{bin_arg, fields, lab_dir, line_with, run_guest, run_script};
 
 /// The namespace of the emulated controller: a sparse image of this size.
 const NVME_BYTES: u64 = 64 << 20;
@@ -94,25 +94,13 @@ fn nvme_behind_the_iommu_is_usable_from_user_space_and_vhost_user_runs_in_the_gu
             "--log",
         ])
         .arg(&console_log);
-    let guest_log = dir_path.join("run-guest.log");
-    let out = File::create(&guest_log).expect("create log");
-    let mut child = guest
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("clone log"))
-        .stderr(out)
-        .spawn()
-        .expect("spawn run-guest.sh");
-    let status = wait_limited(&mut child, Duration::from_secs(GUEST_TIMEOUT_S + 30));
+    let console = run_guest(
+        &mut guest,
+        &console_log,
+        dir_path,
+        Duration::from_secs(GUEST_TIMEOUT_S + 30),
+    );
     let guest_time = t.elapsed();
-    let console = fs::read_to_string(&console_log)
-        .unwrap_or_default()
-        .replace('\r', "");
-    if !status.is_some_and(|s| s.success()) {
-        panic!(
-            "the guest did not pass ({status:?}):\n{}\n---- console ----\n{console}",
-            fs::read_to_string(&guest_log).unwrap_or_default()
-        );
-    }
 
     let bound = fields(line_with(&console, "VFIO-BOUND "));
     assert_eq!(bound["id"], QEMU_NVME_ID, "{bound:?}");

@@ -110,3 +110,28 @@ pub fn lines_with<'a>(console: &'a str, tag: &'a str) -> impl Iterator<Item = &'
         .lines()
         .filter_map(move |l| l.find(tag).map(|at| &l[at..]))
 }
+
+/// Runs `guest` (a `run-guest.sh` command that writes its console to `console_log`) with its
+/// own output in `dir/run-guest.log`, bounded by `limit`, and returns the console with
+/// carriage returns removed. Fails the test, with both logs, unless the guest passed.
+pub fn run_guest(guest: &mut Command, console_log: &Path, dir: &Path, limit: Duration) -> String {
+    let guest_log = dir.join("run-guest.log");
+    let out = std::fs::File::create(&guest_log).expect("create log");
+    let mut child = guest
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().expect("clone log"))
+        .stderr(out)
+        .spawn()
+        .expect("spawn run-guest.sh");
+    let status = wait_limited(&mut child, limit);
+    let console = std::fs::read_to_string(console_log)
+        .unwrap_or_default()
+        .replace('\r', "");
+    if !status.is_some_and(|s| s.success()) {
+        panic!(
+            "the guest did not pass ({status:?}):\n{}\n---- console ----\n{console}",
+            std::fs::read_to_string(&guest_log).unwrap_or_default()
+        );
+    }
+    console
+}
