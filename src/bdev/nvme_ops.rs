@@ -5,7 +5,7 @@
 
 use super::IoOp;
 use crate::nvme::data::DataRef;
-use crate::nvme::spec::{DsmRange, Sqe};
+use crate::nvme::spec::{DsmRange, IdentifyNamespace, Sqe};
 use crate::nvme::split::split;
 
 /// What the translation needs to know of a namespace and its controller.
@@ -18,6 +18,15 @@ pub struct Namespace {
     pub max_rw_blocks: u32,
     /// The controller has a volatile write cache (Identify Controller VWC): flush is needed.
     pub volatile_cache: bool,
+}
+
+/// The log2 of the block size of a namespace vubd can serve, or the bytes of metadata per
+/// block that make it unservable (virtio-blk has no place for them).
+pub fn lba_shift_of(ns: &IdentifyNamespace) -> Result<u32, u16> {
+    match ns.lba_format().ms {
+        0 => Ok(ns.block_size().trailing_zeros()),
+        ms => Err(ms),
+    }
 }
 
 /// What one command carries.
@@ -148,6 +157,23 @@ mod tests {
             })
         };
         (t, cmds)
+    }
+
+    /// Identify Namespace data: 8 blocks of 2^`lbads` bytes with `ms` bytes of metadata each.
+    fn identify(lbads: u8, ms: u16) -> IdentifyNamespace {
+        let mut b = vec![0u8; 4096];
+        b[0..8].copy_from_slice(&8u64.to_le_bytes()); // NSZE
+        b[8..16].copy_from_slice(&8u64.to_le_bytes()); // NCAP
+        b[128..130].copy_from_slice(&ms.to_le_bytes()); // LBAF0.MS
+        b[130] = lbads; // LBAF0.LBADS
+        IdentifyNamespace::parse(&b).expect("valid Identify Namespace")
+    }
+
+    #[test]
+    fn namespaces_with_metadata_cannot_be_served() {
+        assert_eq!(lba_shift_of(&identify(12, 0)), Ok(12));
+        assert_eq!(lba_shift_of(&identify(9, 0)), Ok(9));
+        assert_eq!(lba_shift_of(&identify(12, 8)), Err(8));
     }
 
     #[test]

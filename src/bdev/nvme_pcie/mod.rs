@@ -21,7 +21,7 @@ use tracing::info;
 
 pub use self::channel::NvmePcieChannel;
 pub use self::dma::GuestDma;
-use super::nvme_ops::Namespace;
+use super::nvme_ops::{Namespace, lba_shift_of};
 use super::{BlockDevice, DeviceInfo};
 use crate::nvme::pcie::{PcieController, PcieError, PcieOptions};
 use crate::nvme::split::max_rw_blocks;
@@ -90,15 +90,9 @@ impl NvmePcieDevice {
         };
         let ctrl = PcieController::open(&cfg.bdf, &opts)?;
         let ns = ctrl.namespace(cfg.nsid)?;
-        let format = ns.lba_format();
-        if format.ms != 0 {
-            return Err(NvmePcieError::Metadata {
-                nsid: cfg.nsid,
-                ms: format.ms,
-            });
-        }
-        let block_size = ns.block_size();
-        let lba_shift = block_size.trailing_zeros();
+        let lba_shift =
+            lba_shift_of(&ns).map_err(|ms| NvmePcieError::Metadata { nsid: cfg.nsid, ms })?;
+        let block_size = 1u32 << lba_shift;
         let id = ctrl.identify();
         // The driver's own limit on one command's data (it sizes PRP lists and bounce
         // buffers) already includes MDTS.

@@ -28,7 +28,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use self::channel::NvmeTcpChannel;
 use self::supervisor::Supervisor;
-use super::nvme_ops::Namespace;
+use super::nvme_ops::{Namespace, lba_shift_of};
 use super::{BlockDevice, DeviceInfo};
 use crate::nvme::split::max_rw_blocks;
 use crate::nvme::tcp::ctrl::{Controller, CtrlError, CtrlOptions, TargetAddr};
@@ -219,15 +219,9 @@ impl NvmeTcpDevice {
             cfg.nsid,
         )?;
         let ns = ctrl.namespace();
-        let format = ns.lba_format();
-        if format.ms != 0 {
-            return Err(NvmeTcpError::Metadata {
-                nsid: cfg.nsid,
-                ms: format.ms,
-            });
-        }
-        let block_size = ns.block_size();
-        let lba_shift = block_size.trailing_zeros();
+        let lba_shift =
+            lba_shift_of(ns).map_err(|ms| NvmeTcpError::Metadata { nsid: cfg.nsid, ms })?;
+        let block_size = 1u32 << lba_shift;
         let id = ctrl.identify();
         let min_page_shift = 12 + u32::from(ctrl.cap().mpsmin());
         let geo = Geometry {
