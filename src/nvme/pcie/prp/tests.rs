@@ -492,7 +492,8 @@ fn expected_slots(pieces: &[(u64, usize)], page: PageSize) -> usize {
     }
     let e = usize::try_from(pages - 1).expect("small");
     let per = page.bytes() / 8;
-    e + (e - 1) / (per - 1)
+    // Every full list page but the last gives its last slot to a chain pointer.
+    e + (e - 1).div_ceil(per - 1) - 1
 }
 
 fn first_piece(page: u64) -> impl Strategy<Value = (u64, usize)> {
