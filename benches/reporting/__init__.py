@@ -1,0 +1,1 @@
+"""The report writers behind benches/report.py, one module per benchmark script."""
