@@ -11,7 +11,8 @@
 # client, each run SECS seconds after WARMUP seconds, in ROUNDS interleaved rounds (every
 # backend once per workload per round, the order rotating), medians reported. fio on the same
 # file, pinned to BACKEND_CPU, gives the kernel's own ceiling. Last, the CPU an idle backend
-# burns with a connected client that went quiet.
+# burns with a connected client that went quiet. Each round also measures the round trip of a
+# cache line between the two CPUs (examples/pingpong.rs): no request can complete faster.
 #
 # The machine may be shared: before each run the script waits for other processes to go quiet
 # (bounded), and a run during which they used more than a tenth of a CPU is repeated once (at
@@ -41,7 +42,7 @@ NULL_BYTES=$((16 << 30))
 need qemu-storage-daemon:qemu-system-common fio:fio taskset:util-linux fallocate:util-linux \
   python3:python3
 (($(nproc) >= 2)) || die "needs two CPUs (one for the backend, one for the load generator)"
-build_release
+build_release pingpong
 facts_now=$(machine_facts) # describes the build that is measured
 
 mkdir -p "$work"
@@ -142,9 +143,20 @@ print("%-40s %.0f IOPS, p50 %.2f us, p99 %.2f us" % (sys.argv[2], j["iops"],
     "$out" "file/fio/-/$qd/r$round" >&2
 }
 
+# The machine's floor for a request between the two CPUs: one cache-line round trip.
+run_pingpong() { # round
+  local out=$work/pingpong-r$1.json
+  wait_quiet
+  "$top/target/release/examples/pingpong" --cpus "$CLIENT_CPU,$BACKEND_CPU" --json >"$out" ||
+    die "pingpong failed"
+  python3 -c 'import json,sys; print("%-40s round trip %.1f ns" % (sys.argv[2],
+ json.load(open(sys.argv[1]))["round_trip_ns"]))' "$out" "pingpong/r$1" >&2
+}
+
 start_time=$SECONDS
 for ((round = 1; round <= ROUNDS; round++)); do
   log "round $round of $ROUNDS"
+  run_pingpong "$round"
   for disk in null file; do
     for mode in poll eventfd; do
       for qd in 1 32; do
