@@ -5,6 +5,12 @@
 //! snapshot it came from is kept until no in-flight request and no poller's map holds that
 //! snapshot any more (its reference count falls to the one kept here). Keeping the snapshot
 //! also keeps the region's mapping in vubd alive until then.
+//!
+//! Several sessions (devices on namespaces of one controller) each have their own `GuestDma`
+//! in the one VFIO container. Their IOVAs are addresses of distinct live mappings of this
+//! process, so they never overlap, and each session maps and unmaps only its own regions.
+//! Addresses are reused only after a session unmapped its regions from the IOMMU and dropped
+//! them, in that order.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -95,9 +101,11 @@ impl GuestDma {
         });
     }
 
-    /// Unmaps everything: the session is over and no request is in flight.
+    /// Unmaps everything: the session is over and no request is in flight. The snapshots go
+    /// only after their regions left the IOMMU: once vubd unmaps a region's memory, another
+    /// session of the same controller may get the same addresses and map them as its own.
     pub fn release(&mut self) {
-        self.current = None;
+        let current = self.current.take();
         let mapped = std::mem::take(&mut self.mapped);
         for (_, spans) in std::mem::take(&mut self.retired) {
             for (addr, len) in spans {
@@ -111,6 +119,7 @@ impl GuestDma {
                 tracing::warn!(addr, len, error = %e, "cannot unmap guest memory");
             }
         }
+        drop(current);
     }
 }
 
