@@ -102,6 +102,7 @@ impl NvmePcieDevice {
     /// namespace; blocking, for startup. The first device of a controller sets its options
     /// (`interrupts`, `io_timeout`).
     pub fn open(cfg: &NvmePcieConfig, ctrls: &mut Controllers) -> Result<Self, NvmePcieError> {
+        let shared = ctrls.0.contains_key(&cfg.bdf);
         let ctrl = match ctrls.0.get(&cfg.bdf) {
             Some(c) => c.clone(),
             None => {
@@ -147,7 +148,12 @@ impl NvmePcieDevice {
             block_size,
             io_queues = ctrl.io_queues_granted(),
             msix_vectors = ctrl.vectors(),
-            "NVMe controller opened"
+            "{}",
+            if shared {
+                "NVMe controller shared with another device"
+            } else {
+                "NVMe controller opened"
+            }
         );
         Ok(Self {
             serial: id.sn.clone(),
