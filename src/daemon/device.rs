@@ -129,10 +129,10 @@ fn check_pcie_queues(cfg: &Config, ctrls: &Controllers) -> Result<(), DaemonErro
             });
         }
         info!(
-            bdf,
+            bdf = %bdf,
             io_queue_pairs = needed,
             granted,
-            "NVMe controller shared by its devices' pollers"
+            "NVMe I/O queue pairs: one per poller serving the controller"
         );
     }
     Ok(())
@@ -262,5 +262,50 @@ pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
             abs.display(),
             d.num_queues
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Args, Command};
+    use clap::Parser;
+
+    fn config(args: &[&str]) -> Config {
+        let a = Args::try_parse_from(std::iter::once("vubd").chain(args.iter().copied()))
+            .expect("clap accepts");
+        match Command::try_from(a) {
+            Ok(Command::Serve(c)) => c,
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_device_starts_on_the_poller_after_the_previous_devices_queues() {
+        let c = config(&[
+            "--device",
+            "socket=a,disk=null:1M,num-queues=3",
+            "--device",
+            "socket=b,disk=null:1M",
+            "--device",
+            "socket=c,disk=null:1M,num-queues=2",
+        ]);
+        assert_eq!(first_pollers(&c), [0, 3, 4]);
+        let c = config(&["--disk", "null:1M", "--num-queues", "4"]);
+        assert_eq!(first_pollers(&c), [0]);
+    }
+
+    #[test]
+    fn errors_of_a_device_given_with_device_name_it() {
+        let c = config(&["--device", "socket=a,disk=null:1M"]);
+        let e = in_device(&c.devices[0], DaemonError::BadFd(3));
+        assert_eq!(
+            super::super::error_chain(&e),
+            "--device \"socket=a,disk=null:1M\": --fd 3: not a listening unix socket"
+        );
+        assert_eq!(e.exit_code(), 2);
+        let c = config(&["--disk", "null:1M"]);
+        let e = in_device(&c.devices[0], DaemonError::BadFd(3));
+        assert_eq!(e.to_string(), "--fd 3: not a listening unix socket");
     }
 }
