@@ -206,8 +206,24 @@ fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
-    use crate::config::NvmePcieUri;
+    use crate::config::{Args, Command, Config, NvmePcieUri};
+    use crate::poller::{PollMode, allowed_cpus};
+
+    fn parse(args: &[&str]) -> Result<Command, ConfigError> {
+        let a = Args::try_parse_from(std::iter::once("vubd").chain(args.iter().copied()))
+            .expect("clap accepts");
+        Command::try_from(a)
+    }
+
+    fn serve(args: &[&str]) -> Config {
+        match parse(args) {
+            Ok(Command::Serve(c)) => c,
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
 
     #[test]
     fn lists_split_at_single_commas_and_keep_doubled_ones() {
@@ -325,5 +341,57 @@ mod tests {
                 interrupts: false
             })
         );
+    }
+
+    #[test]
+    fn several_devices_share_the_global_options() {
+        let c = serve(&[
+            "--device",
+            "socket=a.sock,disk=null:1G,num-queues=2",
+            "--device",
+            "socket=b.sock,disk=b.img,readonly=on",
+            "--poll",
+            "never",
+        ]);
+        assert_eq!(c.devices.len(), 2);
+        assert_eq!(c.devices[0].disk, DiskSpec::Null(1 << 30));
+        assert_eq!(c.devices[1].socket, SocketSpec::Path("b.sock".into()));
+        assert!(c.devices[1].read_only && !c.devices[0].read_only);
+        assert_eq!(c.poll, PollMode::Never);
+        // Default pollers: one per queue of all devices, up to the CPUs.
+        assert_eq!(c.pollers.len(), allowed_cpus().len().min(3));
+        assert!(c.devices.iter().all(|d| d.create_size.is_none()));
+    }
+
+    #[test]
+    fn device_excludes_the_single_device_options() {
+        for opt in [
+            &["--disk", "d"][..],
+            &["--socket-path", "s"],
+            &["--fd", "3"],
+            &["--readonly"],
+            &["--num-queues", "1"],
+            &["--queue-size", "256"],
+            &["--serial", "x"],
+        ] {
+            let args = ["vubd", "--device", "socket=a,disk=b"]
+                .into_iter()
+                .chain(opt.iter().copied());
+            let e = Args::try_parse_from(args).expect_err("mixed");
+            let first = e.to_string();
+            let first = first.lines().next().unwrap_or_default();
+            assert!(
+                first.contains("--device") && first.contains(opt[0]),
+                "{opt:?}: {first}"
+            );
+        }
+        let e = parse(&[
+            "--device",
+            "socket=a,disk=x.img",
+            "--device",
+            "socket=a,disk=y.img",
+        ])
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::SharedDevice(..)), "{e}");
     }
 }

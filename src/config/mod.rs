@@ -755,58 +755,6 @@ mod tests {
     }
 
     #[test]
-    fn several_devices_share_the_global_options() {
-        let c = serve(&[
-            "--device",
-            "socket=a.sock,disk=null:1G,num-queues=2",
-            "--device",
-            "socket=b.sock,disk=b.img,readonly=on",
-            "--poll",
-            "never",
-        ]);
-        assert_eq!(c.devices.len(), 2);
-        assert_eq!(c.devices[0].disk, DiskSpec::Null(1 << 30));
-        assert_eq!(c.devices[1].socket, SocketSpec::Path("b.sock".into()));
-        assert!(c.devices[1].read_only && !c.devices[0].read_only);
-        assert_eq!(c.poll, PollMode::Never);
-        // Default pollers: one per queue of all devices, up to the CPUs.
-        assert_eq!(c.pollers.len(), allowed_cpus().len().min(3));
-        assert!(c.devices.iter().all(|d| d.create_size.is_none()));
-    }
-
-    #[test]
-    fn device_excludes_the_single_device_options() {
-        for opt in [
-            &["--disk", "d"][..],
-            &["--socket-path", "s"],
-            &["--fd", "3"],
-            &["--readonly"],
-            &["--num-queues", "1"],
-            &["--queue-size", "256"],
-            &["--serial", "x"],
-        ] {
-            let args = ["vubd", "--device", "socket=a,disk=b"]
-                .into_iter()
-                .chain(opt.iter().copied());
-            let e = Args::try_parse_from(args).expect_err("mixed");
-            let first = e.to_string();
-            let first = first.lines().next().unwrap_or_default();
-            assert!(
-                first.contains("--device") && first.contains(opt[0]),
-                "{opt:?}: {first}"
-            );
-        }
-        let e = parse(&[
-            "--device",
-            "socket=a,disk=x.img",
-            "--device",
-            "socket=a,disk=y.img",
-        ])
-        .unwrap_err();
-        assert!(matches!(e, ConfigError::SharedDevice(..)), "{e}");
-    }
-
-    #[test]
     fn capabilities_follow_the_conventions() {
         let v: serde_json::Value = serde_json::from_str(&capabilities_json()).expect("json");
         assert_eq!(v["type"], "block");

@@ -63,7 +63,8 @@ impl Worker {
     }
 
     /// The channel a new device of this poller uses: the one of a device it shares channels
-    /// with ([`Disk::channel_key`]), else a new one. `None` when it cannot be opened.
+    /// with ([`crate::bdev::Disk::channel_key`]), else a new one. `None` when it cannot be
+    /// opened.
     fn channel_for(&mut self, a: &QueueAttach) -> Option<usize> {
         let key = a.disk.channel_key();
         if key.is_some()
