@@ -220,9 +220,9 @@ fn create_sparse(path: &Path, size: u64) -> Result<(), DaemonError> {
     }
 }
 
-/// Tells the user how to attach a QEMU VM to each device served on a socket path.
+/// Tells the user how to attach a QEMU VM to the devices served on socket paths.
 pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
-    let mut first = true;
+    let mut options = Vec::new();
     for (i, (d, info)) in cfg.devices.iter().zip(infos).enumerate() {
         let SocketSpec::Path(sock) = &d.socket else {
             continue;
@@ -249,20 +249,22 @@ pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
             if info.read_only { ", read-only" } else { "" },
             abs.display()
         );
-        if first {
-            println!("Attach a QEMU VM (guest RAM must be shared) with:");
-            println!(
-                "  -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\"
-            );
-            first = false;
-        }
-        println!(
-            "  -chardev socket,id=vubd{i},path={} \\\n  \
-             -device vhost-user-blk-pci,chardev=vubd{i},num-queues={}",
-            abs.display(),
+        options.push(format!("-chardev socket,id=vubd{i},path={}", abs.display()));
+        options.push(format!(
+            "-device vhost-user-blk-pci,chardev=vubd{i},num-queues={}",
             d.num_queues
-        );
+        ));
     }
+    if options.is_empty() {
+        return;
+    }
+    if options.len() > 2 {
+        println!("Attach QEMU VMs (guest RAM must be shared), each device to one of them, with:");
+    } else {
+        println!("Attach a QEMU VM (guest RAM must be shared) with:");
+    }
+    println!("  -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\");
+    println!("  {}", options.join(" \\\n  "));
 }
 
 #[cfg(test)]

@@ -139,7 +139,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     device::print_attach_hint(&cfg, &infos);
     let first_pollers = device::first_pollers(&cfg);
     std::thread::scope(|scope| {
-        for (index, (listener, _socket_file)) in listeners.into_iter().enumerate() {
+        for (index, (listener, socket_file)) in listeners.into_iter().enumerate() {
             let serving = Serving {
                 index,
                 cfg: &cfg.devices[index],
@@ -161,7 +161,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 .name(format!("vubd-device-{index}"))
                 .spawn_scoped(scope, move || {
                     // The socket file goes when this device stops serving.
-                    let _socket_file = _socket_file;
+                    let _socket_file = socket_file;
                     serving.serve(listener);
                 });
             if let Err(e) = spawned {
