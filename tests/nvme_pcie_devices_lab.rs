@@ -2,7 +2,8 @@
 //! emulated NVMe controller (namespaces 1 and 2) behind an emulated Intel IOMMU, running
 //! `tests/guest/nvme-pcie-devices.sh`. One vubd serves namespace 1 and namespace 2 as two
 //! vhost-user-blk devices on two sockets (`--device`, twice); blkcheck runs write-verify on
-//! both at the same time, twice (new sessions), then writes a different pattern to each. The
+//! both at the same time, twice (new sessions), then on device 2 while device 1's frontend
+//! comes and goes three times, then writes a different pattern to each. The
 //! controller is opened once and each poller shares one I/O queue pair between the two
 //! devices (vubd's log says so); after the guest is gone the host finds each namespace's own
 //! pattern in its image file.
@@ -120,6 +121,22 @@ fn two_namespaces_of_one_controller_are_served_as_two_devices_at_once() {
             );
         }
     }
+    // Device 1 came and went three times during one session of device 2.
+    line_with(
+        &console,
+        "DEVICE2 blkcheck: PASS write-verify queues=2 size=4194304 seed=0x75 ",
+    );
+    for seed in ["0x81", "0x82", "0x83"] {
+        line_with(
+            &console,
+            &format!("DEVICE1 blkcheck: PASS write-verify queues=2 size=1048576 seed={seed} "),
+        );
+    }
+    let overlapped = lines_with(&console, "DEVICE2-RUNNING ").count();
+    assert!(
+        overlapped >= 1,
+        "device 2's session did not outlast any of device 1's"
+    );
     line_with(
         &console,
         "DEVICE1 blkcheck: PASS pattern queues=2 size=4194304 seed=0x1d1 ",
@@ -144,7 +161,8 @@ fn two_namespaces_of_one_controller_are_served_as_two_devices_at_once() {
     // queue on a poller joins the first device's channel there: both pollers, at least once.
     let shared = count("I/O channel shared with another device");
     assert!(shared >= 2, "{shared} shared channels: {vubd_lines:#?}");
-    assert_eq!(count("frontend connected"), 6, "{vubd_lines:#?}");
+    // 2 + 2 + (1 + 3) + 2 sessions.
+    assert_eq!(count("frontend connected"), 10, "{vubd_lines:#?}");
     assert_eq!(count("NVMe I/O timeout"), 0, "{vubd_lines:#?}");
 
     // Each namespace holds its own device's pattern, not the other's.

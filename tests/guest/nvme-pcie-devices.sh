@@ -10,8 +10,9 @@
 #    two sockets, two queues each, so each of the two pollers serves a queue
 #    of both and shares one I/O queue pair between them);
 # 3. blkcheck runs write-verify on both devices at the same time, then again
-#    (new frontend sessions), then writes a different sector pattern to the
-#    first 4 MiB of each, at the same time;
+#    (new frontend sessions); then a long write-verify on device 2 while
+#    device 1's frontend connects, checks and disconnects three times; then a
+#    different sector pattern on the first 4 MiB of each, at the same time;
 # 4. SIGTERM: vubd exits with status 0; its log lines about the controller
 #    and the shared channels are printed (VUBD-DEVICES lines).
 # The host checks the lines and then that each image holds its own pattern.
@@ -79,6 +80,26 @@ at_once() {
 }
 at_once write-verify 0x71 0x72
 at_once write-verify 0x73 0x74
+# Device 2 keeps its session for a long write-verify while device 1's frontend
+# comes and goes three times: on each poller device 1 leaves the shared queue
+# pair and joins it again with device 2's commands in flight.
+blkcheck --socket $s2 --queues 2 --seed 0x75 --size 4M --rounds 24 write-verify >/tmp/b2.out 2>&1 &
+p2=$!
+for seed in 0x81 0x82 0x83; do
+    if ! blkcheck --socket $s1 --queues 2 --seed $seed --size 1M --rounds 2 write-verify >/tmp/b1.out 2>&1; then
+        cat /tmp/b1.out
+        tail -n 30 $log
+        stop_vubd
+        fatal "blkcheck on device 1 while device 2 runs"
+    fi
+    sed 's/^/DEVICE1 /' /tmp/b1.out
+    # Still running: the sessions of device 1 overlapped device 2's.
+    [ -e /proc/$p2 ] && echo "DEVICE2-RUNNING after device 1 seed=$seed"
+done
+rc2=0
+wait $p2 || rc2=$?
+sed 's/^/DEVICE2 /' /tmp/b2.out
+[ "$rc2" -eq 0 ] || { tail -n 30 $log; stop_vubd; fatal "blkcheck on device 2 while device 1 came and went"; }
 at_once pattern 0x1d1 0x2d2
 
 # --- 4. SIGTERM ----------------------------------------------------------------------------
