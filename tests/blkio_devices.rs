@@ -1,8 +1,9 @@
 //! Several devices in one vubd (`--device`, repeated): each on its own socket with its own
 //! frontend sessions, all their queues on the same pollers. Two image files driven at the same
 //! time with every byte checked; one device's frontend coming and going while the other keeps
-//! working; SIGTERM ending both; and the command-line errors of `--device`. These always run
-//! vubd, whatever `VUBD_TEST_BACKEND` says.
+//! working; SIGTERM ending both; two devices on one NVMe/TCP subsystem (the fake target), a
+//! controller each; and the command-line errors of `--device`. These always run vubd,
+//! whatever `VUBD_TEST_BACKEND` says.
 
 mod common;
 #[path = "common/workload.rs"]
@@ -16,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use common::client::Client;
 use common::daemon::{Daemon, Exit, run_vubd, socket_exists, socket_listening};
-use common::{Image, Rng, TIMEOUT, assert_same};
+use common::fake_target::{FakeTarget, Options};
+use common::{Image, Rng, TIMEOUT, assert_same, procfs};
 use tempfile::TempDir;
 
 const MIB: u64 = 1 << 20;
@@ -34,13 +36,25 @@ fn device(socket: &Path, disk: &Path, extra: &str) -> OsString {
 /// vubd serving `images` as one device each, with `extra` keys on every `--device`; waits
 /// until every socket listens. Returns the daemon and the sockets.
 fn serve(dir: &TempDir, images: &[&Image], extra: &str) -> (Daemon, Vec<PathBuf>) {
-    let sockets: Vec<PathBuf> = (0..images.len())
+    let disks: Vec<&Path> = images.iter().map(|i| i.path()).collect();
+    serve_disks(dir, &disks, extra, &[])
+}
+
+/// vubd serving `disks` as one device each, with `extra` keys on every `--device` and
+/// `global` options; waits until every socket listens.
+fn serve_disks(
+    dir: &TempDir,
+    disks: &[&Path],
+    extra: &str,
+    global: &[&OsStr],
+) -> (Daemon, Vec<PathBuf>) {
+    let sockets: Vec<PathBuf> = (0..disks.len())
         .map(|i| dir.path().join(format!("dev{i}.sock")))
         .collect();
-    let mut args: Vec<OsString> = Vec::new();
-    for (socket, image) in sockets.iter().zip(images) {
+    let mut args: Vec<OsString> = global.iter().map(|&a| a.to_owned()).collect();
+    for (socket, disk) in sockets.iter().zip(disks) {
         args.push("--device".into());
-        args.push(device(socket, image.path(), extra));
+        args.push(device(socket, disk, extra));
     }
     let args: Vec<&OsStr> = args.iter().map(OsString::as_os_str).collect();
     let daemon = Daemon::vubd_with_args(&args, &sockets[0]);
@@ -170,6 +184,53 @@ fn sigterm_with_both_frontends_connected_stops_cleanly() {
     for s in &sockets {
         assert!(!socket_exists(s), "{} left behind", s.display());
     }
+}
+
+#[test]
+fn two_devices_on_one_nvme_tcp_subsystem_get_a_controller_each() {
+    let target = FakeTarget::start(Options::default()).expect("start the fake target");
+    let uri = format!("nvme-tcp://{}/{}", target.addr(), target.nqn());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cpu = procfs::own_cpus()[0].to_string();
+    let (mut daemon, sockets) = serve_disks(
+        &dir,
+        &[Path::new(&uri), Path::new(&uri)],
+        "",
+        &["--cpus".as_ref(), cpu.as_ref()],
+    );
+    let mut clients: Vec<Client> = sockets.iter().map(|s| connect(&daemon, s, 1)).collect();
+    // One namespace behind both: what one device writes, the other reads.
+    let data = Rng::new(0x7C9).bytes(64 << 10);
+    clients[0].queue(0).write(0, &data);
+    assert_same(
+        &data,
+        &clients[1].queue(0).read(0, data.len()),
+        0,
+        "device 1",
+    );
+    clients[1].queue(0).write(MIB, &data);
+    assert_same(
+        &data,
+        &clients[0].queue(0).read(MIB, data.len()),
+        MIB,
+        "device 0",
+    );
+    drop(clients);
+    // Serving began once every device's disk was open.
+    // A controller of its own for each device (the target numbers them).
+    let log = daemon.output();
+    let connected: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("NVMe/TCP controller connected"))
+        .collect();
+    assert_eq!(connected.len(), 2, "{log}");
+    assert!(
+        connected.iter().any(|l| l.contains(" cntlid=1 "))
+            && connected.iter().any(|l| l.contains(" cntlid=2 ")),
+        "{log}"
+    );
+    daemon.assert_running();
+    assert_eq!(target.counters().panics, 0);
 }
 
 /// Asserts exit status 2 and one error line on stderr containing every one of `parts` (the
