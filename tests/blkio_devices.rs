@@ -191,6 +191,7 @@ fn two_devices_on_one_nvme_tcp_subsystem_get_a_controller_each() {
     let target = FakeTarget::start(Options::default()).expect("start the fake target");
     let uri = format!("nvme-tcp://{}/{}", target.addr(), target.nqn());
     let dir = tempfile::tempdir().expect("temp dir");
+    // One poller serves both devices' queues.
     let cpu = procfs::own_cpus()[0].to_string();
     let (mut daemon, sockets) = serve_disks(
         &dir,
@@ -216,8 +217,8 @@ fn two_devices_on_one_nvme_tcp_subsystem_get_a_controller_each() {
         "device 0",
     );
     drop(clients);
-    // Serving began once every device's disk was open.
-    // A controller of its own for each device (the target numbers them).
+    // A controller of its own for each device (the target numbers them); both are connected
+    // by now, since serving begins only once every device's disk is open.
     let log = daemon.output();
     let connected: Vec<&str> = log
         .lines()
