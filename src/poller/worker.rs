@@ -2,8 +2,9 @@
 //! request from pop to used ring.
 //!
 //! Per loop iteration: every queue is checked for available chains (no syscall when there are
-//! none), each device channel gets at most one submit, and completions are reaped in bounded
-//! batches and published with one guest notification per queue.
+//! none), each channel gets at most one submit, and completions are reaped in bounded batches
+//! and published with one guest notification per queue, whichever device of the channel each
+//! belongs to.
 
 mod attach;
 mod start;
