@@ -65,12 +65,24 @@ impl GuestDma {
     }
 
     /// Maps the regions of `mem` that are not mapped yet and retires those that left it.
+    /// When a region cannot be mapped, those this call mapped are unmapped again and the
+    /// mappings stay as they were: nothing is left in the IOMMU that no `GuestDma` knows of
+    /// (another session's region may get those addresses later).
     pub fn update(&mut self, mem: MemSnapshot) -> Result<(), PcieError> {
         let want = spans(&mem);
-        for &(addr, len) in want.difference(&self.mapped) {
+        let new: Vec<Span> = want.difference(&self.mapped).copied().collect();
+        for (i, &(addr, len)) in new.iter().enumerate() {
             // SAFETY: the region is a live mapping of guest memory held by `mem`, which is
-            // kept (as `current`, then in `retired`) until the region is unmapped again.
-            unsafe { self.ctrl.dma_map(addr as *mut u8, len)? };
+            // kept (as `current`, then in `retired`) until the region is unmapped again; on
+            // failure the regions mapped here are unmapped before `mem` goes.
+            if let Err(e) = unsafe { self.ctrl.dma_map(addr as *mut u8, len) } {
+                for &(addr, len) in &new[..i] {
+                    if let Err(e) = self.ctrl.dma_unmap(addr, len) {
+                        tracing::warn!(addr, len, error = %e, "cannot unmap guest memory");
+                    }
+                }
+                return Err(e);
+            }
         }
         let gone: Vec<Span> = self.mapped.difference(&want).copied().collect();
         if let Some(old) = self.current.replace(mem) {
