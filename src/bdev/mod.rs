@@ -121,7 +121,34 @@ pub enum Disk {
     NvmePcie(NvmePcieDevice),
 }
 
+/// What a channel needs to know of the device an operation is for, when the channel serves
+/// several devices (namespaces of one NVMe controller on one poller).
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    /// The channel's own device.
+    Own,
+    NvmeNamespace(nvme_ops::Namespace),
+}
+
 impl Disk {
+    /// Devices with the same key share one channel per poller (namespaces of one NVMe PCIe
+    /// controller: one I/O queue pair per poller per controller); `None`: a channel of its
+    /// own. A key stays unique while a device that has it lives.
+    pub fn channel_key(&self) -> Option<usize> {
+        match self {
+            Disk::NvmePcie(d) => Some(d.controller_key()),
+            Disk::File(_) | Disk::Null(_) | Disk::NvmeTcp(_) => None,
+        }
+    }
+
+    /// What operations of this device tell a channel it shares.
+    pub fn target(&self) -> Target {
+        match self {
+            Disk::NvmePcie(d) => Target::NvmeNamespace(d.namespace()),
+            Disk::File(_) | Disk::Null(_) | Disk::NvmeTcp(_) => Target::Own,
+        }
+    }
+
     /// The device's own serial number, if it has one.
     pub fn serial(&self) -> Option<&str> {
         match self {
@@ -162,6 +189,28 @@ impl BlockDevice for Disk {
             Disk::NvmeTcp(d) => Channel::NvmeTcp(d.open_channel(depth)?),
             Disk::NvmePcie(d) => Channel::NvmePcie(d.open_channel(depth)?),
         })
+    }
+}
+
+impl Channel {
+    /// [`IoChannel::queue`] for the device `target` names.
+    ///
+    /// # Safety
+    ///
+    /// As for [`IoChannel::queue`].
+    #[inline]
+    pub unsafe fn queue_for(
+        &mut self,
+        target: &Target,
+        tag: u32,
+        op: IoOp<'_>,
+    ) -> Result<u32, ChannelFull> {
+        match (self, target) {
+            // SAFETY: the caller's contract is passed on unchanged.
+            (Channel::NvmePcie(c), Target::NvmeNamespace(ns)) => unsafe { c.queue_ns(ns, tag, op) },
+            // SAFETY: as above.
+            (c, _) => unsafe { c.queue(tag, op) },
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! (`--socket-path`, `--fd`, `--print-capabilities`, and for block devices `--blk-file` and
 //! `--read-only` as spellings of `--disk` and `--readonly`).
 
+mod device;
 mod nvme;
 
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
+pub use self::device::DeviceConfig;
 pub use self::nvme::{
     DEFAULT_DISCOVERY_PORT, NvmeHostArgs, NvmeHostConfig, NvmePcieUri, NvmeTcpUri,
 };
@@ -78,6 +80,15 @@ pub struct Args {
     /// Print the vhost-user backend capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+    /// Serve one more device (repeatable), instead of the single-device options:
+    /// socket=PATH|fd=N,disk=DISK[,serial=S][,readonly=on|off][,num-queues=N][,queue-size=N]
+    /// (`,,` is a comma inside a value).
+    #[arg(
+        long = "device",
+        value_name = "socket=PATH,disk=DISK,...",
+        conflicts_with_all = ["socket_path", "fd", "disk", "readonly", "num_queues", "queue_size", "serial"]
+    )]
+    pub devices: Vec<String>,
     #[command(flatten)]
     pub nvme: NvmeHostArgs,
 }
@@ -169,24 +180,15 @@ pub struct DiscoverConfig {
     pub nvme: NvmeHostConfig,
 }
 
-/// A validated configuration.
+/// A validated configuration: the devices, and what applies to all of them.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub socket: SocketSpec,
-    pub disk: DiskSpec,
-    pub read_only: bool,
-    pub num_queues: u16,
-    pub queue_size: u16,
-    /// `--serial`, or the default for a file or null disk; `None`: the device's own serial
-    /// number (an NVMe controller's).
-    pub serial: Option<String>,
+    /// At least one; the single-device options make exactly one.
+    pub devices: Vec<DeviceConfig>,
     pub cache: CacheMode,
     /// One entry per poller thread: the CPU it is pinned to, if any.
     pub pollers: Vec<Option<usize>>,
     pub poll: PollMode,
-    /// Create the disk as a sparse file of this size if it does not exist (the no-argument
-    /// default run).
-    pub create_size: Option<u64>,
     pub nvme: NvmeHostConfig,
 }
 
@@ -233,6 +235,12 @@ pub enum ConfigError {
     PollIdle(u64),
     #[error("--bdf {0:?}: expected a PCI address such as 0000:01:00.0")]
     BadBdf(String),
+    #[error("--device {0:?}: {1}")]
+    BadDevice(String, &'static str),
+    #[error("--device {0:?}: {1}")]
+    InDevice(String, Box<ConfigError>),
+    #[error("--device {0:?}: {1}")]
+    SharedDevice(String, &'static str),
 }
 
 impl Args {
@@ -275,41 +283,45 @@ impl TryFrom<Args> for Command {
             }));
         }
         let bare = args.is_bare();
-        let disk = match (&args.disk, bare) {
-            (Some(d), _) => parse_disk(d)?,
-            (None, true) => DiskSpec::File(PathBuf::from(DEFAULT_DISK)),
-            (None, false) => return Err(ConfigError::MissingDisk),
-        };
-        if args.num_queues == 0 || args.num_queues > MAX_QUEUES {
-            return Err(ConfigError::NumQueues(args.num_queues));
-        }
-        if !args.queue_size.is_power_of_two()
-            || args.queue_size < 2
-            || args.queue_size > MAX_QUEUE_SIZE
-        {
-            return Err(ConfigError::QueueSize(args.queue_size));
-        }
-        let socket = match (args.socket_path, args.fd) {
-            (_, Some(fd)) if fd < 0 => return Err(ConfigError::BadFd(fd)),
-            (_, Some(fd)) => SocketSpec::Fd(fd),
-            (Some(p), None) => {
-                check_socket_dir(&p)?;
-                SocketSpec::Path(p)
-            }
-            (None, None) => SocketSpec::Path(PathBuf::from(DEFAULT_SOCKET)),
-        };
-        let serial = match args.serial {
-            Some(s) if s.len() > MAX_SERIAL_LEN => return Err(ConfigError::SerialTooLong(s)),
-            Some(s) => Some(s),
-            None => default_serial(&disk),
+        let devices = if args.devices.is_empty() {
+            let disk = match (&args.disk, bare) {
+                (Some(d), _) => parse_disk(d)?,
+                (None, true) => DiskSpec::File(PathBuf::from(DEFAULT_DISK)),
+                (None, false) => return Err(ConfigError::MissingDisk),
+            };
+            let socket = match (args.socket_path, args.fd) {
+                (_, Some(fd)) if fd < 0 => return Err(ConfigError::BadFd(fd)),
+                (_, Some(fd)) => SocketSpec::Fd(fd),
+                (Some(p), None) => SocketSpec::Path(p),
+                (None, None) => SocketSpec::Path(PathBuf::from(DEFAULT_SOCKET)),
+            };
+            let values = device::DeviceValues {
+                socket,
+                disk,
+                read_only: args.readonly,
+                num_queues: args.num_queues,
+                queue_size: args.queue_size,
+                serial: args.serial,
+            };
+            vec![values.validate(None, bare.then_some(DEFAULT_DISK_SIZE))?]
+        } else {
+            let devices = args
+                .devices
+                .iter()
+                .map(|d| device::parse_device(d))
+                .collect::<Result<Vec<_>, _>>()?;
+            device::check_shared(&devices)?;
+            devices
         };
         if args.poll_idle_us > 1_000_000 {
             return Err(ConfigError::PollIdle(args.poll_idle_us));
         }
         let allowed = allowed_cpus();
+        // By default one poller per queue of all devices together, up to the CPUs.
+        let queues: usize = devices.iter().map(|d| usize::from(d.num_queues)).sum();
         let pollers = match &args.cpus {
             Some(list) => parse_cpus(list, &allowed)?.into_iter().map(Some).collect(),
-            None => vec![None; usize::from(args.num_queues).min(allowed.len().max(1))],
+            None => vec![None; queues.min(allowed.len().max(1))],
         };
         let poll = match args.poll {
             PollArg::Always => PollMode::Always,
@@ -319,19 +331,13 @@ impl TryFrom<Args> for Command {
             },
         };
         Ok(Command::Serve(Config {
-            socket,
-            disk,
-            read_only: args.readonly,
-            num_queues: args.num_queues,
-            queue_size: args.queue_size,
-            serial,
+            devices,
             cache: match args.cache {
                 CacheArg::None => CacheMode::None,
                 CacheArg::Writeback => CacheMode::Writeback,
             },
             pollers,
             poll,
-            create_size: bare.then_some(DEFAULT_DISK_SIZE),
             nvme,
         }))
     }
@@ -478,9 +484,16 @@ mod tests {
         }
     }
 
+    /// The one device of a single-device command line.
+    fn one(args: &[&str]) -> DeviceConfig {
+        let mut c = serve(args);
+        assert_eq!(c.devices.len(), 1);
+        c.devices.remove(0)
+    }
+
     #[test]
     fn no_arguments_serve_the_default_image_on_the_default_socket() {
-        let c = serve(&[]);
+        let c = one(&[]);
         assert_eq!(c.socket, SocketSpec::Path(PathBuf::from(DEFAULT_SOCKET)));
         assert_eq!(c.disk, DiskSpec::File(PathBuf::from(DEFAULT_DISK)));
         assert_eq!(c.create_size, Some(DEFAULT_DISK_SIZE));
@@ -488,7 +501,7 @@ mod tests {
 
     #[test]
     fn explicit_disk_is_never_created() {
-        let c = serve(&["--disk", "x.img"]);
+        let c = one(&["--disk", "x.img"]);
         assert_eq!(c.create_size, None);
         assert_eq!(c.serial.as_deref(), Some("x.img"));
     }
@@ -516,7 +529,7 @@ mod tests {
 
     #[test]
     fn conventions_spellings_are_accepted() {
-        let c = serve(&["--blk-file", "d.img", "--read-only"]);
+        let c = one(&["--blk-file", "d.img", "--read-only"]);
         assert!(c.read_only);
         assert_eq!(c.disk, DiskSpec::File("d.img".into()));
     }
@@ -664,11 +677,12 @@ mod tests {
             "--io-timeout",
             "5",
         ]);
-        let DiskSpec::NvmeTcp(uri) = &c.disk else {
-            panic!("not an NVMe/TCP disk: {:?}", c.disk)
+        let d = &c.devices[0];
+        let DiskSpec::NvmeTcp(uri) = &d.disk else {
+            panic!("not an NVMe/TCP disk: {:?}", d.disk)
         };
         assert_eq!((uri.port, uri.ddgst, uri.hdgst), (4420, true, false));
-        assert_eq!(c.serial, None, "the controller's serial number is used");
+        assert_eq!(d.serial, None, "the controller's serial number is used");
         assert_eq!(
             c.nvme.hostnqn.as_ref().map(|n| n.as_str()),
             Some("nqn.2014-08.org.example:host")

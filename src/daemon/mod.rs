@@ -1,19 +1,20 @@
-//! Wiring and lifecycle: builds the device from the validated configuration, serves the
-//! socket one frontend at a time (a disconnect leaves vubd ready for the next), and shuts down
-//! cleanly on SIGINT / SIGTERM.
+//! Wiring and lifecycle: builds the devices from the validated configuration, serves each
+//! device's socket one frontend at a time on a thread of its own (a disconnect leaves that
+//! device ready for the next, and the other devices serving), all devices' queues on one set
+//! of pollers, and shuts everything down cleanly on SIGINT / SIGTERM.
 
+mod device;
 mod nvme;
 mod pcie;
 
 pub use self::nvme::discover;
 pub use self::pcie::nvme_list;
 
-use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -23,22 +24,14 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::bdev::file::{FileDevice, FileError, FileOptions};
-use crate::bdev::null::NullDevice;
-use crate::bdev::nvme_pcie::{NvmePcieConfig, NvmePcieDevice, NvmePcieError};
-use crate::bdev::nvme_tcp::{NvmeTcpDevice, NvmeTcpError};
-use crate::bdev::{BlockDevice, DeviceInfo, Disk};
-use crate::config::{Config, DiskSpec, SocketSpec};
+use crate::bdev::file::FileError;
+use crate::bdev::nvme_pcie::NvmePcieError;
+use crate::bdev::nvme_tcp::NvmeTcpError;
+use crate::bdev::{BlockDevice, Disk};
+use crate::config::{Config, DeviceConfig, SocketSpec};
 use crate::mem::{GuestMemory, GuestMemoryAtomic};
-use crate::poller::{DeviceShared, PollerSet};
-use crate::vhost_user::{BlkBackend, BlkShape};
-use crate::virtio_blk::request::Limits;
-use crate::virtio_blk::{BlkConfig, DeviceFeatures, ID_BYTES, MAX_SEGMENTS, SECTOR_SHIFT};
-
-/// Largest data segment a driver may use, bytes (`size_max`).
-const SIZE_MAX: u32 = 4 << 20;
-/// Largest discard / write-zeroes segment, sectors.
-const MAX_RANGE_SECTORS: u32 = 1 << 22;
+use crate::poller::PollerSet;
+use crate::vhost_user::BlkBackend;
 
 /// Why the daemon stopped or could not start.
 #[derive(Debug, Error)]
@@ -79,12 +72,28 @@ pub enum DaemonError {
     NvmeHost(#[source] crate::nvme::tcp::ctrl::CtrlError),
     #[error("discover")]
     Discover(#[source] crate::nvme::tcp::ctrl::CtrlError),
+    #[error("--device {arg:?}")]
+    Device {
+        arg: String,
+        #[source]
+        source: Box<DaemonError>,
+    },
+    #[error(
+        "NVMe {bdf}: the controller grants {granted} I/O queue pairs and {needed} pollers serve \
+         its namespaces, one pair each (fewer pollers: --cpus)"
+    )]
+    PcieQueues {
+        bdf: String,
+        granted: usize,
+        needed: usize,
+    },
 }
 
 impl DaemonError {
     /// Exit status: 2 for a configuration the user can fix, 1 for a failure while serving.
     pub fn exit_code(&self) -> u8 {
         match self {
+            DaemonError::Device { source, .. } => source.exit_code(),
             DaemonError::Disk(_)
             | DaemonError::CreateDisk { .. }
             | DaemonError::SocketBusy(_)
@@ -94,202 +103,144 @@ impl DaemonError {
             | DaemonError::NvmeTcp(_)
             | DaemonError::NvmePcie(_)
             | DaemonError::NvmeHost(_)
+            | DaemonError::PcieQueues { .. }
             | DaemonError::Discover(_) => 2,
             _ => 1,
         }
     }
 }
 
-/// Serves the configured device until SIGINT / SIGTERM.
+/// Serves the configured devices until SIGINT / SIGTERM.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // Block the signals before any thread exists so that every thread inherits the mask and
     // only the signal thread receives them.
     let signals = Signals::block().map_err(DaemonError::Signals)?;
 
-    // The socket first: a busy socket must be reported before anything else happens.
-    let (mut listener, _socket_file) = listen(&cfg.socket)?;
-    let disk = Arc::new(open_disk(&cfg)?);
-    let info = disk.info();
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| DaemonError::VhostUser(vhost_user_backend::Error::CreateBackendListener(e)))?;
-    let stop = Arc::new(StopState::new().map_err(DaemonError::Signals)?);
+    // The sockets first: a busy socket must be reported before anything else happens.
+    let mut listeners = Vec::with_capacity(cfg.devices.len());
+    for d in &cfg.devices {
+        let (listener, file) = listen(&d.socket).map_err(|e| device::in_device(d, e))?;
+        listener.set_nonblocking(true).map_err(|e| {
+            device::in_device(
+                d,
+                DaemonError::VhostUser(vhost_user_backend::Error::CreateBackendListener(e)),
+            )
+        })?;
+        listeners.push((listener, file));
+    }
+    let disks = device::open_disks(&cfg)?;
+    let stop = Arc::new(StopState::new(cfg.devices.len()).map_err(DaemonError::Signals)?);
     signals
         .spawn_waiter(stop.clone())
         .map_err(DaemonError::Signals)?;
 
     let pollers = PollerSet::start(&cfg.pollers, cfg.poll).map_err(DaemonError::Pollers)?;
-    print_attach_hint(&cfg, &info);
-    info!(
-        disk = ?cfg.disk,
-        capacity = info.capacity_bytes,
-        queues = cfg.num_queues,
-        pollers = pollers.len(),
-        poll = ?cfg.poll,
-        "ready"
-    );
-    while wait_for_frontend(&listener, &stop) {
-        if let Err(e) = serve_one(&cfg, &disk, &pollers, &mut listener, &stop) {
-            error!(error = %error_chain(&e), "frontend session ended with an error");
+    let infos: Vec<_> = disks.iter().map(|d| d.info()).collect();
+    device::print_attach_hint(&cfg, &infos);
+    let first_pollers = device::first_pollers(&cfg);
+    std::thread::scope(|scope| {
+        for (index, (listener, socket_file)) in listeners.into_iter().enumerate() {
+            let serving = Serving {
+                index,
+                cfg: &cfg.devices[index],
+                disk: &disks[index],
+                first_poller: first_pollers[index],
+                pollers: &pollers,
+                stop: &stop,
+            };
+            info!(
+                device = index,
+                disk = ?serving.cfg.disk,
+                capacity = infos[index].capacity_bytes,
+                queues = serving.cfg.num_queues,
+                pollers = pollers.len(),
+                poll = ?cfg.poll,
+                "ready"
+            );
+            let spawned = std::thread::Builder::new()
+                .name(format!("vubd-device-{index}"))
+                .spawn_scoped(scope, move || {
+                    // The socket file goes when this device stops serving.
+                    let _socket_file = socket_file;
+                    serving.serve(listener);
+                });
+            if let Err(e) = spawned {
+                error!(device = index, error = %e, "cannot start the device's thread: stopping");
+                stop.request();
+            }
         }
-    }
+    });
     info!("shutting down");
     pollers.stop();
     Ok(())
 }
 
-fn open_disk(cfg: &Config) -> Result<Disk, DaemonError> {
-    Ok(match &cfg.disk {
-        DiskSpec::File(path) => {
-            if let Some(size) = cfg.create_size {
-                create_sparse(path, size)?;
+/// One device's serving loop: its frontends, one at a time.
+struct Serving<'a> {
+    index: usize,
+    cfg: &'a DeviceConfig,
+    disk: &'a Arc<Disk>,
+    /// The poller of the device's queue 0; queue `q` goes to the next `q`-th one.
+    first_poller: usize,
+    pollers: &'a PollerSet,
+    stop: &'a StopState,
+}
+
+impl Serving<'_> {
+    fn serve(&self, mut listener: Listener) {
+        while wait_for_frontend(&listener, self.stop) {
+            if let Err(e) = self.serve_one(&mut listener) {
+                error!(
+                    device = self.index,
+                    error = %error_chain(&e),
+                    "frontend session ended with an error"
+                );
             }
-            Disk::File(
-                FileDevice::open(&FileOptions {
-                    path: path.clone(),
-                    read_only: cfg.read_only,
-                    cache: cfg.cache,
-                })
-                .map_err(DaemonError::Disk)?,
-            )
         }
-        DiskSpec::Null(size) => Disk::Null(NullDevice::new(*size, cfg.read_only)),
-        DiskSpec::NvmeTcp(uri) => {
-            let tcp = nvme::tcp_config(uri, &cfg.nvme, cfg.pollers.len(), cfg.read_only)?;
-            Disk::NvmeTcp(NvmeTcpDevice::open(tcp).map_err(DaemonError::NvmeTcp)?)
-        }
-        DiskSpec::NvmePcie(uri) => Disk::NvmePcie(
-            NvmePcieDevice::open(&NvmePcieConfig {
-                bdf: uri.bdf.clone(),
-                nsid: uri.nsid,
-                interrupts: uri.interrupts,
-                io_timeout: cfg.nvme.io_timeout,
-                read_only: cfg.read_only,
-            })
-            .map_err(DaemonError::NvmePcie)?,
-        ),
-    })
-}
-
-/// One frontend session: fresh protocol state, queues attached to the shared pollers while
-/// the frontend runs them, detached (in-flight I/O completed) when it goes.
-fn serve_one(
-    cfg: &Config,
-    disk: &Arc<Disk>,
-    pollers: &PollerSet,
-    listener: &mut Listener,
-    stop: &StopState,
-) -> Result<(), DaemonError> {
-    static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
-    let serial = cfg.serial.as_deref().or(disk.serial()).unwrap_or_default();
-    let (shape, shared) = device_model(cfg, &disk.info(), serial);
-    let mem = GuestMemoryAtomic::new(GuestMemory::new());
-    let handles = (0..shape.num_queues)
-        .map(|q| pollers.for_queue(q).clone())
-        .collect();
-    let backend = Arc::new(BlkBackend::new(
-        shape,
-        NEXT_KEY.fetch_add(1, Ordering::Relaxed),
-        Arc::new(shared),
-        disk.clone(),
-        mem.clone(),
-        handles,
-    ));
-    let mut daemon = VhostUserDaemon::new("vubd-vhost-user".into(), backend.clone(), mem)
-        .map_err(DaemonError::VhostUser)?;
-
-    daemon.start(listener).map_err(DaemonError::VhostUser)?;
-    info!("frontend connected");
-    stop.set_session(daemon.shutdown_handle());
-    let result = daemon.wait();
-    stop.set_session(None);
-    match &result {
-        Ok(()) => info!("frontend disconnected"),
-        Err(e) => warn!(error = %e, "frontend connection ended"),
     }
-    // In-flight requests complete and are published before the pollers let go of the queues;
-    // then the relay thread is stopped and joined.
-    backend.close();
-    drop(daemon);
-    backend.close_exit_events();
-    Ok(())
-}
 
-/// The guest-visible model of the disk: features, configuration space, request limits, and
-/// `device_serial` as the GET_ID answer.
-fn device_model(cfg: &Config, info: &DeviceInfo, device_serial: &str) -> (BlkShape, DeviceShared) {
-    let seg_max = (u32::from(cfg.queue_size) - 2).clamp(1, MAX_SEGMENTS);
-    let capacity_sectors = info.capacity_bytes >> SECTOR_SHIFT;
-    let features = DeviceFeatures {
-        read_only: info.read_only,
-        discard: info.discard,
-        write_zeroes: info.write_zeroes,
-        multi_queue: cfg.num_queues > 1,
-    };
-    let logical = info.logical_block_size;
-    let physical_exp = (info.physical_block_size / logical).max(1).ilog2();
-    let range_align = info.physical_block_size.max(4096) >> SECTOR_SHIFT;
-    let config = BlkConfig {
-        capacity_sectors,
-        size_max: SIZE_MAX,
-        seg_max,
-        blk_size: logical,
-        physical_block_exp: u8::try_from(physical_exp).unwrap_or(0),
-        min_io_size: 1,
-        opt_io_size: 0,
-        writeback: 1,
-        num_queues: cfg.num_queues,
-        max_discard_sectors: if features.discard {
-            MAX_RANGE_SECTORS
-        } else {
-            0
-        },
-        discard_sector_alignment: if features.discard { range_align } else { 0 },
-        max_write_zeroes_sectors: if features.write_zeroes {
-            MAX_RANGE_SECTORS
-        } else {
-            0
-        },
-        write_zeroes_may_unmap: features.write_zeroes,
-    };
-    let mut serial = [0u8; ID_BYTES];
-    let n = device_serial.len().min(ID_BYTES);
-    serial[..n].copy_from_slice(&device_serial.as_bytes()[..n]);
-    let shape = BlkShape {
-        num_queues: usize::from(cfg.num_queues),
-        max_queue_size: cfg.queue_size,
-        features: features.bits(),
-        config,
-    };
-    let shared = DeviceShared {
-        limits: Limits {
-            capacity_sectors,
-            seg_max,
-            read_only: info.read_only,
-            max_discard_sectors: (info.discard && !info.read_only).then_some(MAX_RANGE_SECTORS),
-            max_write_zeroes_sectors: (info.write_zeroes && !info.read_only)
-                .then_some(MAX_RANGE_SECTORS),
-        },
-        serial,
-        writeback: AtomicBool::new(true),
-        mem_gen: AtomicU64::new(0),
-    };
-    (shape, shared)
-}
+    /// One frontend session: fresh protocol state, queues attached to the shared pollers
+    /// while the frontend runs them, detached (in-flight I/O completed) when it goes.
+    fn serve_one(&self, listener: &mut Listener) -> Result<(), DaemonError> {
+        static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+        let disk = self.disk;
+        let serial = self
+            .cfg
+            .serial
+            .as_deref()
+            .or(disk.serial())
+            .unwrap_or_default();
+        let (shape, shared) = device::device_model(self.cfg, &disk.info(), serial);
+        let mem = GuestMemoryAtomic::new(GuestMemory::new());
+        let handles = (0..shape.num_queues)
+            .map(|q| self.pollers.for_queue(self.first_poller + q).clone())
+            .collect();
+        let backend = Arc::new(BlkBackend::new(
+            shape,
+            NEXT_KEY.fetch_add(1, Ordering::Relaxed),
+            Arc::new(shared),
+            disk.clone(),
+            mem.clone(),
+            handles,
+        ));
+        let mut daemon = VhostUserDaemon::new("vubd-vhost-user".into(), backend.clone(), mem)
+            .map_err(DaemonError::VhostUser)?;
 
-fn create_sparse(path: &Path, size: u64) -> Result<(), DaemonError> {
-    let err = |source| DaemonError::CreateDisk {
-        path: path.to_owned(),
-        source,
-    };
-    match OpenOptions::new().write(true).create_new(true).open(path) {
-        Ok(f) => {
-            f.set_len(size).map_err(err)?;
-            info!(path = %path.display(), size, "created a sparse disk image");
-            Ok(())
+        daemon.start(listener).map_err(DaemonError::VhostUser)?;
+        info!(device = self.index, "frontend connected");
+        self.stop.set_session(self.index, daemon.shutdown_handle());
+        let result = daemon.wait();
+        self.stop.set_session(self.index, None);
+        match &result {
+            Ok(()) => info!(device = self.index, "frontend disconnected"),
+            Err(e) => warn!(device = self.index, error = %e, "frontend connection ended"),
         }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(err(e)),
+        // In-flight requests complete and are published before the pollers let go of the
+        // queues; then the relay thread is stopped and joined.
+        backend.close();
+        drop(daemon);
+        backend.close_exit_events();
+        Ok(())
     }
 }
 
@@ -395,16 +346,18 @@ fn wait_for_frontend(listener: &Listener, stop: &StopState) -> bool {
 /// Shutdown requests, shared between the signal thread and the serving loop.
 struct StopState {
     requested: AtomicBool,
+    /// Readable once shutdown was requested: wakes every device's accept loop.
     wake: EventFd,
-    session: Mutex<Option<ShutdownHandle>>,
+    /// Each device's current session.
+    sessions: Mutex<Vec<Option<ShutdownHandle>>>,
 }
 
 impl StopState {
-    fn new() -> io::Result<Self> {
+    fn new(devices: usize) -> io::Result<Self> {
         Ok(Self {
             requested: AtomicBool::new(false),
             wake: EventFd::new(EFD_NONBLOCK)?,
-            session: Mutex::new(None),
+            sessions: Mutex::new((0..devices).map(|_| None).collect()),
         })
     }
 
@@ -414,25 +367,26 @@ impl StopState {
 
     fn request(&self) {
         self.requested.store(true, Ordering::Release);
+        // Never read: it stays readable for every device's accept loop.
         let _ = self.wake.write(1);
-        if let Some(h) = self
-            .session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        for h in sessions.iter().flatten() {
             h.shutdown();
         }
     }
 
-    /// Records the current session; ends it at once if shutdown was already requested.
-    fn set_session(&self, handle: Option<ShutdownHandle>) {
-        let mut s = self.session.lock().unwrap_or_else(|e| e.into_inner());
+    /// Records device `index`'s current session; ends it at once if shutdown was already
+    /// requested.
+    fn set_session(&self, index: usize, handle: Option<ShutdownHandle>) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(s) = sessions.get_mut(index) else {
+            return;
+        };
         *s = handle;
-        if self.requested() {
-            if let Some(h) = s.as_ref() {
-                h.shutdown();
-            }
+        if self.requested()
+            && let Some(h) = s.as_ref()
+        {
+            h.shutdown();
         }
     }
 }
@@ -483,42 +437,6 @@ impl Signals {
             })
             .map(|_| ())
     }
-}
-
-fn print_attach_hint(cfg: &Config, info: &DeviceInfo) {
-    let SocketSpec::Path(sock) = &cfg.socket else {
-        return;
-    };
-    let abs = std::path::absolute(sock).unwrap_or_else(|_| sock.clone());
-    let size = match info.capacity_bytes {
-        b if b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
-        b if b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
-        b => format!("{b} bytes"),
-    };
-    println!(
-        "vubd: serving {} ({size}{}) on {}",
-        match &cfg.disk {
-            DiskSpec::File(p) => p.display().to_string(),
-            DiskSpec::Null(_) => "a null device".to_owned(),
-            DiskSpec::NvmeTcp(u) => format!(
-                "namespace {} of {} at {}:{}",
-                u.nsid, u.subnqn, u.host, u.port
-            ),
-            DiskSpec::NvmePcie(uri) => {
-                format!("namespace {} of NVMe {}", uri.nsid, uri.bdf)
-            }
-        },
-        if info.read_only { ", read-only" } else { "" },
-        abs.display()
-    );
-    println!("Attach a QEMU VM (guest RAM must be shared) with:");
-    println!(
-        "  -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n  \
-         -chardev socket,id=vubd0,path={} \\\n  \
-         -device vhost-user-blk-pci,chardev=vubd0,num-queues={}",
-        abs.display(),
-        cfg.num_queues
-    );
 }
 
 /// An error and its causes on one line.

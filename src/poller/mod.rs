@@ -1,6 +1,7 @@
 //! The data plane: poller threads, each pinnable to a CPU, each exclusively owning the
-//! virtqueues attached to it (of any number of devices), one I/O channel per device, and a
-//! preallocated in-flight table.
+//! virtqueues attached to it (of any number of devices), one I/O channel per device (devices
+//! on namespaces of one NVMe PCIe controller share one: one I/O queue pair per poller per
+//! controller), and a preallocated in-flight table.
 //!
 //! The control plane talks to a poller only through [`PollerHandle`]: attach a queue, detach
 //! it (acknowledged once nothing of it is in flight), wake it. A poller polls its queues and

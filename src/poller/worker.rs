@@ -2,31 +2,32 @@
 //! request from pop to used ring.
 //!
 //! Per loop iteration: every queue is checked for available chains (no syscall when there are
-//! none), each device channel gets at most one submit, and completions are reaped in bounded
-//! batches and published with one guest notification per queue.
+//! none), each channel gets at most one submit, and completions are reaped in bounded batches
+//! and published with one guest notification per queue, whichever device of the channel each
+//! belongs to.
+
+mod attach;
+mod start;
 
 use std::num::Wrapping;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::SyncSender;
 use std::time::Instant;
 
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, warn};
 use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::slots::{SlotTable, Tag};
-use super::{Command, DeviceKey, DeviceShared, PollMode, QueueAttach, Shared, Vring};
-use crate::bdev::{BlockDevice, Channel, IoChannel, IoOp};
+use super::{Command, DeviceKey, DeviceShared, PollMode, Shared, Vring};
+use crate::bdev::{Channel, IoChannel, Target};
 use crate::mem::{GuestMemoryAtomic, HostMap, MemSnapshot};
 use crate::virtio_blk::ring::SplitRing;
-use crate::virtio_blk::{
-    DescTable, MAX_RANGE_SEGMENTS, MAX_SEGMENTS, Parsed, Range, RequestKind, SECTOR_SHIFT, Scratch,
-    Status, parse,
-};
+use crate::virtio_blk::{DescTable, MAX_SEGMENTS, Scratch, Status, parse};
 
 /// Most completions reaped from one channel before they are published.
 const REAP_BATCH: usize = 256;
@@ -48,8 +49,21 @@ struct Device {
     map_gen: u64,
     /// The device's `mem_gen` when `map` was last checked against `mem`.
     seen_mem_gen: u64,
-    channel: Channel,
+    /// Index of the device's channel in the worker's `channels`.
+    channel: usize,
+    /// What the device's operations tell a channel shared with other devices.
+    target: Target,
     queues: usize,
+}
+
+/// An I/O channel of this poller, serving one device or several (namespaces of one NVMe
+/// controller share a channel, so the controller has one I/O queue pair per poller).
+struct SharedChannel {
+    /// [`crate::bdev::Disk::channel_key`] of its devices.
+    key: Option<usize>,
+    channel: Channel,
+    /// Devices using it.
+    devices: usize,
 }
 
 /// A queue this poller serves.
@@ -82,6 +96,7 @@ pub(super) struct Worker {
     shared: Arc<Shared>,
     mode: PollMode,
     devices: Vec<Option<Device>>,
+    channels: Vec<Option<SharedChannel>>,
     queues: Vec<Option<QueueSlot>>,
     slots: SlotTable,
     /// Parser scratch: bounds the descriptors of one chain, holds discard segments.
@@ -106,6 +121,7 @@ impl Worker {
             shared,
             mode,
             devices: Vec::new(),
+            channels: Vec::new(),
             queues: Vec::new(),
             slots: SlotTable::new(0, IOV_PER_SLOT),
             // Data segments plus header and status, which may themselves be split.
@@ -144,182 +160,17 @@ impl Worker {
             };
             // A channel without a completion event (a polled device with commands in flight)
             // keeps its poller awake.
-            let sleep = sleep && !self.devices.iter().flatten().any(|d| d.channel.must_poll());
+            let sleep = sleep
+                && !self
+                    .channels
+                    .iter()
+                    .flatten()
+                    .any(|c| c.channel.must_poll());
             if sleep {
                 self.sleep();
                 idle_since = None;
             } else {
                 std::hint::spin_loop();
-            }
-        }
-    }
-
-    fn handle_commands(&mut self) {
-        self.shared.has_commands.store(false, Ordering::Release);
-        {
-            let mut pending = self
-                .shared
-                .commands
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            std::mem::swap(&mut *pending, &mut self.commands);
-        }
-        let mut commands = std::mem::take(&mut self.commands);
-        for cmd in commands.drain(..) {
-            match cmd {
-                Command::Attach(a) => self.attach(*a),
-                Command::Detach {
-                    device,
-                    queue,
-                    done,
-                } => {
-                    let devices = &self.devices;
-                    let found = self.queues.iter_mut().flatten().find(|q| {
-                        q.index == queue
-                            && devices[q.device].as_ref().is_some_and(|d| d.key == device)
-                    });
-                    match found {
-                        Some(q) => q.detach = Some(done),
-                        None => {
-                            let _ = done.send(());
-                        }
-                    }
-                }
-                Command::Stop => {
-                    self.stopping = true;
-                    for q in self.queues.iter_mut().flatten() {
-                        if q.detach.is_none() {
-                            let (tx, _) = std::sync::mpsc::sync_channel(1);
-                            q.detach = Some(tx);
-                        }
-                    }
-                }
-            }
-        }
-        self.commands = commands;
-    }
-
-    fn attach(&mut self, a: QueueAttach) {
-        let device = match self
-            .devices
-            .iter()
-            .position(|d| d.as_ref().is_some_and(|d| d.key == a.device))
-        {
-            Some(i) => i,
-            None => {
-                let depth = u32::from(a.max_queue_size) * MAX_RANGE_SEGMENTS as u32;
-                let channel = match a.disk.open_channel(depth) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // The queue stays unserved; the guest sees a stuck queue, not a crash.
-                        error!(queue = a.queue, error = %e, "cannot open an I/O channel");
-                        return;
-                    }
-                };
-                let i = free_index(&mut self.devices);
-                if let Some(fd) = channel.completion_fd() {
-                    let ev = EpollEvent::new(EventSet::IN, i as u64);
-                    if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, ev) {
-                        error!(error = %e, "cannot watch I/O completions");
-                        return;
-                    }
-                }
-                // The generation first: a change after it is seen on the next check.
-                let seen_mem_gen = a.shared.mem_gen.load(Ordering::Acquire);
-                self.devices[i] = Some(Device {
-                    key: a.device,
-                    shared: a.shared.clone(),
-                    seen_mem_gen,
-                    map: HostMap::new(a.mem.memory().into_inner()),
-                    map_gen: 0,
-                    mem: a.mem.clone(),
-                    channel,
-                    queues: 0,
-                });
-                i
-            }
-        };
-        if let Some(d) = self.devices[device].as_mut() {
-            d.queues += 1;
-        }
-        // Enough free slots for a full ring of every queue.
-        let reserve = usize::from(a.max_queue_size);
-        let want = self
-            .queues
-            .iter()
-            .flatten()
-            .map(|q| q.reserve)
-            .sum::<usize>()
-            + reserve;
-        if self.slots.capacity() < want {
-            self.slots.grow(want - self.slots.capacity());
-            self.done.reserve(want.saturating_sub(self.done.capacity()));
-        }
-        let kick = a.vring.get_ref().get_kick().as_ref().and_then(|k| {
-            // SAFETY: the kick eventfd stays open while the vring state that owns it is
-            // borrowed here; it is only duplicated.
-            let fd = unsafe { BorrowedFd::borrow_raw(k.as_raw_fd()) };
-            let own = fd.try_clone_to_owned().ok()?;
-            let ev = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, KICK_EVENT);
-            self.epoll
-                .ctl(ControlOperation::Add, own.as_raw_fd(), ev)
-                .ok()
-                .map(|()| own)
-        });
-        let q = free_index(&mut self.queues);
-        info!(queue = a.queue, poller_queue = q, "queue attached");
-        self.queues[q] = Some(QueueSlot {
-            device,
-            index: a.queue,
-            vring: a.vring,
-            reserve,
-            in_flight: 0,
-            detach: None,
-            kick,
-            ring: None,
-        });
-        self.set_notifications(q, false);
-    }
-
-    /// Acknowledges detach requests of queues with nothing in flight, and forgets them.
-    fn finish_detaches(&mut self) {
-        for qi in 0..self.queues.len() {
-            let ready = self.queues[qi]
-                .as_ref()
-                .is_some_and(|q| q.detach.is_some() && q.in_flight == 0);
-            if !ready {
-                continue;
-            }
-            let Some(q) = self.queues[qi].take() else {
-                continue;
-            };
-            info!(queue = q.index, "queue detached");
-            if let Some(kick) = &q.kick {
-                let ev = EpollEvent::new(EventSet::IN, KICK_EVENT);
-                let _ = self
-                    .epoll
-                    .ctl(ControlOperation::Delete, kick.as_raw_fd(), ev);
-            }
-            let last = match self.devices[q.device].as_mut() {
-                Some(d) => {
-                    d.queues -= 1;
-                    d.queues == 0
-                }
-                None => false,
-            };
-            if last {
-                if let Some(d) = self.devices[q.device].take() {
-                    if let Some(fd) = d.channel.completion_fd() {
-                        let _ = self.epoll.ctl(
-                            ControlOperation::Delete,
-                            fd,
-                            EpollEvent::new(EventSet::IN, q.device as u64),
-                        );
-                    }
-                }
-            }
-            if let Some(done) = q.detach {
-                let _ = done.send(());
             }
         }
     }
@@ -330,15 +181,15 @@ impl Worker {
         for qi in 0..self.queues.len() {
             work += self.process_queue(qi);
         }
-        for di in 0..self.devices.len() {
-            let Some(d) = self.devices[di].as_mut() else {
+        for ci in 0..self.channels.len() {
+            let Some(c) = self.channels[ci].as_mut() else {
                 continue;
             };
-            if let Err(e) = d.channel.submit() {
+            if let Err(e) = c.channel.submit() {
                 // Queued operations stay queued; the next iteration retries.
                 warn!(error = %e, "I/O submission failed");
             }
-            work += self.reap(di);
+            work += self.reap(ci);
         }
         work
     }
@@ -348,6 +199,7 @@ impl Worker {
         let Worker {
             queues,
             devices,
+            channels,
             slots,
             scratch,
             ..
@@ -359,6 +211,9 @@ impl Worker {
             return 0;
         }
         let Some(dev) = devices[q.device].as_mut() else {
+            return 0;
+        };
+        let Some(channel) = channels[dev.channel].as_mut().map(|c| &mut c.channel) else {
             return 0;
         };
         let mut state = q.vring.get_mut();
@@ -411,7 +266,7 @@ impl Worker {
         let mut used = old_used;
         let mut popped = 0;
         while next != avail {
-            if slots.is_full() || !dev.channel.has_room() {
+            if slots.is_full() || !channel.has_room() {
                 // Retried on the next iteration, once completions have freed room.
                 break;
             }
@@ -437,9 +292,9 @@ impl Worker {
                 slots.iov_mut(tag),
             );
             let done = match &parsed {
-                Ok(p) => match start(
+                Ok(p) => match start::start(
                     &dev.shared,
-                    &mut dev.channel,
+                    (&mut *channel, &dev.target),
                     slots,
                     (qi, tag),
                     p,
@@ -481,15 +336,16 @@ impl Worker {
         popped
     }
 
-    /// Reaps one device's finished operations and publishes the finished requests.
-    fn reap(&mut self, di: usize) -> usize {
+    /// Reaps one channel's finished operations and publishes the finished requests (of
+    /// whichever device each belongs to: the slot knows its queue, the queue its device).
+    fn reap(&mut self, ci: usize) -> usize {
         let mut total = 0;
         loop {
-            let Some(d) = self.devices[di].as_mut() else {
+            let Some(c) = self.channels[ci].as_mut() else {
                 return total;
             };
             let (slots, done) = (&mut self.slots, &mut self.done);
-            let n = d.channel.poll(REAP_BATCH, |tag, res| {
+            let n = c.channel.poll(REAP_BATCH, |tag, res| {
                 if slots.complete_op(tag, res) {
                     done.push(tag);
                 }
@@ -575,8 +431,8 @@ impl Worker {
         }
         self.shared.sleeping.store(false, Ordering::SeqCst);
         let _ = self.shared.wake.read();
-        for d in self.devices.iter().flatten() {
-            d.channel.clear_completion_fd();
+        for c in self.channels.iter().flatten() {
+            c.channel.clear_completion_fd();
         }
         for qi in 0..self.queues.len() {
             self.set_notifications(qi, false);
@@ -634,153 +490,6 @@ fn fresh_ring(
     *cache = r.map(|r| (dev.map_gen, r));
     r
 }
-
-/// Index of a free entry of `v`, growing it if none is free (control path only).
-fn free_index<T>(v: &mut Vec<Option<T>>) -> usize {
-    match v.iter().position(Option::is_none) {
-        Some(i) => i,
-        None => {
-            v.push(None);
-            v.len() - 1
-        }
-    }
-}
-
-/// Starts a parsed request of queue `qi` in slot `tag` on the device's channel; `ranges` are
-/// the segments of a discard / write-zeroes request. Returns `Some((head, completion))` when it
-/// completed at once.
-fn start(
-    shared: &DeviceShared,
-    channel: &mut Channel,
-    slots: &mut SlotTable,
-    (qi, tag): (usize, Tag),
-    p: &Parsed,
-    ranges: &[Range],
-    snapshot: &MemSnapshot,
-) -> Option<(u16, Completion)> {
-    let req = p.request;
-    let immediate = |status, used_len| {
-        Some((
-            p.head,
-            Completion {
-                status_addr: p.status,
-                status,
-                used_len,
-            },
-        ))
-    };
-    match req.kind {
-        RequestKind::GetId => {
-            let iov = slots.iov_mut(tag);
-            // SAFETY: the iovecs were translated from `snapshot`, which is alive here.
-            let n = unsafe { iov.copy_from(&shared.serial) };
-            return immediate(Status::Ok, n as u32 + 1);
-        }
-        RequestKind::Read { .. } | RequestKind::Write { .. } if req.data_len == 0 => {
-            return immediate(Status::Ok, 1);
-        }
-        _ => {}
-    }
-    let (used_len, expect) = match req.kind {
-        RequestKind::Read { .. } => (req.data_len + 1, Some(req.data_len)),
-        RequestKind::Write { .. } => (1, Some(req.data_len)),
-        _ => (1, None),
-    };
-    slots.begin(
-        tag,
-        qi,
-        p.head,
-        p.status,
-        used_len,
-        expect,
-        snapshot.clone(),
-    );
-    let fua = !shared.writeback.load(Ordering::Relaxed);
-    let iov = slots.iov(tag);
-    // Operations queued, and whether one could not be.
-    let (mut pending, mut failed) = (0u32, false);
-    let mut count = |r: Option<u32>| match r {
-        Some(n) => pending += n,
-        None => failed = true,
-    };
-    let bytes = |sectors: u32| u64::from(sectors) << SECTOR_SHIFT;
-    match req.kind {
-        RequestKind::Read { sector } => count(queue_op(
-            channel,
-            tag,
-            IoOp::Read {
-                offset: sector << SECTOR_SHIFT,
-                iov,
-            },
-        )),
-        RequestKind::Write { sector } => count(queue_op(
-            channel,
-            tag,
-            IoOp::Write {
-                offset: sector << SECTOR_SHIFT,
-                iov,
-                fua,
-            },
-        )),
-        RequestKind::Flush => count(queue_op(channel, tag, IoOp::Flush)),
-        RequestKind::Discard => {
-            for r in ranges {
-                count(queue_op(
-                    channel,
-                    tag,
-                    IoOp::Discard {
-                        offset: r.sector << SECTOR_SHIFT,
-                        len: bytes(r.sectors),
-                    },
-                ));
-            }
-        }
-        RequestKind::WriteZeroes => {
-            for r in ranges {
-                count(queue_op(
-                    channel,
-                    tag,
-                    IoOp::WriteZeroes {
-                        offset: r.sector << SECTOR_SHIFT,
-                        len: bytes(r.sectors),
-                        unmap: r.unmap,
-                    },
-                ));
-            }
-        }
-        RequestKind::GetId => {}
-    }
-    if failed {
-        warn!("I/O channel full; failing part of a request");
-        slots.set_error(tag);
-    }
-    slots.add_pending(tag, pending);
-    if pending == 0 {
-        let c = slots.finish(tag);
-        slots.free(tag);
-        return Some((p.head, c));
-    }
-    None
-}
-
-/// Queues one operation of the request in slot `tag`; when the channel is full, hands what is
-/// queued to the kernel and retries once. Returns the completions to expect, `None` when the
-/// operation could not be queued.
-#[inline]
-fn queue_op(channel: &mut Channel, tag: Tag, op: IoOp<'_>) -> Option<u32> {
-    // SAFETY: the slot keeps the iovec list and the memory snapshot until every completion
-    // for `tag` is reaped (the slot is freed only then).
-    match unsafe { channel.queue(tag, op) } {
-        Ok(n) => Some(n),
-        Err(_) => {
-            // Make room by handing what is queued to the kernel, then retry once.
-            let _ = channel.submit();
-            // SAFETY: as above.
-            unsafe { channel.queue(tag, op) }.ok()
-        }
-    }
-}
-
 /// Writes the status byte (through `map` when the request ran with the map's snapshot) and
 /// returns the used length to report: 0 when the status byte could not be written.
 #[inline(always)]

@@ -36,7 +36,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::Geometry;
-use crate::bdev::nvme_ops::{CmdData, Translated, translate};
+use crate::bdev::nvme_ops::{CmdData, Namespace, Translated, translate};
 use crate::bdev::{ChannelFull, IoChannel, IoOp};
 use crate::nvme::cid::CmdTable;
 use crate::nvme::data::DataRef;
@@ -490,12 +490,19 @@ impl NvmePcieChannel {
     }
 }
 
-impl IoChannel for NvmePcieChannel {
-    fn has_room(&self) -> bool {
-        self.backlog.len() < self.backlog_max
-    }
-
-    unsafe fn queue(&mut self, tag: u32, op: IoOp<'_>) -> Result<u32, ChannelFull> {
+impl NvmePcieChannel {
+    /// [`IoChannel::queue`] for namespace `ns` of the channel's controller: a poller's channel
+    /// serves every device on a namespace of its controller.
+    ///
+    /// # Safety
+    ///
+    /// As for [`IoChannel::queue`].
+    pub unsafe fn queue_ns(
+        &mut self,
+        ns: &Namespace,
+        tag: u32,
+        op: IoOp<'_>,
+    ) -> Result<u32, ChannelFull> {
         if !self.has_room() {
             return Err(ChannelFull);
         }
@@ -504,11 +511,10 @@ impl IoChannel for NvmePcieChannel {
             self.ready.push_back((tag, -libc::EIO));
             return Ok(1);
         }
-        let ns = self.geo.namespace();
         // SAFETY: the caller's contract (`IoChannel::queue`) is translate's; the channel keeps
         // the data references (to submit again after a reset) no longer than that.
         let t = unsafe {
-            translate(&ns, op, |sqe, data| {
+            translate(ns, op, |sqe, data| {
                 let payload = match data {
                     CmdData::None => Payload::None,
                     CmdData::Read(d) => Payload::Data(d, false),
@@ -525,6 +531,18 @@ impl IoChannel for NvmePcieChannel {
                 1
             }
         })
+    }
+}
+
+impl IoChannel for NvmePcieChannel {
+    fn has_room(&self) -> bool {
+        self.backlog.len() < self.backlog_max
+    }
+
+    unsafe fn queue(&mut self, tag: u32, op: IoOp<'_>) -> Result<u32, ChannelFull> {
+        let ns = self.geo.namespace();
+        // SAFETY: the caller's contract is passed on unchanged.
+        unsafe { self.queue_ns(&ns, tag, op) }
     }
 
     fn submit(&mut self) -> io::Result<()> {

@@ -5,6 +5,12 @@
 //! snapshot it came from is kept until no in-flight request and no poller's map holds that
 //! snapshot any more (its reference count falls to the one kept here). Keeping the snapshot
 //! also keeps the region's mapping in vubd alive until then.
+//!
+//! Several sessions (devices on namespaces of one controller) each have their own `GuestDma`
+//! in the one VFIO container. Their IOVAs are addresses of distinct live mappings of this
+//! process, so they never overlap, and each session maps and unmaps only its own regions.
+//! Addresses are reused only after a session unmapped its regions from the IOMMU and dropped
+//! them, in that order.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -59,12 +65,24 @@ impl GuestDma {
     }
 
     /// Maps the regions of `mem` that are not mapped yet and retires those that left it.
+    /// When a region cannot be mapped, those this call mapped are unmapped again and the
+    /// mappings stay as they were: nothing is left in the IOMMU that no `GuestDma` knows of
+    /// (another session's region may get those addresses later).
     pub fn update(&mut self, mem: MemSnapshot) -> Result<(), PcieError> {
         let want = spans(&mem);
-        for &(addr, len) in want.difference(&self.mapped) {
+        let new: Vec<Span> = want.difference(&self.mapped).copied().collect();
+        for (i, &(addr, len)) in new.iter().enumerate() {
             // SAFETY: the region is a live mapping of guest memory held by `mem`, which is
-            // kept (as `current`, then in `retired`) until the region is unmapped again.
-            unsafe { self.ctrl.dma_map(addr as *mut u8, len)? };
+            // kept (as `current`, then in `retired`) until the region is unmapped again; on
+            // failure the regions mapped here are unmapped before `mem` goes.
+            if let Err(e) = unsafe { self.ctrl.dma_map(addr as *mut u8, len) } {
+                for &(addr, len) in &new[..i] {
+                    if let Err(e) = self.ctrl.dma_unmap(addr, len) {
+                        tracing::warn!(addr, len, error = %e, "cannot unmap guest memory");
+                    }
+                }
+                return Err(e);
+            }
         }
         let gone: Vec<Span> = self.mapped.difference(&want).copied().collect();
         if let Some(old) = self.current.replace(mem) {
@@ -95,9 +113,11 @@ impl GuestDma {
         });
     }
 
-    /// Unmaps everything: the session is over and no request is in flight.
+    /// Unmaps everything: the session is over and no request is in flight. The snapshots go
+    /// only after their regions left the IOMMU: once vubd unmaps a region's memory, another
+    /// session of the same controller may get the same addresses and map them as its own.
     pub fn release(&mut self) {
-        self.current = None;
+        let current = self.current.take();
         let mapped = std::mem::take(&mut self.mapped);
         for (_, spans) in std::mem::take(&mut self.retired) {
             for (addr, len) in spans {
@@ -111,6 +131,7 @@ impl GuestDma {
                 tracing::warn!(addr, len, error = %e, "cannot unmap guest memory");
             }
         }
+        drop(current);
     }
 }
 

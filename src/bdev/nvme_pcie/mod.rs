@@ -8,10 +8,15 @@
 //!   sleep with commands in flight; PRPs point straight at guest buffers.
 //! - [`GuestDma`] keeps a session's guest memory DMA-mapped in the controller's IOMMU domain
 //!   (IOVA = its address in vubd), in step with the memory table.
+//! - Devices on namespaces of one controller share it ([`Controllers`]): one VFIO container,
+//!   one admin queue, and on each poller one I/O queue pair for all of them (the poller shares
+//!   the channel between devices whose [`NvmePcieDevice::controller_key`] is the same, and each
+//!   operation carries its device's [`Namespace`]).
 
 mod channel;
 mod dma;
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,15 +85,37 @@ pub struct NvmePcieDevice {
     serial: String,
 }
 
+/// The controllers opened so far, by PCI address: devices on namespaces of one controller
+/// share it.
+#[derive(Debug, Default)]
+pub struct Controllers(HashMap<String, Arc<PcieController>>);
+
+impl Controllers {
+    /// Every controller opened, with its PCI address.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<PcieController>)> {
+        self.0.iter().map(|(bdf, c)| (bdf.as_str(), c))
+    }
+}
+
 impl NvmePcieDevice {
-    /// Opens the controller through VFIO and checks the namespace; blocking, for startup.
-    pub fn open(cfg: &NvmePcieConfig) -> Result<Self, NvmePcieError> {
-        let opts = PcieOptions {
-            io_timeout: cfg.io_timeout,
-            interrupts: cfg.interrupts,
-            ..PcieOptions::default()
+    /// Opens the controller through VFIO, unless `ctrls` has it already, and checks the
+    /// namespace; blocking, for startup. The first device of a controller sets its options
+    /// (`interrupts`, `io_timeout`).
+    pub fn open(cfg: &NvmePcieConfig, ctrls: &mut Controllers) -> Result<Self, NvmePcieError> {
+        let shared = ctrls.0.contains_key(&cfg.bdf);
+        let ctrl = match ctrls.0.get(&cfg.bdf) {
+            Some(c) => c.clone(),
+            None => {
+                let opts = PcieOptions {
+                    io_timeout: cfg.io_timeout,
+                    interrupts: cfg.interrupts,
+                    ..PcieOptions::default()
+                };
+                let c = PcieController::open(&cfg.bdf, &opts)?;
+                ctrls.0.insert(cfg.bdf.clone(), c.clone());
+                c
+            }
         };
-        let ctrl = PcieController::open(&cfg.bdf, &opts)?;
         let ns = ctrl.namespace(cfg.nsid)?;
         let lba_shift =
             lba_shift_of(&ns).map_err(|ms| NvmePcieError::Metadata { nsid: cfg.nsid, ms })?;
@@ -121,7 +148,12 @@ impl NvmePcieDevice {
             block_size,
             io_queues = ctrl.io_queues_granted(),
             msix_vectors = ctrl.vectors(),
-            "NVMe controller opened"
+            "{}",
+            if shared {
+                "NVMe controller shared with another device"
+            } else {
+                "NVMe controller opened"
+            }
         );
         Ok(Self {
             serial: id.sn.clone(),
@@ -139,6 +171,19 @@ impl NvmePcieDevice {
     /// A session's guest memory mappings for this device's controller.
     pub fn guest_dma(&self) -> GuestDma {
         GuestDma::new(self.ctrl.clone())
+    }
+
+    /// The same for every device of one controller, and different from any other
+    /// controller's while this device lives: a poller's channel serves all devices with the
+    /// same key.
+    pub fn controller_key(&self) -> usize {
+        Arc::as_ptr(&self.ctrl) as usize
+    }
+
+    /// What an operation of this device tells a channel shared with the controller's other
+    /// namespaces.
+    pub fn namespace(&self) -> Namespace {
+        self.geo.namespace()
     }
 }
 

@@ -1,0 +1,397 @@
+//! One served device: its socket, disk and guest-visible shape. The single-device options
+//! (`--socket-path`/`--fd`, `--disk`, `--readonly`, ...) describe one; each repeatable
+//! `--device socket=PATH,disk=DISK[,serial=S][,readonly=on|off][,num-queues=N][,queue-size=N]`
+//! (QEMU's key=value list, `,,` for a comma in a value) describes another. What several
+//! devices may not share is refused here: a socket, a writable image file, an NVMe namespace.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use super::{
+    ConfigError, DiskSpec, MAX_QUEUE_SIZE, MAX_QUEUES, MAX_SERIAL_LEN, SocketSpec,
+    check_socket_dir, default_serial, parse_disk,
+};
+
+/// A validated device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// The `--device` argument as given, to name the device in errors; `None` for the device
+    /// of the single-device options.
+    pub arg: Option<String>,
+    pub socket: SocketSpec,
+    pub disk: DiskSpec,
+    pub read_only: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    /// `serial=` / `--serial`, or the default for a file or null disk; `None`: the device's
+    /// own serial number (an NVMe controller's).
+    pub serial: Option<String>,
+    /// Create the disk as a sparse file of this size if it does not exist (the no-argument
+    /// default run).
+    pub create_size: Option<u64>,
+}
+
+/// The values of one device, before validation.
+#[derive(Debug)]
+pub(super) struct DeviceValues {
+    pub socket: SocketSpec,
+    pub disk: DiskSpec,
+    pub read_only: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub serial: Option<String>,
+}
+
+impl DeviceValues {
+    /// Checks the numbers and the serial; errors name the single-device option.
+    pub(super) fn validate(
+        self,
+        arg: Option<String>,
+        create_size: Option<u64>,
+    ) -> Result<DeviceConfig, ConfigError> {
+        if self.num_queues == 0 || self.num_queues > MAX_QUEUES {
+            return Err(ConfigError::NumQueues(self.num_queues));
+        }
+        if !self.queue_size.is_power_of_two()
+            || self.queue_size < 2
+            || self.queue_size > MAX_QUEUE_SIZE
+        {
+            return Err(ConfigError::QueueSize(self.queue_size));
+        }
+        if let SocketSpec::Path(p) = &self.socket {
+            check_socket_dir(p)?;
+        }
+        let serial = match self.serial {
+            Some(s) if s.len() > MAX_SERIAL_LEN => return Err(ConfigError::SerialTooLong(s)),
+            Some(s) => Some(s),
+            None => default_serial(&self.disk),
+        };
+        Ok(DeviceConfig {
+            arg,
+            socket: self.socket,
+            disk: self.disk,
+            read_only: self.read_only,
+            num_queues: self.num_queues,
+            queue_size: self.queue_size,
+            serial,
+            create_size,
+        })
+    }
+}
+
+/// Splits a QEMU-style option list: items separated by `,`, where `,,` is a comma inside a
+/// value.
+fn split_list(s: &str) -> Vec<String> {
+    let mut items = Vec::new();
+    let mut item = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                item.push(',');
+            }
+            ',' => items.push(std::mem::take(&mut item)),
+            c => item.push(c),
+        }
+    }
+    items.push(item);
+    items
+}
+
+/// Parses one `--device` argument.
+pub(super) fn parse_device(arg: &str) -> Result<DeviceConfig, ConfigError> {
+    let bad = |why: &'static str| ConfigError::BadDevice(arg.to_owned(), why);
+    let mut keys: HashMap<String, String> = HashMap::new();
+    for item in split_list(arg) {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or(bad("expected KEY=VALUE items separated by commas"))?;
+        if !matches!(
+            key,
+            "socket" | "fd" | "disk" | "serial" | "readonly" | "num-queues" | "queue-size"
+        ) {
+            return Err(bad(
+                "unknown key (known: socket, fd, disk, serial, readonly, num-queues, queue-size)",
+            ));
+        }
+        if keys.insert(key.to_owned(), value.to_owned()).is_some() {
+            return Err(bad("a key is given twice"));
+        }
+    }
+    let socket = match (keys.remove("socket"), keys.remove("fd")) {
+        (Some(_), Some(_)) => return Err(bad("socket and fd exclude each other")),
+        (Some(p), None) if p.is_empty() => return Err(bad("socket is empty")),
+        (Some(p), None) => SocketSpec::Path(PathBuf::from(p)),
+        (None, Some(fd)) => SocketSpec::Fd(
+            fd.parse()
+                .ok()
+                .filter(|&n: &i32| n >= 0)
+                .ok_or(bad("fd must be a file descriptor number"))?,
+        ),
+        (None, None) => return Err(bad("socket (or fd) is required")),
+    };
+    let disk = parse_disk(&keys.remove("disk").ok_or(bad("disk is required"))?)
+        .map_err(|e| ConfigError::InDevice(arg.to_owned(), Box::new(e)))?;
+    let read_only = match keys.remove("readonly").as_deref() {
+        None | Some("off" | "0" | "false") => false,
+        Some("on" | "1" | "true") => true,
+        Some(_) => return Err(bad("readonly takes on or off")),
+    };
+    let number = |key: &str, default: u16| match keys.get(key) {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<u16>()
+            .map_err(|_| bad("num-queues and queue-size take numbers")),
+    };
+    let values = DeviceValues {
+        socket,
+        disk,
+        read_only,
+        num_queues: number("num-queues", 1)?,
+        queue_size: number("queue-size", 256)?,
+        serial: keys.remove("serial"),
+    };
+    values
+        .validate(Some(arg.to_owned()), None)
+        .map_err(|e| ConfigError::InDevice(arg.to_owned(), Box::new(e)))
+}
+
+/// Refuses what several devices cannot share: a socket, an image file any of them writes, an
+/// NVMe namespace; and one NVMe controller asked for with and without interrupts.
+pub(super) fn check_shared(devices: &[DeviceConfig]) -> Result<(), ConfigError> {
+    for (i, d) in devices.iter().enumerate() {
+        let arg = || d.arg.clone().unwrap_or_default();
+        for e in &devices[..i] {
+            if d.socket == e.socket {
+                return Err(ConfigError::SharedDevice(arg(), "its socket is another's"));
+            }
+            match (&d.disk, &e.disk) {
+                (DiskSpec::File(a), DiskSpec::File(b))
+                    if (!d.read_only || !e.read_only) && same_file(a, b) =>
+                {
+                    return Err(ConfigError::SharedDevice(
+                        arg(),
+                        "its image is another's and one of them writes it (readonly=on on both)",
+                    ));
+                }
+                (DiskSpec::NvmePcie(a), DiskSpec::NvmePcie(b)) if a.bdf == b.bdf => {
+                    if a.nsid == b.nsid {
+                        return Err(ConfigError::SharedDevice(
+                            arg(),
+                            "its NVMe namespace is another's",
+                        ));
+                    }
+                    if a.interrupts != b.interrupts {
+                        return Err(ConfigError::SharedDevice(
+                            arg(),
+                            "devices of one NVMe controller take the same interrupts= value",
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The same file, by its resolved path when it exists, else as written.
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::{Args, Command, Config, NvmePcieUri};
+    use crate::poller::{PollMode, allowed_cpus};
+
+    fn parse(args: &[&str]) -> Result<Command, ConfigError> {
+        let a = Args::try_parse_from(std::iter::once("vubd").chain(args.iter().copied()))
+            .expect("clap accepts");
+        Command::try_from(a)
+    }
+
+    fn serve(args: &[&str]) -> Config {
+        match parse(args) {
+            Ok(Command::Serve(c)) => c,
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn lists_split_at_single_commas_and_keep_doubled_ones() {
+        assert_eq!(split_list("a=1,b=2"), ["a=1", "b=2"]);
+        assert_eq!(split_list("disk=a,,b.img,x=y"), ["disk=a,b.img", "x=y"]);
+        assert_eq!(split_list("a=1,,,b=2"), ["a=1,", "b=2"]);
+        assert_eq!(split_list("a=1,"), ["a=1", ""]);
+    }
+
+    #[test]
+    fn a_device_with_every_key() {
+        let d = parse_device(
+            "socket=d.sock,disk=null:1G,serial=s1,readonly=on,num-queues=4,queue-size=128",
+        )
+        .expect("valid");
+        assert_eq!(d.socket, SocketSpec::Path("d.sock".into()));
+        assert_eq!(d.disk, DiskSpec::Null(1 << 30));
+        assert_eq!(d.serial.as_deref(), Some("s1"));
+        assert!(d.read_only);
+        assert_eq!((d.num_queues, d.queue_size), (4, 128));
+        assert_eq!(d.create_size, None);
+    }
+
+    #[test]
+    fn defaults_match_the_single_device_options() {
+        let d = parse_device("fd=3,disk=file:a,,b.img").expect("valid");
+        assert_eq!(d.socket, SocketSpec::Fd(3));
+        assert_eq!(d.disk, DiskSpec::File("a,b.img".into()));
+        assert_eq!(d.serial.as_deref(), Some("a,b.img"));
+        assert!(!d.read_only);
+        assert_eq!((d.num_queues, d.queue_size), (1, 256));
+    }
+
+    #[test]
+    fn bad_devices_are_named_whole() {
+        for (arg, why) in [
+            ("disk=a.img", "socket (or fd) is required"),
+            ("socket=s", "disk is required"),
+            ("socket=s,disk=a,color=red", "unknown key"),
+            ("socket=s,disk=a,disk=b", "a key is given twice"),
+            ("socket=s,fd=3,disk=a", "socket and fd exclude each other"),
+            ("socket=s,disk=a,readonly=yes", "readonly takes on or off"),
+            ("socket=s,disk=a,num-queues=x", "take numbers"),
+            ("socket=s,disk", "expected KEY=VALUE"),
+        ] {
+            let e = parse_device(arg).expect_err(arg).to_string();
+            assert!(e.starts_with(&format!("--device {arg:?}: ")), "{e}");
+            assert!(e.contains(why), "{arg}: {e}");
+        }
+        let e = parse_device("socket=s,disk=a,num-queues=0").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--device \"socket=s,disk=a,num-queues=0\": --num-queues 0: must be between 1 and 64"
+        );
+        let e = parse_device("socket=s,disk=bogus:x").unwrap_err();
+        assert!(
+            matches!(e, ConfigError::InDevice(_, ref inner)
+            if matches!(**inner, ConfigError::UnknownDiskType(..))),
+            "{e}"
+        );
+    }
+
+    fn dev(arg: &str) -> DeviceConfig {
+        parse_device(arg).expect(arg)
+    }
+
+    #[test]
+    fn devices_share_no_socket_no_written_file_and_no_namespace() {
+        let ok = [dev("socket=a,disk=x.img"), dev("socket=b,disk=y.img")];
+        assert_eq!(check_shared(&ok), Ok(()));
+        let e = check_shared(&[dev("socket=a,disk=x.img"), dev("socket=a,disk=y.img")]);
+        assert_eq!(
+            e.unwrap_err().to_string(),
+            "--device \"socket=a,disk=y.img\": its socket is another's"
+        );
+        let e = check_shared(&[
+            dev("socket=a,disk=x.img,readonly=on"),
+            dev("socket=b,disk=file:x.img"),
+        ]);
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("its image is another's")
+        );
+        let readers = [
+            dev("socket=a,disk=x.img,readonly=on"),
+            dev("socket=b,disk=x.img,readonly=on"),
+        ];
+        assert_eq!(check_shared(&readers), Ok(()));
+        let two_ns = [
+            dev("socket=a,disk=nvme-pcie:01:00.0"),
+            dev("socket=b,disk=nvme-pcie:0000:01:00.0?nsid=2"),
+        ];
+        assert_eq!(check_shared(&two_ns), Ok(()));
+        let e = check_shared(&[
+            dev("socket=a,disk=nvme-pcie:01:00.0?nsid=2"),
+            dev("socket=b,disk=nvme-pcie:0000:01:00.0?nsid=2"),
+        ]);
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("namespace is another's")
+        );
+        let e = check_shared(&[
+            dev("socket=a,disk=nvme-pcie:01:00.0"),
+            dev("socket=b,disk=nvme-pcie:01:00.0?nsid=2&interrupts=0"),
+        ]);
+        assert!(e.unwrap_err().to_string().contains("interrupts="));
+        let d = dev("socket=b,disk=nvme-pcie:01:00.0?nsid=2&interrupts=0");
+        assert_eq!(
+            d.disk,
+            DiskSpec::NvmePcie(NvmePcieUri {
+                bdf: "0000:01:00.0".into(),
+                nsid: 2,
+                interrupts: false
+            })
+        );
+    }
+
+    #[test]
+    fn several_devices_share_the_global_options() {
+        let c = serve(&[
+            "--device",
+            "socket=a.sock,disk=null:1G,num-queues=2",
+            "--device",
+            "socket=b.sock,disk=b.img,readonly=on",
+            "--poll",
+            "never",
+        ]);
+        assert_eq!(c.devices.len(), 2);
+        assert_eq!(c.devices[0].disk, DiskSpec::Null(1 << 30));
+        assert_eq!(c.devices[1].socket, SocketSpec::Path("b.sock".into()));
+        assert!(c.devices[1].read_only && !c.devices[0].read_only);
+        assert_eq!(c.poll, PollMode::Never);
+        // Default pollers: one per queue of all devices, up to the CPUs.
+        assert_eq!(c.pollers.len(), allowed_cpus().len().min(3));
+        assert!(c.devices.iter().all(|d| d.create_size.is_none()));
+    }
+
+    #[test]
+    fn device_excludes_the_single_device_options() {
+        for opt in [
+            &["--disk", "d"][..],
+            &["--socket-path", "s"],
+            &["--fd", "3"],
+            &["--readonly"],
+            &["--num-queues", "1"],
+            &["--queue-size", "256"],
+            &["--serial", "x"],
+        ] {
+            let args = ["vubd", "--device", "socket=a,disk=b"]
+                .into_iter()
+                .chain(opt.iter().copied());
+            let e = Args::try_parse_from(args).expect_err("mixed");
+            let first = e.to_string();
+            let first = first.lines().next().unwrap_or_default();
+            assert!(
+                first.contains("--device") && first.contains(opt[0]),
+                "{opt:?}: {first}"
+            );
+        }
+        let e = parse(&[
+            "--device",
+            "socket=a,disk=x.img",
+            "--device",
+            "socket=a,disk=y.img",
+        ])
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::SharedDevice(..)), "{e}");
+    }
+}

@@ -1,0 +1,313 @@
+//! The devices of the configuration: their disks (devices on namespaces of one NVMe PCIe
+//! controller share the opened controller), the check that such a controller has an I/O queue
+//! pair for every poller that will serve it, and each device's guest-visible model.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::OpenOptions;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
+use tracing::info;
+
+use super::{DaemonError, nvme};
+use crate::bdev::file::{FileDevice, FileOptions};
+use crate::bdev::null::NullDevice;
+use crate::bdev::nvme_pcie::{Controllers, NvmePcieConfig, NvmePcieDevice};
+use crate::bdev::nvme_tcp::NvmeTcpDevice;
+use crate::bdev::{DeviceInfo, Disk};
+use crate::config::{Config, DeviceConfig, DiskSpec, SocketSpec};
+use crate::poller::DeviceShared;
+use crate::vhost_user::BlkShape;
+use crate::virtio_blk::request::Limits;
+use crate::virtio_blk::{BlkConfig, DeviceFeatures, ID_BYTES, MAX_SEGMENTS, SECTOR_SHIFT};
+
+/// Largest data segment a driver may use, bytes (`size_max`).
+const SIZE_MAX: u32 = 4 << 20;
+/// Largest discard / write-zeroes segment, sectors.
+const MAX_RANGE_SECTORS: u32 = 1 << 22;
+
+/// An error of the device `d`: named by its `--device` argument when it has one.
+pub(super) fn in_device(d: &DeviceConfig, e: DaemonError) -> DaemonError {
+    match &d.arg {
+        Some(arg) => DaemonError::Device {
+            arg: arg.clone(),
+            source: Box::new(e),
+        },
+        None => e,
+    }
+}
+
+/// The first poller of each device: device `d`'s queue `q` goes to poller
+/// `(first[d] + q) mod pollers`, so that the devices' queues spread over the pollers.
+pub(super) fn first_pollers(cfg: &Config) -> Vec<usize> {
+    cfg.devices
+        .iter()
+        .scan(0usize, |next, d| {
+            let first = *next;
+            *next += usize::from(d.num_queues);
+            Some(first)
+        })
+        .collect()
+}
+
+/// Opens every device's disk, in order; the first failure names its device.
+pub(super) fn open_disks(cfg: &Config) -> Result<Vec<Arc<Disk>>, DaemonError> {
+    let mut ctrls = Controllers::default();
+    let disks = cfg
+        .devices
+        .iter()
+        .map(|d| {
+            open_disk(cfg, d, &mut ctrls)
+                .map(Arc::new)
+                .map_err(|e| in_device(d, e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    check_pcie_queues(cfg, &ctrls)?;
+    Ok(disks)
+}
+
+fn open_disk(cfg: &Config, d: &DeviceConfig, ctrls: &mut Controllers) -> Result<Disk, DaemonError> {
+    Ok(match &d.disk {
+        DiskSpec::File(path) => {
+            if let Some(size) = d.create_size {
+                create_sparse(path, size)?;
+            }
+            Disk::File(
+                FileDevice::open(&FileOptions {
+                    path: path.clone(),
+                    read_only: d.read_only,
+                    cache: cfg.cache,
+                })
+                .map_err(DaemonError::Disk)?,
+            )
+        }
+        DiskSpec::Null(size) => Disk::Null(NullDevice::new(*size, d.read_only)),
+        DiskSpec::NvmeTcp(uri) => {
+            // Each device has a controller (and connections) of its own, even on a subsystem
+            // another device uses.
+            let tcp = nvme::tcp_config(uri, &cfg.nvme, cfg.pollers.len(), d.read_only)?;
+            Disk::NvmeTcp(NvmeTcpDevice::open(tcp).map_err(DaemonError::NvmeTcp)?)
+        }
+        DiskSpec::NvmePcie(uri) => Disk::NvmePcie(
+            NvmePcieDevice::open(
+                &NvmePcieConfig {
+                    bdf: uri.bdf.clone(),
+                    nsid: uri.nsid,
+                    interrupts: uri.interrupts,
+                    io_timeout: cfg.nvme.io_timeout,
+                    read_only: d.read_only,
+                },
+                ctrls,
+            )
+            .map_err(DaemonError::NvmePcie)?,
+        ),
+    })
+}
+
+/// Each poller that serves a queue of a device on an NVMe PCIe controller creates one I/O
+/// queue pair on it, shared by that controller's devices: the controller must grant that
+/// many (Set Features Number of Queues).
+fn check_pcie_queues(cfg: &Config, ctrls: &Controllers) -> Result<(), DaemonError> {
+    let n = cfg.pollers.len().max(1);
+    let mut pollers: HashMap<&str, BTreeSet<usize>> = HashMap::new();
+    for (d, first) in cfg.devices.iter().zip(first_pollers(cfg)) {
+        if let DiskSpec::NvmePcie(uri) = &d.disk {
+            let set = pollers.entry(uri.bdf.as_str()).or_default();
+            set.extend((0..usize::from(d.num_queues)).map(|q| (first + q) % n));
+        }
+    }
+    for (bdf, ctrl) in ctrls.iter() {
+        let needed = pollers.get(bdf).map_or(0, BTreeSet::len);
+        let granted = usize::from(ctrl.io_queues_granted());
+        if needed > granted {
+            return Err(DaemonError::PcieQueues {
+                bdf: bdf.to_owned(),
+                granted,
+                needed,
+            });
+        }
+        info!(
+            bdf = %bdf,
+            io_queue_pairs = needed,
+            granted,
+            "NVMe I/O queue pairs: one per poller serving the controller"
+        );
+    }
+    Ok(())
+}
+
+/// The guest-visible model of a device: features, configuration space, request limits, and
+/// `device_serial` as the GET_ID answer.
+pub(super) fn device_model(
+    d: &DeviceConfig,
+    info: &DeviceInfo,
+    device_serial: &str,
+) -> (BlkShape, DeviceShared) {
+    let seg_max = (u32::from(d.queue_size) - 2).clamp(1, MAX_SEGMENTS);
+    let capacity_sectors = info.capacity_bytes >> SECTOR_SHIFT;
+    let features = DeviceFeatures {
+        read_only: info.read_only,
+        discard: info.discard,
+        write_zeroes: info.write_zeroes,
+        multi_queue: d.num_queues > 1,
+    };
+    let logical = info.logical_block_size;
+    let physical_exp = (info.physical_block_size / logical).max(1).ilog2();
+    let range_align = info.physical_block_size.max(4096) >> SECTOR_SHIFT;
+    let config = BlkConfig {
+        capacity_sectors,
+        size_max: SIZE_MAX,
+        seg_max,
+        blk_size: logical,
+        physical_block_exp: u8::try_from(physical_exp).unwrap_or(0),
+        min_io_size: 1,
+        opt_io_size: 0,
+        writeback: 1,
+        num_queues: d.num_queues,
+        max_discard_sectors: if features.discard {
+            MAX_RANGE_SECTORS
+        } else {
+            0
+        },
+        discard_sector_alignment: if features.discard { range_align } else { 0 },
+        max_write_zeroes_sectors: if features.write_zeroes {
+            MAX_RANGE_SECTORS
+        } else {
+            0
+        },
+        write_zeroes_may_unmap: features.write_zeroes,
+    };
+    let mut serial = [0u8; ID_BYTES];
+    let n = device_serial.len().min(ID_BYTES);
+    serial[..n].copy_from_slice(&device_serial.as_bytes()[..n]);
+    let shape = BlkShape {
+        num_queues: usize::from(d.num_queues),
+        max_queue_size: d.queue_size,
+        features: features.bits(),
+        config,
+    };
+    let shared = DeviceShared {
+        limits: Limits {
+            capacity_sectors,
+            seg_max,
+            read_only: info.read_only,
+            max_discard_sectors: (info.discard && !info.read_only).then_some(MAX_RANGE_SECTORS),
+            max_write_zeroes_sectors: (info.write_zeroes && !info.read_only)
+                .then_some(MAX_RANGE_SECTORS),
+        },
+        serial,
+        writeback: AtomicBool::new(true),
+        mem_gen: AtomicU64::new(0),
+    };
+    (shape, shared)
+}
+
+fn create_sparse(path: &Path, size: u64) -> Result<(), DaemonError> {
+    let err = |source| DaemonError::CreateDisk {
+        path: path.to_owned(),
+        source,
+    };
+    match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(f) => {
+            f.set_len(size).map_err(err)?;
+            info!(path = %path.display(), size, "created a sparse disk image");
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// Tells the user how to attach a QEMU VM to the devices served on socket paths.
+pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
+    let mut options = Vec::new();
+    for (i, (d, info)) in cfg.devices.iter().zip(infos).enumerate() {
+        let SocketSpec::Path(sock) = &d.socket else {
+            continue;
+        };
+        let abs = std::path::absolute(sock).unwrap_or_else(|_| sock.clone());
+        let size = match info.capacity_bytes {
+            b if b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+            b if b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+            b => format!("{b} bytes"),
+        };
+        println!(
+            "vubd: serving {} ({size}{}) on {}",
+            match &d.disk {
+                DiskSpec::File(p) => p.display().to_string(),
+                DiskSpec::Null(_) => "a null device".to_owned(),
+                DiskSpec::NvmeTcp(u) => format!(
+                    "namespace {} of {} at {}:{}",
+                    u.nsid, u.subnqn, u.host, u.port
+                ),
+                DiskSpec::NvmePcie(uri) => {
+                    format!("namespace {} of NVMe {}", uri.nsid, uri.bdf)
+                }
+            },
+            if info.read_only { ", read-only" } else { "" },
+            abs.display()
+        );
+        options.push(format!("-chardev socket,id=vubd{i},path={}", abs.display()));
+        options.push(format!(
+            "-device vhost-user-blk-pci,chardev=vubd{i},num-queues={}",
+            d.num_queues
+        ));
+    }
+    if options.is_empty() {
+        return;
+    }
+    if options.len() > 2 {
+        println!("Attach QEMU VMs (guest RAM must be shared), each device to one of them, with:");
+    } else {
+        println!("Attach a QEMU VM (guest RAM must be shared) with:");
+    }
+    println!("  -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\");
+    println!("  {}", options.join(" \\\n  "));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Args, Command};
+    use clap::Parser;
+
+    fn config(args: &[&str]) -> Config {
+        let a = Args::try_parse_from(std::iter::once("vubd").chain(args.iter().copied()))
+            .expect("clap accepts");
+        match Command::try_from(a) {
+            Ok(Command::Serve(c)) => c,
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_device_starts_on_the_poller_after_the_previous_devices_queues() {
+        let c = config(&[
+            "--device",
+            "socket=a,disk=null:1M,num-queues=3",
+            "--device",
+            "socket=b,disk=null:1M",
+            "--device",
+            "socket=c,disk=null:1M,num-queues=2",
+        ]);
+        assert_eq!(first_pollers(&c), [0, 3, 4]);
+        let c = config(&["--disk", "null:1M", "--num-queues", "4"]);
+        assert_eq!(first_pollers(&c), [0]);
+    }
+
+    #[test]
+    fn errors_of_a_device_given_with_device_name_it() {
+        let c = config(&["--device", "socket=a,disk=null:1M"]);
+        let e = in_device(&c.devices[0], DaemonError::BadFd(3));
+        assert_eq!(
+            super::super::error_chain(&e),
+            "--device \"socket=a,disk=null:1M\": --fd 3: not a listening unix socket"
+        );
+        assert_eq!(e.exit_code(), 2);
+        let c = config(&["--disk", "null:1M"]);
+        let e = in_device(&c.devices[0], DaemonError::BadFd(3));
+        assert_eq!(e.to_string(), "--fd 3: not a listening unix socket");
+    }
+}

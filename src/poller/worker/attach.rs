@@ -1,0 +1,243 @@
+//! The poller's control path: commands from the control plane, attaching a queue (and its
+//! device, and the device's channel, which devices of one NVMe controller share) and
+//! forgetting it once its detach is acknowledged. Allocates; never on the I/O path.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::Ordering;
+
+use tracing::{error, info};
+use vhost_user_backend::VringT;
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+
+use super::{Device, KICK_EVENT, QueueSlot, SharedChannel, Worker};
+use crate::bdev::{BlockDevice, IoChannel};
+use crate::mem::HostMap;
+use crate::poller::{Command, QueueAttach};
+use crate::virtio_blk::MAX_RANGE_SEGMENTS;
+
+impl Worker {
+    pub(super) fn handle_commands(&mut self) {
+        self.shared.has_commands.store(false, Ordering::Release);
+        {
+            let mut pending = self
+                .shared
+                .commands
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            std::mem::swap(&mut *pending, &mut self.commands);
+        }
+        let mut commands = std::mem::take(&mut self.commands);
+        for cmd in commands.drain(..) {
+            match cmd {
+                Command::Attach(a) => self.attach(*a),
+                Command::Detach {
+                    device,
+                    queue,
+                    done,
+                } => {
+                    let devices = &self.devices;
+                    let found = self.queues.iter_mut().flatten().find(|q| {
+                        q.index == queue
+                            && devices[q.device].as_ref().is_some_and(|d| d.key == device)
+                    });
+                    match found {
+                        Some(q) => q.detach = Some(done),
+                        None => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+                Command::Stop => {
+                    self.stopping = true;
+                    for q in self.queues.iter_mut().flatten() {
+                        if q.detach.is_none() {
+                            let (tx, _) = std::sync::mpsc::sync_channel(1);
+                            q.detach = Some(tx);
+                        }
+                    }
+                }
+            }
+        }
+        self.commands = commands;
+    }
+
+    /// The channel a new device of this poller uses: the one of a device it shares channels
+    /// with ([`crate::bdev::Disk::channel_key`]), else a new one. `None` when it cannot be
+    /// opened.
+    fn channel_for(&mut self, a: &QueueAttach) -> Option<usize> {
+        let key = a.disk.channel_key();
+        if key.is_some()
+            && let Some(i) = self
+                .channels
+                .iter()
+                .position(|c| c.as_ref().is_some_and(|c| c.key == key))
+            && let Some(c) = self.channels[i].as_mut()
+        {
+            c.devices += 1;
+            info!(
+                queue = a.queue,
+                channel = i,
+                "I/O channel shared with another device"
+            );
+            return Some(i);
+        }
+        let depth = u32::from(a.max_queue_size) * MAX_RANGE_SEGMENTS as u32;
+        let channel = match a.disk.open_channel(depth) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(queue = a.queue, error = %e, "cannot open an I/O channel");
+                return None;
+            }
+        };
+        let i = free_index(&mut self.channels);
+        if let Some(fd) = channel.completion_fd() {
+            let ev = EpollEvent::new(EventSet::IN, i as u64);
+            if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, ev) {
+                error!(error = %e, "cannot watch I/O completions");
+                return None;
+            }
+        }
+        self.channels[i] = Some(SharedChannel {
+            key,
+            channel,
+            devices: 1,
+        });
+        Some(i)
+    }
+
+    /// A device that used channel `i` is gone: the channel goes with its last device.
+    fn release_channel(&mut self, i: usize) {
+        let last = self.channels[i].as_mut().is_some_and(|c| {
+            c.devices -= 1;
+            c.devices == 0
+        });
+        if last
+            && let Some(c) = self.channels[i].take()
+            && let Some(fd) = c.channel.completion_fd()
+        {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                fd,
+                EpollEvent::new(EventSet::IN, i as u64),
+            );
+        }
+    }
+
+    fn attach(&mut self, a: QueueAttach) {
+        let device = match self
+            .devices
+            .iter()
+            .position(|d| d.as_ref().is_some_and(|d| d.key == a.device))
+        {
+            Some(i) => i,
+            None => {
+                let Some(channel) = self.channel_for(&a) else {
+                    // The queue stays unserved; the guest sees a stuck queue, not a crash.
+                    return;
+                };
+                let i = free_index(&mut self.devices);
+                // The generation first: a change after it is seen on the next check.
+                let seen_mem_gen = a.shared.mem_gen.load(Ordering::Acquire);
+                self.devices[i] = Some(Device {
+                    key: a.device,
+                    shared: a.shared.clone(),
+                    seen_mem_gen,
+                    map: HostMap::new(a.mem.memory().into_inner()),
+                    map_gen: 0,
+                    mem: a.mem.clone(),
+                    channel,
+                    target: a.disk.target(),
+                    queues: 0,
+                });
+                i
+            }
+        };
+        if let Some(d) = self.devices[device].as_mut() {
+            d.queues += 1;
+        }
+        // Enough free slots for a full ring of every queue.
+        let reserve = usize::from(a.max_queue_size);
+        let want = self
+            .queues
+            .iter()
+            .flatten()
+            .map(|q| q.reserve)
+            .sum::<usize>()
+            + reserve;
+        if self.slots.capacity() < want {
+            self.slots.grow(want - self.slots.capacity());
+            self.done.reserve(want.saturating_sub(self.done.capacity()));
+        }
+        let kick = a.vring.get_ref().get_kick().as_ref().and_then(|k| {
+            // SAFETY: the kick eventfd stays open while the vring state that owns it is
+            // borrowed here; it is only duplicated.
+            let fd = unsafe { BorrowedFd::borrow_raw(k.as_raw_fd()) };
+            let own = fd.try_clone_to_owned().ok()?;
+            let ev = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, KICK_EVENT);
+            self.epoll
+                .ctl(ControlOperation::Add, own.as_raw_fd(), ev)
+                .ok()
+                .map(|()| own)
+        });
+        let q = free_index(&mut self.queues);
+        info!(queue = a.queue, poller_queue = q, "queue attached");
+        self.queues[q] = Some(QueueSlot {
+            device,
+            index: a.queue,
+            vring: a.vring,
+            reserve,
+            in_flight: 0,
+            detach: None,
+            kick,
+            ring: None,
+        });
+        self.set_notifications(q, false);
+    }
+
+    /// Acknowledges detach requests of queues with nothing in flight, and forgets them.
+    pub(super) fn finish_detaches(&mut self) {
+        for qi in 0..self.queues.len() {
+            let ready = self.queues[qi]
+                .as_ref()
+                .is_some_and(|q| q.detach.is_some() && q.in_flight == 0);
+            if !ready {
+                continue;
+            }
+            let Some(q) = self.queues[qi].take() else {
+                continue;
+            };
+            info!(queue = q.index, "queue detached");
+            if let Some(kick) = &q.kick {
+                let ev = EpollEvent::new(EventSet::IN, KICK_EVENT);
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, kick.as_raw_fd(), ev);
+            }
+            let last = match self.devices[q.device].as_mut() {
+                Some(d) => {
+                    d.queues -= 1;
+                    d.queues == 0
+                }
+                None => false,
+            };
+            if last && let Some(d) = self.devices[q.device].take() {
+                self.release_channel(d.channel);
+            }
+            if let Some(done) = q.detach {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Index of a free entry of `v`, growing it if none is free (control path only).
+fn free_index<T>(v: &mut Vec<Option<T>>) -> usize {
+    match v.iter().position(Option::is_none) {
+        Some(i) => i,
+        None => {
+            v.push(None);
+            v.len() - 1
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Starting a parsed request: GET_ID and empty transfers complete at once, the rest become
+//! operations on the device's channel, counted in the request's slot.
+
+use std::sync::atomic::Ordering;
+
+use tracing::warn;
+
+use super::Completion;
+use crate::bdev::{Channel, IoChannel, IoOp, Target};
+use crate::mem::MemSnapshot;
+use crate::poller::DeviceShared;
+use crate::poller::slots::{SlotTable, Tag};
+use crate::virtio_blk::{Parsed, Range, RequestKind, SECTOR_SHIFT, Status};
+
+/// Starts a parsed request of queue `qi` in slot `tag` on the device's channel; `ranges` are
+/// the segments of a discard / write-zeroes request. Returns `Some((head, completion))` when it
+/// completed at once.
+pub(super) fn start(
+    shared: &DeviceShared,
+    (channel, target): (&mut Channel, &Target),
+    slots: &mut SlotTable,
+    (qi, tag): (usize, Tag),
+    p: &Parsed,
+    ranges: &[Range],
+    snapshot: &MemSnapshot,
+) -> Option<(u16, Completion)> {
+    let req = p.request;
+    let immediate = |status, used_len| {
+        Some((
+            p.head,
+            Completion {
+                status_addr: p.status,
+                status,
+                used_len,
+            },
+        ))
+    };
+    match req.kind {
+        RequestKind::GetId => {
+            let iov = slots.iov_mut(tag);
+            // SAFETY: the iovecs were translated from `snapshot`, which is alive here.
+            let n = unsafe { iov.copy_from(&shared.serial) };
+            return immediate(Status::Ok, n as u32 + 1);
+        }
+        RequestKind::Read { .. } | RequestKind::Write { .. } if req.data_len == 0 => {
+            return immediate(Status::Ok, 1);
+        }
+        _ => {}
+    }
+    let (used_len, expect) = match req.kind {
+        RequestKind::Read { .. } => (req.data_len + 1, Some(req.data_len)),
+        RequestKind::Write { .. } => (1, Some(req.data_len)),
+        _ => (1, None),
+    };
+    slots.begin(
+        tag,
+        qi,
+        p.head,
+        p.status,
+        used_len,
+        expect,
+        snapshot.clone(),
+    );
+    let fua = !shared.writeback.load(Ordering::Relaxed);
+    let iov = slots.iov(tag);
+    // Operations queued, and whether one could not be.
+    let (mut pending, mut failed) = (0u32, false);
+    let mut count = |r: Option<u32>| match r {
+        Some(n) => pending += n,
+        None => failed = true,
+    };
+    let bytes = |sectors: u32| u64::from(sectors) << SECTOR_SHIFT;
+    match req.kind {
+        RequestKind::Read { sector } => count(queue_op(
+            channel,
+            target,
+            tag,
+            IoOp::Read {
+                offset: sector << SECTOR_SHIFT,
+                iov,
+            },
+        )),
+        RequestKind::Write { sector } => count(queue_op(
+            channel,
+            target,
+            tag,
+            IoOp::Write {
+                offset: sector << SECTOR_SHIFT,
+                iov,
+                fua,
+            },
+        )),
+        RequestKind::Flush => count(queue_op(channel, target, tag, IoOp::Flush)),
+        RequestKind::Discard => {
+            for r in ranges {
+                count(queue_op(
+                    channel,
+                    target,
+                    tag,
+                    IoOp::Discard {
+                        offset: r.sector << SECTOR_SHIFT,
+                        len: bytes(r.sectors),
+                    },
+                ));
+            }
+        }
+        RequestKind::WriteZeroes => {
+            for r in ranges {
+                count(queue_op(
+                    channel,
+                    target,
+                    tag,
+                    IoOp::WriteZeroes {
+                        offset: r.sector << SECTOR_SHIFT,
+                        len: bytes(r.sectors),
+                        unmap: r.unmap,
+                    },
+                ));
+            }
+        }
+        RequestKind::GetId => {}
+    }
+    if failed {
+        warn!("I/O channel full; failing part of a request");
+        slots.set_error(tag);
+    }
+    slots.add_pending(tag, pending);
+    if pending == 0 {
+        let c = slots.finish(tag);
+        slots.free(tag);
+        return Some((p.head, c));
+    }
+    None
+}
+
+/// Queues one operation of the request in slot `tag`; when the channel is full, hands what is
+/// queued to the kernel and retries once. Returns the completions to expect, `None` when the
+/// operation could not be queued.
+#[inline]
+fn queue_op(channel: &mut Channel, target: &Target, tag: Tag, op: IoOp<'_>) -> Option<u32> {
+    // SAFETY: the slot keeps the iovec list and the memory snapshot until every completion
+    // for `tag` is reaped (the slot is freed only then).
+    match unsafe { channel.queue_for(target, tag, op) } {
+        Ok(n) => Some(n),
+        Err(_) => {
+            // Make room by handing what is queued to the kernel, then retry once.
+            let _ = channel.submit();
+            // SAFETY: as above.
+            unsafe { channel.queue_for(target, tag, op) }.ok()
+        }
+    }
+}
