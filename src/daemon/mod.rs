@@ -250,7 +250,7 @@ fn device_model(cfg: &Config, info: &DeviceInfo, device_serial: &str) -> (BlkSha
         } else {
             0
         },
-        write_zeroes_may_unmap: features.write_zeroes,
+        write_zeroes_may_unmap: features.write_zeroes && info.write_zeroes_unmaps,
     };
     let mut serial = [0u8; ID_BYTES];
     let n = device_serial.len().min(ID_BYTES);
@@ -531,4 +531,46 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Args, Command};
+    use clap::Parser;
+
+    fn config() -> Config {
+        let args = Args::try_parse_from(["vubd", "--socket-path", "/s", "--disk", "null:1G"])
+            .expect("clap accepts");
+        match Command::try_from(args) {
+            Ok(Command::Serve(c)) => c,
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    fn info(write_zeroes: bool, write_zeroes_unmaps: bool) -> DeviceInfo {
+        DeviceInfo {
+            capacity_bytes: 1 << 30,
+            logical_block_size: 512,
+            physical_block_size: 512,
+            read_only: false,
+            discard: false,
+            write_zeroes,
+            write_zeroes_unmaps,
+        }
+    }
+
+    #[test]
+    fn write_zeroes_may_unmap_only_where_the_device_says_unmapped_blocks_read_as_zeroes() {
+        let cfg = config();
+        // virtio-blk configuration space: write_zeroes_may_unmap at byte 56.
+        let unmap = |i: &DeviceInfo| device_model(&cfg, i, "s").0.config.to_bytes()[56];
+        assert_eq!(unmap(&info(true, true)), 1);
+        assert_eq!(
+            unmap(&info(true, false)),
+            0,
+            "an NVMe namespace without DLFEAT"
+        );
+        assert_eq!(unmap(&info(false, true)), 0, "no write-zeroes at all");
+    }
 }
