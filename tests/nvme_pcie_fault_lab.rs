@@ -8,9 +8,12 @@
 //!   during the reset, which lifts the throttle for the commands it holds; the host lifts it
 //!   for good over the QEMU monitor as soon as the guest console shows the first reset. The
 //!   commands submitted again complete, blkcheck verifies every block, and a second blkcheck
-//!   passes on the same daemon. Then the startup errors a user fixes: no permission on
-//!   `/dev/vfio/N` (vubd as user nobody), and an IOMMU group that is not viable (two
-//!   controllers behind a PCIe-to-PCI bridge, one of them left on the nvme driver).
+//!   passes on the same daemon. A second controller's drive (blkdebug) fails the first read
+//!   of one sector with EIO: QEMU completes the command with an error status, blkcheck sees
+//!   EIO for that read, and the next blkcheck on the same daemon passes (no reset). Then the
+//!   startup errors a user fixes: no permission on `/dev/vfio/N` (vubd as user nobody), and
+//!   an IOMMU group that is not viable (two controllers behind a PCIe-to-PCI bridge, one of
+//!   them left on the nvme driver).
 //! - Without an IOMMU: the controller has no IOMMU group and vfio-pci cannot take it; vubd
 //!   says the IOMMU is off.
 //!
@@ -34,6 +37,12 @@ use common::lab::{bin_arg, fields, lab_dir, line_with, lines_with, run_guest, ru
 
 const HANG_BDF: &str = "0000:00:10.0";
 const HANG_ADDR: &str = "0x10";
+const EIO_BDF: &str = "0000:00:11.0";
+const EIO_ADDR: &str = "0x11";
+/// blkdebug: the first read of the drive that covers sector 1000 (inside the MiB blkcheck
+/// checks; the firmware reads sector 0 at boot) fails with EIO.
+const BLKDEBUG_CONF: &str =
+    "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nsector = \"1000\"\nonce = \"on\"\n";
 const GRP0_SERIAL: &str = "vubd-grp-0";
 const GRP1_SERIAL: &str = "vubd-grp-1";
 const IMG_BYTES: u64 = 16 << 20;
@@ -148,6 +157,9 @@ fn a_hung_command_is_aborted_then_recovered_by_a_reset_and_startup_errors_name_t
     let hang = image(d, "hang.img");
     let grp0 = image(d, "grp0.img");
     let grp1 = image(d, "grp1.img");
+    let eio = image(d, "eio.img");
+    let blkdebug = d.join("blkdebug.conf");
+    std::fs::write(&blkdebug, BLKDEBUG_CONF).expect("write the blkdebug rules");
     let console_log = d.join("console-iommu.log");
     let monitor = d.join("monitor.sock");
     let mut guest = Command::new(lab_dir().join("run-guest.sh"));
@@ -163,6 +175,12 @@ fn a_hung_command_is_aborted_then_recovered_by_a_reset_and_startup_errors_name_t
         ))
         .arg("--nvme")
         .arg(format!(
+            "{},serial=vubd-eio,addr={EIO_ADDR},drive.file.driver=blkdebug,drive.file.config={}",
+            eio.display(),
+            blkdebug.display()
+        ))
+        .arg("--nvme")
+        .arg(format!(
             "{},serial={GRP0_SERIAL},bus=br0,addr=1",
             grp0.display()
         ))
@@ -174,7 +192,7 @@ fn a_hung_command_is_aborted_then_recovered_by_a_reset_and_startup_errors_name_t
         .args([
             "--append",
             &format!(
-                "FAULT_MODE=iommu HANG_BDF={HANG_BDF} GRP0_SERIAL={GRP0_SERIAL} GRP1_SERIAL={GRP1_SERIAL}"
+                "FAULT_MODE=iommu HANG_BDF={HANG_BDF} EIO_BDF={EIO_BDF} GRP0_SERIAL={GRP0_SERIAL} GRP1_SERIAL={GRP1_SERIAL}"
             ),
         ])
         .args([
@@ -199,6 +217,7 @@ fn a_hung_command_is_aborted_then_recovered_by_a_reset_and_startup_errors_name_t
     for line in console.lines().filter(|l| {
         l.starts_with("HANG-LOG")
             || l.starts_with("PERM-")
+            || l.starts_with("EIO-")
             || l.starts_with("GROUP")
             || l.starts_with("blkcheck: ")
     }) {
@@ -248,6 +267,24 @@ fn a_hung_command_is_aborted_then_recovered_by_a_reset_and_startup_errors_name_t
             &format!("blkcheck: PASS write-verify queues=1 size=1048576 seed={seed} "),
         );
     }
+
+    // The injected read error reached the client as EIO; the daemon went on serving without
+    // a reset (an error status is the command's result, not a controller fault).
+    let eio_first = line_with(&console, "EIO-FIRST: ");
+    assert!(
+        eio_first.starts_with("EIO-FIRST: blkcheck: FAIL write-verify: read ")
+            && eio_first.ends_with("failed: Input/output error (os error 5)"),
+        "{eio_first}"
+    );
+    line_with(
+        &console,
+        "blkcheck: PASS write-verify queues=1 size=1048576 seed=0x82 ",
+    );
+    assert_eq!(
+        lines_with(&console, "EIO-LOG: ").count(),
+        0,
+        "no timeout or reset: {console}"
+    );
 
     // No permission on the group's device node: one line that names it.
     let (perm, rc) = tried(&console, "PERM");

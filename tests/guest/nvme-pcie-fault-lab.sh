@@ -4,7 +4,8 @@
 # kernel command line picks the guest:
 #
 # FAULT_MODE=iommu: an emulated IOMMU, a controller at $HANG_BDF whose drive
-# the host throttles to 1 byte/s from boot, and two controllers behind a
+# the host throttles to 1 byte/s from boot, one at $EIO_BDF whose drive
+# (blkdebug) fails the first read of sector 1000 with EIO, and two controllers behind a
 # PCIe-to-PCI bridge (serials $GRP0_SERIAL, $GRP1_SERIAL), one IOMMU group.
 #   1. $HANG_BDF goes to vfio-pci (the kernel's nvme driver is not loaded yet,
 #      so nothing reads the throttled drive) and vubd serves it with
@@ -13,6 +14,8 @@
 #      throttle. blkcheck write-verify must pass across the timeout, Abort and
 #      reset, and a second blkcheck after it (the daemon keeps serving). The
 #      log's recovery lines are printed as HANG-LOG lines.
+#   1b. $EIO_BDF to vfio-pci, vubd on it: the first blkcheck must fail on a
+#      read with EIO (EIO-FIRST line: its summary), the second must pass.
 #   2. vubd as user nobody on the same controller: PERM-ERROR line(s) and a
 #      PERM-RC line with its exit status.
 #   3. the nvme driver takes the bridged controllers; the first goes to
@@ -78,8 +81,8 @@ iommu) ;;
 *) fatal "FAULT_MODE must be iommu or no-iommu" ;;
 esac
 
-[ -n "${HANG_BDF:-}" ] && [ -n "${GRP0_SERIAL:-}" ] && [ -n "${GRP1_SERIAL:-}" ] ||
-    fatal "HANG_BDF, GRP0_SERIAL and GRP1_SERIAL must be set"
+[ -n "${HANG_BDF:-}" ] && [ -n "${EIO_BDF:-}" ] && [ -n "${GRP0_SERIAL:-}" ] &&
+    [ -n "${GRP1_SERIAL:-}" ] || fatal "HANG_BDF, EIO_BDF, GRP0_SERIAL and GRP1_SERIAL must be set"
 
 # --- 1. a hung command: timeout, Abort, reset ------------------------------------
 out=$(bind-vfio.sh "$HANG_BDF") || fatal "bind-vfio.sh: $out"
@@ -106,6 +109,28 @@ wait "$vubd_pid" || rc=$?
 [ "$rc" -eq 0 ] || { tail -n 20 $log; fatal "vubd exited with status $rc"; }
 grep -E "NVMe I/O timeout|NVMe Abort|NVMe controller reset|resubmitted|submitted again|cannot be brought back" $log |
     sed 's/^/HANG-LOG: /'
+
+# --- 1b. a read that fails: an error status, and the daemon keeps serving ---------
+out=$(bind-vfio.sh "$EIO_BDF") || fatal "bind-vfio.sh: $out"
+echo "$out"
+log=/tmp/vubd-eio.log
+rm -f $sock
+vubd --socket-path $sock --disk "nvme-pcie:$EIO_BDF" --num-queues 1 >$log 2>&1 &
+vubd_pid=$!
+wait_for 100 test -S $sock || { cat $log; fatal "vubd did not create $sock"; }
+rc=0
+out=$(blkcheck --socket $sock --queues 1 --seed 0x81 --size 1M --rounds 1 write-verify) || rc=$?
+echo "$out" | sed 's/^/EIO-FIRST: /'
+[ "$rc" -eq 1 ] || { kill -KILL "$vubd_pid"; fatal "blkcheck on the failing drive exited with $rc, expected 1"; }
+if ! blkcheck --socket $sock --queues 1 --seed 0x82 --size 1M --rounds 2 write-verify; then
+    kill -KILL "$vubd_pid"
+    fatal "blkcheck write-verify after the failed read"
+fi
+kill -TERM "$vubd_pid"
+rc=0
+wait "$vubd_pid" || rc=$?
+[ "$rc" -eq 0 ] || { tail -n 20 $log; fatal "vubd exited with status $rc"; }
+grep -E "NVMe controller reset|NVMe I/O timeout" $log | sed 's/^/EIO-LOG: /'
 
 # --- 2. no permission on /dev/vfio/N ------------------------------------------------
 grep -q '^nobody:' /etc/passwd 2>/dev/null || echo 'nobody:x:65534:65534:nobody:/:/bin/sh' >>/etc/passwd
