@@ -411,7 +411,7 @@ impl NvmePcieChannel {
         let Some(q) = self.queue.as_ref() else {
             return;
         };
-        let qid = q.qid();
+        let (qid, generation) = (q.qid(), q.generation());
         let cmd = u16::try_from(user)
             .ok()
             .and_then(|id| self.cmds.get_mut(id));
@@ -423,7 +423,7 @@ impl NvmePcieChannel {
         if let Some(c) = cmd {
             c.aborted = true;
         }
-        let result = self.ctrl.abort(qid, cid);
+        let result = self.ctrl.abort(qid, cid, generation);
         match &result {
             Ok(outcome) => info!(
                 qid,

@@ -448,12 +448,18 @@ impl PcieController {
         }
     }
 
-    /// Sends Abort for command `cid` of submission queue `sqid` (Base 2.0 §5.1) and returns
-    /// what the controller did (see [`super::abort`]). Blocking, like every admin command:
-    /// it waits for the admin lock (another owner's admin command or reset) and then for the
-    /// answer, at most [`PcieOptions::io_timeout`].
-    pub fn abort(&self, sqid: u16, cid: u16) -> Result<AbortOutcome, PcieError> {
+    /// Sends Abort for command `cid` of submission queue `sqid`, created in `generation`
+    /// (Base 2.0 §5.1), and returns what the controller did (see [`super::abort`]). Blocking,
+    /// like every admin command: it waits for the admin lock (another owner's admin command
+    /// or reset) and then for the answer, at most [`PcieOptions::io_timeout`]. A queue lost in
+    /// a reset meanwhile is [`PcieError::QueueLost`], and no Abort is sent. Aborts are sent
+    /// one at a time (the admin lock), so never more than the Abort Command Limit (ACL,
+    /// at least one).
+    pub fn abort(&self, sqid: u16, cid: u16, generation: u64) -> Result<AbortOutcome, PcieError> {
         let mut a = lock(&self.admin);
+        if self.generation() != generation {
+            return Err(PcieError::QueueLost { qid: sqid });
+        }
         let cqe = self.admin_locked(&mut a, "Abort", &Sqe::abort(sqid, cid), Dptr::NONE)?;
         Ok(AbortOutcome::from_cqe(&cqe))
     }
