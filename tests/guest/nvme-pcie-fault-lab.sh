@@ -81,8 +81,9 @@ iommu) ;;
 *) fatal "FAULT_MODE must be iommu or no-iommu" ;;
 esac
 
-[ -n "${HANG_BDF:-}" ] && [ -n "${EIO_BDF:-}" ] && [ -n "${GRP0_SERIAL:-}" ] &&
-    [ -n "${GRP1_SERIAL:-}" ] || fatal "HANG_BDF, EIO_BDF, GRP0_SERIAL and GRP1_SERIAL must be set"
+for v in "${HANG_BDF:-}" "${EIO_BDF:-}" "${GRP0_SERIAL:-}" "${GRP1_SERIAL:-}"; do
+    [ -n "$v" ] || fatal "HANG_BDF, EIO_BDF, GRP0_SERIAL and GRP1_SERIAL must be set"
+done
 
 # --- 1. a hung command: timeout, Abort, reset ------------------------------------
 out=$(bind-vfio.sh "$HANG_BDF") || fatal "bind-vfio.sh: $out"

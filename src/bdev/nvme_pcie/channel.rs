@@ -9,16 +9,16 @@
 //! with *Command Abort Requested* and is submitted again; a command is aborted once, so a
 //! second timeout of the same command goes on as below. An abort not performed, an Abort that
 //! fails or times out, or an aborted command not completed within
-//! [`ABORT_GRACE`](crate::nvme::pcie::abort::ABORT_GRACE), as well as a controller fatal status
-//! or a queue fault, resets the controller, unless another channel already reset it since this channel's queue was created
-//! (the controller's generation tells); a queue lost in someone else's reset only needs a new
-//! queue. Either way the commands in flight are taken back, a new queue pair is created and
-//! they are submitted again. Only when the controller cannot be brought back
-//! ([`RECOVERY_ATTEMPTS`] resets) do they fail, after the controller has been disabled and
-//! stopped from mastering the bus (so no late DMA reaches a failed request's buffers), and
-//! new requests fail at once until a later
-//! attempt ([`RETRY_DOWN`] apart) succeeds. An Abort or a reset blocks the poller that does
-//! it (admin commands, bounded by the I/O timeout and CAP.TO).
+//! [`ABORT_GRACE`](crate::nvme::pcie::abort::ABORT_GRACE), as well as a controller fatal
+//! status or a queue fault, resets the controller, unless another channel already reset it
+//! since this channel's queue was created (the controller's generation tells); a queue lost
+//! in someone else's reset only needs a new queue. Either way the commands in flight are
+//! taken back, a new queue pair is created and they are submitted again. Only when the
+//! controller cannot be brought back ([`RECOVERY_ATTEMPTS`] resets) do they fail, after the
+//! controller has been disabled and stopped from mastering the bus (so no late DMA reaches a
+//! failed request's buffers), and new requests fail at once until a later attempt
+//! ([`RETRY_DOWN`] apart) succeeds. An Abort or a reset blocks the poller that does it
+//! (admin commands, bounded by the I/O timeout and CAP.TO).
 //!
 //! **Sleeping.** When the controller's I/O queues have MSI-X interrupts, the channel's
 //! completion fd is an epoll fd of its own holding the queue's vector eventfd (re-watched
@@ -377,9 +377,8 @@ impl NvmePcieChannel {
             return;
         }
         if let Some(a) = self.aborting {
-            if !q.holds(a.cid, a.since) {
-                self.aborting = None;
-            } else if a.overdue(true, Instant::now()) {
+            let held = q.holds(a.cid, a.since);
+            if a.overdue(held, Instant::now()) {
                 warn!(
                     qid = q.qid(),
                     cid = a.cid,
@@ -387,9 +386,12 @@ impl NvmePcieChannel {
                 );
                 self.recover("aborted command not completed");
                 return;
-            } else {
+            }
+            if held {
+                // Still within the grace period.
                 return;
             }
+            self.aborting = None;
         }
         if let Some((cid, user, since)) = q.oldest_command()
             && since.elapsed() > self.geo.io_timeout
