@@ -23,8 +23,11 @@
 #   --nvme IMG[,serial=S][,PROP=VALUE...]
 #                          an emulated NVMe controller whose namespace 1 is
 #                          the raw image IMG (serial defaults to vubd-nvmeN;
-#                          other properties go to -device nvme as they are);
-#                          repeatable, one controller each
+#                          other properties go to -device nvme as they are,
+#                          except drive.OPT=VALUE, which goes to its -drive
+#                          as OPT=VALUE: drive.throttling.bps-total=1, say);
+#                          repeatable, one controller each; the Nth (from 0)
+#                          has the drive (block backend) nvmeN
 #   --nvme-ctrl ID[,serial=S][,PROP=VALUE...]
 #                          an emulated NVMe controller without namespaces,
 #                          named ID (letters, digits, '_'), for --nvme-ns
@@ -34,6 +37,13 @@
 #                          controller's previous namespace (1 for the
 #                          first); other properties go to -device nvme-ns
 #                          as they are
+#   --pci-bridge ID        a PCIe-to-PCI bridge (pcie-pci-bridge; needs
+#                          --iommu, which makes the machine q35) named ID,
+#                          created before the NVMe controllers so that they
+#                          can sit behind it (bus=ID,addr=N): devices behind
+#                          it share one IOMMU group
+#   --monitor SOCK         the QEMU monitor (HMP) on the unix socket SOCK,
+#                          which QEMU creates (qemu-io, block_set_io_throttle)
 #   --smp N                guest CPUs (default 1; virtio-blk uses at most one
 #                          queue per CPU, so num-queues=2 needs --smp 2)
 #   --memory SIZE          guest memory, shared memfd (default 512M)
@@ -66,7 +76,7 @@ usage_error() { printf '%s: error: %s (see --help)\n' "$LAB_PROG" "$*" >&2; exit
 
 kernel='' initrd='' smp=1 memory=512M append='' log='' echo_console=1 dry_run=0 interactive=0
 timeout_s=${VUBD_LAB_TIMEOUT:-300}
-disks=() extra=() nvmes=() nvme_ctrls=() nvme_nss=() iommu=0
+disks=() extra=() nvmes=() nvme_ctrls=() nvme_nss=() iommu=0 bridges=() monitor=''
 need_value() { [[ $2 -ge 2 ]] || usage_error "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -74,6 +84,8 @@ while [[ $# -gt 0 ]]; do
         --kernel) need_value "$1" $#; kernel=$2; shift 2 ;;
         --vhost-user-blk) need_value "$1" $#; disks+=("$2"); shift 2 ;;
         --iommu) iommu=1; shift ;;
+        --pci-bridge) need_value "$1" $#; bridges+=("$2"); shift 2 ;;
+        --monitor) need_value "$1" $#; monitor=$2; shift 2 ;;
         --nvme) need_value "$1" $#; nvmes+=("$2"); shift 2 ;;
         --nvme-ctrl) need_value "$1" $#; nvme_ctrls+=("$2"); shift 2 ;;
         --nvme-ns) need_value "$1" $#; nvme_nss+=("$2"); shift 2 ;;
@@ -125,6 +137,8 @@ lab_need_cmd timeout coreutils
 #   panics ("timer doesn't work through Interrupt-remapped IO-APIC")
 #   instead of falling back; the check is skipped.
 iommu_append='' machine=()
+[[ ${#bridges[@]} -eq 0 || $iommu -eq 1 ]] || usage_error "--pci-bridge needs --iommu (machine q35)"
+[[ $monitor != *,* ]] || usage_error "--monitor: '$monitor' contains a comma"
 if [[ $iommu -eq 1 ]]; then
     iommu_append=' intel_iommu=on iommu=pt no_timer_check'
     # shellcheck disable=SC2054 # the commas are inside option values
@@ -154,6 +168,14 @@ qemu=(qemu-system-x86_64
     -kernel "$kernel" -initrd "$initrd"
     -append "console=ttyS0 panic=-1 quiet${iommu_append}${append}")
 
+if [[ -n $monitor ]]; then
+    qemu+=(-monitor "unix:$monitor,server=on,wait=off")
+fi
+for id in "${bridges[@]}"; do
+    [[ $id =~ ^[A-Za-z][A-Za-z0-9_]*$ ]] || usage_error "--pci-bridge '$id': letters, digits and '_'"
+    qemu+=(-device "pcie-pci-bridge,id=$id")
+done
+
 n=0
 for spec in "${disks[@]}"; do
     IFS=, read -r -a fields <<<"$spec"
@@ -179,15 +201,19 @@ for spec in "${nvmes[@]}"; do
     IFS=, read -r -a fields <<<"$spec"
     img=${fields[0]:-}
     need_image "--nvme '$spec'" "$img"
-    props="drive=nvme$n" have_serial=0
+    props="drive=nvme$n" have_serial=0 drive_opts=''
     for f in "${fields[@]:1}"; do
         [[ $f == *=* ]] || usage_error "--nvme '$spec': '$f' is not PROP=VALUE"
         [[ $f == serial=* ]] && have_serial=1
         [[ $f != drive=* ]] || usage_error "--nvme '$spec': the drive is the image"
+        if [[ $f == drive.* ]]; then
+            drive_opts+=",${f#drive.}"
+            continue
+        fi
         props+=",$f"
     done
     [[ $have_serial -eq 1 ]] || props+=",serial=vubd-nvme$n"
-    qemu+=(-drive "file=$img,if=none,id=nvme$n,format=raw"
+    qemu+=(-drive "file=$img,if=none,id=nvme$n,format=raw$drive_opts"
         -device "nvme,$props")
     n=$((n + 1))
 done

@@ -172,6 +172,10 @@ fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
         assert_eq!(ns["size"], bytes.to_string());
         assert_eq!(ns["block_size"], "512");
         assert_eq!(ns["blocks"], (bytes / 512).to_string());
+        // QEMU 7.2 reports DLFEAT 01h: deallocated blocks read as zeroes, but Write Zeroes
+        // does not deallocate (bit 3 clear).
+        assert_eq!(ns["deallocated_reads"], "zeroes");
+        assert_eq!(ns["write_zeroes_deallocates"], "false");
     }
 
     // The controller left to the kernel: one line that says what to do.

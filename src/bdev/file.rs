@@ -165,6 +165,7 @@ impl FileDevice {
             read_only: opts.read_only,
             discard,
             write_zeroes: zero != ZeroStrategy::Unsupported,
+            write_zeroes_unmaps: zero != ZeroStrategy::Unsupported,
         };
         info!(
             path = %path.display(),

@@ -35,6 +35,9 @@ pub struct DeviceInfo {
     pub discard: bool,
     /// Zeroing of ranges is supported.
     pub write_zeroes: bool,
+    /// A write-zeroes that allows unmapping may deallocate the range instead of writing it,
+    /// and it still reads as zeroes (virtio-blk's `write_zeroes_may_unmap`).
+    pub write_zeroes_unmaps: bool,
 }
 
 /// One operation on a channel. Offsets and lengths are in bytes.

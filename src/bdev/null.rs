@@ -23,6 +23,7 @@ impl NullDevice {
                 read_only,
                 discard: true,
                 write_zeroes: true,
+                write_zeroes_unmaps: true,
             },
         }
     }

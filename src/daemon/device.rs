@@ -177,7 +177,7 @@ pub(super) fn device_model(
         } else {
             0
         },
-        write_zeroes_may_unmap: features.write_zeroes,
+        write_zeroes_may_unmap: features.write_zeroes && info.write_zeroes_unmaps,
     };
     let mut serial = [0u8; ID_BYTES];
     let n = device_serial.len().min(ID_BYTES);
@@ -309,5 +309,31 @@ mod tests {
         let c = config(&["--disk", "null:1M"]);
         let e = in_device(&c.devices[0], DaemonError::BadFd(3));
         assert_eq!(e.to_string(), "--fd 3: not a listening unix socket");
+    }
+
+    fn info(write_zeroes: bool, write_zeroes_unmaps: bool) -> DeviceInfo {
+        DeviceInfo {
+            capacity_bytes: 1 << 30,
+            logical_block_size: 512,
+            physical_block_size: 512,
+            read_only: false,
+            discard: false,
+            write_zeroes,
+            write_zeroes_unmaps,
+        }
+    }
+
+    #[test]
+    fn write_zeroes_may_unmap_only_where_the_device_says_unmapped_blocks_read_as_zeroes() {
+        let c = config(&["--disk", "null:1G"]);
+        // virtio-blk configuration space: write_zeroes_may_unmap at byte 56.
+        let unmap = |i: &DeviceInfo| device_model(&c.devices[0], i, "s").0.config.to_bytes()[56];
+        assert_eq!(unmap(&info(true, true)), 1);
+        assert_eq!(
+            unmap(&info(true, false)),
+            0,
+            "an NVMe namespace without DLFEAT"
+        );
+        assert_eq!(unmap(&info(false, true)), 0, "no write-zeroes at all");
     }
 }

@@ -67,11 +67,13 @@ fn list_one(bdf: &str, opts: &PcieOptions, out: &mut impl Write) -> std::io::Res
                 let size = ns.nsze.saturating_mul(block);
                 writeln!(
                     out,
-                    "  nsid={nsid} size={size} ({}) blocks={} block_size={block} lbaf={} metadata={}",
+                    "  nsid={nsid} size={size} ({}) blocks={} block_size={block} lbaf={} metadata={} deallocated_reads={} write_zeroes_deallocates={}",
                     human(size),
                     ns.nsze,
                     ns.format_index(),
                     ns.lba_format().ms,
+                    ns.deallocated_read().as_str(),
+                    ns.write_zeroes_deallocates(),
                 )?;
             }
             Err(e) => {

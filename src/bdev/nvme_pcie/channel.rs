@@ -4,16 +4,21 @@
 //! completions polled by phase bit.
 //!
 //! **Recovery.** The channel keeps each command's SQE and data until it completes. A command
-//! older than the I/O timeout, a controller fatal status or a queue fault resets the
-//! controller, unless another channel already reset it since this channel's queue was created
-//! (the controller's generation tells); a queue lost in someone else's reset only needs a new
-//! queue. Either way the commands in flight are taken back, a new queue pair is created and
-//! they are submitted again. Only when the controller cannot be brought back
-//! ([`RECOVERY_ATTEMPTS`] resets) do they fail, after the controller has been disabled and
-//! stopped from mastering the bus (so no late DMA reaches a failed request's buffers), and
-//! new requests fail at once until a later
-//! attempt ([`RETRY_DOWN`] apart) succeeds. A reset blocks the poller that does it (admin
-//! commands, bounded by the I/O timeout and CAP.TO).
+//! older than the I/O timeout is aborted first (Abort, on the admin queue; see
+//! [`crate::nvme::pcie::abort`]): if the controller performs the abort, the command completes
+//! with *Command Abort Requested* and is submitted again; a command is aborted once, so a
+//! second timeout of the same command goes on as below. An abort not performed, an Abort that
+//! fails or times out, or an aborted command not completed within
+//! [`ABORT_GRACE`](crate::nvme::pcie::abort::ABORT_GRACE), as well as a controller fatal
+//! status or a queue fault, resets the controller, unless another channel already reset it
+//! since this channel's queue was created (the controller's generation tells); a queue lost
+//! in someone else's reset only needs a new queue. Either way the commands in flight are
+//! taken back, a new queue pair is created and they are submitted again. Only when the
+//! controller cannot be brought back ([`RECOVERY_ATTEMPTS`] resets) do they fail, after the
+//! controller has been disabled and stopped from mastering the bus (so no late DMA reaches a
+//! failed request's buffers), and new requests fail at once until a later attempt
+//! ([`RETRY_DOWN`] apart) succeeds. An Abort or a reset blocks the poller that does it
+//! (admin commands, bounded by the I/O timeout and CAP.TO).
 //!
 //! **Sleeping.** When the controller's I/O queues have MSI-X interrupts, the channel's
 //! completion fd is an epoll fd of its own holding the queue's vector eventfd (re-watched
@@ -40,6 +45,7 @@ use crate::bdev::nvme_ops::{CmdData, Namespace, Translated, translate};
 use crate::bdev::{ChannelFull, IoChannel, IoOp};
 use crate::nvme::cid::CmdTable;
 use crate::nvme::data::DataRef;
+use crate::nvme::pcie::abort::{self, Aborting, OnTimeout};
 use crate::nvme::pcie::io::INLINE_LEN;
 use crate::nvme::pcie::{PcieController, PcieError, PcieIoQueue, QueueFull};
 use crate::nvme::spec::{Sqe, Status};
@@ -86,6 +92,8 @@ struct Cmd {
     bytes: u32,
     sqe: Sqe,
     payload: Payload,
+    /// This command timed out once and was aborted.
+    aborted: bool,
 }
 
 /// What a poller sleeps on when the queue has interrupts.
@@ -161,6 +169,8 @@ pub struct NvmePcieChannel {
     until_check: u32,
     /// When recovery last failed, while the controller is down.
     down_since: Option<Instant>,
+    /// An Abort the controller performed, until the aborted command completes.
+    aborting: Option<Aborting>,
     /// [`DEBUG_RESET_ENV`]: commands still to submit before the debug reset.
     debug_reset_in: Option<u64>,
     /// The completion fd, when the controller's queues have interrupts.
@@ -210,6 +220,7 @@ impl NvmePcieChannel {
             queued: false,
             until_check: CHECK_EVERY_POLLS,
             down_since: None,
+            aborting: None,
             debug_reset_in,
             wait,
         })
@@ -284,6 +295,7 @@ impl NvmePcieChannel {
             bytes,
             sqe,
             payload,
+            aborted: false,
         };
         let Some(id) = self.cmds.insert(cmd) else {
             // Unreachable: the table holds the queue's depth and the whole backlog.
@@ -359,18 +371,77 @@ impl NvmePcieChannel {
             return;
         }
         self.until_check = CHECK_EVERY_POLLS;
-        if let Some(oldest) = q.oldest()
-            && oldest.elapsed() > self.geo.io_timeout
+        if self.ctrl.fatal() {
+            warn!(qid = q.qid(), "NVMe controller fatal status");
+            self.recover("controller fatal status");
+            return;
+        }
+        if let Some(a) = self.aborting {
+            let held = q.holds(a.cid, a.since);
+            if a.overdue(held, Instant::now()) {
+                warn!(
+                    qid = q.qid(),
+                    cid = a.cid,
+                    "aborted NVMe command not completed"
+                );
+                self.recover("aborted command not completed");
+                return;
+            }
+            if held {
+                // Still within the grace period.
+                return;
+            }
+            self.aborting = None;
+        }
+        if let Some((cid, user, since)) = q.oldest_command()
+            && since.elapsed() > self.geo.io_timeout
         {
             warn!(
                 qid = q.qid(),
-                waited_ms = oldest.elapsed().as_millis(),
+                cid,
+                waited_ms = since.elapsed().as_millis(),
                 "NVMe I/O timeout"
             );
-            self.recover("I/O timeout");
-        } else if self.ctrl.fatal() {
-            warn!(qid = q.qid(), "NVMe controller fatal status");
-            self.recover("controller fatal status");
+            self.timed_out(cid, user, since);
+        }
+    }
+
+    /// Command `user` (CID `cid` in the queue, submitted at `since`) timed out: aborts it, or
+    /// resets the controller if it was aborted before or the abort does not work.
+    #[cold]
+    fn timed_out(&mut self, cid: u16, user: u32, since: Instant) {
+        let Some(q) = self.queue.as_ref() else {
+            return;
+        };
+        let (qid, generation) = (q.qid(), q.generation());
+        let cmd = u16::try_from(user)
+            .ok()
+            .and_then(|id| self.cmds.get_mut(id));
+        let aborted_before = cmd.as_ref().is_none_or(|c| c.aborted);
+        if abort::on_timeout(aborted_before) == OnTimeout::Reset {
+            self.recover("I/O timeout after an abort");
+            return;
+        }
+        if let Some(c) = cmd {
+            c.aborted = true;
+        }
+        let result = self.ctrl.abort(qid, cid, generation);
+        match &result {
+            Ok(outcome) => info!(
+                qid,
+                cid,
+                ?outcome,
+                "NVMe Abort sent for the timed-out command"
+            ),
+            Err(e) => warn!(qid, cid, error = %e, "NVMe Abort failed"),
+        }
+        match abort::after_abort(&result, cid, since, Instant::now()) {
+            Ok(a) => {
+                self.aborting = Some(a);
+                // Look again soon: the aborted command completes right after the Abort.
+                self.until_check = 1;
+            }
+            Err(why) => self.recover(why),
         }
     }
 
@@ -379,6 +450,7 @@ impl NvmePcieChannel {
     /// again; fails them after [`RECOVERY_ATTEMPTS`].
     #[cold]
     fn recover(&mut self, why: &str) {
+        self.aborting = None;
         let mut back = Vec::new();
         let (mut generation, old_qid) = match self.queue.as_mut() {
             Some(q) => {
@@ -565,9 +637,22 @@ impl IoChannel for NvmePcieChannel {
             self.keep_timer();
             return n;
         };
-        let cmds = &mut self.cmds;
+        let (cmds, backlog) = (&mut self.cmds, &mut self.backlog);
         let polled = q.poll(|user, status| {
-            let Some(c) = u16::try_from(user).ok().and_then(|id| cmds.remove(id)) else {
+            let Ok(id) = u16::try_from(user) else {
+                return;
+            };
+            if !status.is_success()
+                && cmds
+                    .get(id)
+                    .is_some_and(|c| abort::resubmit_after(status, c.aborted))
+            {
+                // Aborted after a timeout: submitted again, ahead of the backlog.
+                info!(id, "aborted NVMe command submitted again");
+                backlog.push_front(id);
+                return;
+            }
+            let Some(c) = cmds.remove(id) else {
                 return;
             };
             f(c.tag, result_of(status, c.bytes));

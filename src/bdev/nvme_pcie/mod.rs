@@ -140,6 +140,8 @@ impl NvmePcieDevice {
             // Dataset Management (deallocate), one range per command.
             discard: id.oncs.dsm(),
             write_zeroes: id.oncs.write_zeroes(),
+            // Write Zeroes with DEAC may deallocate (DLFEAT).
+            write_zeroes_unmaps: id.oncs.write_zeroes() && ns.write_zeroes_deallocates(),
         };
         info!(
             bdf = %cfg.bdf,
@@ -148,6 +150,8 @@ impl NvmePcieDevice {
             block_size,
             io_queues = ctrl.io_queues_granted(),
             msix_vectors = ctrl.vectors(),
+            deallocated_reads = ns.deallocated_read().as_str(),
+            write_zeroes_unmaps = info.write_zeroes_unmaps,
             "{}",
             if shared {
                 "NVMe controller shared with another device"

@@ -239,6 +239,8 @@ impl NvmeTcpDevice {
             read_only: cfg.read_only,
             discard: id.oncs.dsm(),
             write_zeroes: id.oncs.write_zeroes(),
+            // Write Zeroes with DEAC may deallocate (DLFEAT).
+            write_zeroes_unmaps: id.oncs.write_zeroes() && ns.write_zeroes_deallocates(),
         };
         let serial = id.sn.clone();
         let granted = ctrl.io_queues_granted();

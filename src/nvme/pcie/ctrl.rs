@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::abort::AbortOutcome;
 use super::error::PcieError;
 use super::io::PcieIoQueue;
 use super::regs::{Aqa, cq_head_doorbell, offset, sq_tail_doorbell};
@@ -445,6 +446,22 @@ impl PcieController {
                 _ => return Ok(out),
             }
         }
+    }
+
+    /// Sends Abort for command `cid` of submission queue `sqid`, created in `generation`
+    /// (Base 2.0 §5.1), and returns what the controller did (see [`super::abort`]). Blocking,
+    /// like every admin command: it waits for the admin lock (another owner's admin command
+    /// or reset) and then for the answer, at most [`PcieOptions::io_timeout`]. A queue lost in
+    /// a reset meanwhile is [`PcieError::QueueLost`], and no Abort is sent. Aborts are sent
+    /// one at a time (the admin lock), so never more than the Abort Command Limit (ACL,
+    /// at least one).
+    pub fn abort(&self, sqid: u16, cid: u16, generation: u64) -> Result<AbortOutcome, PcieError> {
+        let mut a = lock(&self.admin);
+        if self.generation() != generation {
+            return Err(PcieError::QueueLost { qid: sqid });
+        }
+        let cqe = self.admin_locked(&mut a, "Abort", &Sqe::abort(sqid, cid), Dptr::NONE)?;
+        Ok(AbortOutcome::from_cqe(&cqe))
     }
 
     /// Resets the controller (CC.EN to 0 and back), re-creates the admin queue and asks for

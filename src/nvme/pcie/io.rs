@@ -239,6 +239,21 @@ impl PcieIoQueue {
         self.order.front().map(|&(_, t)| t)
     }
 
+    /// The oldest command in flight (as of the last poll): its CID, its `user` value and when
+    /// it was submitted.
+    pub fn oldest_command(&self) -> Option<(u16, u32, Instant)> {
+        let &(cid, since) = self.order.front()?;
+        self.qp
+            .get(cid)
+            .filter(|c| c.since == since)
+            .map(|c| (cid, c.user, since))
+    }
+
+    /// Command `cid` submitted at `since` is still in flight.
+    pub fn holds(&self, cid: u16, since: Instant) -> bool {
+        self.qp.get(cid).is_some_and(|c| c.since == since)
+    }
+
     /// The address of command list area `i`.
     fn area(&self, i: u16) -> Option<(std::ptr::NonNull<u8>, u64)> {
         let off = self.area_off + usize::from(i) * self.area_bytes;

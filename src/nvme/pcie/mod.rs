@@ -9,7 +9,8 @@
 //!
 //! - [`sysfs`]: what the kernel says about a PCI function before VFIO is asked for it.
 //! - [`vfio`]: [`VfioNvme`] (container, group, device, BAR0) and [`DmaBuf`].
-//! - [`ctrl`]: [`PcieController`]: bring-up, the admin queue, namespaces, resets.
+//! - [`ctrl`]: [`PcieController`]: bring-up, the admin queue, namespaces, Abort, resets.
+//! - [`abort`]: what an Abort's answer means and what follows a timed-out command.
 //! - [`io`]: [`PcieIoQueue`], a polled I/O queue pair for one poller.
 //! - [`error`]: [`PcieError`], one line per case the user can fix.
 //!
@@ -39,6 +40,7 @@
 //! [`CmdTable`]: super::cid::CmdTable
 //! [`Sqe`]: super::spec::Sqe
 
+pub mod abort;
 pub mod ctrl;
 pub mod error;
 pub mod io;

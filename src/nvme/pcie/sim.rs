@@ -40,11 +40,24 @@ impl Loopback {
     /// Posts a completion for `cid` with `status`, reporting SQ head `sqhd`, at the CQ tail.
     /// False (nothing written) when the CQ is full.
     pub fn post(&mut self, cq: &mut [Cqe], cid: u16, sqhd: u16, status: Status) -> bool {
+        self.post_dw0(cq, cid, sqhd, status, 0)
+    }
+
+    /// [`Loopback::post`] with command specific Dword 0 `dw0` (an Abort's answer, say).
+    pub fn post_dw0(
+        &mut self,
+        cq: &mut [Cqe],
+        cid: u16,
+        sqhd: u16,
+        status: Status,
+        dw0: u32,
+    ) -> bool {
         let next = (usize::from(self.cq_tail) + 1) % cq.len();
         if next == usize::from(self.cq_head) {
             return false;
         }
         let mut raw = [0u8; 16];
+        raw[0..4].copy_from_slice(&dw0.to_le_bytes());
         raw[8..10].copy_from_slice(&sqhd.to_le_bytes());
         raw[10..12].copy_from_slice(&self.qid.to_le_bytes());
         raw[12..14].copy_from_slice(&cid.to_le_bytes());

@@ -90,8 +90,8 @@ pub struct VfioCandidate {
     pub group: u32,
 }
 
-/// Checks, in this order, that `bdf` exists under `devices`, is an NVMe controller, is bound
-/// to vfio-pci, has an IOMMU group, and that the group is viable.
+/// Checks, in this order, that `bdf` exists under `devices`, is an NVMe controller, has an
+/// IOMMU group, is bound to vfio-pci, and that the group is viable.
 pub fn check(devices: &Path, bdf: &str) -> Result<VfioCandidate, PcieError> {
     let bdf = normalize_bdf(bdf)?;
     let dir = devices.join(&bdf);
@@ -107,11 +107,13 @@ pub fn check(devices: &Path, bdf: &str) -> Result<VfioCandidate, PcieError> {
             });
         }
     }
+    // The group first: without an IOMMU vfio-pci cannot take the device (its probe fails and
+    // leaves it unbound), so "not bound to vfio-pci" would hide the cause.
+    let group = group_of(&dir).ok_or_else(|| PcieError::NoIommuGroup(bdf.clone()))?;
     let driver = driver_of(&dir);
     if driver.as_deref() != Some(VFIO_PCI) {
         return Err(PcieError::NotBoundToVfio { bdf, driver });
     }
-    let group = group_of(&dir).ok_or_else(|| PcieError::NoIommuGroup(bdf.clone()))?;
     let blockers = group_blockers(&dir);
     if !blockers.is_empty() {
         return Err(PcieError::GroupNotViable {

@@ -150,6 +150,28 @@ pub struct LbaFormat {
     pub rp: u8,
 }
 
+/// What a read of a deallocated logical block returns (DLFEAT bits 2:0, NVM Command Set 1.0
+/// Figure 97).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeallocatedRead {
+    /// Not reported (000b), or a reserved value.
+    Unreported,
+    /// Every byte 00h (001b).
+    Zeroes,
+    /// Every byte FFh (010b).
+    Ones,
+}
+
+impl DeallocatedRead {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeallocatedRead::Unreported => "unreported",
+            DeallocatedRead::Zeroes => "zeroes",
+            DeallocatedRead::Ones => "ones",
+        }
+    }
+}
+
 /// Most LBA formats a namespace reports (NLBAF is 0-based, at most 63).
 const MAX_LBAF: usize = 64;
 
@@ -161,6 +183,9 @@ pub struct IdentifyNamespace {
     pub ncap: u64,
     pub nuse: u64,
     pub nsfeat: u8,
+    /// Deallocate Logical Block Features (byte 33): see [`IdentifyNamespace::deallocated_read`]
+    /// and [`IdentifyNamespace::write_zeroes_deallocates`].
+    pub dlfeat: u8,
     /// Number of LBA formats, 0-based.
     pub nlbaf: u8,
     pub flbas: u8,
@@ -188,6 +213,7 @@ impl IdentifyNamespace {
             ncap: le64(b, 8),
             nuse: le64(b, 16),
             nsfeat: byte(b, 24),
+            dlfeat: byte(b, 33),
             nlbaf: byte(b, 25),
             flbas: byte(b, 26),
             noiob: le16(b, 46),
@@ -232,6 +258,22 @@ impl IdentifyNamespace {
             .get(usize::from(self.format_index()))
             .copied()
             .unwrap_or_default()
+    }
+
+    /// What reading a deallocated block returns (DLFEAT bits 2:0).
+    pub fn deallocated_read(&self) -> DeallocatedRead {
+        match self.dlfeat & 0x7 {
+            0b001 => DeallocatedRead::Zeroes,
+            0b010 => DeallocatedRead::Ones,
+            _ => DeallocatedRead::Unreported,
+        }
+    }
+
+    /// A Write Zeroes with the Deallocate bit may deallocate the blocks instead of writing
+    /// them, and they still read as zeroes: the controller supports DEAC in Write Zeroes
+    /// (DLFEAT bit 3) and deallocated blocks read as 00h (NVM Command Set 1.0 §3.2.8).
+    pub fn write_zeroes_deallocates(&self) -> bool {
+        self.dlfeat & (1 << 3) != 0 && self.deallocated_read() == DeallocatedRead::Zeroes
     }
 
     /// Logical block size in bytes.

@@ -28,8 +28,8 @@ pub use discovery::{
 };
 pub use fabrics::{CNTLID_DYNAMIC, CONNECT_DATA_LEN, ConnectData};
 pub use identify::{
-    ActiveNamespaces, ControllerType, IDENTIFY_LEN, IdentifyController, IdentifyNamespace,
-    LbaFormat, Oncs, Sgls,
+    ActiveNamespaces, ControllerType, DeallocatedRead, IDENTIFY_LEN, IdentifyController,
+    IdentifyNamespace, LbaFormat, Oncs, Sgls,
 };
 pub use nqn::{DISCOVERY_NQN, HostIdentity, NQN_MAX_LEN, Nqn};
 pub use regs::{Cap, Cc, Csts, Property, PropertySize, Shn, Shst, Version};

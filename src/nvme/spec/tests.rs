@@ -348,6 +348,33 @@ fn identify_namespace_selects_the_flbas_format() {
 }
 
 #[test]
+fn dlfeat_says_what_deallocated_blocks_read_as_and_whether_write_zeroes_may_deallocate() {
+    let with = |dlfeat: u8| {
+        let mut b = namespace(0, 0, 0, 9);
+        b[33] = dlfeat;
+        IdentifyNamespace::parse(&b).expect("namespace")
+    };
+    let cases = [
+        // (DLFEAT, read of a deallocated block, Write Zeroes may deallocate)
+        (0x00, DeallocatedRead::Unreported, false),
+        (0x01, DeallocatedRead::Zeroes, false),
+        (0x09, DeallocatedRead::Zeroes, true),
+        (0x19, DeallocatedRead::Zeroes, true),
+        (0x0a, DeallocatedRead::Ones, false),
+        (0x08, DeallocatedRead::Unreported, false),
+        (0x0b, DeallocatedRead::Unreported, false),
+        (0x0f, DeallocatedRead::Unreported, false),
+    ];
+    for (dlfeat, read, deallocates) in cases {
+        let ns = with(dlfeat);
+        assert_eq!(ns.dlfeat, dlfeat);
+        assert_eq!(ns.deallocated_read(), read, "{dlfeat:#x}");
+        assert_eq!(ns.write_zeroes_deallocates(), deallocates, "{dlfeat:#x}");
+    }
+    assert_eq!(DeallocatedRead::Zeroes.as_str(), "zeroes");
+}
+
+#[test]
 fn identify_namespace_refuses_unusable_formats() {
     let cases = [
         (

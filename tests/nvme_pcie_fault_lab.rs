@@ -1,0 +1,359 @@
+//! Faults of vubd's user-space NVMe PCIe driver in the lab (`tests/guest/nvme-pcie-fault-lab.sh`),
+//! in two QEMU guests (TCG):
+//!
+//! - With an emulated IOMMU: a controller whose drive the host throttles to 1 byte/s from
+//!   boot (`throttling.bps-total=1`), so that its commands hang in QEMU. vubd (`--io-timeout
+//!   3`) serves it to blkcheck: the oldest command times out, vubd sends Abort (which QEMU
+//!   7.2's controller does not perform), then resets the controller. QEMU drains the drive
+//!   during the reset, which lifts the throttle for the commands it holds; the host lifts it
+//!   for good over the QEMU monitor as soon as the guest console shows the first reset. The
+//!   commands submitted again complete, blkcheck verifies every block, and a second blkcheck
+//!   passes on the same daemon. A second controller's drive (blkdebug) fails the first read
+//!   of one sector with EIO: QEMU completes the command with an error status, blkcheck sees
+//!   EIO for that read, and the next blkcheck on the same daemon passes (no reset). Then the
+//!   startup errors a user fixes: no permission on `/dev/vfio/N` (vubd as user nobody), and
+//!   an IOMMU group that is not viable (two controllers behind a PCIe-to-PCI bridge, one of
+//!   them left on the nvme driver).
+//! - Without an IOMMU: the controller has no IOMMU group and vfio-pci cannot take it; vubd
+//!   says the IOMMU is off.
+//!
+//! The guests' programs are this build's vubd and blkcheck (built on first use). Where the lab
+//! cannot start, the test fails and says why.
+
+mod common;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::examples::example_bin;
+use common::lab::{bin_arg, fields, lab_dir, line_with, lines_with, run_guest, run_script};
+
+const HANG_BDF: &str = "0000:00:10.0";
+const HANG_ADDR: &str = "0x10";
+const EIO_BDF: &str = "0000:00:11.0";
+const EIO_ADDR: &str = "0x11";
+/// blkdebug: the first read of the drive that covers sector 1000 (inside the MiB blkcheck
+/// checks; the firmware reads sector 0 at boot) fails with EIO.
+const BLKDEBUG_CONF: &str =
+    "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nsector = \"1000\"\nonce = \"on\"\n";
+const GRP0_SERIAL: &str = "vubd-grp-0";
+const GRP1_SERIAL: &str = "vubd-grp-1";
+const IMG_BYTES: u64 = 16 << 20;
+const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
+const GUEST_TIMEOUT_S: u64 = 300;
+/// What the host looks for on the console before it lifts the throttle.
+const RESET_LINE: &str = "NVMe controller reset";
+
+fn image(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    File::create(&p)
+        .and_then(|f| f.set_len(IMG_BYTES))
+        .expect("create an image");
+    p
+}
+
+/// Sends one HMP command to the monitor at `sock` and returns what QEMU answered (up to the
+/// next prompt).
+fn hmp(sock: &Path, cmd: &str) -> String {
+    let mut s = UnixStream::connect(sock)
+        .unwrap_or_else(|e| panic!("connect to the QEMU monitor {}: {e}", sock.display()));
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("read timeout");
+    let mut out = String::new();
+    read_until_prompts(&mut s, &mut out, 1);
+    s.write_all(format!("{cmd}\n").as_bytes())
+        .expect("write to the QEMU monitor");
+    read_until_prompts(&mut s, &mut out, 2);
+    out
+}
+
+/// Reads from the monitor into `out` until it holds `prompts` prompts (at most 30 s).
+fn read_until_prompts(s: &mut UnixStream, out: &mut String, prompts: usize) {
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out.matches("(qemu)").count() < prompts && Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Watches the console log for [`RESET_LINE`] and then lifts the throttle of drive `nvme0`;
+/// returns the monitor's answer, or `None` if the line never came before `stop`.
+fn unthrottle_after_reset(
+    console: PathBuf,
+    monitor: PathBuf,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Option<String>> {
+    thread::spawn(move || {
+        while !stop.load(Ordering::Acquire) {
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            if text.contains(RESET_LINE) {
+                return Some(hmp(&monitor, "block_set_io_throttle nvme0 0 0 0 0 0 0"));
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        None
+    })
+}
+
+fn build_initrd(d: &Path) -> PathBuf {
+    let blkcheck = example_bin("blkcheck");
+    let vubd = Path::new(env!("CARGO_BIN_EXE_vubd"));
+    let initrd = d.join("nvme-pcie-fault-lab.cpio.gz");
+    run_script(
+        Command::new(lab_dir().join("build-initramfs.sh"))
+            .arg("--output")
+            .arg(&initrd)
+            .arg("--script")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/nvme-pcie-fault-lab.sh"))
+            .args(["--bin", &bin_arg(vubd), "--bin", &bin_arg(&blkcheck)])
+            .arg("--add")
+            .arg(format!(
+                "{}:/usr/bin/bind-vfio.sh",
+                lab_dir().join("guest/bind-vfio.sh").display()
+            )),
+        &d.join("build.log"),
+        BUILD_TIMEOUT,
+        "build-initramfs.sh",
+    );
+    initrd
+}
+
+/// The lines vubd printed for `name` (`NAME-ERROR: ...`) and its exit status (`NAME-RC`).
+fn tried<'a>(console: &'a str, name: &str) -> (Vec<&'a str>, String) {
+    let tag = format!("{name}-ERROR: ");
+    let lines: Vec<&str> = console
+        .lines()
+        .filter_map(|l| l.find(&tag).map(|at| &l[at + tag.len()..]))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let rc = fields(line_with(console, &format!("{name}-RC ")))["rc"].clone();
+    (lines, rc)
+}
+
+#[test]
+fn a_hung_command_is_aborted_then_recovered_by_a_reset_and_startup_errors_name_their_cause() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("create test directory");
+    let d = dir.path();
+    assert!(
+        !d.to_string_lossy().contains(','),
+        "QEMU options cannot take the path {}",
+        d.display()
+    );
+    let initrd = build_initrd(d);
+
+    // --- with an IOMMU: the hung command, permissions, the group ---
+    let hang = image(d, "hang.img");
+    let grp0 = image(d, "grp0.img");
+    let grp1 = image(d, "grp1.img");
+    let eio = image(d, "eio.img");
+    let blkdebug = d.join("blkdebug.conf");
+    std::fs::write(&blkdebug, BLKDEBUG_CONF).expect("write the blkdebug rules");
+    let console_log = d.join("console-iommu.log");
+    let monitor = d.join("monitor.sock");
+    let mut guest = Command::new(lab_dir().join("run-guest.sh"));
+    guest
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--iommu", "--pci-bridge", "br0", "--monitor"])
+        .arg(&monitor)
+        .arg("--nvme")
+        .arg(format!(
+            "{},serial=vubd-hang,addr={HANG_ADDR},drive.throttling.bps-total=1",
+            hang.display()
+        ))
+        .arg("--nvme")
+        .arg(format!(
+            "{},serial=vubd-eio,addr={EIO_ADDR},drive.file.driver=blkdebug,drive.file.config={}",
+            eio.display(),
+            blkdebug.display()
+        ))
+        .arg("--nvme")
+        .arg(format!(
+            "{},serial={GRP0_SERIAL},bus=br0,addr=1",
+            grp0.display()
+        ))
+        .arg("--nvme")
+        .arg(format!(
+            "{},serial={GRP1_SERIAL},bus=br0,addr=2",
+            grp1.display()
+        ))
+        .args([
+            "--append",
+            &format!(
+                "FAULT_MODE=iommu HANG_BDF={HANG_BDF} EIO_BDF={EIO_BDF} GRP0_SERIAL={GRP0_SERIAL} GRP1_SERIAL={GRP1_SERIAL}"
+            ),
+        ])
+        .args([
+            "--timeout",
+            &GUEST_TIMEOUT_S.to_string(),
+            "--no-echo",
+            "--log",
+        ])
+        .arg(&console_log);
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = unthrottle_after_reset(console_log.clone(), monitor, stop.clone());
+    let t = Instant::now();
+    let console = run_guest(
+        &mut guest,
+        &console_log,
+        d,
+        Duration::from_secs(GUEST_TIMEOUT_S + 30),
+    );
+    let iommu_guest = t.elapsed();
+    stop.store(true, Ordering::Release);
+    let answer = watcher.join().expect("the monitor thread");
+    for line in console.lines().filter(|l| {
+        l.starts_with("HANG-LOG")
+            || l.starts_with("PERM-")
+            || l.starts_with("EIO-")
+            || l.starts_with("GROUP")
+            || l.starts_with("blkcheck: ")
+    }) {
+        eprintln!("{line}");
+    }
+
+    // The host lifted the throttle after the first reset, and QEMU took the command.
+    let answer = answer.unwrap_or_else(|| panic!("no {RESET_LINE:?} on the console:\n{console}"));
+    assert!(
+        !answer.to_lowercase().contains("error"),
+        "block_set_io_throttle: {answer}"
+    );
+    // A command timed out, was aborted (QEMU does not perform it), and the controller was
+    // reset for that reason; the commands were submitted again.
+    let log: Vec<&str> = lines_with(&console, "HANG-LOG: ").collect();
+    let first = |what: &str| -> &str {
+        log.iter()
+            .copied()
+            .find(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no {what:?} in vubd's log: {log:#?}"))
+    };
+    let timeout = first("NVMe I/O timeout");
+    let abort = first("NVMe Abort sent for the timed-out command");
+    assert!(abort.contains("outcome=NotAborted"), "{abort}");
+    let reset = first("NVMe controller reset");
+    assert!(reset.contains("reason=\"abort not performed\""), "{reset}");
+    let resubmitted = fields(first("commands resubmitted"));
+    assert!(
+        resubmitted["resubmitted"]
+            .parse::<u64>()
+            .is_ok_and(|n| n > 0),
+        "{resubmitted:?}"
+    );
+    let order = |l: &str| log.iter().position(|x| *x == l).expect("in the log");
+    assert!(
+        order(timeout) < order(abort) && order(abort) < order(reset),
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("cannot be brought back")),
+        "{log:#?}"
+    );
+    // Every block verified, across the recovery and after it.
+    for seed in ["0x71", "0x72"] {
+        line_with(
+            &console,
+            &format!("blkcheck: PASS write-verify queues=1 size=1048576 seed={seed} "),
+        );
+    }
+
+    // The injected read error reached the client as EIO; the daemon went on serving without
+    // a reset (an error status is the command's result, not a controller fault).
+    let eio_first = line_with(&console, "EIO-FIRST: ");
+    assert!(
+        eio_first.starts_with("EIO-FIRST: blkcheck: FAIL write-verify: read ")
+            && eio_first.ends_with("failed: Input/output error (os error 5)"),
+        "{eio_first}"
+    );
+    line_with(
+        &console,
+        "blkcheck: PASS write-verify queues=1 size=1048576 seed=0x82 ",
+    );
+    assert_eq!(
+        lines_with(&console, "EIO-LOG: ").count(),
+        0,
+        "no timeout or reset: {console}"
+    );
+
+    // No permission on the group's device node: one line that names it.
+    let (perm, rc) = tried(&console, "PERM");
+    assert_eq!(rc, "2", "{perm:?}");
+    assert_eq!(perm.len(), 1, "one line: {perm:#?}");
+    assert!(
+        perm[0].starts_with("vubd: --disk: no permission on /dev/vfio/")
+            && perm[0].contains(": run as root, or give this user the device"),
+        "{}",
+        perm[0]
+    );
+
+    // The bridged controllers share a group; the one left on nvme is named.
+    let groups = fields(line_with(&console, "GROUPS "));
+    let (group, rc) = tried(&console, "GROUP");
+    assert_eq!(rc, "2", "{group:?}");
+    assert_eq!(group.len(), 1, "one line: {group:#?}");
+    assert_eq!(
+        group[0],
+        format!(
+            "vubd: --disk: IOMMU group {} of {} is not viable: {} (nvme) still bound to host drivers \
+             (bind them to vfio-pci too, or unbind them)",
+            groups["group0"], groups["grp0"], groups["grp1"]
+        )
+    );
+    line_with(&console, "nvme-pcie-fault-lab: all steps passed");
+
+    // --- without an IOMMU ---
+    let plain = image(d, "plain.img");
+    let console_log = d.join("console-no-iommu.log");
+    let mut guest = Command::new(lab_dir().join("run-guest.sh"));
+    guest
+        .arg("--initrd")
+        .arg(&initrd)
+        .arg("--nvme")
+        .arg(format!("{},addr={HANG_ADDR}", plain.display()))
+        .args([
+            "--append",
+            &format!("FAULT_MODE=no-iommu NVME_BDF={HANG_BDF}"),
+        ])
+        .args([
+            "--timeout",
+            &GUEST_TIMEOUT_S.to_string(),
+            "--no-echo",
+            "--log",
+        ])
+        .arg(&console_log);
+    let t = Instant::now();
+    let console = run_guest(
+        &mut guest,
+        &console_log,
+        d,
+        Duration::from_secs(GUEST_TIMEOUT_S + 30),
+    );
+    let plain_guest = t.elapsed();
+    let (noiommu, rc) = tried(&console, "NOIOMMU");
+    eprintln!("{noiommu:?} rc={rc}");
+    assert_eq!(rc, "2", "{noiommu:?}");
+    assert_eq!(
+        noiommu,
+        [format!(
+            "vubd: --disk: {HANG_BDF} has no IOMMU group: turn the IOMMU on (intel_iommu=on or amd_iommu=on)"
+        )]
+    );
+
+    eprintln!(
+        "nvme pcie fault lab: guest with IOMMU {:.1} s, without {:.1} s, total {:.1} s",
+        iommu_guest.as_secs_f64(),
+        plain_guest.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+}
