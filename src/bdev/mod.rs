@@ -208,12 +208,12 @@ impl Channel {
         tag: u32,
         op: IoOp<'_>,
     ) -> Result<u32, ChannelFull> {
-        match (self, target) {
+        if let (Target::NvmeNamespace(ns), Channel::NvmePcie(c)) = (target, &mut *self) {
             // SAFETY: the caller's contract is passed on unchanged.
-            (Channel::NvmePcie(c), Target::NvmeNamespace(ns)) => unsafe { c.queue_ns(ns, tag, op) },
-            // SAFETY: as above.
-            (c, _) => unsafe { c.queue(tag, op) },
+            return unsafe { c.queue_ns(ns, tag, op) };
         }
+        // SAFETY: as above.
+        unsafe { self.queue(tag, op) }
     }
 }
 

@@ -15,6 +15,10 @@ use crate::virtio_blk::{Parsed, Range, RequestKind, SECTOR_SHIFT, Status};
 /// Starts a parsed request of queue `qi` in slot `tag` on the device's channel; `ranges` are
 /// the segments of a discard / write-zeroes request. Returns `Some((head, completion))` when it
 /// completed at once.
+///
+/// `#[inline]`: the poller's per-request path. In a module of its own, it would otherwise
+/// land in another codegen unit than the loop that calls it, and not be inlined there.
+#[inline]
 pub(super) fn start(
     shared: &DeviceShared,
     (channel, target): (&mut Channel, &Target),
@@ -136,7 +140,7 @@ pub(super) fn start(
 /// Queues one operation of the request in slot `tag`; when the channel is full, hands what is
 /// queued to the kernel and retries once. Returns the completions to expect, `None` when the
 /// operation could not be queued.
-#[inline]
+#[inline(always)]
 fn queue_op(channel: &mut Channel, target: &Target, tag: Tag, op: IoOp<'_>) -> Option<u32> {
     // SAFETY: the slot keeps the iovec list and the memory snapshot until every completion
     // for `tag` is reaped (the slot is freed only then).
