@@ -47,8 +47,8 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub fd: Option<i32>,
     /// The disk: PATH or file:PATH (a raw image file or a block device), null:SIZE, or
-    /// nvme-tcp://HOST[:PORT]/SUBNQN[?nsid=N&hdgst=1&ddgst=1], or
-    /// nvme-pcie:BDF[?nsid=N&interrupts=0].
+    /// `nvme-tcp://HOST[:PORT]/SUBNQN[?nsid=N&hdgst=1&ddgst=1]`, or
+    /// `nvme-pcie:BDF[?nsid=N&interrupts=0]`.
     #[arg(long, value_name = "DISK", alias = "blk-file")]
     pub disk: Option<String>,
     /// Serve the disk read-only.
@@ -81,7 +81,7 @@ pub struct Args {
     #[arg(long)]
     pub print_capabilities: bool,
     /// Serve one more device (repeatable), instead of the single-device options:
-    /// socket=PATH|fd=N,disk=DISK[,serial=S][,readonly=on|off][,num-queues=N][,queue-size=N]
+    /// `socket=PATH|fd=N,disk=DISK[,serial=S][,readonly=on|off][,num-queues=N][,queue-size=N]`
     /// (`,,` is a comma inside a value).
     #[arg(
         long = "device",

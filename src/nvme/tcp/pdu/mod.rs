@@ -1,6 +1,6 @@
 //! The NVMe/TCP PDU codec (NVMe/TCP Transport Specification 1.0 §3.6), host side.
 //!
-//! Pure: no sockets, no allocation. Encoders ([`tx`]) write the headers of the PDUs a host
+//! Pure: no sockets, no allocation. Encoders (`tx`) write the headers of the PDUs a host
 //! sends into caller arrays; payloads are never copied: the caller sends a header, then its
 //! own data buffers, then the [`DataDigest`]. The receive side ([`RxParser`]) owns only a
 //! small header buffer and tells the caller what to read next, so payload bytes go from the
