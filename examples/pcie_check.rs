@@ -433,6 +433,12 @@ fn check(args: &Args) -> Result<String, String> {
         return Err("misaligned: read back differs from what was written".into());
     }
     let bounces = q.bounces();
+    if ctrl.bounced() != bounces {
+        return Err(format!(
+            "the controller counts {} bounced commands, its only queue {bounces}",
+            ctrl.bounced()
+        ));
+    }
     let sgl = match ctrl.sgl_align() {
         Some(SglAlign::Byte) => "byte",
         Some(SglAlign::Dword) => "dword",

@@ -177,6 +177,22 @@ pub struct NvmePcieChannel {
     wait: Option<Wait>,
 }
 
+impl Drop for NvmePcieChannel {
+    /// The controller's bounce count, when it has any, goes to the log with each channel
+    /// closed (a session's end).
+    fn drop(&mut self) {
+        let bounced = self.ctrl.bounced();
+        if bounced > 0 {
+            info!(
+                bdf = self.ctrl.bdf(),
+                qid = self.queue.as_ref().map(PcieIoQueue::qid),
+                bounced,
+                "NVMe I/O channel closed; commands copied through bounce buffers so far"
+            );
+        }
+    }
+}
+
 impl NvmePcieChannel {
     pub(super) fn new(
         geo: Geometry,

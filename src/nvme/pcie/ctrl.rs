@@ -157,6 +157,8 @@ pub struct PcieController {
     admin: Mutex<Admin>,
     qids: Mutex<QidPool>,
     generation: AtomicU64,
+    /// Commands whose data went through a bounce buffer, on all its queues so far.
+    bounced: AtomicU64,
     cap: Cap,
     page: PageSize,
     identify: IdentifyController,
@@ -241,6 +243,7 @@ impl PcieController {
             })?,
             granted: 0,
             max_transfer: DRIVER_MAX_TRANSFER,
+            bounced: AtomicU64::new(0),
             sgl: None,
             opts: *opts,
             vectors: Vec::new(),
@@ -362,6 +365,24 @@ impl PcieController {
     /// Starts at 0 and grows by one with every [`PcieController::reset`].
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// Commands whose data went through a bounce buffer, on all its I/O queues so far: the
+    /// guest's buffers broke the PRP rules and the controller has no usable SGLs.
+    pub fn bounced(&self) -> u64 {
+        self.bounced.load(Ordering::Relaxed)
+    }
+
+    /// Counts one bounced command of queue `qid`; the first one is logged.
+    pub(super) fn note_bounce(&self, qid: u16) {
+        if self.bounced.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::info!(
+                bdf = self.bdf(),
+                qid,
+                "guest buffers break the PRP rules and the controller has no SGLs: such \
+                 requests are copied through DMA bounce buffers (counted)"
+            );
+        }
     }
 
     /// CSTS.CFS is set, or the registers read as all ones (the device is gone).

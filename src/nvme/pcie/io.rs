@@ -382,6 +382,7 @@ impl PcieIoQueue {
                         match layout::prps(&bd, self.page, list, area_iova) {
                             Ok(p) => {
                                 self.bounces += 1;
+                                self.ctrl.note_bounce(self.qid);
                                 bounce = Some(Bounce {
                                     slot,
                                     data: d,
