@@ -113,7 +113,7 @@ def main():
         "`layout::describe`, SQE write, command table, the timestamp of the command); "
         "*doorbell* is `ring_doorbell` (one MMIO write per batch) spread over the batch; "
         "*poll* is `poll` for the polls that found completions (phase check, CID lookup, "
-        "the callback, CQ head doorbell, the in-flight order list). Polls that found nothing "
+        "the callback, CQ head doorbell). Polls that found nothing "
         "while the emulated controller worked are counted by pcie_check and priced by a run "
         f"that polled the empty queue {idle_polls:,} times ({per_empty:,.1f} Ir each); "
         "they are taken out of *poll* and shown apart. Under TCG the controller is slow "

@@ -277,14 +277,16 @@ impl NvmePcieChannel {
         let Some(w) = self.wait.as_mut() else {
             return;
         };
-        let oldest = self.queue.as_ref().and_then(PcieIoQueue::oldest);
-        if oldest.is_none() && w.timer_at.is_none() {
+        let busy = self.queue.as_ref().is_some_and(|q| q.in_flight() > 0);
+        if !busy && w.timer_at.is_none() {
             return;
         }
         let now = Instant::now();
         if w.timer_at.is_some_and(|at| at > now) {
             return;
         }
+        // Only here, once per timeout period: a scan of the queue's commands.
+        let oldest = self.queue.as_ref().and_then(PcieIoQueue::oldest);
         let result = match oldest {
             Some(oldest) => {
                 let at = (oldest + self.geo.io_timeout).max(now) + TIMEOUT_SLACK;

@@ -86,8 +86,6 @@ pub struct PcieIoQueue {
     free_bounce: Vec<u8>,
     /// Commands refused before submission, completed at the next poll.
     failed: VecDeque<(u32, Status)>,
-    /// `(cid, submitted)` in submission order; the front is in flight (or the queue empty).
-    order: VecDeque<(u16, Instant)>,
     bounces: u64,
     /// The controller no longer has the queue ([`PcieIoQueue::delete`] ran).
     deleted: bool,
@@ -181,7 +179,6 @@ impl PcieIoQueue {
             bounce_off,
             free_bounce: (0..BOUNCE_BUFFERS as u8).rev().collect(),
             failed: VecDeque::with_capacity(depth_n),
-            order: VecDeque::with_capacity(2 * depth_n),
             bounces: 0,
             deleted: false,
             ctrl,
@@ -236,17 +233,19 @@ impl PcieIoQueue {
 
     /// When the oldest command in flight was submitted.
     pub fn oldest(&self) -> Option<Instant> {
-        self.order.front().map(|&(_, t)| t)
+        self.oldest_command().map(|(_, _, since)| since)
     }
 
-    /// The oldest command in flight (as of the last poll): its CID, its `user` value and when
-    /// it was submitted.
+    /// The oldest command in flight: its CID, its `user` value and when it was submitted.
+    ///
+    /// A scan of the command table (at most the queue's depth): callers look at the oldest
+    /// command every few hundred polls, not per command, so keeping the commands in
+    /// submission order (a push per submit, a pop per completion) would cost more.
     pub fn oldest_command(&self) -> Option<(u16, u32, Instant)> {
-        let &(cid, since) = self.order.front()?;
         self.qp
-            .get(cid)
-            .filter(|c| c.since == since)
-            .map(|c| (cid, c.user, since))
+            .cids()
+            .filter_map(|cid| self.qp.get(cid).map(|c| (cid, c.user, c.since)))
+            .min_by_key(|&(_, _, since)| since)
     }
 
     /// Command `cid` submitted at `since` is still in flight.
@@ -425,15 +424,7 @@ impl PcieIoQueue {
             since,
         };
         match self.qp.submit(sqe, dptr, cmd) {
-            Ok(cid) => {
-                if self.order.len() == self.order.capacity() {
-                    let qp = &self.qp;
-                    self.order
-                        .retain(|&(c, t)| qp.get(c).is_some_and(|cmd| cmd.since == t));
-                }
-                self.order.push_back((cid, since));
-                Ok(())
-            }
+            Ok(_) => Ok(()),
             Err((_, cmd)) => {
                 if let Some(b) = cmd.bounce {
                     self.free_bounce.push(b.slot);
@@ -498,12 +489,6 @@ impl PcieIoQueue {
             qid: self.qid,
             source,
         })?;
-        while let Some(&(cid, t)) = self.order.front() {
-            if self.qp.get(cid).is_some_and(|c| c.since == t) {
-                break;
-            }
-            self.order.pop_front();
-        }
         Ok(n + done)
     }
 
@@ -523,7 +508,6 @@ impl PcieIoQueue {
                 f(cmd.user);
             }
         }
-        self.order.clear();
     }
 }
 
