@@ -110,7 +110,8 @@ def main():
     out.append(
         "*submit* is `bench_submit`: the caller's `DataRef::new` over one iovec and "
         "`PcieIoQueue::submit` (free-list pop, PRP build through "
-        "`layout::describe`, SQE write, command table, the timestamp of the command); "
+        "`layout::describe`, SQE write, command table, the clock read for the first "
+        "command of a batch); "
         "*doorbell* is `ring_doorbell` (one MMIO write per batch) spread over the batch; "
         "*poll* is `poll` for the polls that found completions (phase check, CID lookup, "
         "the callback, CQ head doorbell). Polls that found nothing "
@@ -172,7 +173,7 @@ def main():
     out.append(
         "Where the instructions go: each function's own Ir per I/O with what is inlined into "
         "it, empty polls included (callgrind runs the program without the vDSO, so "
-        "`clock_gettime`, from the timestamp `submit` takes per command, is a system call "
+        "`clock_gettime`, from the timestamp `submit` takes per batch, is a system call "
         "here and its kernel side is not counted):"
     )
     out.append("")

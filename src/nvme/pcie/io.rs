@@ -84,6 +84,10 @@ pub struct PcieIoQueue {
     free_areas: Vec<u16>,
     bounce_off: usize,
     free_bounce: Vec<u8>,
+    /// The submission time of the commands queued since the last doorbell (the first one's):
+    /// one clock read per batch, not per command. Timeouts are seconds; a batch is queued
+    /// and rung within one pass of the owner's loop.
+    batch_time: Option<Instant>,
     /// Commands refused before submission, completed at the next poll.
     failed: VecDeque<(u32, Status)>,
     bounces: u64,
@@ -178,6 +182,7 @@ impl PcieIoQueue {
             free_areas: (0..depth).rev().collect(),
             bounce_off,
             free_bounce: (0..BOUNCE_BUFFERS as u8).rev().collect(),
+            batch_time: None,
             failed: VecDeque::with_capacity(depth_n),
             bounces: 0,
             deleted: false,
@@ -416,7 +421,7 @@ impl PcieIoQueue {
         area: u16,
         bounce: Option<Bounce>,
     ) -> Result<(), NotSent> {
-        let since = Instant::now();
+        let since = self.batch_time.unwrap_or_else(Instant::now);
         let cmd = Cmd {
             user,
             area,
@@ -424,7 +429,10 @@ impl PcieIoQueue {
             since,
         };
         match self.qp.submit(sqe, dptr, cmd) {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.batch_time = Some(since);
+                Ok(())
+            }
             Err((_, cmd)) => {
                 if let Some(b) = cmd.bounce {
                     self.free_bounce.push(b.slot);
@@ -446,6 +454,7 @@ impl PcieIoQueue {
 
     /// Tells the controller about the commands queued since the last call, if any.
     pub fn ring_doorbell(&mut self) {
+        self.batch_time = None;
         if let Some(v) = self.qp.take_sq_doorbell() {
             self.ctrl.nvme().write32(self.sq_db, v);
         }
