@@ -61,6 +61,9 @@ pub const RECOVERY_ATTEMPTS: u32 = 3;
 /// While the controller is down, how long before a new request tries to bring it back.
 pub const RETRY_DOWN: Duration = Duration::from_secs(5);
 
+/// Polls between two looks at the clock while the timeout timer is armed: the clock is not
+/// read on every pass of a poller's loop (the timer's moment is seconds away).
+const TIMER_CHECK_POLLS: u32 = 64;
 /// How long after the oldest command's timeout a sleeping poller is woken to look at it.
 const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
 /// Epoll data in the channel's own epoll fd.
@@ -105,6 +108,8 @@ struct Wait {
     timer: TimerFd,
     /// When `timer` fires, while it is armed.
     timer_at: Option<Instant>,
+    /// Polls left before the armed timer's moment is compared with the clock.
+    timer_polls: u32,
 }
 
 impl Wait {
@@ -121,6 +126,7 @@ impl Wait {
             watched: None,
             timer,
             timer_at: None,
+            timer_polls: 0,
         })
     }
 
@@ -260,30 +266,33 @@ impl NvmePcieChannel {
         }
     }
 
-    /// The timeout timer has fired (or should have): the next health check is now.
-    fn timer_due(&self) -> bool {
-        self.wait
-            .as_ref()
-            .and_then(|w| w.timer_at)
-            .is_some_and(|at| at <= Instant::now())
-    }
-
     /// Keeps the timer armed for the moment the oldest command in flight times out. It is
     /// armed once per such moment: commands that complete leave it armed (one needless
     /// wake-up at most), and once the moment has passed it is armed again for the new oldest
     /// command, or disarmed; either also clears its expiry, so that the poller's epoll does
-    /// not stay readable.
+    /// not stay readable. A moment that has passed also makes the next poll look at the
+    /// commands' age (the health check). While armed, the clock is read only every
+    /// [`TIMER_CHECK_POLLS`] calls.
     fn keep_timer(&mut self) {
         let Some(w) = self.wait.as_mut() else {
             return;
         };
         let busy = self.queue.as_ref().is_some_and(|q| q.in_flight() > 0);
-        if !busy && w.timer_at.is_none() {
+        if w.timer_at.is_none() {
+            if !busy {
+                return;
+            }
+        } else if w.timer_polls > 0 {
+            w.timer_polls -= 1;
             return;
         }
+        w.timer_polls = TIMER_CHECK_POLLS;
         let now = Instant::now();
         if w.timer_at.is_some_and(|at| at > now) {
             return;
+        }
+        if w.timer_at.is_some() {
+            self.until_check = 1;
         }
         // Only here, once per timeout period: a scan of the queue's commands.
         let oldest = self.queue.as_ref().and_then(PcieIoQueue::oldest);
@@ -682,12 +691,7 @@ impl IoChannel for NvmePcieChannel {
             n += 1;
         });
         match polled {
-            Ok(_) => {
-                if self.timer_due() {
-                    self.until_check = 1;
-                }
-                self.check_health();
-            }
+            Ok(_) => self.check_health(),
             Err(e @ PcieError::QueueLost { .. }) => {
                 info!(qid = q.qid(), "{e}");
                 self.recover("queue lost in a reset");
