@@ -277,7 +277,9 @@ pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bdev::nvme_pcie::NvmePcieError;
     use crate::config::{Args, Command};
+    use crate::nvme::pcie::PcieError;
     use clap::Parser;
 
     fn config(args: &[&str]) -> Config {
@@ -360,6 +362,26 @@ mod tests {
             super::super::error_chain(&e),
             "NVMe 0000:01:00.0: 2 pollers would serve its namespaces, one I/O queue pair each, \
              and the controller grants 1 (fewer pollers: --cpus, or fewer queues)"
+        );
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn a_controller_fatal_at_startup_is_one_line_naming_it_and_exit_status_2() {
+        let fatal =
+            || DaemonError::NvmePcie(NvmePcieError::Pcie(PcieError::Fatal("0000:01:00.0".into())));
+        let e = fatal();
+        assert_eq!(
+            super::super::error_chain(&e),
+            "--disk: controller 0000:01:00.0 reports a fatal status (CSTS.CFS)"
+        );
+        assert_eq!(e.exit_code(), 2);
+        let c = config(&["--device", "socket=a,disk=nvme-pcie:0000:01:00.0"]);
+        let e = in_device(&c.devices[0], fatal());
+        assert_eq!(
+            super::super::error_chain(&e),
+            "--device \"socket=a,disk=nvme-pcie:0000:01:00.0\": --disk: controller \
+             0000:01:00.0 reports a fatal status (CSTS.CFS)"
         );
         assert_eq!(e.exit_code(), 2);
     }
