@@ -461,8 +461,13 @@ fn too_few_io_queue_pairs_and_a_missing_namespace_stop_the_start_in_one_line() {
     // One poller is enough for both namespaces.
     line_with(&console, "nvme-pcie-fault-lab: QP-ONE-POLLER-OK");
 
-    // A namespace the controller does not have.
-    for (name, bdf, nsid, active) in [("NS9", QP_BDF, 9, "1, 2"), ("NS2", ONE_BDF, 2, "1")] {
+    // A namespace the controller does not have: an inactive identifier (Identify Namespace
+    // answers zeros), or one beyond the controller's count (256 in QEMU; never asked).
+    for (name, bdf, nsid, active) in [
+        ("NS9", QP_BDF, 9, "1, 2"),
+        ("NS2", ONE_BDF, 2, "1"),
+        ("NSBIG", QP_BDF, 100_000, "1, 2"),
+    ] {
         let (lines, rc) = tried(&console, name);
         assert_eq!(rc, "2", "{name}: {lines:?}");
         assert_eq!(

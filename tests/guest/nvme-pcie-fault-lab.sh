@@ -35,7 +35,9 @@
 #      so their output is what a user sees of the failure.
 #   3. the same two devices on one poller (--cpus 0) start: QP-ONE-POLLER-OK.
 #   4. a namespace the controller does not have: NS9-* ($QP_BDF?nsid=9) and
-#      NS2-* ($ONE_BDF?nsid=2).
+#      NS2-* ($ONE_BDF?nsid=2), inactive identifiers within the controller's
+#      count (Identify Namespace answers zeros), and NSBIG-* (nsid=100000,
+#      beyond it).
 # The host checks the lines; this script fails on the first unexpected error.
 set -u
 
@@ -114,6 +116,7 @@ queues)
     say "QP-ONE-POLLER-OK"
     try NS9 env VUBD_LOG=warn vubd --socket-path /tmp/ns.sock --disk "nvme-pcie:$QP_BDF?nsid=9"
     try NS2 env VUBD_LOG=warn vubd --socket-path /tmp/ns.sock --disk "nvme-pcie:$ONE_BDF?nsid=2"
+    try NSBIG env VUBD_LOG=warn vubd --socket-path /tmp/ns.sock --disk "nvme-pcie:$QP_BDF?nsid=100000"
     say "all steps passed"
     exit 0 ;;
 iommu) ;;
