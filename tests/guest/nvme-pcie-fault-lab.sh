@@ -32,7 +32,8 @@
 #      $QP_BDF: QP-DEVICES-ERROR / QP-DEVICES-RC lines; the single-device
 #      form with two queues (two pollers by default on two CPUs): QP-DISK-*.
 #      These and the runs of 4. log warnings and errors only (VUBD_LOG=warn),
-#      so their output is what a user sees of the failure.
+#      so their output is what a user sees of the failure, and are stopped
+#      after 60 s (a vubd that starts instead of failing).
 #   3. the same two devices on one poller (--cpus 0) start: QP-ONE-POLLER-OK.
 #   4. a namespace the controller does not have: NS9-* ($QP_BDF?nsid=9) and
 #      NS2-* ($ONE_BDF?nsid=2), inactive identifiers within the controller's
@@ -99,10 +100,10 @@ queues)
     done
     out=$(vubd nvme list 2>&1) || { echo "$out"; fatal "vubd nvme list"; }
     echo "$out" | sed 's/^/NVME-LIST: /'
-    try QP-DEVICES env VUBD_LOG=warn vubd --cpus 0,1 \
+    try QP-DEVICES timeout 60 env VUBD_LOG=warn vubd --cpus 0,1 \
         --device "socket=/tmp/qp1.sock,disk=nvme-pcie:$QP_BDF?nsid=1" \
         --device "socket=/tmp/qp2.sock,disk=nvme-pcie:$QP_BDF?nsid=2"
-    try QP-DISK env VUBD_LOG=warn vubd --socket-path /tmp/qp.sock --disk "nvme-pcie:$QP_BDF" --num-queues 2
+    try QP-DISK timeout 60 env VUBD_LOG=warn vubd --socket-path /tmp/qp.sock --disk "nvme-pcie:$QP_BDF" --num-queues 2
     log=/tmp/vubd-one-poller.log
     vubd --cpus 0 \
         --device "socket=/tmp/qp1.sock,disk=nvme-pcie:$QP_BDF?nsid=1" \
@@ -114,9 +115,9 @@ queues)
     wait "$vubd_pid" || rc=$?
     [ "$rc" -eq 0 ] || { cat $log; fatal "vubd on one poller exited with status $rc"; }
     say "QP-ONE-POLLER-OK"
-    try NS9 env VUBD_LOG=warn vubd --socket-path /tmp/ns.sock --disk "nvme-pcie:$QP_BDF?nsid=9"
-    try NS2 env VUBD_LOG=warn vubd --socket-path /tmp/ns.sock --disk "nvme-pcie:$ONE_BDF?nsid=2"
-    try NSBIG env VUBD_LOG=warn vubd --socket-path /tmp/ns.sock --disk "nvme-pcie:$QP_BDF?nsid=100000"
+    try NS9 timeout 60 env VUBD_LOG=warn vubd --socket-path /tmp/ns.sock --disk "nvme-pcie:$QP_BDF?nsid=9"
+    try NS2 timeout 60 env VUBD_LOG=warn vubd --socket-path /tmp/ns.sock --disk "nvme-pcie:$ONE_BDF?nsid=2"
+    try NSBIG timeout 60 env VUBD_LOG=warn vubd --socket-path /tmp/ns.sock --disk "nvme-pcie:$QP_BDF?nsid=100000"
     say "all steps passed"
     exit 0 ;;
 iommu) ;;
