@@ -391,16 +391,7 @@ fn inherited_listening_socket_is_served_through_fd() {
     ]);
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec, and the
-    // duplicate (without FD_CLOEXEC) is the listening socket the child inherits.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(fd, INHERITED_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    common::daemon::inherit_fd(&mut cmd, fd, INHERITED_FD);
     let mut child = cmd.spawn().expect("spawn vubd");
     drop(listener);
     let result = std::panic::catch_unwind(|| {

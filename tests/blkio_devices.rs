@@ -1,9 +1,10 @@
 //! Several devices in one vubd (`--device`, repeated): each on its own socket with its own
 //! frontend sessions, all their queues on the same pollers. Two image files driven at the same
 //! time with every byte checked; one device's frontend coming and going while the other keeps
-//! working; SIGTERM ending both; two devices on one NVMe/TCP subsystem (the fake target), a
-//! controller each; and the command-line errors of `--device`. These always run vubd,
-//! whatever `VUBD_TEST_BACKEND` says.
+//! working; a device on an inherited listening socket (`fd=N`) beside one on a path; SIGTERM
+//! ending both; two devices on one NVMe/TCP subsystem (the fake target), a controller each;
+//! and the command-line errors of `--device`. These always run vubd, whatever
+//! `VUBD_TEST_BACKEND` says.
 
 mod common;
 #[path = "common/workload.rs"]
@@ -167,6 +168,62 @@ fn one_device_reconnects_while_the_other_keeps_running() {
     }
 }
 
+/// The fd the `fd=` device's listening socket gets in vubd.
+const INHERITED_FD: i32 = 9;
+
+#[test]
+fn a_device_on_an_inherited_socket_and_one_on_a_path_both_verify_random_io() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixListener;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (a, b) = (Image::new(4 * MIB), Image::new(4 * MIB));
+    let inherited = dir.path().join("inherited.sock");
+    let by_path = dir.path().join("by-path.sock");
+    let listener = UnixListener::bind(&inherited).expect("bind");
+    let disk_a = a.path().to_str().expect("UTF-8").replace(',', ",,");
+    let mut cmd = common::daemon::vubd_command();
+    cmd.arg("--device")
+        .arg(format!("fd={INHERITED_FD},disk={disk_a},num-queues=2"))
+        .arg("--device")
+        .arg(device(&by_path, b.path(), ""));
+    common::daemon::inherit_fd(&mut cmd, listener.as_raw_fd(), INHERITED_FD);
+    let mut daemon = Daemon::vubd_from(cmd, &by_path);
+    // vubd holds the socket now; ours goes, so only vubd accepts on it.
+    drop(listener);
+    let clients = [
+        connect(&daemon, &inherited, 2),
+        connect(&daemon, &by_path, 1),
+    ];
+    let expected: Vec<Vec<u8>> = thread::scope(|s| {
+        let runs: Vec<_> = clients
+            .into_iter()
+            .zip([0x0F01_u64, 0x0F02])
+            .map(|(mut client, seed)| s.spawn(move || workload::random_io(&mut client, seed)))
+            .collect();
+        runs.into_iter()
+            .map(|r| r.join().expect("workload"))
+            .collect()
+    });
+    for (image, expected) in [&a, &b].into_iter().zip(&expected) {
+        let on_host = image.read_host(0, expected.len());
+        assert_same(expected, &on_host, 0, "image file on the host");
+    }
+    let log = daemon.output();
+    assert_eq!(
+        log.matches("frontend connected").count(),
+        2,
+        "one session per device:\n{log}"
+    );
+    let status = daemon.terminate();
+    assert!(status.success(), "SIGTERM: {status}\n{}", daemon.output());
+    assert!(
+        !socket_exists(&by_path),
+        "{} left behind",
+        by_path.display()
+    );
+}
+
 #[test]
 fn sigterm_with_both_frontends_connected_stops_cleanly() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -281,4 +338,13 @@ fn device_errors_name_the_argument_or_the_device() {
     );
     let exit = run_vubd(&["--device".as_ref(), "socket=x.sock".as_ref()]);
     assert_rejected(&exit, &["--device \"socket=x.sock\"", "disk is required"]);
+    // An fd that is not a listening socket (the child's fd 0 is /dev/null).
+    let d1 = "fd=0,disk=null:1M";
+    let exit = run_vubd(&["--device".as_ref(), &d0, "--device".as_ref(), d1.as_ref()]);
+    assert_rejected(
+        &exit,
+        &[&format!(
+            "--device {d1:?}: --fd 0: not a listening unix socket"
+        )],
+    );
 }

@@ -16,6 +16,11 @@
 //!   them left on the nvme driver).
 //! - Without an IOMMU: the controller has no IOMMU group and vfio-pci cannot take it; vubd
 //!   says the IOMMU is off.
+//! - With an emulated IOMMU and two CPUs: a controller that grants one I/O queue pair
+//!   (`max_ioqpairs=1`) with two namespaces, and one with a single namespace. vubd refuses to
+//!   start with two pollers on the first (one device per namespace, and the single-device form
+//!   with two queues), in one line, and starts with one poller; a namespace the controller
+//!   does not have is one line naming the active ones.
 //!
 //! The guests' programs are this build's vubd and blkcheck (built on first use). Where the lab
 //! cannot start, the test fails and says why.
@@ -27,8 +32,8 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -50,6 +55,15 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 const GUEST_TIMEOUT_S: u64 = 300;
 /// What the host looks for on the console before it lifts the throttle.
 const RESET_LINE: &str = "NVMe controller reset";
+/// The controller that grants one I/O queue pair, namespaces 1 and 2.
+const QP_BDF: &str = "0000:00:12.0";
+const QP_ADDR: &str = "0x12";
+/// The controller with namespace 1 only.
+const ONE_BDF: &str = "0000:00:13.0";
+const ONE_ADDR: &str = "0x13";
+
+/// One lab guest at a time: the tests of this file would otherwise boot theirs together.
+static GUESTS: Mutex<()> = Mutex::new(());
 
 fn image(dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(name);
@@ -143,6 +157,7 @@ fn tried<'a>(console: &'a str, name: &str) -> (Vec<&'a str>, String) {
 
 #[test]
 fn a_hung_command_is_aborted_then_recovered_by_a_reset_and_startup_errors_name_their_cause() {
+    let _one = GUESTS.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("create test directory");
     let d = dir.path();
@@ -355,5 +370,116 @@ fn a_hung_command_is_aborted_then_recovered_by_a_reset_and_startup_errors_name_t
         iommu_guest.as_secs_f64(),
         plain_guest.as_secs_f64(),
         started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn too_few_io_queue_pairs_and_a_missing_namespace_stop_the_start_in_one_line() {
+    let _one = GUESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("create test directory");
+    let d = dir.path();
+    assert!(
+        !d.to_string_lossy().contains(','),
+        "QEMU options cannot take the path {}",
+        d.display()
+    );
+    let initrd = build_initrd(d);
+    let ns1 = image(d, "qp-ns1.img");
+    let ns2 = image(d, "qp-ns2.img");
+    let one = image(d, "one.img");
+    let console_log = d.join("console-queues.log");
+    let mut guest = Command::new(lab_dir().join("run-guest.sh"));
+    guest
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--iommu", "--smp", "2"])
+        .args([
+            "--nvme-ctrl",
+            &format!("qp,serial=vubd-qp,addr={QP_ADDR},max_ioqpairs=1"),
+        ])
+        .arg("--nvme-ns")
+        .arg(format!("qp:{}", ns1.display()))
+        .arg("--nvme-ns")
+        .arg(format!("qp:{},nsid=2", ns2.display()))
+        .arg("--nvme")
+        .arg(format!("{},serial=vubd-one,addr={ONE_ADDR}", one.display()))
+        .args([
+            "--append",
+            &format!("FAULT_MODE=queues QP_BDF={QP_BDF} ONE_BDF={ONE_BDF}"),
+        ])
+        .args([
+            "--timeout",
+            &GUEST_TIMEOUT_S.to_string(),
+            "--no-echo",
+            "--log",
+        ])
+        .arg(&console_log);
+    let t = Instant::now();
+    let console = run_guest(
+        &mut guest,
+        &console_log,
+        d,
+        Duration::from_secs(GUEST_TIMEOUT_S + 30),
+    );
+    for line in console
+        .lines()
+        .filter(|l| l.starts_with("NVME-LIST") || l.contains("-ERROR: ") || l.contains("-RC "))
+    {
+        eprintln!("{line}");
+    }
+    line_with(&console, "nvme-pcie-fault-lab: all steps passed");
+
+    // `vubd nvme list`: the controller grants one pair; namespace 2 is there on one controller
+    // and not on the other.
+    let ctrl = |bdf: &str| fields(line_with(&console, &format!("NVME-LIST: {bdf} model=")));
+    assert_eq!(ctrl(QP_BDF)["io_queues"], "1", "{console}");
+    assert_ne!(ctrl(ONE_BDF)["io_queues"], "1", "{console}");
+    let listed: Vec<&str> = lines_with(&console, "NVME-LIST: ").collect();
+    let nsids_of = |bdf: &str| -> Vec<String> {
+        listed
+            .iter()
+            .skip_while(|l| !l.starts_with(&format!("NVME-LIST: {bdf} ")))
+            .skip(1)
+            .take_while(|l| l.starts_with("NVME-LIST:   "))
+            .map(|l| fields(&l["NVME-LIST:".len()..])["nsid"].clone())
+            .collect()
+    };
+    assert_eq!(nsids_of(QP_BDF), ["1", "2"], "{listed:#?}");
+    assert_eq!(nsids_of(ONE_BDF), ["1"], "{listed:#?}");
+
+    // Two pollers, one queue pair: one line, exit status 2, whether the namespaces are two
+    // devices or one device has two queues.
+    let too_few = format!(
+        "NVMe {QP_BDF}: 2 pollers would serve its namespaces, one I/O queue pair each, and the \
+         controller grants 1 (fewer pollers: --cpus, or fewer queues)"
+    );
+    for name in ["QP-DEVICES", "QP-DISK"] {
+        let (lines, rc) = tried(&console, name);
+        assert_eq!(rc, "2", "{name}: {lines:?}");
+        assert_eq!(lines, [format!("vubd: {too_few}")], "{name}");
+    }
+    // One poller is enough for both namespaces.
+    line_with(&console, "nvme-pcie-fault-lab: QP-ONE-POLLER-OK");
+
+    // A namespace the controller does not have: an inactive identifier (Identify Namespace
+    // answers zeros), or one beyond the controller's count (256 in QEMU; never asked).
+    for (name, bdf, nsid, active) in [
+        ("NS9", QP_BDF, 9, "1, 2"),
+        ("NS2", ONE_BDF, 2, "1"),
+        ("NSBIG", QP_BDF, 100_000, "1, 2"),
+    ] {
+        let (lines, rc) = tried(&console, name);
+        assert_eq!(rc, "2", "{name}: {lines:?}");
+        assert_eq!(
+            lines,
+            [format!(
+                "vubd: --disk: namespace {nsid} not found on {bdf} (active namespaces: {active})"
+            )],
+            "{name}"
+        );
+    }
+    eprintln!(
+        "nvme pcie fault lab, queues guest: {:.1} s",
+        t.elapsed().as_secs_f64()
     );
 }

@@ -110,14 +110,7 @@ fn open_disk(cfg: &Config, d: &DeviceConfig, ctrls: &mut Controllers) -> Result<
 /// queue pair on it, shared by that controller's devices: the controller must grant that
 /// many (Set Features Number of Queues).
 fn check_pcie_queues(cfg: &Config, ctrls: &Controllers) -> Result<(), DaemonError> {
-    let n = cfg.pollers.len().max(1);
-    let mut pollers: HashMap<&str, BTreeSet<usize>> = HashMap::new();
-    for (d, first) in cfg.devices.iter().zip(first_pollers(cfg)) {
-        if let DiskSpec::NvmePcie(uri) = &d.disk {
-            let set = pollers.entry(uri.bdf.as_str()).or_default();
-            set.extend((0..usize::from(d.num_queues)).map(|q| (first + q) % n));
-        }
-    }
+    let pollers = pcie_pollers(cfg);
     for (bdf, ctrl) in ctrls.iter() {
         let needed = pollers.get(bdf).map_or(0, BTreeSet::len);
         let granted = usize::from(ctrl.io_queues_granted());
@@ -136,6 +129,20 @@ fn check_pcie_queues(cfg: &Config, ctrls: &Controllers) -> Result<(), DaemonErro
         );
     }
     Ok(())
+}
+
+/// The pollers that will serve each NVMe PCIe controller (by BDF): those of every queue of
+/// every device on one of its namespaces.
+fn pcie_pollers(cfg: &Config) -> HashMap<&str, BTreeSet<usize>> {
+    let n = cfg.pollers.len().max(1);
+    let mut pollers: HashMap<&str, BTreeSet<usize>> = HashMap::new();
+    for (d, first) in cfg.devices.iter().zip(first_pollers(cfg)) {
+        if let DiskSpec::NvmePcie(uri) = &d.disk {
+            let set = pollers.entry(uri.bdf.as_str()).or_default();
+            set.extend((0..usize::from(d.num_queues)).map(|q| (first + q) % n));
+        }
+    }
+    pollers
 }
 
 /// The guest-visible model of a device: features, configuration space, request limits, and
@@ -270,7 +277,9 @@ pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bdev::nvme_pcie::NvmePcieError;
     use crate::config::{Args, Command};
+    use crate::nvme::pcie::PcieError;
     use clap::Parser;
 
     fn config(args: &[&str]) -> Config {
@@ -309,6 +318,72 @@ mod tests {
         let c = config(&["--disk", "null:1M"]);
         let e = in_device(&c.devices[0], DaemonError::BadFd(3));
         assert_eq!(e.to_string(), "--fd 3: not a listening unix socket");
+    }
+
+    #[test]
+    fn a_controller_needs_a_queue_pair_for_each_poller_serving_any_of_its_namespaces() {
+        const A: &str = "0000:01:00.0";
+        const B: &str = "0000:02:00.0";
+        let mut c = config(&[
+            "--device",
+            "socket=a,disk=nvme-pcie:0000:01:00.0?nsid=1,num-queues=2",
+            "--device",
+            "socket=b,disk=null:1M",
+            "--device",
+            "socket=c,disk=nvme-pcie:0000:01:00.0?nsid=2",
+            "--device",
+            "socket=d,disk=nvme-pcie:0000:02:00.0,num-queues=3",
+        ]);
+        let set = |p: &[usize]| p.iter().copied().collect::<BTreeSet<usize>>();
+        // Queues start at pollers 0, 2, 3 and 4; with 4 pollers, poller 4 is poller 0.
+        c.pollers = vec![None; 4];
+        let p = pcie_pollers(&c);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert_eq!(p[A], set(&[0, 1, 3]), "namespaces 1 and 2 together");
+        assert_eq!(p[B], set(&[0, 1, 2]));
+        // One poller serves everything: one queue pair per controller.
+        c.pollers = vec![None];
+        let p = pcie_pollers(&c);
+        assert_eq!((p[A].len(), p[B].len()), (1, 1));
+        // The single-device form counts the same way.
+        let mut c = config(&["--disk", "nvme-pcie:0000:01:00.0", "--num-queues", "2"]);
+        c.pollers = vec![None; 2];
+        assert_eq!(pcie_pollers(&c)[A], set(&[0, 1]));
+    }
+
+    #[test]
+    fn too_few_queue_pairs_is_one_line_naming_the_controller_and_exit_status_2() {
+        let e = DaemonError::PcieQueues {
+            bdf: "0000:01:00.0".into(),
+            granted: 1,
+            needed: 2,
+        };
+        assert_eq!(
+            super::super::error_chain(&e),
+            "NVMe 0000:01:00.0: 2 pollers would serve its namespaces, one I/O queue pair each, \
+             and the controller grants 1 (fewer pollers: --cpus, or fewer queues)"
+        );
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn a_controller_fatal_at_startup_is_one_line_naming_it_and_exit_status_2() {
+        let fatal =
+            || DaemonError::NvmePcie(NvmePcieError::Pcie(PcieError::Fatal("0000:01:00.0".into())));
+        let e = fatal();
+        assert_eq!(
+            super::super::error_chain(&e),
+            "--disk: controller 0000:01:00.0 reports a fatal status (CSTS.CFS)"
+        );
+        assert_eq!(e.exit_code(), 2);
+        let c = config(&["--device", "socket=a,disk=nvme-pcie:0000:01:00.0"]);
+        let e = in_device(&c.devices[0], fatal());
+        assert_eq!(
+            super::super::error_chain(&e),
+            "--device \"socket=a,disk=nvme-pcie:0000:01:00.0\": --disk: controller \
+             0000:01:00.0 reports a fatal status (CSTS.CFS)"
+        );
+        assert_eq!(e.exit_code(), 2);
     }
 
     fn info(write_zeroes: bool, write_zeroes_unmaps: bool) -> DeviceInfo {

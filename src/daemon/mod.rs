@@ -79,8 +79,8 @@ pub enum DaemonError {
         source: Box<DaemonError>,
     },
     #[error(
-        "NVMe {bdf}: the controller grants {granted} I/O queue pairs and {needed} pollers serve \
-         its namespaces, one pair each (fewer pollers: --cpus)"
+        "NVMe {bdf}: {needed} pollers would serve its namespaces, one I/O queue pair each, and \
+         the controller grants {granted} (fewer pollers: --cpus, or fewer queues)"
     )]
     PcieQueues {
         bdf: String,

@@ -5,6 +5,7 @@ use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io;
+use std::os::fd::RawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -197,6 +198,29 @@ pub fn restrict_to_cpus(cmd: &mut Command, cpus: &[usize]) {
     }
 }
 
+/// Makes the child of `cmd` inherit `fd` (open in this process until `cmd` spawns) as its fd
+/// `target`, open across exec.
+pub fn inherit_fd(cmd: &mut Command, fd: RawFd, target: RawFd) {
+    // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
+    // calls are allowed: one dup2 or fcntl on numbers copied into the closure; it neither
+    // allocates nor takes a lock. dup2 onto the same number would leave close-on-exec set, so
+    // then the flag is cleared on `fd` itself.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if fd == target {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, target)
+            };
+            if rc < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
+    }
+}
+
 fn qemu_storage_daemon_command(disk: &Path, socket: &Path, config: &DaemonConfig) -> Command {
     assert!(
         !config.has_vubd_only_settings(),
@@ -312,9 +336,15 @@ impl Daemon {
 
     /// Starts vubd with exactly `args` and waits until it listens on `socket`.
     pub fn vubd_with_args(args: &[&OsStr], socket: &Path) -> Self {
-        let dir = tempfile::tempdir().expect("create daemon directory");
         let mut cmd = vubd_command();
         cmd.args(args);
+        Self::vubd_from(cmd, socket)
+    }
+
+    /// Starts `cmd`, a [`vubd_command`] with its arguments (and whatever else it needs, such
+    /// as [`inherit_fd`]), and waits until vubd listens on `socket`.
+    pub fn vubd_from(cmd: Command, socket: &Path) -> Self {
+        let dir = tempfile::tempdir().expect("create daemon directory");
         Self::spawn(cmd, "vubd", dir, socket.to_owned())
     }
 

@@ -24,6 +24,21 @@
 # FAULT_MODE=no-iommu: no IOMMU, a controller at $NVME_BDF. vfio-pci is asked
 #   to take it (its probe fails without an IOMMU group) and vubd prints
 #   NOIOMMU-ERROR line(s) and a NOIOMMU-RC line.
+# FAULT_MODE=queues: an emulated IOMMU, two CPUs, a controller at $QP_BDF
+#   that grants one I/O queue pair (max_ioqpairs=1) with namespaces 1 and 2,
+#   and one at $ONE_BDF with namespace 1 only. Both go to vfio-pci.
+#   1. `vubd nvme list` (NVME-LIST lines).
+#   2. vubd with two pollers (--cpus 0,1) and one device per namespace of
+#      $QP_BDF: QP-DEVICES-ERROR / QP-DEVICES-RC lines; the single-device
+#      form with two queues (two pollers by default on two CPUs): QP-DISK-*.
+#      These and the runs of 4. log warnings and errors only (VUBD_LOG=warn),
+#      so their output is what a user sees of the failure, and are stopped
+#      after 60 s (a vubd that starts instead of failing).
+#   3. the same two devices on one poller (--cpus 0) start: QP-ONE-POLLER-OK.
+#   4. a namespace the controller does not have: NS9-* ($QP_BDF?nsid=9) and
+#      NS2-* ($ONE_BDF?nsid=2), inactive identifiers within the controller's
+#      count (Identify Namespace answers zeros), and NSBIG-* (nsid=100000,
+#      beyond it).
 # The host checks the lines; this script fails on the first unexpected error.
 set -u
 
@@ -77,8 +92,36 @@ no-iommu)
     try NOIOMMU vubd --socket-path /tmp/vubd.sock --disk "nvme-pcie:$NVME_BDF"
     say "all steps passed"
     exit 0 ;;
+queues)
+    [ -n "${QP_BDF:-}" ] && [ -n "${ONE_BDF:-}" ] || fatal "QP_BDF and ONE_BDF must be set"
+    for b in "$QP_BDF" "$ONE_BDF"; do
+        out=$(bind-vfio.sh "$b") || fatal "bind-vfio.sh: $out"
+        echo "$out"
+    done
+    out=$(vubd nvme list 2>&1) || { echo "$out"; fatal "vubd nvme list"; }
+    echo "$out" | sed 's/^/NVME-LIST: /'
+    try QP-DEVICES timeout 60 env VUBD_LOG=warn vubd --cpus 0,1 \
+        --device "socket=/tmp/qp1.sock,disk=nvme-pcie:$QP_BDF?nsid=1" \
+        --device "socket=/tmp/qp2.sock,disk=nvme-pcie:$QP_BDF?nsid=2"
+    try QP-DISK timeout 60 env VUBD_LOG=warn vubd --socket-path /tmp/qp.sock --disk "nvme-pcie:$QP_BDF" --num-queues 2
+    log=/tmp/vubd-one-poller.log
+    vubd --cpus 0 \
+        --device "socket=/tmp/qp1.sock,disk=nvme-pcie:$QP_BDF?nsid=1" \
+        --device "socket=/tmp/qp2.sock,disk=nvme-pcie:$QP_BDF?nsid=2" >$log 2>&1 &
+    vubd_pid=$!
+    wait_for 100 test -S /tmp/qp2.sock || { cat $log; fatal "vubd on one poller did not start"; }
+    kill -TERM "$vubd_pid"
+    rc=0
+    wait "$vubd_pid" || rc=$?
+    [ "$rc" -eq 0 ] || { cat $log; fatal "vubd on one poller exited with status $rc"; }
+    say "QP-ONE-POLLER-OK"
+    try NS9 timeout 60 env VUBD_LOG=warn vubd --socket-path /tmp/ns.sock --disk "nvme-pcie:$QP_BDF?nsid=9"
+    try NS2 timeout 60 env VUBD_LOG=warn vubd --socket-path /tmp/ns.sock --disk "nvme-pcie:$ONE_BDF?nsid=2"
+    try NSBIG timeout 60 env VUBD_LOG=warn vubd --socket-path /tmp/ns.sock --disk "nvme-pcie:$QP_BDF?nsid=100000"
+    say "all steps passed"
+    exit 0 ;;
 iommu) ;;
-*) fatal "FAULT_MODE must be iommu or no-iommu" ;;
+*) fatal "FAULT_MODE must be iommu, no-iommu or queues" ;;
 esac
 
 for v in "${HANG_BDF:-}" "${EIO_BDF:-}" "${GRP0_SERIAL:-}" "${GRP1_SERIAL:-}"; do

@@ -45,7 +45,7 @@ use crate::bdev::nvme_ops::{CmdData, Namespace, Translated, translate};
 use crate::bdev::{ChannelFull, IoChannel, IoOp};
 use crate::nvme::cid::CmdTable;
 use crate::nvme::data::DataRef;
-use crate::nvme::pcie::abort::{self, Aborting, OnTimeout};
+use crate::nvme::pcie::abort::{self, Aborting, Check, OnTimeout};
 use crate::nvme::pcie::io::INLINE_LEN;
 use crate::nvme::pcie::{PcieController, PcieError, PcieIoQueue, QueueFull};
 use crate::nvme::spec::{Sqe, Status};
@@ -398,38 +398,48 @@ impl NvmePcieChannel {
             return;
         }
         self.until_check = CHECK_EVERY_POLLS;
-        if self.ctrl.fatal() {
-            warn!(qid = q.qid(), "NVMe controller fatal status");
-            self.recover("controller fatal status");
-            return;
-        }
-        if let Some(a) = self.aborting {
+        let now = Instant::now();
+        let aborted_in_flight = self.aborting.and_then(|a| {
             let held = q.holds(a.cid, a.since);
-            if a.overdue(held, Instant::now()) {
+            held.then(|| a.overdue(held, now))
+        });
+        if aborted_in_flight.is_none() {
+            // The aborted command completed (or there was none).
+            self.aborting = None;
+        }
+        let oldest = q.oldest_command();
+        let health = abort::Health {
+            fatal: self.ctrl.fatal(),
+            aborted_in_flight,
+            timed_out: oldest.is_some_and(|(_, _, since)| {
+                now.saturating_duration_since(since) > self.geo.io_timeout
+            }),
+        };
+        match abort::check(health) {
+            Check::Fine | Check::WaitForAbort => {}
+            Check::ResetFatal => {
+                warn!(qid = q.qid(), "NVMe controller fatal status");
+                self.recover("controller fatal status");
+            }
+            Check::ResetAbortOverdue => {
                 warn!(
                     qid = q.qid(),
-                    cid = a.cid,
+                    cid = self.aborting.map(|a| a.cid),
                     "aborted NVMe command not completed"
                 );
                 self.recover("aborted command not completed");
-                return;
             }
-            if held {
-                // Still within the grace period.
-                return;
+            Check::TimedOut => {
+                if let Some((cid, user, since)) = oldest {
+                    warn!(
+                        qid = q.qid(),
+                        cid,
+                        waited_ms = now.saturating_duration_since(since).as_millis(),
+                        "NVMe I/O timeout"
+                    );
+                    self.timed_out(cid, user, since);
+                }
             }
-            self.aborting = None;
-        }
-        if let Some((cid, user, since)) = q.oldest_command()
-            && since.elapsed() > self.geo.io_timeout
-        {
-            warn!(
-                qid = q.qid(),
-                cid,
-                waited_ms = since.elapsed().as_millis(),
-                "NVMe I/O timeout"
-            );
-            self.timed_out(cid, user, since);
         }
     }
 

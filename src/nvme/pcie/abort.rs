@@ -9,6 +9,10 @@
 //! ([`resubmit_after`]). An abort not performed, an Abort that failed or timed out, or an
 //! aborted command still not completed after [`ABORT_GRACE`], is the controller's fault: the
 //! owner resets it ([`after_abort`], [`Aborting::overdue`]).
+//!
+//! What the owner looks at first, every so often while commands are in flight, is
+//! [`check`]: a controller that reports a fatal status (CSTS.CFS) is reset at once; no Abort
+//! goes to it, whatever its commands' age.
 
 use std::time::{Duration, Instant};
 
@@ -41,6 +45,48 @@ impl AbortOutcome {
 /// The status a command aborted by an Abort completes with (SCT 0, SC 0x07).
 pub fn is_abort_requested(status: Status) -> bool {
     status.sct() == sct::GENERIC && status.sc() == sc::ABORT_REQUESTED
+}
+
+/// What the owner of a queue with commands in flight found at a health check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Health {
+    /// The controller reports a fatal status (CSTS.CFS), or its registers read as all ones.
+    pub fatal: bool,
+    /// A command this host aborted is still in flight: `Some(overdue)`, where `overdue` is
+    /// [`Aborting::overdue`].
+    pub aborted_in_flight: Option<bool>,
+    /// The oldest command in flight passed the I/O timeout.
+    pub timed_out: bool,
+}
+
+/// What the owner does after a health check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Nothing to do.
+    Fine,
+    /// Reset the controller: it reports a fatal status. An Abort would be an admin command to
+    /// a controller that has stopped.
+    ResetFatal,
+    /// Reset the controller: the aborted command did not complete within [`ABORT_GRACE`].
+    ResetAbortOverdue,
+    /// The aborted command may still complete: wait, and look at no other timeout meanwhile.
+    WaitForAbort,
+    /// The oldest command timed out: [`on_timeout`] says what next.
+    TimedOut,
+}
+
+/// The decision of a health check: a fatal status first, then a pending abort, then the
+/// oldest command's age.
+pub fn check(h: Health) -> Check {
+    if h.fatal {
+        return Check::ResetFatal;
+    }
+    match h.aborted_in_flight {
+        Some(true) => Check::ResetAbortOverdue,
+        Some(false) => Check::WaitForAbort,
+        None if h.timed_out => Check::TimedOut,
+        None => Check::Fine,
+    }
 }
 
 /// What to do about a command that passed the I/O timeout.

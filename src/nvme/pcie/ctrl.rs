@@ -387,8 +387,7 @@ impl PcieController {
 
     /// CSTS.CFS is set, or the registers read as all ones (the device is gone).
     pub fn fatal(&self) -> bool {
-        let csts = self.nvme.read32(offset::CSTS);
-        csts == u32::MAX || Csts(csts).cfs()
+        csts_fatal(self.nvme.read32(offset::CSTS))
     }
 
     /// DMA-maps `len` bytes at `addr` for the controller, at IOVA = `addr` (guest memory).
@@ -555,15 +554,7 @@ impl PcieController {
         let start = Instant::now();
         let timeout = self.ready_timeout();
         loop {
-            let raw = self.nvme.read32(offset::CSTS);
-            if raw == u32::MAX {
-                return Err(PcieError::Removed(self.bdf().to_owned()));
-            }
-            let csts = Csts(raw);
-            if ready && csts.cfs() {
-                return Err(PcieError::Fatal(self.bdf().to_owned()));
-            }
-            if csts.rdy() == ready {
+            if ready_reached(self.bdf(), self.nvme.read32(offset::CSTS), ready)? {
                 return Ok(());
             }
             if start.elapsed() >= timeout {
@@ -786,6 +777,25 @@ impl Drop for PcieController {
             tracing::warn!("{}: {e}", self.bdf());
         }
     }
+}
+
+/// CSTS `raw` says the controller has failed: CFS set, or all ones (the device is gone).
+fn csts_fatal(raw: u32) -> bool {
+    raw == u32::MAX || Csts(raw).cfs()
+}
+
+/// One reading `raw` of CSTS while waiting for RDY to be `ready` on controller `bdf`: whether
+/// it is. Registers that read as all ones fail (the device is gone), and so does CFS while
+/// enabling (a controller that is being disabled, by a reset, may report it until it is).
+fn ready_reached(bdf: &str, raw: u32, ready: bool) -> Result<bool, PcieError> {
+    if raw == u32::MAX {
+        return Err(PcieError::Removed(bdf.to_owned()));
+    }
+    let csts = Csts(raw);
+    if ready && csts.cfs() {
+        return Err(PcieError::Fatal(bdf.to_owned()));
+    }
+    Ok(csts.rdy() == ready)
 }
 
 #[cfg(test)]

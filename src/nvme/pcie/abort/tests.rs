@@ -159,3 +159,35 @@ fn a_command_is_aborted_once_and_only_what_this_host_aborted_is_resubmitted() {
         assert!(!resubmit_after(other, true), "{other}");
     }
 }
+
+#[test]
+fn a_fatal_controller_is_reset_at_once_and_never_sent_an_abort() {
+    for aborted_in_flight in [None, Some(false), Some(true)] {
+        for timed_out in [false, true] {
+            let h = Health {
+                fatal: true,
+                aborted_in_flight,
+                timed_out,
+            };
+            assert_eq!(check(h), Check::ResetFatal, "{h:?}");
+        }
+    }
+}
+
+#[test]
+fn without_a_fatal_status_a_pending_abort_comes_before_the_oldest_commands_age() {
+    let check_of = |aborted_in_flight, timed_out| {
+        check(Health {
+            fatal: false,
+            aborted_in_flight,
+            timed_out,
+        })
+    };
+    assert_eq!(check_of(None, false), Check::Fine);
+    assert_eq!(check_of(None, true), Check::TimedOut);
+    // Within the grace period nothing else is looked at; past it, the controller is reset.
+    assert_eq!(check_of(Some(false), true), Check::WaitForAbort);
+    assert_eq!(check_of(Some(false), false), Check::WaitForAbort);
+    assert_eq!(check_of(Some(true), false), Check::ResetAbortOverdue);
+    assert_eq!(check_of(Some(true), true), Check::ResetAbortOverdue);
+}

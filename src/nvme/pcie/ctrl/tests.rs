@@ -67,3 +67,46 @@ fn each_io_queue_gets_its_own_vector_while_the_msix_table_lasts() {
     assert_eq!(vector_for(1, 0), None);
     assert_eq!(vector_for(0, 8), None);
 }
+
+const BDF: &str = "0000:01:00.0";
+
+#[test]
+fn a_fatal_status_while_enabling_fails_at_once_in_one_line_naming_the_controller() {
+    // CFS with RDY clear or set: no wait for CAP.TO.
+    for raw in [0b10, 0b11] {
+        let e = ready_reached(BDF, raw, true).expect_err("CFS while enabling");
+        assert!(matches!(&e, PcieError::Fatal(b) if b == BDF), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "controller 0000:01:00.0 reports a fatal status (CSTS.CFS)"
+        );
+    }
+    assert_eq!(ready_reached(BDF, 0b01, true).ok(), Some(true), "ready");
+    assert_eq!(ready_reached(BDF, 0, true).ok(), Some(false), "not yet");
+}
+
+#[test]
+fn while_disabling_a_fatal_status_is_waited_out_and_only_rdy_counts() {
+    // A reset disables a failed controller: CFS may stay set until RDY clears.
+    assert_eq!(ready_reached(BDF, 0b11, false).ok(), Some(false));
+    assert_eq!(ready_reached(BDF, 0b10, false).ok(), Some(true));
+}
+
+#[test]
+fn registers_that_read_as_all_ones_are_a_removed_device_enabling_or_not() {
+    for ready in [true, false] {
+        let e = ready_reached(BDF, u32::MAX, ready).expect_err("all ones");
+        assert!(matches!(&e, PcieError::Removed(b) if b == BDF), "{e:?}");
+    }
+}
+
+#[test]
+fn the_controller_has_failed_when_csts_has_cfs_or_reads_as_all_ones() {
+    assert!(csts_fatal(0b10));
+    assert!(csts_fatal(0b11));
+    assert!(csts_fatal(u32::MAX));
+    assert!(!csts_fatal(0));
+    assert!(!csts_fatal(0b01));
+    // SHST (bits 3:2) = shutdown complete: not a failure.
+    assert!(!csts_fatal(0b1001));
+}
