@@ -24,6 +24,19 @@ use crate::nvme::pcie::ctrl::PcieController;
 /// A region as the IOMMU sees it: its host address (= IOVA) and length.
 type Span = (u64, usize);
 
+/// Unmaps a span, saying so: once per region change, never per I/O.
+fn unmap(ctrl: &PcieController, (addr, len): Span, why: &'static str) {
+    match ctrl.dma_unmap(addr, len) {
+        Ok(()) => tracing::info!(
+            addr = %format_args!("{addr:#x}"),
+            len,
+            why,
+            "guest memory region DMA-unmapped"
+        ),
+        Err(e) => tracing::warn!(addr, len, error = %e, "cannot unmap guest memory"),
+    }
+}
+
 /// The DMA mappings of one session's guest memory.
 #[derive(Debug)]
 pub struct GuestDma {
@@ -76,13 +89,16 @@ impl GuestDma {
             // kept (as `current`, then in `retired`) until the region is unmapped again; on
             // failure the regions mapped here are unmapped before `mem` goes.
             if let Err(e) = unsafe { self.ctrl.dma_map(addr as *mut u8, len) } {
-                for &(addr, len) in &new[..i] {
-                    if let Err(e) = self.ctrl.dma_unmap(addr, len) {
-                        tracing::warn!(addr, len, error = %e, "cannot unmap guest memory");
-                    }
+                for &span in &new[..i] {
+                    unmap(&self.ctrl, span, "map failed");
                 }
                 return Err(e);
             }
+            tracing::info!(
+                addr = %format_args!("{addr:#x}"),
+                len,
+                "guest memory region DMA-mapped"
+            );
         }
         let gone: Vec<Span> = self.mapped.difference(&want).copied().collect();
         if let Some(old) = self.current.replace(mem) {
@@ -101,12 +117,10 @@ impl GuestDma {
             if Arc::strong_count(snapshot) > 1 {
                 return true;
             }
-            for &(addr, len) in spans {
+            for span in spans {
                 // A region back in the table under the same address stays mapped.
-                if !mapped.contains(&(addr, len))
-                    && let Err(e) = ctrl.dma_unmap(addr, len)
-                {
-                    tracing::warn!(addr, len, error = %e, "cannot unmap guest memory");
+                if !mapped.contains(span) {
+                    unmap(ctrl, *span, "removed");
                 }
             }
             false
@@ -120,16 +134,14 @@ impl GuestDma {
         let current = self.current.take();
         let mapped = std::mem::take(&mut self.mapped);
         for (_, spans) in std::mem::take(&mut self.retired) {
-            for (addr, len) in spans {
-                if !mapped.contains(&(addr, len)) {
-                    let _ = self.ctrl.dma_unmap(addr, len);
+            for span in spans {
+                if !mapped.contains(&span) {
+                    unmap(&self.ctrl, span, "removed");
                 }
             }
         }
-        for (addr, len) in mapped {
-            if let Err(e) = self.ctrl.dma_unmap(addr, len) {
-                tracing::warn!(addr, len, error = %e, "cannot unmap guest memory");
-            }
+        for span in mapped {
+            unmap(&self.ctrl, span, "session end");
         }
         drop(current);
     }
