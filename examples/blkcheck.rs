@@ -25,6 +25,13 @@
 //!
 //! Every wait is bounded: connecting by `--connect-timeout`, each batch of requests by
 //! `--timeout`.
+//!
+//! Each queue has its buffers in a memory region of its own. With `--remap N`, a queue that
+//! has completed N requests since its last move maps a new region (the back end receives
+//! ADD_MEM_REG), submits its next batch with buffers there, and, while that batch is in
+//! flight, unmaps and frees the previous region (REM_MEM_REG): the back end must keep serving
+//! across both, and every check still compares the data end to end. The summary line then
+//! counts the moves (`remaps=`), one added and one removed region each.
 
 #[path = "blkcheck/pattern.rs"]
 mod pattern;
@@ -32,7 +39,7 @@ mod pattern;
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 use std::{ptr, slice, thread};
 
@@ -77,6 +84,10 @@ struct Args {
     /// Upper bound for each batch of requests to complete, seconds.
     #[arg(long, value_name = "S", default_value_t = 30)]
     timeout: u64,
+    /// Move each queue's buffers to a newly mapped memory region after every N requests,
+    /// removing the old region while the next batch is in flight.
+    #[arg(long, value_name = "N")]
+    remap: Option<u64>,
     /// The check to run.
     #[arg(value_enum)]
     mode: Mode,
@@ -131,10 +142,9 @@ struct Limits {
 
 /// A started device.
 struct Device {
-    // Declared first so the queues are dropped before the device and its region.
+    // Declared first so the queues are dropped before the device and its regions.
     queues: Vec<Queue>,
-    blkio: Blkio,
-    _region: MemoryRegion,
+    blkio: Arc<Mutex<Blkio>>,
 }
 
 fn blkio_err(what: &str) -> impl FnOnce(blkio::Error) -> Fail + '_ {
@@ -155,31 +165,37 @@ fn start_device(args: &Args) -> Result<Device, blkio::Error> {
     blkio.set_str("path", path)?;
     blkio.connect()?;
     blkio.set_i32("num-queues", i32::try_from(args.queues).unwrap_or(i32::MAX))?;
-    let per_queue = (args.depth * MAX_REQUEST).next_multiple_of(BUF_ALIGN);
     let align = usize::try_from(blkio.get_u64("mem-region-alignment")?).unwrap_or(BUF_ALIGN);
-    let region =
-        blkio.alloc_mem_region((per_queue * args.queues).next_multiple_of(align.max(1)))?;
+    let per_queue = (args.depth * MAX_REQUEST).next_multiple_of(BUF_ALIGN.max(align));
     let started = blkio.start()?;
-    blkio.map_mem_region(&region)?;
-    let base = region.addr as *mut u8;
+    let mut regions = Vec::with_capacity(started.queues.len());
+    for _ in &started.queues {
+        let region = blkio.alloc_mem_region(per_queue)?;
+        blkio.map_mem_region(&region)?;
+        regions.push(region);
+    }
+    let blkio = Arc::new(Mutex::new(blkio));
     let timeout = Duration::from_secs(args.timeout);
     let queues = started
         .queues
         .into_iter()
-        .enumerate()
-        .map(|(i, q)| Queue {
+        .zip(regions)
+        .map(|(q, region)| Queue {
             q,
-            base: base.wrapping_add(i * per_queue),
+            base: region.addr as *mut u8,
+            region,
+            blkio: blkio.clone(),
             len: per_queue,
             timeout,
             requests: 0,
+            remap: args.remap.map(|every| Remap {
+                every: every.max(1),
+                due_at: every.max(1),
+                moves: 0,
+            }),
         })
         .collect();
-    Ok(Device {
-        queues,
-        blkio,
-        _region: region,
-    })
+    Ok(Device { queues, blkio })
 }
 
 /// Reads the device's limits.
@@ -236,7 +252,7 @@ fn connect(args: &Args) -> Result<(Device, Limits), Fail> {
         Ok(r) => r.map_err(blkio_err("connect"))?,
         Err(_) => return Err(format!("connect: no answer within {timeout:?}")),
     };
-    let limits = limits(&dev.blkio)?;
+    let limits = limits(&lock(&dev.blkio))?;
     Ok((dev, limits))
 }
 
@@ -264,24 +280,72 @@ impl Op {
     }
 }
 
-/// One libblkio queue with its own slice of the shared buffer region.
+fn lock(blkio: &Mutex<Blkio>) -> std::sync::MutexGuard<'_, Blkio> {
+    blkio.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `--remap`: when a queue moves its buffers to a new region next.
+#[derive(Debug, Clone, Copy)]
+struct Remap {
+    every: u64,
+    /// The queue's request count at which it moves.
+    due_at: u64,
+    moves: u64,
+}
+
+/// One libblkio queue with its buffers in a memory region of its own.
 struct Queue {
     q: Blkioq,
+    /// Start of `region`, `len` bytes.
     base: *mut u8,
+    region: MemoryRegion,
+    /// The device, shared by the queues to map and unmap their regions.
+    blkio: Arc<Mutex<Blkio>>,
     len: usize,
     timeout: Duration,
     /// Requests completed so far.
     requests: u64,
+    remap: Option<Remap>,
 }
 
 // SAFETY: `base` points into the memory region mapped for this queue's exclusive use; nothing
-// else touches that slice, so moving the queue to another thread is sound. `Blkioq` is `Send`.
+// else touches it, so moving the queue to another thread is sound. `Blkioq` is `Send`, and
+// the shared `Blkio` is behind a mutex.
 unsafe impl Send for Queue {}
 
 impl Queue {
+    /// With `--remap`, when due: maps a new region (ADD_MEM_REG) and moves the buffers there.
+    /// Returns the old region, to unmap once the next batch is in flight. Only between
+    /// batches: no request of this queue uses the old region any more.
+    fn move_if_due(&mut self) -> Result<Option<MemoryRegion>, Fail> {
+        let Some(remap) = self.remap.as_mut().filter(|r| self.requests >= r.due_at) else {
+            return Ok(None);
+        };
+        let mut blkio = lock(&self.blkio);
+        let new = blkio
+            .alloc_mem_region(self.len)
+            .map_err(blkio_err("blkio_alloc_mem_region"))?;
+        if let Err(e) = blkio.map_mem_region(&new) {
+            blkio.free_mem_region(&new);
+            return Err(blkio_err("blkio_map_mem_region")(e));
+        }
+        remap.due_at = self.requests + remap.every;
+        remap.moves += 1;
+        self.base = new.addr as *mut u8;
+        Ok(Some(std::mem::replace(&mut self.region, new)))
+    }
+
+    /// Unmaps (REM_MEM_REG) and frees a region no request uses any more.
+    fn remove(&self, region: &MemoryRegion) {
+        let mut blkio = lock(&self.blkio);
+        blkio.unmap_mem_region(region);
+        blkio.free_mem_region(region);
+    }
+
     /// Submits `ops` together and waits (bounded) for all of them. Returns the data of each
     /// read (empty for the other requests); any failed request fails the batch.
     fn run(&mut self, ops: &[Op]) -> Result<Vec<Vec<u8>>, Fail> {
+        let mut old_region = self.move_if_due()?;
         let mut used = 0usize;
         let mut bufs = Vec::with_capacity(ops.len());
         for (tag, op) in ops.iter().enumerate() {
@@ -301,8 +365,8 @@ impl Queue {
                 }
                 Op::Write { offset, data } => {
                     let buf = alloc(data.len())?;
-                    // SAFETY: `alloc` gave `data.len()` bytes inside this queue's slice of the
-                    // mapped region, used by no other request of this batch; `data` is
+                    // SAFETY: `alloc` gave `data.len()` bytes inside this queue's region (the
+                    // current one), used by no other request of this batch; `data` is
                     // ordinary memory and cannot overlap it.
                     unsafe { ptr::copy_nonoverlapping(data.as_ptr(), buf, data.len()) };
                     self.q
@@ -334,21 +398,23 @@ impl Queue {
         let mut left = self.timeout;
         let mut failed = None;
         while remaining > 0 {
-            let reaped =
-                match self
-                    .q
-                    .do_io(&mut slots[..remaining], remaining, Some(&mut left), None)
-                {
-                    Ok(n) => n,
-                    Err(e) if e.errno() == Errno::TIME => {
-                        return Err(format!(
-                            "{remaining} of {} requests incomplete after {:?}",
-                            ops.len(),
-                            self.timeout
-                        ));
-                    }
-                    Err(e) => return Err(format!("blkioq_do_io: {e} ({})", e.errno())),
-                };
+            // Just after a move, only submit: the old region goes (REM_MEM_REG) while the
+            // batch, all in the new region, is in flight.
+            let min = if old_region.is_some() { 0 } else { remaining };
+            let reaped = match self
+                .q
+                .do_io(&mut slots[..remaining], min, Some(&mut left), None)
+            {
+                Ok(n) => n,
+                Err(e) if e.errno() == Errno::TIME => {
+                    return Err(format!(
+                        "{remaining} of {} requests incomplete after {:?}",
+                        ops.len(),
+                        self.timeout
+                    ));
+                }
+                Err(e) => return Err(format!("blkioq_do_io: {e} ({})", e.errno())),
+            };
             for slot in &slots[..reaped] {
                 // SAFETY: do_io initialised the first `reaped` entries of the slice it was given.
                 let c = unsafe { slot.assume_init_read() };
@@ -362,6 +428,13 @@ impl Queue {
             }
             remaining -= reaped;
             self.requests += reaped as u64;
+            if let Some(old) = old_region.take() {
+                self.remove(&old);
+            }
+        }
+        if let Some(old) = old_region {
+            // An empty batch: nothing to overlap with.
+            self.remove(&old);
         }
         if let Some(f) = failed {
             return Err(f);
@@ -372,8 +445,9 @@ impl Queue {
                 if len == 0 {
                     return Vec::new();
                 }
-                // SAFETY: the read's buffer lies in this queue's slice of the mapped region and
-                // its request has completed, so the device no longer writes to it.
+                // SAFETY: the read's buffer lies in this queue's current region, which stays
+                // mapped until the next batch, and its request has completed, so the device no
+                // longer writes to it.
                 unsafe { slice::from_raw_parts(buf, len) }.to_vec()
             })
             .collect())
@@ -512,6 +586,8 @@ fn compare(want: &[u8], got: &[u8], base: u64, what: &str) -> Result<(), Fail> {
 struct Stats {
     /// Requests of every kind, reads and flushes included.
     requests: u64,
+    /// `--remap`: buffer moves to a new region, over all queues.
+    remaps: u64,
     written: u64,
     read: u64,
     /// discard: discarded blocks that read back as zeros, and all discarded blocks.
@@ -810,6 +886,12 @@ fn run(args: &Args) -> Result<(Stats, Limits), Fail> {
         }
     }
     total.requests = dev.queues.iter().map(|q| q.requests).sum();
+    total.remaps = dev
+        .queues
+        .iter()
+        .filter_map(|q| q.remap)
+        .map(|r| r.moves)
+        .sum();
     Ok((total, lim))
 }
 
@@ -824,6 +906,9 @@ fn main() -> ExitCode {
                 "blkcheck: PASS {mode} queues={} size={} seed={:#x} block={} requests={} written={} read={}",
                 args.queues, args.size, args.seed, lim.block, st.requests, st.written, st.read
             );
+            if args.remap.is_some() {
+                line += &format!(" remaps={}", st.remaps);
+            }
             if args.mode == Mode::Discard {
                 line += &format!(
                     " discarded_blocks={} zeroed={}",

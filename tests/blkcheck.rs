@@ -125,6 +125,39 @@ fn write_verify_passes_on_one_and_two_queues() {
 }
 
 #[test]
+fn write_verify_passes_while_buffers_move_to_new_regions() {
+    // --remap: every 16 requests a queue maps a new region (ADD_MEM_REG) and removes its old
+    // one (REM_MEM_REG) with the next batch in flight; the data still verifies end to end.
+    let image = Image::new(16 * MIB);
+    let mut daemon = Daemon::start_with(&image, &two_queues());
+    for queues in ["1", "2"] {
+        let line = passes(
+            &mut daemon,
+            &[
+                "--queues",
+                queues,
+                "--seed",
+                "0x3e3",
+                "--size",
+                "8M",
+                "--remap",
+                "16",
+                "write-verify",
+            ],
+        );
+        let field = |name: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name}= in {line}"))
+        };
+        // A queue moves at the first batch after 16 more requests: at least once per 32
+        // (a batch holds up to 16).
+        assert!(field("remaps") >= field("requests") / 32, "{line}");
+    }
+}
+
+#[test]
 fn discard_and_write_zeroes_pass() {
     let image = Image::new(16 * MIB);
     let mut daemon = Daemon::start_with(&image, &two_queues());

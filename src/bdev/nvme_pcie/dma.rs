@@ -24,10 +24,45 @@ use crate::nvme::pcie::ctrl::PcieController;
 /// A region as the IOMMU sees it: its host address (= IOVA) and length.
 type Span = (u64, usize);
 
+/// The IOMMU domain guest memory goes into: the controller's (a recording fake in the tests).
+pub trait Iommu: std::fmt::Debug {
+    /// Maps `len` bytes at `addr` at IOVA = `addr`.
+    ///
+    /// # Safety
+    ///
+    /// As [`PcieController::dma_map`].
+    unsafe fn dma_map(&self, addr: *mut u8, len: usize) -> Result<(), PcieError>;
+    fn dma_unmap(&self, addr: u64, len: usize) -> Result<(), PcieError>;
+}
+
+impl Iommu for PcieController {
+    unsafe fn dma_map(&self, addr: *mut u8, len: usize) -> Result<(), PcieError> {
+        // SAFETY: this function's contract is the one `PcieController::dma_map` asks for.
+        unsafe { PcieController::dma_map(self, addr, len) }
+    }
+
+    fn dma_unmap(&self, addr: u64, len: usize) -> Result<(), PcieError> {
+        PcieController::dma_unmap(self, addr, len)
+    }
+}
+
+/// Unmaps a span, saying so: once per region change, never per I/O.
+fn unmap(ctrl: &impl Iommu, (addr, len): Span, why: &'static str) {
+    match ctrl.dma_unmap(addr, len) {
+        Ok(()) => tracing::info!(
+            addr = %format_args!("{addr:#x}"),
+            len,
+            why,
+            "guest memory region DMA-unmapped"
+        ),
+        Err(e) => tracing::warn!(addr, len, error = %e, "cannot unmap guest memory"),
+    }
+}
+
 /// The DMA mappings of one session's guest memory.
 #[derive(Debug)]
-pub struct GuestDma {
-    ctrl: Arc<PcieController>,
+pub struct GuestDma<I: Iommu = PcieController> {
+    ctrl: Arc<I>,
     mapped: BTreeSet<Span>,
     /// Regions that left the memory table, with the snapshot that last had them.
     retired: Vec<(MemSnapshot, Vec<Span>)>,
@@ -54,8 +89,8 @@ fn spans(mem: &MemSnapshot) -> BTreeSet<Span> {
         .collect()
 }
 
-impl GuestDma {
-    pub fn new(ctrl: Arc<PcieController>) -> Self {
+impl<I: Iommu> GuestDma<I> {
+    pub fn new(ctrl: Arc<I>) -> Self {
         Self {
             ctrl,
             mapped: BTreeSet::new(),
@@ -76,13 +111,16 @@ impl GuestDma {
             // kept (as `current`, then in `retired`) until the region is unmapped again; on
             // failure the regions mapped here are unmapped before `mem` goes.
             if let Err(e) = unsafe { self.ctrl.dma_map(addr as *mut u8, len) } {
-                for &(addr, len) in &new[..i] {
-                    if let Err(e) = self.ctrl.dma_unmap(addr, len) {
-                        tracing::warn!(addr, len, error = %e, "cannot unmap guest memory");
-                    }
+                for &span in &new[..i] {
+                    unmap(&*self.ctrl, span, "map failed");
                 }
                 return Err(e);
             }
+            tracing::info!(
+                addr = %format_args!("{addr:#x}"),
+                len,
+                "guest memory region DMA-mapped"
+            );
         }
         let gone: Vec<Span> = self.mapped.difference(&want).copied().collect();
         if let Some(old) = self.current.replace(mem) {
@@ -101,12 +139,10 @@ impl GuestDma {
             if Arc::strong_count(snapshot) > 1 {
                 return true;
             }
-            for &(addr, len) in spans {
+            for span in spans {
                 // A region back in the table under the same address stays mapped.
-                if !mapped.contains(&(addr, len))
-                    && let Err(e) = ctrl.dma_unmap(addr, len)
-                {
-                    tracing::warn!(addr, len, error = %e, "cannot unmap guest memory");
+                if !mapped.contains(span) {
+                    unmap(&**ctrl, *span, "removed");
                 }
             }
             false
@@ -120,23 +156,163 @@ impl GuestDma {
         let current = self.current.take();
         let mapped = std::mem::take(&mut self.mapped);
         for (_, spans) in std::mem::take(&mut self.retired) {
-            for (addr, len) in spans {
-                if !mapped.contains(&(addr, len)) {
-                    let _ = self.ctrl.dma_unmap(addr, len);
+            for span in spans {
+                if !mapped.contains(&span) {
+                    unmap(&*self.ctrl, span, "removed");
                 }
             }
         }
-        for (addr, len) in mapped {
-            if let Err(e) = self.ctrl.dma_unmap(addr, len) {
-                tracing::warn!(addr, len, error = %e, "cannot unmap guest memory");
-            }
+        for span in mapped {
+            unmap(&*self.ctrl, span, "session end");
         }
         drop(current);
     }
 }
 
-impl Drop for GuestDma {
+impl<I: Iommu> Drop for GuestDma<I> {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+
+    /// An IOMMU that records what is mapped, and refuses to map twice or unmap what is not
+    /// mapped (as VFIO does).
+    #[derive(Debug, Default)]
+    struct FakeIommu {
+        mapped: Mutex<BTreeSet<Span>>,
+        /// Maps from this one on fail.
+        fail_after: Option<usize>,
+        maps: Mutex<usize>,
+    }
+
+    impl FakeIommu {
+        fn mapped(&self) -> BTreeSet<Span> {
+            self.mapped.lock().unwrap().clone()
+        }
+    }
+
+    impl Iommu for FakeIommu {
+        unsafe fn dma_map(&self, addr: *mut u8, len: usize) -> Result<(), PcieError> {
+            let mut maps = self.maps.lock().unwrap();
+            *maps += 1;
+            if self.fail_after.is_some_and(|n| *maps > n) {
+                return Err(PcieError::NoVfio);
+            }
+            assert!(self.mapped.lock().unwrap().insert((addr as u64, len)));
+            Ok(())
+        }
+
+        fn dma_unmap(&self, addr: u64, len: usize) -> Result<(), PcieError> {
+            assert!(self.mapped.lock().unwrap().remove(&(addr, len)));
+            Ok(())
+        }
+    }
+
+    const REGION: usize = 64 << 10;
+
+    /// Guest memory with one region per start address (in units of `REGION`).
+    fn memory(starts: &[u64]) -> MemSnapshot {
+        let ranges: Vec<_> = starts
+            .iter()
+            .map(|&s| (GuestAddress(s * REGION as u64), REGION))
+            .collect();
+        Arc::new(GuestMemoryMmap::from_ranges(&ranges).expect("anonymous guest memory"))
+    }
+
+    /// `mem` without the region at `start`, the others shared (as REM_MEM_REG leaves them).
+    fn without(mem: &MemSnapshot, start: u64) -> MemSnapshot {
+        let (rest, _) = mem
+            .remove_region(GuestAddress(start * REGION as u64), REGION as u64)
+            .expect("region present");
+        Arc::new(rest)
+    }
+
+    /// `mem` with `other`'s region at `start` added (as ADD_MEM_REG does).
+    fn with(mem: &MemSnapshot, other: &MemSnapshot, start: u64) -> MemSnapshot {
+        let (_, region) = other
+            .remove_region(GuestAddress(start * REGION as u64), REGION as u64)
+            .expect("region present");
+        Arc::new(mem.insert_region(region).expect("a memory table"))
+    }
+
+    #[test]
+    fn a_removed_region_stays_mapped_while_a_poller_or_request_holds_its_snapshot() {
+        let iommu = Arc::new(FakeIommu::default());
+        let mut dma = GuestDma::new(iommu.clone());
+        let first = memory(&[0, 1]);
+        dma.update(first.clone()).unwrap();
+        let both = iommu.mapped();
+        assert_eq!(both.len(), 2);
+        // A poller's map (or a request in flight) still holds the first table.
+        let held = first.clone();
+        let second = without(&first, 1);
+        drop(first);
+        dma.update(second.clone()).unwrap();
+        dma.sweep();
+        assert_eq!(iommu.mapped(), both, "unmapped while still in use");
+        // Another change: the region added is mapped, the removed one still stays.
+        let third = with(&second, &memory(&[2]), 2);
+        drop(second);
+        dma.update(third.clone()).unwrap();
+        assert_eq!(iommu.mapped().len(), 3);
+        assert!(both.is_subset(&iommu.mapped()));
+        // The last holder lets go: the next sweep unmaps the removed region, only it.
+        drop(held);
+        dma.sweep();
+        let now = iommu.mapped();
+        assert_eq!(now, spans(&third));
+        assert_eq!(now.intersection(&both).count(), 1);
+        drop(dma);
+        assert!(
+            iommu.mapped().is_empty(),
+            "the session's end unmaps the rest"
+        );
+    }
+
+    #[test]
+    fn the_session_end_unmaps_removed_and_current_regions_once() {
+        let iommu = Arc::new(FakeIommu::default());
+        let mut dma = GuestDma::new(iommu.clone());
+        let first = memory(&[0, 1]);
+        dma.update(first.clone()).unwrap();
+        let held = first.clone();
+        dma.update(without(&first, 0)).unwrap();
+        // The removed region is still held: not yet unmapped.
+        assert_eq!(iommu.mapped().len(), 2);
+        // The queues have drained (close): everything goes, each once (the fake panics on a
+        // second unmap), and dropping afterwards unmaps nothing more.
+        dma.release();
+        assert!(iommu.mapped().is_empty());
+        drop(dma);
+        drop(held);
+    }
+
+    #[test]
+    fn a_table_that_cannot_be_mapped_whole_leaves_the_mappings_as_they_were() {
+        let iommu = Arc::new(FakeIommu {
+            fail_after: Some(2),
+            ..FakeIommu::default()
+        });
+        let mut dma = GuestDma::new(iommu.clone());
+        let first = memory(&[0]);
+        dma.update(first.clone()).unwrap();
+        let before = iommu.mapped();
+        // Two new regions: one maps (the fake's second map), the other fails (its third).
+        let bigger = with(&with(&first, &memory(&[1]), 1), &memory(&[2]), 2);
+        assert!(dma.update(bigger).is_err());
+        assert_eq!(iommu.mapped(), before, "a partial table stayed mapped");
+        // The table in force is still the first one: a later table maps from there.
+        let iommu_maps = *iommu.maps.lock().unwrap();
+        assert_eq!(iommu_maps, 3);
+        drop(dma);
+        assert!(iommu.mapped().is_empty());
     }
 }
