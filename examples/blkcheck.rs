@@ -88,6 +88,10 @@ struct Args {
     /// removing the old region while the next batch is in flight.
     #[arg(long, value_name = "N")]
     remap: Option<u64>,
+    /// Stay connected this long after the check, milliseconds (so that the backend can act on
+    /// the last changes, such as releasing a removed region, while the session lasts).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    linger_ms: u64,
     /// The check to run.
     #[arg(value_enum)]
     mode: Mode,
@@ -892,6 +896,7 @@ fn run(args: &Args) -> Result<(Stats, Limits), Fail> {
         .filter_map(|q| q.remap)
         .map(|r| r.moves)
         .sum();
+    std::thread::sleep(Duration::from_millis(args.linger_ms));
     Ok((total, lim))
 }
 

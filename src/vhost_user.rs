@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
@@ -19,6 +20,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::bdev::Disk;
 use crate::bdev::nvme_pcie::GuestDma;
@@ -55,7 +57,14 @@ pub struct BlkBackend {
     exit_fds: Mutex<Vec<RawFd>>,
     /// A device that DMAs into guest memory: the session's mappings in its IOMMU domain.
     dma: Option<Mutex<GuestDma>>,
+    /// With `dma`: armed while regions that left the memory table are still mapped, so that
+    /// the relay thread unmaps them once the last request using them has completed.
+    sweep_timer: Option<Mutex<TimerFd>>,
 }
+
+/// How often the relay thread looks at regions that left the memory table but are still
+/// DMA-mapped (in-flight requests or a poller's map still held them at the last look).
+const SWEEP_EVERY: Duration = Duration::from_millis(20);
 
 impl std::fmt::Debug for BlkBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,6 +96,14 @@ impl BlkBackend {
             Disk::NvmePcie(d) => Some(Mutex::new(d.guest_dma())),
             _ => None,
         };
+        // Without a timer, retired regions are still unmapped at the next memory change or
+        // at the session's end; the error is logged, not fatal.
+        let sweep_timer = dma.as_ref().and_then(|_| {
+            TimerFd::new()
+                .map_err(|e| tracing::warn!(error = %e, "cannot create the DMA sweep timer"))
+                .ok()
+                .map(Mutex::new)
+        });
         Self {
             shape,
             key,
@@ -98,6 +115,39 @@ impl BlkBackend {
             transitions: Mutex::new(false),
             exit_fds: Mutex::new(Vec::new()),
             dma,
+            sweep_timer,
+        }
+    }
+
+    /// The relay-thread event of the DMA sweep timer: after the queues (`0..num_queues`)
+    /// and vhost-user-backend's own event (`num_queues`).
+    fn sweep_event(&self) -> u16 {
+        u16::try_from(self.shape.num_queues + 1).unwrap_or(u16::MAX)
+    }
+
+    /// The file descriptor and event id the relay thread must watch for the DMA sweep, if
+    /// the device has one (register it before the session starts).
+    pub fn sweep_listener(&self) -> Option<(RawFd, u64)> {
+        let t = self.sweep_timer.as_ref()?;
+        Some((lock(t).as_raw_fd(), u64::from(self.sweep_event())))
+    }
+
+    /// Unmaps the retired regions nothing holds any more; keeps the timer armed while some
+    /// are left.
+    fn sweep_dma(&self) {
+        let (Some(dma), Some(timer)) = (&self.dma, &self.sweep_timer) else {
+            return;
+        };
+        let mut dma = lock(dma);
+        dma.sweep();
+        let mut timer = lock(timer);
+        let result = if dma.has_retired() {
+            timer.reset(SWEEP_EVERY, None)
+        } else {
+            timer.clear()
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot set the DMA sweep timer");
         }
     }
 
@@ -223,6 +273,20 @@ impl VhostUserBackend for BlkBackend {
         // it. The frontend is acknowledged only after this returns, so it cannot publish a
         // request that uses the new map before the pollers can see the change.
         self.shared.mem_gen.fetch_add(1, Ordering::Release);
+        // And have them load it now rather than at their next request, so that the old map
+        // (and the regions only it holds) goes as soon as no request uses it.
+        let mut told: Vec<usize> = Vec::with_capacity(self.pollers.len());
+        for p in &self.pollers {
+            if !told.contains(&p.index()) {
+                told.push(p.index());
+                p.memory_changed(self.key);
+            }
+        }
+        if let Some(timer) = &self.sweep_timer
+            && let Err(e) = lock(timer).reset(SWEEP_EVERY, None)
+        {
+            tracing::warn!(error = %e, "cannot set the DMA sweep timer");
+        }
         Ok(())
     }
 
@@ -258,6 +322,14 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
+        if device_event == self.sweep_event() {
+            if let Some(timer) = &self.sweep_timer {
+                // Clears the expiry (non-blocking: the event says it is readable).
+                let _ = lock(timer).wait();
+            }
+            self.sweep_dma();
+            return Ok(());
+        }
         let q = usize::from(device_event);
         let Some(vring) = vrings.get(q) else {
             return Ok(());

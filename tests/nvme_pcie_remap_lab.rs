@@ -8,8 +8,9 @@
 //! Every request verifies (a region unmapped from the IOMMU too early, or never mapped, makes
 //! the controller's DMA fault and the request fail), and vubd's log accounts for every region:
 //! each one it DMA-mapped was unmapped exactly once, either after the frontend removed it (as
-//! many as blkcheck removed) or when the session ended. After the guest is gone the host
-//! finds the pattern in the image.
+//! many as blkcheck removed, each while the session still lasted: released by vubd's sweep
+//! once no request and no poller map held it, not kept until the session's end) or when the
+//! session ended. After the guest is gone the host finds the pattern in the image.
 //!
 //! One guest boot; the guest's programs are this build's vubd and blkcheck (built on first
 //! use). Where the lab cannot start, the test fails and says why.
@@ -166,6 +167,9 @@ fn regions_added_and_removed_during_io_are_mapped_and_unmapped_once_each() {
                 let open = balance.entry(s.clone()).or_default();
                 assert!(*open > 0, "{s:?} unmapped while not mapped: {log:#?}");
                 *open -= 1;
+                // A removed region is unmapped by the sweep once nothing uses it, while the
+                // session lasts (blkcheck stays connected 300 ms after its last move); not
+                // at the session's end ("removed, still held at session end").
                 match fields(l)["why"].as_str() {
                     "removed" => removed += 1,
                     "session end" => at_end += 1,

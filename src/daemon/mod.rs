@@ -22,6 +22,7 @@ use thiserror::Error;
 use tracing::{error, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::bdev::file::FileError;
@@ -225,6 +226,13 @@ impl Serving<'_> {
         ));
         let mut daemon = VhostUserDaemon::new("vubd-vhost-user".into(), backend.clone(), mem)
             .map_err(DaemonError::VhostUser)?;
+        if let Some((fd, event)) = backend.sweep_listener() {
+            // All queues share one relay thread (`queues_per_thread`), the sweep with them.
+            if let Some(h) = daemon.get_epoll_handlers().first() {
+                h.register_listener(fd, EventSet::IN, event)
+                    .map_err(|e| DaemonError::Worker(io::Error::other(e)))?;
+            }
+        }
 
         daemon.start(listener).map_err(DaemonError::VhostUser)?;
         info!(device = self.index, "frontend connected");

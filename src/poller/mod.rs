@@ -87,6 +87,8 @@ enum Command {
         queue: u16,
         done: mpsc::SyncSender<()>,
     },
+    /// The device's memory map changed: load it now.
+    MemoryChanged(DeviceKey),
     Stop,
 }
 
@@ -147,6 +149,17 @@ impl PollerHandle {
             }
             Err(RecvTimeoutError::Disconnected) => false,
         }
+    }
+
+    /// Which poller of the set this is.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The memory map of `device` changed (after `mem_gen` was bumped): the poller loads it
+    /// on its next pass, even with no request to serve, and lets the old one go.
+    pub fn memory_changed(&self, device: DeviceKey) {
+        self.send(Command::MemoryChanged(device));
     }
 
     /// A guest kicked one of this poller's queues: wake it if it sleeps. While it polls,

@@ -109,6 +109,26 @@ pub(super) struct Worker {
     stopping: bool,
 }
 
+impl Device {
+    /// Loads the device's memory map again if it changed since the last look (its `mem_gen`
+    /// moved); returns whether it did. The old map's snapshot is let go here, so that its
+    /// retired regions can be released (and, for a DMA device, unmapped).
+    fn refresh_map(&mut self) -> bool {
+        let mem_gen = self.shared.mem_gen.load(Ordering::Acquire);
+        if mem_gen == self.seen_mem_gen {
+            return false;
+        }
+        self.seen_mem_gen = mem_gen;
+        let mem = self.mem.memory();
+        if self.map.is_of(&mem) {
+            return false;
+        }
+        self.map = HostMap::new(mem.into_inner());
+        self.map_gen += 1;
+        true
+    }
+}
+
 impl Worker {
     pub(super) fn new(shared: Arc<Shared>, mode: PollMode) -> std::io::Result<Self> {
         let epoll = Epoll::new()?;
@@ -233,17 +253,10 @@ impl Worker {
         // Check the memory map only now: a frontend adds a region (ADD_MEM_REG, acknowledged
         // after the map is replaced and `mem_gen` bumped) before it publishes requests that use
         // it, so the generation read after the avail index covers what that index announces.
-        let mem_gen = dev.shared.mem_gen.load(Ordering::Acquire);
-        if mem_gen != dev.seen_mem_gen {
-            dev.seen_mem_gen = mem_gen;
-            let mem = dev.mem.memory();
-            if !dev.map.is_of(&mem) {
-                dev.map = HostMap::new(mem.into_inner());
-                dev.map_gen += 1;
-                match fresh_ring(&mut q.ring, dev, queue) {
-                    Some(r) => ring = r,
-                    None => return 0,
-                }
+        if dev.refresh_map() {
+            match fresh_ring(&mut q.ring, dev, queue) {
+                Some(r) => ring = r,
+                None => return 0,
             }
         }
         if (avail - next).0 > ring.size() {

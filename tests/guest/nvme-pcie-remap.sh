@@ -63,8 +63,8 @@ for queues in 1 2; do
     for mode in $modes; do
         # The pattern in batches of 4 (instead of one of 16 per queue), so that its
         # writes too come from regions added during the run.
-        opts="--rounds 6 --remap 8"
-        [ $mode = pattern ] && opts="--depth 4 --remap 4"
+        opts="--rounds 6 --remap 8 --linger-ms 300"
+        [ $mode = pattern ] && opts="--depth 4 --remap 4 --linger-ms 300"
         # shellcheck disable=SC2086
         if ! blkcheck --socket $sock --queues $queues --seed "0x${queues}e" --size 4M \
             $opts $mode; then

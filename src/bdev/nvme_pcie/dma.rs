@@ -131,6 +131,11 @@ impl<I: Iommu> GuestDma<I> {
         Ok(())
     }
 
+    /// Retired regions are still mapped (something held them at the last sweep).
+    pub fn has_retired(&self) -> bool {
+        !self.retired.is_empty()
+    }
+
     /// Unmaps retired regions nothing refers to any more.
     pub fn sweep(&mut self) {
         let mapped = &self.mapped;
@@ -158,7 +163,7 @@ impl<I: Iommu> GuestDma<I> {
         for (_, spans) in std::mem::take(&mut self.retired) {
             for span in spans {
                 if !mapped.contains(&span) {
-                    unmap(&*self.ctrl, span, "removed");
+                    unmap(&*self.ctrl, span, "removed, still held at session end");
                 }
             }
         }

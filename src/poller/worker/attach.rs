@@ -48,6 +48,13 @@ impl Worker {
                         }
                     }
                 }
+                Command::MemoryChanged(device) => {
+                    // Not waiting for the device's next request: an idle queue would keep
+                    // the old map, and with it memory the frontend gave back.
+                    if let Some(d) = self.devices.iter_mut().flatten().find(|d| d.key == device) {
+                        d.refresh_map();
+                    }
+                }
                 Command::Stop => {
                     self.stopping = true;
                     for q in self.queues.iter_mut().flatten() {
