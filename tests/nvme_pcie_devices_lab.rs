@@ -16,31 +16,21 @@ mod common;
 #[path = "../examples/blkcheck/pattern.rs"]
 mod pattern;
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Instant;
 
 use common::examples::example_bin;
-use common::lab::{bin_arg, lab_dir, line_with, lines_with, run_guest, run_script};
+use common::lab::{
+    Guest, build_initramfs, echo_lines, image_file, line_with, lines_with, read_at, test_dir,
+};
 
 const NS1_BYTES: u64 = 32 << 20;
 const NS2_BYTES: u64 = 16 << 20;
 const PCIE_SERIAL: &str = "vubd-devices";
-const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 const GUEST_TIMEOUT_S: u64 = 300;
 /// What the guest's blkcheck `pattern` runs write, by device.
 const SEEDS: [u64; 2] = [0x1d1, 0x2d2];
 const PATTERN_BYTES: usize = 4 << 20;
-
-fn image(dir: &Path, name: &str, len: u64) -> PathBuf {
-    let p = dir.join(name);
-    File::create(&p)
-        .and_then(|f| f.set_len(len))
-        .expect("create an image");
-    p
-}
 
 #[test]
 fn two_namespaces_of_one_controller_are_served_as_two_devices_at_once() {
@@ -48,65 +38,26 @@ fn two_namespaces_of_one_controller_are_served_as_two_devices_at_once() {
     let blkcheck = example_bin("blkcheck");
     let vubd = Path::new(env!("CARGO_BIN_EXE_vubd"));
 
-    let dir = tempfile::tempdir().expect("create test directory");
+    let dir = test_dir();
     let d = dir.path();
-    assert!(
-        !d.to_string_lossy().contains(','),
-        "QEMU options cannot take the path {}",
-        d.display()
-    );
-    let initrd = d.join("nvme-pcie-devices.cpio.gz");
-    run_script(
-        Command::new(lab_dir().join("build-initramfs.sh"))
-            .arg("--output")
-            .arg(&initrd)
-            .arg("--script")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/nvme-pcie-devices.sh"))
-            .args(["--bin", &bin_arg(vubd), "--bin", &bin_arg(&blkcheck)])
-            .arg("--add")
-            .arg(format!(
-                "{}:/usr/bin/bind-vfio.sh",
-                lab_dir().join("guest/bind-vfio.sh").display()
-            )),
-        &d.join("build.log"),
-        BUILD_TIMEOUT,
-        "build-initramfs.sh",
-    );
+    let initrd = build_initramfs(d, "nvme-pcie-devices", &[vubd, &blkcheck]);
 
-    let ns1 = image(d, "ns1.img", NS1_BYTES);
-    let ns2 = image(d, "ns2.img", NS2_BYTES);
-    let console_log = d.join("console.log");
+    let ns1 = image_file(d, "ns1.img", NS1_BYTES);
+    let ns2 = image_file(d, "ns2.img", NS2_BYTES);
     let t = Instant::now();
-    let mut guest = Command::new(lab_dir().join("run-guest.sh"));
+    let mut guest = Guest::new(&initrd, d, "console.log", GUEST_TIMEOUT_S);
     guest
-        .arg("--initrd")
-        .arg(&initrd)
+        .command()
         .args(["--smp", "2", "--iommu"])
         .args(["--nvme-ctrl", &format!("c1,serial={PCIE_SERIAL}")])
         .arg("--nvme-ns")
         .arg(format!("c1:{}", ns1.display()))
         .arg("--nvme-ns")
         .arg(format!("c1:{},nsid=2", ns2.display()))
-        .args(["--append", &format!("PCIE_SERIAL={PCIE_SERIAL}")])
-        .args([
-            "--timeout",
-            &GUEST_TIMEOUT_S.to_string(),
-            "--no-echo",
-            "--log",
-        ])
-        .arg(&console_log);
-    let console = run_guest(
-        &mut guest,
-        &console_log,
-        d,
-        Duration::from_secs(GUEST_TIMEOUT_S + 30),
-    );
+        .args(["--append", &format!("PCIE_SERIAL={PCIE_SERIAL}")]);
+    let console = guest.run(d);
     let guest_time = t.elapsed();
-    for line in console.lines().filter(|l| {
-        l.starts_with("DEVICE") || l.starts_with("VUBD-DEVICES") || l.starts_with("nvme-pcie-")
-    }) {
-        eprintln!("{line}");
-    }
+    echo_lines(&console, &["DEVICE", "VUBD-DEVICES", "nvme-pcie-"]);
     line_with(&console, "nvme-pcie-devices: all steps passed");
 
     // Both devices passed every run, each on its own namespace's size.
@@ -167,10 +118,7 @@ fn two_namespaces_of_one_controller_are_served_as_two_devices_at_once() {
 
     // Each namespace holds its own device's pattern, not the other's.
     for (img, seed) in [(&ns1, SEEDS[0]), (&ns2, SEEDS[1])] {
-        let f = File::open(img).expect("open image");
-        let mut got = vec![0u8; PATTERN_BYTES];
-        f.read_exact_at(&mut got, 0).expect("read image");
-        if let Err(at) = pattern::check(seed, 0, &got) {
+        if let Err(at) = pattern::check(seed, 0, &read_at(img, 0, PATTERN_BYTES)) {
             panic!(
                 "{}: the pattern of seed {seed:#x} is missing at {at}",
                 img.display()

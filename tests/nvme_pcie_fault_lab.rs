@@ -27,18 +27,18 @@
 
 mod common;
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::examples::example_bin;
-use common::lab::{bin_arg, fields, lab_dir, line_with, lines_with, run_guest, run_script};
+use common::lab::{
+    Guest, build_initramfs, echo_lines, fields, image_file, line_with, lines_with, test_dir,
+};
 
 const HANG_BDF: &str = "0000:00:10.0";
 const HANG_ADDR: &str = "0x10";
@@ -51,7 +51,6 @@ const BLKDEBUG_CONF: &str =
 const GRP0_SERIAL: &str = "vubd-grp-0";
 const GRP1_SERIAL: &str = "vubd-grp-1";
 const IMG_BYTES: u64 = 16 << 20;
-const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 const GUEST_TIMEOUT_S: u64 = 300;
 /// What the host looks for on the console before it lifts the throttle.
 const RESET_LINE: &str = "NVMe controller reset";
@@ -64,14 +63,6 @@ const ONE_ADDR: &str = "0x13";
 
 /// One lab guest at a time: the tests of this file would otherwise boot theirs together.
 static GUESTS: Mutex<()> = Mutex::new(());
-
-fn image(dir: &Path, name: &str) -> PathBuf {
-    let p = dir.join(name);
-    File::create(&p)
-        .and_then(|f| f.set_len(IMG_BYTES))
-        .expect("create an image");
-    p
-}
 
 /// Sends one HMP command to the monitor at `sock` and returns what QEMU answered (up to the
 /// next prompt).
@@ -123,24 +114,7 @@ fn unthrottle_after_reset(
 fn build_initrd(d: &Path) -> PathBuf {
     let blkcheck = example_bin("blkcheck");
     let vubd = Path::new(env!("CARGO_BIN_EXE_vubd"));
-    let initrd = d.join("nvme-pcie-fault-lab.cpio.gz");
-    run_script(
-        Command::new(lab_dir().join("build-initramfs.sh"))
-            .arg("--output")
-            .arg(&initrd)
-            .arg("--script")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/nvme-pcie-fault-lab.sh"))
-            .args(["--bin", &bin_arg(vubd), "--bin", &bin_arg(&blkcheck)])
-            .arg("--add")
-            .arg(format!(
-                "{}:/usr/bin/bind-vfio.sh",
-                lab_dir().join("guest/bind-vfio.sh").display()
-            )),
-        &d.join("build.log"),
-        BUILD_TIMEOUT,
-        "build-initramfs.sh",
-    );
-    initrd
+    build_initramfs(d, "nvme-pcie-fault-lab", &[vubd, &blkcheck])
 }
 
 /// The lines vubd printed for `name` (`NAME-ERROR: ...`) and its exit status (`NAME-RC`).
@@ -159,28 +133,21 @@ fn tried<'a>(console: &'a str, name: &str) -> (Vec<&'a str>, String) {
 fn a_hung_command_is_aborted_then_recovered_by_a_reset_and_startup_errors_name_their_cause() {
     let _one = GUESTS.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
-    let dir = tempfile::tempdir().expect("create test directory");
+    let dir = test_dir();
     let d = dir.path();
-    assert!(
-        !d.to_string_lossy().contains(','),
-        "QEMU options cannot take the path {}",
-        d.display()
-    );
     let initrd = build_initrd(d);
 
     // --- with an IOMMU: the hung command, permissions, the group ---
-    let hang = image(d, "hang.img");
-    let grp0 = image(d, "grp0.img");
-    let grp1 = image(d, "grp1.img");
-    let eio = image(d, "eio.img");
+    let hang = image_file(d, "hang.img", IMG_BYTES);
+    let grp0 = image_file(d, "grp0.img", IMG_BYTES);
+    let grp1 = image_file(d, "grp1.img", IMG_BYTES);
+    let eio = image_file(d, "eio.img", IMG_BYTES);
     let blkdebug = d.join("blkdebug.conf");
     std::fs::write(&blkdebug, BLKDEBUG_CONF).expect("write the blkdebug rules");
-    let console_log = d.join("console-iommu.log");
     let monitor = d.join("monitor.sock");
-    let mut guest = Command::new(lab_dir().join("run-guest.sh"));
+    let mut guest = Guest::new(&initrd, d, "console-iommu.log", GUEST_TIMEOUT_S);
     guest
-        .arg("--initrd")
-        .arg(&initrd)
+        .command()
         .args(["--iommu", "--pci-bridge", "br0", "--monitor"])
         .arg(&monitor)
         .arg("--nvme")
@@ -209,35 +176,18 @@ fn a_hung_command_is_aborted_then_recovered_by_a_reset_and_startup_errors_name_t
             &format!(
                 "FAULT_MODE=iommu HANG_BDF={HANG_BDF} EIO_BDF={EIO_BDF} GRP0_SERIAL={GRP0_SERIAL} GRP1_SERIAL={GRP1_SERIAL}"
             ),
-        ])
-        .args([
-            "--timeout",
-            &GUEST_TIMEOUT_S.to_string(),
-            "--no-echo",
-            "--log",
-        ])
-        .arg(&console_log);
+        ]);
     let stop = Arc::new(AtomicBool::new(false));
-    let watcher = unthrottle_after_reset(console_log.clone(), monitor, stop.clone());
+    let watcher = unthrottle_after_reset(guest.console_log().to_owned(), monitor, stop.clone());
     let t = Instant::now();
-    let console = run_guest(
-        &mut guest,
-        &console_log,
-        d,
-        Duration::from_secs(GUEST_TIMEOUT_S + 30),
-    );
+    let console = guest.run(d);
     let iommu_guest = t.elapsed();
     stop.store(true, Ordering::Release);
     let answer = watcher.join().expect("the monitor thread");
-    for line in console.lines().filter(|l| {
-        l.starts_with("HANG-LOG")
-            || l.starts_with("PERM-")
-            || l.starts_with("EIO-")
-            || l.starts_with("GROUP")
-            || l.starts_with("blkcheck: ")
-    }) {
-        eprintln!("{line}");
-    }
+    echo_lines(
+        &console,
+        &["HANG-LOG", "PERM-", "EIO-", "GROUP", "blkcheck: "],
+    );
 
     // The host lifted the throttle after the first reset, and QEMU took the command.
     let answer = answer.unwrap_or_else(|| panic!("no {RESET_LINE:?} on the console:\n{console}"));
@@ -328,32 +278,18 @@ fn a_hung_command_is_aborted_then_recovered_by_a_reset_and_startup_errors_name_t
     line_with(&console, "nvme-pcie-fault-lab: all steps passed");
 
     // --- without an IOMMU ---
-    let plain = image(d, "plain.img");
-    let console_log = d.join("console-no-iommu.log");
-    let mut guest = Command::new(lab_dir().join("run-guest.sh"));
+    let plain = image_file(d, "plain.img", IMG_BYTES);
+    let mut guest = Guest::new(&initrd, d, "console-no-iommu.log", GUEST_TIMEOUT_S);
     guest
-        .arg("--initrd")
-        .arg(&initrd)
+        .command()
         .arg("--nvme")
         .arg(format!("{},addr={HANG_ADDR}", plain.display()))
         .args([
             "--append",
             &format!("FAULT_MODE=no-iommu NVME_BDF={HANG_BDF}"),
-        ])
-        .args([
-            "--timeout",
-            &GUEST_TIMEOUT_S.to_string(),
-            "--no-echo",
-            "--log",
-        ])
-        .arg(&console_log);
+        ]);
     let t = Instant::now();
-    let console = run_guest(
-        &mut guest,
-        &console_log,
-        d,
-        Duration::from_secs(GUEST_TIMEOUT_S + 30),
-    );
+    let console = guest.run(d);
     let plain_guest = t.elapsed();
     let (noiommu, rc) = tried(&console, "NOIOMMU");
     eprintln!("{noiommu:?} rc={rc}");
@@ -376,22 +312,15 @@ fn a_hung_command_is_aborted_then_recovered_by_a_reset_and_startup_errors_name_t
 #[test]
 fn too_few_io_queue_pairs_and_a_missing_namespace_stop_the_start_in_one_line() {
     let _one = GUESTS.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().expect("create test directory");
+    let dir = test_dir();
     let d = dir.path();
-    assert!(
-        !d.to_string_lossy().contains(','),
-        "QEMU options cannot take the path {}",
-        d.display()
-    );
     let initrd = build_initrd(d);
-    let ns1 = image(d, "qp-ns1.img");
-    let ns2 = image(d, "qp-ns2.img");
-    let one = image(d, "one.img");
-    let console_log = d.join("console-queues.log");
-    let mut guest = Command::new(lab_dir().join("run-guest.sh"));
+    let ns1 = image_file(d, "qp-ns1.img", IMG_BYTES);
+    let ns2 = image_file(d, "qp-ns2.img", IMG_BYTES);
+    let one = image_file(d, "one.img", IMG_BYTES);
+    let mut guest = Guest::new(&initrd, d, "console-queues.log", GUEST_TIMEOUT_S);
     guest
-        .arg("--initrd")
-        .arg(&initrd)
+        .command()
         .args(["--iommu", "--smp", "2"])
         .args([
             "--nvme-ctrl",
@@ -406,21 +335,9 @@ fn too_few_io_queue_pairs_and_a_missing_namespace_stop_the_start_in_one_line() {
         .args([
             "--append",
             &format!("FAULT_MODE=queues QP_BDF={QP_BDF} ONE_BDF={ONE_BDF}"),
-        ])
-        .args([
-            "--timeout",
-            &GUEST_TIMEOUT_S.to_string(),
-            "--no-echo",
-            "--log",
-        ])
-        .arg(&console_log);
+        ]);
     let t = Instant::now();
-    let console = run_guest(
-        &mut guest,
-        &console_log,
-        d,
-        Duration::from_secs(GUEST_TIMEOUT_S + 30),
-    );
+    let console = guest.run(d);
     for line in console
         .lines()
         .filter(|l| l.starts_with("NVME-LIST") || l.contains("-ERROR: ") || l.contains("-RC "))

@@ -17,14 +17,14 @@ mod common;
 #[path = "../examples/blkcheck/pattern.rs"]
 mod pattern;
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::examples::example_bin;
-use common::lab::{bin_arg, fields, lab_dir, line_with, lines_with, run_guest, run_script};
+use common::lab::{
+    Guest, build_initramfs, echo_lines, fields, image_file, line_with, lines_with, read_at,
+    test_dir,
+};
 
 const NS1_BYTES: u64 = 64 << 20;
 const NS2_BYTES: u64 = 32 << 20;
@@ -33,27 +33,15 @@ const PCIE_SERIAL: &str = "vubd-pcie-1";
 const OTHER_SERIAL: &str = "vubd-pcie-0";
 /// What `pcie_check` writes from `--offset`: 64 KiB there and 8 KiB 1 MiB further.
 const CHECKED: [(u64, usize); 2] = [(0, 64 << 10), (1 << 20, 8 << 10)];
-const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 const GUEST_TIMEOUT_S: u64 = 240;
-
-fn image(dir: &Path, name: &str, len: u64) -> std::path::PathBuf {
-    let p = dir.join(name);
-    File::create(&p)
-        .and_then(|f| f.set_len(len))
-        .expect("create an image");
-    p
-}
 
 /// Checks that `img` holds the pattern of `seed` at `offset + CHECKED` for each offset.
 fn assert_pattern(img: &Path, seed: u64, offsets: &[u64]) {
-    let f = File::open(img).expect("open image");
     for &base in offsets {
         for (delta, len) in CHECKED {
             let at = base + delta;
-            let mut got = vec![0u8; len];
-            f.read_exact_at(&mut got, at).expect("read image");
             assert!(
-                got == pattern::bytes(seed, at, len),
+                read_at(img, at, len) == pattern::bytes(seed, at, len),
                 "{}: the pattern of seed {seed:#x} is not at {at:#x}",
                 img.display()
             );
@@ -63,9 +51,7 @@ fn assert_pattern(img: &Path, seed: u64, offsets: &[u64]) {
 
 /// Checks that `img` is zero in `from..to`.
 fn assert_zero(img: &Path, from: u64, to: u64) {
-    let f = File::open(img).expect("open image");
-    let mut got = vec![0u8; usize::try_from(to - from).expect("fits")];
-    f.read_exact_at(&mut got, from).expect("read image");
+    let got = read_at(img, from, usize::try_from(to - from).expect("fits"));
     assert!(
         got.iter().all(|&b| b == 0),
         "{}: data in {from:#x}..{to:#x}",
@@ -81,43 +67,19 @@ fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
     let vubd = Path::new(env!("CARGO_BIN_EXE_vubd"));
     let built_examples = started.elapsed();
 
-    let dir = tempfile::tempdir().expect("create test directory");
+    let dir = test_dir();
     let d = dir.path();
-    assert!(
-        !d.to_string_lossy().contains(','),
-        "QEMU options cannot take the path {}",
-        d.display()
-    );
-    let initrd = d.join("nvme-pcie-lab.cpio.gz");
     let t = Instant::now();
-    run_script(
-        Command::new(lab_dir().join("build-initramfs.sh"))
-            .arg("--output")
-            .arg(&initrd)
-            .arg("--script")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/nvme-pcie-lab.sh"))
-            .args(["--bin", &bin_arg(&check), "--bin", &bin_arg(vubd)])
-            .args(["--bin", &bin_arg(&blkcheck)])
-            .arg("--add")
-            .arg(format!(
-                "{}:/usr/bin/bind-vfio.sh",
-                lab_dir().join("guest/bind-vfio.sh").display()
-            )),
-        &d.join("build.log"),
-        BUILD_TIMEOUT,
-        "build-initramfs.sh",
-    );
+    let initrd = build_initramfs(d, "nvme-pcie-lab", &[&check, vubd, &blkcheck]);
     let built_initrd = t.elapsed();
 
-    let ns1 = image(d, "ns1.img", NS1_BYTES);
-    let ns2 = image(d, "ns2.img", NS2_BYTES);
-    let other = image(d, "other.img", OTHER_BYTES);
-    let console_log = d.join("console.log");
+    let ns1 = image_file(d, "ns1.img", NS1_BYTES);
+    let ns2 = image_file(d, "ns2.img", NS2_BYTES);
+    let other = image_file(d, "other.img", OTHER_BYTES);
     let t = Instant::now();
-    let mut guest = Command::new(lab_dir().join("run-guest.sh"));
+    let mut guest = Guest::new(&initrd, d, "console.log", GUEST_TIMEOUT_S);
     guest
-        .arg("--initrd")
-        .arg(&initrd)
+        .command()
         .args(["--smp", "2", "--iommu", "--nvme"])
         .arg(format!("{},serial={OTHER_SERIAL}", other.display()))
         .args(["--nvme-ctrl", &format!("c1,serial={PCIE_SERIAL}")])
@@ -128,31 +90,20 @@ fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
         .args([
             "--append",
             &format!("PCIE_SERIAL={PCIE_SERIAL} OTHER_SERIAL={OTHER_SERIAL}"),
-        ])
-        .args([
-            "--timeout",
-            &GUEST_TIMEOUT_S.to_string(),
-            "--no-echo",
-            "--log",
-        ])
-        .arg(&console_log);
-    let console = run_guest(
-        &mut guest,
-        &console_log,
-        d,
-        Duration::from_secs(GUEST_TIMEOUT_S + 30),
-    );
+        ]);
+    let console = guest.run(d);
     let guest_time = t.elapsed();
-    for line in console.lines().filter(|l| {
-        l.starts_with("NVME-LIST")
-            || l.starts_with("PCIE-CHECK")
-            || l.starts_with("VUBD-RESET")
-            || l.starts_with("IRQ-")
-            || l.starts_with("VUBD-IRQ")
-            || l.starts_with("blkcheck: ")
-    }) {
-        eprintln!("{line}");
-    }
+    echo_lines(
+        &console,
+        &[
+            "NVME-LIST",
+            "PCIE-CHECK",
+            "VUBD-RESET",
+            "IRQ-",
+            "VUBD-IRQ",
+            "blkcheck: ",
+        ],
+    );
 
     let bound = fields(line_with(&console, "VFIO-BOUND "));
     let bdf = bound["bdf"].clone();
@@ -301,10 +252,7 @@ fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
     // The data reached the images, and nothing else did.
     assert_pattern(&ns1, 0x1ab, &[0, 4 << 20]);
     // Namespace 2 was last written by vubd for blkcheck: its pattern over the first 4 MiB.
-    let f = File::open(&ns2).expect("open image");
-    let mut got = vec![0u8; 4 << 20];
-    f.read_exact_at(&mut got, 0).expect("read image");
-    if let Err(at) = pattern::check(0x3ef, 0, &got) {
+    if let Err(at) = pattern::check(0x3ef, 0, &read_at(&ns2, 0, 4 << 20)) {
         panic!("{}: vubd's pattern is missing at {at}", ns2.display());
     }
     assert_zero(&ns1, 64 << 10, 1 << 20);
@@ -312,9 +260,7 @@ fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
     assert_zero(&ns2, 4 << 20, 8 << 20);
     assert_zero(&other, 0, 1 << 20);
 
-    for line in console.lines().filter(|l| l.starts_with("nvme-pcie-lab: ")) {
-        eprintln!("{line}");
-    }
+    echo_lines(&console, &["nvme-pcie-lab: "]);
     eprintln!(
         "nvme pcie lab: examples {:.1} s, initramfs {:.1} s, guest {:.1} s, total {:.1} s",
         built_examples.as_secs_f64(),

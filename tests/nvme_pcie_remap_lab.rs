@@ -21,18 +21,17 @@ mod common;
 mod pattern;
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::examples::example_bin;
-use common::lab::{bin_arg, fields, lab_dir, line_with, lines_with, run_guest, run_script};
+use common::lab::{
+    Guest, build_initramfs, echo_lines, fields, image_file, line_with, lines_with, read_at,
+    test_dir,
+};
 
 const NS_BYTES: u64 = 16 << 20;
 const PCIE_SERIAL: &str = "vubd-remap";
-const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 const GUEST_TIMEOUT_S: u64 = 300;
 /// The pattern the two-queue run writes over the first 4 MiB.
 const PATTERN_SEED: u64 = 0x2e;
@@ -52,63 +51,21 @@ fn regions_added_and_removed_during_io_are_mapped_and_unmapped_once_each() {
     let blkcheck = example_bin("blkcheck");
     let vubd = Path::new(env!("CARGO_BIN_EXE_vubd"));
 
-    let dir = tempfile::tempdir().expect("create test directory");
+    let dir = test_dir();
     let d = dir.path();
-    assert!(
-        !d.to_string_lossy().contains(','),
-        "QEMU options cannot take the path {}",
-        d.display()
-    );
-    let initrd = d.join("nvme-pcie-remap.cpio.gz");
-    run_script(
-        Command::new(lab_dir().join("build-initramfs.sh"))
-            .arg("--output")
-            .arg(&initrd)
-            .arg("--script")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/nvme-pcie-remap.sh"))
-            .args(["--bin", &bin_arg(vubd), "--bin", &bin_arg(&blkcheck)])
-            .arg("--add")
-            .arg(format!(
-                "{}:/usr/bin/bind-vfio.sh",
-                lab_dir().join("guest/bind-vfio.sh").display()
-            )),
-        &d.join("build.log"),
-        BUILD_TIMEOUT,
-        "build-initramfs.sh",
-    );
+    let initrd = build_initramfs(d, "nvme-pcie-remap", &[vubd, &blkcheck]);
 
-    let ns = d.join("ns.img");
-    File::create(&ns)
-        .and_then(|f| f.set_len(NS_BYTES))
-        .expect("create an image");
-    let console_log = d.join("console.log");
+    let ns = image_file(d, "ns.img", NS_BYTES);
     let t = Instant::now();
-    let mut guest = Command::new(lab_dir().join("run-guest.sh"));
+    let mut guest = Guest::new(&initrd, d, "console.log", GUEST_TIMEOUT_S);
     guest
-        .arg("--initrd")
-        .arg(&initrd)
+        .command()
         .args(["--smp", "2", "--iommu", "--nvme"])
         .arg(format!("{},serial={PCIE_SERIAL}", ns.display()))
-        .args(["--append", &format!("PCIE_SERIAL={PCIE_SERIAL}")])
-        .args([
-            "--timeout",
-            &GUEST_TIMEOUT_S.to_string(),
-            "--no-echo",
-            "--log",
-        ])
-        .arg(&console_log);
-    let console = run_guest(
-        &mut guest,
-        &console_log,
-        d,
-        Duration::from_secs(GUEST_TIMEOUT_S + 30),
-    );
+        .args(["--append", &format!("PCIE_SERIAL={PCIE_SERIAL}")]);
+    let console = guest.run(d);
     let guest_time = t.elapsed();
-    for line in console.lines().filter(|l| {
-        l.starts_with("blkcheck: ") || l.starts_with("REMAP") || l.starts_with("nvme-pcie-")
-    }) {
-        eprintln!("{line}");
-    }
+    echo_lines(&console, &["blkcheck: ", "REMAP", "nvme-pcie-"]);
     line_with(&console, "nvme-pcie-remap: all steps passed");
 
     for (queues, runs) in [
@@ -185,10 +142,7 @@ fn regions_added_and_removed_during_io_are_mapped_and_unmapped_once_each() {
     }
 
     // The two-queue pattern, written from buffers that kept moving, is in the image.
-    let f = File::open(&ns).expect("open image");
-    let mut got = vec![0u8; PATTERN_BYTES];
-    f.read_exact_at(&mut got, 0).expect("read image");
-    if let Err(at) = pattern::check(PATTERN_SEED, 0, &got) {
+    if let Err(at) = pattern::check(PATTERN_SEED, 0, &read_at(&ns, 0, PATTERN_BYTES)) {
         panic!("{}: the pattern is missing at {at}", ns.display());
     }
 

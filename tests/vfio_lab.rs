@@ -14,21 +14,17 @@
 
 mod common;
 
-use std::fs::File;
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::examples::example_bin;
-use common::lab::{bin_arg, fields, lab_dir, line_with, run_guest, run_script};
+use common::lab::{Guest, build_initramfs, echo_lines, fields, image_file, line_with, test_dir};
 
 /// The namespace of the emulated controller: a sparse image of this size.
 const NVME_BYTES: u64 = 64 << 20;
 const SERIAL: &str = "vubd-lab-0";
 /// QEMU's emulated NVMe controller: Red Hat's vendor ID and the device ID of QEMU's NVMe.
 const QEMU_NVME_ID: &str = "1b36:0010";
-/// How long building the initramfs may take, a kernel download included.
-const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 /// The guest's time limit (run-guest.sh --timeout); a run takes about 15 s.
 const GUEST_TIMEOUT_S: u64 = 240;
 
@@ -40,66 +36,21 @@ fn nvme_behind_the_iommu_is_usable_from_user_space_and_vhost_user_runs_in_the_gu
     let vubd = Path::new(env!("CARGO_BIN_EXE_vubd"));
     let built_examples = started.elapsed();
 
-    let dir = tempfile::tempdir().expect("create test directory");
+    let dir = test_dir();
     let dir_path = dir.path();
-    assert!(
-        !dir_path.to_string_lossy().contains(','),
-        "QEMU options cannot take the path {}",
-        dir_path.display()
-    );
-    let initrd = dir_path.join("vfio-lab.cpio.gz");
     let t = Instant::now();
-    run_script(
-        Command::new(lab_dir().join("build-initramfs.sh"))
-            .arg("--output")
-            .arg(&initrd)
-            .arg("--script")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/vfio-lab.sh"))
-            .args([
-                "--bin",
-                &bin_arg(&probe),
-                "--bin",
-                &bin_arg(&blkcheck),
-                "--bin",
-                &bin_arg(vubd),
-            ])
-            .arg("--add")
-            .arg(format!(
-                "{}:/usr/bin/bind-vfio.sh",
-                lab_dir().join("guest/bind-vfio.sh").display()
-            )),
-        &dir_path.join("build.log"),
-        BUILD_TIMEOUT,
-        "build-initramfs.sh",
-    );
+    let initrd = build_initramfs(dir_path, "vfio-lab", &[&probe, &blkcheck, vubd]);
     let built_initrd = t.elapsed();
 
-    let image = dir_path.join("nvme0.img");
-    File::create(&image)
-        .and_then(|f| f.set_len(NVME_BYTES))
-        .expect("create the NVMe image");
-    let console_log = dir_path.join("console.log");
+    let image = image_file(dir_path, "nvme0.img", NVME_BYTES);
     let t = Instant::now();
-    let mut guest = Command::new(lab_dir().join("run-guest.sh"));
+    let mut guest = Guest::new(&initrd, dir_path, "console.log", GUEST_TIMEOUT_S);
     guest
-        .arg("--initrd")
-        .arg(&initrd)
+        .command()
         .args(["--smp", "2", "--iommu", "--nvme"])
         .arg(format!("{},serial={SERIAL}", image.display()))
-        .args(["--append", &format!("NVME_BYTES={NVME_BYTES}")])
-        .args([
-            "--timeout",
-            &GUEST_TIMEOUT_S.to_string(),
-            "--no-echo",
-            "--log",
-        ])
-        .arg(&console_log);
-    let console = run_guest(
-        &mut guest,
-        &console_log,
-        dir_path,
-        Duration::from_secs(GUEST_TIMEOUT_S + 30),
-    );
+        .args(["--append", &format!("NVME_BYTES={NVME_BYTES}")]);
+    let console = guest.run(dir_path);
     let guest_time = t.elapsed();
 
     let bound = fields(line_with(&console, "VFIO-BOUND "));
@@ -148,9 +99,7 @@ fn nvme_behind_the_iommu_is_usable_from_user_space_and_vhost_user_runs_in_the_gu
         eprintln!("{line}");
     }
     line_with(&console, "vfio-lab: all steps passed");
-    for line in console.lines().filter(|l| l.starts_with("vfio-lab: ")) {
-        eprintln!("{line}");
-    }
+    echo_lines(&console, &["vfio-lab: "]);
     eprintln!(
         "vfio lab: examples {:.1} s, initramfs {:.1} s, guest {:.1} s, total {:.1} s",
         built_examples.as_secs_f64(),

@@ -1,8 +1,12 @@
 //! Running the QEMU lab (`qemu/`) from a test: scripts bounded in time with their output in a
-//! log, and the `TAG key=value ...` lines guests print on their console.
+//! log, and the `TAG key=value ...` lines guests print on their console. For the lab tests
+//! with a guest script of their own (`tests/guest/NAME.sh`): [`test_dir`], [`build_initramfs`],
+//! [`image_file`], [`Guest`] (a `run-guest.sh` command with the options they all use),
+//! [`echo_lines`] and [`read_at`].
 
 use std::collections::HashMap;
 use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
@@ -11,6 +15,128 @@ use std::time::{Duration, Instant};
 /// The lab's scripts.
 pub fn lab_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu")
+}
+
+/// How long building an initramfs may take, a kernel download included.
+pub const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A test's private directory, checked to be usable in QEMU options (no comma in its path).
+pub fn test_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("create test directory");
+    assert!(
+        !dir.path().to_string_lossy().contains(','),
+        "QEMU options cannot take the path {}",
+        dir.path().display()
+    );
+    dir
+}
+
+/// Builds `dir/NAME.cpio.gz` with `build-initramfs.sh`: the guest script
+/// `tests/guest/NAME.sh` as `/test.sh`, the programs `bins` (with their shared libraries) in
+/// `/usr/bin`, `qemu/guest/bind-vfio.sh` and the scripts' shared functions
+/// (`tests/guest/lib.sh`, as `/usr/lib/vubd-lab/lib.sh`). Its log is `dir/build.log`.
+pub fn build_initramfs(dir: &Path, name: &str, bins: &[&Path]) -> PathBuf {
+    let guest_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest");
+    let initrd = dir.join(format!("{name}.cpio.gz"));
+    let mut cmd = Command::new(lab_dir().join("build-initramfs.sh"));
+    cmd.arg("--output")
+        .arg(&initrd)
+        .arg("--script")
+        .arg(guest_dir.join(format!("{name}.sh")));
+    for bin in bins {
+        cmd.args(["--bin", &bin_arg(bin)]);
+    }
+    cmd.arg("--add")
+        .arg(format!(
+            "{}:/usr/bin/bind-vfio.sh",
+            lab_dir().join("guest/bind-vfio.sh").display()
+        ))
+        .arg("--add")
+        .arg(format!(
+            "{}:/usr/lib/vubd-lab/lib.sh",
+            guest_dir.join("lib.sh").display()
+        ));
+    run_script(
+        &mut cmd,
+        &dir.join("build.log"),
+        BUILD_TIMEOUT,
+        "build-initramfs.sh",
+    );
+    initrd
+}
+
+/// A sparse, all-zero image file `dir/NAME` of `len` bytes.
+pub fn image_file(dir: &Path, name: &str, len: u64) -> PathBuf {
+    let path = dir.join(name);
+    File::create(&path)
+        .and_then(|f| f.set_len(len))
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    path
+}
+
+/// `len` bytes of the file `path` from `offset`.
+pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    File::open(path)
+        .and_then(|f| f.read_exact_at(&mut out, offset))
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    out
+}
+
+/// Prints (to the test's output) the console lines that start with one of `prefixes`.
+pub fn echo_lines(console: &str, prefixes: &[&str]) {
+    for line in console
+        .lines()
+        .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
+    {
+        eprintln!("{line}");
+    }
+}
+
+/// A `run-guest.sh` command with what every lab guest has: its initramfs, a time limit, and
+/// its console in a log file instead of on stdout. The test adds its devices and kernel
+/// command line through [`Guest::command`], then [`Guest::run`]s it.
+pub struct Guest {
+    command: Command,
+    console_log: PathBuf,
+    timeout_s: u64,
+}
+
+impl Guest {
+    /// A guest that boots `initrd`, stops after `timeout_s` seconds, and writes its console to
+    /// `dir/CONSOLE_LOG`.
+    pub fn new(initrd: &Path, dir: &Path, console_log: &str, timeout_s: u64) -> Self {
+        let console_log = dir.join(console_log);
+        let mut command = Command::new(lab_dir().join("run-guest.sh"));
+        command
+            .arg("--initrd")
+            .arg(initrd)
+            .args(["--timeout", &timeout_s.to_string(), "--no-echo", "--log"])
+            .arg(&console_log);
+        Self {
+            command,
+            console_log,
+            timeout_s,
+        }
+    }
+
+    /// The command, for the test's own `run-guest.sh` options.
+    pub fn command(&mut self) -> &mut Command {
+        &mut self.command
+    }
+
+    /// The file the console goes to.
+    pub fn console_log(&self) -> &Path {
+        &self.console_log
+    }
+
+    /// Boots the guest with [`run_guest`] (its own output in `dir/run-guest.log`), allowing 30 s
+    /// beyond the guest's time limit, and returns the console. Fails the test unless the guest
+    /// passed.
+    pub fn run(mut self, dir: &Path) -> String {
+        let limit = Duration::from_secs(self.timeout_s + 30);
+        run_guest(&mut self.command, &self.console_log, dir, limit)
+    }
 }
 
 /// `PATH:/usr/bin/NAME`, for `build-initramfs.sh --bin`.

@@ -15,8 +15,8 @@
 //!   a RAM or null namespace, fault injection and counters, for initiator tests the kernel
 //!   target cannot serve (misbehaviour, speed). It depends on nothing else here, so
 //!   `examples/fake_target.rs` includes it by path.
-//! - [`lab`]: running the QEMU lab's scripts bounded in time, and reading the `TAG key=value`
-//!   lines its guests print.
+//! - [`lab`]: running the QEMU lab's scripts bounded in time, building a lab test's initramfs
+//!   and booting its guest, and reading the `TAG key=value` lines its guests print.
 //! - [`procfs`]: the CPU time and CPU affinity of a running backend, from `/proc`.
 //! - [`examples`]: [`examples::example_bin`], the executable of an example program (built on
 //!   first use), for tests that run `blkcheck` or `vfio_probe`.

@@ -18,35 +18,17 @@
 # The host checks the lines and then that each image holds its own pattern.
 set -u
 
-say() { echo "nvme-pcie-devices: $*"; }
-fatal() { say "FAIL $*"; exit 1; }
-
-wait_for() {
-    n=$1
-    shift
-    while [ "$n" -gt 0 ]; do
-        "$@" && return 0
-        sleep 0.1
-        n=$((n - 1))
-    done
-    "$@"
-}
+LAB=nvme-pcie-devices
+# shellcheck source=tests/guest/lib.sh
+. /usr/lib/vubd-lab/lib.sh
 
 [ -n "${PCIE_SERIAL:-}" ] || fatal "PCIE_SERIAL must be set on the kernel command line"
 
 # --- 1. the controller, to vfio-pci ---------------------------------------------------
 modprobe nvme || fatal "modprobe nvme"
-bdf_of() {
-    for c in /sys/class/nvme/nvme*; do
-        [ -e "$c/serial" ] || continue
-        [ "$(sed 's/ *$//' "$c/serial")" = "$1" ] && cat "$c/address" && return 0
-    done
-    return 1
-}
-wait_for 100 bdf_of "$PCIE_SERIAL" >/dev/null || fatal "no controller with serial $PCIE_SERIAL"
+wait_serial "$PCIE_SERIAL"
 bdf=$(bdf_of "$PCIE_SERIAL")
-out=$(bind-vfio.sh "$bdf") || fatal "bind-vfio.sh: $out"
-echo "$out"
+bind_vfio "$bdf"
 
 # --- 2. one vubd, two devices -----------------------------------------------------------
 s1=/tmp/ns1.sock
@@ -103,13 +85,8 @@ sed 's/^/DEVICE2 /' /tmp/b2.out
 at_once pattern 0x1d1 0x2d2
 
 # --- 4. SIGTERM ----------------------------------------------------------------------------
-gone() { [ ! -e "/proc/$1" ] || grep -q ') Z ' "/proc/$1/stat" 2>/dev/null; }
-kill -TERM "$vubd_pid"
-wait_for 100 gone "$vubd_pid" || { stop_vubd; fatal "vubd still running 10 s after SIGTERM"; }
-rc=0
-wait "$vubd_pid" || rc=$?
-[ "$rc" -eq 0 ] || { tail -n 30 $log; fatal "vubd exited with status $rc"; }
-[ ! -e $s1 ] && [ ! -e $s2 ] || fatal "sockets left behind"
+end_vubd "$vubd_pid" $log
+{ [ ! -e $s1 ] && [ ! -e $s2 ]; } || fatal "sockets left behind"
 grep -E "NVMe controller|I/O channel shared|frontend (connected|disconnected)|NVMe I/O timeout|error" $log |
     sed 's/^/VUBD-DEVICES: /'
 say "all steps passed"

@@ -42,19 +42,10 @@
 # The host checks the lines; this script fails on the first unexpected error.
 set -u
 
-say() { echo "nvme-pcie-fault-lab: $*"; }
-fatal() { say "FAIL $*"; exit 1; }
+LAB=nvme-pcie-fault-lab
+# shellcheck source=tests/guest/lib.sh
+. /usr/lib/vubd-lab/lib.sh
 
-wait_for() {
-    n=$1
-    shift
-    while [ "$n" -gt 0 ]; do
-        "$@" && return 0
-        sleep 0.1
-        n=$((n - 1))
-    done
-    "$@"
-}
 driver_of() {
     if [ -L "/sys/bus/pci/devices/$1/driver" ]; then
         basename "$(readlink "/sys/bus/pci/devices/$1/driver")"
@@ -93,10 +84,9 @@ no-iommu)
     say "all steps passed"
     exit 0 ;;
 queues)
-    [ -n "${QP_BDF:-}" ] && [ -n "${ONE_BDF:-}" ] || fatal "QP_BDF and ONE_BDF must be set"
+    { [ -n "${QP_BDF:-}" ] && [ -n "${ONE_BDF:-}" ]; } || fatal "QP_BDF and ONE_BDF must be set"
     for b in "$QP_BDF" "$ONE_BDF"; do
-        out=$(bind-vfio.sh "$b") || fatal "bind-vfio.sh: $out"
-        echo "$out"
+        bind_vfio "$b"
     done
     out=$(vubd nvme list 2>&1) || { echo "$out"; fatal "vubd nvme list"; }
     echo "$out" | sed 's/^/NVME-LIST: /'
@@ -129,8 +119,7 @@ for v in "${HANG_BDF:-}" "${EIO_BDF:-}" "${GRP0_SERIAL:-}" "${GRP1_SERIAL:-}"; d
 done
 
 # --- 1. a hung command: timeout, Abort, reset ------------------------------------
-out=$(bind-vfio.sh "$HANG_BDF") || fatal "bind-vfio.sh: $out"
-echo "$out"
+bind_vfio "$HANG_BDF"
 sock=/tmp/vubd.sock
 log=/tmp/vubd-hang.log
 vubd --socket-path $sock --disk "nvme-pcie:$HANG_BDF" --num-queues 1 --io-timeout 3 >$log 2>&1 &
@@ -155,8 +144,7 @@ grep -E "NVMe I/O timeout|NVMe Abort|NVMe controller reset|resubmitted|submitted
     sed 's/^/HANG-LOG: /'
 
 # --- 1b. a read that fails: an error status, and the daemon keeps serving ---------
-out=$(bind-vfio.sh "$EIO_BDF") || fatal "bind-vfio.sh: $out"
-echo "$out"
+bind_vfio "$EIO_BDF"
 log=/tmp/vubd-eio.log
 rm -f $sock
 vubd --socket-path $sock --disk "nvme-pcie:$EIO_BDF" --num-queues 1 >$log 2>&1 &
@@ -188,14 +176,8 @@ try PERM su -s /bin/sh nobody -c "vubd --socket-path /tmp/nobody/vubd.sock --dis
 
 # --- 3. an IOMMU group shared with a device on a host driver --------------------------
 modprobe nvme || fatal "modprobe nvme"
-bdf_of() {
-    for c in /sys/class/nvme/nvme*; do
-        [ "$(sed 's/ *$//' "$c/serial")" = "$1" ] && cat "$c/address" && return 0
-    done
-    return 1
-}
-wait_for 100 bdf_of "$GRP0_SERIAL" >/dev/null || fatal "no controller with serial $GRP0_SERIAL"
-wait_for 100 bdf_of "$GRP1_SERIAL" >/dev/null || fatal "no controller with serial $GRP1_SERIAL"
+wait_serial "$GRP0_SERIAL"
+wait_serial "$GRP1_SERIAL"
 grp0=$(bdf_of "$GRP0_SERIAL")
 grp1=$(bdf_of "$GRP1_SERIAL")
 g0=$(basename "$(readlink "/sys/bus/pci/devices/$grp0/iommu_group")")

@@ -33,44 +33,25 @@
 # first error.
 set -u
 
-say() { echo "nvme-pcie-lab: $*"; }
-fatal() { say "FAIL $*"; exit 1; }
+LAB=nvme-pcie-lab
+# shellcheck source=tests/guest/lib.sh
+. /usr/lib/vubd-lab/lib.sh
 
-wait_for() {
-    n=$1
-    shift
-    while [ "$n" -gt 0 ]; do
-        "$@" && return 0
-        sleep 0.1
-        n=$((n - 1))
-    done
-    "$@"
-}
-
-[ -n "${PCIE_SERIAL:-}" ] && [ -n "${OTHER_SERIAL:-}" ] ||
+{ [ -n "${PCIE_SERIAL:-}" ] && [ -n "${OTHER_SERIAL:-}" ]; } ||
     fatal "PCIE_SERIAL and OTHER_SERIAL must be set on the kernel command line"
-uptime_s() { cut -d' ' -f1 /proc/uptime; }
 say "script started at $(uptime_s) s of guest uptime"
 
 # --- 1. the kernel driver, and which controller is which ----------------------
 modprobe nvme || fatal "modprobe nvme"
 two_ctrls() { [ -e /sys/class/nvme/nvme0/address ] && [ -e /sys/class/nvme/nvme1/address ]; }
 wait_for 100 two_ctrls || fatal "two NVMe controllers did not appear"
-# bdf_of SERIAL: the PCI address of the controller with that serial number.
-bdf_of() {
-    for c in /sys/class/nvme/nvme*; do
-        [ "$(sed 's/ *$//' "$c/serial")" = "$1" ] && cat "$c/address" && return 0
-    done
-    return 1
-}
-wait_for 100 bdf_of "$PCIE_SERIAL" >/dev/null || fatal "no controller with serial $PCIE_SERIAL"
+wait_serial "$PCIE_SERIAL"
 bdf=$(bdf_of "$PCIE_SERIAL")
 other=$(bdf_of "$OTHER_SERIAL") || fatal "no controller with serial $OTHER_SERIAL"
 say "controllers: $bdf ($PCIE_SERIAL), $other ($OTHER_SERIAL)"
 
 # --- 2. to vfio-pci -------------------------------------------------------------
-out=$(bind-vfio.sh "$bdf") || fatal "bind-vfio.sh: $out"
-echo "$out"
+bind_vfio "$bdf"
 
 # --- 3. vubd nvme list ------------------------------------------------------------
 out=$(vubd nvme list 2>&1) || { echo "$out"; fatal "vubd nvme list"; }
@@ -96,7 +77,6 @@ say "driver steps done at $(uptime_s) s of guest uptime"
 sock=/tmp/vubd.sock
 vubd_pid=
 stop_vubd() { kill -KILL "$vubd_pid" 2>/dev/null; }
-gone() { [ ! -e "/proc/$1" ] || grep -q ') Z ' "/proc/$1/stat" 2>/dev/null; }
 # start_vubd LOG [QUEUES [ARG...]]: vubd on namespace 2 with QUEUES (2) queues and
 # the extra arguments, its log in LOG.
 start_vubd() {
@@ -108,17 +88,6 @@ start_vubd() {
     vubd --socket-path $sock --disk "nvme-pcie:$bdf?nsid=2" --num-queues "$queues_" "$@" >"$log_" 2>&1 &
     vubd_pid=$!
     wait_for 100 test -S $sock || { cat "$log_"; stop_vubd; fatal "vubd did not create $sock"; }
-}
-# end_vubd LOG: SIGTERM, and vubd must exit with status 0.
-end_vubd() {
-    kill -TERM "$vubd_pid"
-    if ! wait_for 100 gone "$vubd_pid"; then
-        stop_vubd
-        fatal "vubd still running 10 s after SIGTERM"
-    fi
-    rc=0
-    wait "$vubd_pid" || rc=$?
-    [ "$rc" -eq 0 ] || { tail -n 20 "$1"; fatal "vubd exited with status $rc"; }
 }
 
 # The sum of the per-CPU counts of every vfio-msix line (present while vubd has
@@ -144,7 +113,7 @@ if ! blkcheck --socket $sock --queues 2 --seed 0x4a1 --size 4M --rounds 4 write-
     fatal "blkcheck write-verify through vubd across a controller reset"
 fi
 echo "IRQ-RESET vectors=$(msix_lines) msix=$(msix_count)"
-end_vubd /tmp/vubd-reset.log
+end_vubd "$vubd_pid" /tmp/vubd-reset.log
 grep -E "NVMe controller reset|commands resubmitted|lost in a controller reset" /tmp/vubd-reset.log |
     sed 's/^/VUBD-RESET: /'
 
@@ -155,7 +124,7 @@ if ! blkcheck --socket $sock --queues 1 --seed 0x51 --size 4M --rounds 4 write-v
     stop_vubd
     fatal "blkcheck write-verify through vubd on one queue"
 fi
-end_vubd /tmp/vubd-1q.log
+end_vubd "$vubd_pid" /tmp/vubd-1q.log
 
 # 7. Interrupts (before 6c, whose pattern the host checks in the image).
 for irq in 1 0; do
@@ -175,7 +144,7 @@ for irq in 1 0; do
     irq_after=$(msix_count)
     cpu_after=$(cpu_ticks "$vubd_pid")
     vectors=$(msix_lines)
-    end_vubd $log
+    end_vubd "$vubd_pid" $log
     # A lost wake-up would show as an I/O timeout and a reset.
     resets=$(grep -c -E "NVMe I/O timeout|NVMe controller reset" $log)
     echo "IRQ-CHECK interrupts=$irq vectors=$vectors msix_before=$irq_before" \
@@ -195,7 +164,7 @@ for mode in write-verify write-zeroes discard pattern; do
         fatal "blkcheck $mode through vubd on $bdf"
     fi
 done
-end_vubd /tmp/vubd.log
+end_vubd "$vubd_pid" /tmp/vubd.log
 grep -q "NVMe controller opened" /tmp/vubd.log || { cat /tmp/vubd.log; fatal "vubd log"; }
 say "vubd steps done at $(uptime_s) s of guest uptime"
 

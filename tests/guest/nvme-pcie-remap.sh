@@ -19,39 +19,20 @@
 # error.
 set -u
 
-say() { echo "nvme-pcie-remap: $*"; }
-fatal() { say "FAIL $*"; exit 1; }
-
-wait_for() {
-    n=$1
-    shift
-    while [ "$n" -gt 0 ]; do
-        "$@" && return 0
-        sleep 0.1
-        n=$((n - 1))
-    done
-    "$@"
-}
+LAB=nvme-pcie-remap
+# shellcheck source=tests/guest/lib.sh
+. /usr/lib/vubd-lab/lib.sh
 
 [ -n "${PCIE_SERIAL:-}" ] || fatal "PCIE_SERIAL must be set on the kernel command line"
 
 # --- 1. the controller, to vfio-pci ---------------------------------------------------
 modprobe nvme || fatal "modprobe nvme"
-bdf_of() {
-    for c in /sys/class/nvme/nvme*; do
-        [ -e "$c/serial" ] || continue
-        [ "$(sed 's/ *$//' "$c/serial")" = "$1" ] && cat "$c/address" && return 0
-    done
-    return 1
-}
-wait_for 100 bdf_of "$PCIE_SERIAL" >/dev/null || fatal "no controller with serial $PCIE_SERIAL"
+wait_serial "$PCIE_SERIAL"
 bdf=$(bdf_of "$PCIE_SERIAL")
-out=$(bind-vfio.sh "$bdf") || fatal "bind-vfio.sh: $out"
-echo "$out"
+bind_vfio "$bdf"
 
 # --- 2. regions added and removed during I/O ---------------------------------------------
 sock=/tmp/vubd.sock
-gone() { [ ! -e "/proc/$1" ] || grep -q ') Z ' "/proc/$1/stat" 2>/dev/null; }
 for queues in 1 2; do
     log=/tmp/vubd-$queues.log
     rm -f $sock
@@ -64,7 +45,7 @@ for queues in 1 2; do
         # The pattern in batches of 4 (instead of one of 16 per queue), so that its
         # writes too come from regions added during the run.
         opts="--rounds 6 --remap 8 --linger-ms 300"
-        [ $mode = pattern ] && opts="--depth 4 --remap 4 --linger-ms 300"
+        [ "$mode" = pattern ] && opts="--depth 4 --remap 4 --linger-ms 300"
         # shellcheck disable=SC2086
         if ! blkcheck --socket $sock --queues $queues --seed "0x${queues}e" --size 4M \
             $opts $mode; then
@@ -74,11 +55,7 @@ for queues in 1 2; do
         fi
     done
     # --- 3. SIGTERM, and the log ---------------------------------------------------------
-    kill -TERM $vubd_pid
-    wait_for 100 gone $vubd_pid || { kill -KILL $vubd_pid; fatal "vubd still running 10 s after SIGTERM"; }
-    rc=0
-    wait $vubd_pid || rc=$?
-    [ "$rc" -eq 0 ] || { tail -n 30 $log; fatal "vubd exited with status $rc"; }
+    end_vubd $vubd_pid $log
     grep -E "guest memory region DMA-|frontend (connected|disconnected)|WARN|ERROR" $log |
         sed "s/^/REMAP$queues: /"
 done

@@ -19,24 +19,11 @@
 #   NVME_BYTES   expected size of the controller's namespace 1 in bytes
 set -u
 
-say() { echo "vfio-lab: $*"; }
-fatal() { say "FAIL $*"; exit 1; }
-
-# wait_for TENTHS CMD...: runs CMD every 0.1 s until it succeeds, at most
-# TENTHS times.
-wait_for() {
-    n=$1
-    shift
-    while [ "$n" -gt 0 ]; do
-        "$@" && return 0
-        sleep 0.1
-        n=$((n - 1))
-    done
-    "$@"
-}
+LAB=vfio-lab
+# shellcheck source=tests/guest/lib.sh
+. /usr/lib/vubd-lab/lib.sh
 
 [ -n "${NVME_BYTES:-}" ] || fatal "NVME_BYTES is not set on the kernel command line"
-uptime_s() { cut -d' ' -f1 /proc/uptime; }
 say "script started at $(uptime_s) s of guest uptime"
 
 # --- 1. the kernel driver -----------------------------------------------------
@@ -78,17 +65,7 @@ for mode in write-verify write-zeroes; do
         fatal "blkcheck $mode"
     fi
 done
-# gone PID: the process has exited (a zombie until `wait` reaps it, and
-# kill -0 still reaches a zombie).
-gone() { [ ! -e "/proc/$1" ] || grep -q ') Z ' "/proc/$1/stat" 2>/dev/null; }
-kill -TERM "$vubd_pid"
-if ! wait_for 100 gone "$vubd_pid"; then
-    stop_vubd
-    fatal "vubd still running 10 s after SIGTERM"
-fi
-rc=0
-wait "$vubd_pid" || rc=$?
-[ "$rc" -eq 0 ] || { tail -n 20 /tmp/vubd.log; fatal "vubd exited with status $rc"; }
+end_vubd "$vubd_pid" /tmp/vubd.log
 [ ! -e $sock ] || fatal "vubd left $sock behind"
 say "vhost-user steps done at $(uptime_s) s of guest uptime"
 say "all steps passed"

@@ -1,0 +1,65 @@
+# shellcheck shell=sh
+# Sourced by the lab's guest scripts (tests/guest/*.sh), which the common
+# initramfs builder (tests/common/lab.rs) installs with this file as
+# /usr/lib/vubd-lab/lib.sh. The script sets LAB, the prefix of its console
+# lines, before it sources this file.
+
+say() { echo "$LAB: $*"; }
+fatal() { say "FAIL $*"; exit 1; }
+
+# wait_for TENTHS CMD...: runs CMD every 0.1 s until it succeeds, at most
+# TENTHS times.
+wait_for() {
+    n=$1
+    shift
+    while [ "$n" -gt 0 ]; do
+        "$@" && return 0
+        sleep 0.1
+        n=$((n - 1))
+    done
+    "$@"
+}
+
+# uptime_s: the guest's uptime in seconds.
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+
+# gone PID: the process has exited (a zombie until `wait` reaps it, and
+# kill -0 still reaches a zombie).
+gone() { [ ! -e "/proc/$1" ] || grep -q ') Z ' "/proc/$1/stat" 2>/dev/null; }
+
+# end_vubd PID LOG: SIGTERM to the vubd started in the background as PID,
+# which must exit within 10 s (else SIGKILL) with status 0 (else the end of
+# its LOG is printed); fatal otherwise.
+end_vubd() {
+    kill -TERM "$1"
+    if ! wait_for 100 gone "$1"; then
+        kill -KILL "$1" 2>/dev/null
+        fatal "vubd still running 10 s after SIGTERM"
+    fi
+    rc=0
+    wait "$1" || rc=$?
+    [ "$rc" -eq 0 ] || { tail -n 30 "$2"; fatal "vubd exited with status $rc"; }
+}
+
+# bdf_of SERIAL: the PCI address of the nvme controller with that serial
+# number.
+bdf_of() {
+    for c in /sys/class/nvme/nvme*; do
+        [ -e "$c/serial" ] || continue
+        [ "$(sed 's/ *$//' "$c/serial")" = "$1" ] && cat "$c/address" && return 0
+    done
+    return 1
+}
+
+# wait_serial SERIAL: waits (10 s at most) for the nvme driver to find the
+# controller with that serial number; fatal if it does not.
+wait_serial() {
+    wait_for 100 bdf_of "$1" >/dev/null || fatal "no controller with serial $1"
+}
+
+# bind_vfio BDF: bind-vfio.sh hands the controller to vfio-pci; its output
+# (the VFIO-BOUND line) is printed.
+bind_vfio() {
+    out=$(bind-vfio.sh "$1") || fatal "bind-vfio.sh: $out"
+    echo "$out"
+}
