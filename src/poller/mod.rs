@@ -10,6 +10,7 @@
 //! channels' completion fds.
 
 mod slots;
+mod warm;
 mod worker;
 
 use std::io;

@@ -23,9 +23,11 @@ use vm_memory::{Bytes, GuestAddressSpace};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::slots::{SlotTable, Tag};
+use super::warm::Warm;
 use super::{Command, DeviceKey, DeviceShared, PollMode, Shared, Vring};
 use crate::bdev::{Channel, IoChannel, Target};
 use crate::mem::{GuestMemoryAtomic, HostMap, MemSnapshot};
+use crate::virtio_blk::chain::DESC_SIZE;
 use crate::virtio_blk::ring::SplitRing;
 use crate::virtio_blk::{DescTable, MAX_SEGMENTS, Scratch, Status, parse};
 
@@ -82,6 +84,8 @@ struct QueueSlot {
     kick: Option<OwnedFd>,
     /// Host pointers to the rings, with the `map_gen` they were translated under.
     ring: Option<(u64, SplitRing)>,
+    /// The lines of the queue's next request, prefetched while the poller waits for it.
+    warm: Warm,
 }
 
 /// How a request ends.
@@ -248,6 +252,7 @@ impl Worker {
         let mut next = Wrapping(queue.next_avail());
         let avail = ring.avail_idx();
         if avail == next {
+            let _ = q.warm.idle_pass(ring.avail_entry_addr(next));
             return 0;
         }
         // Check the memory map only now: a frontend adds a region (ADD_MEM_REG, acknowledged
@@ -278,6 +283,8 @@ impl Worker {
         let old_used = Wrapping(queue.next_used());
         let mut used = old_used;
         let mut popped = 0;
+        // The last request's descriptor head and status byte, for `warm`.
+        let mut last = None;
         while next != avail {
             if slots.is_full() || !channel.has_room() {
                 // Retried on the next iteration, once completions have freed room.
@@ -304,6 +311,13 @@ impl Worker {
                 scratch,
                 slots.iov_mut(tag),
             );
+            last = Some((
+                head,
+                match &parsed {
+                    Ok(p) => Some(p.status),
+                    Err(rej) => rej.status,
+                },
+            ));
             let done = match &parsed {
                 Ok(p) => match start::start(
                     &dev.shared,
@@ -338,6 +352,13 @@ impl Worker {
                 ring.put_used(used, head, len);
                 used += 1;
             }
+        }
+        if let Some((head, status)) = last {
+            let desc = map
+                .host_range(table.addr, u64::from(table.size) * DESC_SIZE)
+                .map(|t| t.wrapping_add(usize::from(head) * DESC_SIZE as usize));
+            q.warm
+                .worked(desc, status.and_then(|s| map.host_range(s.0, 1)));
         }
         queue.set_next_avail(next.0);
         if used != old_used {

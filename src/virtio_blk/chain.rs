@@ -15,7 +15,7 @@ const F_WRITE: u16 = 2;
 /// `VIRTQ_DESC_F_INDIRECT`.
 const F_INDIRECT: u16 = 4;
 /// Size of one descriptor (`struct virtq_desc`).
-const DESC_SIZE: u64 = 16;
+pub const DESC_SIZE: u64 = 16;
 
 /// Where a queue's descriptor table is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

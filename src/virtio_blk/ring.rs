@@ -82,6 +82,13 @@ impl SplitRing {
         Wrapping(idx)
     }
 
+    /// Where avail entry `pos` (mod size) is, to prefetch it; never read through.
+    #[inline]
+    pub fn avail_entry_addr(&self, pos: Wrapping<u16>) -> *const u8 {
+        self.avail
+            .wrapping_add(4 + 2 * usize::from(pos.0 % self.size))
+    }
+
     /// The descriptor head at avail position `pos` (mod size).
     #[inline]
     pub fn avail_head(&self, pos: Wrapping<u16>) -> u16 {

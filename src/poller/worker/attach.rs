@@ -13,6 +13,7 @@ use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 use super::{Device, KICK_EVENT, QueueSlot, SharedChannel, Worker};
 use crate::bdev::{BlockDevice, IoChannel};
 use crate::mem::HostMap;
+use crate::poller::warm::Warm;
 use crate::poller::{Command, QueueAttach};
 use crate::virtio_blk::MAX_RANGE_SEGMENTS;
 
@@ -198,6 +199,7 @@ impl Worker {
             detach: None,
             kick,
             ring: None,
+            warm: Warm::default(),
         });
         self.set_notifications(q, false);
     }
