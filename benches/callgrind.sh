@@ -45,7 +45,7 @@ cg=$(cd "$work/callgrind" && pwd)
 work=$cg
 rm -f "$cg"/cg.* "$cg"/*.sock "$cg"/*.log
 results=$cg/results.tsv
-printf 'backend\tmode\tqd\tios\tthread_ir\tprocess_ir\tspin_ir\tprofile\n' >"$results"
+printf 'backend\tmode\tqd\tios\tthread_ir\tprocess_ir\tspin_ir\twarm_ir\tprofile\n' >"$results"
 trap stop_all_backends EXIT
 START_TIMEOUT=60 # valgrind starts slowly
 
@@ -56,6 +56,13 @@ file_ir() { awk '/^(summary|totals):/{print $2; exit}' "$1"; }
 spin_ir() {
   callgrind_annotate "$1" 2>/dev/null |
     awk '/x86\/sse2.rs:vubd::poller::worker::Worker::run/ {gsub(",", "", $1); n += $1} END {print n + 0}'
+}
+
+# Ir of the prefetches the poller makes in the first empty passes after a request (poller::warm,
+# never inlined): waiting, like the empty polls, not serving.
+warm_ir() {
+  callgrind_annotate --inclusive=yes "$1" 2>/dev/null |
+    awk '/vubd::poller::warm::Warm::warm_lines/ {gsub(",", "", $1); n += $1} END {print n + 0}'
 }
 
 # run_one NAME LABEL KIND MODE QD LOADGEN-ARGS -- CMD...: one backend instance under
@@ -89,10 +96,10 @@ run_one() {
   done
   [[ -n $thread ]] || die "$name: no profile of the I/O thread among $out.$pid-*"
   ir=$(file_ir "$thread")
-  local spin=0
-  [[ $kind == vubd ]] && spin=$(spin_ir "$thread")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$mode" "$qd" "$IOS" "$ir" "$total" \
-    "$spin" "${thread##*/}" >>"$results"
+  local spin=0 warm=0
+  [[ $kind == vubd ]] && spin=$(spin_ir "$thread") && warm=$(warm_ir "$thread")
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$mode" "$qd" "$IOS" "$ir" "$total" \
+    "$spin" "$warm" "${thread##*/}" >>"$results"
   log "$name: $((ir / IOS)) Ir per I/O in the I/O thread, $((total / IOS)) in the process," \
     "$((spin / IOS)) empty polls per I/O"
 }
@@ -123,7 +130,7 @@ for mode in eventfd poll; do
 done
 
 # Where the poller's instructions go: its callees, inclusive (poll client, QD 32).
-profile=$(awk -F'\t' '$1 == "vubd --poll always" && $2 == "poll" && $3 == 32 {print $8}' "$results")
+profile=$(awk -F'\t' '$1 == "vubd --poll always" && $2 == "poll" && $3 == 32 {print $9}' "$results")
 callgrind_annotate --tree=calling --inclusive=yes "$cg/$profile" >"$cg/annotate.txt" 2>/dev/null ||
   die "callgrind_annotate failed"
 
