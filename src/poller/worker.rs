@@ -113,6 +113,11 @@ pub(super) struct Worker {
     stopping: bool,
 }
 
+/// In adaptive mode, empty passes between two looks at the clock: about a microsecond here,
+/// against tens of microseconds of `--poll-idle-us`. A clock read on every empty pass cost a
+/// polling client 8 % of its QD 1 IOPS (A/B, six pairs of runs).
+const CLOCK_EVERY_PASSES: u32 = 32;
+
 impl Device {
     /// Loads the device's memory map again if it changed since the last look (its `mem_gen`
     /// moved); returns whether it did. The old map's snapshot is let go here, so that its
@@ -160,6 +165,9 @@ impl Worker {
 
     pub(super) fn run(mut self) {
         let mut idle_since: Option<Instant> = None;
+        // Empty passes since the last work: adaptive mode reads the clock only every
+        // `CLOCK_EVERY_PASSES` of them.
+        let mut empty_passes: u32 = 0;
         loop {
             if self.shared.has_commands.load(Ordering::Acquire) {
                 self.handle_commands();
@@ -171,15 +179,19 @@ impl Worker {
             }
             if work > 0 {
                 idle_since = None;
+                empty_passes = 0;
                 continue;
             }
+            empty_passes = empty_passes.wrapping_add(1);
             let sleep = match self.mode {
                 _ if self.queues.iter().all(Option::is_none) => true,
                 PollMode::Always => false,
                 PollMode::Never => true,
                 PollMode::Adaptive { idle } => {
-                    let now = Instant::now();
-                    now.duration_since(*idle_since.get_or_insert(now)) >= idle
+                    empty_passes % CLOCK_EVERY_PASSES == 0 && {
+                        let now = Instant::now();
+                        now.duration_since(*idle_since.get_or_insert(now)) >= idle
+                    }
                 }
             };
             // A channel without a completion event (a polled device with commands in flight)
