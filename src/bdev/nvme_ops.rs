@@ -3,9 +3,9 @@
 //! controller has a volatile write cache, one single-range Dataset Management (deallocate)
 //! per discard piece, Write Zeroes split at its block count.
 
-use super::IoOp;
+use super::{DeviceInfo, IoOp};
 use crate::nvme::data::DataRef;
-use crate::nvme::spec::{DsmRange, IdentifyNamespace, Sqe};
+use crate::nvme::spec::{DsmRange, IdentifyController, IdentifyNamespace, Sqe};
 use crate::nvme::split::split;
 
 /// What the translation needs to know of a namespace and its controller.
@@ -26,6 +26,28 @@ pub fn lba_shift_of(ns: &IdentifyNamespace) -> Result<u32, u16> {
     match ns.lba_format().ms {
         0 => Ok(ns.block_size().trailing_zeros()),
         ms => Err(ms),
+    }
+}
+
+/// What the guest is told of a namespace (`lba_shift` from [`lba_shift_of`]): its size and
+/// blocks; discard when the controller has Dataset Management (deallocate, one range per
+/// command); write-zeroes when it has Write Zeroes, allowed to unmap when deallocated blocks
+/// read as zeroes (DLFEAT).
+pub fn device_info(
+    id: &IdentifyController,
+    ns: &IdentifyNamespace,
+    lba_shift: u32,
+    read_only: bool,
+) -> DeviceInfo {
+    let block_size = 1u32 << lba_shift;
+    DeviceInfo {
+        capacity_bytes: ns.nsze << lba_shift,
+        logical_block_size: block_size,
+        physical_block_size: block_size,
+        read_only,
+        discard: id.oncs.dsm(),
+        write_zeroes: id.oncs.write_zeroes(),
+        write_zeroes_unmaps: id.oncs.write_zeroes() && ns.write_zeroes_deallocates(),
     }
 }
 
@@ -161,12 +183,43 @@ mod tests {
 
     /// Identify Namespace data: 8 blocks of 2^`lbads` bytes with `ms` bytes of metadata each.
     fn identify(lbads: u8, ms: u16) -> IdentifyNamespace {
+        identify_dlfeat(lbads, ms, 0)
+    }
+
+    fn identify_dlfeat(lbads: u8, ms: u16, dlfeat: u8) -> IdentifyNamespace {
         let mut b = vec![0u8; 4096];
+        b[33] = dlfeat;
         b[0..8].copy_from_slice(&8u64.to_le_bytes()); // NSZE
         b[8..16].copy_from_slice(&8u64.to_le_bytes()); // NCAP
         b[128..130].copy_from_slice(&ms.to_le_bytes()); // LBAF0.MS
         b[130] = lbads; // LBAF0.LBADS
         IdentifyNamespace::parse(&b).expect("valid Identify Namespace")
+    }
+
+    #[test]
+    fn the_guest_sees_the_namespace_size_and_the_controller_s_optional_commands() {
+        let ctrl = |oncs: u16| {
+            let mut b = vec![0u8; 4096];
+            b[520..522].copy_from_slice(&oncs.to_le_bytes()); // ONCS
+            IdentifyController::parse(&b).expect("valid Identify Controller")
+        };
+        // DLFEAT 0x09: deallocated blocks read as zeroes, Write Zeroes may deallocate.
+        let zeroing = identify_dlfeat(12, 0, 0x09);
+        let info = device_info(&ctrl(0b1100), &zeroing, 12, false);
+        assert_eq!(
+            (
+                info.capacity_bytes,
+                info.logical_block_size,
+                info.physical_block_size
+            ),
+            (8 << 12, 4096, 4096)
+        );
+        assert!(info.discard && info.write_zeroes && info.write_zeroes_unmaps && !info.read_only);
+        // Without Write Zeroes nothing unmaps; without DLFEAT, Write Zeroes writes.
+        let i = device_info(&ctrl(0b0100), &zeroing, 12, true);
+        assert!(i.discard && !i.write_zeroes && !i.write_zeroes_unmaps && i.read_only);
+        let i = device_info(&ctrl(0b1000), &identify(12, 0), 12, false);
+        assert!(!i.discard && i.write_zeroes && !i.write_zeroes_unmaps);
     }
 
     #[test]

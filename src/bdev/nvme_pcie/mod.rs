@@ -132,17 +132,7 @@ impl NvmePcieDevice {
             volatile_cache: id.vwc,
             io_timeout: cfg.io_timeout,
         };
-        let info = DeviceInfo {
-            capacity_bytes: ns.nsze << lba_shift,
-            logical_block_size: block_size,
-            physical_block_size: block_size,
-            read_only: cfg.read_only,
-            // Dataset Management (deallocate), one range per command.
-            discard: id.oncs.dsm(),
-            write_zeroes: id.oncs.write_zeroes(),
-            // Write Zeroes with DEAC may deallocate (DLFEAT).
-            write_zeroes_unmaps: id.oncs.write_zeroes() && ns.write_zeroes_deallocates(),
-        };
+        let info = super::nvme_ops::device_info(id, &ns, lba_shift, cfg.read_only);
         info!(
             bdf = %cfg.bdf,
             nsid = cfg.nsid,

@@ -232,16 +232,7 @@ impl NvmeTcpDevice {
             volatile_cache: id.vwc,
             io_timeout_ms: cfg.ctrl.io_timeout.as_millis() as u64,
         };
-        let info = DeviceInfo {
-            capacity_bytes: ns.nsze << lba_shift,
-            logical_block_size: block_size,
-            physical_block_size: block_size,
-            read_only: cfg.read_only,
-            discard: id.oncs.dsm(),
-            write_zeroes: id.oncs.write_zeroes(),
-            // Write Zeroes with DEAC may deallocate (DLFEAT).
-            write_zeroes_unmaps: id.oncs.write_zeroes() && ns.write_zeroes_deallocates(),
-        };
+        let info = super::nvme_ops::device_info(id, ns, lba_shift, cfg.read_only);
         let serial = id.sn.clone();
         let granted = ctrl.io_queues_granted();
         if granted < cfg.io_queues {
