@@ -209,21 +209,9 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::config::{Args, Command, Config, NvmePcieUri};
+    use crate::config::test_args::{parse, serve};
+    use crate::config::{Args, NvmePcieUri};
     use crate::poller::{PollMode, allowed_cpus};
-
-    fn parse(args: &[&str]) -> Result<Command, ConfigError> {
-        let a = Args::try_parse_from(std::iter::once("vubd").chain(args.iter().copied()))
-            .expect("clap accepts");
-        Command::try_from(a)
-    }
-
-    fn serve(args: &[&str]) -> Config {
-        match parse(args) {
-            Ok(Command::Serve(c)) => c,
-            other => panic!("expected a config, got {other:?}"),
-        }
-    }
 
     #[test]
     fn lists_split_at_single_commas_and_keep_doubled_ones() {

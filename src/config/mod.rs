@@ -467,22 +467,31 @@ pub fn capabilities_json() -> String {
     .to_string()
 }
 
+/// Command lines for the unit tests of the configuration and of what consumes it.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_args {
+    use super::{Args, Command, Config, ConfigError, Parser};
 
-    fn parse(args: &[&str]) -> Result<Command, ConfigError> {
+    /// `vubd ARGS...` through clap and validation.
+    pub fn parse(args: &[&str]) -> Result<Command, ConfigError> {
         let a = Args::try_parse_from(std::iter::once("vubd").chain(args.iter().copied()))
             .expect("clap accepts");
         Command::try_from(a)
     }
 
-    fn serve(args: &[&str]) -> Config {
+    /// The serving configuration of `vubd ARGS...`, which must be valid.
+    pub fn serve(args: &[&str]) -> Config {
         match parse(args) {
             Ok(Command::Serve(c)) => c,
             other => panic!("expected a config, got {other:?}"),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_args::{parse, serve};
+    use super::*;
 
     /// The one device of a single-device command line.
     fn one(args: &[&str]) -> DeviceConfig {

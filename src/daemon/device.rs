@@ -278,18 +278,8 @@ pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
 mod tests {
     use super::*;
     use crate::bdev::nvme_pcie::NvmePcieError;
-    use crate::config::{Args, Command};
+    use crate::config::test_args::serve as config;
     use crate::nvme::pcie::PcieError;
-    use clap::Parser;
-
-    fn config(args: &[&str]) -> Config {
-        let a = Args::try_parse_from(std::iter::once("vubd").chain(args.iter().copied()))
-            .expect("clap accepts");
-        match Command::try_from(a) {
-            Ok(Command::Serve(c)) => c,
-            other => panic!("expected a config, got {other:?}"),
-        }
-    }
 
     #[test]
     fn each_device_starts_on_the_poller_after_the_previous_devices_queues() {
