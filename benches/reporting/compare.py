@@ -114,49 +114,42 @@ taskset -c {facts['backend_cpu']} fio --name=ceiling --filename=$B/bench.img --i
                 f = [x["iops"] for x in fio.get(qd, [])]
                 row += f" {kiops(f)} | {ratio(a, f)} | {ratio(d, f)} |"
             lines.append(row)
-        lines += [
-            "",
-            f"### {title}: latency, µs (p50 / p99 / p99.9)",
-            "",
-            "| client | QD | vubd always | vubd adaptive | qsd |"
-            + (" fio |" if disk == "file" else ""),
-            "|---|---:|---:|---:|---:|" + ("---:|" if disk == "file" else ""),
-        ]
-        for mode, qd in WORKLOADS:
-            cells = []
-            for b in BACKENDS:
-                cells.append(
-                    " / ".join(us(lat(disk, b, mode, qd, k)) for k in ("p50", "p99", "p99.9"))
-                )
-            row = f"| {mode} | {qd} | " + " | ".join(cells) + " |"
-            if disk == "file":
-                fr = fio.get(qd, [])
-                row += " " + " / ".join(us(med([x[k] for x in fr])) for k in ("p50", "p99", "p99.9")) + " |"
-            lines.append(row)
-        lines += [
-            "",
-            f"### {title}: backend CPU, seconds per million I/Os (and % of one CPU)",
-            "",
-            "| client | QD | vubd always | vubd adaptive | qsd |"
-            + (" fio |" if disk == "file" else ""),
-            "|---|---:|---:|---:|---:|" + ("---:|" if disk == "file" else ""),
-        ]
-        for mode, qd in WORKLOADS:
-            cells = []
-            for b in BACKENDS:
-                per = med(get(disk, b, mode, qd, lambda r: r["backend"]["cpu_s_per_mio"] or 0))
-                pct = med(get(disk, b, mode, qd, lambda r: r["backend"]["cpu_pct"]))
-                cells.append(f"{per:.2f} ({pct:.0f}%)")
-            row = f"| {mode} | {qd} | " + " | ".join(cells) + " |"
-            if disk == "file":
-                fr = fio.get(qd, [])
-                if fr:
-                    cpu = med([x["cpu"] for x in fr])
-                    per = cpu / 100 / (med([x["iops"] for x in fr]) / 1e6)
-                    row += f" {per:.2f} ({cpu:.0f}%) |"
-                else:
-                    row += " – |"
-            lines.append(row)
+        def per_backend(heading, cell, fio_cell):
+            """A table of one cell per backend (and, for the file, fio's) per workload."""
+            lines.extend([
+                "",
+                f"### {title}: {heading}",
+                "",
+                "| client | QD | vubd always | vubd adaptive | qsd |" + extra,
+                "|---|---:|---:|---:|---:|" + extra_sep,
+            ])
+            for mode, qd in WORKLOADS:
+                row = f"| {mode} | {qd} | " + " | ".join(cell(b, mode, qd) for b in BACKENDS)
+                row += " |" + (f" {fio_cell(fio.get(qd, []))} |" if disk == "file" else "")
+                lines.append(row)
+
+        pcts = ("p50", "p99", "p99.9")
+
+        def latency(b, mode, qd):
+            return " / ".join(us(lat(disk, b, mode, qd, k)) for k in pcts)
+
+        def fio_latency(fr):
+            return " / ".join(us(med([x[k] for x in fr])) for k in pcts)
+
+        def cpu(b, mode, qd):
+            per = med(get(disk, b, mode, qd, lambda r: r["backend"]["cpu_s_per_mio"] or 0))
+            pct = med(get(disk, b, mode, qd, lambda r: r["backend"]["cpu_pct"]))
+            return f"{per:.2f} ({pct:.0f}%)"
+
+        def fio_cpu(fr):
+            if not fr:
+                return "–"
+            pct = med([x["cpu"] for x in fr])
+            per = pct / 100 / (med([x["iops"] for x in fr]) / 1e6)
+            return f"{per:.2f} ({pct:.0f}%)"
+
+        per_backend("latency, µs (p50 / p99 / p99.9)", latency, fio_latency)
+        per_backend("backend CPU, seconds per million I/Os (and % of one CPU)", cpu, fio_cpu)
         out.append("\n".join(lines) + "\n")
 
     idle = ["### Idle", "", para("A client that issued 1000 reads at QD 1 (so that the queue is "
