@@ -57,44 +57,24 @@ cat >"$d/guest.sh" <<'EOF'
 #!/bin/sh
 # Guest side of benches/pcie_callgrind.sh (busybox sh).
 set -u
-say() { echo "pcie-callgrind: $*"; }
-fatal() { say "FAIL $*"; exit 1; }
-wait_for() {
-    n=$1
-    shift
-    while [ "$n" -gt 0 ]; do
-        "$@" && return 0
-        sleep 0.1
-        n=$((n - 1))
-    done
-    "$@"
-}
-modprobe nvme || fatal "modprobe nvme"
-two() { [ -e /sys/class/nvme/nvme0/address ] && [ -e /sys/class/nvme/nvme1/address ]; }
-wait_for 100 two || fatal "two NVMe controllers did not appear"
-ctrl_of() {
-    for c in /sys/class/nvme/nvme*; do
-        [ "$(sed 's/ *$//' "$c/serial")" = "$1" ] && echo "$c" && return 0
-    done
-    return 1
-}
-wait_for 100 ctrl_of "$PCIE_SERIAL" >/dev/null || fatal "no controller $PCIE_SERIAL"
-bdf=$(cat "$(ctrl_of "$PCIE_SERIAL")/address")
+LAB=pcie-callgrind
+. /usr/lib/vubd-lab/lib.sh
+take_controller "$PCIE_SERIAL"
+wait_serial "$OUT_SERIAL"
 out=/dev/$(basename "$(ctrl_of "$OUT_SERIAL")")n1
 wait_for 100 test -b "$out" || fatal "no $out"
-bind-vfio.sh "$bdf" || fatal "bind-vfio.sh $bdf"
 mkdir -p /tmp/cg
 vg() {
     name=$1
     shift
-    start=$(cut -d' ' -f1 /proc/uptime)
+    start=$(uptime_s)
     valgrind --tool=callgrind --callgrind-out-file="/tmp/cg/cg.$name" \
         --toggle-collect='*bench_submit*' --toggle-collect='*bench_doorbell*' \
         --toggle-collect='*bench_poll*' --toggle-collect='*bench_idle_poll*' \
         pcie_check "$bdf" "$@" >"/tmp/cg/$name.out" 2>"/tmp/cg/$name.err"
     rc=$?
     cat "/tmp/cg/$name.out"
-    say "$name: status $rc, $start..$(cut -d' ' -f1 /proc/uptime) s of uptime"
+    say "$name: status $rc, $start..$(uptime_s) s of uptime"
     [ "$rc" -eq 0 ] || { tail -n 20 "/tmp/cg/$name.err"; fatal "pcie_check $*"; }
 }
 vg qd32 --bench "$BENCH_IOS" --qd 32 --idle-polls 0
@@ -109,7 +89,8 @@ log "building the initramfs"
 qemu/build-initramfs.sh --output "$d/initrd.cpio.gz" --script "$d/guest.sh" \
   --bin "$top/target/release/examples/pcie_check:/usr/bin/pcie_check" --keep-debug \
   --bin "$VG_BIN:/usr/bin/valgrind" --add "$d/vglib:$VG_LIB" \
-  --add "$top/qemu/guest/bind-vfio.sh:/usr/bin/bind-vfio.sh" >"$d/build.log" 2>&1 ||
+  --add "$top/qemu/guest/bind-vfio.sh:/usr/bin/bind-vfio.sh" \
+  --add "$top/tests/guest/lib.sh:/usr/lib/vubd-lab/lib.sh" >"$d/build.log" 2>&1 ||
   { tail -n 20 "$d/build.log" >&2; die "build-initramfs.sh failed"; }
 
 truncate -s 64M "$d/ns.img"

@@ -1,8 +1,8 @@
 # shellcheck shell=sh
-# Sourced by the lab's guest scripts (tests/guest/*.sh), which the common
-# initramfs builder (tests/common/lab.rs) installs with this file as
-# /usr/lib/vubd-lab/lib.sh. The script sets LAB, the prefix of its console
-# lines, before it sources this file.
+# Sourced by the lab's guest scripts (tests/guest/*.sh, and the guest side of
+# benches/pcie_callgrind.sh), whose initramfs has this file as
+# /usr/lib/vubd-lab/lib.sh (tests/common/lab.rs adds it). The script sets LAB,
+# the prefix of its console lines, before it sources this file.
 
 say() { echo "$LAB: $*"; }
 fatal() { say "FAIL $*"; exit 1; }
@@ -41,14 +41,20 @@ end_vubd() {
     [ "$rc" -eq 0 ] || { tail -n 30 "$2"; fatal "vubd exited with status $rc"; }
 }
 
+# ctrl_of SERIAL: the sysfs directory of the nvme controller with that serial
+# number.
+ctrl_of() {
+    for c in /sys/class/nvme/nvme*; do
+        [ -e "$c/serial" ] || continue
+        [ "$(sed 's/ *$//' "$c/serial")" = "$1" ] && echo "$c" && return 0
+    done
+    return 1
+}
+
 # bdf_of SERIAL: the PCI address of the nvme controller with that serial
 # number.
 bdf_of() {
-    for c in /sys/class/nvme/nvme*; do
-        [ -e "$c/serial" ] || continue
-        [ "$(sed 's/ *$//' "$c/serial")" = "$1" ] && cat "$c/address" && return 0
-    done
-    return 1
+    c=$(ctrl_of "$1") && cat "$c/address"
 }
 
 # wait_serial SERIAL: waits (10 s at most) for the nvme driver to find the
@@ -62,4 +68,14 @@ wait_serial() {
 bind_vfio() {
     out=$(bind-vfio.sh "$1") || fatal "bind-vfio.sh: $out"
     echo "$out"
+}
+
+# take_controller SERIAL: loads the nvme driver, waits for the controller with
+# that serial number and hands it to vfio-pci (printing the VFIO-BOUND line);
+# sets bdf to its PCI address.
+take_controller() {
+    modprobe nvme || fatal "modprobe nvme"
+    wait_serial "$1"
+    bdf=$(bdf_of "$1")
+    bind_vfio "$bdf"
 }

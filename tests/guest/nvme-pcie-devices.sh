@@ -25,10 +25,7 @@ LAB=nvme-pcie-devices
 [ -n "${PCIE_SERIAL:-}" ] || fatal "PCIE_SERIAL must be set on the kernel command line"
 
 # --- 1. the controller, to vfio-pci ---------------------------------------------------
-modprobe nvme || fatal "modprobe nvme"
-wait_serial "$PCIE_SERIAL"
-bdf=$(bdf_of "$PCIE_SERIAL")
-bind_vfio "$bdf"
+take_controller "$PCIE_SERIAL"
 
 # --- 2. one vubd, two devices -----------------------------------------------------------
 s1=/tmp/ns1.sock
