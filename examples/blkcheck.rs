@@ -85,7 +85,8 @@ struct Args {
     #[arg(long, value_name = "S", default_value_t = 30)]
     timeout: u64,
     /// Move each queue's buffers to a newly mapped memory region after every N requests,
-    /// removing the old region while the next batch is in flight.
+    /// removing the old region while the next batch is in flight; and once more at the end,
+    /// with no request after it.
     #[arg(long, value_name = "N")]
     remap: Option<u64>,
     /// Stay connected this long after the check, milliseconds (so that the backend can act on
@@ -887,6 +888,18 @@ fn run(args: &Args) -> Result<(Stats, Limits), Fail> {
                 0,
                 &format!("whole-range read-back on queue {i}"),
             )?;
+        }
+    }
+    if args.remap.is_some() {
+        // A last move with no request after it: the backend must let the old region go
+        // without a request of this queue to prompt it (with `--linger-ms`, while connected).
+        for q in &mut dev.queues {
+            if let Some(r) = q.remap.as_mut() {
+                r.due_at = q.requests;
+            }
+            if let Some(old) = q.move_if_due()? {
+                q.remove(&old);
+            }
         }
     }
     total.requests = dev.queues.iter().map(|q| q.requests).sum();
