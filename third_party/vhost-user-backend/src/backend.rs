@@ -24,8 +24,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight, VhostUserLog,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
@@ -196,6 +196,40 @@ pub trait VhostUserBackend: Send + Sync {
             "back end does not support shared memory regions",
         ))
     }
+
+    /// Allocate the shared memory region that tracks in-flight descriptors
+    /// (`VHOST_USER_GET_INFLIGHT_FD`, protocol feature `INFLIGHT_SHMFD`) for
+    /// `inflight.num_queues` queues of `inflight.queue_size` entries, and return its size,
+    /// offset and file descriptor.
+    ///
+    /// The default refuses the message: a backend that offers `INFLIGHT_SHMFD` implements it.
+    fn get_inflight_fd(
+        &self,
+        _inflight: &VhostUserInflight,
+    ) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// Use the inflight I/O tracking region in `file` (`VHOST_USER_SET_INFLIGHT_FD`), as the
+    /// front-end kept it from an earlier `get_inflight_fd`, possibly of another back-end
+    /// process: descriptors it records as in flight must be resubmitted.
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// The dirty page log (`VHOST_USER_SET_LOG_BASE`) is in `file`, as `log` describes it.
+    ///
+    /// Called before the guest memory bitmaps are pointed at the log, for backends that mark
+    /// dirty pages themselves. The default does nothing.
+    fn set_log_base(&self, _log: &VhostUserLog, _file: &File) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Trait without interior mutability for vhost user backend servers to implement concrete services.
@@ -354,6 +388,40 @@ pub trait VhostUserBackendMut: Send + Sync {
             "back end does not support shared memory regions",
         ))
     }
+
+    /// Allocate the shared memory region that tracks in-flight descriptors
+    /// (`VHOST_USER_GET_INFLIGHT_FD`, protocol feature `INFLIGHT_SHMFD`) for
+    /// `inflight.num_queues` queues of `inflight.queue_size` entries, and return its size,
+    /// offset and file descriptor.
+    ///
+    /// The default refuses the message: a backend that offers `INFLIGHT_SHMFD` implements it.
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// Use the inflight I/O tracking region in `file` (`VHOST_USER_SET_INFLIGHT_FD`), as the
+    /// front-end kept it from an earlier `get_inflight_fd`, possibly of another back-end
+    /// process: descriptors it records as in flight must be resubmitted.
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// The dirty page log (`VHOST_USER_SET_LOG_BASE`) is in `file`, as `log` describes it.
+    ///
+    /// Called before the guest memory bitmaps are pointed at the log, for backends that mark
+    /// dirty pages themselves. The default does nothing.
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: &File) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
@@ -450,6 +518,18 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.deref().get_shmem_config()
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.deref().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.deref().set_inflight_fd(inflight, file)
+    }
+
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<()> {
+        self.deref().set_log_base(log, file)
     }
 }
 
@@ -551,6 +631,18 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.lock().unwrap().get_shmem_config()
     }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.lock().unwrap().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.lock().unwrap().set_inflight_fd(inflight, file)
+    }
+
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<()> {
+        self.lock().unwrap().set_log_base(log, file)
+    }
 }
 
 impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
@@ -650,6 +742,18 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.read().unwrap().get_shmem_config()
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.write().unwrap().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.write().unwrap().set_inflight_fd(inflight, file)
+    }
+
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<()> {
+        self.write().unwrap().set_log_base(log, file)
     }
 }
 
