@@ -3,6 +3,7 @@
 
 pub mod chain;
 pub mod config;
+pub mod inflight;
 pub mod request;
 pub mod ring;
 

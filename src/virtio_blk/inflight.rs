@@ -1,0 +1,378 @@
+//! Inflight I/O tracking for split virtqueues (vhost-user, "Inflight I/O tracking",
+//! protocol feature INFLIGHT_SHMFD): a shared memory region, kept by the frontend across
+//! backend restarts, that records which descriptor heads were popped and not yet completed,
+//! so that a new backend process resubmits exactly those, in the order they were popped.
+//!
+//! The region holds one area per queue:
+//!
+//! ```text
+//! u64 features        0
+//! u16 version         1 once the area is in use (0: uninitialised)
+//! u16 desc_num        entries of desc[] (the queue size the frontend asked for)
+//! u16 last_batch_head first entry of the last published batch's list
+//! u16 used_idx        the used index the last batch was published at
+//! desc[desc_num]: { u8 inflight; u8 pad[5]; u16 next; u64 counter }   (16 bytes each)
+//! ```
+//!
+//! Every store follows the spec's order, so that a process killed at any instruction leaves a
+//! state the next one recovers exactly:
+//! - pop: `counter` (from the queue's running counter), then `inflight = 1`, before the
+//!   request is submitted;
+//! - complete: link the head into the batch list (`next = last_batch_head`,
+//!   `last_batch_head = head`) before the used element is published; after the used index
+//!   is published, clear `inflight` along the batch list, then set `used_idx`.
+//! - recover: a `used_idx` behind the used ring's index means the last batch was published
+//!   but not cleared: clear it along its list. Whatever is still in flight is resubmitted in
+//!   `counter` order, and the next avail index is `used + in flight`.
+//!
+//! The stores are volatile: the compiler keeps their order, and the next process reads the
+//! region only after this one is gone, when every store it executed is visible.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::Arc;
+
+use thiserror::Error;
+use vm_memory::{FileOffset, MmapRegion};
+
+/// Size of one `desc[]` entry.
+const DESC_STATE: usize = 16;
+/// Size of a queue area's header.
+const HEADER: usize = 16;
+/// Queue areas start on cache lines.
+const ALIGN: usize = 64;
+/// `version` of an area in use.
+const VERSION: u16 = 1;
+
+// Header fields.
+const OFF_VERSION: usize = 8;
+const OFF_DESC_NUM: usize = 10;
+const OFF_LAST_BATCH_HEAD: usize = 12;
+const OFF_USED_IDX: usize = 14;
+// Fields of a desc[] entry.
+const DESC_INFLIGHT: usize = 0;
+const DESC_NEXT: usize = 6;
+const DESC_COUNTER: usize = 8;
+
+/// Largest queue the region describes (virtio 1.2 §2.7: 32768 for split rings).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Why a region could not be created or used.
+#[derive(Debug, Error)]
+pub enum InflightError {
+    #[error("inflight region for {num_queues} queues of {queue_size} entries is not valid")]
+    BadShape { num_queues: u16, queue_size: u16 },
+    #[error("inflight region of {size} bytes at offset {offset} cannot hold {need} bytes")]
+    TooSmall { size: u64, offset: u64, need: u64 },
+    #[error("inflight region file is smaller ({file} bytes) than the region's end ({end})")]
+    ShortFile { file: u64, end: u64 },
+    #[error("cannot create the inflight region")]
+    Create(#[source] std::io::Error),
+    #[error("cannot map the inflight region")]
+    Map(#[source] vm_memory::mmap::MmapRegionError),
+}
+
+/// Bytes of one queue's area for queues of `queue_size` entries.
+pub fn queue_area_size(queue_size: u16) -> usize {
+    (HEADER + DESC_STATE * usize::from(queue_size)).next_multiple_of(ALIGN)
+}
+
+fn check_shape(num_queues: u16, queue_size: u16) -> Result<(), InflightError> {
+    if num_queues == 0 || queue_size == 0 || queue_size > MAX_QUEUE_SIZE {
+        return Err(InflightError::BadShape {
+            num_queues,
+            queue_size,
+        });
+    }
+    Ok(())
+}
+
+/// The whole region, mapped: one area per queue.
+#[derive(Debug)]
+pub struct InflightRegion {
+    map: MmapRegion<()>,
+    file: File,
+    num_queues: u16,
+    queue_size: u16,
+}
+
+impl InflightRegion {
+    /// A new, zeroed region in a memfd (GET_INFLIGHT_FD).
+    pub fn create(num_queues: u16, queue_size: u16) -> Result<Self, InflightError> {
+        check_shape(num_queues, queue_size)?;
+        let size = queue_area_size(queue_size) * usize::from(num_queues);
+        // SAFETY: a NUL-terminated name and valid flags; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"vubd-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(InflightError::Create(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size as u64).map_err(InflightError::Create)?;
+        Self::map(file, 0, size, num_queues, queue_size)
+    }
+
+    /// The region a frontend kept (SET_INFLIGHT_FD): `size` bytes at `offset` of `file`.
+    pub fn adopt(
+        file: File,
+        offset: u64,
+        size: u64,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<Self, InflightError> {
+        check_shape(num_queues, queue_size)?;
+        let need = (queue_area_size(queue_size) * usize::from(num_queues)) as u64;
+        if size < need {
+            return Err(InflightError::TooSmall { size, offset, need });
+        }
+        // A mapping past the end of the file would fault when touched.
+        let file_len = file.metadata().map_err(InflightError::Create)?.len();
+        let end = offset.saturating_add(need);
+        if file_len < end {
+            return Err(InflightError::ShortFile {
+                file: file_len,
+                end,
+            });
+        }
+        Self::map(file, offset, need as usize, num_queues, queue_size)
+    }
+
+    fn map(
+        file: File,
+        offset: u64,
+        size: usize,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<Self, InflightError> {
+        let dup = file.try_clone().map_err(InflightError::Create)?;
+        let map = MmapRegion::build(
+            Some(FileOffset::new(dup, offset)),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+        .map_err(InflightError::Map)?;
+        Ok(Self {
+            map,
+            file,
+            num_queues,
+            queue_size,
+        })
+    }
+
+    /// The file to hand to the frontend.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+
+    /// Mapped size, as GET_INFLIGHT_FD reports it.
+    pub fn size(&self) -> u64 {
+        self.map.size() as u64
+    }
+
+    pub fn num_queues(&self) -> u16 {
+        self.num_queues
+    }
+
+    pub fn queue_size(&self) -> u16 {
+        self.queue_size
+    }
+
+    /// The area of queue `q`, for a ring of `ring_size` entries; `None` when the region has
+    /// no area for it (fewer queues, or smaller ones, than the frontend now uses).
+    pub fn queue(self: &Arc<Self>, q: u16, ring_size: u16) -> Option<InflightQueue> {
+        if q >= self.num_queues || ring_size > self.queue_size {
+            return None;
+        }
+        let off = queue_area_size(self.queue_size) * usize::from(q);
+        Some(InflightQueue {
+            // In bounds: `off + area` ≤ the mapped size, by construction.
+            base: self.map.as_ptr().wrapping_add(off),
+            desc_num: self.queue_size,
+            counter: 0,
+            batch: 0,
+            _region: Arc::clone(self),
+        })
+    }
+}
+
+/// One queue's area, owned by the poller that serves the queue.
+#[derive(Debug)]
+pub struct InflightQueue {
+    base: *mut u8,
+    /// Entries of `desc[]` (every head index the poller passes is checked against it).
+    desc_num: u16,
+    /// The running counter that orders pops.
+    counter: u64,
+    /// Heads linked into the batch not yet published.
+    batch: u16,
+    /// Keeps the mapping alive.
+    _region: Arc<InflightRegion>,
+}
+
+// SAFETY: `base` points into a mapping that `_region` keeps alive; the area is used by one
+// thread at a time (the control plane until it hands the queue to its poller).
+unsafe impl Send for InflightQueue {}
+
+/// What a queue's area recorded when it was taken up.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Heads to resubmit, in the order they were first popped.
+    pub resubmit: Vec<u16>,
+}
+
+impl InflightQueue {
+    #[inline(always)]
+    fn at(&self, off: usize) -> *mut u8 {
+        self.base.wrapping_add(off)
+    }
+
+    #[inline(always)]
+    fn desc(&self, head: u16) -> usize {
+        HEADER + DESC_STATE * usize::from(head)
+    }
+
+    #[inline(always)]
+    fn write_u8(&self, off: usize, v: u8) {
+        #[cfg(test)]
+        if !tests::store_allowed() {
+            return;
+        }
+        // SAFETY: every caller's offset is inside this queue's area (header fields, or a
+        // desc[] entry of an index below `desc_num`), which the mapping holds.
+        unsafe { self.at(off).write_volatile(v) }
+    }
+
+    #[inline(always)]
+    fn write_u16(&self, off: usize, v: u16) {
+        #[cfg(test)]
+        if !tests::store_allowed() {
+            return;
+        }
+        // SAFETY: as in `write_u8`; areas start 64-byte aligned and u16 fields sit at even
+        // offsets.
+        unsafe { self.at(off).cast::<u16>().write_volatile(v) }
+    }
+
+    #[inline(always)]
+    fn write_u64(&self, off: usize, v: u64) {
+        #[cfg(test)]
+        if !tests::store_allowed() {
+            return;
+        }
+        // SAFETY: as in `write_u8`; u64 fields sit at offsets that are multiples of 8.
+        unsafe { self.at(off).cast::<u64>().write_volatile(v) }
+    }
+
+    fn read_u8(&self, off: usize) -> u8 {
+        // SAFETY: as in `write_u8`.
+        unsafe { self.at(off).read_volatile() }
+    }
+
+    fn read_u16(&self, off: usize) -> u16 {
+        // SAFETY: as in `write_u16`.
+        unsafe { self.at(off).cast::<u16>().read_volatile() }
+    }
+
+    fn read_u64(&self, off: usize) -> u64 {
+        // SAFETY: as in `write_u64`.
+        unsafe { self.at(off).cast::<u64>().read_volatile() }
+    }
+
+    /// Takes the area up for a ring whose used index is `used_idx` (read from guest memory):
+    /// initialises an unused area, or repairs the last batch and lists what to resubmit.
+    /// The values come from another process (or a hostile frontend): every index is checked
+    /// and every walk bounded.
+    pub fn recover(&mut self, used_idx: u16) -> Recovered {
+        if self.read_u16(OFF_VERSION) != VERSION {
+            // A fresh area: zero it (a frontend may hand over any bytes) and claim it.
+            for i in 0..self.desc_num {
+                let d = self.desc(i);
+                self.write_u8(d + DESC_INFLIGHT, 0);
+                self.write_u16(d + DESC_NEXT, 0);
+                self.write_u64(d + DESC_COUNTER, 0);
+            }
+            self.write_u16(OFF_DESC_NUM, self.desc_num);
+            self.write_u16(OFF_LAST_BATCH_HEAD, 0);
+            self.write_u16(OFF_USED_IDX, used_idx);
+            self.write_u64(0, 0);
+            self.write_u16(OFF_VERSION, VERSION);
+            self.counter = 0;
+            self.batch = 0;
+            return Recovered::default();
+        }
+        let recorded = self.read_u16(OFF_USED_IDX);
+        if recorded != used_idx {
+            // The last batch reached the used ring but its entries were not all cleared.
+            let batch = used_idx.wrapping_sub(recorded).min(self.desc_num);
+            let mut head = self.read_u16(OFF_LAST_BATCH_HEAD);
+            for _ in 0..batch {
+                if head >= self.desc_num {
+                    break;
+                }
+                let d = self.desc(head);
+                self.write_u8(d + DESC_INFLIGHT, 0);
+                head = self.read_u16(d + DESC_NEXT);
+            }
+            self.write_u16(OFF_USED_IDX, used_idx);
+        }
+        let mut pending: Vec<(u64, u16)> = (0..self.desc_num)
+            // Anything but 0 is in flight: when in doubt, resubmit rather than lose.
+            .filter(|&i| self.read_u8(self.desc(i) + DESC_INFLIGHT) != 0)
+            .map(|i| (self.read_u64(self.desc(i) + DESC_COUNTER), i))
+            .collect();
+        pending.sort_unstable();
+        self.counter = pending.last().map_or(0, |&(c, _)| c.wrapping_add(1));
+        self.batch = 0;
+        Recovered {
+            resubmit: pending.into_iter().map(|(_, head)| head).collect(),
+        }
+    }
+
+    /// Records `head` as popped: before the request starts.
+    #[inline(always)]
+    pub fn begin(&mut self, head: u16) {
+        if head >= self.desc_num {
+            return;
+        }
+        let d = self.desc(head);
+        self.write_u64(d + DESC_COUNTER, self.counter);
+        self.counter = self.counter.wrapping_add(1);
+        self.write_u8(d + DESC_INFLIGHT, 1);
+    }
+
+    /// Adds `head` to the batch about to be published: before its used element.
+    #[inline(always)]
+    pub fn link(&mut self, head: u16) {
+        if head >= self.desc_num {
+            return;
+        }
+        let last = self.read_u16(OFF_LAST_BATCH_HEAD);
+        self.write_u16(self.desc(head) + DESC_NEXT, last);
+        self.write_u16(OFF_LAST_BATCH_HEAD, head);
+        self.batch = self.batch.wrapping_add(1);
+    }
+
+    /// The heads linked since the last call were published, the used index is now
+    /// `used_idx`: clears their `inflight` flags, then records the index.
+    #[inline(always)]
+    pub fn published(&mut self, used_idx: u16) {
+        let mut head = self.read_u16(OFF_LAST_BATCH_HEAD);
+        for _ in 0..std::mem::take(&mut self.batch) {
+            if head >= self.desc_num {
+                break;
+            }
+            let d = self.desc(head);
+            self.write_u8(d + DESC_INFLIGHT, 0);
+            head = self.read_u16(d + DESC_NEXT);
+        }
+        self.write_u16(OFF_USED_IDX, used_idx);
+    }
+}
+
+#[cfg(test)]
+mod tests;
