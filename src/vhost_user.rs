@@ -7,13 +7,16 @@
 //! are rare). GET_VRING_BASE and the end of the session detach queues again, and return only
 //! once nothing of them is in flight.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
@@ -27,7 +30,8 @@ use crate::bdev::nvme_pcie::GuestDma;
 use crate::mem::GuestMemoryAtomic;
 use crate::poller::{DeviceKey, DeviceShared, PollerHandle, QueueAttach, Vring};
 use crate::virtio_blk::config::{self, BlkConfig, WRITEBACK_OFFSET};
-use vm_memory::GuestAddressSpace;
+use crate::virtio_blk::inflight::{InflightQueue, InflightRegion};
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
 
 /// The shape of the device as the control plane exposes it.
 #[derive(Clone, Copy, Debug)]
@@ -60,6 +64,8 @@ pub struct BlkBackend {
     /// With `dma`: armed while regions that left the memory table are still mapped, so that
     /// the relay thread unmaps them once the last request using them has completed.
     sweep_timer: Option<Mutex<TimerFd>>,
+    /// The inflight I/O tracking region the frontend keeps (INFLIGHT_SHMFD), if it does.
+    inflight: Mutex<Option<Arc<InflightRegion>>>,
 }
 
 /// How often the relay thread looks at regions that left the memory table but are still
@@ -116,6 +122,7 @@ impl BlkBackend {
             exit_fds: Mutex::new(Vec::new()),
             dma,
             sweep_timer,
+            inflight: Mutex::new(None),
         }
     }
 
@@ -162,6 +169,7 @@ impl BlkBackend {
                 return;
             }
         }
+        let (inflight, resubmit) = self.take_up_inflight(q, vring);
         self.attached[q].store(true, Ordering::Release);
         self.pollers[q].attach(QueueAttach {
             device: self.key,
@@ -171,7 +179,54 @@ impl BlkBackend {
             shared: self.shared.clone(),
             disk: self.disk.clone(),
             max_queue_size: self.shape.max_queue_size,
+            inflight,
+            resubmit,
         });
+    }
+
+    /// Queue `q`'s area of the inflight region, taken up before the queue starts: the heads
+    /// an earlier process left in flight (last first, as the poller pops them), and the ring
+    /// indices set to follow them (the frontend rewound the avail index to the used index,
+    /// or gave the one of a clean stop: either way, next avail = used + still in flight).
+    fn take_up_inflight(&self, q: usize, vring: &Vring) -> (Option<InflightQueue>, Vec<u16>) {
+        let Some(region) = lock(&self.inflight).clone() else {
+            return (None, Vec::new());
+        };
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let size = queue.size();
+        let Some(mut area) = region.queue(q as u16, size) else {
+            tracing::warn!(
+                queue = q,
+                size,
+                regions = region.num_queues(),
+                region_size = region.queue_size(),
+                "the inflight region has no area for this queue; it is not tracked"
+            );
+            return (None, Vec::new());
+        };
+        let used_addr = GuestAddress(queue.used_ring()).checked_add(2);
+        let used = match used_addr.map(|a| self.mem.memory().read_obj::<u16>(a)) {
+            Some(Ok(idx)) => u16::from_le(idx),
+            _ => {
+                tracing::warn!(queue = q, "used ring unreachable; inflight tracking off");
+                return (None, Vec::new());
+            }
+        };
+        let mut recovered = area.recover(used);
+        if !recovered.resubmit.is_empty() {
+            tracing::info!(
+                queue = q,
+                requests = recovered.resubmit.len(),
+                used,
+                "resubmitting requests left in flight by an earlier process"
+            );
+        }
+        let in_flight = u16::try_from(recovered.resubmit.len()).unwrap_or(u16::MAX);
+        queue.set_next_used(used);
+        queue.set_next_avail(used.wrapping_add(in_flight));
+        recovered.resubmit.reverse();
+        (Some(area), recovered.resubmit)
     }
 
     fn detach(&self, q: usize) {
@@ -234,6 +289,44 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    /// GET_INFLIGHT_FD: a new, zeroed region for the frontend to keep.
+    fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        let region = InflightRegion::create(msg.num_queues, msg.queue_size)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let file = region.file().try_clone()?;
+        let reply = VhostUserInflight {
+            mmap_size: region.size(),
+            mmap_offset: 0,
+            num_queues: msg.num_queues,
+            queue_size: msg.queue_size,
+        };
+        *lock(&self.inflight) = Some(Arc::new(region));
+        Ok((reply, file))
+    }
+
+    /// SET_INFLIGHT_FD: the region the frontend kept, maybe from an earlier vubd.
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        let region = InflightRegion::adopt(
+            file,
+            msg.mmap_offset,
+            msg.mmap_size,
+            msg.num_queues,
+            msg.queue_size,
+        )
+        .map_err(|e| {
+            tracing::warn!(error = %e, "inflight region refused");
+            io::Error::new(io::ErrorKind::InvalidInput, e)
+        })?;
+        tracing::debug!(
+            queues = msg.num_queues,
+            size = msg.queue_size,
+            "inflight region set"
+        );
+        *lock(&self.inflight) = Some(Arc::new(region));
+        Ok(())
     }
 
     fn set_event_idx(&self, _enabled: bool) {

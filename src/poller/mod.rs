@@ -27,6 +27,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::bdev::Disk;
 use crate::mem::GuestMemoryAtomic;
 use crate::virtio_blk::ID_BYTES;
+use crate::virtio_blk::inflight::InflightQueue;
 use crate::virtio_blk::request::Limits;
 
 /// Virtqueue handle as the vhost-user layer shares it with the pollers.
@@ -69,6 +70,10 @@ pub struct QueueAttach {
     pub disk: Arc<Disk>,
     /// Largest size the queue can have: in-flight slots reserved for it.
     pub max_queue_size: u16,
+    /// The queue's area of the inflight region, when the frontend keeps one.
+    pub inflight: Option<InflightQueue>,
+    /// Heads an earlier process left in flight, to run before any new one, last first.
+    pub resubmit: Vec<u16>,
 }
 
 impl std::fmt::Debug for QueueAttach {

@@ -28,6 +28,7 @@ use super::{Command, DeviceKey, DeviceShared, PollMode, Shared, Vring};
 use crate::bdev::{Channel, IoChannel, Target};
 use crate::mem::{GuestMemoryAtomic, HostMap, MemSnapshot};
 use crate::virtio_blk::chain::DESC_SIZE;
+use crate::virtio_blk::inflight::InflightQueue;
 use crate::virtio_blk::ring::SplitRing;
 use crate::virtio_blk::{DescTable, MAX_SEGMENTS, Scratch, Status, parse};
 
@@ -86,6 +87,10 @@ struct QueueSlot {
     ring: Option<(u64, SplitRing)>,
     /// The lines of the queue's next request, prefetched while the poller waits for it.
     warm: Warm,
+    /// The queue's area of the inflight region: pops and completions are recorded in it.
+    inflight: Option<InflightQueue>,
+    /// Heads an earlier process left in flight, run before anything new, last first.
+    resubmit: Vec<u16>,
 }
 
 /// How a request ends.
@@ -263,7 +268,7 @@ impl Worker {
         // The common idle case: nothing new, nothing loaded, no syscall.
         let mut next = Wrapping(queue.next_avail());
         let avail = ring.avail_idx();
-        if avail == next {
+        if avail == next && q.resubmit.is_empty() {
             let _ = q.warm.idle_pass(ring.avail_entry_addr(next));
             return 0;
         }
@@ -297,21 +302,39 @@ impl Worker {
         let mut popped = 0;
         // The last request's descriptor head and status byte, for `warm`.
         let mut last = None;
-        while next != avail {
+        loop {
             if slots.is_full() || !channel.has_room() {
                 // Retried on the next iteration, once completions have freed room.
                 break;
             }
-            let head = ring.avail_head(next);
-            next += 1;
-            popped += 1;
-            if head >= table.size {
-                warn!(
-                    queue = q.index,
-                    head, "avail entry names no descriptor; skipped"
-                );
-                continue;
-            }
+            // What an earlier process left in flight runs first (it was popped already).
+            let head = match q.resubmit.pop() {
+                Some(head) => {
+                    popped += 1;
+                    if head >= table.size {
+                        warn!(queue = q.index, head, "inflight head names no descriptor");
+                        continue;
+                    }
+                    head
+                }
+                None if next == avail => break,
+                None => {
+                    let head = ring.avail_head(next);
+                    next += 1;
+                    popped += 1;
+                    if head >= table.size {
+                        warn!(
+                            queue = q.index,
+                            head, "avail entry names no descriptor; skipped"
+                        );
+                        continue;
+                    }
+                    if let Some(inflight) = &mut q.inflight {
+                        inflight.begin(head);
+                    }
+                    head
+                }
+            };
             let Some(tag) = slots.alloc() else {
                 break;
             };
@@ -361,6 +384,9 @@ impl Worker {
                 }
             };
             if let Some((head, len)) = done {
+                if let Some(inflight) = &mut q.inflight {
+                    inflight.link(head);
+                }
                 ring.put_used(used, head, len);
                 used += 1;
             }
@@ -375,7 +401,11 @@ impl Worker {
         queue.set_next_avail(next.0);
         if used != old_used {
             queue.set_next_used(used.0);
-            if ring.publish_used(old_used, used) {
+            let notify = ring.publish_used(old_used, used);
+            if let Some(inflight) = &mut q.inflight {
+                inflight.published(used.0);
+            }
+            if notify {
                 signal(&state);
             }
         }
@@ -443,6 +473,9 @@ impl Worker {
                 let len = write_status(&dev.map, &mem, c);
                 match ring {
                     Some(r) => {
+                        if let Some(inflight) = &mut q.inflight {
+                            inflight.link(head);
+                        }
                         r.put_used(used, head, len);
                         used += 1;
                     }
@@ -452,7 +485,11 @@ impl Worker {
             }
             if let Some(r) = ring.filter(|_| used != old_used) {
                 queue.set_next_used(used.0);
-                if r.publish_used(old_used, used) {
+                let notify = r.publish_used(old_used, used);
+                if let Some(inflight) = &mut q.inflight {
+                    inflight.published(used.0);
+                }
+                if notify {
                     signal(&state);
                 }
             }

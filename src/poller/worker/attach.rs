@@ -200,6 +200,8 @@ impl Worker {
             kick,
             ring: None,
             warm: Warm::default(),
+            inflight: a.inflight,
+            resubmit: a.resubmit,
         });
         self.set_notifications(q, false);
     }
