@@ -373,6 +373,8 @@ impl VhostUserBackend for BlkBackend {
             num_queues: msg.num_queues,
             queue_size: msg.queue_size,
         };
+        // From now on the guest's cache mode is recorded where a restarted vubd finds it.
+        region.set_writeback(self.shared.writeback.load(Ordering::Relaxed));
         *lock(&self.inflight) = Some(Arc::new(region));
         Ok((reply, file))
     }
@@ -395,6 +397,18 @@ impl VhostUserBackend for BlkBackend {
             size = msg.queue_size,
             "inflight region set"
         );
+        // The frontend caches the cache mode the guest chose and never sends it again: take
+        // it from the region (an earlier session of this device, maybe of another vubd).
+        match region.writeback() {
+            Some(writeback) => {
+                if writeback != self.shared.writeback.swap(writeback, Ordering::Relaxed) {
+                    tracing::info!(writeback, "write cache mode kept from the earlier session");
+                }
+            }
+            None => {
+                region.set_writeback(self.shared.writeback.load(Ordering::Relaxed));
+            }
+        }
         *lock(&self.inflight) = Some(Arc::new(region));
         Ok(())
     }
@@ -417,6 +431,9 @@ impl VhostUserBackend for BlkBackend {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
         self.shared.writeback.store(buf[0] == 1, Ordering::Relaxed);
+        if let Some(region) = lock(&self.inflight).as_ref() {
+            region.set_writeback(buf[0] == 1);
+        }
         tracing::info!(
             writeback = buf[0] == 1,
             "guest changed the write cache mode"
