@@ -5,6 +5,7 @@
 //! hands a whole batch to the kernel or device in one [`IoChannel::submit`].
 
 pub mod file;
+pub mod lock;
 pub mod null;
 pub mod nvme_ops;
 pub mod nvme_pcie;
