@@ -28,6 +28,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::bdev::Disk;
 use crate::mem::{DirtyLog, GuestMemoryAtomic};
 use crate::virtio_blk::ID_BYTES;
+use crate::virtio_blk::config::WriteCache;
 use crate::virtio_blk::inflight::InflightQueue;
 use crate::virtio_blk::request::Limits;
 
@@ -56,9 +57,43 @@ pub struct DeviceShared {
     pub serial: [u8; ID_BYTES],
     /// Guest-visible write cache mode (CONFIG_WCE): false means every write is write-through.
     pub writeback: AtomicBool,
+    /// The guest's mode is not known (`WriteCache::Unknown`): `writeback` is false until the
+    /// guest's first FLUSH, which only a guest with a write cache sends.
+    pub learning: AtomicBool,
     /// Bumped by the control plane after it replaced a session's guest memory map (before the
     /// frontend is acknowledged): pollers compare it with one load instead of loading the map.
     pub mem_gen: AtomicU64,
+}
+
+impl DeviceShared {
+    /// The guest's write cache mode as the device serves it.
+    pub fn write_cache(&self) -> WriteCache {
+        if self.learning.load(Ordering::Relaxed) {
+            WriteCache::Unknown
+        } else if self.writeback.load(Ordering::Relaxed) {
+            WriteCache::Back
+        } else {
+            WriteCache::Through
+        }
+    }
+
+    /// Serves the guest's writes in `mode` from now on.
+    pub fn set_write_cache(&self, mode: WriteCache) {
+        self.learning
+            .store(mode == WriteCache::Unknown, Ordering::Relaxed);
+        self.writeback
+            .store(mode == WriteCache::Back, Ordering::Relaxed);
+    }
+
+    /// The guest sent a FLUSH: if its mode was not known, it has a write cache.
+    #[inline]
+    pub fn flushed(&self) {
+        if self.learning.load(Ordering::Relaxed) {
+            self.writeback.store(true, Ordering::Relaxed);
+            self.learning.store(false, Ordering::Relaxed);
+            tracing::info!("the guest flushes: serving it write-back");
+        }
+    }
 }
 
 /// Everything a poller needs to serve one virtqueue.
