@@ -107,8 +107,14 @@ struct Cmd {
     r2t: Option<(u16, usize)>,
     /// C2HData bytes received.
     received: usize,
-    /// When the command was pushed, in the caller's clock (milliseconds).
+    /// When the command was last sent on a connection (pushed, or queued again on a new
+    /// one), in the caller's clock (milliseconds): what the I/O timeout is measured from.
     since: u64,
+    /// When the command was pushed: it keeps this across connections.
+    pushed: u64,
+    /// Off a connection past this moment, the command is failed instead of being sent again
+    /// ([`IoQueue::set_deadlines`]).
+    deadline: Option<u64>,
 }
 
 /// The live part of a queue.
@@ -193,9 +199,10 @@ impl IoQueue {
             .min()
     }
 
-    /// Queues a command (its CID and data pointer are set here); the next [`IoQueue::flush`]
-    /// sends it. `now` is the caller's clock in milliseconds, for [`IoQueue::oldest`].
-    pub fn push(&mut self, user: u32, sqe: Sqe, data: Data, now: u64) -> Result<(), QueueFull> {
+    /// Queues a command (its CID and data pointer are set here) and returns its CID; the next
+    /// [`IoQueue::flush`] sends it. `now` is the caller's clock in milliseconds, for
+    /// [`IoQueue::oldest`].
+    pub fn push(&mut self, user: u32, sqe: Sqe, data: Data, now: u64) -> Result<u16, QueueFull> {
         let in_capsule = match data {
             Data::Out(_) | Data::OutInline(_) => data.len() <= self.in_capsule_max,
             Data::None | Data::In(_) => false,
@@ -215,6 +222,8 @@ impl IoQueue {
                 r2t: None,
                 received: 0,
                 since: now,
+                pushed: now,
+                deadline: None,
             })
             .ok_or(QueueFull)?;
         if let Some(cmd) = self.cmds.get_mut(cid) {
@@ -229,7 +238,7 @@ impl IoQueue {
         if let Some(conn) = &self.conn {
             queue_capsule(&mut self.cmds, &mut self.txq, cid, &conn.params);
         }
-        Ok(())
+        Ok(cid)
     }
 
     /// Sends every queued PDU the socket takes now.

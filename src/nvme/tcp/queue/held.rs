@@ -1,6 +1,9 @@
 //! What happens to an I/O queue's commands when its connection ends: they stay in the
 //! table, off any connection, until [`IoQueue::reconnect`] sends them again on a new one, or
-//! they are failed once the controller is gone for good ([`IoQueue::fail_all`]).
+//! they are failed: all of them once the controller is gone for good ([`IoQueue::fail_all`]),
+//! or those whose owner gave them a deadline once it has passed
+//! ([`IoQueue::fail_overdue`]). A command is only ever failed off a connection, and its
+//! identifier is unknown from then on: nothing about it can reach its buffer later.
 
 use std::io::{self, Write};
 use std::net::Shutdown;
@@ -96,5 +99,63 @@ impl IoQueue {
             self.complete(cid, status, &mut f, &mut done);
         }
         done
+    }
+
+    /// Gives the commands whose owner's `user` value `pick` accepts a deadline, `timeout`
+    /// after each was pushed, unless they have one: off a connection past it, they are failed
+    /// by [`IoQueue::fail_overdue`] instead of being sent again. Returns the earliest deadline
+    /// of the commands in the table.
+    pub fn set_deadlines(
+        &mut self,
+        mut pick: impl FnMut(u32) -> bool,
+        timeout: u64,
+    ) -> Option<u64> {
+        let cids: Vec<u16> = self.cmds.cids().collect();
+        let mut earliest = None;
+        for cid in cids {
+            if let Some(c) = self.cmds.get_mut(cid) {
+                if c.deadline.is_none() && pick(c.user) {
+                    c.deadline = Some(c.pushed.saturating_add(timeout));
+                }
+                earliest = earliest.into_iter().chain(c.deadline).min();
+            }
+        }
+        earliest
+    }
+
+    /// Gives command `cid` the deadline it had before it got an identifier (in its owner's
+    /// backlog), unless it has one.
+    pub fn set_deadline(&mut self, cid: u16, deadline: u64) {
+        if let Some(c) = self.cmds.get_mut(cid) {
+            c.deadline.get_or_insert(deadline);
+        }
+    }
+
+    /// While the queue has no connection: ends, with `status`, every command whose deadline
+    /// is `now` or earlier (none is on a connection, none will be sent again). Its identifier
+    /// is unknown from then on, so an answer for it on a later connection is a protocol error,
+    /// never a write into its buffer. Returns how many ended, and the earliest deadline of
+    /// the commands left. On a live connection nothing ends: its commands may still be
+    /// answered (the I/O timeout ends the connection first).
+    pub fn fail_overdue(
+        &mut self,
+        now: u64,
+        status: Status,
+        mut f: impl FnMut(Completion),
+    ) -> (usize, Option<u64>) {
+        let cids: Vec<u16> = self.cmds.cids().collect();
+        let mut done = 0;
+        let mut earliest = None;
+        for cid in cids {
+            let Some(deadline) = self.cmds.get(cid).and_then(|c| c.deadline) else {
+                continue;
+            };
+            if self.conn.is_none() && deadline <= now {
+                self.complete(cid, status, &mut f, &mut done);
+            } else {
+                earliest = Some(earliest.map_or(deadline, |e: u64| e.min(deadline)));
+            }
+        }
+        (done, earliest)
     }
 }
