@@ -28,7 +28,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::bdev::Disk;
 use crate::bdev::nvme_pcie::GuestDma;
 use crate::mem::{DirtyLog, GuestMemoryAtomic};
-use crate::poller::{DeviceKey, DeviceShared, PollerHandle, QueueAttach, Vring};
+use crate::poller::{Detaching, DeviceKey, DeviceShared, PollerHandle, QueueAttach, Vring};
 use crate::virtio_blk::config::{self, BlkConfig, WRITEBACK_OFFSET, WriteCache};
 use crate::virtio_blk::inflight::{InflightQueue, InflightRegion};
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
@@ -290,13 +290,11 @@ impl BlkBackend {
         (Some(area), recovered.resubmit)
     }
 
-    fn detach(&self, q: usize) {
-        if self.attached[q].swap(false, Ordering::AcqRel) {
-            self.pollers[q].detach(self.key, q as u16);
-            if !self.any_attached() {
-                self.release_image();
-            }
-        }
+    /// Asks queue `q`'s poller to give it back, if it has it.
+    fn start_detach(&self, q: usize) -> Option<Detaching> {
+        self.attached[q]
+            .swap(false, Ordering::AcqRel)
+            .then(|| self.pollers[q].start_detach(self.key, q as u16))
     }
 
     fn any_attached(&self) -> bool {
@@ -329,12 +327,19 @@ impl BlkBackend {
     }
 
     /// Ends the session's data plane: detaches every queue once its in-flight requests have
-    /// completed, and refuses new attachments.
+    /// completed (all queues drain at once), and refuses new attachments.
     pub fn close(&self) {
         let mut closing = lock(&self.transitions);
         *closing = true;
-        for q in 0..self.shape.num_queues {
-            self.detach(q);
+        let detaching: Vec<Detaching> = (0..self.shape.num_queues)
+            .filter_map(|q| self.start_detach(q))
+            .collect();
+        let stopped = !detaching.is_empty();
+        for d in detaching {
+            d.wait();
+        }
+        if stopped {
+            self.release_image();
         }
         // Nothing is in flight any more: the device may forget the guest's memory.
         if let Some(dma) = &self.dma {
@@ -521,15 +526,23 @@ impl VhostUserBackend for BlkBackend {
         vec![u64::MAX >> (64 - self.shape.num_queues)]
     }
 
-    /// GET_VRING_BASE: the frontend takes the returned index as final, so every request of
-    /// the queue that was popped must be completed first (vhost-user spec, "stop ring").
+    /// GET_VRING_BASE stops the ring: the frontend takes the returned index as final and may
+    /// reuse the ring at once, so every request of the queue that was popped must be completed
+    /// and published first, and none after (vhost-user spec, VHOST_USER_GET_VRING_BASE:
+    /// without GET_VRING_BASE_INFLIGHT or SKIP_DRAIN, which vubd does not offer, the back-end
+    /// drains). The answer waits for that however long it takes; the devices bound it (see
+    /// [`crate::poller::Detaching::wait`]).
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let _serial = lock(&self.transitions);
-        if let Some(q) = usize::try_from(queue_index)
+        if let Some(d) = usize::try_from(queue_index)
             .ok()
             .filter(|&q| q < self.shape.num_queues)
+            .and_then(|q| self.start_detach(q))
         {
-            self.detach(q);
+            d.wait();
+            if !self.any_attached() {
+                self.release_image();
+            }
         }
         Ok(())
     }
