@@ -15,6 +15,8 @@
 //!   a RAM or null namespace, fault injection and counters, for initiator tests the kernel
 //!   target cannot serve (misbehaviour, speed). It depends on nothing else here, so
 //!   `examples/fake_target.rs` includes it by path.
+//! - [`loopdev`]: [`loopdev::LoopDevice`], a loop device over a file, for the tests that serve
+//!   a block device, and the helpers of guards that run system tools.
 //! - [`lab`]: running the QEMU lab's scripts bounded in time, building a lab test's initramfs
 //!   and booting its guest, and reading the `TAG key=value` lines its guests print.
 //! - [`procfs`]: the CPU time and CPU affinity of a running backend, from `/proc`.
@@ -51,6 +53,7 @@ pub mod daemon;
 pub mod examples;
 pub mod fake_target;
 pub mod lab;
+pub mod loopdev;
 pub mod nvmet;
 pub mod procfs;
 
