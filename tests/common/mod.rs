@@ -20,6 +20,8 @@
 //! - [`lab`]: running the QEMU lab's scripts bounded in time, building a lab test's initramfs
 //!   and booting its guest, and reading the `TAG key=value` lines its guests print.
 //! - [`procfs`]: the CPU time and CPU affinity of a running backend, from `/proc`.
+//! - [`throttle`]: [`throttle::WriteThrottle`], a cgroup that limits a backend's writes to a
+//!   disk (reads pass), so that its requests complete out of order.
 //! - [`examples`]: [`examples::example_bin`], the executable of an example program (built on
 //!   first use), for tests that run `blkcheck` or `vfio_probe`.
 //! - [`client`]: [`client::Client`], a vhost-user frontend built on libblkio: N queues, one
@@ -56,6 +58,7 @@ pub mod lab;
 pub mod loopdev;
 pub mod nvmet;
 pub mod procfs;
+pub mod throttle;
 
 use std::fs::{self, File};
 use std::io;
