@@ -30,8 +30,9 @@
 //! - `raw.rs`: `RawFrontend`, libblkio's virtio layer used directly, for the requests libblkio
 //!   refuses to send and for reading the raw configuration space.
 //! - `workload.rs`: a random, self-checking I/O workload on every queue of a client at once.
+//! - `restart.rs`: the restart lab's machinery (`tests/restart_lab.rs`).
 //!
-//! The last two are not submodules of this one: the test binaries that need them declare them
+//! The last three are not submodules of this one: the test binaries that need them declare them
 //! themselves, next to `mod common;`, so that the others do not compile them (nor
 //! virtio-driver):
 //!
