@@ -283,6 +283,60 @@ impl Report {
     }
 }
 
+/// The writers' backend, on `socket` (vubd, or the reference if `VUBD_TEST_BACKEND` says so),
+/// and the serial number the guest finds its disk by.
+fn writers_backend(
+    case: &Case,
+    s: &Settings,
+    socket: &Path,
+    report: &mut Report,
+) -> (Restartable, &'static str) {
+    let (disk, throttle) = match &case.disk {
+        Disk::File(path) if s.write_iops == 0 => {
+            report.note("vubd's writes are not throttled".to_owned());
+            (path.to_str().expect("image path").to_owned(), None)
+        }
+        Disk::File(path) => {
+            let throttle = WriteThrottle::for_file(path, s.write_iops)
+                .unwrap_or_else(|e| panic!("cannot throttle vubd's writes: {e}"));
+            report.note(format!(
+                "vubd's writes to the image's disk ({}) are limited to {} a second; reads are not",
+                throttle.device(),
+                s.write_iops
+            ));
+            (
+                path.to_str().expect("image path").to_owned(),
+                Some(throttle),
+            )
+        }
+        Disk::NvmeTcp(uri) => (uri.clone(), None),
+    };
+    if reference_backend_selected() {
+        let Disk::File(image) = &case.disk else {
+            panic!("VUBD_TEST_BACKEND=qemu-storage-daemon: the reference serves no NVMe/TCP")
+        };
+        // O_DIRECT like vubd's `--cache none`, so that the throttle holds its writes too.
+        let blockdev = format!(
+            "driver=file,filename={},node-name=disk0,cache.direct=on",
+            image.display()
+        );
+        let export = format!(
+            "type=vhost-user-blk,id=export0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues=2",
+            socket.display()
+        );
+        let command = move || {
+            let mut cmd = Command::new("qemu-storage-daemon");
+            cmd.args(["--blockdev", &blockdev, "--export", &export]);
+            cmd
+        };
+        let backend = Restartable::start("qemu-storage-daemon", command, socket, throttle);
+        (backend, QSD_SERIAL)
+    } else {
+        let args = vubd_args(socket, &disk, 2, WRITERS_SERIAL);
+        (Restartable::vubd(args, socket, throttle), WRITERS_SERIAL)
+    }
+}
+
 /// The write cache disk: a loop device, served by a vubd of its own.
 struct WceDisk {
     // Dropped first: vubd lets go of the loop device before it is detached.
@@ -313,50 +367,7 @@ pub fn run(case: &Case, s: &Settings, dir: &Path) -> Report {
     let initrd = lab::build_initramfs(dir, "restart-lab", &[&genwrite]);
 
     let socket = dir.join("writers.sock");
-    let (disk, throttle) = match &case.disk {
-        Disk::File(path) if s.write_iops == 0 => {
-            report.note("vubd's writes are not throttled".to_owned());
-            (path.to_str().expect("image path").to_owned(), None)
-        }
-        Disk::File(path) => {
-            let throttle = WriteThrottle::for_file(path, s.write_iops)
-                .unwrap_or_else(|e| panic!("cannot throttle vubd's writes: {e}"));
-            report.note(format!(
-                "vubd's writes to the image's disk ({}) are limited to {} a second; reads are not",
-                throttle.device(),
-                s.write_iops
-            ));
-            (
-                path.to_str().expect("image path").to_owned(),
-                Some(throttle),
-            )
-        }
-        Disk::NvmeTcp(uri) => (uri.clone(), None),
-    };
-    let (mut writers, serial) = if reference_backend_selected() {
-        let Disk::File(image) = &case.disk else {
-            panic!("VUBD_TEST_BACKEND=qemu-storage-daemon: the reference serves no NVMe/TCP")
-        };
-        // O_DIRECT like vubd's `--cache none`, so that the throttle holds its writes too.
-        let blockdev = format!(
-            "driver=file,filename={},node-name=disk0,cache.direct=on",
-            image.display()
-        );
-        let export = format!(
-            "type=vhost-user-blk,id=export0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues=2",
-            socket.display()
-        );
-        let command = move || {
-            let mut cmd = Command::new("qemu-storage-daemon");
-            cmd.args(["--blockdev", &blockdev, "--export", &export]);
-            cmd
-        };
-        let backend = Restartable::start("qemu-storage-daemon", command, &socket, throttle);
-        (backend, QSD_SERIAL)
-    } else {
-        let args = vubd_args(&socket, &disk, 2, WRITERS_SERIAL);
-        (Restartable::vubd(args, &socket, throttle), WRITERS_SERIAL)
-    };
+    let (mut writers, serial) = writers_backend(case, s, &socket, &mut report);
     let mut wce = case.wce.then(|| WceDisk::new(dir));
     let flushes_at_start = wce.as_ref().map(|w| w.device.flushes());
 
