@@ -102,6 +102,8 @@ impl Settings {
                 Ok(v) => v
                     .parse()
                     .unwrap_or_else(|e| panic!("VUBD_RESTART_WRITE_IOPS={v:?}: {e}")),
+                // Twice the writers, twice the limit: the held writes still drain as fast.
+                Err(_) if long => 2 * WRITE_IOPS,
                 Err(_) => WRITE_IOPS,
             },
             delay_ms: (if long { 200 } else { 500 }, 3000),
