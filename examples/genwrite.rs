@@ -44,9 +44,11 @@
 //! - last: `GENWRITE-RESULT verdict=PASS|FAIL writes=N acked=N errors=N mismatches=N hangs=N
 //!   lost=N unexpected=N misplaced=N corrupt=N unreadable=N`.
 //!
-//! Exit status 0 on PASS, 1 on FAIL, 2 on bad usage. `--result-file` also gets the verdict,
-//! for a caller that cannot wait for this process: a thread stuck in a write that never
-//! completes keeps it from exiting.
+//! The lines from the final read on are the report; `--report FILE` writes them to FILE
+//! instead (under another name, renamed to FILE once whole), for a caller that cannot wait for
+//! this process (a thread stuck in a write that never completes keeps it from exiting) or whose
+//! console the kernel's messages would cut into. Exit status 0 on PASS, 1 on FAIL, 2 on bad
+//! usage.
 
 #[path = "genwrite/block.rs"]
 mod block;
@@ -108,9 +110,10 @@ struct Args {
     /// Errors printed one by one per writer (all are counted).
     #[arg(long, value_name = "N", default_value_t = 3)]
     errors_shown: u64,
-    /// Also write the verdict (`PASS` or `FAIL`) to this file before exiting.
+    /// Write the report (the final read's lines and the result line) to this file, whole,
+    /// instead of stdout.
     #[arg(long, value_name = "PATH")]
-    result_file: Option<PathBuf>,
+    report: Option<PathBuf>,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -510,8 +513,9 @@ impl Verdict {
     }
 }
 
-/// Reads every region back and checks each block against what its writer knows.
-fn verify(s: &Shared) -> Verdict {
+/// Reads every region back and checks each block against what its writer knows; adds the
+/// report's lines to `lines`.
+fn verify(s: &Shared, lines: &mut Vec<String>) -> Verdict {
     let watch = s.watches.last().expect("the verification's watch");
     let mut buf = Aligned::new(s.args.block_size);
     let mut v = Verdict::default();
@@ -552,7 +556,7 @@ fn verify(s: &Shared) -> Verdict {
             if shown < BAD_SHOWN {
                 shown += 1;
                 let pending: Vec<String> = state.pending.iter().map(u64::to_string).collect();
-                println!(
+                lines.push(format!(
                     "GENWRITE-BAD kind={kind} region={region} block={b} found={found} acked={} pending={}",
                     state.acked,
                     if pending.is_empty() {
@@ -560,10 +564,13 @@ fn verify(s: &Shared) -> Verdict {
                     } else {
                         pending.join("/")
                     }
-                );
+                ));
             }
         }
-        println!("GENWRITE-REGION id={region} gens={}", gens.join(","));
+        lines.push(format!(
+            "GENWRITE-REGION id={region} gens={}",
+            gens.join(",")
+        ));
     }
     v
 }
@@ -679,7 +686,9 @@ fn main() -> ExitCode {
             Arc::clone(&verify_done),
         );
         thread::spawn(move || {
-            *lock(&out) = Some(verify(&s));
+            let mut lines = Vec::new();
+            let v = verify(&s, &mut lines);
+            *lock(&out) = Some((v, lines));
             done.store(true, Ordering::SeqCst);
         });
     }
@@ -687,12 +696,13 @@ fn main() -> ExitCode {
     finished.store(true, Ordering::SeqCst);
 
     let c = &shared.counters;
-    let v = lock(&verified).take().unwrap_or_else(|| {
-        println!("GENWRITE-NOTE the final read did not finish: every region counts as unreadable");
-        Verdict {
+    let (v, mut lines) = lock(&verified).take().unwrap_or_else(|| {
+        let note = "GENWRITE-NOTE the final read did not finish: every block counts as unreadable";
+        let v = Verdict {
             unreadable: u64::from(shared.args.writers) * u64::from(shared.args.region_blocks),
             ..Verdict::default()
-        }
+        };
+        (v, vec![note.to_owned()])
     });
     let (errors, mismatches, hangs) = (
         c.errors.load(Ordering::SeqCst),
@@ -701,7 +711,7 @@ fn main() -> ExitCode {
     );
     let pass = errors == 0 && mismatches == 0 && hangs == 0 && v.bad() == 0;
     let verdict = if pass { "PASS" } else { "FAIL" };
-    println!(
+    lines.push(format!(
         "GENWRITE-RESULT verdict={verdict} writes={} acked={} errors={errors} mismatches={mismatches} hangs={hangs} lost={} unexpected={} misplaced={} corrupt={} unreadable={} t={:.1}",
         c.writes.load(Ordering::SeqCst),
         c.acked.load(Ordering::SeqCst),
@@ -711,10 +721,18 @@ fn main() -> ExitCode {
         v.corrupt,
         v.unreadable,
         shared.clock.secs()
-    );
-    if let Some(path) = &shared.args.result_file {
-        if let Err(e) = std::fs::write(path, format!("{verdict}\n")) {
-            eprintln!("genwrite: write {}: {e}", path.display());
+    ));
+    let mut report = lines.join("\n");
+    report.push('\n');
+    match &shared.args.report {
+        None => print!("{report}"),
+        Some(path) => {
+            let part = path.with_extension("part");
+            if let Err(e) =
+                std::fs::write(&part, report).and_then(|()| std::fs::rename(&part, path))
+            {
+                eprintln!("genwrite: write {}: {e}", path.display());
+            }
         }
     }
     if pass {

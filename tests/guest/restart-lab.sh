@@ -90,16 +90,20 @@ fi
 vd=$(disk "$WRITERS_SERIAL")
 hwq=$(find /sys/block/"$vd"/mq -mindepth 1 -maxdepth 1 -type d | wc -l)
 say "WRITERS-DISK disk=$vd hw_queues=$hwq cpus=$(nproc)"
-result=/tmp/genwrite.result
+report=/tmp/genwrite.report
 genwrite --device "/dev/$vd" --writers "$WRITERS" --region-blocks "$REGION_BLOCKS" \
-    --max-extent "$MAX_EXTENT" --seed "$SEED" --max-seconds "$MAX_S" --hang-seconds "$HANG_S" --stop-on-stdin \
-    --result-file $result <&3 &
+    --max-extent "$MAX_EXTENT" --seed "$SEED" --max-seconds "$MAX_S" --hang-seconds "$HANG_S" \
+    --stop-on-stdin --report $report <&3 &
 gw=$!
 # Not `wait`: a writer stuck in a write that never completes keeps genwrite
-# from exiting. Its result file comes once the stuck ones are reported.
+# from exiting. Its report comes once the stuck ones are reported.
 limit=$(((MAX_S + 2 * HANG_S + 120) * 10))
-wait_for "$limit" test -s $result || say "FAIL genwrite gave no result"
-verdict=$(cat $result 2>/dev/null)
+wait_for "$limit" test -s $report || say "FAIL genwrite gave no report"
+# From here on the kernel's messages stay in its log, out of the report's lines
+# on the console (they would cut into them).
+dmesg -n 1
+cat $report
+verdict=$(sed -n 's/^GENWRITE-RESULT verdict=\([A-Z]*\) .*/\1/p' $report 2>/dev/null)
 gone "$gw" || say "genwrite is still running (a thread is stuck in the kernel)"
 
 # --- 3. the kernel log ---------------------------------------------------------
