@@ -21,6 +21,11 @@ const LOG_WORD_SIZE: usize = u8::BITS as usize;
 pub trait BitmapReplace: Bitmap {
     type InnerBitmap: MemRegionBitmap;
 
+    /// Whether guest memory accesses through this bitmap mark the dirty log. A backend whose
+    /// bitmap does not (`()`) and that offers `VHOST_USER_PROTOCOL_F_LOG_SHMFD` marks pages
+    /// itself, from `VhostUserBackend::set_log_base` on.
+    const MARKS_DIRTY_LOG: bool = true;
+
     /// Replace the internal `Bitmap`
     fn replace(&self, bitmap: Self::InnerBitmap);
 }
@@ -37,6 +42,8 @@ pub trait MemRegionBitmap: Sized {
 // be moved to an internal mock library.
 impl BitmapReplace for () {
     type InnerBitmap = ();
+
+    const MARKS_DIRTY_LOG: bool = false;
 
     // this implementation must not be used if the backend sets `VHOST_USER_PROTOCOL_F_LOG_SHMFD`
     fn replace(&self, _bitmap: ()) {

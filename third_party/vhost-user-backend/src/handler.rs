@@ -899,6 +899,10 @@ where
         self.backend
             .set_log_base(log, &file)
             .map_err(VhostUserError::ReqHandlerError)?;
+        if !<T::Bitmap as BitmapReplace>::MARKS_DIRTY_LOG {
+            // The backend marks the pages it writes itself.
+            return Ok(());
+        }
 
         let mem = self.atomic_mem.memory();
 
