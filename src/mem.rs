@@ -4,6 +4,10 @@
 //! This is the main home of raw guest pointers. An iovec produced here stays valid for as long
 //! as the [`MemSnapshot`] it was translated from is alive: in-flight requests hold one.
 
+mod dirty_log;
+
+pub use dirty_log::{DirtyLog, DirtyLogError, LOG_PAGE};
+
 use std::sync::Arc;
 
 use thiserror::Error;

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vhost::vhost_user::message::{
-    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::QueueT;
@@ -27,7 +27,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::bdev::Disk;
 use crate::bdev::nvme_pcie::GuestDma;
-use crate::mem::GuestMemoryAtomic;
+use crate::mem::{DirtyLog, GuestMemoryAtomic};
 use crate::poller::{DeviceKey, DeviceShared, PollerHandle, QueueAttach, Vring};
 use crate::virtio_blk::config::{self, BlkConfig, WRITEBACK_OFFSET};
 use crate::virtio_blk::inflight::{InflightQueue, InflightRegion};
@@ -66,7 +66,26 @@ pub struct BlkBackend {
     sweep_timer: Option<Mutex<TimerFd>>,
     /// The inflight I/O tracking region the frontend keeps (INFLIGHT_SHMFD), if it does.
     inflight: Mutex<Option<Arc<InflightRegion>>>,
+    /// The dirty log of a live migration, and whether the frontend has logging on.
+    log: Mutex<LogState>,
 }
+
+/// What the frontend said of dirty logging: the log (SET_LOG_BASE) and VHOST_F_LOG_ALL
+/// (SET_FEATURES). Pages are marked while both are there.
+#[derive(Debug, Default)]
+struct LogState {
+    log: Option<Arc<DirtyLog>>,
+    all: bool,
+}
+
+impl LogState {
+    fn active(&self) -> Option<Arc<DirtyLog>> {
+        self.log.clone().filter(|_| self.all)
+    }
+}
+
+/// `VHOST_F_LOG_ALL`: the backend marks the pages it writes in the dirty log.
+const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
 /// How often the relay thread looks at regions that left the memory table but are still
 /// DMA-mapped (in-flight requests or a poller's map still held them at the last look).
@@ -123,6 +142,7 @@ impl BlkBackend {
             dma,
             sweep_timer,
             inflight: Mutex::new(None),
+            log: Mutex::new(LogState::default()),
         }
     }
 
@@ -181,7 +201,40 @@ impl BlkBackend {
             max_queue_size: self.shape.max_queue_size,
             inflight,
             resubmit,
+            log: lock(&self.log).active(),
         });
+    }
+
+    /// Tells every poller of the device whether to mark pages, after the log or the LOG_ALL
+    /// feature changed, and returns once they all do (the frontend starts migrating memory
+    /// once SET_FEATURES or SET_LOG_BASE is acknowledged).
+    fn update_log(&self, change: impl FnOnce(&mut LogState)) {
+        // Serialised with attach, so a queue attached meanwhile gets the new state either in
+        // its attach message or from this update, which its poller handles after it.
+        let _serial = lock(&self.transitions);
+        let active = {
+            let mut state = lock(&self.log);
+            let before = state.active();
+            change(&mut state);
+            let after = state.active();
+            let same = match (&before, &after) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if same {
+                return;
+            }
+            after
+        };
+        tracing::info!(on = active.is_some(), "dirty page logging");
+        let mut told: Vec<usize> = Vec::with_capacity(self.pollers.len());
+        for p in &self.pollers {
+            if !told.contains(&p.index()) {
+                told.push(p.index());
+                p.set_log(self.key, active.clone());
+            }
+        }
     }
 
     /// Queue `q`'s area of the inflight region, taken up before the queue starts: the heads
@@ -281,7 +334,23 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        self.shape.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.shape.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | VHOST_F_LOG_ALL
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.update_log(|s| s.all = features & VHOST_F_LOG_ALL != 0);
+    }
+
+    /// SET_LOG_BASE: the log to mark while LOG_ALL is on (a new one replaces the old one,
+    /// e.g. when guest memory grew).
+    fn set_log_base(&self, msg: &VhostUserLog, file: &File) -> io::Result<()> {
+        let log = DirtyLog::new(file, msg.mmap_offset, msg.mmap_size).map_err(|e| {
+            tracing::warn!(error = %e, "dirty log refused");
+            io::Error::new(io::ErrorKind::InvalidInput, e)
+        })?;
+        tracing::debug!(bytes = msg.mmap_size, "dirty log set");
+        self.update_log(|s| s.log = Some(Arc::new(log)));
+        Ok(())
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -290,6 +359,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     /// GET_INFLIGHT_FD: a new, zeroed region for the frontend to keep.
@@ -303,6 +373,8 @@ impl VhostUserBackend for BlkBackend {
             num_queues: msg.num_queues,
             queue_size: msg.queue_size,
         };
+        // From now on the guest's cache mode is recorded where a restarted vubd finds it.
+        region.set_writeback(self.shared.writeback.load(Ordering::Relaxed));
         *lock(&self.inflight) = Some(Arc::new(region));
         Ok((reply, file))
     }
@@ -325,6 +397,18 @@ impl VhostUserBackend for BlkBackend {
             size = msg.queue_size,
             "inflight region set"
         );
+        // The frontend caches the cache mode the guest chose and never sends it again: take
+        // it from the region (an earlier session of this device, maybe of another vubd).
+        match region.writeback() {
+            Some(writeback) => {
+                if writeback != self.shared.writeback.swap(writeback, Ordering::Relaxed) {
+                    tracing::info!(writeback, "write cache mode kept from the earlier session");
+                }
+            }
+            None => {
+                region.set_writeback(self.shared.writeback.load(Ordering::Relaxed));
+            }
+        }
         *lock(&self.inflight) = Some(Arc::new(region));
         Ok(())
     }
@@ -347,6 +431,9 @@ impl VhostUserBackend for BlkBackend {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
         self.shared.writeback.store(buf[0] == 1, Ordering::Relaxed);
+        if let Some(region) = lock(&self.inflight).as_ref() {
+            region.set_writeback(buf[0] == 1);
+        }
         tracing::info!(
             writeback = buf[0] == 1,
             "guest changed the write cache mode"

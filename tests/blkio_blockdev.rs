@@ -1,7 +1,7 @@
 //! vubd serving a block device: a loop device over an image file in a temporary directory.
 //! The frontend sees the device's own geometry (logical block size, capacity), data goes
 //! through the device into the backing file, and discard and write-zeroes behave as
-//! advertised.
+//! advertised, and the device is locked as QEMU locks it.
 //!
 //! These tests create loop devices (and one mounts a ramfs), which needs root and the loop
 //! driver. Where that is not possible they fail and say why; they never skip. The tests of
@@ -528,4 +528,37 @@ fn loop_device_that_cannot_discard_or_zero_gets_no_discard_and_write_zeroes_stil
     let on_host = fs::read(&backing).expect("read the backing file");
     assert_same(&expected, &on_host, 0, "backing file");
     daemon.assert_running();
+}
+
+#[test]
+fn a_loop_device_vubd_serves_is_locked_as_qemus_host_device_driver_locks_it() {
+    let image = Image::new(4 * MIB);
+    let device = LoopDevice::attach(image.path(), 512, true);
+    let _daemon = Daemon::vubd_disk(device.path(), &DaemonConfig::default(), &[]);
+    let qemu_io = run_tool(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "quit"])
+            .arg(device.path()),
+    );
+    match qemu_io {
+        Err(e) if e.contains("Failed to get \"write\" lock") => {}
+        other => panic!("qemu-io opened the device vubd serves for writing: {other:?}"),
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("sock");
+    let exit = common::daemon::run_vubd(&[
+        "--socket-path".as_ref(),
+        socket.as_os_str(),
+        "--disk".as_ref(),
+        device.path().as_os_str(),
+    ]);
+    assert_eq!(exit.status.code(), Some(2), "{}", exit.stderr);
+    assert!(
+        exit.stderr.contains(&format!(
+            "image {} is in use by another process (it holds the \"write\" permission)",
+            device.path().display()
+        )),
+        "{}",
+        exit.stderr
+    );
 }

@@ -5,7 +5,26 @@
 # guest, the QEMU guest test, and a bounded run of the NVMe/TCP receive-path fuzzer.
 #
 # Usage: tests/run.sh          (from anywhere; exits non-zero on the first failing stage)
+#        tests/run.sh --long   the long variants too: VUBD_TEST_LONG=1 for the tests that have
+#                              one (many-kill restart loops, repeated migrations) and a 10 minute
+#                              fuzz run; about an hour more
 set -euo pipefail
+
+case ${1:-} in
+  "") ;;
+  --long)
+    export VUBD_TEST_LONG=1
+    export VUBD_FUZZ_SECS=${VUBD_FUZZ_SECS:-600}
+    ;;
+  -h | --help)
+    sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"
+    exit 0
+    ;;
+  *)
+    echo "tests/run.sh: unknown argument '$1' (try --help)" >&2
+    exit 2
+    ;;
+esac
 
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$top"
@@ -13,7 +32,7 @@ cd "$top"
 die() { echo "tests/run.sh: $*" >&2; exit 1; }
 
 # --- what the suite needs -------------------------------------------------------------------
-packages=(qemu-system-x86 qemu-system-common busybox-static cpio xz-utils kmod)
+packages=(qemu-system-x86 qemu-system-common qemu-utils busybox-static cpio xz-utils kmod)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,5 +1,6 @@
-//! A regular file or a block device as a block device: opening, geometry, and the probing of
-//! what the file system under it supports (O_DIRECT, hole punching, zero ranges).
+//! A regular file or a block device as a block device: opening, locking (as QEMU does, see
+//! [`super::lock`]), geometry, and the probing of what the file system under it supports
+//! (O_DIRECT, hole punching, zero ranges).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use thiserror::Error;
 use tracing::{info, warn};
 
+use super::lock::{ImageLock, LockError, LockSet};
 use super::uring::{UringChannel, ZeroStrategy};
 use super::{BlockDevice, DeviceInfo};
 use crate::virtio_blk::SECTOR_SIZE;
@@ -30,6 +32,10 @@ pub struct FileOptions {
     pub path: PathBuf,
     pub read_only: bool,
     pub cache: CacheMode,
+    /// Open a writable image without the write permission, for [`FileDevice::acquire_write`]
+    /// to take when the frontend starts the device (`--incoming`). A read-only image ignores
+    /// it: it never holds write.
+    pub inactive: bool,
 }
 
 /// Why a file could not be served.
@@ -57,6 +63,8 @@ pub enum FileError {
     },
     #[error("{0} is empty")]
     Empty(PathBuf),
+    #[error(transparent)]
+    Lock(LockError),
 }
 
 /// Alignment that O_DIRECT needs, from `statx(STATX_DIOALIGN)`.
@@ -80,6 +88,9 @@ pub struct FileDevice {
     /// Hole punching works (discard, and write-zeroes with UNMAP).
     punch: bool,
     info: DeviceInfo,
+    /// The image's locks, taken through the buffered descriptor only (the direct one is
+    /// another open file description: its locks would conflict with these).
+    lock: ImageLock,
 }
 
 impl FileDevice {
@@ -97,13 +108,21 @@ impl FileDevice {
             path: path.clone(),
             source,
         };
-        let mut buffered = open(false).map_err(open_err)?;
+        let buffered = open(false).map_err(open_err)?;
         let meta = buffered.metadata().map_err(open_err)?;
         let is_block = meta.file_type().is_block_device();
         if !is_block && !meta.is_file() {
             return Err(FileError::NotFileOrBlockDevice(path.clone()));
         }
-        let size = buffered
+        let buffered = Arc::new(buffered);
+        let active = if opts.read_only {
+            LockSet::READER
+        } else {
+            LockSet::WRITER
+        };
+        let lock = ImageLock::take(buffered.clone(), path, active, opts.inactive)
+            .map_err(FileError::Lock)?;
+        let size = (&*buffered)
             .seek(SeekFrom::End(0))
             .map_err(|source| FileError::Size {
                 path: path.clone(),
@@ -173,17 +192,39 @@ impl FileDevice {
             direct = direct.is_some(),
             discard,
             write_zeroes = ?zero,
+            locks = %lock.held(),
             "opened disk"
         );
-        buffered.seek(SeekFrom::Start(0)).map_err(open_err)?;
+        (&*buffered).seek(SeekFrom::Start(0)).map_err(open_err)?;
         Ok(Self {
             direct: direct.map(Arc::new),
-            buffered: Arc::new(buffered),
+            buffered,
             direct_align,
             zero,
             punch,
             info,
+            lock,
         })
+    }
+
+    /// Takes the write permission of the image (QEMU's lock bytes 101, 201 and 203) from an
+    /// inactive start or after [`FileDevice::release_write`]. Fails, naming the image and the
+    /// conflicting permission, while another process holds the image for writing or refuses
+    /// our write, and then changes nothing. Idempotent; nothing for a read-only image.
+    pub fn acquire_write(&self) -> Result<(), LockError> {
+        self.lock.acquire_write()
+    }
+
+    /// Gives the write permission up: the image stays locked for consistent reads only and
+    /// shares everything, as an inactive image, so another process can take it. Idempotent;
+    /// nothing for a read-only image.
+    pub fn release_write(&self) -> Result<(), LockError> {
+        self.lock.release_write()
+    }
+
+    /// What the device holds on its image now.
+    pub fn locks(&self) -> LockSet {
+        self.lock.held()
     }
 }
 
@@ -306,6 +347,7 @@ fn probe_fallocate(image: &Path) -> (bool, ZeroStrategy) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bdev::Disk;
     use std::io::Write;
 
     fn image(len: u64) -> (tempfile::TempDir, PathBuf) {
@@ -321,6 +363,7 @@ mod tests {
             path: path.to_owned(),
             read_only: false,
             cache: CacheMode::None,
+            inactive: false,
         }
     }
 
@@ -463,5 +506,47 @@ mod tests {
         assert!(dev.info().read_only);
         assert!(!dev.info().discard);
         assert!(!dev.info().write_zeroes);
+    }
+
+    #[test]
+    fn a_second_writable_open_of_an_image_is_refused_naming_it() {
+        // Both descriptors of the first (O_DIRECT and buffered) are open: only one of them
+        // locks, or the first open would already conflict with itself.
+        let (_d, path) = image(1 << 20);
+        let first = FileDevice::open(&opts(&path)).expect("first");
+        assert_eq!(first.locks(), LockSet::WRITER);
+        let err = FileDevice::open(&opts(&path)).unwrap_err();
+        assert!(
+            matches!(err, FileError::Lock(LockError::InUse { .. })),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
+        let reader = FileDevice::open(&FileOptions {
+            read_only: true,
+            ..opts(&path)
+        });
+        assert!(reader.is_err(), "a reader refuses the writer's writes");
+    }
+
+    #[test]
+    fn an_inactive_device_opens_beside_a_writer_and_takes_write_over_after_release() {
+        let (_d, path) = image(1 << 20);
+        let serving = FileDevice::open(&opts(&path)).expect("serving");
+        let incoming = Disk::File(
+            FileDevice::open(&FileOptions {
+                inactive: true,
+                ..opts(&path)
+            })
+            .expect("incoming"),
+        );
+        let Disk::File(dev) = &incoming else {
+            unreachable!()
+        };
+        assert_eq!(dev.locks(), LockSet::INACTIVE);
+        assert!(incoming.acquire_write().is_err(), "still served");
+        assert_eq!(dev.locks(), LockSet::INACTIVE);
+        serving.release_write().expect("release");
+        incoming.acquire_write().expect("take over");
+        assert_eq!(dev.locks(), LockSet::WRITER);
     }
 }

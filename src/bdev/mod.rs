@@ -5,6 +5,7 @@
 //! hands a whole batch to the kernel or device in one [`IoChannel::submit`].
 
 pub mod file;
+pub mod lock;
 pub mod null;
 pub mod nvme_ops;
 pub mod nvme_pcie;
@@ -17,6 +18,7 @@ use std::os::fd::RawFd;
 use crate::mem::IovecList;
 
 use self::file::FileDevice;
+use self::lock::LockError;
 use self::null::{NullChannel, NullDevice};
 use self::nvme_pcie::{NvmePcieChannel, NvmePcieDevice};
 use self::nvme_tcp::{NvmeTcpChannel, NvmeTcpDevice};
@@ -149,6 +151,26 @@ impl Disk {
         match self {
             Disk::NvmePcie(d) => Target::NvmeNamespace(d.namespace()),
             Disk::File(_) | Disk::Null(_) | Disk::NvmeTcp(_) => Target::Own,
+        }
+    }
+
+    /// Takes the image's write permission over from another process (see
+    /// [`FileDevice::acquire_write`]); nothing for a disk vubd does not lock (null, NVMe).
+    /// Control path only.
+    pub fn acquire_write(&self) -> Result<(), LockError> {
+        match self {
+            Disk::File(d) => d.acquire_write(),
+            Disk::Null(_) | Disk::NvmeTcp(_) | Disk::NvmePcie(_) => Ok(()),
+        }
+    }
+
+    /// Gives the image's write permission up for another process to take (see
+    /// [`FileDevice::release_write`]); nothing for a disk vubd does not lock. Control path
+    /// only.
+    pub fn release_write(&self) -> Result<(), LockError> {
+        match self {
+            Disk::File(d) => d.release_write(),
+            Disk::Null(_) | Disk::NvmeTcp(_) | Disk::NvmePcie(_) => Ok(()),
         }
     }
 

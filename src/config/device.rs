@@ -1,7 +1,7 @@
 //! One served device: its socket, disk and guest-visible shape. The single-device options
 //! (`--socket-path`/`--fd`, `--disk`, `--readonly`, ...) describe one; each repeatable
-//! `--device socket=PATH,disk=DISK[,serial=S][,readonly=on|off][,num-queues=N][,queue-size=N]`
-//! (QEMU's key=value list, `,,` for a comma in a value) describes another. What several
+//! `--device socket=PATH,disk=DISK[,serial=S][,readonly=on|off][,num-queues=N][,queue-size=N]
+//! [,incoming=on|off]` (QEMU's key=value list, `,,` for a comma in a value) describes another. What several
 //! devices may not share is refused here: a socket, a writable image file, an NVMe namespace.
 
 use std::collections::HashMap;
@@ -29,6 +29,19 @@ pub struct DeviceConfig {
     /// Create the disk as a sparse file of this size if it does not exist (the no-argument
     /// default run).
     pub create_size: Option<u64>,
+    /// `incoming=` / `--incoming`: open a writable image without the write permission, which
+    /// is taken when the frontend starts the device.
+    pub incoming: bool,
+}
+
+impl DeviceConfig {
+    /// Whether the device opens its image inactive: holding consistent reads only and sharing
+    /// everything, so that it can start beside the process serving the image. A read-only
+    /// device never holds write, so `incoming` changes nothing for it; neither does it for a
+    /// disk vubd does not lock (null, NVMe).
+    pub fn starts_inactive(&self) -> bool {
+        self.incoming && !self.read_only
+    }
 }
 
 /// The values of one device, before validation.
@@ -40,6 +53,7 @@ pub(super) struct DeviceValues {
     pub num_queues: u16,
     pub queue_size: u16,
     pub serial: Option<String>,
+    pub incoming: bool,
 }
 
 impl DeviceValues {
@@ -75,6 +89,7 @@ impl DeviceValues {
             queue_size: self.queue_size,
             serial,
             create_size,
+            incoming: self.incoming,
         })
     }
 }
@@ -99,8 +114,8 @@ fn split_list(s: &str) -> Vec<String> {
     items
 }
 
-/// Parses one `--device` argument.
-pub(super) fn parse_device(arg: &str) -> Result<DeviceConfig, ConfigError> {
+/// Parses one `--device` argument; `incoming` is the default of its `incoming=` key.
+pub(super) fn parse_device(arg: &str, incoming: bool) -> Result<DeviceConfig, ConfigError> {
     let bad = |why: &'static str| ConfigError::BadDevice(arg.to_owned(), why);
     let mut keys: HashMap<String, String> = HashMap::new();
     for item in split_list(arg) {
@@ -109,10 +124,18 @@ pub(super) fn parse_device(arg: &str) -> Result<DeviceConfig, ConfigError> {
             .ok_or(bad("expected KEY=VALUE items separated by commas"))?;
         if !matches!(
             key,
-            "socket" | "fd" | "disk" | "serial" | "readonly" | "num-queues" | "queue-size"
+            "socket"
+                | "fd"
+                | "disk"
+                | "serial"
+                | "readonly"
+                | "num-queues"
+                | "queue-size"
+                | "incoming"
         ) {
             return Err(bad(
-                "unknown key (known: socket, fd, disk, serial, readonly, num-queues, queue-size)",
+                "unknown key (known: socket, fd, disk, serial, readonly, num-queues, queue-size, \
+                 incoming)",
             ));
         }
         if keys.insert(key.to_owned(), value.to_owned()).is_some() {
@@ -133,11 +156,15 @@ pub(super) fn parse_device(arg: &str) -> Result<DeviceConfig, ConfigError> {
     };
     let disk = parse_disk(&keys.remove("disk").ok_or(bad("disk is required"))?)
         .map_err(|e| ConfigError::InDevice(arg.to_owned(), Box::new(e)))?;
-    let read_only = match keys.remove("readonly").as_deref() {
-        None | Some("off" | "0" | "false") => false,
-        Some("on" | "1" | "true") => true,
-        Some(_) => return Err(bad("readonly takes on or off")),
-    };
+    let switch =
+        |key: &str, default: bool, why: &'static str| match keys.get(key).map(String::as_str) {
+            None => Ok(default),
+            Some("off" | "0" | "false") => Ok(false),
+            Some("on" | "1" | "true") => Ok(true),
+            Some(_) => Err(bad(why)),
+        };
+    let read_only = switch("readonly", false, "readonly takes on or off")?;
+    let incoming = switch("incoming", incoming, "incoming takes on or off")?;
     let number = |key: &str, default: u16| match keys.get(key) {
         None => Ok(default),
         Some(v) => v
@@ -151,6 +178,7 @@ pub(super) fn parse_device(arg: &str) -> Result<DeviceConfig, ConfigError> {
         num_queues: number("num-queues", 1)?,
         queue_size: number("queue-size", 256)?,
         serial: keys.remove("serial"),
+        incoming,
     };
     values
         .validate(Some(arg.to_owned()), None)
@@ -224,9 +252,12 @@ mod tests {
     #[test]
     fn a_device_with_every_key() {
         let d = parse_device(
-            "socket=d.sock,disk=null:1G,serial=s1,readonly=on,num-queues=4,queue-size=128",
+            "socket=d.sock,disk=null:1G,serial=s1,readonly=on,num-queues=4,queue-size=128,\
+             incoming=on",
+            false,
         )
         .expect("valid");
+        assert!(d.incoming);
         assert_eq!(d.socket, SocketSpec::Path("d.sock".into()));
         assert_eq!(d.disk, DiskSpec::Null(1 << 30));
         assert_eq!(d.serial.as_deref(), Some("s1"));
@@ -237,12 +268,44 @@ mod tests {
 
     #[test]
     fn defaults_match_the_single_device_options() {
-        let d = parse_device("fd=3,disk=file:a,,b.img").expect("valid");
+        let d = parse_device("fd=3,disk=file:a,,b.img", false).expect("valid");
         assert_eq!(d.socket, SocketSpec::Fd(3));
         assert_eq!(d.disk, DiskSpec::File("a,b.img".into()));
         assert_eq!(d.serial.as_deref(), Some("a,b.img"));
         assert!(!d.read_only);
         assert_eq!((d.num_queues, d.queue_size), (1, 256));
+        assert!(!d.incoming && !d.starts_inactive());
+    }
+
+    #[test]
+    fn incoming_is_global_with_a_per_device_override_and_leaves_readers_alone() {
+        let c = serve(&["--disk", "x.img", "--incoming"]);
+        assert!(c.devices[0].incoming && c.devices[0].starts_inactive());
+        let c = serve(&["--disk", "x.img", "--readonly", "--incoming"]);
+        assert!(
+            !c.devices[0].starts_inactive(),
+            "a read-only device never holds write: nothing to take over"
+        );
+        let c = serve(&[
+            "--incoming",
+            "--device",
+            "socket=a,disk=a.img",
+            "--device",
+            "socket=b,disk=b.img,incoming=off",
+            "--device",
+            "socket=c,disk=c.img,readonly=on",
+        ]);
+        let inactive: Vec<bool> = c.devices.iter().map(|d| d.starts_inactive()).collect();
+        assert_eq!(inactive, [true, false, false]);
+        let c = serve(&[
+            "--device",
+            "socket=a,disk=a.img,incoming=on",
+            "--device",
+            "socket=b,disk=b.img",
+        ]);
+        let inactive: Vec<bool> = c.devices.iter().map(|d| d.starts_inactive()).collect();
+        assert_eq!(inactive, [true, false]);
+        assert!(!serve(&["--disk", "x.img"]).devices[0].starts_inactive());
     }
 
     #[test]
@@ -254,19 +317,20 @@ mod tests {
             ("socket=s,disk=a,disk=b", "a key is given twice"),
             ("socket=s,fd=3,disk=a", "socket and fd exclude each other"),
             ("socket=s,disk=a,readonly=yes", "readonly takes on or off"),
+            ("socket=s,disk=a,incoming=yes", "incoming takes on or off"),
             ("socket=s,disk=a,num-queues=x", "take numbers"),
             ("socket=s,disk", "expected KEY=VALUE"),
         ] {
-            let e = parse_device(arg).expect_err(arg).to_string();
+            let e = parse_device(arg, false).expect_err(arg).to_string();
             assert!(e.starts_with(&format!("--device {arg:?}: ")), "{e}");
             assert!(e.contains(why), "{arg}: {e}");
         }
-        let e = parse_device("socket=s,disk=a,num-queues=0").unwrap_err();
+        let e = parse_device("socket=s,disk=a,num-queues=0", false).unwrap_err();
         assert_eq!(
             e.to_string(),
             "--device \"socket=s,disk=a,num-queues=0\": --num-queues 0: must be between 1 and 64"
         );
-        let e = parse_device("socket=s,disk=bogus:x").unwrap_err();
+        let e = parse_device("socket=s,disk=bogus:x", false).unwrap_err();
         assert!(
             matches!(e, ConfigError::InDevice(_, ref inner)
             if matches!(**inner, ConfigError::UnknownDiskType(..))),
@@ -275,7 +339,7 @@ mod tests {
     }
 
     fn dev(arg: &str) -> DeviceConfig {
-        parse_device(arg).expect(arg)
+        parse_device(arg, false).expect(arg)
     }
 
     #[test]

@@ -77,12 +77,17 @@ pub struct Args {
     /// Adaptive mode: how long a poller keeps polling after its last request, microseconds.
     #[arg(long, value_name = "US", default_value_t = 50)]
     pub poll_idle_us: u64,
+    /// Open writable images without the write permission (QEMU's lock byte 101), beside the
+    /// process that serves them (live migration destination, upgrade); it is taken when the
+    /// frontend starts the device.
+    #[arg(long)]
+    pub incoming: bool,
     /// Print the vhost-user backend capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
     /// Serve one more device (repeatable), instead of the single-device options:
     /// `socket=PATH|fd=N,disk=DISK[,serial=S][,readonly=on|off][,num-queues=N][,queue-size=N]`
-    /// (`,,` is a comma inside a value).
+    /// `[,incoming=on|off]` (`,,` is a comma inside a value).
     #[arg(
         long = "device",
         value_name = "socket=PATH,disk=DISK,...",
@@ -302,13 +307,14 @@ impl TryFrom<Args> for Command {
                 num_queues: args.num_queues,
                 queue_size: args.queue_size,
                 serial: args.serial,
+                incoming: args.incoming,
             };
             vec![values.validate(None, bare.then_some(DEFAULT_DISK_SIZE))?]
         } else {
             let devices = args
                 .devices
                 .iter()
-                .map(|d| device::parse_device(d))
+                .map(|d| device::parse_device(d, args.incoming))
                 .collect::<Result<Vec<_>, _>>()?;
             device::check_shared(&devices)?;
             devices

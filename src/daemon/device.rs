@@ -79,6 +79,7 @@ fn open_disk(cfg: &Config, d: &DeviceConfig, ctrls: &mut Controllers) -> Result<
                     path: path.clone(),
                     read_only: d.read_only,
                     cache: cfg.cache,
+                    inactive: d.starts_inactive(),
                 })
                 .map_err(DaemonError::Disk)?,
             )

@@ -14,7 +14,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -252,13 +252,33 @@ impl Serving<'_> {
     }
 }
 
-/// Removes the socket file when vubd stops serving it.
-struct SocketFile(Option<PathBuf>);
+/// Removes the socket file when vubd stops serving it, unless the path has become another
+/// socket meanwhile (the new vubd of an upgrade took it over).
+struct SocketFile(Option<(PathBuf, (u64, u64))>);
+
+impl SocketFile {
+    /// The socket just bound at `path`.
+    fn bound(path: &Path) -> Self {
+        Self(file_id(path).map(|id| (path.to_path_buf(), id)))
+    }
+}
+
+/// Device and inode of what `path` names, not following a symbolic link.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        if let Some(p) = &self.0 {
-            let _ = std::fs::remove_file(p);
+        if let Some((p, id)) = &self.0 {
+            if file_id(p) == Some(*id) {
+                let _ = std::fs::remove_file(p);
+            } else {
+                info!(path = %p.display(), "socket path taken over; left in place");
+            }
         }
     }
 }
@@ -292,7 +312,8 @@ fn listen(spec: &SocketSpec) -> Result<(Listener, SocketFile), DaemonError> {
                 path: path.clone(),
                 source,
             })?;
-            Ok((Listener::from(l), SocketFile(Some(path.clone()))))
+            let file = SocketFile::bound(path);
+            Ok((Listener::from(l), file))
         }
     }
 }

@@ -9,6 +9,7 @@
 //! re-enables guest notifications, re-checks its rings and sleeps on its wake eventfd and its
 //! channels' completion fds.
 
+mod dirty;
 mod slots;
 mod warm;
 mod worker;
@@ -25,7 +26,7 @@ use vhost_user_backend::VringRwLock;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::bdev::Disk;
-use crate::mem::GuestMemoryAtomic;
+use crate::mem::{DirtyLog, GuestMemoryAtomic};
 use crate::virtio_blk::ID_BYTES;
 use crate::virtio_blk::inflight::InflightQueue;
 use crate::virtio_blk::request::Limits;
@@ -74,6 +75,8 @@ pub struct QueueAttach {
     pub inflight: Option<InflightQueue>,
     /// Heads an earlier process left in flight, to run before any new one, last first.
     pub resubmit: Vec<u16>,
+    /// The dirty log, while the frontend has logging on.
+    pub log: Option<Arc<DirtyLog>>,
 }
 
 impl std::fmt::Debug for QueueAttach {
@@ -95,6 +98,13 @@ enum Command {
     },
     /// The device's memory map changed: load it now.
     MemoryChanged(DeviceKey),
+    /// Start (`Some`) or stop marking the device's writes in a dirty log; acknowledged once
+    /// the poller does.
+    SetLog {
+        device: DeviceKey,
+        log: Option<Arc<DirtyLog>>,
+        done: mpsc::SyncSender<()>,
+    },
     Stop,
 }
 
@@ -166,6 +176,15 @@ impl PollerHandle {
     /// on its next pass, even with no request to serve, and lets the old one go.
     pub fn memory_changed(&self, device: DeviceKey) {
         self.send(Command::MemoryChanged(device));
+    }
+
+    /// Has the poller mark `device`'s writes in `log` (or stop, for `None`) from its next
+    /// request on; returns once it does.
+    pub fn set_log(&self, device: DeviceKey, log: Option<Arc<DirtyLog>>) {
+        let (done, wait) = mpsc::sync_channel(1);
+        self.send(Command::SetLog { device, log, done });
+        // The poller answers within one pass of its loop; it is gone only at shutdown.
+        let _ = wait.recv();
     }
 
     /// A guest kicked one of this poller's queues: wake it if it sleeps. While it polls,

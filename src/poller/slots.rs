@@ -198,6 +198,18 @@ impl SlotTable {
         mem
     }
 
+    /// The request returns data in its buffers (a read): they are guest memory written.
+    #[inline]
+    pub fn returns_data(&self, tag: Tag) -> bool {
+        self.slots[tag as usize].used_len > 1
+    }
+
+    /// The memory snapshot the request's iovecs point into.
+    #[inline]
+    pub fn mem_of(&self, tag: Tag) -> Option<&MemSnapshot> {
+        self.slots[tag as usize].mem.as_ref()
+    }
+
     #[inline]
     pub fn queue_of(&self, tag: Tag) -> usize {
         usize::from(self.slots[tag as usize].queue)

@@ -22,11 +22,12 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use super::dirty;
 use super::slots::{SlotTable, Tag};
 use super::warm::Warm;
 use super::{Command, DeviceKey, DeviceShared, PollMode, Shared, Vring};
 use crate::bdev::{Channel, IoChannel, Target};
-use crate::mem::{GuestMemoryAtomic, HostMap, MemSnapshot};
+use crate::mem::{DirtyLog, GuestMemoryAtomic, HostMap, MemSnapshot};
 use crate::virtio_blk::chain::DESC_SIZE;
 use crate::virtio_blk::inflight::InflightQueue;
 use crate::virtio_blk::ring::SplitRing;
@@ -57,6 +58,8 @@ struct Device {
     /// What the device's operations tell a channel shared with other devices.
     target: Target,
     queues: usize,
+    /// The dirty log of a live migration, while the frontend has logging on.
+    log: Option<Arc<DirtyLog>>,
 }
 
 /// An I/O channel of this poller, serving one device or several (namespaces of one NVMe
@@ -364,6 +367,10 @@ impl Worker {
                     snapshot,
                 ) {
                     Some((head, c)) => {
+                        if let Some(log) = &dev.log {
+                            let data = (c.used_len > 1).then(|| slots.iov(tag));
+                            dirty::request(log, snapshot, data, c.status_addr);
+                        }
                         slots.free(tag);
                         Some((head, write_status(map, snapshot, c)))
                     }
@@ -377,7 +384,12 @@ impl Worker {
                     slots.free(tag);
                     // The status address was checked by the parser.
                     let len = match rej.status {
-                        Some(addr) => u32::from(map.write_u8(addr.0, rej.error.status() as u8)),
+                        Some(addr) => {
+                            if let Some(log) = &dev.log {
+                                dirty::request(log, snapshot, None, addr);
+                            }
+                            u32::from(map.write_u8(addr.0, rej.error.status() as u8))
+                        }
                         None => 0,
                     };
                     Some((rej.head, len))
@@ -401,6 +413,9 @@ impl Worker {
         queue.set_next_avail(next.0);
         if used != old_used {
             queue.set_next_used(used.0);
+            if let Some(log) = &dev.log {
+                dirty::used_ring(log, queue);
+            }
             let notify = ring.publish_used(old_used, used);
             if let Some(inflight) = &mut q.inflight {
                 inflight.published(used.0);
@@ -466,6 +481,10 @@ impl Worker {
                 }
                 let head = self.slots.head_of(tag);
                 let c = self.slots.finish(tag);
+                if let (Some(log), Some(mem)) = (&dev.log, self.slots.mem_of(tag)) {
+                    let data = self.slots.returns_data(tag).then(|| self.slots.iov(tag));
+                    dirty::request(log, mem, data, c.status_addr);
+                }
                 let Some(mem) = self.slots.release(tag) else {
                     continue;
                 };
@@ -485,6 +504,9 @@ impl Worker {
             }
             if let Some(r) = ring.filter(|_| used != old_used) {
                 queue.set_next_used(used.0);
+                if let Some(log) = &dev.log {
+                    dirty::used_ring(log, queue);
+                }
                 let notify = r.publish_used(old_used, used);
                 if let Some(inflight) = &mut q.inflight {
                     inflight.published(used.0);
@@ -542,6 +564,9 @@ impl Worker {
         let Some(ring) = fresh_ring(&mut q.ring, d, queue) else {
             return false;
         };
+        if let Some(log) = &d.log {
+            dirty::used_ring(log, queue); // avail_event or the flags
+        }
         if enable {
             ring.enable_kicks(Wrapping(queue.next_avail()))
         } else {

@@ -27,6 +27,12 @@
 //!
 //! The stores are volatile: the compiler keeps their order, and the next process reads the
 //! region only after this one is gone, when every store it executed is visible.
+//!
+//! After the queue areas, vubd keeps a small device area of its own (the region's size is
+//! the backend's to choose; the frontend only keeps the file): the guest's write cache mode
+//! (CONFIG_WCE), which the frontend caches and never sends again on a reconnect, so that a
+//! restarted vubd keeps honouring it. A region without that area (made by another backend)
+//! is still used for its queues.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -53,6 +59,14 @@ const OFF_USED_IDX: usize = 14;
 const DESC_INFLIGHT: usize = 0;
 const DESC_NEXT: usize = 6;
 const DESC_COUNTER: usize = 8;
+
+/// The device area after the queue areas: a magic number, then the write cache mode.
+const DEVICE_AREA: usize = 64;
+const DEVICE_MAGIC: u64 = u64::from_le_bytes(*b"vubd-dev");
+const OFF_WRITEBACK: usize = 8;
+/// Values of the write cache byte (0: not recorded).
+const WRITETHROUGH: u8 = 1;
+const WRITEBACK: u8 = 2;
 
 /// Largest queue the region describes (virtio 1.2 §2.7: 32768 for split rings).
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -100,7 +114,7 @@ impl InflightRegion {
     /// A new, zeroed region in a memfd (GET_INFLIGHT_FD).
     pub fn create(num_queues: u16, queue_size: u16) -> Result<Self, InflightError> {
         check_shape(num_queues, queue_size)?;
-        let size = queue_area_size(queue_size) * usize::from(num_queues);
+        let size = queue_area_size(queue_size) * usize::from(num_queues) + DEVICE_AREA;
         // SAFETY: a NUL-terminated name and valid flags; the result is checked.
         let fd = unsafe { libc::memfd_create(c"vubd-inflight".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
@@ -125,16 +139,23 @@ impl InflightRegion {
         if size < need {
             return Err(InflightError::TooSmall { size, offset, need });
         }
+        // The device area too, when the region has room for it (one vubd made).
+        let with_device = need + DEVICE_AREA as u64;
+        let len = if size >= with_device {
+            with_device
+        } else {
+            need
+        };
         // A mapping past the end of the file would fault when touched.
         let file_len = file.metadata().map_err(InflightError::Create)?.len();
-        let end = offset.saturating_add(need);
+        let end = offset.saturating_add(len);
         if file_len < end {
             return Err(InflightError::ShortFile {
                 file: file_len,
                 end,
             });
         }
-        Self::map(file, offset, need as usize, num_queues, queue_size)
+        Self::map(file, offset, len as usize, num_queues, queue_size)
     }
 
     fn map(
@@ -180,6 +201,46 @@ impl InflightRegion {
 
     pub fn queue_size(&self) -> u16 {
         self.queue_size
+    }
+
+    /// Where the device area is, if the region has one.
+    fn device_area(&self) -> Option<*mut u8> {
+        let queues = queue_area_size(self.queue_size) * usize::from(self.num_queues);
+        (self.map.size() >= queues + DEVICE_AREA).then(|| self.map.as_ptr().wrapping_add(queues))
+    }
+
+    /// The guest's write cache mode as an earlier process recorded it (`Some(true)`:
+    /// write-back), `None` when none did.
+    pub fn writeback(&self) -> Option<bool> {
+        let area = self.device_area()?;
+        // SAFETY: the device area lies inside the mapping (checked in `device_area`), 64-byte
+        // aligned; another process may have written it, so read volatile.
+        let (magic, mode) = unsafe {
+            (
+                area.cast::<u64>().read_volatile(),
+                area.add(OFF_WRITEBACK).read_volatile(),
+            )
+        };
+        match (magic == DEVICE_MAGIC, mode) {
+            (true, WRITETHROUGH) => Some(false),
+            (true, WRITEBACK) => Some(true),
+            _ => None,
+        }
+    }
+
+    /// Records the guest's write cache mode for the next process; false when the region has
+    /// no device area.
+    pub fn set_writeback(&self, writeback: bool) -> bool {
+        let Some(area) = self.device_area() else {
+            return false;
+        };
+        let mode = if writeback { WRITEBACK } else { WRITETHROUGH };
+        // SAFETY: as in `writeback`; the control plane is the only writer of this area.
+        unsafe {
+            area.add(OFF_WRITEBACK).write_volatile(mode);
+            area.cast::<u64>().write_volatile(DEVICE_MAGIC);
+        }
+        true
     }
 
     /// The area of queue `q`, for a ring of `ring_size` entries; `None` when the region has

@@ -56,6 +56,12 @@ impl Worker {
                         d.refresh_map();
                     }
                 }
+                Command::SetLog { device, log, done } => {
+                    if let Some(d) = self.devices.iter_mut().flatten().find(|d| d.key == device) {
+                        d.log = log;
+                    }
+                    let _ = done.send(());
+                }
                 Command::Stop => {
                     self.stopping = true;
                     for q in self.queues.iter_mut().flatten() {
@@ -157,6 +163,7 @@ impl Worker {
                     channel,
                     target: a.disk.target(),
                     queues: 0,
+                    log: a.log.clone(),
                 });
                 i
             }

@@ -61,7 +61,8 @@ fn shapes_and_sizes_that_cannot_hold_the_queues_are_refused() {
     assert!(InflightRegion::create(1, MAX_QUEUE_SIZE + 1).is_err());
     let r = InflightRegion::create(QUEUES, SIZE).expect("create");
     let file = || r.file().try_clone().expect("dup");
-    let too_small = InflightRegion::adopt(file(), 0, r.size() - 1, QUEUES, SIZE);
+    let queues = (queue_area_size(SIZE) * usize::from(QUEUES)) as u64;
+    let too_small = InflightRegion::adopt(file(), 0, queues - 1, QUEUES, SIZE);
     assert!(matches!(too_small, Err(InflightError::TooSmall { .. })));
     let past_end = InflightRegion::adopt(file(), 64, r.size(), QUEUES, SIZE);
     assert!(matches!(past_end, Err(InflightError::ShortFile { .. })));
@@ -71,6 +72,24 @@ fn shapes_and_sizes_that_cannot_hold_the_queues_are_refused() {
         r.queue(0, SIZE * 2).is_none(),
         "a ring larger than the area"
     );
+}
+
+#[test]
+fn the_write_cache_mode_outlives_the_process_that_recorded_it() {
+    let r = InflightRegion::create(QUEUES, SIZE).expect("create");
+    assert_eq!(r.writeback(), None, "nothing recorded yet");
+    assert!(r.set_writeback(false));
+    let again = |size| {
+        let file = r.file().try_clone().expect("dup");
+        InflightRegion::adopt(file, 0, size, QUEUES, SIZE).expect("adopt")
+    };
+    assert_eq!(again(r.size()).writeback(), Some(false));
+    assert!(again(r.size()).set_writeback(true));
+    assert_eq!(r.writeback(), Some(true));
+    // A region laid out by another backend: queue areas only.
+    let queues_only = again((queue_area_size(SIZE) * usize::from(QUEUES)) as u64);
+    assert_eq!(queues_only.writeback(), None);
+    assert!(!queues_only.set_writeback(false));
 }
 
 #[test]

@@ -1,0 +1,189 @@
+//! The dirty page log of a live migration (vhost-user "Migration": VHOST_F_LOG_ALL with
+//! LOG_SHMFD, the log given by SET_LOG_BASE): one bit per 4 KiB page of guest physical
+//! address space, set by the backend for every page it writes, read and cleared by the
+//! frontend (which then sends those pages again).
+//!
+//! Bits are set with an atomic OR on their byte, as the frontend clears whole words with an
+//! atomic exchange while the backend runs. Relaxed ordering is enough: the poller publishes a
+//! request's used index behind a release fence, and the frontend reads the log for the last
+//! time only after it stopped the rings.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use thiserror::Error;
+use vm_memory::{
+    FileOffset, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, MmapRegion,
+};
+
+use super::GuestMemory;
+
+/// Bytes of guest memory one bit of the log stands for (`VHOST_LOG_PAGE`).
+pub const LOG_PAGE: u64 = 0x1000;
+
+/// Why a log could not be used.
+#[derive(Debug, Error)]
+pub enum DirtyLogError {
+    #[error(
+        "dirty log of {size} bytes at offset {offset} is empty or past the end of its file ({file} bytes)"
+    )]
+    BadSize { size: u64, offset: u64, file: u64 },
+    #[error("cannot read the size of the dirty log file")]
+    Stat(#[source] std::io::Error),
+    #[error("cannot duplicate the dirty log file")]
+    Dup(#[source] std::io::Error),
+    #[error("cannot map the dirty log")]
+    Map(#[source] vm_memory::mmap::MmapRegionError),
+}
+
+/// A mapped dirty page log.
+#[derive(Debug)]
+pub struct DirtyLog {
+    map: MmapRegion<()>,
+}
+
+impl DirtyLog {
+    /// Maps `size` bytes at `offset` of `file`, refusing a range the file does not hold (a
+    /// mapping past its end would fault when a bit is set).
+    pub fn new(file: &File, offset: u64, size: u64) -> Result<Self, DirtyLogError> {
+        let file_len = file.metadata().map_err(DirtyLogError::Stat)?.len();
+        let bad = || DirtyLogError::BadSize {
+            size,
+            offset,
+            file: file_len,
+        };
+        let end = offset.checked_add(size).ok_or_else(bad)?;
+        let len = usize::try_from(size).map_err(|_| bad())?;
+        if size == 0 || end > file_len {
+            return Err(bad());
+        }
+        let dup = file.try_clone().map_err(DirtyLogError::Dup)?;
+        let map = MmapRegion::build(
+            Some(FileOffset::new(dup, offset)),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+        .map_err(DirtyLogError::Map)?;
+        Ok(Self { map })
+    }
+
+    /// Guest physical bytes the log covers.
+    pub fn covers(&self) -> u64 {
+        (self.map.size() as u64).saturating_mul(8 * LOG_PAGE)
+    }
+
+    /// Marks the pages of guest range `gpa..gpa + len` dirty. Pages past what the log covers
+    /// are not guest memory the frontend migrates; they are ignored.
+    #[inline]
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa / LOG_PAGE;
+        let last = gpa.saturating_add(len - 1) / LOG_PAGE;
+        let bytes = self.map.size() as u64;
+        for page in first..=last {
+            let byte = page / 8;
+            if byte >= bytes {
+                break;
+            }
+            // SAFETY: `byte` is inside the mapping (checked above), which lives as long as
+            // `self`; the frontend shares the byte, so it is only touched atomically.
+            let cell = unsafe { AtomicU8::from_ptr(self.map.as_ptr().add(byte as usize)) };
+            cell.fetch_or(1 << (page % 8), Ordering::Relaxed);
+        }
+    }
+
+    /// Marks the guest pages behind host buffer `host..host + len` of `mem` (a buffer that a
+    /// request's iovec points at). A buffer outside `mem` is ignored.
+    pub fn mark_host(&self, mem: &GuestMemory, host: *const u8, len: usize) {
+        let addr = host as usize;
+        for r in mem.iter() {
+            let Ok(base) = r.get_host_address(MemoryRegionAddress(0)) else {
+                continue;
+            };
+            let off = addr.wrapping_sub(base as usize);
+            if (off as u64) < r.len() {
+                self.mark(r.start_addr().0 + off as u64, len as u64);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+    use vm_memory::GuestAddress;
+
+    fn memfd(len: u64) -> File {
+        // SAFETY: a NUL-terminated name; the result is checked before use.
+        let fd = unsafe { libc::memfd_create(c"vubd-test-log".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` was just created and nothing else owns it.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(len).expect("size");
+        f
+    }
+
+    fn bits(log: &DirtyLog) -> Vec<u64> {
+        let mut pages = Vec::new();
+        for byte in 0..log.map.size() {
+            // SAFETY: inside the mapping.
+            let b = unsafe { log.map.as_ptr().add(byte).read_volatile() };
+            for bit in 0..8 {
+                if b & (1 << bit) != 0 {
+                    pages.push(byte as u64 * 8 + bit);
+                }
+            }
+        }
+        pages
+    }
+
+    #[test]
+    fn marks_every_page_a_range_touches_and_nothing_else() {
+        let log = DirtyLog::new(&memfd(64), 0, 64).expect("log");
+        log.mark(0x1fff, 2); // the last byte of page 1 and the first of page 2
+        log.mark(9 * LOG_PAGE, LOG_PAGE); // exactly page 9
+        log.mark(20 * LOG_PAGE + 5, 0); // nothing
+        assert_eq!(bits(&log), vec![1, 2, 9]);
+    }
+
+    #[test]
+    fn pages_beyond_the_log_are_ignored() {
+        let log = DirtyLog::new(&memfd(2), 0, 2).expect("log");
+        assert_eq!(log.covers(), 16 * LOG_PAGE);
+        log.mark(15 * LOG_PAGE, 10 * LOG_PAGE);
+        log.mark(u64::MAX - 10, 100);
+        assert_eq!(bits(&log), vec![15]);
+    }
+
+    #[test]
+    fn a_log_its_file_does_not_hold_is_refused() {
+        let f = memfd(4096);
+        assert!(DirtyLog::new(&f, 0, 0).is_err());
+        assert!(DirtyLog::new(&f, 4096, 1).is_err());
+        assert!(DirtyLog::new(&f, 0, 8192).is_err());
+        assert!(DirtyLog::new(&f, u64::MAX, 2).is_err());
+        assert!(DirtyLog::new(&f, 0, 4096).is_ok());
+    }
+
+    #[test]
+    fn host_buffers_are_marked_at_their_guest_address() {
+        let mem = GuestMemory::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x100000), 0x10000),
+        ])
+        .expect("mem");
+        let region = mem.find_region(GuestAddress(0x100000)).expect("region");
+        let host = region
+            .get_host_address(MemoryRegionAddress(0x3000))
+            .expect("host");
+        let log = DirtyLog::new(&memfd(64), 0, 64).expect("log");
+        log.mark_host(&mem, host, 0x1001);
+        log.mark_host(&mem, std::ptr::null(), 10);
+        assert_eq!(bits(&log), vec![0x103, 0x104]);
+    }
+}

@@ -1,0 +1,270 @@
+//! Image locks as QEMU's tools see them: vubd locks the bytes QEMU's `file-posix` driver does,
+//! so qemu-io and qemu-img (Debian's qemu-utils) find an image vubd serves in use, and vubd
+//! finds an image they hold; a second vubd is refused unless it starts `--incoming`. These
+//! always run vubd, whatever `VUBD_TEST_BACKEND` says.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::daemon::{Daemon, DaemonConfig, Exit, run_vubd, wait_bounded};
+use common::{Image, TIMEOUT};
+use vubd::bdev::lock::{PERM_BASE, SHARED_BASE, locked_by_other};
+
+const MIB: u64 = 1 << 20;
+
+/// Runs one of QEMU's tools to completion, bounded in time.
+fn qemu_tool(program: &str, args: &[&OsStr]) -> Output {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {program} (Debian package qemu-utils): {e}"));
+    // The outputs are a few lines: the pipes cannot fill before the tool exits.
+    if wait_bounded(&mut child).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{program} {args:?} still running after {TIMEOUT:?}");
+    }
+    child.wait_with_output().expect("collect output")
+}
+
+/// `qemu-io -f raw ARGS IMAGE -c quit`: opens the image as QEMU would (for writing unless
+/// `-r`), then exits.
+fn qemu_io_opens(image: &Path, args: &[&str]) -> Output {
+    let mut all: Vec<&OsStr> = vec!["-f".as_ref(), "raw".as_ref()];
+    all.extend(args.iter().map(OsStr::new));
+    all.extend([OsStr::new("-c"), OsStr::new("quit"), image.as_os_str()]);
+    qemu_tool("qemu-io", &all)
+}
+
+/// The lock bytes (100-103, 200-203) some process holds on `image`, seen from a new open.
+fn locked_bytes(image: &Path) -> Vec<u64> {
+    let f = File::open(image).expect("open image");
+    (PERM_BASE..PERM_BASE + 4)
+        .chain(SHARED_BASE..SHARED_BASE + 4)
+        .filter(|&b| locked_by_other(f.as_fd(), b).expect("F_OFD_GETLK"))
+        .collect()
+}
+
+/// Asserts a failed run whose stderr says `message`.
+#[track_caller]
+fn assert_refused(out: &Output, message: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(message),
+        "expected a failure saying {message:?}, got {}; stderr:\n{stderr}",
+        out.status
+    );
+}
+
+#[track_caller]
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}; stderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts that vubd stopped at startup with status 2 and one line naming the image and the
+/// conflict.
+#[track_caller]
+fn assert_in_use(exit: &Exit, image: &Path, conflict: &str) {
+    let lines: Vec<&str> = exit.stderr.lines().collect();
+    assert!(
+        exit.status.code() == Some(2) && lines.len() == 1,
+        "expected status 2 and one line, got {}:\n{}",
+        exit.status,
+        exit.stderr
+    );
+    let expected = format!(
+        "image {} is in use by another process ({conflict})",
+        image.display()
+    );
+    assert!(lines[0].contains(&expected), "{}", lines[0]);
+}
+
+fn vubd_args<'a>(socket: &'a Path, image: &'a Path, extra: &[&'a str]) -> Vec<&'a OsStr> {
+    let mut args: Vec<&OsStr> = vec![
+        "--socket-path".as_ref(),
+        socket.as_os_str(),
+        "--disk".as_ref(),
+        image.as_os_str(),
+    ];
+    args.extend(extra.iter().map(|&a| OsStr::new(a)));
+    args
+}
+
+/// `qemu-io -f raw IMAGE` kept running with its stdin open: it holds the image for writing
+/// (consistent read and write, bytes 100 and 101) until dropped.
+struct QemuIoHolding {
+    child: Child,
+}
+
+impl QemuIoHolding {
+    fn start(image: &Path) -> Self {
+        let child = Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .arg(image)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run qemu-io (Debian package qemu-utils): {e}"));
+        let mut holding = QemuIoHolding { child };
+        let deadline = Instant::now() + TIMEOUT;
+        while !locked_bytes(image).contains(&(PERM_BASE + 1)) {
+            if let Some(status) = holding.child.try_wait().expect("poll qemu-io") {
+                panic!("qemu-io exited with {status} before locking the image");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "qemu-io did not lock the image within {TIMEOUT:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        holding
+    }
+}
+
+impl Drop for QemuIoHolding {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn qemu_tools_find_an_image_vubd_serves_in_use_unless_they_force_sharing() {
+    let image = Image::new(MIB);
+    let _vubd = Daemon::vubd(&image, &DaemonConfig::default(), &[]);
+    assert_eq!(locked_bytes(image.path()), [100, 101, 201, 203]);
+
+    // QEMU opening the image for writing: vubd refuses writes by others.
+    assert_refused(
+        &qemu_io_opens(image.path(), &[]),
+        "Failed to get \"write\" lock",
+    );
+    // A copy with consistent reads: vubd writes, so the source is not stable.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("copy.img");
+    let convert = |force_share: bool| {
+        let mut args: Vec<&OsStr> = vec!["convert".as_ref()];
+        if force_share {
+            args.push("-U".as_ref());
+        }
+        args.extend(["-f", "raw", "-O", "raw"].map(OsStr::new));
+        args.extend([image.path().as_os_str(), copy.as_os_str()]);
+        qemu_tool("qemu-img", &args)
+    };
+    assert_refused(&convert(false), "Failed to get shared \"write\" lock");
+    // With -U (force share) QEMU's tools take no locks and go ahead.
+    assert_ok(&convert(true));
+    assert_ok(&qemu_tool(
+        "qemu-img",
+        &["info".as_ref(), "-U".as_ref(), image.path().as_os_str()],
+    ));
+    // A reader that shares everything (qemu-io -r) does not conflict with vubd.
+    assert_ok(&qemu_io_opens(image.path(), &["-r"]));
+}
+
+#[test]
+fn vubd_refuses_to_start_on_an_image_qemu_holds_for_writing() {
+    let image = Image::new(MIB);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("sock");
+    let qemu = QemuIoHolding::start(image.path());
+
+    let exit = run_vubd(&vubd_args(&socket, image.path(), &[]));
+    assert_in_use(&exit, image.path(), "it holds the \"write\" permission");
+    assert!(exit.stderr.contains("--incoming"), "{}", exit.stderr);
+    // A read-only disk must not change under its guest either.
+    let exit = run_vubd(&vubd_args(&socket, image.path(), &["--readonly"]));
+    assert_in_use(&exit, image.path(), "it holds the \"write\" permission");
+
+    drop(qemu);
+    let _vubd = Daemon::vubd(&image, &DaemonConfig::default(), &[]);
+}
+
+#[test]
+fn a_second_vubd_is_refused_and_an_incoming_one_starts_beside_the_first() {
+    let image = Image::new(MIB);
+    let mut first = Daemon::vubd(&image, &DaemonConfig::default(), &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("sock");
+    let exit = run_vubd(&vubd_args(&socket, image.path(), &[]));
+    assert_in_use(&exit, image.path(), "it holds the \"write\" permission");
+
+    let mut incoming = Daemon::vubd(&image, &DaemonConfig::default(), &["--incoming".as_ref()]);
+    first.assert_running();
+    let mut client = first.connect(1);
+    client.queue(0).write(0, &[0x5a; 512]);
+    assert_eq!(
+        image.read_host(0, 512),
+        [0x5a; 512],
+        "the first still serves"
+    );
+    drop(client);
+
+    // Alone, the incoming vubd holds consistent read only and shares everything, as QEMU's
+    // tools see: they may write the image.
+    first.terminate();
+    assert_eq!(locked_bytes(image.path()), [100]);
+    assert_ok(&qemu_io_opens(image.path(), &[]));
+    incoming.assert_running();
+}
+
+#[test]
+fn a_vubd_restarted_as_soon_as_the_last_one_exits_takes_the_image() {
+    // The first one's io_uring ring keeps its image open for a while after it exits: its
+    // locks must go with it regardless.
+    let image = Image::new(MIB);
+    for round in 0..3u8 {
+        let mut vubd = Daemon::vubd(&image, &DaemonConfig::default(), &[]);
+        let mut client = vubd.connect(1);
+        client.queue(0).write(0, &[round; 512]);
+        drop(client);
+        vubd.terminate();
+    }
+    assert_eq!(image.read_host(0, 512), [2; 512]);
+}
+
+#[test]
+fn incoming_is_a_device_key_too() {
+    let image = Image::new(MIB);
+    let _first = Daemon::vubd(&image, &DaemonConfig::default(), &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("sock");
+    let device = |incoming: &str| {
+        format!(
+            "socket={},disk={},incoming={incoming}",
+            socket.display(),
+            image.path().display()
+        )
+    };
+    let off = device("off");
+    let exit = run_vubd(&["--incoming".as_ref(), "--device".as_ref(), off.as_ref()]);
+    assert_in_use(&exit, image.path(), "it holds the \"write\" permission");
+    assert!(
+        exit.stderr
+            .starts_with(&format!("vubd: --device {off:?}: ")),
+        "{}",
+        exit.stderr
+    );
+    let on = device("on");
+    let args: [&OsStr; 2] = ["--device".as_ref(), on.as_ref()];
+    let mut cmd = common::daemon::vubd_command();
+    cmd.args(args);
+    let mut second = Daemon::vubd_from(cmd, &socket);
+    second.assert_running();
+}
