@@ -11,16 +11,19 @@
 //! 2. Once the guest has made a pass, vubd B serves the same image on socket B, the
 //!    destination QEMU starts with the disk on B and `-incoming defer`, and over QMP the
 //!    destination listens (`migrate-incoming`) and the source migrates to it (`migrate`, with
-//!    a high `max-bandwidth` and a `downtime-limit` so that a TCG guest converges), polled
-//!    with `query-migrate` until `completed`, bounded in time. The source QEMU is then told to
-//!    `quit` and vubd A is stopped (exit status 0).
+//!    a [`MAX_BANDWIDTH`] that makes the copy of memory last a few seconds of guest I/O and a
+//!    `downtime-limit`), polled with `query-migrate` until `completed`, bounded in time. The
+//!    source QEMU is then told to `quit` and vubd A is stopped (exit status 0).
 //! 3. The guest goes on on the destination (its console, the serial port, moves with it: each
 //!    QEMU's console is a file of its own) for a few more passes, each of which checks every
 //!    buffer the reads filled. The host then writes `end` on the guest's second serial port
 //!    (a unix socket of the QEMU it is on); migcheck reads every block back, flushes, and
 //!    prints a digest of every block's last generation.
 //! 4. vubd B is stopped (exit status 0) and the host checks that the image holds the guest's
-//!    last data: each block a valid generation of itself, and the guest's digest.
+//!    last data: each block a valid generation of itself, and the guest's digest; and that no
+//!    frontend lost its backend on the way (QEMU printed nothing, each vubd served one
+//!    session: QEMU reconnects, `reconnect=1`, and a guest may survive a backend that drops
+//!    the connection at `SET_LOG_BASE`, but its disk then did no I/O during the migration).
 //!
 //! Why the reads find a lost page: vubd's reads write guest memory behind QEMU's back, so
 //! only vubd's marks in the dirty log (`VHOST_F_LOG_ALL`, `SET_LOG_BASE`) make the migration
@@ -28,11 +31,12 @@
 //! written by the guest's processor since (migcheck never writes its read buffers), holds its
 //! previous contents on the destination; the check after the pass sees them.
 //! `live_migration_with_the_dirty_log_ignored_loses_pages_the_guest_sees` shows it: the same
-//! run with a vubd that offers the log but marks nothing must fail.
+//! run with a vubd that offers the log but marks nothing must fail (ignored until vubd can be
+//! told to; see the test).
 //!
 //! Knobs (environment):
-//! - `VUBD_MIGRATION_LONG=1`: migrate back and forth [`LONG_MIGRATIONS`] times (A to B, then
-//!   B to a new vubd A, ...) instead of once.
+//! - `VUBD_TEST_LONG=1` (`tests/run.sh --long`): migrate back and forth [`LONG_MIGRATIONS`]
+//!   times (A to B, then B to a new vubd A, ...) instead of once.
 //! - `VUBD_MIGRATION_VUBD=PATH`: the vubd executable both sides run, instead of this build's
 //!   (a build with the dirty log's marks removed, say).
 //! - `VUBD_TEST_BACKEND=qemu-storage-daemon`: both sides are qemu-storage-daemon (whose
@@ -42,8 +46,8 @@
 //! The destination's backend starts with [`DESTINATION_ARGS`], the one place for the options
 //! that make a backend the incoming side of a migration. On a machine with two cores and other
 //! guests running, a run takes about 30 s (the guest boots and writes its blocks in about
-//! 15 s, a migration of its 256 MiB takes about a second), the long variant under a minute;
-//! each step is bounded and says what it waited for.
+//! 15 s, a migration of its 256 MiB takes about 3 s), the long variant about a minute; each
+//! step is bounded and says what it waited for.
 
 mod common;
 
@@ -68,17 +72,18 @@ use common::lab::{
 use common::qmp::Qmp;
 use serde_json::{Value, json};
 
-/// Extra arguments of the destination's vubd: the incoming side of a migration.
-// With the image locks, `--incoming`: the destination takes the write lock when its frontend
-// starts the rings, after the source has let go of them.
-const DESTINATION_ARGS: &[&str] = &[];
+/// Extra arguments of the destination's vubd: the incoming side of a migration. With
+/// `--incoming` it opens the image without the write permission, beside the source's vubd,
+/// and takes the permission when its frontend starts the rings, after the source's frontend
+/// stopped them (and the source's vubd gave the permission up).
+const DESTINATION_ARGS: &[&str] = &["--incoming"];
 
 /// The environment under which a vubd offers the dirty log but marks no page in it.
 const IGNORE_DIRTY_LOG_ENV: (&str, &str) = ("VUBD_TEST_IGNORE_DIRTY_LOG", "1");
 
-const LONG_ENV: &str = "VUBD_MIGRATION_LONG";
+const LONG_ENV: &str = "VUBD_TEST_LONG";
 const VUBD_ENV: &str = "VUBD_MIGRATION_VUBD";
-/// Migrations with `VUBD_MIGRATION_LONG=1`: A to B, B to A, and so on.
+/// Migrations with `VUBD_TEST_LONG=1`: A to B, B to A, and so on.
 const LONG_MIGRATIONS: usize = 4;
 
 const DISK_BYTES: u64 = 64 << 20;
@@ -92,8 +97,12 @@ const GUEST_MEMORY: &str = "256M";
 const GUEST_CPUS: &str = "2";
 
 /// QMP `migrate-set-parameters`: bytes per second, and the longest pause of the guest the
-/// last stage may take. A TCG guest dirties memory slowly, but a busy machine sends slowly.
-const MAX_BANDWIDTH: u64 = 4 << 30;
+/// last stage may take. The guest under TCG dirties a few MiB/s, so the migration converges
+/// at this bandwidth; it is low enough that the first copy of its memory (about 90 MiB that
+/// are not zero) takes a few seconds, during which the guest's reads fill buffers the copy
+/// has already sent: unlimited, the copy takes a tenth of a second and the guest may complete
+/// no read in it, so that a backend that ignores the dirty log would go unseen.
+const MAX_BANDWIDTH: u64 = 32 << 20;
 const DOWNTIME_LIMIT_MS: u64 = 1000;
 
 /// Upper bound of each QEMU's life (run-guest.sh stops it after that).
@@ -440,8 +449,10 @@ fn migrate(from: &mut Vm, to: &mut Vm, uri_path: &Path) -> MigrationStats {
 
 /// Everything a run left for the checks.
 struct Run {
-    /// Each QEMU's console, in the order they ran the guest.
+    /// Each QEMU's console (with QEMU's own messages), in the order they ran the guest.
     consoles: Vec<String>,
+    /// What each backend printed, in the same order.
+    backend_outputs: Vec<String>,
     /// How the last QEMU's `run-guest.sh` ended: 0 when the guest passed.
     last_status: ExitStatus,
     stats: Vec<MigrationStats>,
@@ -473,6 +484,7 @@ fn run(backend: &Backend, count: usize) -> Run {
     );
 
     let mut consoles = Vec::new();
+    let mut backend_outputs = Vec::new();
     let mut stats = Vec::new();
     for n in 1..=count {
         let socket = &sockets[n % 2];
@@ -504,6 +516,7 @@ fn run(backend: &Backend, count: usize) -> Run {
         );
         consoles.push(console);
         let status = daemon.terminate();
+        backend_outputs.push(daemon.output());
         assert!(
             status.success(),
             "the source's backend exited with {status}"
@@ -519,9 +532,11 @@ fn run(backend: &Backend, count: usize) -> Run {
     let last_status = vm.wait_exit(END_LIMIT);
     consoles.push(vm.console());
     let status = daemon.terminate();
+    backend_outputs.push(daemon.output());
     assert!(status.success(), "the last backend exited with {status}");
     Run {
         consoles,
+        backend_outputs,
         last_status,
         stats,
         image,
@@ -554,10 +569,43 @@ fn check_image(image: &Path, guest_digest: &str) {
     );
 }
 
+/// How QEMU's own messages (on its standard error, in the console log) start.
+const QEMU_MESSAGE: &str = "qemu-system-x86_64:";
+
+/// Each frontend kept its connection to its backend for its whole life: QEMU printed nothing
+/// (a refused vhost-user message or a lost connection shows there), and each vubd served
+/// exactly one frontend session. QEMU reconnects to a backend that dropped the connection
+/// (`reconnect=1`) and the guest may not notice, but a device that was disconnected while
+/// the memory was copied did no I/O then, and the run proves nothing.
+fn check_sessions(run: &Run, backend: &Backend) {
+    for (n, console) in run.consoles.iter().enumerate() {
+        let said: Vec<&str> = console
+            .lines()
+            .filter(|l| l.starts_with(QEMU_MESSAGE))
+            .collect();
+        assert!(said.is_empty(), "vm{n}: QEMU said {said:#?}");
+    }
+    if matches!(backend, Backend::Vubd { .. }) {
+        for (n, output) in run.backend_outputs.iter().enumerate() {
+            let sessions = output
+                .lines()
+                .filter(|l| l.contains("frontend connected"))
+                .count();
+            assert_eq!(
+                sessions, 1,
+                "the backend of vm{n} served {sessions} frontend sessions, not one:\n{output}"
+            );
+        }
+    }
+}
+
 fn echo(run: &Run) {
     for (n, console) in run.consoles.iter().enumerate() {
         eprintln!("---- vm{n} ----");
-        echo_lines(console, &["MIGCHECK-", "migration:", "GUEST-RESULT"]);
+        echo_lines(
+            console,
+            &["MIGCHECK-", "migration:", "GUEST-RESULT", QEMU_MESSAGE],
+        );
     }
 }
 
@@ -565,8 +613,10 @@ fn echo(run: &Run) {
 fn live_migration_between_two_backends_keeps_every_block_the_guest_wrote_and_read() {
     let started = Instant::now();
     let count = migrations();
-    let run = run(&Backend::selected(), count);
+    let backend = Backend::selected();
+    let run = run(&backend, count);
     echo(&run);
+    check_sessions(&run, &backend);
     let all = run.consoles.join("\n");
     assert!(
         !all.contains("MIGCHECK-FAIL"),
@@ -595,7 +645,11 @@ fn live_migration_between_two_backends_keeps_every_block_the_guest_wrote_and_rea
     );
 }
 
+/// Run by hand until vubd has [`IGNORE_DIRTY_LOG_ENV`]: with `VUBD_MIGRATION_VUBD` naming a
+/// vubd built with the marks removed (`src/poller/dirty.rs` marking nothing),
+/// `cargo test --test migration_lab -- --ignored`.
 #[test]
+#[ignore = "needs a vubd that offers the dirty log and marks nothing (VUBD_MIGRATION_VUBD)"]
 fn live_migration_with_the_dirty_log_ignored_loses_pages_the_guest_sees() {
     let backend = Backend::Vubd {
         program: vubd_program(),
@@ -606,6 +660,7 @@ fn live_migration_with_the_dirty_log_ignored_loses_pages_the_guest_sees() {
     };
     let run = run(&backend, 1);
     echo(&run);
+    check_sessions(&run, &backend);
     let destination = &run.consoles[1];
     let lost: Vec<&str> = destination
         .lines()
