@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
@@ -28,8 +28,8 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::bdev::Disk;
 use crate::bdev::nvme_pcie::GuestDma;
 use crate::mem::{DirtyLog, GuestMemoryAtomic};
-use crate::poller::{DeviceKey, DeviceShared, PollerHandle, QueueAttach, Vring};
-use crate::virtio_blk::config::{self, BlkConfig, WRITEBACK_OFFSET};
+use crate::poller::{Detaching, DeviceKey, DeviceShared, PollerHandle, QueueAttach, Vring};
+use crate::virtio_blk::config::{self, BlkConfig, WRITEBACK_OFFSET, WriteCache};
 use crate::virtio_blk::inflight::{InflightQueue, InflightRegion};
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
 
@@ -86,6 +86,10 @@ impl LogState {
 
 /// `VHOST_F_LOG_ALL`: the backend marks the pages it writes in the dirty log.
 const VHOST_F_LOG_ALL: u64 = 1 << 26;
+
+/// How long a starting device waits for another process to give its image up.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+const TAKEOVER_RETRY: Duration = Duration::from_millis(50);
 
 /// How often the relay thread looks at regions that left the memory table but are still
 /// DMA-mapped (in-flight requests or a poller's map still held them at the last look).
@@ -189,6 +193,10 @@ impl BlkBackend {
                 return;
             }
         }
+        if !self.any_attached() && !self.take_image() {
+            // Not served while another process writes the image; the next kick tries again.
+            return;
+        }
         let (inflight, resubmit) = self.take_up_inflight(q, vring);
         self.attached[q].store(true, Ordering::Release);
         self.pollers[q].attach(QueueAttach {
@@ -282,19 +290,56 @@ impl BlkBackend {
         (Some(area), recovered.resubmit)
     }
 
-    fn detach(&self, q: usize) {
-        if self.attached[q].swap(false, Ordering::AcqRel) {
-            self.pollers[q].detach(self.key, q as u16);
+    /// Asks queue `q`'s poller to give it back, if it has it.
+    fn start_detach(&self, q: usize) -> Option<Detaching> {
+        self.attached[q]
+            .swap(false, Ordering::AcqRel)
+            .then(|| self.pollers[q].start_detach(self.key, q as u16))
+    }
+
+    fn any_attached(&self) -> bool {
+        self.attached.iter().any(|a| a.load(Ordering::Acquire))
+    }
+
+    /// The frontend starts the device: takes the image's write permission (restart, upgrade
+    /// and migration hand it over between processes; see `bdev::lock`). The process that had
+    /// it gives it up once its rings are stopped, which in a migration or an upgrade happens
+    /// just before this frontend starts ours: a conflict is retried for a short while.
+    fn take_image(&self) -> bool {
+        let deadline = Instant::now() + TAKEOVER_WAIT;
+        loop {
+            match self.disk.acquire_write() {
+                Ok(()) => return true,
+                Err(e) if Instant::now() >= deadline => {
+                    tracing::error!(error = %e, "the device cannot start");
+                    return false;
+                }
+                Err(_) => std::thread::sleep(TAKEOVER_RETRY),
+            }
+        }
+    }
+
+    /// Every ring is stopped: another process may take the image over now.
+    fn release_image(&self) {
+        if let Err(e) = self.disk.release_write() {
+            tracing::warn!(error = %e, "cannot release the image's write permission");
         }
     }
 
     /// Ends the session's data plane: detaches every queue once its in-flight requests have
-    /// completed, and refuses new attachments.
+    /// completed (all queues drain at once), and refuses new attachments.
     pub fn close(&self) {
         let mut closing = lock(&self.transitions);
         *closing = true;
-        for q in 0..self.shape.num_queues {
-            self.detach(q);
+        let detaching: Vec<Detaching> = (0..self.shape.num_queues)
+            .filter_map(|q| self.start_detach(q))
+            .collect();
+        let stopped = !detaching.is_empty();
+        for d in detaching {
+            d.wait();
+        }
+        if stopped {
+            self.release_image();
         }
         // Nothing is in flight any more: the device may forget the guest's memory.
         if let Some(dma) = &self.dma {
@@ -374,7 +419,7 @@ impl VhostUserBackend for BlkBackend {
             queue_size: msg.queue_size,
         };
         // From now on the guest's cache mode is recorded where a restarted vubd finds it.
-        region.set_writeback(self.shared.writeback.load(Ordering::Relaxed));
+        region.set_write_cache(self.shared.write_cache());
         *lock(&self.inflight) = Some(Arc::new(region));
         Ok((reply, file))
     }
@@ -399,14 +444,15 @@ impl VhostUserBackend for BlkBackend {
         );
         // The frontend caches the cache mode the guest chose and never sends it again: take
         // it from the region (an earlier session of this device, maybe of another vubd).
-        match region.writeback() {
-            Some(writeback) => {
-                if writeback != self.shared.writeback.swap(writeback, Ordering::Relaxed) {
-                    tracing::info!(writeback, "write cache mode kept from the earlier session");
+        match region.write_cache() {
+            Some(mode) => {
+                if mode != self.shared.write_cache() {
+                    tracing::info!(?mode, "write cache mode kept from the earlier session");
                 }
+                self.shared.set_write_cache(mode);
             }
             None => {
-                region.set_writeback(self.shared.writeback.load(Ordering::Relaxed));
+                region.set_write_cache(self.shared.write_cache());
             }
         }
         *lock(&self.inflight) = Some(Arc::new(region));
@@ -430,9 +476,14 @@ impl VhostUserBackend for BlkBackend {
         if off != WRITEBACK_OFFSET || len != 1 || buf[0] > 1 {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
-        self.shared.writeback.store(buf[0] == 1, Ordering::Relaxed);
+        let mode = if buf[0] == 1 {
+            WriteCache::Back
+        } else {
+            WriteCache::Through
+        };
+        self.shared.set_write_cache(mode);
         if let Some(region) = lock(&self.inflight).as_ref() {
-            region.set_writeback(buf[0] == 1);
+            region.set_write_cache(mode);
         }
         tracing::info!(
             writeback = buf[0] == 1,
@@ -475,15 +526,23 @@ impl VhostUserBackend for BlkBackend {
         vec![u64::MAX >> (64 - self.shape.num_queues)]
     }
 
-    /// GET_VRING_BASE: the frontend takes the returned index as final, so every request of
-    /// the queue that was popped must be completed first (vhost-user spec, "stop ring").
+    /// GET_VRING_BASE stops the ring: the frontend takes the returned index as final and may
+    /// reuse the ring at once, so every request of the queue that was popped must be completed
+    /// and published first, and none after (vhost-user spec, VHOST_USER_GET_VRING_BASE:
+    /// without GET_VRING_BASE_INFLIGHT or SKIP_DRAIN, which vubd does not offer, the back-end
+    /// drains). The answer waits for that however long it takes; the devices bound it (see
+    /// [`crate::poller::Detaching::wait`]).
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let _serial = lock(&self.transitions);
-        if let Some(q) = usize::try_from(queue_index)
+        if let Some(d) = usize::try_from(queue_index)
             .ok()
             .filter(|&q| q < self.shape.num_queues)
+            .and_then(|q| self.start_detach(q))
         {
-            self.detach(q);
+            d.wait();
+            if !self.any_attached() {
+                self.release_image();
+            }
         }
         Ok(())
     }

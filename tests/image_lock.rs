@@ -268,3 +268,51 @@ fn incoming_is_a_device_key_too() {
     let mut second = Daemon::vubd_from(cmd, &socket);
     second.assert_running();
 }
+
+/// The upgrade procedure: the new vubd starts `--incoming` on the same socket and takes it
+/// over, the old one is stopped (its frontends are disconnected, its socket file stays: it is
+/// the new one's), and a frontend that connects again reaches the new vubd, which takes the
+/// image for writing when the frontend starts the device.
+#[test]
+fn an_upgrade_hands_the_socket_and_the_image_to_the_new_vubd() {
+    use std::os::unix::fs::MetadataExt;
+    let image = Image::new(MIB);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("sock");
+    let mut old = Daemon::vubd_with_args(&vubd_args(&socket, image.path(), &[]), &socket);
+    let mut client = old.connect(1);
+    client.queue(0).write(0, &[1; 512]);
+    let old_socket = std::fs::metadata(&socket).expect("socket").ino();
+
+    let mut new =
+        Daemon::vubd_with_args(&vubd_args(&socket, image.path(), &["--incoming"]), &socket);
+    let deadline = Instant::now() + TIMEOUT;
+    while std::fs::metadata(&socket).map(|m| m.ino()).ok() == Some(old_socket) {
+        new.assert_running();
+        assert!(Instant::now() < deadline, "the socket was not taken over");
+        thread::sleep(Duration::from_millis(10));
+    }
+    // The old vubd still serves its frontend and holds the image.
+    client.queue(0).write(512, &[2; 512]);
+    assert_eq!(locked_bytes(image.path()), [100, 101, 201, 203]);
+
+    let status = old.terminate();
+    assert!(status.success(), "the old vubd: {status}\n{}", old.output());
+    drop(client);
+    assert!(socket.exists(), "the old vubd removed the new one's socket");
+    assert_eq!(
+        locked_bytes(image.path()),
+        [100],
+        "only the new vubd, inactive"
+    );
+
+    let mut client = new.connect(1);
+    client.queue(0).write(1024, &[3; 512]);
+    assert_eq!(locked_bytes(image.path()), [100, 101, 201, 203]);
+    assert_eq!(
+        image.read_host(0, 1536),
+        [[1; 512], [2; 512], [3; 512]].concat()
+    );
+    drop(client);
+    new.assert_running();
+}

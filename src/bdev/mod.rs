@@ -115,6 +115,17 @@ pub trait IoChannel {
     fn must_poll(&self) -> bool {
         false
     }
+
+    /// The operations of the requests whose tags `draining` accepts belong to queues being
+    /// stopped: the frontend gets its answer once they have completed, and nothing of them may
+    /// reach guest memory after that. A channel whose operations can wait on a device without
+    /// bound (a remote target that went away) from now on fails each of them, reported by
+    /// [`IoChannel::poll`] with an error, once it cannot complete within the device's I/O
+    /// timeout and no data of it can arrive any more; a channel whose operations always
+    /// complete has nothing to do. Called when a queue starts draining, never on the I/O
+    /// path; the channel keeps what it needs (the poller does not call it again for the same
+    /// requests).
+    fn drain(&mut self, draining: impl FnMut(u32) -> bool);
 }
 
 /// Any of vubd's devices.
@@ -278,5 +289,9 @@ impl IoChannel for Channel {
 
     fn must_poll(&self) -> bool {
         each_channel!(self, c => c.must_poll())
+    }
+
+    fn drain(&mut self, draining: impl FnMut(u32) -> bool) {
+        each_channel!(self, c => c.drain(draining))
     }
 }

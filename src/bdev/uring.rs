@@ -224,4 +224,9 @@ impl IoChannel for UringChannel {
         // Non-blocking: EAGAIN just means nothing was pending.
         let _ = self.eventfd.read();
     }
+
+    /// Nothing to do: file I/O always completes (a slow or failing disk ends it with an
+    /// error), and until then the kernel owns the buffers, so an operation can neither be
+    /// failed early nor be cancelled without waiting for the kernel to let go of them anyway.
+    fn drain(&mut self, _draining: impl FnMut(u32) -> bool) {}
 }

@@ -206,7 +206,11 @@ pub(super) fn device_model(
                 .then_some(MAX_RANGE_SECTORS),
         },
         serial,
-        writeback: AtomicBool::new(true),
+        // A device taken over from another process (`--incoming`) cannot know the mode the
+        // guest chose unless the frontend's inflight region says (QEMU keeps it across
+        // reconnects, but a migration destination starts with a new one).
+        writeback: AtomicBool::new(!d.starts_inactive()),
+        learning: AtomicBool::new(d.starts_inactive()),
         mem_gen: AtomicU64::new(0),
     };
     (shape, shared)

@@ -45,7 +45,7 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
-    #[error("--socket-path {0}: another process is serving this socket")]
+    #[error("--socket-path {0}: another process is serving this socket (--incoming takes it over)")]
     SocketBusy(PathBuf),
     #[error("--socket-path {0}: exists and is not a socket")]
     NotASocket(PathBuf),
@@ -120,7 +120,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // The sockets first: a busy socket must be reported before anything else happens.
     let mut listeners = Vec::with_capacity(cfg.devices.len());
     for d in &cfg.devices {
-        let (listener, file) = listen(&d.socket).map_err(|e| device::in_device(d, e))?;
+        let (listener, file) =
+            listen(&d.socket, d.incoming).map_err(|e| device::in_device(d, e))?;
         listener.set_nonblocking(true).map_err(|e| {
             device::in_device(
                 d,
@@ -248,6 +249,15 @@ impl Serving<'_> {
         backend.close();
         drop(daemon);
         backend.close_exit_events();
+        // Without a frontend the device returns to how it started: a device that was not
+        // taken over holds its image for writing again, unless another process took it
+        // meanwhile (the destination of a migration) or vubd is stopping.
+        if !self.cfg.starts_inactive() && !self.stop.requested.load(Ordering::SeqCst) {
+            match disk.acquire_write() {
+                Ok(()) => {}
+                Err(e) => info!(device = self.index, error = %e, "image left to the other process"),
+            }
+        }
         Ok(())
     }
 }
@@ -283,7 +293,11 @@ impl Drop for SocketFile {
     }
 }
 
-fn listen(spec: &SocketSpec) -> Result<(Listener, SocketFile), DaemonError> {
+/// Listens on the device's socket. A socket file another process still listens on is
+/// refused, unless the device takes over from that process (`take_over`, `--incoming`: the new
+/// vubd of an upgrade): the new socket is bound beside it and renamed over it, so that new
+/// connections reach this process while the other one keeps its own until it stops.
+fn listen(spec: &SocketSpec, take_over: bool) -> Result<(Listener, SocketFile), DaemonError> {
     match spec {
         SocketSpec::Fd(fd) => {
             let fd = *fd;
@@ -300,6 +314,9 @@ fn listen(spec: &SocketSpec) -> Result<(Listener, SocketFile), DaemonError> {
             match std::fs::symlink_metadata(path) {
                 Ok(meta) if meta.file_type().is_socket() => {
                     if UnixStream::connect(path).is_ok() {
+                        if take_over {
+                            return take_over_socket(path);
+                        }
                         return Err(DaemonError::SocketBusy(path.clone()));
                     }
                     // Left behind by a process that is gone.
@@ -316,6 +333,27 @@ fn listen(spec: &SocketSpec) -> Result<(Listener, SocketFile), DaemonError> {
             Ok((Listener::from(l), file))
         }
     }
+}
+
+/// Binds `path` while another process listens on it: at a name beside it, then renamed over
+/// it (atomic: a connecting frontend finds one socket or the other, never none).
+fn take_over_socket(path: &Path) -> Result<(Listener, SocketFile), DaemonError> {
+    let mut beside = path.as_os_str().to_owned();
+    beside.push(format!(".{}", std::process::id()));
+    let beside = PathBuf::from(beside);
+    let _ = std::fs::remove_file(&beside);
+    let bind_error = |source| DaemonError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    let l = UnixListener::bind(&beside).map_err(bind_error)?;
+    if let Err(e) = std::fs::rename(&beside, path) {
+        let _ = std::fs::remove_file(&beside);
+        return Err(bind_error(e));
+    }
+    info!(path = %path.display(), "socket taken over from the process serving it");
+    let file = SocketFile::bound(path);
+    Ok((Listener::from(l), file))
 }
 
 fn is_listening_socket(fd: i32) -> bool {

@@ -4,10 +4,10 @@
 //! controller), and a preallocated in-flight table.
 //!
 //! The control plane talks to a poller only through [`PollerHandle`]: attach a queue, detach
-//! it (acknowledged once nothing of it is in flight), wake it. A poller polls its queues and
-//! channels while there is work; depending on [`PollMode`] it then keeps spinning, or
-//! re-enables guest notifications, re-checks its rings and sleeps on its wake eventfd and its
-//! channels' completion fds.
+//! it (acknowledged once nothing of it is in flight, however long that takes: see
+//! [`Detaching::wait`]), wake it. A poller polls its queues and channels while there is work;
+//! depending on [`PollMode`] it then keeps spinning, or re-enables guest notifications,
+//! re-checks its rings and sleeps on its wake eventfd and its channels' completion fds.
 
 mod dirty;
 mod slots;
@@ -15,11 +15,11 @@ mod warm;
 mod worker;
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::warn;
 use vhost_user_backend::VringRwLock;
@@ -28,6 +28,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::bdev::Disk;
 use crate::mem::{DirtyLog, GuestMemoryAtomic};
 use crate::virtio_blk::ID_BYTES;
+use crate::virtio_blk::config::WriteCache;
 use crate::virtio_blk::inflight::InflightQueue;
 use crate::virtio_blk::request::Limits;
 
@@ -56,9 +57,43 @@ pub struct DeviceShared {
     pub serial: [u8; ID_BYTES],
     /// Guest-visible write cache mode (CONFIG_WCE): false means every write is write-through.
     pub writeback: AtomicBool,
+    /// The guest's mode is not known (`WriteCache::Unknown`): `writeback` is false until the
+    /// guest's first FLUSH, which only a guest with a write cache sends.
+    pub learning: AtomicBool,
     /// Bumped by the control plane after it replaced a session's guest memory map (before the
     /// frontend is acknowledged): pollers compare it with one load instead of loading the map.
     pub mem_gen: AtomicU64,
+}
+
+impl DeviceShared {
+    /// The guest's write cache mode as the device serves it.
+    pub fn write_cache(&self) -> WriteCache {
+        if self.learning.load(Ordering::Relaxed) {
+            WriteCache::Unknown
+        } else if self.writeback.load(Ordering::Relaxed) {
+            WriteCache::Back
+        } else {
+            WriteCache::Through
+        }
+    }
+
+    /// Serves the guest's writes in `mode` from now on.
+    pub fn set_write_cache(&self, mode: WriteCache) {
+        self.learning
+            .store(mode == WriteCache::Unknown, Ordering::Relaxed);
+        self.writeback
+            .store(mode == WriteCache::Back, Ordering::Relaxed);
+    }
+
+    /// The guest sent a FLUSH: if its mode was not known, it has a write cache.
+    #[inline]
+    pub fn flushed(&self) {
+        if self.learning.load(Ordering::Relaxed) {
+            self.writeback.store(true, Ordering::Relaxed);
+            self.learning.store(false, Ordering::Relaxed);
+            tracing::info!("the guest flushes: serving it write-back");
+        }
+    }
 }
 
 /// Everything a poller needs to serve one virtqueue.
@@ -88,13 +123,32 @@ impl std::fmt::Debug for QueueAttach {
     }
 }
 
+/// A detach in progress: how the poller acknowledges it, and what it tells the waiter
+/// meanwhile.
+#[derive(Debug)]
+struct DetachWait {
+    done: mpsc::SyncSender<()>,
+    /// The queue's requests in flight, as the poller last counted them.
+    in_flight: Arc<AtomicU32>,
+}
+
+impl DetachWait {
+    /// One nobody waits for (the poller is stopping).
+    fn unwatched() -> Self {
+        Self {
+            done: mpsc::sync_channel(1).0,
+            in_flight: Arc::default(),
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Command {
     Attach(Box<QueueAttach>),
     Detach {
         device: DeviceKey,
         queue: u16,
-        done: mpsc::SyncSender<()>,
+        wait: DetachWait,
     },
     /// The device's memory map changed: load it now.
     MemoryChanged(DeviceKey),
@@ -126,8 +180,8 @@ pub struct PollerHandle {
     shared: Arc<Shared>,
 }
 
-/// How long the control plane waits for a poller to finish a queue's in-flight requests.
-const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a detach that still waits for requests in flight says so.
+const DETACH_WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl PollerHandle {
     fn send(&self, cmd: Command) {
@@ -145,25 +199,25 @@ impl PollerHandle {
         self.send(Command::Attach(Box::new(attach)));
     }
 
-    /// Takes a queue back: returns once every request of it that the poller popped has
-    /// completed and been published (false if that took longer than the timeout).
-    pub fn detach(&self, device: DeviceKey, queue: u16) -> bool {
-        let (done, wait) = mpsc::sync_channel(1);
+    /// Asks the poller to give a queue back: it stops popping from it at once. Several queues
+    /// drain together when all are asked before any is waited for.
+    pub fn start_detach(&self, device: DeviceKey, queue: u16) -> Detaching {
+        let (done, acked) = mpsc::sync_channel(1);
+        let in_flight = Arc::new(AtomicU32::new(0));
         self.send(Command::Detach {
             device,
             queue,
-            done,
+            wait: DetachWait {
+                done,
+                in_flight: in_flight.clone(),
+            },
         });
-        match wait.recv_timeout(DETACH_TIMEOUT) {
-            Ok(()) => true,
-            Err(RecvTimeoutError::Timeout) => {
-                warn!(
-                    poller = self.index,
-                    queue, "queue still has I/O in flight after the detach timeout"
-                );
-                false
-            }
-            Err(RecvTimeoutError::Disconnected) => false,
+        Detaching {
+            poller: self.index,
+            device,
+            queue,
+            acked,
+            in_flight,
         }
     }
 
@@ -192,6 +246,42 @@ impl PollerHandle {
     pub fn kick(&self) {
         if self.shared.sleeping.load(Ordering::SeqCst) {
             let _ = self.shared.wake.write(1);
+        }
+    }
+}
+
+/// A queue the control plane asked a poller to give back.
+#[derive(Debug)]
+#[must_use = "a detach is over only once waited for"]
+pub struct Detaching {
+    poller: usize,
+    device: DeviceKey,
+    queue: u16,
+    acked: mpsc::Receiver<()>,
+    in_flight: Arc<AtomicU32>,
+}
+
+impl Detaching {
+    /// Returns once every request of the queue that the poller popped has completed and been
+    /// published, and never before: the frontend takes the ring as final once it is answered,
+    /// and a late completion would write into a ring it may have handed to someone else. The
+    /// wait is bounded by the devices, not here: file I/O always completes, and a device that
+    /// can wait without bound on something remote fails the queue's requests once they cannot
+    /// complete within its I/O timeout ([`crate::bdev::IoChannel::drain`]). Every
+    /// [`DETACH_WARN_EVERY`] it logs a warning with what is still in flight, so that a drain
+    /// that does not end is seen.
+    pub fn wait(self) {
+        let started = Instant::now();
+        // Disconnected: the poller is gone (its thread ended), and the queue with it.
+        while let Err(RecvTimeoutError::Timeout) = self.acked.recv_timeout(DETACH_WARN_EVERY) {
+            warn!(
+                poller = self.poller,
+                device = self.device,
+                queue = self.queue,
+                in_flight = self.in_flight.load(Ordering::Relaxed),
+                waited_s = started.elapsed().as_secs(),
+                "queue stopping: still waiting for its requests in flight to complete"
+            );
         }
     }
 }

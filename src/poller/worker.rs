@@ -13,7 +13,6 @@ use std::num::Wrapping;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::SyncSender;
 use std::time::Instant;
 
 use tracing::{debug, error, warn};
@@ -25,7 +24,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::dirty;
 use super::slots::{SlotTable, Tag};
 use super::warm::Warm;
-use super::{Command, DeviceKey, DeviceShared, PollMode, Shared, Vring};
+use super::{Command, DetachWait, DeviceKey, DeviceShared, PollMode, Shared, Vring};
 use crate::bdev::{Channel, IoChannel, Target};
 use crate::mem::{DirtyLog, GuestMemoryAtomic, HostMap, MemSnapshot};
 use crate::virtio_blk::chain::DESC_SIZE;
@@ -81,7 +80,7 @@ struct QueueSlot {
     reserve: usize,
     in_flight: u32,
     /// Set by a detach request: stop popping, acknowledge once `in_flight` is zero.
-    detach: Option<SyncSender<()>>,
+    detach: Option<DetachWait>,
     /// This poller's own reference to the queue's kick eventfd, watched edge-triggered (and
     /// never read) while the poller sleeps, so that a kick wakes it directly; the relay thread
     /// reads the counter and wakes the poller itself if it got there first.

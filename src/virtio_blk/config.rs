@@ -11,6 +11,19 @@ pub const CONFIG_SPACE_SIZE: usize = 96;
 /// Offset of the `writeback` byte, the only field a driver may write (CONFIG_WCE).
 pub const WRITEBACK_OFFSET: usize = 32;
 
+/// The guest's write cache mode (CONFIG_WCE) as the device knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteCache {
+    /// Write-back: a write is durable after a FLUSH.
+    Back,
+    /// Write-through: every write is durable when it completes.
+    Through,
+    /// Not known (a device taken over from another process that could not say): served
+    /// write-through, which is never wrong, until the guest flushes (only a guest with a
+    /// write cache does) or sets the mode.
+    Unknown,
+}
+
 /// Some frontends (cloud-hypervisor) address the configuration space at this base in
 /// GET_CONFIG / SET_CONFIG, as the vhost-user crate's `VHOST_USER_CONFIG_OFFSET`; others
 /// (QEMU, libblkio) use offset 0.

@@ -41,6 +41,8 @@ use std::sync::Arc;
 use thiserror::Error;
 use vm_memory::{FileOffset, MmapRegion};
 
+use super::config::WriteCache;
+
 /// Size of one `desc[]` entry.
 const DESC_STATE: usize = 16;
 /// Size of a queue area's header.
@@ -67,6 +69,7 @@ const OFF_WRITEBACK: usize = 8;
 /// Values of the write cache byte (0: not recorded).
 const WRITETHROUGH: u8 = 1;
 const WRITEBACK: u8 = 2;
+const WRITE_CACHE_UNKNOWN: u8 = 3;
 
 /// Largest queue the region describes (virtio 1.2 §2.7: 32768 for split rings).
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -209,9 +212,8 @@ impl InflightRegion {
         (self.map.size() >= queues + DEVICE_AREA).then(|| self.map.as_ptr().wrapping_add(queues))
     }
 
-    /// The guest's write cache mode as an earlier process recorded it (`Some(true)`:
-    /// write-back), `None` when none did.
-    pub fn writeback(&self) -> Option<bool> {
+    /// The guest's write cache mode as an earlier process recorded it, `None` when none did.
+    pub fn write_cache(&self) -> Option<WriteCache> {
         let area = self.device_area()?;
         // SAFETY: the device area lies inside the mapping (checked in `device_area`), 64-byte
         // aligned; another process may have written it, so read volatile.
@@ -222,22 +224,27 @@ impl InflightRegion {
             )
         };
         match (magic == DEVICE_MAGIC, mode) {
-            (true, WRITETHROUGH) => Some(false),
-            (true, WRITEBACK) => Some(true),
+            (true, WRITETHROUGH) => Some(WriteCache::Through),
+            (true, WRITEBACK) => Some(WriteCache::Back),
+            (true, WRITE_CACHE_UNKNOWN) => Some(WriteCache::Unknown),
             _ => None,
         }
     }
 
     /// Records the guest's write cache mode for the next process; false when the region has
     /// no device area.
-    pub fn set_writeback(&self, writeback: bool) -> bool {
+    pub fn set_write_cache(&self, mode: WriteCache) -> bool {
         let Some(area) = self.device_area() else {
             return false;
         };
-        let mode = if writeback { WRITEBACK } else { WRITETHROUGH };
-        // SAFETY: as in `writeback`; the control plane is the only writer of this area.
+        let byte = match mode {
+            WriteCache::Back => WRITEBACK,
+            WriteCache::Through => WRITETHROUGH,
+            WriteCache::Unknown => WRITE_CACHE_UNKNOWN,
+        };
+        // SAFETY: as in `write_cache`; the control plane is the only writer of this area.
         unsafe {
-            area.add(OFF_WRITEBACK).write_volatile(mode);
+            area.add(OFF_WRITEBACK).write_volatile(byte);
             area.cast::<u64>().write_volatile(DEVICE_MAGIC);
         }
         true

@@ -6,6 +6,14 @@
 //! connection needs: it notices a new controller generation (one relaxed load per poll),
 //! takes the connection the supervisor hands over, and fails its I/O once the controller is
 //! declared lost for good.
+//!
+//! **Draining.** A queue being stopped (GET_VRING_BASE, the session's end) waits for its
+//! requests, so their commands must not wait for a target that went away: [`IoChannel::drain`]
+//! gives each of them a deadline, the I/O timeout after it was queued. A command on a live
+//! connection is left alone (it may still be answered; past the I/O timeout the connection is
+//! closed anyway). Off a connection (held for resending after a loss) past its deadline, it is
+//! failed instead of being sent again: its identifier is forgotten, and the connection it was
+//! on is closed, so no data of it can reach the guest later.
 
 use std::collections::VecDeque;
 use std::io;
@@ -29,6 +37,8 @@ use crate::nvme::tcp::queue::{Completion, Data, IoQueue};
 const BACKLOG_PER_SLOT: usize = 2;
 /// How often, at most, the channel looks for commands older than the I/O timeout.
 const TIMEOUT_CHECK_MS: u64 = 100;
+/// How long after a draining command's deadline a sleeping poller is woken to fail it.
+const DRAIN_SLACK_MS: u64 = 5;
 
 /// The status of commands failed because the controller is gone.
 fn aborted() -> Status {
@@ -47,6 +57,10 @@ struct Waiting {
     tag: u32,
     sqe: Sqe,
     data: Data,
+    /// When it was queued (the clock's milliseconds).
+    pushed: u64,
+    /// Its request's queue is draining: without a connection past this moment, it fails.
+    deadline: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -73,6 +87,9 @@ pub struct NvmeTcpChannel {
     timer: TimerFd,
     /// When `timer` fires (the clock's milliseconds), while it is armed.
     timer_at: Option<u64>,
+    /// The earliest deadline [`IoChannel::drain`] gave a command still held (or later: it is
+    /// brought up to date when it passes).
+    drain_at: Option<u64>,
 }
 
 impl NvmeTcpChannel {
@@ -110,6 +127,7 @@ impl NvmeTcpChannel {
             next_timeout_check: 0,
             timer,
             timer_at: None,
+            drain_at: None,
         };
         ch.take_connection();
         Ok(ch)
@@ -178,36 +196,86 @@ impl NvmeTcpChannel {
             let Some(w) = self.backlog.pop_front() else {
                 return;
             };
-            if self.queue.push(w.tag, w.sqe, w.data, now).is_err() {
-                self.backlog.push_front(w);
-                return;
+            match self.queue.push(w.tag, w.sqe, w.data, now) {
+                Ok(cid) => {
+                    if let Some(deadline) = w.deadline {
+                        self.queue.set_deadline(cid, deadline);
+                    }
+                }
+                Err(_) => {
+                    self.backlog.push_front(w);
+                    return;
+                }
             }
         }
     }
 
     fn enqueue(&mut self, tag: u32, sqe: Sqe, data: Data) {
-        if self.backlog.is_empty() && self.queue.has_room() {
-            let now = self.shared.clock.now_ms();
-            if self.queue.push(tag, sqe, data, now).is_ok() {
-                return;
-            }
+        let now = self.shared.clock.now_ms();
+        if self.backlog.is_empty()
+            && self.queue.has_room()
+            && self.queue.push(tag, sqe, data, now).is_ok()
+        {
+            return;
         }
-        self.backlog.push_back(Waiting { tag, sqe, data });
+        self.backlog.push_back(Waiting {
+            tag,
+            sqe,
+            data,
+            pushed: now,
+            deadline: None,
+        });
     }
 
     /// Follows the controller's state: a new generation means the connection is stale; a
-    /// lost controller fails everything.
+    /// lost controller fails everything. Without a connection, draining commands past their
+    /// deadline fail first, before a new connection would send them again.
     fn follow_controller(&mut self) {
         let generation = self.shared.generation.load(Ordering::Acquire);
         if self.queue.is_connected() && generation != self.generation {
             self.queue.disconnect();
             self.watch();
         }
-        if !self.queue.is_connected()
-            && !self.take_connection()
-            && self.shared.state() == CtrlState::Failed
-        {
-            self.fail_everything();
+        if !self.queue.is_connected() {
+            self.fail_overdue();
+            if !self.take_connection() && self.shared.state() == CtrlState::Failed {
+                self.fail_everything();
+            }
+        }
+    }
+
+    /// Without a connection: fails the commands (held, or waiting for an identifier) whose
+    /// deadline from [`IoChannel::drain`] has passed.
+    fn fail_overdue(&mut self) {
+        let Some(at) = self.drain_at else {
+            return;
+        };
+        let now = self.shared.clock.now_ms();
+        if now < at {
+            return;
+        }
+        let ready = &mut self.ready;
+        let (mut failed, mut next) = self.queue.fail_overdue(now, aborted(), |c| {
+            ready.push_back((c.user, -libc::EIO));
+        });
+        self.backlog.retain(|w| match w.deadline {
+            Some(deadline) if deadline <= now => {
+                ready.push_back((w.tag, -libc::EIO));
+                failed += 1;
+                false
+            }
+            deadline => {
+                next = next.into_iter().chain(deadline).min();
+                true
+            }
+        });
+        self.drain_at = next;
+        if failed > 0 {
+            warn!(
+                qid = self.queue_shared.qid,
+                commands = failed,
+                "target unreachable while their queue stops: requests failed after the I/O timeout"
+            );
         }
     }
 
@@ -252,25 +320,32 @@ impl NvmeTcpChannel {
     }
 
     /// Keeps `timer` armed for the moment the oldest command in flight on a live connection
-    /// times out. It is armed once per such moment: commands that complete leave it armed
-    /// (one needless wake-up at most), and once the moment has passed it is armed again for
-    /// the new oldest command, or disarmed; either also clears its expiry, so that the
-    /// poller's epoll does not stay readable.
+    /// times out, or, without a connection, for the first deadline of a draining command. It
+    /// is armed once per such moment: commands that complete leave it armed (one needless
+    /// wake-up at most), and once the moment has passed it is armed again for the next one,
+    /// or disarmed; either also clears its expiry, so that the poller's epoll does not stay
+    /// readable. A drain deadline earlier than the armed moment arms it earlier.
     fn keep_timer(&mut self) {
-        let busy = self.queue.is_connected() && self.queue.in_flight() > 0;
-        if !busy && self.timer_at.is_none() {
+        let connected = self.queue.is_connected();
+        let busy = connected && self.queue.in_flight() > 0;
+        let drain = if connected { None } else { self.drain_at };
+        if !busy && drain.is_none() && self.timer_at.is_none() {
             return;
         }
         let now = self.shared.clock.now_ms();
-        if self.timer_at.is_some_and(|at| at > now) {
+        let drain = drain.map(|at| at.max(now) + DRAIN_SLACK_MS);
+        if self
+            .timer_at
+            .is_some_and(|at| at > now && drain.is_none_or(|d| at <= d))
+        {
             return;
         }
-        let oldest = if busy { self.queue.oldest() } else { None };
-        let result = match oldest {
-            Some(oldest) => {
-                // Past the timeout (or, if that has passed, one check interval from now),
-                // and past the next check `check_timeouts` makes.
-                let at = (oldest + self.geo.io_timeout_ms).max(now) + TIMEOUT_CHECK_MS;
+        // Past the timeout (or, if that has passed, one check interval from now), and past
+        // the next check `check_timeouts` makes.
+        let live = if busy { self.queue.oldest() } else { None }
+            .map(|oldest| (oldest + self.geo.io_timeout_ms).max(now) + TIMEOUT_CHECK_MS);
+        let result = match live.into_iter().chain(drain).min() {
+            Some(at) => {
                 self.timer_at = Some(at);
                 self.timer.reset(Duration::from_millis(at - now), None)
             }
@@ -385,6 +460,21 @@ impl IoChannel for NvmeTcpChannel {
         // The socket is level-triggered and drained by `poll`; only the notification counter
         // needs reading.
         let _ = self.queue_shared.notify.read();
+    }
+
+    /// Gives the draining requests' commands a deadline, the I/O timeout after each was
+    /// queued; `poll` fails those past it while there is no connection (see the module
+    /// documentation), and the timer wakes a sleeping poller for it.
+    fn drain(&mut self, mut draining: impl FnMut(u32) -> bool) {
+        let timeout = self.geo.io_timeout_ms;
+        let mut earliest = self.queue.set_deadlines(&mut draining, timeout);
+        for w in &mut self.backlog {
+            if w.deadline.is_none() && draining(w.tag) {
+                w.deadline = Some(w.pushed.saturating_add(timeout));
+            }
+            earliest = earliest.into_iter().chain(w.deadline).min();
+        }
+        self.drain_at = earliest;
     }
 }
 

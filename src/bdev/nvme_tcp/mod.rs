@@ -12,6 +12,8 @@
 //! After a fault, the commands in flight stay in their queues and are sent again on the new
 //! connections, so the guest sees no error, until `ctrl_loss_tmo` passes: then the channels
 //! fail them and fail new requests at once, until the supervisor brings the controller back.
+//! The requests of a queue being stopped wait no longer than the I/O timeout (see
+//! [`NvmeTcpChannel`]'s draining).
 
 mod channel;
 mod supervisor;

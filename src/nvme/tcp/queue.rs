@@ -11,20 +11,22 @@
 //!
 //! A connection-level fault (EOF, reset, a malformed PDU, a digest error, a termination
 //! request) ends the connection: the queue keeps its commands, and
-//! [`IoQueue::reconnect`] sends all of them again on a new connection.
+//! [`IoQueue::reconnect`] sends all of them again on a new connection (`held`: what happens
+//! to commands off a connection).
+
+mod held;
 
 use std::collections::VecDeque;
-use std::io::{self, Write};
-use std::net::{Shutdown, TcpStream};
+use std::io;
+use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 
 use thiserror::Error;
 
 pub use super::ctrl::IoQueueConn;
 use super::pdu::{
-    DIGEST_LEN, DataDigest, H2cData, IcResp, PduError, RxEvent, RxNeed, RxParser,
-    TERM_REQ_MAX_PLEN, TX_HEADER_MAX, encode_capsule_cmd, encode_h2c_data, encode_h2c_term_req,
-    header_len_after_icresp,
+    DIGEST_LEN, DataDigest, H2cData, IcResp, PduError, RxEvent, RxNeed, RxParser, TX_HEADER_MAX,
+    encode_capsule_cmd, encode_h2c_data,
 };
 use crate::nvme::cid::CmdTable;
 use crate::nvme::data::{DataRef, IovBuf};
@@ -105,8 +107,14 @@ struct Cmd {
     r2t: Option<(u16, usize)>,
     /// C2HData bytes received.
     received: usize,
-    /// When the command was pushed, in the caller's clock (milliseconds).
+    /// When the command was last sent on a connection (pushed, or queued again on a new
+    /// one), in the caller's clock (milliseconds): what the I/O timeout is measured from.
     since: u64,
+    /// When the command was pushed: it keeps this across connections.
+    pushed: u64,
+    /// Off a connection past this moment, the command is failed instead of being sent again
+    /// ([`IoQueue::set_deadlines`]).
+    deadline: Option<u64>,
 }
 
 /// The live part of a queue.
@@ -191,9 +199,10 @@ impl IoQueue {
             .min()
     }
 
-    /// Queues a command (its CID and data pointer are set here); the next [`IoQueue::flush`]
-    /// sends it. `now` is the caller's clock in milliseconds, for [`IoQueue::oldest`].
-    pub fn push(&mut self, user: u32, sqe: Sqe, data: Data, now: u64) -> Result<(), QueueFull> {
+    /// Queues a command (its CID and data pointer are set here) and returns its CID; the next
+    /// [`IoQueue::flush`] sends it. `now` is the caller's clock in milliseconds, for
+    /// [`IoQueue::oldest`].
+    pub fn push(&mut self, user: u32, sqe: Sqe, data: Data, now: u64) -> Result<u16, QueueFull> {
         let in_capsule = match data {
             Data::Out(_) | Data::OutInline(_) => data.len() <= self.in_capsule_max,
             Data::None | Data::In(_) => false,
@@ -213,6 +222,8 @@ impl IoQueue {
                 r2t: None,
                 received: 0,
                 since: now,
+                pushed: now,
+                deadline: None,
             })
             .ok_or(QueueFull)?;
         if let Some(cmd) = self.cmds.get_mut(cid) {
@@ -227,7 +238,7 @@ impl IoQueue {
         if let Some(conn) = &self.conn {
             queue_capsule(&mut self.cmds, &mut self.txq, cid, &conn.params);
         }
-        Ok(())
+        Ok(cid)
     }
 
     /// Sends every queued PDU the socket takes now.
@@ -528,94 +539,6 @@ impl IoQueue {
             });
             *done += 1;
         }
-    }
-
-    /// Ends the connection after `e`: tells the target why when the protocol allows it,
-    /// and keeps every command for [`IoQueue::reconnect`].
-    #[cold]
-    fn fail(&mut self, e: QueueError) -> QueueError {
-        if let Some(mut conn) = self.conn.take() {
-            if let QueueError::Pdu(p) = &e
-                && let Some((fes, fei)) = p.term_req()
-            {
-                let mut buf = [0u8; TERM_REQ_MAX_PLEN];
-                let n = encode_h2c_term_req(&mut buf, fes, fei, conn.rx.header_in_error());
-                let _ = conn.stream.write(&buf[..n]);
-            }
-            let _ = conn.stream.shutdown(Shutdown::Both);
-        }
-        self.reset_transfers();
-        e
-    }
-
-    /// Drops the connection (a controller reset, a timeout), keeping the commands.
-    pub fn disconnect(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            let _ = conn.stream.shutdown(Shutdown::Both);
-        }
-        self.reset_transfers();
-    }
-
-    fn reset_transfers(&mut self) {
-        self.txq.clear();
-        self.tx_off = 0;
-        let cids: Vec<u16> = self.cmds.cids().collect();
-        for cid in cids {
-            if let Some(c) = self.cmds.get_mut(cid) {
-                c.queued = false;
-                c.r2t = None;
-                c.received = 0;
-            }
-        }
-    }
-
-    /// Takes a new connection and queues every command in flight on it again; their age for
-    /// [`IoQueue::oldest`] starts over at `now`.
-    pub fn reconnect(&mut self, conn: IoQueueConn, now: u64) -> io::Result<()> {
-        self.disconnect();
-        conn.stream.set_nonblocking(true)?;
-        let params = conn.params;
-        self.conn = Some(Conn {
-            hlen: header_len_after_icresp(params.digests),
-            stream: conn.stream,
-            rx: conn.rx,
-            params,
-        });
-        let cids: Vec<u16> = self.cmds.cids().collect();
-        for cid in cids {
-            if let Some(c) = self.cmds.get_mut(cid) {
-                c.since = now;
-            }
-            queue_capsule(&mut self.cmds, &mut self.txq, cid, &params);
-        }
-        Ok(())
-    }
-
-    /// Gives up the connection, if it is live and idle (nothing in flight or being sent), so
-    /// that it can serve another owner.
-    pub fn take_conn(&mut self) -> Option<IoQueueConn> {
-        if !self.cmds.is_empty() || !self.txq.is_empty() {
-            return None;
-        }
-        let conn = self.conn.take()?;
-        conn.stream.set_nonblocking(false).ok()?;
-        Some(IoQueueConn {
-            stream: conn.stream,
-            rx: conn.rx,
-            params: conn.params,
-        })
-    }
-
-    /// Ends every command in flight with `status` (the controller is gone for good).
-    pub fn fail_all(&mut self, status: Status, mut f: impl FnMut(Completion)) -> usize {
-        self.txq.clear();
-        self.tx_off = 0;
-        let cids: Vec<u16> = self.cmds.cids().collect();
-        let mut done = 0;
-        for cid in cids {
-            self.complete(cid, status, &mut f, &mut done);
-        }
-        done
     }
 }
 

@@ -460,3 +460,75 @@ fn the_connection_is_handed_back_only_when_idle() {
     assert!(q.take_conn().is_some());
     assert!(!q.is_connected());
 }
+
+#[test]
+fn a_held_command_past_its_deadline_fails_and_an_answer_for_it_writes_nothing() {
+    let buf = Buf::new(4096, 0x3c);
+    let before = buf.bytes().to_vec();
+    let (mut q, mut t) = pair(NONE, 65536, 8192);
+    q.push(1, Sqe::read(1, 0, 7, false), Data::In(buf.data()), 10)
+        .expect("room");
+    q.push(2, Sqe::flush(1), Data::None, 20).expect("room");
+    q.flush().expect("flush");
+    let sent = [t.capsule().0, t.capsule().0];
+    assert_eq!(
+        q.set_deadlines(|user| user == 1, 100),
+        Some(110),
+        "the read's deadline: the timeout after it was pushed"
+    );
+    let status = Status::new(0, 0x08, true);
+    let mut failed = Vec::new();
+    assert_eq!(
+        q.fail_overdue(500, status, |c| failed.push(c)),
+        (0, Some(110)),
+        "nothing fails while the connection lives"
+    );
+    q.disconnect();
+    assert_eq!(
+        q.fail_overdue(109, status, |c| failed.push(c)),
+        (0, Some(110))
+    );
+    assert_eq!(q.fail_overdue(110, status, |c| failed.push(c)), (1, None));
+    assert_eq!(
+        failed,
+        [Completion {
+            user: 1,
+            status,
+            bytes: 0
+        }]
+    );
+    assert_eq!(q.in_flight(), 1, "the flush, without a deadline, waits");
+
+    // On a new connection only the flush goes again; the read's identifier is unknown, so
+    // data for it ends the connection and lands nowhere.
+    let mut t = connect(&mut q, NONE, 65536);
+    q.flush().expect("flush");
+    assert_eq!(t.capsule().0, sent[1], "the flush, sent again");
+    t.send(&c2h_data(
+        sent[0],
+        0,
+        &[0xee; 4096],
+        flags::LAST_PDU | flags::SUCCESS,
+        NONE,
+        0,
+    ));
+    let err = wait(&mut q, 1).expect_err("reset");
+    assert!(matches!(err, QueueError::Pdu(_)), "{err:?}");
+    assert_eq!(buf.bytes(), before.as_slice());
+    assert!(buf.guards_intact(0x3c));
+    assert_eq!(q.in_flight(), 1);
+}
+
+#[test]
+fn a_deadline_given_twice_keeps_the_first_and_commands_without_one_never_fail() {
+    let (mut q, _t) = pair(NONE, 65536, 8192);
+    let cid = q.push(1, Sqe::flush(1), Data::None, 0).expect("room");
+    q.push(2, Sqe::flush(1), Data::None, 0).expect("room");
+    q.set_deadline(cid, 50);
+    assert_eq!(q.set_deadlines(|user| user == 1, 1000), Some(50));
+    q.disconnect();
+    let status = Status::new(0, 0x08, true);
+    let (failed, next) = q.fail_overdue(u64::MAX, status, |c| assert_eq!(c.user, 1));
+    assert_eq!((failed, next), (1, None));
+    assert_eq!(q.in_flight(), 1);
+}

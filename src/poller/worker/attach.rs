@@ -14,7 +14,7 @@ use super::{Device, KICK_EVENT, QueueSlot, SharedChannel, Worker};
 use crate::bdev::{BlockDevice, IoChannel};
 use crate::mem::HostMap;
 use crate::poller::warm::Warm;
-use crate::poller::{Command, QueueAttach};
+use crate::poller::{Command, DetachWait, QueueAttach};
 use crate::virtio_blk::MAX_RANGE_SEGMENTS;
 
 impl Worker {
@@ -35,17 +35,19 @@ impl Worker {
                 Command::Detach {
                     device,
                     queue,
-                    done,
+                    wait,
                 } => {
                     let devices = &self.devices;
-                    let found = self.queues.iter_mut().flatten().find(|q| {
-                        q.index == queue
-                            && devices[q.device].as_ref().is_some_and(|d| d.key == device)
+                    let found = self.queues.iter().position(|q| {
+                        q.as_ref().is_some_and(|q| {
+                            q.index == queue
+                                && devices[q.device].as_ref().is_some_and(|d| d.key == device)
+                        })
                     });
                     match found {
-                        Some(q) => q.detach = Some(done),
+                        Some(qi) => self.start_detach(qi, wait),
                         None => {
-                            let _ = done.send(());
+                            let _ = wait.done.send(());
                         }
                     }
                 }
@@ -64,10 +66,9 @@ impl Worker {
                 }
                 Command::Stop => {
                     self.stopping = true;
-                    for q in self.queues.iter_mut().flatten() {
-                        if q.detach.is_none() {
-                            let (tx, _) = std::sync::mpsc::sync_channel(1);
-                            q.detach = Some(tx);
+                    for qi in 0..self.queues.len() {
+                        if self.queues[qi].as_ref().is_some_and(|q| q.detach.is_none()) {
+                            self.start_detach(qi, DetachWait::unwatched());
                         }
                     }
                 }
@@ -213,12 +214,50 @@ impl Worker {
         self.set_notifications(q, false);
     }
 
+    /// Stops popping from queue `qi` (its detach is acknowledged once nothing of it is in
+    /// flight), and tells its device's channel which requests are draining, so that none of
+    /// them waits on a device beyond its I/O timeout.
+    fn start_detach(&mut self, qi: usize, wait: DetachWait) {
+        let Some(q) = self.queues[qi].as_mut() else {
+            let _ = wait.done.send(());
+            return;
+        };
+        wait.in_flight.store(q.in_flight, Ordering::Relaxed);
+        if q.in_flight > 0 {
+            info!(
+                queue = q.index,
+                in_flight = q.in_flight,
+                "queue stopping: waiting for its requests in flight"
+            );
+        }
+        q.detach = Some(wait);
+        if q.in_flight == 0 {
+            return;
+        }
+        let slots = &self.slots;
+        if let Some(d) = self.devices[q.device].as_ref()
+            && let Some(c) = self.channels[d.channel].as_mut()
+        {
+            // A request in flight has its slot, and the slot knows its queue.
+            c.channel.drain(|tag| slots.queue_of(tag) == qi);
+        }
+    }
+
     /// Acknowledges detach requests of queues with nothing in flight, and forgets them.
     pub(super) fn finish_detaches(&mut self) {
         for qi in 0..self.queues.len() {
-            let ready = self.queues[qi]
-                .as_ref()
-                .is_some_and(|q| q.detach.is_some() && q.in_flight == 0);
+            let ready = match &self.queues[qi] {
+                Some(QueueSlot {
+                    detach: Some(wait),
+                    in_flight,
+                    ..
+                }) => {
+                    // For the waiter's warnings.
+                    wait.in_flight.store(*in_flight, Ordering::Relaxed);
+                    *in_flight == 0
+                }
+                _ => false,
+            };
             if !ready {
                 continue;
             }
@@ -242,8 +281,8 @@ impl Worker {
             if last && let Some(d) = self.devices[q.device].take() {
                 self.release_channel(d.channel);
             }
-            if let Some(done) = q.detach {
-                let _ = done.send(());
+            if let Some(wait) = q.detach {
+                let _ = wait.done.send(());
             }
         }
     }

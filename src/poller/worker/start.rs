@@ -94,7 +94,10 @@ pub(super) fn start(
                 fua,
             },
         )),
-        RequestKind::Flush => count(queue_op(channel, target, tag, IoOp::Flush)),
+        RequestKind::Flush => {
+            shared.flushed();
+            count(queue_op(channel, target, tag, IoOp::Flush))
+        }
         RequestKind::Discard => {
             for r in ranges {
                 count(queue_op(

@@ -77,19 +77,21 @@ fn shapes_and_sizes_that_cannot_hold_the_queues_are_refused() {
 #[test]
 fn the_write_cache_mode_outlives_the_process_that_recorded_it() {
     let r = InflightRegion::create(QUEUES, SIZE).expect("create");
-    assert_eq!(r.writeback(), None, "nothing recorded yet");
-    assert!(r.set_writeback(false));
+    assert_eq!(r.write_cache(), None, "nothing recorded yet");
+    assert!(r.set_write_cache(WriteCache::Through));
     let again = |size| {
         let file = r.file().try_clone().expect("dup");
         InflightRegion::adopt(file, 0, size, QUEUES, SIZE).expect("adopt")
     };
-    assert_eq!(again(r.size()).writeback(), Some(false));
-    assert!(again(r.size()).set_writeback(true));
-    assert_eq!(r.writeback(), Some(true));
+    assert_eq!(again(r.size()).write_cache(), Some(WriteCache::Through));
+    assert!(again(r.size()).set_write_cache(WriteCache::Unknown));
+    assert_eq!(r.write_cache(), Some(WriteCache::Unknown));
+    assert!(r.set_write_cache(WriteCache::Back));
+    assert_eq!(again(r.size()).write_cache(), Some(WriteCache::Back));
     // A region laid out by another backend: queue areas only.
     let queues_only = again((queue_area_size(SIZE) * usize::from(QUEUES)) as u64);
-    assert_eq!(queues_only.writeback(), None);
-    assert!(!queues_only.set_writeback(false));
+    assert_eq!(queues_only.write_cache(), None);
+    assert!(!queues_only.set_write_cache(WriteCache::Through));
 }
 
 #[test]
