@@ -9,11 +9,18 @@
 #   --initrd FILE          initramfs (required)
 #   --kernel FILE          kernel image; by default fetch-kernel.sh is run on
 #                          the lab cache ($VUBD_LAB_CACHE, default target/lab)
-#   --vhost-user-blk SOCK[,num-queues=N][,PROP=VALUE...]
+#   --vhost-user-blk SOCK[,num-queues=N][,reconnect=S][,PROP=VALUE...]
 #                          attach a vhost-user-blk-pci disk served on the unix
-#                          socket SOCK (num-queues defaults to 1; other
-#                          properties go to -device as they are); repeatable,
-#                          the guest sees them as vda, vdb, ... in order
+#                          socket SOCK (num-queues defaults to 1; reconnect=S
+#                          goes to the socket's -chardev: QEMU connects again
+#                          every S seconds after the back end went away;
+#                          other properties go to -device as they are);
+#                          repeatable, the guest sees them as vda, vdb, ... in
+#                          order
+#   --control SOCK         a second serial port, the guest's /dev/ttyS1, on
+#                          the unix socket SOCK, which QEMU creates and
+#                          listens on: a way for the host to talk to the
+#                          guest script while it runs
 #   --iommu                an emulated Intel IOMMU (VT-d), needed for VFIO in
 #                          the guest: machine q35, -device intel-iommu
 #                          (intremap=on, caching-mode=on, aw-bits=48) ahead
@@ -76,7 +83,7 @@ usage_error() { printf '%s: error: %s (see --help)\n' "$LAB_PROG" "$*" >&2; exit
 
 kernel='' initrd='' smp=1 memory=512M append='' log='' echo_console=1 dry_run=0 interactive=0
 timeout_s=${VUBD_LAB_TIMEOUT:-300}
-disks=() extra=() nvmes=() nvme_ctrls=() nvme_nss=() iommu=0 bridges=() monitor=''
+disks=() extra=() nvmes=() nvme_ctrls=() nvme_nss=() iommu=0 bridges=() monitor='' control=''
 need_value() { [[ $2 -ge 2 ]] || usage_error "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -86,6 +93,7 @@ while [[ $# -gt 0 ]]; do
         --iommu) iommu=1; shift ;;
         --pci-bridge) need_value "$1" $#; bridges+=("$2"); shift 2 ;;
         --monitor) need_value "$1" $#; monitor=$2; shift 2 ;;
+        --control) need_value "$1" $#; control=$2; shift 2 ;;
         --nvme) need_value "$1" $#; nvmes+=("$2"); shift 2 ;;
         --nvme-ctrl) need_value "$1" $#; nvme_ctrls+=("$2"); shift 2 ;;
         --nvme-ns) need_value "$1" $#; nvme_nss+=("$2"); shift 2 ;;
@@ -139,6 +147,7 @@ lab_need_cmd timeout coreutils
 iommu_append='' machine=()
 [[ ${#bridges[@]} -eq 0 || $iommu -eq 1 ]] || usage_error "--pci-bridge needs --iommu (machine q35)"
 [[ $monitor != *,* ]] || usage_error "--monitor: '$monitor' contains a comma"
+[[ $control != *,* ]] || usage_error "--control: '$control' contains a comma"
 if [[ $iommu -eq 1 ]]; then
     iommu_append=' intel_iommu=on iommu=pt no_timer_check'
     # shellcheck disable=SC2054 # the commas are inside option values
@@ -171,6 +180,12 @@ qemu=(qemu-system-x86_64
 if [[ -n $monitor ]]; then
     qemu+=(-monitor "unix:$monitor,server=on,wait=off")
 fi
+# The second 16550 UART of a PC (I/O port 0x2f8, IRQ 3): ttyS1 in the guest.
+if [[ -n $control ]]; then
+    # shellcheck disable=SC2054 # the commas are inside option values
+    qemu+=(-chardev "socket,id=control,path=$control,server=on,wait=off"
+        -device isa-serial,chardev=control)
+fi
 for id in "${bridges[@]}"; do
     [[ $id =~ ^[A-Za-z][A-Za-z0-9_]*$ ]] || usage_error "--pci-bridge '$id': letters, digits and '_'"
     qemu+=(-device "pcie-pci-bridge,id=$id")
@@ -183,14 +198,20 @@ for spec in "${disks[@]}"; do
     [[ -n $sock ]] || usage_error "--vhost-user-blk '$spec': no socket path"
     [[ -S $sock || $dry_run -eq 1 ]] ||
         die "--vhost-user-blk: '$sock' is not a unix socket (is the back end listening?)"
-    props="chardev=vub$n" have_nq=0
+    props="chardev=vub$n" have_nq=0 chardev_opts=''
     for f in "${fields[@]:1}"; do
         [[ $f == *=* ]] || usage_error "--vhost-user-blk '$spec': '$f' is not PROP=VALUE"
+        if [[ $f == reconnect=* ]]; then
+            [[ ${f#reconnect=} =~ ^[1-9][0-9]*$ ]] ||
+                usage_error "--vhost-user-blk '$spec': reconnect wants seconds"
+            chardev_opts+=",$f"
+            continue
+        fi
         [[ $f == num-queues=* ]] && have_nq=1
         props+=",$f"
     done
     [[ $have_nq -eq 1 ]] || props+=",num-queues=1"
-    qemu+=(-chardev "socket,id=vub$n,path=$sock"
+    qemu+=(-chardev "socket,id=vub$n,path=$sock$chardev_opts"
         -device "vhost-user-blk-pci,$props")
     n=$((n + 1))
 done

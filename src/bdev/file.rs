@@ -88,8 +88,8 @@ pub struct FileDevice {
     /// Hole punching works (discard, and write-zeroes with UNMAP).
     punch: bool,
     info: DeviceInfo,
-    /// The image's locks, taken through the buffered descriptor only (the direct one is
-    /// another open file description: its locks would conflict with these).
+    /// The image's locks, taken through a descriptor of their own (each open file description
+    /// holds its own locks: the I/O descriptors take none).
     lock: ImageLock,
 }
 
@@ -120,7 +120,12 @@ impl FileDevice {
         } else {
             LockSet::WRITER
         };
-        let lock = ImageLock::take(buffered.clone(), path, active, opts.inactive)
+        // Locks go through a descriptor of their own, never used for I/O: io_uring keeps the
+        // files it works on open after a process is killed (its teardown is deferred), which
+        // would keep a killed vubd's locks past its death and refuse the vubd restarted in
+        // its place. This one is closed with the process.
+        let lock_file = OpenOptions::new().read(true).open(path).map_err(open_err)?;
+        let lock = ImageLock::take(Arc::new(lock_file), path, active, opts.inactive)
             .map_err(FileError::Lock)?;
         let size = (&*buffered)
             .seek(SeekFrom::End(0))

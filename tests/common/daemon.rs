@@ -90,6 +90,11 @@ enum Backend {
 
 const BACKEND_ENV: &str = "VUBD_TEST_BACKEND";
 
+/// Whether `VUBD_TEST_BACKEND` selects QEMU's reference backend (qemu-storage-daemon).
+pub fn reference_backend_selected() -> bool {
+    selected_backend() == Backend::QemuStorageDaemon
+}
+
 fn selected_backend() -> Backend {
     match std::env::var(BACKEND_ENV).as_deref() {
         Err(std::env::VarError::NotPresent) | Ok("" | "vubd") => Backend::Vubd,
@@ -375,8 +380,14 @@ impl Daemon {
     /// Starts `cmd`, a [`vubd_command`] with its arguments (and whatever else it needs, such
     /// as [`inherit_fd`]), and waits until vubd listens on `socket`.
     pub fn vubd_from(cmd: Command, socket: &Path) -> Self {
+        Self::backend_from(cmd, "vubd", socket)
+    }
+
+    /// Starts `cmd`, the backend `name` with its arguments, and waits until it listens on
+    /// `socket`.
+    pub fn backend_from(cmd: Command, name: &str, socket: &Path) -> Self {
         let dir = tempfile::tempdir().expect("create daemon directory");
-        Self::spawn(cmd, "vubd", dir, socket.to_owned())
+        Self::spawn(cmd, name, dir, socket.to_owned())
     }
 
     fn spawn(mut cmd: Command, name: &str, dir: TempDir, socket: PathBuf) -> Self {
@@ -477,6 +488,14 @@ impl Daemon {
         })
     }
 
+    /// Kills the backend with SIGKILL, as a crash would (it cleans nothing up: its socket file
+    /// stays behind), and reaps it.
+    pub fn kill(&mut self) -> ExitStatus {
+        self.assert_running();
+        send_signal(&self.child, libc::SIGKILL).expect("send SIGKILL");
+        self.child.wait().expect("reap the killed backend")
+    }
+
     /// Connects a frontend with `num_queues` queues, failing the test on error.
     pub fn connect(&self, num_queues: usize) -> Client {
         self.connect_with(&ClientOptions::queues(num_queues))
@@ -544,6 +563,18 @@ pub fn socket_listening(path: &Path) -> bool {
                 .and_then(|flags| u32::from_str_radix(flags, 16).ok())
                 .is_some_and(|flags| flags & SO_ACCEPTCON != 0)
     })
+}
+
+/// Whether a frontend is connected to the unix socket bound to `path`, from `/proc/net/unix`:
+/// a socket the listener accepted carries the listener's path and is in state 03 (connected).
+pub fn socket_connected(path: &Path) -> bool {
+    let table =
+        fs::read_to_string("/proc/net/unix").unwrap_or_else(|e| panic!("read /proc/net/unix: {e}"));
+    let suffix = format!(" {}", path.display());
+    table
+        .lines()
+        .skip(1)
+        .any(|line| line.ends_with(&suffix) && line.split_whitespace().nth(5) == Some("03"))
 }
 
 fn send_signal(child: &Child, signal: libc::c_int) -> io::Result<()> {

@@ -1,8 +1,9 @@
 //! Running the QEMU lab (`qemu/`) from a test: scripts bounded in time with their output in a
 //! log, and the `TAG key=value ...` lines guests print on their console. For the lab tests
 //! with a guest script of their own (`tests/guest/NAME.sh`): [`test_dir`], [`build_initramfs`],
-//! [`image_file`], [`Guest`] (a `run-guest.sh` command with the options they all use),
-//! [`echo_lines`] and [`read_at`].
+//! [`image_file`], [`Guest`] (a `run-guest.sh` command with the options they all use; run to
+//! its end, or [`RunningGuest`] for a test that acts while the guest runs), [`echo_lines`] and
+//! [`read_at`].
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -138,6 +139,102 @@ impl Guest {
     pub fn run(mut self, dir: &Path) -> String {
         let limit = Duration::from_secs(self.timeout_s + 30);
         run_guest(&mut self.command, &self.console_log, dir, limit)
+    }
+
+    /// Boots the guest without waiting for it (its own output in `dir/run-guest.log`), for a
+    /// test that acts on the host while the guest runs and reads its console as it goes.
+    pub fn spawn(mut self, dir: &Path) -> RunningGuest {
+        let run_log = dir.join("run-guest.log");
+        let out = File::create(&run_log).expect("create log");
+        let child = self
+            .command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("clone log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn run-guest.sh");
+        RunningGuest {
+            child: Some(child),
+            console_log: self.console_log,
+            run_log,
+            limit: Duration::from_secs(self.timeout_s + 30),
+        }
+    }
+}
+
+/// A guest started by [`Guest::spawn`]. Dropping it stops the guest if it still runs.
+#[derive(Debug)]
+pub struct RunningGuest {
+    /// `run-guest.sh`; `None` once it has been waited for.
+    child: Option<Child>,
+    console_log: PathBuf,
+    run_log: PathBuf,
+    /// How long [`RunningGuest::finish`] waits: the guest's time limit and 30 s.
+    limit: Duration,
+}
+
+impl RunningGuest {
+    /// The console so far, carriage returns removed.
+    pub fn console(&self) -> String {
+        let bytes = fs::read(&self.console_log).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).replace('\r', "")
+    }
+
+    /// What `run-guest.sh` printed so far.
+    pub fn run_log(&self) -> String {
+        fs::read_to_string(&self.run_log).unwrap_or_default()
+    }
+
+    /// Fails the test, with both logs, if the guest has ended.
+    #[track_caller]
+    pub fn assert_running(&mut self) {
+        let child = self
+            .child
+            .as_mut()
+            .expect("the guest was already waited for");
+        if let Some(status) = child.try_wait().expect("poll run-guest.sh") {
+            panic!(
+                "the guest ended ({status}) while the test still needed it:\n{}\n---- console ----\n{}",
+                self.run_log(),
+                self.console()
+            );
+        }
+    }
+
+    /// Waits up to `limit` for a console line that contains `text` and returns it from `text`
+    /// on. Fails the test, with both logs, if the guest ends or the time runs out first.
+    #[track_caller]
+    pub fn wait_line(&mut self, text: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(line) = lines_with(&self.console(), text).next() {
+                return line.to_owned();
+            }
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "no console line with {text:?} within {limit:?}:\n{}\n---- console ----\n{}",
+                self.run_log(),
+                self.console()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the guest to end (up to its time limit and 30 s; then it is stopped) and
+    /// returns how `run-guest.sh` exited (`None`: stopped) and the console.
+    pub fn finish(mut self) -> (Option<ExitStatus>, String) {
+        let mut child = self.child.take().expect("the guest was already waited for");
+        let status = wait_limited(&mut child, self.limit);
+        (status, self.console())
+    }
+}
+
+impl Drop for RunningGuest {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            wait_limited(&mut child, Duration::ZERO);
+        }
     }
 }
 

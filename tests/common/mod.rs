@@ -17,9 +17,13 @@
 //!   a RAM or null namespace, fault injection and counters, for initiator tests the kernel
 //!   target cannot serve (misbehaviour, speed). It depends on nothing else here, so
 //!   `examples/fake_target.rs` includes it by path.
+//! - [`loopdev`]: [`loopdev::LoopDevice`], a loop device over a file, for the tests that serve
+//!   a block device, and the helpers of guards that run system tools.
 //! - [`lab`]: running the QEMU lab's scripts bounded in time, building a lab test's initramfs
 //!   and booting its guest, and reading the `TAG key=value` lines its guests print.
 //! - [`procfs`]: the CPU time and CPU affinity of a running backend, from `/proc`.
+//! - [`throttle`]: [`throttle::WriteThrottle`], a cgroup that limits a backend's writes to a
+//!   disk (reads pass), so that its requests complete out of order.
 //! - [`examples`]: [`examples::example_bin`], the executable of an example program (built on
 //!   first use), for tests that run `blkcheck` or `vfio_probe`.
 //! - [`client`]: [`client::Client`], a vhost-user frontend built on libblkio: N queues, one
@@ -28,8 +32,9 @@
 //! - `raw.rs`: `RawFrontend`, libblkio's virtio layer used directly, for the requests libblkio
 //!   refuses to send and for reading the raw configuration space.
 //! - `workload.rs`: a random, self-checking I/O workload on every queue of a client at once.
+//! - `restart.rs`: the restart lab's machinery (`tests/restart_lab.rs`).
 //!
-//! The last two are not submodules of this one: the test binaries that need them declare them
+//! The last three are not submodules of this one: the test binaries that need them declare them
 //! themselves, next to `mod common;`, so that the others do not compile them (nor
 //! virtio-driver):
 //!
@@ -53,9 +58,11 @@ pub mod daemon;
 pub mod examples;
 pub mod fake_target;
 pub mod lab;
+pub mod loopdev;
 pub mod nvmet;
 pub mod procfs;
 pub mod qmp;
+pub mod throttle;
 
 use std::fs::{self, File};
 use std::io;
