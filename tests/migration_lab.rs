@@ -55,20 +55,19 @@ mod common;
 #[path = "../examples/migcheck/pattern.rs"]
 mod pattern;
 
-use std::ffi::OsString;
 use std::fs;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::daemon::{Daemon, DaemonConfig};
+use common::daemon::{Daemon, DaemonConfig, reference_backend_selected};
 use common::examples::example_bin;
 use common::lab::{
-    build_initramfs, echo_lines, fields, image_file, lab_dir, read_at, stop_with_parent_thread,
-    test_dir, wait_limited,
+    Guest, RunningGuest, build_initramfs, echo_lines, fields, image_file, read_at,
+    stop_with_parent_thread, test_dir,
 };
 use common::qmp::Qmp;
 use serde_json::{Value, json};
@@ -127,8 +126,9 @@ const STOP_REMAINING: u64 = 64 << 20;
 /// the guest and copied what was dirty: the setup's, the one after the copy, the final one.
 const EXPECTED_DIRTY_SYNCS: u64 = 3;
 
-/// Upper bound of each QEMU's life (run-guest.sh stops it after that).
-const GUEST_LIFETIME_S: u64 = 1200;
+/// Upper bound of each QEMU's life (run-guest.sh stops it after that): it bounds the wait for
+/// a QEMU to quit, and for the guest to read every block back after `end`.
+const GUEST_LIFETIME_S: u64 = 600;
 /// From the source's start to the guest's first pass over its buffers: boot and writing
 /// every block, under TCG.
 const FIRST_PASS_LIMIT: Duration = Duration::from_secs(300);
@@ -137,10 +137,8 @@ const MIGRATION_LIMIT: Duration = Duration::from_secs(300);
 /// Passes the guest makes on each destination before the next migration or the end.
 const PASSES_AFTER_MIGRATION: u64 = 2 * THREADS;
 const PASSES_LIMIT: Duration = Duration::from_secs(300);
-/// From `end` to the guest's exit: reading every block back.
-const END_LIMIT: Duration = Duration::from_secs(300);
-/// How long a QEMU may take to go away after `quit` or after the guest powered off.
-const EXIT_LIMIT: Duration = Duration::from_secs(30);
+/// From `completed` on the source to the destination running the guest.
+const RUNNING_LIMIT: Duration = Duration::from_secs(30);
 
 /// Who serves the image on each side.
 #[derive(Debug, Clone)]
@@ -157,7 +155,7 @@ enum Backend {
 impl Backend {
     /// What the knobs select: `VUBD_TEST_BACKEND`, then `VUBD_MIGRATION_VUBD`.
     fn selected() -> Self {
-        if Daemon::reference_selected() {
+        if reference_backend_selected() {
             return Self::Reference;
         }
         Self::Vubd {
@@ -204,111 +202,85 @@ fn migrations() -> usize {
     }
 }
 
-/// One QEMU of the migration, started by `run-guest.sh`: its console, QMP and control port
-/// (the guest's ttyS1) in the test's directory under its own name. Dropping it stops QEMU.
+/// One QEMU of the migration, a lab guest started by `run-guest.sh` in a directory of its own
+/// (`dir/NAME`: console, `run-guest.sh` output, QMP socket, control port socket). Dropping it
+/// stops QEMU.
 struct Vm {
     name: String,
-    child: Child,
-    console_log: PathBuf,
-    qmp_socket: PathBuf,
-    control_socket: PathBuf,
-    /// The connection to the control port, kept open once something was sent.
+    /// `None` once it has ended.
+    guest: Option<RunningGuest>,
+    dir: PathBuf,
+    /// The connection to the guest's control port, kept open once something was sent.
     control: Option<UnixStream>,
-    /// How `run-guest.sh` ended, once it did.
-    status: Option<ExitStatus>,
 }
 
 impl Vm {
     /// Starts QEMU `name` with the disk on `disk_socket`; as a migration's destination if
     /// `incoming`.
     fn start(dir: &Path, name: &str, initrd: &Path, disk_socket: &Path, incoming: bool) -> Self {
-        let console_log = dir.join(format!("{name}.console.log"));
-        let qmp_socket = dir.join(format!("{name}.qmp.sock"));
-        let control_socket = dir.join(format!("{name}.control.sock"));
+        let dir = dir.join(name);
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
         let append = format!(
             "MIG_BLOCKS={BLOCKS} MIG_BLOCK_SIZE={BLOCK_SIZE} MIG_THREADS={THREADS} MIG_SLOTS={SLOTS}"
         );
-        let mut qemu_args: Vec<OsString> = vec![
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", qmp_socket.display()).into(),
-            "-chardev".into(),
-            format!(
-                "socket,id=control,path={},server=on,wait=off",
-                control_socket.display()
-            )
-            .into(),
-            "-device".into(),
-            "isa-serial,chardev=control".into(),
-            "-chardev".into(),
-            format!("socket,id=d0,path={},reconnect=1", disk_socket.display()).into(),
-            "-device".into(),
-            format!("vhost-user-blk-pci,chardev=d0,num-queues={NUM_QUEUES}").into(),
-        ];
-        if incoming {
-            qemu_args.extend(["-incoming".into(), "defer".into()]);
-        }
-        let mut cmd = Command::new(lab_dir().join("run-guest.sh"));
-        cmd.arg("--initrd")
-            .arg(initrd)
+        let mut guest = Guest::new(initrd, &dir, "console.log", GUEST_LIFETIME_S);
+        guest
+            .command()
             .args(["--smp", GUEST_CPUS, "--memory", GUEST_MEMORY])
-            .args(["--timeout", &GUEST_LIFETIME_S.to_string(), "--no-echo"])
-            .arg("--log")
-            .arg(&console_log)
-            .args(["--append", &append, "--"])
-            .args(qemu_args);
-        stop_with_parent_thread(&mut cmd);
-        let output = fs::File::create(dir.join(format!("{name}.run-guest.log")))
-            .expect("create run-guest log");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(output.try_clone().expect("clone log"))
-            .stderr(output)
-            .spawn()
-            .expect("spawn run-guest.sh");
+            .arg("--vhost-user-blk")
+            .arg(format!(
+                "{},num-queues={NUM_QUEUES},reconnect=1",
+                disk_socket.display()
+            ))
+            .arg("--control")
+            .arg(dir.join("control.sock"))
+            .args(["--append", &append, "--qemu-arg", "-qmp", "--qemu-arg"])
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                dir.join("qmp.sock").display()
+            ));
+        if incoming {
+            guest
+                .command()
+                .args(["--qemu-arg", "-incoming", "--qemu-arg", "defer"]);
+        }
+        stop_with_parent_thread(guest.command());
+        let guest = guest.spawn(&dir);
         Self {
             name: name.to_owned(),
-            child,
-            console_log,
-            qmp_socket,
-            control_socket,
+            guest: Some(guest),
+            dir,
             control: None,
-            status: None,
         }
     }
 
     fn console(&self) -> String {
-        let bytes = fs::read(&self.console_log).unwrap_or_default();
+        let bytes = fs::read(self.dir.join("console.log")).unwrap_or_default();
         String::from_utf8_lossy(&bytes).replace('\r', "")
-    }
-
-    fn run_guest_log(&self) -> String {
-        let log = self
-            .console_log
-            .with_file_name(format!("{}.run-guest.log", self.name));
-        fs::read_to_string(log).unwrap_or_default()
     }
 
     fn logs(&self) -> String {
         format!(
             "---- {name} console ----\n{}\n---- {name} run-guest.sh ----\n{}---- end of {name} ----",
             self.console(),
-            self.run_guest_log(),
+            fs::read_to_string(self.dir.join("run-guest.log")).unwrap_or_default(),
             name = self.name
         )
     }
 
     /// A QMP connection to this QEMU (which creates its socket as it starts).
     fn qmp(&self) -> Qmp {
-        Qmp::connect_within(&self.qmp_socket, Duration::from_secs(60))
+        Qmp::connect_within(&self.dir.join("qmp.sock"), Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("{}: {e}\n{}", self.name, self.logs()))
     }
 
     /// Fails the test, with the logs, if QEMU is gone.
     #[track_caller]
     fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().expect("poll run-guest.sh") {
-            panic!("{} ended with {status}\n{}", self.name, self.logs());
-        }
+        self.guest
+            .as_mut()
+            .unwrap_or_else(|| panic!("{} has ended", self.name))
+            .assert_running();
     }
 
     /// Waits, at most `limit`, until `found` says yes on the console; fails the test if QEMU
@@ -348,35 +320,31 @@ impl Vm {
 
     /// Writes `line` on the guest's control port.
     fn tell(&mut self, line: &str) {
+        let path = self.dir.join("control.sock");
         let stream = self.control.get_or_insert_with(|| {
-            UnixStream::connect(&self.control_socket)
-                .unwrap_or_else(|e| panic!("connect {}: {e}", self.control_socket.display()))
+            UnixStream::connect(&path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()))
         });
         stream
             .write_all(format!("{line}\n").as_bytes())
             .unwrap_or_else(|e| panic!("write {line:?} on the control port: {e}"));
     }
 
-    /// Waits, at most `limit`, for `run-guest.sh` to end; fails the test if it does not.
-    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let status = wait_limited(&mut self.child, limit).unwrap_or_else(|| {
-            panic!(
-                "{} still running after {limit:?}\n{}",
-                self.name,
-                self.logs()
-            )
-        });
-        self.status = Some(status);
-        status
+    /// Waits for `run-guest.sh` to end (QEMU's life is bounded by [`GUEST_LIFETIME_S`]) and
+    /// returns how it exited; fails the test if it had to be stopped.
+    fn wait_exit(&mut self) -> ExitStatus {
+        let guest = self
+            .guest
+            .take()
+            .unwrap_or_else(|| panic!("{} has ended", self.name));
+        let (status, _) = guest.finish();
+        status.unwrap_or_else(|| panic!("{} had to be stopped\n{}", self.name, self.logs()))
     }
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        if self.status.is_none() {
-            // SIGTERM makes run-guest.sh stop QEMU; SIGKILL 15 s later if not.
-            let _ = wait_limited(&mut self.child, Duration::ZERO);
-        }
+        // Stops QEMU if it still runs.
+        drop(self.guest.take());
         if thread::panicking() {
             eprintln!("{}", self.logs());
         }
@@ -469,7 +437,7 @@ fn migrate(from: &mut Vm, to: &mut Vm, uri_path: &Path) -> MigrationStats {
         thread::sleep(Duration::from_millis(20));
     }
     // The destination starts the guest once it has loaded everything.
-    let deadline = Instant::now() + EXIT_LIMIT;
+    let deadline = Instant::now() + RUNNING_LIMIT;
     loop {
         let status = dst
             .execute("query-status", None)
@@ -479,7 +447,7 @@ fn migrate(from: &mut Vm, to: &mut Vm, uri_path: &Path) -> MigrationStats {
         }
         assert!(
             Instant::now() < deadline,
-            "{} not running {EXIT_LIMIT:?} after the migration: {status}",
+            "{} not running {RUNNING_LIMIT:?} after the migration: {status}",
             to.name
         );
         thread::sleep(Duration::from_millis(100));
@@ -560,7 +528,7 @@ fn run(backend: &Backend, count: usize) -> Run {
         // QEMU may close the connection before its answer to `quit` is read: that it exits
         // is the answer.
         let _ = vm.qmp().execute("quit", None);
-        vm.wait_exit(EXIT_LIMIT);
+        vm.wait_exit();
         let console = vm.console();
         assert!(
             !console.contains("GUEST-RESULT"),
@@ -582,7 +550,7 @@ fn run(backend: &Backend, count: usize) -> Run {
     }
 
     vm.tell("end");
-    let last_status = vm.wait_exit(END_LIMIT);
+    let last_status = vm.wait_exit();
     consoles.push(vm.console());
     let status = daemon.terminate();
     backend_outputs.push(daemon.output());

@@ -333,12 +333,6 @@ impl Daemon {
         Self::spawn(cmd, "qemu-storage-daemon", dir, socket.to_owned())
     }
 
-    /// Whether `VUBD_TEST_BACKEND` selects qemu-storage-daemon, for tests that start their
-    /// backends themselves.
-    pub fn reference_selected() -> bool {
-        selected_backend() == Backend::QemuStorageDaemon
-    }
-
     /// Starts vubd (whatever `VUBD_TEST_BACKEND` says) with the usual arguments plus `extra`.
     pub fn vubd(image: &Image, config: &DaemonConfig, extra: &[&OsStr]) -> Self {
         Self::vubd_disk(image.path(), config, extra)
