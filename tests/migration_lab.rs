@@ -46,9 +46,9 @@
 //!
 //! The destination's backend starts with [`DESTINATION_ARGS`], the one place for the options
 //! that make a backend the incoming side of a migration. On a machine with two cores and other
-//! guests running, a run takes about 30 s (the guest boots and writes its blocks in about
-//! 15 s, a migration of its 256 MiB takes about 3 s), the long variant about a minute; each
-//! step is bounded and says what it waited for.
+//! guests running, a run takes about 20 s (the guest boots and writes its blocks in about
+//! 10 s, a migration of its 256 MiB takes 2-2.5 s with 20-80 ms of downtime), the long
+//! variant about 35 s; each step is bounded and says what it waited for.
 
 mod common;
 
