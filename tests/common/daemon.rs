@@ -226,7 +226,19 @@ pub fn inherit_fd(cmd: &mut Command, fd: RawFd, target: RawFd) {
     }
 }
 
-fn qemu_storage_daemon_command(disk: &Path, socket: &Path, config: &DaemonConfig) -> Command {
+/// Whether qemu-storage-daemon takes QEMU's image locks (`locking=` of its `file` driver).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Locking {
+    On,
+    Off,
+}
+
+fn qemu_storage_daemon_command(
+    disk: &Path,
+    socket: &Path,
+    config: &DaemonConfig,
+    locking: Locking,
+) -> Command {
     assert!(
         !config.has_vubd_only_settings(),
         "{config:?} has settings only vubd understands: start vubd itself (Daemon::vubd)"
@@ -246,8 +258,12 @@ fn qemu_storage_daemon_command(disk: &Path, socket: &Path, config: &DaemonConfig
         "file"
     };
     let mut cmd = Command::new("qemu-storage-daemon");
+    let locking = match locking {
+        Locking::On => "auto",
+        Locking::Off => "off",
+    };
     cmd.arg("--blockdev").arg(format!(
-        "driver={driver},filename={},node-name=disk0,discard=unmap,read-only={read_only}",
+        "driver={driver},filename={},node-name=disk0,discard=unmap,read-only={read_only},locking={locking}",
         qemu_path(disk)
     ));
     let mut export = format!(
@@ -302,10 +318,19 @@ impl Daemon {
                 Self::spawn(cmd, "vubd", dir, socket).holding(turn)
             }
             Backend::QemuStorageDaemon => {
-                let cmd = qemu_storage_daemon_command(disk, &socket, config);
+                let cmd = qemu_storage_daemon_command(disk, &socket, config, Locking::On);
                 Self::spawn(cmd, "qemu-storage-daemon", dir, socket)
             }
         }
+    }
+
+    /// Starts qemu-storage-daemon (whatever `VUBD_TEST_BACKEND` says) on `disk` without QEMU's
+    /// image locks, serving `socket`: for tests in which two backends open one image at once,
+    /// such as the source and the destination of a live migration.
+    pub fn qemu_storage_daemon_unlocked(disk: &Path, socket: &Path, config: &DaemonConfig) -> Self {
+        let dir = tempfile::tempdir().expect("create daemon directory");
+        let cmd = qemu_storage_daemon_command(disk, socket, config, Locking::Off);
+        Self::spawn(cmd, "qemu-storage-daemon", dir, socket.to_owned())
     }
 
     /// Starts vubd (whatever `VUBD_TEST_BACKEND` says) with the usual arguments plus `extra`.

@@ -7,7 +7,9 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
+use std::io;
 use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
@@ -357,4 +359,22 @@ pub fn run_guest(guest: &mut Command, console_log: &Path, dir: &Path, limit: Dur
         );
     }
     console
+}
+
+/// Makes a lab script get SIGTERM when the thread that spawns it ends (prctl
+/// PR_SET_PDEATHSIG): its trap then stops QEMU. This covers a test process killed without
+/// unwinding; normally the owner's drop handler stops the guest first.
+pub fn stop_with_parent_thread(cmd: &mut Command) {
+    // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
+    // calls are allowed: it makes one system call with constant arguments, and neither
+    // allocates nor takes a lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        });
+    }
 }

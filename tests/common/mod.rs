@@ -11,6 +11,8 @@
 //! - [`nvmet`]: [`nvmet::NvmetTarget`], the Linux kernel's NVMe/TCP target in a QEMU guest
 //!   (`qemu/nvmet-target.sh`), reached at 127.0.0.1, for NVMe/TCP initiator tests; its guest can
 //!   be paused and resumed over QMP.
+//! - [`qmp`]: [`qmp::Qmp`], a QMP client for the tests that drive QEMU processes (pausing a
+//!   guest, migrating it).
 //! - [`fake_target`]: [`fake_target::FakeTarget`], a small NVMe/TCP target on 127.0.0.1 with
 //!   a RAM or null namespace, fault injection and counters, for initiator tests the kernel
 //!   target cannot serve (misbehaviour, speed). It depends on nothing else here, so
@@ -59,6 +61,7 @@ pub mod lab;
 pub mod loopdev;
 pub mod nvmet;
 pub mod procfs;
+pub mod qmp;
 pub mod throttle;
 
 use std::fs::{self, File};

@@ -15,10 +15,7 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -27,8 +24,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::TIMEOUT;
 use super::daemon::wait_bounded;
+use super::lab::stop_with_parent_thread;
+use super::qmp::Qmp;
 
 /// The NQN of the discovery subsystem, which every nvmet port serves.
 pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
@@ -376,77 +374,9 @@ impl NvmetTarget {
     }
 
     /// Runs one QMP command without arguments on a fresh QMP connection and returns its
-    /// `return` value. Every read and write is bounded by [`TIMEOUT`].
+    /// `return` value. Every read and write is bounded by [`TIMEOUT`](super::TIMEOUT).
     pub fn qmp(&self, command: &str) -> Result<serde_json::Value, String> {
-        let path = self.dir.path().join("qmp.sock");
-        let stream =
-            UnixStream::connect(&path).map_err(|e| format!("connect {}: {e}", path.display()))?;
-        stream
-            .set_read_timeout(Some(TIMEOUT))
-            .and_then(|()| stream.set_write_timeout(Some(TIMEOUT)))
-            .map_err(|e| format!("set QMP timeouts: {e}"))?;
-        let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
-        let mut writer = stream;
-        let greeting = read_qmp_message(&mut reader)?;
-        if greeting.get("QMP").is_none() {
-            return Err(format!("not a QMP greeting: {greeting}"));
-        }
-        qmp_execute(&mut reader, &mut writer, "qmp_capabilities")?;
-        qmp_execute(&mut reader, &mut writer, command)
-    }
-}
-
-/// Sends `{"execute": command}` and returns the reply's `return` value, skipping the events
-/// QEMU sends in between (such as `STOP`, which comes before the reply to `stop`).
-fn qmp_execute(
-    reader: &mut impl BufRead,
-    writer: &mut impl Write,
-    command: &str,
-) -> Result<serde_json::Value, String> {
-    let request = serde_json::json!({ "execute": command });
-    writeln!(writer, "{request}")
-        .and_then(|()| writer.flush())
-        .map_err(|e| format!("send {command}: {e}"))?;
-    // Events are few; a bound keeps a chatty monitor from holding the test.
-    for _ in 0..100 {
-        let mut reply = read_qmp_message(reader)?;
-        if let Some(value) = reply.get_mut("return") {
-            return Ok(value.take());
-        }
-        if let Some(error) = reply.get("error") {
-            return Err(format!("{command}: {error}"));
-        }
-    }
-    Err(format!("{command}: no reply among 100 messages"))
-}
-
-fn read_qmp_message(reader: &mut impl BufRead) -> Result<serde_json::Value, String> {
-    let mut line = String::new();
-    match reader.read_line(&mut line) {
-        Ok(0) => Err("QMP connection closed".to_owned()),
-        Ok(_) => serde_json::from_str(&line).map_err(|e| format!("bad QMP message {line:?}: {e}")),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
-            Err(format!("no QMP message within {TIMEOUT:?}"))
-        }
-        Err(e) => Err(format!("read QMP: {e}")),
-    }
-}
-
-/// Makes the script get SIGTERM when the thread that spawns it ends (prctl PR_SET_PDEATHSIG):
-/// its trap then stops QEMU. This covers a test process killed without unwinding; normally
-/// the drop handler stops the guest first.
-fn stop_with_parent_thread(cmd: &mut Command) {
-    // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
-    // calls are allowed: it makes one system call with constant arguments, and neither
-    // allocates nor takes a lock.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        });
+        Qmp::connect(&self.dir.path().join("qmp.sock"))?.execute(command, None)
     }
 }
 
