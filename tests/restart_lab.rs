@@ -54,7 +54,7 @@
 //!
 //! Environment:
 //!
-//! - `VUBD_RESTART_LONG=1`: the long run (`tests/run.sh --long`): 60 kills per case, 0.2 to
+//! - `VUBD_TEST_LONG=1`: the long run (`tests/run.sh --long`): 60 kills per case, 0.2 to
 //!   3 s apart, 32 writers, and a write limit of 200 a second in the file case;
 //! - `VUBD_RESTART_KILLS=N`: N kills per case instead;
 //! - `VUBD_RESTART_SEED=X`: the seed of the kill times and of genwrite's data (decimal or

@@ -72,7 +72,7 @@ pub struct Settings {
 
 impl Settings {
     pub fn from_env() -> Self {
-        let long = std::env::var("VUBD_RESTART_LONG").is_ok_and(|v| v == "1");
+        let long = std::env::var("VUBD_TEST_LONG").is_ok_and(|v| v == "1");
         let kills = match std::env::var("VUBD_RESTART_KILLS") {
             Ok(v) => v
                 .parse()
