@@ -4,16 +4,21 @@
 # negotiated (vubd records every pop and completion in the region) or not; the result goes
 # into the inflight section of docs/benchmarks.md.
 #
-# Usage: benches/inflight_callgrind.sh      (about 3 minutes; installs valgrind if missing)
+# Usage: benches/inflight_callgrind.sh      (about 5 minutes; installs valgrind if missing)
 #
-# Measured as benches/callgrind.sh measures: vubd runs `--poll always` on one pinned poller
-# under `valgrind --tool=callgrind --separate-threads=yes`; the count is the instructions (Ir)
-# of the poller thread divided by the number of I/Os, less its empty polls (the spin-loop
-# hint's line counts the empty passes, and a run whose client went idle after a burst prices
-# one) and the prefetches of its first empty passes after a request (`poller::warm`). The
-# client spins on the used ring and asks for no interrupts. Where the added instructions are:
-# the poller's instructions by source file of the (inlined) code, tracking on less tracking
-# off, and the lines of src/virtio_blk/inflight.rs line by line.
+# vubd runs on one pinned poller under `valgrind --tool=callgrind --separate-threads=yes`; the
+# count is the instructions (Ir) of the poller thread divided by the number of I/Os. The client
+# spins on the used ring and asks for no interrupts. Two poll modes:
+# - `--poll always`, measured as benches/callgrind.sh measures: less the empty polls (the
+#   spin-loop hint's line counts the empty passes, and a run whose client went idle after a
+#   burst prices one) and the prefetches of the first empty passes after a request
+#   (`poller::warm`). On a busy machine the client is often descheduled, empty polls become
+#   most of the count, and the difference between two runs is only as good as their pricing.
+# - `--poll never`: no empty polls; the poller sleeps after each batch and the client's kick
+#   wakes it, which costs the same with tracking on or off (at QD 1 every read is a batch).
+# Where the added instructions are (`--poll never`): the poller's instructions by source file
+# of the (inlined) code, tracking on less tracking off, and the lines of
+# src/virtio_blk/inflight.rs line by line.
 #
 # Environment: IOS (200000 per run), BACKEND_CPU (1), CLIENT_CPU (0), BENCH_DIR (target/bench),
 # QUIET_WAIT and QUIET_BUDGET as for compare.sh.
@@ -42,7 +47,8 @@ cg=$(cd "$work/inflight_callgrind" && pwd)
 work=$cg
 rm -f "$cg"/cg.* "$cg"/*.sock "$cg"/*.log "$cg"/*.txt "$cg"/*.tsv
 results=$cg/results.tsv
-printf 'run\tinflight\tqd\tios\tthread_ir\tprocess_ir\tspin_ir\twarm_ir\tinflight_ir\tprofile\n' >"$results"
+printf 'run\tpoll\tinflight\tqd\tios\tthread_ir\tprocess_ir\tspin_ir\twarm_ir\tinflight_ir\tprofile\n' \
+  >"$results"
 trap stop_all_backends EXIT
 START_TIMEOUT=60 # valgrind starts slowly
 
@@ -68,15 +74,15 @@ inflight_ir() {
     awk '/virtio_blk\/inflight\.rs:/ {gsub(",", "", $1); n += $1} END {print n + 0}'
 }
 
-# run_one NAME INFLIGHT QD CLIENT-ARGS...: vubd under callgrind, one client run.
+# run_one NAME POLL INFLIGHT QD CLIENT-ARGS...: vubd under callgrind, one client run.
 run_one() {
-  local name=$1 inflight=$2 qd=$3
-  shift 3
+  local name=$1 poll=$2 inflight=$3 qd=$4
+  shift 4
   local sock=$cg/$name.sock out=$cg/cg.$name
   wait_quiet
   start_backend "$name" "$sock" taskset -c "$BACKEND_CPU" valgrind --tool=callgrind \
     --separate-threads=yes --callgrind-out-file="$out.%p" "$VUBD" \
-    --socket-path "$sock" --disk null:16G --cpus "$BACKEND_CPU" --poll always
+    --socket-path "$sock" --disk null:16G --cpus "$BACKEND_CPU" --poll "$poll"
   local pid=${PIDS[$name]}
   "$LOAD" --socket "$sock" --qd "$qd" --inflight "$inflight" --cpu "$CLIENT_CPU" \
     --connect-timeout 60 "$@" >"$cg/$name.client.txt" 2>&1 ||
@@ -95,23 +101,25 @@ run_one() {
     die "$name: callgrind_annotate failed"
   local ios
   ios=$(sed -n 's/.*reads=\([0-9]*\).*/\1/p' "$cg/$name.client.txt")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$inflight" "$qd" "$ios" "$ir" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$poll" "$inflight" "$qd" "$ios" "$ir" \
     "$total" "$(spin_ir "$thread")" "$(warm_ir "$thread")" "$(inflight_ir "$thread")" \
     "${thread##*/}" >>"$results"
   log "$name: $((ir / ios)) Ir per I/O in the poller ($(cat "$cg/$name.client.txt"))"
 }
 
 # What one empty poll costs: a client that read a burst of 1000 and went idle for 3 s.
-run_one idle off 1 --idle 3
-for qd in 1 32; do
-  for inflight in off on; do
-    run_one "$inflight-$qd" "$inflight" "$qd" --ios "$IOS"
+run_one idle always off 1 --idle 3
+for poll in always never; do
+  for qd in 1 32; do
+    for inflight in off on; do
+      run_one "$poll-$inflight-$qd" "$poll" "$inflight" "$qd" --ios "$IOS"
+    done
   done
 done
 
-# The poller's profile annotated line by line (QD 1, tracking on): the report takes the lines
-# of inflight.rs from it.
-profile=$(awk -F'\t' '$1 == "on-1" {print $10}' "$results")
+# The poller's profile annotated line by line (`--poll never`, QD 1, tracking on): the report
+# takes the lines of inflight.rs from it.
+profile=$(awk -F'\t' '$1 == "never-on-1" {print $11}' "$results")
 callgrind_annotate "$cg/$profile" >"$cg/annotate.txt" 2>/dev/null || die "callgrind_annotate failed"
 
 facts=$cg/facts.txt
