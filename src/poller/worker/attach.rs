@@ -206,12 +206,13 @@ impl Worker {
         self.set_notifications(q, false);
     }
 
-    /// Acknowledges detach requests of queues with nothing in flight, and forgets them.
+    /// Acknowledges detach requests of queues with nothing in flight nor left to resubmit,
+    /// and forgets them.
     pub(super) fn finish_detaches(&mut self) {
         for qi in 0..self.queues.len() {
             let ready = self.queues[qi]
                 .as_ref()
-                .is_some_and(|q| q.detach.is_some() && q.in_flight == 0);
+                .is_some_and(|q| q.detach.is_some() && q.in_flight == 0 && q.resubmit.is_empty());
             if !ready {
                 continue;
             }
