@@ -14,7 +14,8 @@
 //!   frontend itself, since a random kill rarely lands in a window a few stores wide: a batch
 //!   published in the used ring but not cleared in the region is not run again; a batch linked
 //!   but not yet published is, with everything else in flight, in pop order.
-//! - The requests to resubmit run even if the frontend never kicks after reconnecting.
+//! - The requests to resubmit run even if the frontend never kicks after reconnecting, and a
+//!   stop (GET_VRING_BASE) that reaches the poller together with the queue waits for them.
 //! - A frontend that does not negotiate INFLIGHT_SHMFD is served as before.
 
 mod common;
@@ -24,6 +25,7 @@ mod frontend;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
@@ -367,6 +369,18 @@ fn publish_used(fe: &mut BlkFrontend, idx: u16, heads: &[u16]) {
 /// killed in `window` of the BATCH ones; then starts a new vubd, reconnects, and returns what
 /// the new one completed once nothing is in flight (a head completed twice fails the test).
 fn after_constructed_crash(disk: &OsStr, window: Window, opts: Options) -> AfterCrash {
+    after_constructed_crash_with(disk, window, opts, |fe, _| {
+        fe.reconnect().expect("reconnect");
+    })
+}
+
+/// [`after_constructed_crash`], with `restart` reconnecting the frontend to the new vubd.
+fn after_constructed_crash_with(
+    disk: &OsStr,
+    window: Window,
+    opts: Options,
+    restart: impl FnOnce(&mut BlkFrontend, &Daemon),
+) -> AfterCrash {
     let (_dir, socket) = socket_dir();
     let mut daemon = vubd(&socket, disk);
     let mut fe = BlkFrontend::connect(&socket, opts).expect("connect");
@@ -437,8 +451,8 @@ fn after_constructed_crash(disk: &OsStr, window: Window, opts: Options) -> After
         );
     }
 
-    let _daemon = vubd(&socket, disk);
-    fe.reconnect().expect("reconnect");
+    let daemon = vubd(&socket, disk);
+    restart(&mut fe, &daemon);
     let mut completed = Vec::new();
     let deadline = Instant::now() + TIMEOUT;
     while fe.slots() != fe.free_slots(0) {
@@ -574,6 +588,102 @@ fn requests_left_in_flight_are_resubmitted_without_a_kick_after_reconnecting() {
         ..Options::new(QUEUES)
     };
     let run = after_constructed_crash(OsStr::new("null:64M"), Window::LinkedNotPublished, opts);
+    assert_eq!(run.completed, run.unfinished(false), "{run:?}");
+}
+
+/// The thread of process `pid` named `name`.
+fn thread_named(pid: u32, name: &str) -> libc::pid_t {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("list threads");
+    tasks
+        .flatten()
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .and_then(|t| t.file_name().to_str()?.parse().ok())
+        .unwrap_or_else(|| panic!("no thread {name} in process {pid}"))
+}
+
+/// One thread of another process held stopped (ptrace: PTRACE_SEIZE, then PTRACE_INTERRUPT)
+/// while the rest of the process runs on, until `resume_after`: a ptrace tracer is a thread,
+/// so a thread of its own attaches, waits, and detaches.
+struct HeldThread {
+    resume: mpsc::Sender<Duration>,
+    tracer: std::thread::JoinHandle<()>,
+}
+
+impl HeldThread {
+    fn hold(tid: libc::pid_t) -> Self {
+        let (stopped_tx, stopped_rx) = mpsc::channel();
+        let (resume, resume_rx) = mpsc::channel::<Duration>();
+        let tracer = std::thread::spawn(move || {
+            let null = std::ptr::null_mut::<libc::c_void>();
+            // SAFETY: ptrace(2) on a thread of our child process, with no addresses passed
+            // (null address and data), so no memory of this process is read or written.
+            let seized = unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, null, null) } == 0
+                // SAFETY: as above.
+                && unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, null, null) } == 0;
+            let mut status = 0;
+            // SAFETY: waitpid(2) for the ptrace stop of our tracee, into a live local.
+            let stopped = seized && unsafe { libc::waitpid(tid, &mut status, libc::__WALL) } == tid;
+            let _ = stopped_tx.send(
+                stopped
+                    .then_some(())
+                    .ok_or_else(std::io::Error::last_os_error),
+            );
+            // A dropped sender resumes at once.
+            std::thread::sleep(resume_rx.recv().unwrap_or_default());
+            // SAFETY: as above; detaching resumes the thread.
+            unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, null, null) };
+        });
+        stopped_rx
+            .recv()
+            .expect("tracer thread")
+            .unwrap_or_else(|e| panic!("cannot stop thread {tid}: {e}"));
+        Self { resume, tracer }
+    }
+
+    /// Lets the thread run again after `delay` (from now, on the tracer thread).
+    fn resume_after(self, delay: Duration) -> std::thread::JoinHandle<()> {
+        let _ = self.resume.send(delay);
+        self.tracer
+    }
+}
+
+#[test]
+fn a_queue_stopped_before_its_resubmitted_requests_started_completes_them_first() {
+    // GET_VRING_BASE returns the next avail index as final: everything below it that the
+    // backend took must have completed (vhost-user, "Starting and stopping rings"). The
+    // requests a new vubd took over from the region count (next avail = used + in flight),
+    // even if the stop reaches the poller together with the queue, before it ran any.
+    let disk = OsStr::new("null:64M");
+    let run = after_constructed_crash_with(
+        disk,
+        Window::LinkedNotPublished,
+        Options::new(QUEUES),
+        |fe, daemon| {
+            let poller = HeldThread::hold(thread_named(daemon.pid(), "vubd-poller-0"));
+            fe.reconnect().expect("reconnect");
+            // Once the relay thread has taken the region up, the queue is attached (its
+            // Attach waits in the poller's commands); the stop queues a Detach behind it, and
+            // the poller sees both at once.
+            let deadline = Instant::now() + TIMEOUT;
+            while !daemon
+                .output()
+                .contains("resubmitting requests left in flight")
+            {
+                assert!(Instant::now() < deadline, "queue 0 not taken up");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let tracer = poller.resume_after(Duration::from_millis(200));
+            let base = fe.stop_queue(0).expect("GET_VRING_BASE");
+            tracer.join().expect("tracer thread");
+            assert_eq!(
+                base,
+                fe.used_idx(0),
+                "GET_VRING_BASE counts requests that never completed"
+            );
+        },
+    );
     assert_eq!(run.completed, run.unfinished(false), "{run:?}");
 }
 

@@ -116,6 +116,8 @@ pub enum FrontendError {
         queues: u16,
         entries: u16,
     },
+    #[error("not connected")]
+    Disconnected,
     #[error("queue {queue}: no free request slot")]
     Full { queue: usize },
     #[error("queue {queue}: used element {pos} names {id}, not a request head of this frontend")]
@@ -314,6 +316,15 @@ impl BlkFrontend {
     pub fn reconnect(&mut self) -> Result<(), FrontendError> {
         self.conn = None;
         self.start()
+    }
+
+    /// Stops queue `q` (GET_VRING_BASE) and returns the backend's next avail index: every
+    /// request below it has completed (vhost-user, "Starting and stopping rings").
+    pub fn stop_queue(&mut self, q: usize) -> Result<u16, FrontendError> {
+        let conn = self.conn.as_ref().ok_or(FrontendError::Disconnected)?;
+        let base = conn.get_vring_base(q)?;
+        // The index is 16 bits on a split ring; the message carries 32.
+        Ok(u16::try_from(base & 0xffff).expect("masked"))
     }
 
     /// Closes the connection (the backend sees the frontend go).
