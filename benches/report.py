@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Turns the raw results of benches/compare.sh, benches/callgrind.sh and benches/nvme_tcp.sh
-into the tables of docs/benchmarks.md. Each script owns one marked section of that file and
-rewrites only it; everything outside the markers (the notes) is kept.
+"""Turns the raw results of benches/compare.sh, benches/callgrind.sh, benches/nvme_tcp.sh and
+benches/inflight_callgrind.sh into the tables of docs/benchmarks.md. Each script owns one
+marked section of that file and rewrites only it; everything outside the markers (the notes)
+is kept.
 
   report.py compare FACTS RESULTS.jsonl WORKDIR DOC
   report.py callgrind FACTS RESULTS.tsv DOC
+  report.py inflight FACTS RESULTS.tsv DOC
   report.py nvme_tcp FACTS RESULTS.jsonl WORKDIR DOC
   report.py calls CALLGRIND.OUT LABEL IOS  (benches/nvme_tcp.sh: calls of syscall wrappers, TSV)
 """
@@ -13,6 +15,7 @@ import sys
 
 from reporting.callgrind import callgrind
 from reporting.compare import compare
+from reporting.inflight import inflight
 from reporting.nvme_tcp import calls, nvme_tcp
 
 
@@ -21,6 +24,8 @@ def main():
         compare(*sys.argv[2:])
     elif len(sys.argv) == 5 and sys.argv[1] == "callgrind":
         callgrind(*sys.argv[2:])
+    elif len(sys.argv) == 5 and sys.argv[1] == "inflight":
+        inflight(*sys.argv[2:])
     elif len(sys.argv) == 6 and sys.argv[1] == "nvme_tcp":
         nvme_tcp(*sys.argv[2:])
     elif len(sys.argv) == 5 and sys.argv[1] == "calls":

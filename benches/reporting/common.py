@@ -9,14 +9,18 @@ SKELETON = """# Benchmarks
 
 vubd measured against qemu-storage-daemon (QEMU's own vhost-user-blk export) and, for a file,
 against fio on the same file; and vubd's NVMe/TCP initiator against a null namespace on
-loopback. `benches/compare.sh`, `benches/callgrind.sh` and `benches/nvme_tcp.sh` regenerate the
-marked sections below; they keep everything outside the markers, such as the notes.
+loopback. `benches/compare.sh`, `benches/callgrind.sh`, `benches/inflight_callgrind.sh` and
+`benches/nvme_tcp.sh` regenerate the marked sections below; they keep everything outside the
+markers, such as the notes.
 
 <!-- BEGIN compare.sh -->
 <!-- END compare.sh -->
 
 <!-- BEGIN callgrind.sh -->
 <!-- END callgrind.sh -->
+
+<!-- BEGIN inflight_callgrind.sh -->
+<!-- END inflight_callgrind.sh -->
 
 <!-- BEGIN nvme_tcp.sh -->
 <!-- END nvme_tcp.sh -->

@@ -79,7 +79,8 @@ struct QueueSlot {
     /// In-flight slots reserved for this queue (its largest ring).
     reserve: usize,
     in_flight: u32,
-    /// Set by a detach request: stop popping, acknowledge once `in_flight` is zero.
+    /// Set by a detach request: stop popping, acknowledge once `in_flight` is zero and
+    /// `resubmit` is empty.
     detach: Option<DetachWait>,
     /// This poller's own reference to the queue's kick eventfd, watched edge-triggered (and
     /// never read) while the poller sleeps, so that a kick wakes it directly; the relay thread
@@ -250,7 +251,9 @@ impl Worker {
         let Some(q) = queues[qi].as_mut() else {
             return 0;
         };
-        if q.detach.is_some() {
+        // A queue being detached takes nothing new; what an earlier process left in flight
+        // was popped already (next avail counts it), so it still runs before the detach ends.
+        if q.detach.is_some() && q.resubmit.is_empty() {
             return 0;
         }
         let Some(dev) = devices[q.device].as_mut() else {
@@ -261,7 +264,9 @@ impl Worker {
         };
         let mut state = q.vring.get_mut();
         let queue = state.get_queue_mut();
-        if !queue.ready() {
+        // GET_VRING_BASE marks the queue not ready before it detaches it; the rings stay where
+        // they are until the frontend has the reply.
+        if !queue.ready() && q.detach.is_none() {
             return 0;
         }
         let Some(mut ring) = fresh_ring(&mut q.ring, dev, queue) else {
@@ -319,7 +324,7 @@ impl Worker {
                     }
                     head
                 }
-                None if next == avail => break,
+                None if next == avail || q.detach.is_some() => break,
                 None => {
                     let head = ring.avail_head(next);
                     next += 1;

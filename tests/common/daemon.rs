@@ -482,12 +482,37 @@ impl Daemon {
         })
     }
 
-    /// Kills the backend with SIGKILL, as a crash would (it cleans nothing up: its socket file
-    /// stays behind), and reaps it.
+    /// Kills the backend with SIGKILL, as a crash would, and waits (bounded) until it is gone:
+    /// its socket file stays behind, and nothing of it runs any more.
     pub fn kill(&mut self) -> ExitStatus {
         self.assert_running();
         send_signal(&self.child, libc::SIGKILL).expect("send SIGKILL");
-        self.child.wait().expect("reap the killed backend")
+        wait_bounded(&mut self.child)
+            .unwrap_or_else(|| panic!("{} still running {TIMEOUT:?} after SIGKILL", self.name))
+    }
+
+    /// Stops every thread of the backend (SIGSTOP) and waits until all are stopped, so that
+    /// the memory it shares holds what it wrote up to one instant; [`Daemon::thaw`] resumes
+    /// it, [`Daemon::kill`] ends it there.
+    pub fn freeze(&mut self) {
+        send_signal(&self.child, libc::SIGSTOP).expect("send SIGSTOP");
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        let mut status = 0;
+        // SAFETY: waitpid(2) on our own child, not reaped (`send_signal` just reached it), with
+        // a status pointer to a live local. WUNTRACED reports the stop once every thread has
+        // stopped; it reaps the child only if it exited instead, which fails the test here.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) };
+        assert!(
+            r == pid && libc::WIFSTOPPED(status),
+            "{} did not stop (waitpid {r}, status {status:#x}):\n{}",
+            self.name,
+            self.output()
+        );
+    }
+
+    /// Resumes a backend stopped by [`Daemon::freeze`].
+    pub fn thaw(&mut self) {
+        send_signal(&self.child, libc::SIGCONT).expect("send SIGCONT");
     }
 
     /// Connects a frontend with `num_queues` queues, failing the test on error.

@@ -33,8 +33,12 @@
 //!   refuses to send and for reading the raw configuration space.
 //! - `workload.rs`: a random, self-checking I/O workload on every queue of a client at once.
 //! - `restart.rs`: the restart lab's machinery (`tests/restart_lab.rs`).
+//! - `frontend.rs`: `BlkFrontend`, a vhost-user-blk frontend of our own on the vhost crate's
+//!   `Frontend`, with its own guest memory and split rings: it negotiates INFLIGHT_SHMFD, keeps
+//!   the inflight region across backend restarts and reconnects as QEMU does after a crash
+//!   (`examples/vhost_frontend_load.rs` includes it by path).
 //!
-//! The last three are not submodules of this one: the test binaries that need them declare them
+//! The last four are not submodules of this one: the test binaries that need them declare them
 //! themselves, next to `mod common;`, so that the others do not compile them (nor
 //! virtio-driver):
 //!

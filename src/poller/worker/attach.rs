@@ -250,11 +250,12 @@ impl Worker {
                 Some(QueueSlot {
                     detach: Some(wait),
                     in_flight,
+                    resubmit,
                     ..
                 }) => {
                     // For the waiter's warnings.
                     wait.in_flight.store(*in_flight, Ordering::Relaxed);
-                    *in_flight == 0
+                    *in_flight == 0 && resubmit.is_empty()
                 }
                 _ => false,
             };
