@@ -591,16 +591,27 @@ fn requests_left_in_flight_are_resubmitted_without_a_kick_after_reconnecting() {
     assert_eq!(run.completed, run.unfinished(false), "{run:?}");
 }
 
-/// The thread of process `pid` named `name`.
+/// The thread of process `pid` named `name`, once it exists (vubd listens on its socket
+/// before it has started every thread).
 fn thread_named(pid: u32, name: &str) -> libc::pid_t {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("list threads");
-    tasks
-        .flatten()
-        .find(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
-        })
-        .and_then(|t| t.file_name().to_str()?.parse().ok())
-        .unwrap_or_else(|| panic!("no thread {name} in process {pid}"))
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("list threads");
+        let found = tasks
+            .flatten()
+            .find(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+            })
+            .and_then(|t| t.file_name().to_str()?.parse().ok());
+        if let Some(tid) = found {
+            return tid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no thread {name} in process {pid}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// One thread of another process held stopped (ptrace: PTRACE_SEIZE, then PTRACE_INTERRUPT)
