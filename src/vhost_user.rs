@@ -266,15 +266,34 @@ impl BlkBackend {
             );
             return (None, Vec::new());
         };
-        let used_addr = GuestAddress(queue.used_ring()).checked_add(2);
-        let used = match used_addr.map(|a| self.mem.memory().read_obj::<u16>(a)) {
-            Some(Ok(idx)) => u16::from_le(idx),
-            _ => {
-                tracing::warn!(queue = q, "used ring unreachable; inflight tracking off");
-                return (None, Vec::new());
-            }
+        let index_at = |ring: u64| {
+            let addr = GuestAddress(ring).checked_add(2)?;
+            self.mem
+                .memory()
+                .read_obj::<u16>(addr)
+                .ok()
+                .map(u16::from_le)
+        };
+        let (Some(used), Some(avail)) = (index_at(queue.used_ring()), index_at(queue.avail_ring()))
+        else {
+            tracing::warn!(queue = q, "rings unreachable; inflight tracking off");
+            return (None, Vec::new());
         };
         let mut recovered = area.recover(used);
+        if recovered.resubmit.len() > usize::from(avail.wrapping_sub(used)) {
+            // More in flight than the driver ever made available past the used index: the
+            // region is not this ring's (or was tampered with). Running its heads would
+            // leave the avail index behind ours, and the queue stuck: start afresh instead,
+            // from the index the frontend gave.
+            tracing::warn!(
+                queue = q,
+                recorded = recovered.resubmit.len(),
+                available = avail.wrapping_sub(used),
+                "the inflight region does not match the ring; its record is dropped"
+            );
+            area.reset(used);
+            return (Some(area), Vec::new());
+        }
         if !recovered.resubmit.is_empty() {
             tracing::info!(
                 queue = q,

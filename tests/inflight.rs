@@ -744,3 +744,62 @@ fn a_frontend_without_inflight_tracking_reads_back_what_it_wrote() {
     }
     assert_eq!(image.read_host(7 * BLOCK as u64, BLOCK), pattern(7, 3));
 }
+
+/// A region that records more requests in flight than the driver made available past the
+/// used index cannot be this ring's (a frontend's bug, or tampering): running its heads would
+/// put the backend's avail index past the driver's and leave the queue stuck. vubd drops the
+/// record and serves the queue from the index the frontend gave.
+#[test]
+fn a_region_claiming_more_in_flight_than_the_ring_holds_is_dropped_and_the_queue_serves_on() {
+    let image = Image::new(4 * MIB);
+    let (_dir, socket) = socket_dir();
+    let mut daemon = vubd(&socket, image.path().as_os_str());
+    let mut fe = BlkFrontend::connect(&socket, Options::new(QUEUES)).expect("connect");
+    fe.submit(0, Request::Flush, 0).expect("submit");
+    fe.notify(0).expect("notify");
+    let deadline = Instant::now() + TIMEOUT;
+    while reap_all(&mut fe, "a flush").is_empty() {
+        assert!(Instant::now() < deadline, "flush incomplete");
+        fe.wait(Duration::from_millis(5)).expect("wait");
+    }
+    daemon.kill();
+    {
+        // Nothing is available past the used index, yet every entry claims to be in flight.
+        let area = fe.inflight_area(0).expect("region kept");
+        for head in 0..area.desc_num() {
+            area.set_inflight(head, 1);
+            area.set_counter(head, u64::from(head));
+        }
+    }
+    let daemon = vubd(&socket, image.path().as_os_str());
+    fe.reconnect().expect("reconnect");
+    let data = pattern(3, 1);
+    let write = Request::Write {
+        sector: sector_of(3),
+        data: &data,
+    };
+    fe.submit(0, write, tag(3, 1)).expect("submit");
+    fe.notify(0).expect("notify");
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let done = reap_all(&mut fe, "a write after the restart");
+        if let Some(c) = done.first() {
+            assert_eq!(c.status, STATUS_OK);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the queue is stuck:\n{}",
+            daemon.output()
+        );
+        fe.wait(Duration::from_millis(5)).expect("wait");
+    }
+    assert!(
+        daemon
+            .output()
+            .contains("the inflight region does not match the ring"),
+        "{}",
+        daemon.output()
+    );
+    assert_eq!(image.read_host(3 * BLOCK as u64, BLOCK), data);
+}

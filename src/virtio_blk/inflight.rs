@@ -357,20 +357,7 @@ impl InflightQueue {
     /// and every walk bounded.
     pub fn recover(&mut self, used_idx: u16) -> Recovered {
         if self.read_u16(OFF_VERSION) != VERSION {
-            // A fresh area: zero it (a frontend may hand over any bytes) and claim it.
-            for i in 0..self.desc_num {
-                let d = self.desc(i);
-                self.write_u8(d + DESC_INFLIGHT, 0);
-                self.write_u16(d + DESC_NEXT, 0);
-                self.write_u64(d + DESC_COUNTER, 0);
-            }
-            self.write_u16(OFF_DESC_NUM, self.desc_num);
-            self.write_u16(OFF_LAST_BATCH_HEAD, 0);
-            self.write_u16(OFF_USED_IDX, used_idx);
-            self.write_u64(0, 0);
-            self.write_u16(OFF_VERSION, VERSION);
-            self.counter = 0;
-            self.batch = 0;
+            self.reset(used_idx);
             return Recovered::default();
         }
         let recorded = self.read_u16(OFF_USED_IDX);
@@ -399,6 +386,25 @@ impl InflightQueue {
         Recovered {
             resubmit: pending.into_iter().map(|(_, head)| head).collect(),
         }
+    }
+
+    /// Claims the area afresh, nothing in flight, for a ring whose used index is `used_idx`:
+    /// a fresh area, or one whose record cannot be true (zeroes it: a frontend may hand over
+    /// any bytes).
+    pub fn reset(&mut self, used_idx: u16) {
+        for i in 0..self.desc_num {
+            let d = self.desc(i);
+            self.write_u8(d + DESC_INFLIGHT, 0);
+            self.write_u16(d + DESC_NEXT, 0);
+            self.write_u64(d + DESC_COUNTER, 0);
+        }
+        self.write_u16(OFF_DESC_NUM, self.desc_num);
+        self.write_u16(OFF_LAST_BATCH_HEAD, 0);
+        self.write_u16(OFF_USED_IDX, used_idx);
+        self.write_u64(0, 0);
+        self.write_u16(OFF_VERSION, VERSION);
+        self.counter = 0;
+        self.batch = 0;
     }
 
     /// Records `head` as popped: before the request starts.
