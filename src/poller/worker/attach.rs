@@ -212,6 +212,13 @@ impl Worker {
             resubmit: a.resubmit,
         });
         self.set_notifications(q, false);
+        // The guest may hold completions it was never interrupted for: the process that had
+        // the queue before (the old vubd of an upgrade, stopped as its frontend went away)
+        // published them while the frontend was taking its interrupts back. One interrupt
+        // costs nothing, and the driver looks at its used ring.
+        if let Some(slot) = self.queues[q].as_ref() {
+            super::signal(&slot.vring.get_ref());
+        }
     }
 
     /// Stops popping from queue `qi` (its detach is acknowledged once nothing of it is in
