@@ -355,7 +355,14 @@ fn stop_ring(ring: &RawRing, all: u16) -> (Answer, Option<Duration>) {
             all_done = Some(sent.elapsed());
         }
         match rx.recv_timeout(Duration::from_millis(1)) {
-            Ok(a) => break a,
+            // The last publish and the answer may fall in one wait: the answer thread read
+            // the used index only after the reply, so a full ring then was full before it.
+            Ok(a) => {
+                if all_done.is_none() && a.used_at_answer == all {
+                    all_done = Some(a.after);
+                }
+                break a;
+            }
             Err(mpsc::RecvTimeoutError::Timeout) if sent.elapsed() < REPLY_WAIT => {}
             Err(e) => {
                 // The thread may still read the ring's memory: keep it mapped.

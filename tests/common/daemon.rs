@@ -384,7 +384,32 @@ impl Daemon {
         Self::spawn(cmd, name, dir, socket.to_owned())
     }
 
-    fn spawn(mut cmd: Command, name: &str, dir: TempDir, socket: PathBuf) -> Self {
+    /// Starts `cmd`, a vubd `--incoming` whose socket path another process still serves, and
+    /// waits until it listens under the name it binds beside the path (`PATH.PID`, renamed
+    /// over `PATH` at once: its connections show that name in /proc/net/unix).
+    pub fn taking_over(cmd: Command, name: &str, socket: &Path) -> Self {
+        let dir = tempfile::tempdir().expect("create daemon directory");
+        let mut daemon = Self::start_process(cmd, name, dir, socket.to_owned());
+        daemon.socket = Self::bound_beside(socket, daemon.pid());
+        daemon.wait_for_socket();
+        daemon.socket = socket.to_owned();
+        daemon
+    }
+
+    /// The name a vubd of process `pid` taking `socket` over binds before renaming it.
+    pub fn bound_beside(socket: &Path, pid: u32) -> PathBuf {
+        let mut name = socket.as_os_str().to_owned();
+        name.push(format!(".{pid}"));
+        name.into()
+    }
+
+    fn spawn(cmd: Command, name: &str, dir: TempDir, socket: PathBuf) -> Self {
+        let mut daemon = Self::start_process(cmd, name, dir, socket);
+        daemon.wait_for_socket();
+        daemon
+    }
+
+    fn start_process(mut cmd: Command, name: &str, dir: TempDir, socket: PathBuf) -> Self {
         let output = dir.path().join("output.log");
         let log = File::create(&output).expect("create output log");
         let log2 = log.try_clone().expect("clone output log");
@@ -394,16 +419,14 @@ impl Daemon {
             .stderr(log2)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let mut daemon = Self {
+        Self {
             child,
             name: name.to_owned(),
             socket,
             output,
             dir,
             busy_poll: None,
-        };
-        daemon.wait_for_socket();
-        daemon
+        }
     }
 
     fn holding(mut self, busy_poll: Option<BusyPollTurn>) -> Self {

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::block::{self, Found};
 use crate::common::client::{Client, ClientOptions};
-use crate::common::daemon::{Daemon, reference_backend_selected, socket_connected, vubd_command};
+use crate::common::daemon::{
+    Daemon, reference_backend_selected, socket_connected, socket_exists, vubd_command,
+};
 use crate::common::examples::example_bin;
 use crate::common::lab::{self, Guest, RunningGuest, fields, lines_with};
 use crate::common::loopdev::LoopDevice;
@@ -141,6 +143,10 @@ struct Restartable {
     name: &'static str,
     command: Box<dyn Fn() -> Command>,
     socket: PathBuf,
+    /// The name the current backend's socket was bound under, which its connections show in
+    /// /proc/net/unix: `socket`, or after an upgrade the name beside it that the new vubd
+    /// bound and renamed over `socket`.
+    bound: PathBuf,
     // Dropped (stopped) before the cgroup it is in.
     daemon: Option<Daemon>,
     throttle: Option<WriteThrottle>,
@@ -157,6 +163,7 @@ impl Restartable {
             name,
             command: Box::new(command),
             socket: socket.to_owned(),
+            bound: socket.to_owned(),
             daemon: None,
             throttle,
         };
@@ -180,6 +187,7 @@ impl Restartable {
             t.add(&mut cmd);
         }
         self.daemon = Some(Daemon::backend_from(cmd, self.name, &self.socket));
+        self.bound = self.socket.clone();
     }
 
     fn daemon(&self) -> &Daemon {
@@ -190,10 +198,36 @@ impl Restartable {
         self.daemon.as_mut().expect("a backend runs").kill()
     }
 
+    /// The upgrade procedure (README, "Restart, upgrade, migration"): a new vubd started
+    /// `--incoming` on the same socket takes it over; the old one is stopped with SIGTERM and
+    /// must exit cleanly, leaving the socket to the new one.
+    fn upgrade(&mut self) -> Result<(), String> {
+        let mut cmd = (self.command)();
+        cmd.arg("--incoming");
+        if let Some(t) = &self.throttle {
+            t.add(&mut cmd);
+        }
+        let new = Daemon::taking_over(cmd, self.name, &self.socket);
+        self.bound = Daemon::bound_beside(&self.socket, new.pid());
+        let mut old = self.daemon.replace(new).expect("a backend runs");
+        let status = old.terminate();
+        if !status.success() {
+            return Err(format!(
+                "the old {} exited with {status}:\n{}",
+                self.name,
+                old.output()
+            ));
+        }
+        if !socket_exists(&self.socket) {
+            return Err("the old vubd removed the new one's socket".to_owned());
+        }
+        Ok(())
+    }
+
     /// Waits until a frontend (QEMU) has connected to the current backend.
     fn wait_connected(&self, limit: Duration) -> Result<Duration, String> {
         let t = Instant::now();
-        while !socket_connected(&self.socket) {
+        while !socket_connected(&self.bound) {
             if t.elapsed() > limit {
                 return Err(format!(
                     "QEMU did not connect to the new {} within {limit:?}; its output:\n{}",
@@ -512,6 +546,9 @@ fn first_guest_error(console: &str) -> Option<String> {
 
 /// Kills the writers' vubd `s.kills` times while genwrite runs, then tells genwrite to stop.
 /// Returns how many kills were done.
+/// Upgrades (a new vubd `--incoming`, the old one stopped) after the kills.
+const UPGRADES: u32 = 2;
+
 fn kill_while_writing(
     writers: &mut Restartable,
     s: &Settings,
@@ -548,6 +585,28 @@ fn kill_while_writing(
             s.kills,
             delay.as_millis(),
             listening.as_millis(),
+            t.elapsed().as_millis()
+        );
+    }
+    // Then upgrades, as an operator makes them, while the writers go on.
+    for u in 1..=UPGRADES {
+        if done < s.kills || writers.name != "vubd" {
+            break; // a kill already failed, or the reference backend has no upgrade
+        }
+        let delay = Duration::from_millis(lo + rng.below(hi - lo + 1));
+        thread::sleep(delay);
+        guest.assert_running();
+        let t = Instant::now();
+        if let Err(e) = writers.upgrade() {
+            report.fail(format!("upgrade {u}: {e}"));
+            break;
+        }
+        if let Err(e) = writers.wait_connected(RECONNECT_LIMIT) {
+            report.fail(format!("upgrade {u}: {e}"));
+            break;
+        }
+        eprintln!(
+            "restart lab: upgrade {u}/{UPGRADES}: QEMU connected to the new vubd after {} ms",
             t.elapsed().as_millis()
         );
     }
