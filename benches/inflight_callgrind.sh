@@ -64,20 +64,20 @@ file_ir() { awk '/^(summary|totals):/{print $2; exit}' "$1"; }
 
 # Ir of the spin-loop hint (`pause`, from core::hint::spin_loop) inlined into the poller loop.
 spin_ir() {
-  callgrind_annotate "$1" 2>/dev/null |
+  callgrind_annotate --threshold=100 "$1" 2>/dev/null |
     awk '/x86\/sse2.rs:vubd::poller::worker::Worker::run/ {gsub(",", "", $1); n += $1} END {print n + 0}'
 }
 
 # Ir of the prefetches of the poller's first empty passes after a request (poller::warm).
 warm_ir() {
-  callgrind_annotate --inclusive=yes "$1" 2>/dev/null |
+  callgrind_annotate --inclusive=yes --threshold=100 "$1" 2>/dev/null |
     awk '/vubd::poller::warm::Warm::warm_lines/ {gsub(",", "", $1); n += $1} END {print n + 0}'
 }
 
 # Ir of the source lines of src/virtio_blk/inflight.rs, whichever function they were inlined
 # into (the region's stores and loads, and recover when a queue starts).
 inflight_ir() {
-  callgrind_annotate "$1" 2>/dev/null |
+  callgrind_annotate --threshold=100 "$1" 2>/dev/null |
     awk '/virtio_blk\/inflight\.rs:/ {gsub(",", "", $1); n += $1} END {print n + 0}'
 }
 
