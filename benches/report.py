@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Turns the raw results of benches/compare.sh, benches/callgrind.sh, benches/nvme_tcp.sh and
-benches/inflight_callgrind.sh into the tables of docs/benchmarks.md. Each script owns one
+benches/inflight_callgrind.sh (two sections: inflight tracking, the dirty log) into the tables of docs/benchmarks.md. Each script owns one
 marked section of that file and rewrites only it; everything outside the markers (the notes)
 is kept.
 
@@ -15,6 +15,7 @@ import sys
 
 from reporting.callgrind import callgrind
 from reporting.compare import compare
+from reporting.dirty_log import dirty_log
 from reporting.inflight import inflight
 from reporting.nvme_tcp import calls, nvme_tcp
 
@@ -26,6 +27,7 @@ def main():
         callgrind(*sys.argv[2:])
     elif len(sys.argv) == 5 and sys.argv[1] == "inflight":
         inflight(*sys.argv[2:])
+        dirty_log(*sys.argv[2:])
     elif len(sys.argv) == 6 and sys.argv[1] == "nvme_tcp":
         nvme_tcp(*sys.argv[2:])
     elif len(sys.argv) == 5 and sys.argv[1] == "calls":

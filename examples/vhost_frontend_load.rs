@@ -1,18 +1,21 @@
 //! A fixed count of 4 KiB reads on one queue of a vhost-user-blk backend, through the tests'
 //! own frontend (`tests/common/frontend.rs`), with inflight I/O tracking (INFLIGHT_SHMFD: the
-//! region, and the backend's stores into it) on or off. `benches/inflight_callgrind.sh` runs
-//! it against vubd's null device under callgrind to price what tracking adds per I/O.
+//! region, and the backend's stores into it) on or off, and with dirty page logging (a
+//! migration's log: LOG_SHMFD, SET_LOG_BASE, VHOST_F_LOG_ALL) on or off.
+//! `benches/inflight_callgrind.sh` runs it against vubd's null device under callgrind to price
+//! what tracking and logging add per I/O.
 //!
 //! ```sh
 //! cargo run --release --example vhost_frontend_load -- --socket vubd.sock --qd 32 \
-//!     --ios 200000 --inflight on --cpu 0
+//!     --ios 200000 --inflight on --dirty-log off --cpu 0
 //! ```
 //!
 //! It keeps `--qd` reads in flight, spins on the used ring (it asks for no interrupts, like
 //! loadgen's `--mode poll`), submits one read per completion and publishes them once per pass,
 //! kicking only when the backend wants kicks. `--idle SECS` reads a burst of 1000, then stays
 //! connected and idle for SECS: what the backend's empty polls cost. Reports the count, the
-//! time and the kicks on one line.
+//! time and the kicks on one line. With `--dirty-log on` it fails unless the log has the
+//! pages of the used ring and of every read's buffer and status byte marked at the end.
 
 #[path = "../tests/common/frontend.rs"]
 mod frontend;
@@ -45,6 +48,9 @@ struct Args {
     /// Negotiate INFLIGHT_SHMFD (`on`) or not (`off`).
     #[arg(long, value_parser = ["on", "off"], default_value = "on")]
     inflight: String,
+    /// Turn dirty page logging on (`on`: LOG_SHMFD, SET_LOG_BASE, VHOST_F_LOG_ALL) or not.
+    #[arg(long, value_parser = ["on", "off"], default_value = "off")]
+    dirty_log: String,
     /// Negotiate VIRTIO_F_RING_EVENT_IDX (`on`) or not (`off`).
     #[arg(long, value_parser = ["on", "off"], default_value = "on")]
     event_idx: String,
@@ -77,6 +83,8 @@ enum Error {
     Failed(u64),
     #[error("no completion for {0:?}")]
     Stalled(Duration),
+    #[error("{} pages the backend wrote are not marked in the dirty log, first {:#x}", .0.len(), .0[0])]
+    Unlogged(Vec<u64>),
 }
 
 /// Connects, retrying while the socket is missing or refuses, within `timeout`.
@@ -85,6 +93,7 @@ fn connect(args: &Args, timeout: Duration) -> Result<BlkFrontend, Error> {
         queue_size: args.queue_size,
         inflight: args.inflight == "on",
         event_idx: args.event_idx == "on",
+        dirty_log: args.dirty_log == "on",
         interrupts: false,
         reply_timeout: timeout,
         ..Options::new(1)
@@ -198,8 +207,19 @@ fn main_result() -> Result<(), Error> {
         None => (args.ios, run(&mut fe, args.qd, args.ios, timeout)?),
     };
     let secs = start.elapsed().as_secs_f64();
+    // A cheap check that the backend really logged: every page it wrote is marked.
+    let logged = if args.dirty_log == "on" {
+        let missing = fe.unlogged_pages(0, ios);
+        if !missing.is_empty() {
+            return Err(Error::Unlogged(missing));
+        }
+        "on"
+    } else {
+        "off"
+    };
     println!(
-        "reads={ios} qd={} inflight={tracked} event_idx={} secs={secs:.3} iops={:.0} kicks={kicks}",
+        "reads={ios} qd={} inflight={tracked} dirty_log={logged} event_idx={} secs={secs:.3} \
+         iops={:.0} kicks={kicks}",
         args.qd,
         fe.event_idx(),
         ios as f64 / secs,

@@ -22,6 +22,9 @@ markers, such as the notes.
 <!-- BEGIN inflight_callgrind.sh -->
 <!-- END inflight_callgrind.sh -->
 
+<!-- BEGIN inflight_callgrind.sh dirty log -->
+<!-- END inflight_callgrind.sh dirty log -->
+
 <!-- BEGIN nvme_tcp.sh -->
 <!-- END nvme_tcp.sh -->
 

@@ -80,10 +80,12 @@ impl DirtyLog {
         if len == 0 {
             return;
         }
-        let first = gpa / LOG_PAGE;
         let last = gpa.saturating_add(len - 1) / LOG_PAGE;
         let bytes = self.map.size() as u64;
-        for page in first..=last {
+        // A plain loop rather than `first..=last`: RangeInclusive's exhaustion flag costs
+        // about 6 instructions per mark, and most marks are of a single page.
+        let mut page = gpa / LOG_PAGE;
+        while page <= last {
             let byte = page / 8;
             if byte >= bytes {
                 break;
@@ -92,6 +94,8 @@ impl DirtyLog {
             // `self`; the frontend shares the byte, so it is only touched atomically.
             let cell = unsafe { AtomicU8::from_ptr(self.map.as_ptr().add(byte as usize)) };
             cell.fetch_or(1 << (page % 8), Ordering::Relaxed);
+            // No overflow: `page <= last <= u64::MAX / LOG_PAGE`.
+            page += 1;
         }
     }
 

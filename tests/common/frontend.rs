@@ -14,7 +14,8 @@
 //!   GET_INFLIGHT_FD on the first start only, keeping the fd and size it returns, and
 //!   SET_INFLIGHT_FD with them on every start; SET_MEM_TABLE; per queue SET_VRING_NUM, BASE,
 //!   ADDR (addresses in this process, translated through the memory table), KICK, CALL, ENABLE;
-//!   and a kick of every queue ([`Options::kick_after_start`]).
+//!   and a kick of every queue ([`Options::kick_after_start`]). With [`Options::dirty_log`]
+//!   it also negotiates LOG_SHMFD and ends with SET_LOG_BASE and SET_FEATURES + LOG_ALL.
 //! - **Restart** ([`BlkFrontend::reconnect`]), after the backend died: what QEMU does when
 //!   GET_VRING_BASE fails on a dead backend: the device's next avail index is rewound to the
 //!   used ring's index (`virtio_queue_restore_last_avail_idx`), then the start above runs on a
@@ -55,11 +56,14 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+#[path = "frontend/dirty.rs"]
+mod dirty;
 #[path = "frontend/region.rs"]
 mod region;
 #[path = "frontend/shm.rs"]
 mod shm;
 
+use dirty::KeptLog;
 pub use region::Area;
 use region::KeptRegion;
 use shm::{Mapping, memfd};
@@ -152,6 +156,8 @@ pub struct Options {
     pub interrupts: bool,
     /// Kick every queue once it is set up on a (new) connection.
     pub kick_after_start: bool,
+    /// Negotiate LOG_SHMFD and turn dirty logging on after each start ([`BlkFrontend::log_all`]).
+    pub dirty_log: bool,
     /// How long to wait for each reply of the backend (and to send a message): a backend
     /// that hangs fails the frontend instead of blocking it.
     pub reply_timeout: Duration,
@@ -168,6 +174,7 @@ impl Options {
             event_idx: true,
             interrupts: true,
             kick_after_start: true,
+            dirty_log: false,
             reply_timeout: Duration::from_secs(10),
         }
     }
@@ -235,6 +242,7 @@ pub struct BlkFrontend {
     mem: Mapping,
     queues: Vec<Vq>,
     inflight: Option<KeptRegion>,
+    log: Option<KeptLog>,
     features: u64,
     protocol: VhostUserProtocolFeatures,
     capacity: u64,
@@ -302,6 +310,7 @@ impl BlkFrontend {
             mem,
             queues,
             inflight: None,
+            log: None,
             features: 0,
             protocol: VhostUserProtocolFeatures::empty(),
             capacity: 0,
@@ -358,6 +367,15 @@ impl BlkFrontend {
                 ));
             }
             want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
+        if opts.dirty_log {
+            if !offered_protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD) {
+                return Err(FrontendError::Missing("VHOST_USER_PROTOCOL_F_LOG_SHMFD"));
+            }
+            if offered & dirty::F_LOG_ALL == 0 {
+                return Err(FrontendError::Missing("VHOST_F_LOG_ALL"));
+            }
+            want |= VhostUserProtocolFeatures::LOG_SHMFD;
         }
         let protocol = offered_protocol & want;
         conn.set_protocol_features(protocol)?;
@@ -427,6 +445,9 @@ impl BlkFrontend {
         self.protocol = protocol;
         self.capacity = capacity;
         self.starts += 1;
+        if opts.dirty_log {
+            self.log_all()?;
+        }
         for q in 0..self.queues.len() {
             self.ask_interrupts(q);
             if opts.kick_after_start {
