@@ -261,7 +261,12 @@ pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
             if info.read_only { ", read-only" } else { "" },
             abs.display()
         );
-        options.push(format!("-chardev socket,id=vubd{i},path={}", abs.display()));
+        // reconnect=1: QEMU reconnects when vubd restarts (README, "Restart, upgrade,
+        // migration").
+        options.push(format!(
+            "-chardev socket,id=vubd{i},path={},reconnect=1",
+            abs.display()
+        ));
         options.push(format!(
             "-device vhost-user-blk-pci,chardev=vubd{i},num-queues={}",
             d.num_queues
