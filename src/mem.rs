@@ -5,8 +5,10 @@
 //! as the [`MemSnapshot`] it was translated from is alive: in-flight requests hold one.
 
 mod dirty_log;
+mod shared;
 
-pub use dirty_log::{DirtyLog, DirtyLogError, LOG_PAGE};
+pub use dirty_log::{DirtyLog, LOG_PAGE};
+pub use shared::{SharedError, SharedMapping};
 
 use std::sync::Arc;
 

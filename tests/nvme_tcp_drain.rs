@@ -16,8 +16,7 @@
 
 mod common;
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::mpsc;
 use std::thread;
@@ -29,6 +28,7 @@ use common::{Rng, TIMEOUT, assert_same};
 use vhost::vhost_user::Frontend;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
+use vubd::mem::SharedMapping;
 
 /// vubd's `--io-timeout`, seconds.
 const IO_TIMEOUT_S: u64 = 3;
@@ -75,42 +75,17 @@ const VRING_DESC_F_WRITE: u16 = 2;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// A memfd mapped shared into this process, for the backend to map too.
-struct SharedMem {
-    file: File,
-    addr: *mut u8,
-}
+struct SharedMem(SharedMapping);
 
 impl SharedMem {
     fn new() -> Self {
-        // SAFETY: the name is a NUL-terminated literal; the result is checked before use.
-        let fd = unsafe { libc::memfd_create(c"vubd-drain-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: `fd` was just created and nothing else owns it.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(MEM_LEN as u64).expect("size the memfd");
-        // SAFETY: a new shared mapping at an address the kernel picks overlaps no Rust object;
-        // the result is checked against MAP_FAILED.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM_LEN,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED, "mmap the memfd");
-        Self {
-            file,
-            addr: addr.cast(),
-        }
+        Self(SharedMapping::memfd(c"vubd-drain-test", MEM_LEN).expect("shared memory"))
     }
 
     /// Pointer to byte `off` of the region.
     fn at(&self, off: usize) -> *mut u8 {
         assert!(off < MEM_LEN);
-        self.addr.wrapping_add(off)
+        self.0.as_ptr().wrapping_add(off)
     }
 
     fn write(&self, off: usize, bytes: &[u8]) {
@@ -133,14 +108,6 @@ impl SharedMem {
     fn read_u16(&self, off: usize) -> u16 {
         let b = self.read(off, 2);
         u16::from_le_bytes([b[0], b[1]])
-    }
-}
-
-impl Drop for SharedMem {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`; nothing reads it after this (see `RawRing`'s
-        // answer thread, which is joined first).
-        unsafe { libc::munmap(self.addr.cast(), MEM_LEN) };
     }
 }
 
@@ -184,14 +151,14 @@ impl RawRing {
         frontend
             .set_features(offered & VIRTIO_F_VERSION_1)
             .expect("SET_FEATURES");
-        let base = mem.addr as u64;
+        let base = mem.0.as_ptr() as u64;
         frontend
             .set_mem_table(&[VhostUserMemoryRegionInfo {
                 guest_phys_addr: 0,
                 memory_size: MEM_LEN as u64,
                 userspace_addr: base,
                 mmap_offset: 0,
-                mmap_handle: mem.file.as_raw_fd(),
+                mmap_handle: mem.0.file().as_raw_fd(),
             }])
             .expect("SET_MEM_TABLE");
         frontend.set_vring_num(0, QSIZE).expect("SET_VRING_NUM");

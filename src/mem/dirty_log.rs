@@ -11,66 +11,33 @@
 use std::fs::File;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use thiserror::Error;
-use vm_memory::{
-    FileOffset, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, MmapRegion,
-};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::GuestMemory;
+use super::shared::{SharedError, SharedMapping};
 
 /// Bytes of guest memory one bit of the log stands for (`VHOST_LOG_PAGE`).
 pub const LOG_PAGE: u64 = 0x1000;
 
-/// Why a log could not be used.
-#[derive(Debug, Error)]
-pub enum DirtyLogError {
-    #[error(
-        "dirty log of {size} bytes at offset {offset} is empty or past the end of its file ({file} bytes)"
-    )]
-    BadSize { size: u64, offset: u64, file: u64 },
-    #[error("cannot read the size of the dirty log file")]
-    Stat(#[source] std::io::Error),
-    #[error("cannot duplicate the dirty log file")]
-    Dup(#[source] std::io::Error),
-    #[error("cannot map the dirty log")]
-    Map(#[source] vm_memory::mmap::MmapRegionError),
-}
-
 /// A mapped dirty page log.
 #[derive(Debug)]
 pub struct DirtyLog {
-    map: MmapRegion<()>,
+    map: SharedMapping,
 }
 
 impl DirtyLog {
     /// Maps `size` bytes at `offset` of `file`, refusing a range the file does not hold (a
     /// mapping past its end would fault when a bit is set).
-    pub fn new(file: &File, offset: u64, size: u64) -> Result<Self, DirtyLogError> {
-        let file_len = file.metadata().map_err(DirtyLogError::Stat)?.len();
-        let bad = || DirtyLogError::BadSize {
-            size,
-            offset,
-            file: file_len,
-        };
-        let end = offset.checked_add(size).ok_or_else(bad)?;
-        let len = usize::try_from(size).map_err(|_| bad())?;
-        if size == 0 || end > file_len {
-            return Err(bad());
-        }
-        let dup = file.try_clone().map_err(DirtyLogError::Dup)?;
-        let map = MmapRegion::build(
-            Some(FileOffset::new(dup, offset)),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-        )
-        .map_err(DirtyLogError::Map)?;
-        Ok(Self { map })
+    pub fn new(file: &File, offset: u64, size: u64) -> Result<Self, SharedError> {
+        let file = file.try_clone().map_err(SharedError::File)?;
+        Ok(Self {
+            map: SharedMapping::of_file(file, offset, size)?,
+        })
     }
 
     /// Guest physical bytes the log covers.
     pub fn covers(&self) -> u64 {
-        (self.map.size() as u64).saturating_mul(8 * LOG_PAGE)
+        (self.map.len() as u64).saturating_mul(8 * LOG_PAGE)
     }
 
     /// Marks the pages of guest range `gpa..gpa + len` dirty. Pages past what the log covers
@@ -81,7 +48,7 @@ impl DirtyLog {
             return;
         }
         let last = gpa.saturating_add(len - 1) / LOG_PAGE;
-        let bytes = self.map.size() as u64;
+        let bytes = self.map.len() as u64;
         // A plain loop rather than `first..=last`: RangeInclusive's exhaustion flag costs
         // about 6 instructions per mark, and most marks are of a single page.
         let mut page = gpa / LOG_PAGE;
@@ -119,22 +86,16 @@ impl DirtyLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::FromRawFd;
     use vm_memory::GuestAddress;
 
-    fn memfd(len: u64) -> File {
-        // SAFETY: a NUL-terminated name; the result is checked before use.
-        let fd = unsafe { libc::memfd_create(c"vubd-test-log".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: `fd` was just created and nothing else owns it.
-        let f = unsafe { File::from_raw_fd(fd) };
-        f.set_len(len).expect("size");
-        f
+    fn memfd(len: usize) -> File {
+        let shared = SharedMapping::memfd(c"vubd-test-log", len).expect("memfd");
+        shared.file().try_clone().expect("dup")
     }
 
     fn bits(log: &DirtyLog) -> Vec<u64> {
         let mut pages = Vec::new();
-        for byte in 0..log.map.size() {
+        for byte in 0..log.map.len() {
             // SAFETY: inside the mapping.
             let b = unsafe { log.map.as_ptr().add(byte).read_volatile() };
             for bit in 0..8 {

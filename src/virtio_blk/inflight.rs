@@ -35,13 +35,12 @@
 //! is still used for its queues.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use thiserror::Error;
-use vm_memory::{FileOffset, MmapRegion};
 
 use super::config::WriteCache;
+use crate::mem::{SharedError, SharedMapping};
 
 /// Size of one `desc[]` entry.
 const DESC_STATE: usize = 16;
@@ -81,12 +80,8 @@ pub enum InflightError {
     BadShape { num_queues: u16, queue_size: u16 },
     #[error("inflight region of {size} bytes at offset {offset} cannot hold {need} bytes")]
     TooSmall { size: u64, offset: u64, need: u64 },
-    #[error("inflight region file is smaller ({file} bytes) than the region's end ({end})")]
-    ShortFile { file: u64, end: u64 },
-    #[error("cannot create the inflight region")]
-    Create(#[source] std::io::Error),
-    #[error("cannot map the inflight region")]
-    Map(#[source] vm_memory::mmap::MmapRegionError),
+    #[error("inflight region")]
+    Shared(#[from] SharedError),
 }
 
 /// Bytes of one queue's area for queues of `queue_size` entries.
@@ -107,8 +102,7 @@ fn check_shape(num_queues: u16, queue_size: u16) -> Result<(), InflightError> {
 /// The whole region, mapped: one area per queue.
 #[derive(Debug)]
 pub struct InflightRegion {
-    map: MmapRegion<()>,
-    file: File,
+    map: SharedMapping,
     num_queues: u16,
     queue_size: u16,
 }
@@ -118,15 +112,11 @@ impl InflightRegion {
     pub fn create(num_queues: u16, queue_size: u16) -> Result<Self, InflightError> {
         check_shape(num_queues, queue_size)?;
         let size = queue_area_size(queue_size) * usize::from(num_queues) + DEVICE_AREA;
-        // SAFETY: a NUL-terminated name and valid flags; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"vubd-inflight".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(InflightError::Create(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just created and is owned by nothing else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size as u64).map_err(InflightError::Create)?;
-        Self::map(file, 0, size, num_queues, queue_size)
+        Ok(Self {
+            map: SharedMapping::memfd(c"vubd-inflight", size)?,
+            num_queues,
+            queue_size,
+        })
     }
 
     /// The region a frontend kept (SET_INFLIGHT_FD): `size` bytes at `offset` of `file`.
@@ -149,36 +139,8 @@ impl InflightRegion {
         } else {
             need
         };
-        // A mapping past the end of the file would fault when touched.
-        let file_len = file.metadata().map_err(InflightError::Create)?.len();
-        let end = offset.saturating_add(len);
-        if file_len < end {
-            return Err(InflightError::ShortFile {
-                file: file_len,
-                end,
-            });
-        }
-        Self::map(file, offset, len as usize, num_queues, queue_size)
-    }
-
-    fn map(
-        file: File,
-        offset: u64,
-        size: usize,
-        num_queues: u16,
-        queue_size: u16,
-    ) -> Result<Self, InflightError> {
-        let dup = file.try_clone().map_err(InflightError::Create)?;
-        let map = MmapRegion::build(
-            Some(FileOffset::new(dup, offset)),
-            size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-        )
-        .map_err(InflightError::Map)?;
         Ok(Self {
-            map,
-            file,
+            map: SharedMapping::of_file(file, offset, len)?,
             num_queues,
             queue_size,
         })
@@ -186,16 +148,12 @@ impl InflightRegion {
 
     /// The file to hand to the frontend.
     pub fn file(&self) -> &File {
-        &self.file
-    }
-
-    pub fn fd(&self) -> i32 {
-        self.file.as_raw_fd()
+        self.map.file()
     }
 
     /// Mapped size, as GET_INFLIGHT_FD reports it.
     pub fn size(&self) -> u64 {
-        self.map.size() as u64
+        self.map.len() as u64
     }
 
     pub fn num_queues(&self) -> u16 {
@@ -209,7 +167,7 @@ impl InflightRegion {
     /// Where the device area is, if the region has one.
     fn device_area(&self) -> Option<*mut u8> {
         let queues = queue_area_size(self.queue_size) * usize::from(self.num_queues);
-        (self.map.size() >= queues + DEVICE_AREA).then(|| self.map.as_ptr().wrapping_add(queues))
+        (self.map.len() >= queues + DEVICE_AREA).then(|| self.map.as_ptr().wrapping_add(queues))
     }
 
     /// The guest's write cache mode as an earlier process recorded it, `None` when none did.

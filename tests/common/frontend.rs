@@ -39,7 +39,6 @@
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -66,7 +65,7 @@ mod shm;
 use dirty::KeptLog;
 pub use region::Area;
 use region::KeptRegion;
-use shm::{Mapping, memfd};
+use shm::Mapping;
 
 /// Guest address of the first byte of guest memory: not 0, so that a backend confusing
 /// offsets with addresses fails.
@@ -238,7 +237,6 @@ pub struct BlkFrontend {
     socket: PathBuf,
     opts: Options,
     conn: Option<Frontend>,
-    mem_file: File,
     mem: Mapping,
     queues: Vec<Vq>,
     inflight: Option<KeptRegion>,
@@ -282,8 +280,7 @@ impl BlkFrontend {
             len = data + BLOCK * usize::from(slots);
             parts.push((desc, avail, used, hdrs, data));
         }
-        let mem_file = memfd(c"blk-frontend-memory", len)?;
-        let mem = Mapping::new(&mem_file, 0, len)?;
+        let mem = Mapping::memfd(c"blk-frontend-memory", len)?;
         let mut queues = Vec::new();
         for (desc, avail, used, hdrs, data) in parts {
             queues.push(Vq {
@@ -306,7 +303,6 @@ impl BlkFrontend {
             socket: socket.to_owned(),
             opts,
             conn: None,
-            mem_file,
             mem,
             queues,
             inflight: None,
@@ -408,10 +404,10 @@ impl BlkFrontend {
         }
         conn.set_mem_table(&[VhostUserMemoryRegionInfo {
             guest_phys_addr: GPA_BASE,
-            memory_size: self.mem.len as u64,
-            userspace_addr: self.mem.ptr as u64,
+            memory_size: self.mem.len() as u64,
+            userspace_addr: self.mem.ptr() as u64,
             mmap_offset: 0,
-            mmap_handle: self.mem_file.as_raw_fd(),
+            mmap_handle: self.mem.file().as_raw_fd(),
         }])?;
         for (q, vq) in self.queues.iter().enumerate() {
             // The device's next avail index: 0 on a new ring; after a crash, QEMU's rewind to
@@ -421,7 +417,7 @@ impl BlkFrontend {
             } else {
                 self.mem.u16_at(vq.used + 2)
             };
-            let host = |off: usize| self.mem.ptr.wrapping_add(off) as u64;
+            let host = |off: usize| self.mem.ptr().wrapping_add(off) as u64;
             conn.set_vring_num(q, vq.size)?;
             conn.set_vring_base(q, base)?;
             conn.set_vring_addr(

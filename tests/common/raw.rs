@@ -8,7 +8,6 @@
 // Each test binary uses a different part of this module.
 #![allow(dead_code)]
 
-use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -19,58 +18,9 @@ use virtio_driver::{
     VhostUser, VirtioBlkConfig, VirtioBlkFeatureFlags, VirtioBlkQueue, VirtioBlkReqBuf,
     VirtioBlkTransport, VirtioFeatureFlags,
 };
+use vubd::mem::SharedMapping;
 
 use crate::common::TIMEOUT;
-
-/// Memory shared with the backend: a memfd mapped into this process.
-#[derive(Debug)]
-struct SharedMem {
-    file: File,
-    addr: *mut u8,
-    len: usize,
-}
-
-impl SharedMem {
-    fn new(len: usize) -> io::Result<Self> {
-        // SAFETY: the name is a NUL-terminated literal; the returned descriptor is checked and
-        // then owned by `File`.
-        let fd = unsafe { libc::memfd_create(c"vubd-test-buffers".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a freshly created descriptor nothing else owns.
-        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        file.set_len(u64::try_from(len).expect("usize fits u64"))?;
-        // SAFETY: a new shared mapping at an address the kernel chooses overlaps no existing
-        // Rust object; the result is checked against MAP_FAILED before use.
-        let addr = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self {
-            file,
-            addr: addr.cast(),
-            len,
-        })
-    }
-}
-
-impl Drop for SharedMem {
-    fn drop(&mut self) {
-        // SAFETY: `addr`/`len` is the mapping created in `new`; no reference into it outlives
-        // the methods that copy data in and out.
-        unsafe { libc::munmap(self.addr.cast(), self.len) };
-    }
-}
 
 /// The features a well-behaved virtio-blk driver asks for, minus `VIRTIO_BLK_F_RO`, so that
 /// [`RawFrontend`] can send writes a read-only device must refuse.
@@ -100,7 +50,8 @@ pub struct RawFrontend {
     // first, which is what makes the `'static` borrow below harmless.
     queue: VirtioBlkQueue<'static, ()>,
     transport: Box<VirtioBlkTransport>,
-    mem: SharedMem,
+    /// Memory shared with the backend: a memfd mapped into this process.
+    mem: SharedMapping,
 }
 
 impl std::fmt::Debug for RawFrontend {
@@ -122,8 +73,9 @@ impl RawFrontend {
             .pop()
             .expect("one queue");
         queue.set_used_notif_enabled(true);
-        let mem = SharedMem::new(BUFFER_LEN)?;
-        transport.map_mem_region(mem.addr as usize, mem.len, mem.file.as_raw_fd(), 0)?;
+        let mem =
+            SharedMapping::memfd(c"vubd-test-buffers", BUFFER_LEN).map_err(io::Error::other)?;
+        transport.map_mem_region(mem.as_ptr() as usize, mem.len(), mem.file().as_raw_fd(), 0)?;
         Ok(Self {
             queue,
             transport,
@@ -147,10 +99,10 @@ impl RawFrontend {
 
     fn buffer(&mut self, len: usize) -> *mut u8 {
         assert!(
-            len <= self.mem.len,
+            len <= self.mem.len(),
             "raw requests are limited to {BUFFER_LEN} bytes"
         );
-        self.mem.addr
+        self.mem.as_ptr()
     }
 
     /// Writes `data` at `offset`; returns 0 or a negative errno.

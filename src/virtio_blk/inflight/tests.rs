@@ -3,6 +3,7 @@ use std::cell::Cell;
 use proptest::prelude::*;
 
 use super::*;
+use crate::mem::SharedError;
 
 thread_local! {
     /// Stores the region may still take in this thread: a crash after that many.
@@ -65,7 +66,10 @@ fn shapes_and_sizes_that_cannot_hold_the_queues_are_refused() {
     let too_small = InflightRegion::adopt(file(), 0, queues - 1, QUEUES, SIZE);
     assert!(matches!(too_small, Err(InflightError::TooSmall { .. })));
     let past_end = InflightRegion::adopt(file(), 64, r.size(), QUEUES, SIZE);
-    assert!(matches!(past_end, Err(InflightError::ShortFile { .. })));
+    assert!(matches!(
+        past_end,
+        Err(InflightError::Shared(SharedError::OutOfFile { .. }))
+    ));
     let r = Arc::new(r);
     assert!(r.queue(QUEUES, SIZE).is_none(), "no area for a third queue");
     assert!(
@@ -139,7 +143,7 @@ fn garbage_from_the_frontend_is_bounded() {
     let r = InflightRegion::create(QUEUES, SIZE).expect("create");
     // A "used" area full of 0xff: every index out of range, every entry in flight.
     // SAFETY: the test owns the mapping, `size()` bytes long; no queue view exists yet.
-    unsafe { std::ptr::write_bytes(r.map.as_ptr(), 0xff, r.map.size()) };
+    unsafe { std::ptr::write_bytes(r.map.as_ptr(), 0xff, r.map.len()) };
     // SAFETY: as above.
     unsafe { r.map.as_ptr().add(OFF_VERSION).cast::<u16>().write(VERSION) };
     let (_, rec) = reopen(&r, 0, 3);

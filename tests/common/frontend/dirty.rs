@@ -4,12 +4,11 @@
 //! with VHOST_F_LOG_ALL makes it mark every page it writes. The log is mapped here too, so that
 //! a user can check which pages were marked.
 
-use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 
-use super::shm::{Mapping, memfd};
+use super::shm::Mapping;
 use super::{BLOCK, BlkFrontend, FrontendError, GPA_BASE, HDR_AREA, STATUS_OFF};
 
 /// `VHOST_F_LOG_ALL`: the backend logs the pages it writes.
@@ -20,7 +19,6 @@ const LOG_PAGE: u64 = 0x1000;
 /// The log the frontend gave the backend, kept across backend restarts.
 #[derive(Debug)]
 pub(super) struct KeptLog {
-    file: File,
     map: Mapping,
 }
 
@@ -29,9 +27,8 @@ impl KeptLog {
     fn new(max_gpa: u64) -> Result<Self, FrontendError> {
         let bytes = max_gpa.div_ceil(LOG_PAGE).div_ceil(8);
         let len = usize::try_from(bytes).expect("the log of a test's guest memory fits");
-        let file = memfd(c"blk-frontend-dirty-log", len)?;
-        let map = Mapping::new(&file, 0, len)?;
-        Ok(Self { file, map })
+        let map = Mapping::memfd(c"blk-frontend-dirty-log", len)?;
+        Ok(Self { map })
     }
 
     fn marked(&self, page: u64) -> bool {
@@ -46,14 +43,14 @@ impl BlkFrontend {
     /// SET_FEATURES with the negotiated features and VHOST_F_LOG_ALL.
     pub(super) fn log_all(&mut self) -> Result<(), FrontendError> {
         if self.log.is_none() {
-            self.log = Some(KeptLog::new(GPA_BASE + self.mem.len as u64)?);
+            self.log = Some(KeptLog::new(GPA_BASE + self.mem.len() as u64)?);
         }
         let log = self.log.as_ref().expect("made above");
         let conn = self.conn.as_ref().ok_or(FrontendError::Disconnected)?;
         let region = VhostUserDirtyLogRegion {
-            mmap_size: log.map.len as u64,
+            mmap_size: log.map.len() as u64,
             mmap_offset: 0,
-            mmap_handle: log.file.as_raw_fd(),
+            mmap_handle: log.map.file().as_raw_fd(),
         };
         // With LOG_SHMFD the vhost crate sends the fd and waits for the backend's reply (the
         // log message echoed), so the backend has mapped the log when this returns.
@@ -68,7 +65,7 @@ impl BlkFrontend {
     pub fn page_logged(&self, gpa: u64) -> bool {
         self.log
             .as_ref()
-            .is_some_and(|log| gpa < GPA_BASE + self.mem.len as u64 && log.marked(gpa / LOG_PAGE))
+            .is_some_and(|log| gpa < GPA_BASE + self.mem.len() as u64 && log.marked(gpa / LOG_PAGE))
     }
 
     /// The guest pages queue `q`'s first `reads` reads wrote that the dirty log does not have

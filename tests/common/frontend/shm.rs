@@ -5,48 +5,50 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::{mem, ptr};
+use std::mem;
 
-/// A shared mapping of (part of) a file.
+use vubd::mem::SharedMapping;
+
+/// A shared mapping of (part of) a file, with volatile accessors.
 #[derive(Debug)]
 pub(super) struct Mapping {
-    pub(super) ptr: *mut u8,
-    pub(super) len: usize,
+    shared: SharedMapping,
 }
 
 impl Mapping {
+    /// A new zeroed memfd of `len` bytes, mapped whole.
+    pub(super) fn memfd(name: &CStr, len: usize) -> io::Result<Self> {
+        let shared = SharedMapping::memfd(name, len).map_err(io::Error::other)?;
+        Ok(Self { shared })
+    }
+
+    /// `len` bytes at `offset` of `file` (the backend's inflight region).
     pub(super) fn new(file: &File, offset: u64, len: usize) -> io::Result<Self> {
-        let offset = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
-        // SAFETY: a new shared mapping at an address the kernel chooses overlaps no Rust
-        // object; the result is checked against MAP_FAILED before use.
-        let ptr = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self {
-            ptr: ptr.cast(),
-            len,
-        })
+        let shared = SharedMapping::of_file(file.try_clone()?, offset, len as u64)
+            .map_err(io::Error::other)?;
+        Ok(Self { shared })
+    }
+
+    pub(super) fn ptr(&self) -> *mut u8 {
+        self.shared.as_ptr()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.shared.len()
+    }
+
+    pub(super) fn file(&self) -> &File {
+        self.shared.file()
     }
 
     /// `off..off + len` of the mapping, checked.
     pub(super) fn at(&self, off: usize, len: usize) -> *mut u8 {
         assert!(
-            off.checked_add(len).is_some_and(|end| end <= self.len),
+            off.checked_add(len).is_some_and(|end| end <= self.len()),
             "{len} bytes at {off} are outside a mapping of {}",
-            self.len
+            self.len()
         );
-        self.ptr.wrapping_add(off)
+        self.ptr().wrapping_add(off)
     }
 
     pub(super) fn read<T: Copy>(&self, off: usize) -> T {
@@ -87,28 +89,4 @@ impl Mapping {
     pub(super) fn set_u64(&self, off: usize, v: u64) {
         self.write(off, v.to_le());
     }
-}
-
-// SAFETY: the mapping is plain shared memory owned by this value; nothing about it is tied
-// to the thread that made it, and access goes through `&self` / `&mut self` of its owner.
-unsafe impl Send for Mapping {}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` is the mapping made in `new`; references into it (`reap`'s data
-        // slices, `Area`s) borrow the frontend that owns it, so none outlives it.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
-pub(super) fn memfd(name: &CStr, len: usize) -> io::Result<File> {
-    // SAFETY: a NUL-terminated name and valid flags; the result is checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(len as u64)?;
-    Ok(file)
 }
