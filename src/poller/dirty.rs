@@ -2,9 +2,8 @@
 //! guest page it or a device writes for a request, before the used index that publishes the
 //! request. Called only while the frontend has logging on; nothing of it runs otherwise.
 
-use virtio_queue::{Queue, QueueT};
-
 use crate::mem::{DirtyLog, GuestMemory, IovecList};
+use crate::virtio_blk::ring::SplitRing;
 use vm_memory::GuestAddress;
 
 /// A finished request: the buffers it returned data in (a read's, GET_ID's, written by the
@@ -28,6 +27,7 @@ pub(super) fn request(
 /// The queue's used ring (elements, index, flags and avail_event): marked whole, a page or
 /// two, whenever the poller writes to it.
 #[inline(never)]
-pub(super) fn used_ring(log: &DirtyLog, queue: &Queue) {
-    log.mark(queue.used_ring(), 6 + 8 * u64::from(queue.size()));
+pub(super) fn used_ring(log: &DirtyLog, ring: &SplitRing) {
+    let (gpa, len) = ring.used_range();
+    log.mark(gpa, len);
 }

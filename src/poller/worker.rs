@@ -417,16 +417,7 @@ impl Worker {
         queue.set_next_avail(next.0);
         if used != old_used {
             queue.set_next_used(used.0);
-            if let Some(log) = &dev.log {
-                dirty::used_ring(log, queue);
-            }
-            let notify = ring.publish_used(old_used, used);
-            if let Some(inflight) = &mut q.inflight {
-                inflight.published(used.0);
-            }
-            if notify {
-                signal(&state);
-            }
+            publish(&ring, &state, dev.log.as_deref(), q.inflight.as_mut(), old_used, used);
         }
         popped
     }
@@ -508,16 +499,7 @@ impl Worker {
             }
             if let Some(r) = ring.filter(|_| used != old_used) {
                 queue.set_next_used(used.0);
-                if let Some(log) = &dev.log {
-                    dirty::used_ring(log, queue);
-                }
-                let notify = r.publish_used(old_used, used);
-                if let Some(inflight) = &mut q.inflight {
-                    inflight.published(used.0);
-                }
-                if notify {
-                    signal(&state);
-                }
+                publish(&r, &state, dev.log.as_deref(), q.inflight.as_mut(), old_used, used);
             }
         }
         self.done.clear();
@@ -569,7 +551,7 @@ impl Worker {
             return false;
         };
         if let Some(log) = &d.log {
-            dirty::used_ring(log, queue); // avail_event or the flags
+            dirty::used_ring(log, &ring); // avail_event or the flags
         }
         if enable {
             ring.enable_kicks(Wrapping(queue.next_avail()))
@@ -612,6 +594,30 @@ fn write_status(map: &HostMap, mem: &MemSnapshot, c: Completion) -> u32 {
         mem.write_obj(c.status as u8, c.status_addr).is_ok()
     };
     if written { c.used_len } else { 0 }
+}
+
+/// Publishes used elements `old..used` of a queue whose next used index is already `used`:
+/// marks the used ring in the dirty log (while a migration runs), writes the index, clears
+/// the batch in the inflight region, and interrupts the guest if it asked.
+#[inline(always)]
+fn publish(
+    ring: &SplitRing,
+    state: &VringState<GuestMemoryAtomic>,
+    log: Option<&DirtyLog>,
+    inflight: Option<&mut InflightQueue>,
+    old: Wrapping<u16>,
+    used: Wrapping<u16>,
+) {
+    if let Some(log) = log {
+        dirty::used_ring(log, ring);
+    }
+    let notify = ring.publish_used(old, used);
+    if let Some(inflight) = inflight {
+        inflight.published(used.0);
+    }
+    if notify {
+        signal(state);
+    }
 }
 
 /// Interrupts the guest (its call eventfd): once per queue per batch at most.

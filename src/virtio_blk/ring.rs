@@ -60,6 +60,11 @@ impl SplitRing {
         self.size
     }
 
+    /// The used ring's guest address and length: flags, index, elements and avail_event.
+    pub fn used_range(&self) -> (u64, u64) {
+        (self.used_gpa, 6 + 8 * u64::from(self.size))
+    }
+
     #[inline]
     fn read_u16(base: *mut u8, off: usize) -> u16 {
         // SAFETY: every caller passes an offset inside the ring bounds checked in `new`,
