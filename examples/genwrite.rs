@@ -50,8 +50,15 @@
 //! console the kernel's messages would cut into. Exit status 0 on PASS, 1 on FAIL, 2 on bad
 //! usage.
 
+#[path = "common/aligned.rs"]
+mod aligned;
 #[path = "genwrite/block.rs"]
 mod block;
+#[path = "../tests/common/rng.rs"]
+mod rng;
+
+use aligned::Aligned;
+use rng::Rng;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead};
@@ -249,65 +256,9 @@ impl Shared {
     }
 }
 
-/// A buffer of `len` bytes starting on [`BUF_ALIGN`], inside an ordinary vector.
-struct Aligned {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Self {
-        let storage = vec![0u8; len + BUF_ALIGN];
-        let start = storage.as_ptr().align_offset(BUF_ALIGN);
-        assert!(start < BUF_ALIGN, "cannot align a heap buffer");
-        Self {
-            storage,
-            start,
-            len,
-        }
-    }
-
-    fn get(&self) -> &[u8] {
-        &self.storage[self.start..self.start + self.len]
-    }
-
-    fn get_mut(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
-    }
-}
-
-/// Runs the calling thread on `cpu` only; a failure is reported, not fatal.
-fn pin_to(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data, for which all zeros is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
-        return;
-    }
-    // SAFETY: `set` is a live cpu_set_t and `cpu` is within it (checked above).
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: sched_setaffinity(2) reads `size_of::<cpu_set_t>()` bytes from `set`, which is
-    // that large and lives across the call; pid 0 is the calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if rc != 0 {
-        println!(
-            "GENWRITE-NOTE cannot pin a writer to CPU {cpu}: {}",
-            io::Error::last_os_error()
-        );
-    }
-}
-
-/// Small per-writer generator for block choices (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u32) -> u32 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        u32::try_from((z ^ (z >> 31)) % u64::from(n)).expect("below n fits u32")
-    }
+/// A value in `0..n` (block counts and indices are `u32` here).
+fn below(rng: &mut Rng, n: u32) -> u32 {
+    u32::try_from(rng.below(u64::from(n))).expect("below a u32")
 }
 
 /// Prints a failed operation, up to `--errors-shown` of them per writer.
@@ -337,17 +288,22 @@ fn index(n: u32) -> usize {
 
 fn writer(s: &Shared, region: u32, cpus: usize) {
     let r = index(region);
-    pin_to(r % cpus);
+    // A failure is reported, not fatal: the writers still run, on whichever CPUs.
+    let cpu = r % cpus;
+    if let Err(e) = vubd::poller::pin_current_thread(cpu) {
+        println!("GENWRITE-NOTE cannot pin a writer to CPU {cpu}: {e}");
+    }
     let (watch, blocks) = (&s.watches[r], &s.regions[r]);
     let bs = s.args.block_size;
     let max_extent = s.args.max_extent.clamp(1, s.args.region_blocks);
-    let mut rng = Rng(s.args.seed ^ (u64::from(region) + 1).wrapping_mul(0xa076_1d64_78bd_642f));
-    let mut buf = Aligned::new(bs * index(max_extent));
-    let mut back = Aligned::new(bs * index(max_extent));
+    let mut rng =
+        Rng::new(s.args.seed ^ (u64::from(region) + 1).wrapping_mul(0xa076_1d64_78bd_642f));
+    let mut buf = Aligned::new(bs * index(max_extent), BUF_ALIGN);
+    let mut back = Aligned::new(bs * index(max_extent), BUF_ALIGN);
     let (mut generation, mut shown, mut running) = (0u64, 0u64, false);
     while !s.stop.load(Ordering::SeqCst) {
-        let n = 1 + rng.below(max_extent);
-        let first = rng.below(s.args.region_blocks - n + 1);
+        let n = 1 + below(&mut rng, max_extent);
+        let first = below(&mut rng, s.args.region_blocks - n + 1);
         let extent = index(first)..index(first + n);
         let len = bs * index(n);
         generation += 1;
@@ -517,7 +473,7 @@ impl Verdict {
 /// report's lines to `lines`.
 fn verify(s: &Shared, lines: &mut Vec<String>) -> Verdict {
     let watch = s.watches.last().expect("the verification's watch");
-    let mut buf = Aligned::new(s.args.block_size);
+    let mut buf = Aligned::new(s.args.block_size, BUF_ALIGN);
     let mut v = Verdict::default();
     let mut shown = 0;
     for (r, blocks) in s.regions.iter().enumerate() {

@@ -31,8 +31,15 @@
 //! [`MAX_DETAILS`] in detail) and the exit status is 1; `MIGCHECK-PROGRESS` lines come every
 //! `--report-ms`.
 
+#[path = "common/aligned.rs"]
+mod aligned;
 #[path = "migcheck/pattern.rs"]
 mod pattern;
+#[path = "../tests/common/rng.rs"]
+mod rng;
+
+use aligned::Aligned;
+use rng::Rng;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -107,43 +114,6 @@ impl Shared {
         if self.failures.fetch_add(1, Ordering::Relaxed) < MAX_DETAILS {
             println!("MIGCHECK-FAIL {}", line());
         }
-    }
-}
-
-/// A zeroed, page-aligned buffer of whole pages.
-struct Aligned {
-    buf: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Self {
-        let buf = vec![0u8; len + PAGE];
-        let start = buf.as_ptr().align_offset(PAGE);
-        assert!(start < PAGE, "cannot align a byte buffer");
-        Self { buf, start, len }
-    }
-
-    fn get(&self) -> &[u8] {
-        &self.buf[self.start..self.start + self.len]
-    }
-
-    fn get_mut(&mut self) -> &mut [u8] {
-        &mut self.buf[self.start..self.start + self.len]
-    }
-}
-
-/// SplitMix64: the same choices for the same seed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (z ^ (z >> 31)) % n
     }
 }
 
@@ -292,7 +262,7 @@ fn pin(cpu: usize) {
 /// Reads every block back and checks it against its last generation; returns how many did
 /// not hold it.
 fn final_check(device: &File, block_size: u64, generations: &[u64], shared: &Shared) -> u64 {
-    let mut buf = Aligned::new(to_usize(block_size));
+    let mut buf = Aligned::new(to_usize(block_size), PAGE);
     let mut bad = 0;
     for (block, &generation) in (0u64..).zip(generations) {
         let buf = buf.get_mut();
@@ -345,10 +315,10 @@ fn main() -> ExitCode {
                 device: device.clone(),
                 shared: shared.clone(),
                 generations: vec![0; to_usize(own)],
-                pool: Aligned::new(args.slots * to_usize(args.block_size)),
+                pool: Aligned::new(args.slots * to_usize(args.block_size), PAGE),
                 held: vec![(0, 0); args.slots],
-                write_buf: Aligned::new(to_usize(args.block_size)),
-                rng: Rng(args.seed ^ (id << 32)),
+                write_buf: Aligned::new(to_usize(args.block_size), PAGE),
+                rng: Rng::new(args.seed ^ (id << 32)),
             };
             let ready = ready.clone();
             thread::spawn(move || {
