@@ -417,7 +417,14 @@ impl Worker {
         queue.set_next_avail(next.0);
         if used != old_used {
             queue.set_next_used(used.0);
-            publish(&ring, &state, dev.log.as_deref(), q.inflight.as_mut(), old_used, used);
+            publish(
+                &ring,
+                &state,
+                dev.log.as_deref(),
+                q.inflight.as_mut(),
+                old_used,
+                used,
+            );
         }
         popped
     }
@@ -499,7 +506,14 @@ impl Worker {
             }
             if let Some(r) = ring.filter(|_| used != old_used) {
                 queue.set_next_used(used.0);
-                publish(&r, &state, dev.log.as_deref(), q.inflight.as_mut(), old_used, used);
+                publish(
+                    &r,
+                    &state,
+                    dev.log.as_deref(),
+                    q.inflight.as_mut(),
+                    old_used,
+                    used,
+                );
             }
         }
         self.done.clear();
