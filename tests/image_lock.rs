@@ -316,3 +316,42 @@ fn an_upgrade_hands_the_socket_and_the_image_to_the_new_vubd() {
     drop(client);
     new.assert_running();
 }
+
+/// The write permission follows the rings: given up when the frontend stops the device (a
+/// migration's destination may take it then), and held again once the frontend is gone,
+/// when nobody else took it, so QEMU's tools still find an idle vubd's image in use.
+#[test]
+fn a_device_holds_its_image_again_when_its_frontend_goes() {
+    let image = Image::new(MIB);
+    let vubd = Daemon::vubd(&image, &DaemonConfig::default(), &[]);
+    for round in 0..2u8 {
+        let mut client = vubd.connect(1);
+        client.queue(0).write(0, &[round; 512]);
+        assert_eq!(locked_bytes(image.path()), [100, 101, 201, 203], "serving");
+        drop(client);
+        // Each session gives the permission up when its rings stop and takes it again when
+        // the frontend is gone (at the ring start it is still held from the last time).
+        let count = |what: &str| vubd.output().matches(what).count();
+        let want = usize::from(round) + 1;
+        let deadline = Instant::now() + TIMEOUT;
+        while count("gave the image's write permission up") < want
+            || count("took the image's write permission") < want
+        {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the image is not held again after the frontend went:\n{}",
+                vubd.output()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            locked_bytes(image.path()),
+            [100, 101, 201, 203],
+            "held again"
+        );
+        assert_refused(
+            &qemu_io_opens(image.path(), &[]),
+            "Failed to get \"write\" lock",
+        );
+    }
+}
