@@ -262,51 +262,24 @@ impl InflightQueue {
         HEADER + DESC_STATE * usize::from(head)
     }
 
+    /// Stores `v` at `off` (a field of this queue's area: u8, u16 or u64).
     #[inline(always)]
-    fn write_u8(&self, off: usize, v: u8) {
+    fn write<T: Copy>(&self, off: usize, v: T) {
         #[cfg(test)]
         if !tests::store_allowed() {
             return;
         }
-        // SAFETY: every caller's offset is inside this queue's area (header fields, or a
-        // desc[] entry of an index below `desc_num`), which the mapping holds.
-        unsafe { self.at(off).write_volatile(v) }
+        // SAFETY: every caller's offset is a field of this queue's area (a header field, or
+        // one of a desc[] entry of an index below `desc_num`), which the mapping holds;
+        // areas start 64-byte aligned and each field sits at a multiple of its size.
+        unsafe { self.at(off).cast::<T>().write_volatile(v) }
     }
 
+    /// Loads the field at `off`, as `write` stores it (another process may have).
     #[inline(always)]
-    fn write_u16(&self, off: usize, v: u16) {
-        #[cfg(test)]
-        if !tests::store_allowed() {
-            return;
-        }
-        // SAFETY: as in `write_u8`; areas start 64-byte aligned and u16 fields sit at even
-        // offsets.
-        unsafe { self.at(off).cast::<u16>().write_volatile(v) }
-    }
-
-    #[inline(always)]
-    fn write_u64(&self, off: usize, v: u64) {
-        #[cfg(test)]
-        if !tests::store_allowed() {
-            return;
-        }
-        // SAFETY: as in `write_u8`; u64 fields sit at offsets that are multiples of 8.
-        unsafe { self.at(off).cast::<u64>().write_volatile(v) }
-    }
-
-    fn read_u8(&self, off: usize) -> u8 {
-        // SAFETY: as in `write_u8`.
-        unsafe { self.at(off).read_volatile() }
-    }
-
-    fn read_u16(&self, off: usize) -> u16 {
-        // SAFETY: as in `write_u16`.
-        unsafe { self.at(off).cast::<u16>().read_volatile() }
-    }
-
-    fn read_u64(&self, off: usize) -> u64 {
-        // SAFETY: as in `write_u64`.
-        unsafe { self.at(off).cast::<u64>().read_volatile() }
+    fn read<T: Copy>(&self, off: usize) -> T {
+        // SAFETY: as in `write`.
+        unsafe { self.at(off).cast::<T>().read_volatile() }
     }
 
     /// Takes the area up for a ring whose used index is `used_idx` (read from guest memory):
@@ -314,29 +287,29 @@ impl InflightQueue {
     /// The values come from another process (or a hostile frontend): every index is checked
     /// and every walk bounded.
     pub fn recover(&mut self, used_idx: u16) -> Recovered {
-        if self.read_u16(OFF_VERSION) != VERSION {
+        if self.read::<u16>(OFF_VERSION) != VERSION {
             self.reset(used_idx);
             return Recovered::default();
         }
-        let recorded = self.read_u16(OFF_USED_IDX);
+        let recorded = self.read::<u16>(OFF_USED_IDX);
         if recorded != used_idx {
             // The last batch reached the used ring but its entries were not all cleared.
             let batch = used_idx.wrapping_sub(recorded).min(self.desc_num);
-            let mut head = self.read_u16(OFF_LAST_BATCH_HEAD);
+            let mut head = self.read::<u16>(OFF_LAST_BATCH_HEAD);
             for _ in 0..batch {
                 if head >= self.desc_num {
                     break;
                 }
                 let d = self.desc(head);
-                self.write_u8(d + DESC_INFLIGHT, 0);
-                head = self.read_u16(d + DESC_NEXT);
+                self.write(d + DESC_INFLIGHT, 0u8);
+                head = self.read::<u16>(d + DESC_NEXT);
             }
-            self.write_u16(OFF_USED_IDX, used_idx);
+            self.write::<u16>(OFF_USED_IDX, used_idx);
         }
         let mut pending: Vec<(u64, u16)> = (0..self.desc_num)
             // Anything but 0 is in flight: when in doubt, resubmit rather than lose.
-            .filter(|&i| self.read_u8(self.desc(i) + DESC_INFLIGHT) != 0)
-            .map(|i| (self.read_u64(self.desc(i) + DESC_COUNTER), i))
+            .filter(|&i| self.read::<u8>(self.desc(i) + DESC_INFLIGHT) != 0)
+            .map(|i| (self.read::<u64>(self.desc(i) + DESC_COUNTER), i))
             .collect();
         pending.sort_unstable();
         self.counter = pending.last().map_or(0, |&(c, _)| c.wrapping_add(1));
@@ -352,15 +325,15 @@ impl InflightQueue {
     pub fn reset(&mut self, used_idx: u16) {
         for i in 0..self.desc_num {
             let d = self.desc(i);
-            self.write_u8(d + DESC_INFLIGHT, 0);
-            self.write_u16(d + DESC_NEXT, 0);
-            self.write_u64(d + DESC_COUNTER, 0);
+            self.write(d + DESC_INFLIGHT, 0u8);
+            self.write::<u16>(d + DESC_NEXT, 0);
+            self.write::<u64>(d + DESC_COUNTER, 0);
         }
-        self.write_u16(OFF_DESC_NUM, self.desc_num);
-        self.write_u16(OFF_LAST_BATCH_HEAD, 0);
-        self.write_u16(OFF_USED_IDX, used_idx);
-        self.write_u64(0, 0);
-        self.write_u16(OFF_VERSION, VERSION);
+        self.write::<u16>(OFF_DESC_NUM, self.desc_num);
+        self.write::<u16>(OFF_LAST_BATCH_HEAD, 0);
+        self.write::<u16>(OFF_USED_IDX, used_idx);
+        self.write::<u64>(0, 0);
+        self.write::<u16>(OFF_VERSION, VERSION);
         self.counter = 0;
         self.batch = 0;
     }
@@ -372,9 +345,9 @@ impl InflightQueue {
             return;
         }
         let d = self.desc(head);
-        self.write_u64(d + DESC_COUNTER, self.counter);
+        self.write::<u64>(d + DESC_COUNTER, self.counter);
         self.counter = self.counter.wrapping_add(1);
-        self.write_u8(d + DESC_INFLIGHT, 1);
+        self.write(d + DESC_INFLIGHT, 1u8);
     }
 
     /// Adds `head` to the batch about to be published: before its used element.
@@ -383,9 +356,9 @@ impl InflightQueue {
         if head >= self.desc_num {
             return;
         }
-        let last = self.read_u16(OFF_LAST_BATCH_HEAD);
-        self.write_u16(self.desc(head) + DESC_NEXT, last);
-        self.write_u16(OFF_LAST_BATCH_HEAD, head);
+        let last = self.read::<u16>(OFF_LAST_BATCH_HEAD);
+        self.write::<u16>(self.desc(head) + DESC_NEXT, last);
+        self.write::<u16>(OFF_LAST_BATCH_HEAD, head);
         self.batch = self.batch.wrapping_add(1);
     }
 
@@ -393,16 +366,16 @@ impl InflightQueue {
     /// `used_idx`: clears their `inflight` flags, then records the index.
     #[inline(always)]
     pub fn published(&mut self, used_idx: u16) {
-        let mut head = self.read_u16(OFF_LAST_BATCH_HEAD);
+        let mut head = self.read::<u16>(OFF_LAST_BATCH_HEAD);
         for _ in 0..std::mem::take(&mut self.batch) {
             if head >= self.desc_num {
                 break;
             }
             let d = self.desc(head);
-            self.write_u8(d + DESC_INFLIGHT, 0);
-            head = self.read_u16(d + DESC_NEXT);
+            self.write(d + DESC_INFLIGHT, 0u8);
+            head = self.read::<u16>(d + DESC_NEXT);
         }
-        self.write_u16(OFF_USED_IDX, used_idx);
+        self.write::<u16>(OFF_USED_IDX, used_idx);
     }
 }
 

@@ -177,7 +177,7 @@ fn run(q: &mut InflightQueue, steps: &[Step]) -> Seen {
                 q.begin(*h);
                 if stores_left() == Some(0) {
                     // Killed somewhere in `begin`: popped only if its last store happened.
-                    if q.read_u8(q.desc(*h) + DESC_INFLIGHT) != 0 {
+                    if q.read::<u8>(q.desc(*h) + DESC_INFLIGHT) != 0 {
                         seen.popped.push(*h);
                     }
                     return seen;
