@@ -47,7 +47,9 @@
 //! - a namespace of the Linux kernel's NVMe/TCP target (`tests/common/nvmet.rs`: a null_blk
 //!   device with `memory_backed=1`, in a second TCG guest), where writes beyond the target's
 //!   in-capsule size wait for its R2T while reads pass them; the host reads the regions back
-//!   through the last vubd once the guest is gone.
+//!   through the last vubd once the guest is gone. vubd reaches it through a relay in the test
+//!   process (`tests/common/relay.rs`): a vubd killed with unread data resets its connections,
+//!   and a reset can make the target guest's QEMU abort in libslirp 4.7.
 //!
 //! What QEMU says when vubd goes and comes back (its stderr, in the console log) is counted
 //! and printed, not judged.
@@ -78,6 +80,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::nvmet::{NvmetOptions, NvmetTarget};
+use common::relay::Relay;
 use restart::{Case, Disk, Settings};
 
 /// The two cases share the machine's CPUs: one at a time.
@@ -121,17 +124,19 @@ fn vubd_killed_and_restarted_under_guest_writers_on_nvme_tcp_loses_no_write() {
         target.ready_line(),
         target.boot_time().as_secs_f64()
     );
+    let relay = Relay::start(target.addr());
     let dir = common::lab::test_dir();
     let case = Case {
         name: "nvme-tcp",
         disk: Disk::NvmeTcp(format!(
             "nvme-tcp://127.0.0.1:{}/{}",
-            target.port(),
+            relay.port(),
             target.nqn()
         )),
         wce: false,
     };
     let report = restart::run(&case, &settings, dir.path());
     report.finish(&case, started);
+    drop(relay);
     drop(target);
 }

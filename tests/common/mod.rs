@@ -11,6 +11,8 @@
 //! - [`nvmet`]: [`nvmet::NvmetTarget`], the Linux kernel's NVMe/TCP target in a QEMU guest
 //!   (`qemu/nvmet-target.sh`), reached at 127.0.0.1, for NVMe/TCP initiator tests; its guest can
 //!   be paused and resumed over QMP.
+//! - [`relay`]: [`relay::Relay`], a TCP relay in front of the nvmet guest that turns a killed
+//!   initiator's reset into a clean close, which libslirp 4.7 survives.
 //! - [`qmp`]: [`qmp::Qmp`], a QMP client for the tests that drive QEMU processes (pausing a
 //!   guest, migrating it).
 //! - [`fake_target`]: [`fake_target::FakeTarget`], a small NVMe/TCP target on 127.0.0.1 with
@@ -66,6 +68,7 @@ pub mod loopdev;
 pub mod nvmet;
 pub mod procfs;
 pub mod qmp;
+pub mod relay;
 mod rng;
 pub mod throttle;
 
