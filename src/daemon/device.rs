@@ -200,6 +200,7 @@ pub(super) fn device_model(
         limits: Limits {
             capacity_sectors,
             seg_max,
+            size_max: SIZE_MAX,
             read_only: info.read_only,
             max_discard_sectors: (info.discard && !info.read_only).then_some(MAX_RANGE_SECTORS),
             max_write_zeroes_sectors: (info.write_zeroes && !info.read_only)

@@ -23,6 +23,9 @@ pub struct Limits {
     pub capacity_sectors: u64,
     /// Most data descriptors per request (`seg_max`).
     pub seg_max: u32,
+    /// Largest data segment in bytes (`size_max`): with `seg_max` it bounds what one request
+    /// can ask of the disk (and how many commands it becomes on a shared NVMe controller).
+    pub size_max: u32,
     pub read_only: bool,
     /// Discard is offered; its per-segment limit in sectors.
     pub max_discard_sectors: Option<u32>,
@@ -128,6 +131,8 @@ pub enum RequestError {
     ReadableAfterWritable,
     #[error("more than {max} data segments")]
     TooManySegments { max: u32 },
+    #[error("a data segment of {len} bytes exceeds the limit of {max}")]
+    SegmentTooLong { len: u32, max: u32 },
     #[error("data buffers have the wrong direction for this request type")]
     WrongDirection,
     #[error("data length {0} is not a multiple of 512")]
@@ -216,7 +221,7 @@ pub fn parse(
             }
             // One pass: count the data pieces and translate them; a translation failure is
             // reported only after the checks that do not depend on memory.
-            let (seg_count, len, mem_err) = if write {
+            let pieces = if write {
                 if data.writable_len != 1 {
                     return Err(rej(RequestError::WrongDirection));
                 }
@@ -227,11 +232,18 @@ pub fn parse(
                 }
                 push_writable(&descs[data.n_readable..], map, iov)
             };
-            if seg_count > limits.seg_max {
+            if pieces.n > limits.seg_max {
                 return Err(rej(RequestError::TooManySegments {
                     max: limits.seg_max,
                 }));
             }
+            if pieces.longest > limits.size_max {
+                return Err(rej(RequestError::SegmentTooLong {
+                    len: pieces.longest,
+                    max: limits.size_max,
+                }));
+            }
+            let (len, mem_err) = (pieces.bytes, pieces.err);
             if len % SECTOR_SIZE as u32 != 0 {
                 return Err(rej(RequestError::UnalignedLength(len)));
             }
@@ -273,8 +285,8 @@ pub fn parse(
             if data.readable_len() != 0 || data.writable_len < 2 {
                 return Err(rej(RequestError::WrongDirection));
             }
-            let (_, len, mem_err) = push_writable(&descs[data.n_readable..], map, iov);
-            if let Some(e) = mem_err {
+            let pieces = push_writable(&descs[data.n_readable..], map, iov);
+            if let Some(e) = pieces.err {
                 return Err(rej(RequestError::Memory(e)));
             }
             Ok(Parsed {
@@ -282,7 +294,7 @@ pub fn parse(
                 status,
                 request: Request {
                     kind: RequestKind::GetId,
-                    data_len: len,
+                    data_len: pieces.bytes,
                 },
             })
         }
@@ -423,18 +435,18 @@ fn push_pieces(
     pieces: impl Iterator<Item = (u64, u32)>,
     map: &HostMap,
     iov: &mut IovecList,
-) -> (u32, u32, Option<MemError>) {
+) -> Pieces {
     let mut acc = Pieces::default();
     for (addr, len) in pieces {
         acc.push(map, iov, addr, len);
     }
-    (acc.n, acc.bytes, acc.err)
+    acc
 }
 
 /// [`push_pieces`] over the writable data pieces of a chain: `w` is its writable descriptors,
 /// the status byte at the end of the last one. The same result, without the iterator.
 #[inline(always)]
-fn push_writable(w: &[Desc], map: &HostMap, iov: &mut IovecList) -> (u32, u32, Option<MemError>) {
+fn push_writable(w: &[Desc], map: &HostMap, iov: &mut IovecList) -> Pieces {
     let mut acc = Pieces::default();
     if let Some((last, init)) = w.split_last() {
         for d in init {
@@ -443,14 +455,16 @@ fn push_writable(w: &[Desc], map: &HostMap, iov: &mut IovecList) -> (u32, u32, O
         // `status_address` accepted the last descriptor only with at least one byte.
         acc.push(map, iov, last.addr, last.len.saturating_sub(1));
     }
-    (acc.n, acc.bytes, acc.err)
+    acc
 }
 
 /// What [`push_pieces`] counts.
 #[derive(Default)]
 struct Pieces {
     n: u32,
+    /// Their total length; saturates (and the request then fails `size_max` anyway).
     bytes: u32,
+    longest: u32,
     err: Option<MemError>,
 }
 
@@ -462,7 +476,8 @@ impl Pieces {
             return;
         }
         self.n += 1;
-        self.bytes += len;
+        self.bytes = self.bytes.saturating_add(len);
+        self.longest = self.longest.max(len);
         if self.err.is_none() {
             self.err = iov.push(map, addr, len).err();
         }

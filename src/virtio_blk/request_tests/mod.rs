@@ -33,6 +33,8 @@ const DATA3: u64 = 0xc000;
 const TABLE: u64 = 0x1_0000;
 const STATUS: u64 = 0xf_0000;
 const CAPACITY: u64 = 1024;
+/// `size_max` of the tests' limits: larger than the buffers most tests use.
+const SIZE_MAX: u32 = 0x4000;
 const MAX_RANGE: u32 = 256;
 const MAX_SEGS: u32 = MAX_RANGE_SEGMENTS as u32;
 const UNMAP: u32 = WRITE_ZEROES_FLAG_UNMAP;
@@ -41,6 +43,7 @@ fn limits() -> Limits {
     Limits {
         capacity_sectors: CAPACITY,
         seg_max: 8,
+        size_max: SIZE_MAX,
         read_only: false,
         max_discard_sectors: Some(MAX_RANGE),
         max_write_zeroes_sectors: Some(MAX_RANGE),

@@ -70,9 +70,12 @@ fn any_limits() -> impl Strategy<Value = Limits> {
     let seg_max = prop_oneof![3 => 8u32..16, 1 => 0u32..8];
     let read_only = prop::bool::weighted(0.2);
     let max = prop::option::weighted(0.8, prop_oneof![3 => 0u32..512, 1 => any::<u32>()]);
-    (capacity, seg_max, read_only, max.clone(), max).prop_map(|(c, s, ro, d, z)| Limits {
+    let size_max = prop_oneof![3 => Just(u32::MAX), 1 => 512u32..0x4000];
+    let segs = (seg_max, size_max);
+    (capacity, segs, read_only, max.clone(), max).prop_map(|(c, (s, m), ro, d, z)| Limits {
         capacity_sectors: c,
         seg_max: s,
+        size_max: m,
         read_only: ro,
         max_discard_sectors: d,
         max_write_zeroes_sectors: z,
@@ -155,6 +158,8 @@ proptest! {
                 prop_assert!(!(lim.read_only && write));
                 prop_assert_eq!(len % 512, 0);
                 prop_assert_eq!(iov.bytes(), len);
+                // An iovec is a segment or part of one (where it crosses memory regions).
+                prop_assert!(iov.as_slice().iter().all(|v| v.iov_len <= lim.size_max as usize));
                 prop_assert!(s.checked_add(len / 512).is_some_and(|e| e <= lim.capacity_sectors));
             }
             K::GetId => prop_assert!(len > 0 && iov.bytes() == len),

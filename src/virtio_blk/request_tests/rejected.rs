@@ -195,6 +195,23 @@ fn more_data_segments_than_seg_max_is_rejected() {
 }
 
 #[test]
+fn a_data_segment_longer_than_size_max_is_rejected() {
+    let b = Bench::new();
+    let err = || E::SegmentTooLong {
+        len: SIZE_MAX + 512,
+        max: SIZE_MAX,
+    };
+    let c = [r(HDR, 16), w(DATA, 512), w(DATA2, SIZE_MAX + 512), st()];
+    b.rejects(IN, &c, (err(), Status::IoErr, Some(STATUS)));
+    let c = [r(HDR, 16), r(DATA, SIZE_MAX + 512), st()];
+    b.ioerr(OUT, 0, &c, err());
+    // The header's and the status byte's bytes do not count: a descriptor holding the header
+    // and a whole segment is within the limit.
+    b.ok(IN, 0, &[r(HDR, 16), w(DATA, SIZE_MAX + 1)]);
+    b.ok(OUT, 0, &[r(HDR, 16 + SIZE_MAX), st()]);
+}
+
+#[test]
 fn more_buffers_than_the_iovec_list_holds_is_a_memory_error() {
     let b = Bench::new();
     b.put(HDR, &header_bytes(IN, 0));
