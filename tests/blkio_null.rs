@@ -64,7 +64,7 @@ fn null_disk_has_the_size_given_and_512_byte_blocks() {
         let view = raw_view(&daemon);
         let expected = RawView {
             capacity_sectors: size / SECTOR,
-            blk_size: view.blk_size.map(|_| 512),
+            blk_size: Some(512),
             flush: true,
             discard: true,
             write_zeroes: true,

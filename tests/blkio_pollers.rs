@@ -88,6 +88,17 @@ fn four_queues_on_two_unpinned_default_pollers_verify_random_io() {
         pinned.is_empty(),
         "threads pinned without --cpus: {pinned:?}"
     );
+    let mut pollers: Vec<String> = procfs::thread_affinities(daemon.pid())
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| name.starts_with("vubd-poller-"))
+        .collect();
+    pollers.sort();
+    assert_eq!(
+        pollers,
+        ["vubd-poller-0", "vubd-poller-1"],
+        "poller threads of a vubd that may use two CPUs"
+    );
 }
 
 #[test]
