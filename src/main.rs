@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
-            print!("{e}");
+            daemon::stdout::write(&e.to_string());
             return ExitCode::SUCCESS;
         }
         Err(e) => {
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Ok(Command::PrintCapabilities) => {
-            println!("{}", capabilities_json());
+            daemon::stdout::write(&format!("{}\n", capabilities_json()));
             ExitCode::SUCCESS
         }
         Ok(Command::Discover(d)) => match daemon::discover(&d) {

@@ -1,7 +1,8 @@
 //! The vubd command line and process lifecycle: bad arguments (among them bad `--cpus`,
 //! `--poll`, `--poll-idle-us` and null disk sizes) exit with status 2 and one stderr line
 //! naming the problem; SIGTERM exits 0 and removes the socket, in every poll mode. These always
-//! run vubd, whatever `VUBD_TEST_BACKEND` says.
+//! run vubd, whatever `VUBD_TEST_BACKEND` says. A standard output whose reader is gone neither
+//! panics `--help` nor stops a daemon from serving.
 
 mod common;
 
@@ -429,4 +430,86 @@ fn fd_that_is_not_a_listening_socket_exits_2_naming_fd() {
         ]);
         assert_rejected(&exit, &["--fd"]);
     }
+}
+
+/// The write end of a pipe whose reader is gone: writing to it fails with EPIPE, as for
+/// `vubd --help | head -1` once `head` has exited, or a supervisor that closed vubd's stdout.
+fn broken_pipe() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2(2) writes.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: pipe2 just opened both descriptors, and nothing else owns them.
+    let (reader, writer) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    drop(reader);
+    writer
+}
+
+#[test]
+fn help_and_capabilities_into_a_closed_pipe_exit_0_without_a_panic() {
+    for arg in ["--help", "--print-capabilities"] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vubd"))
+            .arg(arg)
+            .stdin(std::process::Stdio::null())
+            .stdout(broken_pipe())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn vubd");
+        let status = common::daemon::wait_bounded(&mut child).expect("vubd exits");
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+            .expect("read stderr");
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "vubd {arg} into a closed pipe: {status}; stderr:\n{stderr}"
+        );
+        assert!(stderr.is_empty(), "vubd {arg} stderr:\n{stderr}");
+    }
+}
+
+#[test]
+fn a_closed_stdout_does_not_stop_vubd_from_serving() {
+    let image = Image::new(MIB);
+    let dir = tempfile::tempdir().expect("create test directory");
+    let socket = dir.path().join("vubd.sock");
+    let stderr = dir.path().join("stderr.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vubd"))
+        .args([OsStr::new("--socket-path"), socket.as_os_str()])
+        .args([OsStr::new("--disk"), image.path().as_os_str()])
+        .stdin(std::process::Stdio::null())
+        .stdout(broken_pipe())
+        .stderr(fs::File::create(&stderr).expect("create stderr log"))
+        .spawn()
+        .expect("spawn vubd");
+    // The start-up banner goes out once every device is ready; past that, vubd serves.
+    let log = || fs::read_to_string(&stderr).unwrap_or_default();
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while !log().contains("ready device=0") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let ready = log().contains("ready device=0") && socket_exists(&socket);
+    let alive = child.try_wait().expect("poll vubd").is_none();
+    // SAFETY: kill(2) has no memory-safety preconditions; the child is not reaped yet.
+    unsafe {
+        libc::kill(
+            libc::pid_t::try_from(child.id()).expect("pid"),
+            libc::SIGTERM,
+        )
+    };
+    let status = common::daemon::wait_bounded(&mut child).expect("vubd exits on SIGTERM");
+    let log = log();
+    assert!(
+        ready && alive,
+        "vubd did not serve with a closed stdout:\n{log}"
+    );
+    assert_eq!(status.code(), Some(0), "exit status {status}:\n{log}");
+    assert!(!log.contains("panicked"), "vubd panicked:\n{log}");
 }

@@ -3,6 +3,7 @@
 //! pair for every poller that will serve it, and each device's guest-visible model.
 
 use std::collections::{BTreeSet, HashMap};
+use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io;
 use std::path::Path;
@@ -236,6 +237,7 @@ fn create_sparse(path: &Path, size: u64) -> Result<(), DaemonError> {
 /// Tells the user how to attach a QEMU VM to the devices served on socket paths.
 pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
     let mut options = Vec::new();
+    let mut banner = String::new();
     for (i, (d, info)) in cfg.devices.iter().zip(infos).enumerate() {
         let SocketSpec::Path(sock) = &d.socket else {
             continue;
@@ -246,7 +248,8 @@ pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
             b if b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
             b => format!("{b} bytes"),
         };
-        println!(
+        writeln!(
+            banner,
             "vubd: serving {} ({size}{}) on {}",
             match &d.disk {
                 DiskSpec::File(p) => p.display().to_string(),
@@ -261,7 +264,8 @@ pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
             },
             if info.read_only { ", read-only" } else { "" },
             abs.display()
-        );
+        )
+        .expect("write to String");
         // reconnect=1: QEMU reconnects when vubd restarts (README, "Restart, upgrade,
         // migration").
         options.push(format!(
@@ -273,16 +277,18 @@ pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
             d.num_queues
         ));
     }
-    if options.is_empty() {
-        return;
+    if !options.is_empty() {
+        banner.push_str(if options.len() > 2 {
+            "Attach QEMU VMs (guest RAM must be shared), each device to one of them, with:\n"
+        } else {
+            "Attach a QEMU VM (guest RAM must be shared) with:\n"
+        });
+        banner.push_str(
+            "  -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n",
+        );
+        writeln!(banner, "  {}", options.join(" \\\n  ")).expect("write to String");
     }
-    if options.len() > 2 {
-        println!("Attach QEMU VMs (guest RAM must be shared), each device to one of them, with:");
-    } else {
-        println!("Attach a QEMU VM (guest RAM must be shared) with:");
-    }
-    println!("  -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\");
-    println!("  {}", options.join(" \\\n  "));
+    super::stdout::write(&banner);
 }
 
 #[cfg(test)]

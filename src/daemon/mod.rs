@@ -6,6 +6,7 @@
 mod device;
 mod nvme;
 mod pcie;
+pub mod stdout;
 
 pub use self::nvme::discover;
 pub use self::pcie::nvme_list;

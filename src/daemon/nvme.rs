@@ -69,6 +69,6 @@ pub fn discover(cfg: &DiscoverConfig) -> Result<(), DaemonError> {
     // The discovery controller needs no keep-alive for one log page.
     opts.kato = Duration::ZERO;
     let log = ctrl::discover(&addr, &host, &opts).map_err(DaemonError::Discover)?;
-    print!("{log}");
+    super::stdout::write(&log.to_string());
     Ok(())
 }
