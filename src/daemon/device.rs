@@ -53,8 +53,9 @@ pub(super) fn first_pollers(cfg: &Config) -> Vec<usize> {
         .collect()
 }
 
-/// Opens every device's disk, in order; the first failure names its device.
-pub(super) fn open_disks(cfg: &Config) -> Result<Vec<Arc<Disk>>, DaemonError> {
+/// Opens every device's disk, in order; the first failure names its device. Also how the
+/// `IoChannel` conformance checks (`examples/channel_check.rs`) open theirs.
+pub fn open_disks(cfg: &Config) -> Result<Vec<Arc<Disk>>, DaemonError> {
     let mut ctrls = Controllers::default();
     let disks = cfg
         .devices

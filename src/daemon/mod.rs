@@ -8,6 +8,7 @@ mod nvme;
 mod pcie;
 pub mod stdout;
 
+pub use self::device::open_disks;
 pub use self::nvme::discover;
 pub use self::pcie::nvme_list;
 
