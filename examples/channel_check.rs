@@ -9,7 +9,8 @@
 //! Buffers live in one guest memory of this process (DMA-mapped for an NVMe PCIe disk, as a
 //! session's memory is). Each case prints `CHANNEL-CHECK case=NAME ok` or `... FAIL why`; the
 //! last line is `CHANNEL-CHECK-RESULT disk=... passed=N failed=M`, and the exit status is 0
-//! only when nothing failed. The cases overwrite the disk's first 8 MiB and its last 64 KiB.
+//! only when nothing failed. The cases overwrite 8 MiB from `--base` (default 0) and the
+//! disk's last 64 KiB.
 //!
 //! What every channel must do:
 //!
@@ -18,9 +19,9 @@
 //! - every queued operation completes, each of its parts exactly once (`queue` says how many),
 //!   with the bytes transferred (summed over the parts) or an errno, and no tag is reported that
 //!   was not queued;
-//! - data written reads back, at the first and last blocks, through iovecs of any count, size,
-//!   and alignment a guest may use (down to byte-aligned buffers), across requests larger than
-//!   the device's transfer limit, and with many operations in flight;
+//! - data written reads back, at the first (from `--base`) and last blocks, through iovecs of
+//!   any count, size, and alignment a guest may use (down to byte-aligned buffers), across
+//!   requests larger than the device's transfer limit, and with many operations in flight;
 //! - while `has_room` is true `queue` succeeds, and the room comes back once everything
 //!   queued has completed;
 //! - flush succeeds; write-zeroes reads back as zeros (also when unmapping is allowed), where
@@ -56,6 +57,9 @@ const MAX_IOV: usize = 300;
 #[derive(Parser, Debug)]
 #[command(about = "IoChannel conformance checks on one disk, opened as vubd opens it")]
 struct Cli {
+    /// Where on the disk the checks' 8 MiB start (a multiple of 4096).
+    #[arg(long, default_value_t = 0)]
+    base: u64,
     /// vubd's own options (`--disk`, `--readonly`, `--cache`, NVMe options...).
     #[arg(last = true, required = true)]
     vubd: Vec<String>,
@@ -71,6 +75,8 @@ struct Rig {
     _dma: Option<GuestDma>,
     /// The disk keeps data (everything but null).
     keeps_data: bool,
+    /// `--base`: disk offsets of the cases are relative to it (but for the last blocks).
+    base: u64,
     next_tag: u32,
 }
 
@@ -187,6 +193,11 @@ impl Rig {
         Ok(self.run(&[op])?[0])
     }
 
+    /// The disk offset of `rel` in the checks' area (from `--base`).
+    fn at(&self, rel: u64) -> u64 {
+        self.base + rel
+    }
+
     fn write(&mut self, offset: u64, pieces: &[(u64, u32)]) -> Result<(), String> {
         let iov = self.iov(pieces);
         let want = iov.bytes();
@@ -295,7 +306,7 @@ fn case_geometry(rig: &mut Rig) -> Result<(), String> {
     if i.capacity_bytes == 0 || i.capacity_bytes % lbs != 0 {
         return Err(format!("capacity {} bytes", i.capacity_bytes));
     }
-    if i.capacity_bytes < (8 << 20) + (64 << 10) {
+    if i.capacity_bytes < rig.base + (8 << 20) + (64 << 10) {
         return Err(format!(
             "capacity {} is too small for the checks",
             i.capacity_bytes
@@ -307,8 +318,9 @@ fn case_geometry(rig: &mut Rig) -> Result<(), String> {
 fn case_first_and_last_blocks(rig: &mut Rig) -> Result<(), String> {
     let len = 64 << 10;
     let last = rig.info().capacity_bytes - len as u64;
+    let first = rig.at(0);
     rig.round_trip(
-        0,
+        first,
         &pattern(1, len),
         &[(0, len as u32)],
         &[(1 << 20, len as u32)],
@@ -324,21 +336,21 @@ fn case_first_and_last_blocks(rig: &mut Rig) -> Result<(), String> {
 fn case_vectored(rig: &mut Rig) -> Result<(), String> {
     let w = pieces(0, &[512, 1536, 4096, 512, 8192, 1024, 512], 512);
     let r = pieces(1 << 20, &[8192, 4096, 4096], 4096);
-    rig.round_trip(64 << 10, &pattern(3, 16384), &w, &r)?;
+    rig.round_trip(rig.at(64 << 10), &pattern(3, 16384), &w, &r)?;
     // 256 pieces of one block each, scattered.
     let w = pieces(2 << 20, &[512; 256], 512);
     let r = pieces(4 << 20, &[4096; 32], 0);
-    rig.round_trip(128 << 10, &pattern(4, 128 << 10), &w, &r)
+    rig.round_trip(rig.at(128 << 10), &pattern(4, 128 << 10), &w, &r)
 }
 
 fn case_unaligned_buffers(rig: &mut Rig) -> Result<(), String> {
     // Guests may use buffers at any address; lengths stay whole sectors in total.
     let w = pieces(3, &[1000, 24, 3072], 5);
     let r = pieces((1 << 20) + 1, &[4096], 0);
-    rig.round_trip(256 << 10, &pattern(5, 4096), &w, &r)?;
+    rig.round_trip(rig.at(256 << 10), &pattern(5, 4096), &w, &r)?;
     let w = pieces(4093, &[8192], 0);
     let r = pieces((2 << 20) + 7, &[511, 4097, 3584], 9);
-    rig.round_trip(320 << 10, &pattern(6, 8192), &w, &r)
+    rig.round_trip(rig.at(320 << 10), &pattern(6, 8192), &w, &r)
 }
 
 fn case_large(rig: &mut Rig) -> Result<(), String> {
@@ -346,7 +358,7 @@ fn case_large(rig: &mut Rig) -> Result<(), String> {
     let len = (4 << 20) + 4096;
     let w = pieces(0, &[1 << 20, 1 << 20, 1 << 20, 1 << 20, 4096], 0);
     let r = pieces(8 << 20, &[(4 << 20) + 4096], 0);
-    rig.round_trip(1 << 20, &pattern(7, len), &w, &r)
+    rig.round_trip(rig.at(1 << 20), &pattern(7, len), &w, &r)
 }
 
 fn case_many_in_flight(rig: &mut Rig) -> Result<(), String> {
@@ -358,7 +370,7 @@ fn case_many_in_flight(rig: &mut Rig) -> Result<(), String> {
         .map(|i| ((8 << 20) + i as u64 * 8192 + 512, block))
         .collect();
     scatter(rig, &data, &wp);
-    let base = 6 << 20;
+    let base = rig.at(6 << 20);
     let wiov: Vec<IovecList> = wp.iter().map(|&p| rig.iov(&[p])).collect();
     let writes: Vec<IoOp<'_>> = wiov
         .iter()
@@ -399,7 +411,7 @@ fn case_has_room(rig: &mut Rig) -> Result<(), String> {
     while rig.ch.has_room() && queued.len() < limit {
         let tag = rig.next_tag;
         rig.next_tag = rig.next_tag.wrapping_add(1);
-        let offset = (queued.len() as u64 % 1024) * 512;
+        let offset = rig.at((queued.len() as u64 % 1024) * 512);
         // SAFETY: `iov` and the memory outlive every completion, waited for below.
         let n = unsafe {
             rig.ch
@@ -451,7 +463,7 @@ fn case_write_zeroes(rig: &mut Rig) -> Result<(), String> {
     if !rig.info().write_zeroes {
         return Ok(());
     }
-    let base = 2 << 20;
+    let base = rig.at(2 << 20);
     let len = 64 << 10;
     for unmap in [false, true] {
         let data = pattern(9, len);
@@ -480,7 +492,7 @@ fn case_discard(rig: &mut Rig) -> Result<(), String> {
     if !rig.info().discard {
         return Ok(());
     }
-    let base = 3 << 20;
+    let base = rig.at(3 << 20);
     if let Err(e) = rig.run_one(IoOp::Discard {
         offset: base,
         len: 1 << 20,
@@ -499,16 +511,11 @@ fn case_wakeup(rig: &mut Rig) -> Result<(), String> {
     let iov = rig.iov(&[(0, 4096)]);
     let tag = rig.next_tag;
     rig.next_tag = rig.next_tag.wrapping_add(1);
+    let offset = rig.at(0);
     // SAFETY: `iov` and the memory outlive the completion, waited for below.
     let parts = unsafe {
-        rig.ch.queue_for(
-            &rig.target,
-            tag,
-            IoOp::Read {
-                offset: 0,
-                iov: &iov,
-            },
-        )
+        rig.ch
+            .queue_for(&rig.target, tag, IoOp::Read { offset, iov: &iov })
     }
     .map_err(|_| "queue refused a read on an idle channel".to_owned())?;
     rig.ch.submit().map_err(|e| format!("submit: {e}"))?;
@@ -549,7 +556,7 @@ fn case_drain(rig: &mut Rig) -> Result<(), String> {
         .iter()
         .enumerate()
         .map(|(i, iov)| IoOp::Read {
-            offset: i as u64 * 4096,
+            offset: rig.at(i as u64 * 4096),
             iov,
         })
         .collect();
@@ -610,7 +617,10 @@ const CASES: &[(&str, Case)] = &[
     ("drain", case_drain),
 ];
 
-fn open(vubd_args: &[String]) -> Result<Rig, String> {
+fn open(vubd_args: &[String], base: u64) -> Result<Rig, String> {
+    if base % 4096 != 0 {
+        return Err(format!("--base {base} is not a multiple of 4096"));
+    }
     let args = Args::try_parse_from(
         ["vubd", "--socket-path", "channel-check.sock"]
             .into_iter()
@@ -644,6 +654,7 @@ fn open(vubd_args: &[String]) -> Result<Rig, String> {
         .map_err(|e| format!("open a channel: {e}"))?;
     Ok(Rig {
         _dma: dma,
+        base,
         keeps_data: !matches!(*disk, Disk::Null(_)),
         target: disk.target(),
         map: HostMap::new(Arc::clone(&mem)),
@@ -656,7 +667,7 @@ fn open(vubd_args: &[String]) -> Result<Rig, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut rig = match open(&cli.vubd) {
+    let mut rig = match open(&cli.vubd, cli.base) {
         Ok(rig) => rig,
         Err(e) => {
             println!("CHANNEL-CHECK-FAILED cannot open the disk: {e}");
@@ -673,6 +684,10 @@ fn main() -> ExitCode {
             Err(why) => {
                 failed += 1;
                 println!("CHANNEL-CHECK case={name} FAIL {why}");
+                if *name == "geometry" {
+                    // The other cases would write where they have no business.
+                    break;
+                }
             }
         }
     }

@@ -3,14 +3,17 @@
 //! `tests/guest/nvme-pcie-lab.sh`. One controller (namespaces 1 and 2) goes to vfio-pci and
 //! is driven from user space: `vubd nvme list` lists it, `examples/pcie_check.rs` writes and
 //! reads back a pattern through an I/O queue with PRPs, SGLs and bounce buffers, and across a
-//! controller reset. The other stays with the kernel's nvme driver, so `vubd nvme list --bdf`
-//! shows the error a user sees for an unbound controller. After the guest is gone the host
-//! checks that the images hold the pattern where it was written, and zeros around it. vubd
-//! with an adaptive poller that sleeps as soon as it is idle passes write-verify with MSI-X
-//! interrupts (their count on vubd's vectors grows) and with `interrupts=0` (no vectors).
+//! controller reset, and the `IoChannel` conformance suite (`examples/channel_check.rs`)
+//! passes on it with and without interrupts. The other stays with the kernel's nvme driver,
+//! so `vubd nvme list --bdf` shows the error a user sees for an unbound controller. After the
+//! guest is gone the host checks that the images hold the pattern where it was written, and
+//! zeros around it. vubd with an adaptive poller that sleeps as soon as it is idle passes
+//! write-verify with MSI-X interrupts (their count on vubd's vectors grows) and with
+//! `interrupts=0` (no vectors).
 //!
-//! One guest boot, in one test; the guest's programs are this build's vubd and `pcie_check`
-//! (built on first use). Where the lab cannot start, the test fails and says why.
+//! One guest boot, in one test; the guest's programs are this build's vubd, `pcie_check`,
+//! `channel_check` and `blkcheck` (built on first use). Where the lab cannot start, the test
+//! fails and says why.
 
 mod common;
 
@@ -63,6 +66,7 @@ fn assert_zero(img: &Path, from: u64, to: u64) {
 fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
     let started = Instant::now();
     let check = example_bin("pcie_check");
+    let channel_check = example_bin("channel_check");
     let blkcheck = example_bin("blkcheck");
     let vubd = Path::new(env!("CARGO_BIN_EXE_vubd"));
     let built_examples = started.elapsed();
@@ -70,7 +74,11 @@ fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
     let dir = test_dir();
     let d = dir.path();
     let t = Instant::now();
-    let initrd = build_initramfs(d, "nvme-pcie-lab", &[&check, vubd, &blkcheck]);
+    let initrd = build_initramfs(
+        d,
+        "nvme-pcie-lab",
+        &[&check, &channel_check, vubd, &blkcheck],
+    );
     let built_initrd = t.elapsed();
 
     let ns1 = image_file(d, "ns1.img", NS1_BYTES);
@@ -98,6 +106,7 @@ fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
         &[
             "NVME-LIST",
             "PCIE-CHECK",
+            "CHANNEL-CHECK",
             "VUBD-RESET",
             "IRQ-",
             "VUBD-IRQ",
@@ -168,6 +177,16 @@ fn the_user_space_driver_lists_and_does_io_on_a_controller_behind_the_iommu() {
         ),
         ("ok", "1", "0", "1")
     );
+    // The IoChannel conformance suite (tests/io_channel.rs runs it on the other backends),
+    // with MSI-X and with polling.
+    let results: Vec<_> = lines_with(&console, "CHANNEL-CHECK-RESULT ").collect();
+    assert_eq!(results.len(), 2, "{console}");
+    for (r, irq) in results.iter().zip(["1", "0"]) {
+        assert!(
+            r.contains(&format!("interrupts={irq} ")) && r.ends_with(" passed=12 failed=0"),
+            "{r}"
+        );
+    }
     let missing = line_with(&console, "PCIE-CHECK-FAILED ");
     assert!(
         missing.contains(&format!(

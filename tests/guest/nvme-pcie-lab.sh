@@ -3,7 +3,8 @@
 # lab initramfs, in a guest with two emulated NVMe controllers behind an
 # emulated IOMMU: one with namespaces 1 and 2 (serial $PCIE_SERIAL), for the
 # user-space driver, and one that stays with the kernel's nvme driver (serial
-# $OTHER_SERIAL). The initramfs holds bind-vfio.sh, vubd, pcie_check and blkcheck.
+# $OTHER_SERIAL). The initramfs holds bind-vfio.sh, vubd, pcie_check, channel_check
+# and blkcheck.
 #
 # 1. the kernel's nvme driver takes both controllers; their addresses are
 #    found by serial number;
@@ -14,7 +15,9 @@
 # 5. pcie_check writes and reads back the pattern through an I/O queue: on
 #    namespace 1 with SGLs, on namespace 1 at 4 MiB with bounce buffers, on
 #    namespace 2 followed by a controller reset (PCIE-CHECK lines); on namespace 3 it reports the missing
-#    namespace (PCIE-CHECK-FAILED line, exit status 1);
+#    namespace (PCIE-CHECK-FAILED line, exit status 1); then the IoChannel
+#    conformance suite (channel_check) runs on namespace 1 from 16 MiB, with
+#    and without interrupts (CHANNEL-CHECK lines);
 # 6. vubd serves namespace 2 (--disk nvme-pcie:BDF?nsid=2, two queues, so two
 #    pollers and two I/O queue pairs) and blkcheck checks it through
 #    vhost-user: write-verify, write-zeroes, discard (Dataset Management;
@@ -71,6 +74,12 @@ pcie_check "$bdf" --nsid 2 --offset 0 --seed 0x2cd --reset || fatal "pcie_check 
 rc=0
 pcie_check "$bdf" --nsid 3 || rc=$?
 [ "$rc" -eq 1 ] || fatal "pcie_check on the missing namespace 3 exited with $rc, expected 1"
+# The IoChannel conformance suite on namespace 1, in 16..24 MiB and its last 64 KiB (the
+# host checks what pcie_check wrote below 5 MiB), with MSI-X and with polling.
+for irq in 1 0; do
+    channel_check --base 16777216 -- --disk "nvme-pcie:$bdf?nsid=1&interrupts=$irq" \
+        --io-timeout 10 || fatal "channel_check on nsid 1 with interrupts=$irq"
+done
 say "driver steps done at $(uptime_s) s of guest uptime"
 
 # --- 6. vubd serving namespace 2 to a vhost-user client ------------------------------
