@@ -89,7 +89,7 @@ log "building the initramfs"
 qemu/build-initramfs.sh --output "$d/initrd.cpio.gz" --script "$d/guest.sh" \
   --bin "$top/target/release/examples/pcie_check:/usr/bin/pcie_check" --keep-debug \
   --bin "$VG_BIN:/usr/bin/valgrind" --add "$d/vglib:$VG_LIB" \
-  --add "$top/qemu/guest/bind-vfio.sh:/usr/bin/bind-vfio.sh" \
+  --add "$top/tests/guest/bind-vfio.sh:/usr/bin/bind-vfio.sh" \
   --add "$top/tests/guest/lib.sh:/usr/lib/vubd-lab/lib.sh" >"$d/build.log" 2>&1 ||
   { tail -n 20 "$d/build.log" >&2; die "build-initramfs.sh failed"; }
 

@@ -19,7 +19,7 @@
 //! On an error it prints `VFIO-PROBE-FAILED <step>: <error>` and exits with status 1.
 //!
 //! ```sh
-//! vfio_probe 0000:01:00.0            # after binding it: qemu/guest/bind-vfio.sh 0000:01:00.0
+//! vfio_probe 0000:01:00.0            # after binding it: tests/guest/bind-vfio.sh 0000:01:00.0
 //! ```
 //!
 //! Every wait (controller ready, the completion) is bounded by `--timeout`.

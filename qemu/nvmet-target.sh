@@ -40,7 +40,7 @@
 # Once the target listens, the guest prints one console line
 #   NVMET-READY port=4420 host_port=PORT nqn=NQN namespaces=N ns_mib=M block_size=B allow=any|HOSTNQN
 # and then serves until QEMU is stopped (a signal, or the timeout); a setup
-# error prints "NVMET-FAILED reason" and the guest powers off. Wait for the
+# error prints "nvmet: FAIL reason" and the guest powers off. Wait for the
 # READY line, not for the host port: QEMU's user network accepts a TCP
 # connection on PORT before anything listens in the guest (and then closes
 # it).
@@ -86,7 +86,9 @@ while [[ $# -gt 0 ]]; do
 done
 
 build_initrd() {
-    "$lab/build-initramfs.sh" --script "$lab/guest/nvmet-target.sh" --output "$1" ||
+    local guest=$lab/../tests/guest
+    "$lab/build-initramfs.sh" --script "$guest/nvmet-target.sh" \
+        --add "$guest/lib.sh:/usr/lib/vubd-lab/lib.sh" --output "$1" ||
         die "cannot build the target's initramfs"
 }
 if [[ -n $build_only ]]; then

@@ -110,7 +110,8 @@ awk -v sectors=$((pattern_bytes / 512)) 'BEGIN {
 
 initrd=$work/initramfs.cpio.gz
 "$lab/build-initramfs.sh" --modules-dir "$MODULES_DIR" --output "$initrd" \
-    --script "$here/guest/blk-data.sh" --add "$pattern:/pattern.bin" 2>"$work/initramfs.log" ||
+    --script "$here/guest/blk-data.sh" --add "$here/guest/lib.sh:/usr/lib/vubd-lab/lib.sh" \
+    --add "$pattern:/pattern.bin" 2>"$work/initramfs.log" ||
     { cat "$work/initramfs.log" >&2; die "building the initramfs failed"; }
 log "kernel $(basename "$VMLINUZ"), initramfs ready in $((SECONDS - t_start)) s"
 

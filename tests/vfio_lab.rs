@@ -1,7 +1,7 @@
 //! The lab for vubd's user-space NVMe driver: a QEMU guest (TCG) with an emulated NVMe
 //! controller behind an emulated Intel IOMMU (`qemu/run-guest.sh --iommu --nvme`), running
 //! `tests/guest/vfio-lab.sh`, which binds the controller to vfio-pci
-//! (`qemu/guest/bind-vfio.sh`), drives it from user space with `examples/vfio_probe.rs`
+//! (`tests/guest/bind-vfio.sh`), drives it from user space with `examples/vfio_probe.rs`
 //! (config space, BAR0, CAP and VS, a DMA map at IOVA = virtual address, one Identify command
 //! whose data the controller writes through the IOMMU), gives it back to the kernel's nvme
 //! driver, and then runs vubd on a tmpfs file with `examples/blkcheck.rs` as its vhost-user

@@ -36,7 +36,7 @@ pub fn test_dir() -> tempfile::TempDir {
 
 /// Builds `dir/NAME.cpio.gz` with `build-initramfs.sh`: the guest script
 /// `tests/guest/NAME.sh` as `/test.sh`, the programs `bins` (with their shared libraries) in
-/// `/usr/bin`, `qemu/guest/bind-vfio.sh` and the scripts' shared functions
+/// `/usr/bin`, `tests/guest/bind-vfio.sh` and the scripts' shared functions
 /// (`tests/guest/lib.sh`, as `/usr/lib/vubd-lab/lib.sh`). Its log is `dir/build.log`.
 pub fn build_initramfs(dir: &Path, name: &str, bins: &[&Path]) -> PathBuf {
     let guest_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest");
@@ -52,7 +52,7 @@ pub fn build_initramfs(dir: &Path, name: &str, bins: &[&Path]) -> PathBuf {
     cmd.arg("--add")
         .arg(format!(
             "{}:/usr/bin/bind-vfio.sh",
-            lab_dir().join("guest/bind-vfio.sh").display()
+            guest_dir.join("bind-vfio.sh").display()
         ))
         .arg("--add")
         .arg(format!(

@@ -259,7 +259,7 @@ impl NvmetTarget {
             }) {
                 return Ok(line);
             }
-            if console.contains("NVMET-FAILED") {
+            if console.contains("nvmet: FAIL ") {
                 return Err(StartError::Failed(format!(
                     "the guest could not set up the target\n{}",
                     self.logs()

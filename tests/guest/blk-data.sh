@@ -24,10 +24,11 @@ pattern=/pattern.bin
 bs=65536
 failures=0
 
-say() { echo "guest: $*"; }
+LAB=guest
+# shellcheck source=tests/guest/lib.sh
+. /usr/lib/vubd-lab/lib.sh
 ok() { say "ok   $*"; }
 bad() { say "FAIL $*"; failures=$((failures + 1)); }
-fatal() { say "FAIL $*"; exit 1; }
 
 for v in DISK_BYTES EXPECT_QUEUES PATTERN_OFFSET TAIL_BYTES; do
     eval "val=\${$v:-}"

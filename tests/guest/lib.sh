@@ -1,11 +1,16 @@
 # shellcheck shell=sh
-# Sourced by the lab's guest scripts (tests/guest/*.sh, and the guest side of
-# benches/pcie_callgrind.sh), whose initramfs has this file as
-# /usr/lib/vubd-lab/lib.sh (tests/common/lab.rs adds it). The script sets LAB,
-# the prefix of its console lines, before it sources this file.
+# The one library of the lab's guest scripts: sourced by every script in
+# tests/guest/ (and the guest side of benches/pcie_callgrind.sh), whose
+# initramfs has this file as /usr/lib/vubd-lab/lib.sh (tests/common/lab.rs,
+# tests/guest-test.sh and qemu/nvmet-target.sh add it). The script sets LAB,
+# the prefix of its console lines, before it sources this file. The exception
+# is bind-vfio.sh, a tool that also runs outside the lab and so stands alone.
 
 say() { echo "$LAB: $*"; }
 fatal() { say "FAIL $*"; exit 1; }
+
+# put VALUE FILE: a sysfs or configfs write that is fatal when it fails.
+put() { printf '%s' "$1" >"$2" 2>/dev/null || fatal "cannot write '$1' to $2"; }
 
 # wait_for TENTHS CMD...: runs CMD every 0.1 s until it succeeds, at most
 # TENTHS times.
