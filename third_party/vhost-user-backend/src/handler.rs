@@ -443,6 +443,9 @@ where
             .ok_or(VhostUserError::ReqHandlerError(
                 io::ErrorKind::InvalidInput.into(),
             ))?;
+            self.backend
+                .region_mapped(&guest_region)
+                .map_err(VhostUserError::ReqHandlerError)?;
             let mapping = AddrMapping {
                 #[cfg(feature = "postcopy")]
                 local_addr: guest_region.as_ptr() as u64,
@@ -774,6 +777,9 @@ where
         .ok_or(VhostUserError::ReqHandlerError(
             io::ErrorKind::InvalidInput.into(),
         ))?;
+        self.backend
+            .region_mapped(&guest_region)
+            .map_err(VhostUserError::ReqHandlerError)?;
         let guest_region = Arc::new(guest_region);
 
         let addr_mapping = AddrMapping {
