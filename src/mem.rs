@@ -3,8 +3,13 @@
 //!
 //! This is the main home of raw guest pointers. An iovec produced here stays valid for as long
 //! as the [`MemSnapshot`] it was translated from is alive: in-flight requests hold one.
+//!
+//! Every mapping of memory a frontend shares is registered with [`fault`], whose SIGBUS
+//! handler survives a fault in it (a file the frontend shortened) and fails only the device
+//! session it belongs to.
 
 mod dirty_log;
+pub mod fault;
 mod shared;
 
 pub use dirty_log::{DirtyLog, LOG_PAGE};

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost_user_backend::{VhostUserBackend, VringT};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringT};
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -27,11 +27,12 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::bdev::Disk;
 use crate::bdev::nvme_pcie::GuestDma;
+use crate::mem::fault::GuestRegions;
 use crate::mem::{DirtyLog, GuestMemoryAtomic};
 use crate::poller::{Detaching, DeviceKey, DeviceShared, PollerHandle, QueueAttach, Vring};
 use crate::virtio_blk::config::{self, BlkConfig, WRITEBACK_OFFSET, WriteCache};
 use crate::virtio_blk::inflight::{InflightQueue, InflightRegion};
-use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestRegionMmap};
 
 /// The shape of the device as the control plane exposes it.
 #[derive(Clone, Copy, Debug)]
@@ -61,9 +62,15 @@ pub struct BlkBackend {
     exit_fds: Mutex<Vec<RawFd>>,
     /// A device that DMAs into guest memory: the session's mappings in its IOMMU domain.
     dma: Option<Mutex<GuestDma>>,
-    /// With `dma`: armed while regions that left the memory table are still mapped, so that
-    /// the relay thread unmaps them once the last request using them has completed.
+    /// The guest memory mappings registered with the SIGBUS handler (`mem::fault`), held
+    /// until nothing else does.
+    regions: Mutex<GuestRegions>,
+    /// Armed while regions that left the memory table are still mapped, so that the relay
+    /// thread lets them go (their fault registration, and for `dma` their IOMMU mapping) once
+    /// the last request using them has completed.
     sweep_timer: Option<Mutex<TimerFd>>,
+    /// Closes the connection: the session's memory faulted (set once the session runs).
+    shutdown: Mutex<Option<ShutdownHandle>>,
     /// The inflight I/O tracking region the frontend keeps (INFLIGHT_SHMFD), if it does.
     inflight: Mutex<Option<Arc<InflightRegion>>>,
     /// The dirty log of a live migration, and whether the frontend has logging on.
@@ -125,14 +132,13 @@ impl BlkBackend {
             Disk::NvmePcie(d) => Some(Mutex::new(d.guest_dma())),
             _ => None,
         };
-        // Without a timer, retired regions are still unmapped at the next memory change or
-        // at the session's end; the error is logged, not fatal.
-        let sweep_timer = dma.as_ref().and_then(|_| {
-            TimerFd::new()
-                .map_err(|e| tracing::warn!(error = %e, "cannot create the DMA sweep timer"))
-                .ok()
-                .map(Mutex::new)
-        });
+        // Without a timer, retired regions are still let go at the next memory change or at
+        // the session's end; the error is logged, not fatal.
+        let sweep_timer = TimerFd::new()
+            .map_err(|e| tracing::warn!(error = %e, "cannot create the memory sweep timer"))
+            .ok()
+            .map(Mutex::new);
+        let regions = Mutex::new(GuestRegions::new(shared.faults.clone()));
         Self {
             shape,
             key,
@@ -144,47 +150,81 @@ impl BlkBackend {
             transitions: Mutex::new(false),
             exit_fds: Mutex::new(Vec::new()),
             dma,
+            regions,
             sweep_timer,
+            shutdown: Mutex::new(None),
             inflight: Mutex::new(None),
             log: Mutex::new(LogState::default()),
         }
     }
 
-    /// The relay-thread event of the DMA sweep timer: after the queues (`0..num_queues`)
+    /// The relay-thread event of the memory sweep timer: after the queues (`0..num_queues`)
     /// and vhost-user-backend's own event (`num_queues`).
     fn sweep_event(&self) -> u16 {
         u16::try_from(self.shape.num_queues + 1).unwrap_or(u16::MAX)
     }
 
-    /// The file descriptor and event id the relay thread must watch for the DMA sweep, if
-    /// the device has one (register it before the session starts).
-    pub fn sweep_listener(&self) -> Option<(RawFd, u64)> {
-        let t = self.sweep_timer.as_ref()?;
-        Some((lock(t).as_raw_fd(), u64::from(self.sweep_event())))
+    /// The relay-thread event of a guest memory fault (the eventfd the SIGBUS handler writes).
+    fn fault_event(&self) -> u16 {
+        u16::try_from(self.shape.num_queues + 2).unwrap_or(u16::MAX)
     }
 
-    /// Unmaps the retired regions nothing holds any more; keeps the timer armed while some
-    /// are left.
-    fn sweep_dma(&self) {
-        let (Some(dma), Some(timer)) = (&self.dma, &self.sweep_timer) else {
+    /// The file descriptors and event ids the relay thread must watch: the memory sweep timer
+    /// (if it could be made) and the fault eventfd. Register them before the session starts.
+    pub fn listeners(&self) -> Vec<(RawFd, u64)> {
+        let mut l = vec![(self.shared.faults.event_fd(), u64::from(self.fault_event()))];
+        if let Some(t) = &self.sweep_timer {
+            l.push((lock(t).as_raw_fd(), u64::from(self.sweep_event())));
+        }
+        l
+    }
+
+    /// Lets go of the retired regions nothing holds any more (their fault registration, and
+    /// their IOMMU mapping); keeps the timer armed while some are left.
+    fn sweep(&self) {
+        let current = self.mem.memory();
+        let mut retired = lock(&self.regions).sweep(&current);
+        if let Some(dma) = &self.dma {
+            let mut dma = lock(dma);
+            dma.sweep();
+            retired |= dma.has_retired();
+        }
+        let Some(timer) = &self.sweep_timer else {
             return;
         };
-        let mut dma = lock(dma);
-        dma.sweep();
         let mut timer = lock(timer);
-        let result = if dma.has_retired() {
+        let result = if retired {
             timer.reset(SWEEP_EVERY, None)
         } else {
             timer.clear()
         };
         if let Err(e) = result {
-            tracing::warn!(error = %e, "cannot set the DMA sweep timer");
+            tracing::warn!(error = %e, "cannot set the memory sweep timer");
+        }
+    }
+
+    /// The session's connection, closed when its memory faults (see `mem::fault`). A fault
+    /// before this is set closes the connection here.
+    pub fn set_shutdown(&self, handle: Option<ShutdownHandle>) {
+        let mut shutdown = lock(&self.shutdown);
+        *shutdown = handle;
+        if self.shared.faults.failed() {
+            self.close_on_fault(&shutdown);
+        }
+    }
+
+    /// The session's memory faulted (a file the frontend shortened): the session does not go
+    /// on with it. Its pollers take nothing more from its queues; the connection is closed, so
+    /// the frontend's next message fails, and a new connection starts with a new memory table.
+    fn close_on_fault(&self, shutdown: &Option<ShutdownHandle>) {
+        if let Some(h) = shutdown {
+            h.shutdown();
         }
     }
 
     fn attach(&self, q: usize, vring: &Vring) {
         let closing = lock(&self.transitions);
-        if *closing || self.attached[q].load(Ordering::Acquire) {
+        if *closing || self.attached[q].load(Ordering::Acquire) || self.shared.faults.failed() {
             return;
         }
         {
@@ -408,10 +448,12 @@ impl VhostUserBackend for BlkBackend {
     /// SET_LOG_BASE: the log to mark while LOG_ALL is on (a new one replaces the old one,
     /// e.g. when guest memory grew).
     fn set_log_base(&self, msg: &VhostUserLog, file: &File) -> io::Result<()> {
-        let log = DirtyLog::new(file, msg.mmap_offset, msg.mmap_size).map_err(|e| {
+        let mut log = DirtyLog::new(file, msg.mmap_offset, msg.mmap_size).map_err(|e| {
             tracing::warn!(error = %e, "dirty log refused");
             io::Error::new(io::ErrorKind::InvalidInput, e)
         })?;
+        log.watch(&self.shared.faults)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         tracing::debug!(bytes = msg.mmap_size, "dirty log set");
         self.update_log(|s| s.log = Some(Arc::new(log)));
         Ok(())
@@ -428,7 +470,10 @@ impl VhostUserBackend for BlkBackend {
 
     /// GET_INFLIGHT_FD: a new, zeroed region for the frontend to keep.
     fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
-        let region = InflightRegion::create(msg.num_queues, msg.queue_size)
+        let mut region = InflightRegion::create(msg.num_queues, msg.queue_size)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        region
+            .watch(&self.shared.faults)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let file = region.file().try_clone()?;
         let reply = VhostUserInflight {
@@ -445,7 +490,7 @@ impl VhostUserBackend for BlkBackend {
 
     /// SET_INFLIGHT_FD: the region the frontend kept, maybe from an earlier vubd.
     fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
-        let region = InflightRegion::adopt(
+        let mut region = InflightRegion::adopt(
             file,
             msg.mmap_offset,
             msg.mmap_size,
@@ -456,6 +501,9 @@ impl VhostUserBackend for BlkBackend {
             tracing::warn!(error = %e, "inflight region refused");
             io::Error::new(io::ErrorKind::InvalidInput, e)
         })?;
+        region
+            .watch(&self.shared.faults)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         tracing::debug!(
             queues = msg.num_queues,
             size = msg.queue_size,
@@ -511,6 +559,14 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
+    /// A region of a new memory table was mapped: registered with the SIGBUS handler before
+    /// any thread can touch it (see `mem::fault`).
+    fn region_mapped(&self, region: &GuestRegionMmap<()>) -> io::Result<()> {
+        lock(&self.regions)
+            .add(region)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    }
+
     fn update_memory(&self, mem: GuestMemoryAtomic) -> io::Result<()> {
         // A device that DMAs into guest memory must reach the new regions before any request
         // can name them (the frontend waits for this message to be acknowledged).
@@ -535,7 +591,7 @@ impl VhostUserBackend for BlkBackend {
         if let Some(timer) = &self.sweep_timer
             && let Err(e) = lock(timer).reset(SWEEP_EVERY, None)
         {
-            tracing::warn!(error = %e, "cannot set the DMA sweep timer");
+            tracing::warn!(error = %e, "cannot set the memory sweep timer");
         }
         Ok(())
     }
@@ -585,7 +641,12 @@ impl VhostUserBackend for BlkBackend {
                 // Clears the expiry (non-blocking: the event says it is readable).
                 let _ = lock(timer).wait();
             }
-            self.sweep_dma();
+            self.sweep();
+            return Ok(());
+        }
+        if device_event == self.fault_event() {
+            self.shared.faults.clear_event();
+            self.close_on_fault(&lock(&self.shutdown));
             return Ok(());
         }
         let q = usize::from(device_event);

@@ -19,6 +19,7 @@ use crate::bdev::nvme_pcie::{Controllers, NvmePcieConfig, NvmePcieDevice};
 use crate::bdev::nvme_tcp::NvmeTcpDevice;
 use crate::bdev::{DeviceInfo, Disk};
 use crate::config::{Config, DeviceConfig, DiskSpec, SocketSpec};
+use crate::mem::fault::DeviceFaults;
 use crate::poller::DeviceShared;
 use crate::vhost_user::BlkShape;
 use crate::virtio_blk::request::Limits;
@@ -149,11 +150,12 @@ fn pcie_pollers(cfg: &Config) -> HashMap<&str, BTreeSet<usize>> {
 }
 
 /// The guest-visible model of a device: features, configuration space, request limits, and
-/// `device_serial` as the GET_ID answer.
+/// `device_serial` as the GET_ID answer; `faults` records the session's memory faults.
 pub(super) fn device_model(
     d: &DeviceConfig,
     info: &DeviceInfo,
     device_serial: &str,
+    faults: Arc<DeviceFaults>,
 ) -> (BlkShape, DeviceShared) {
     let seg_max = (u32::from(d.queue_size) - 2).clamp(1, MAX_SEGMENTS);
     let capacity_sectors = info.capacity_bytes >> SECTOR_SHIFT;
@@ -215,6 +217,7 @@ pub(super) fn device_model(
         writeback: AtomicBool::new(!d.starts_inactive()),
         learning: AtomicBool::new(d.starts_inactive()),
         mem_gen: AtomicU64::new(0),
+        faults,
     };
     (shape, shared)
 }
@@ -410,7 +413,13 @@ mod tests {
     fn write_zeroes_may_unmap_only_where_the_device_says_unmapped_blocks_read_as_zeroes() {
         let c = config(&["--disk", "null:1G"]);
         // virtio-blk configuration space: write_zeroes_may_unmap at byte 56.
-        let unmap = |i: &DeviceInfo| device_model(&c.devices[0], i, "s").0.config.to_bytes()[56];
+        let faults = Arc::new(DeviceFaults::new().expect("eventfd"));
+        let unmap = |i: &DeviceInfo| {
+            device_model(&c.devices[0], i, "s", faults.clone())
+                .0
+                .config
+                .to_bytes()[56]
+        };
         assert_eq!(unmap(&info(true, true)), 1);
         assert_eq!(
             unmap(&info(true, false)),

@@ -32,6 +32,7 @@ use crate::bdev::nvme_pcie::NvmePcieError;
 use crate::bdev::nvme_tcp::NvmeTcpError;
 use crate::bdev::{BlockDevice, Disk};
 use crate::config::{Config, DeviceConfig, SocketSpec};
+use crate::mem::fault::{self, DeviceFaults};
 use crate::mem::{GuestMemory, GuestMemoryAtomic};
 use crate::poller::PollerSet;
 use crate::vhost_user::BlkBackend;
@@ -118,6 +119,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // Block the signals before any thread exists so that every thread inherits the mask and
     // only the signal thread receives them.
     let signals = Signals::block().map_err(DaemonError::Signals)?;
+    // Before any thread can touch memory a frontend shares: a fault there (a file the
+    // frontend shortened) fails that device's session, not the process.
+    fault::install().map_err(DaemonError::Signals)?;
 
     // The sockets first: a busy socket must be reported before anything else happens.
     let mut listeners = Vec::with_capacity(cfg.devices.len());
@@ -214,7 +218,8 @@ impl Serving<'_> {
             .as_deref()
             .or(disk.serial())
             .unwrap_or_default();
-        let (shape, shared) = device::device_model(self.cfg, &disk.info(), serial);
+        let faults = Arc::new(DeviceFaults::new().map_err(DaemonError::Worker)?);
+        let (shape, shared) = device::device_model(self.cfg, &disk.info(), serial, faults.clone());
         let mem = GuestMemoryAtomic::new(GuestMemory::new());
         let handles = (0..shape.num_queues)
             .map(|q| self.pollers.for_queue(self.first_poller + q).clone())
@@ -229,9 +234,10 @@ impl Serving<'_> {
         ));
         let mut daemon = VhostUserDaemon::new("vubd-vhost-user".into(), backend.clone(), mem)
             .map_err(DaemonError::VhostUser)?;
-        if let Some((fd, event)) = backend.sweep_listener() {
-            // All queues share one relay thread (`queues_per_thread`), the sweep with them.
-            if let Some(h) = daemon.get_epoll_handlers().first() {
+        // All queues share one relay thread (`queues_per_thread`), the memory sweep timer and
+        // the fault eventfd with them.
+        if let Some(h) = daemon.get_epoll_handlers().first() {
+            for (fd, event) in backend.listeners() {
                 h.register_listener(fd, EventSet::IN, event)
                     .map_err(|e| DaemonError::Worker(io::Error::other(e)))?;
             }
@@ -240,6 +246,7 @@ impl Serving<'_> {
         daemon.start(listener).map_err(DaemonError::VhostUser)?;
         info!(device = self.index, "frontend connected");
         self.stop.set_session(self.index, daemon.shutdown_handle());
+        backend.set_shutdown(daemon.shutdown_handle());
         let result = daemon.wait();
         self.stop.set_session(self.index, None);
         match &result {
@@ -249,6 +256,14 @@ impl Serving<'_> {
         // In-flight requests complete and are published before the pollers let go of the
         // queues; then the relay thread is stopped and joined.
         backend.close();
+        if let Some(f) = faults.first() {
+            error!(
+                device = self.index,
+                fault = %f,
+                "the frontend's shared memory faulted (its file was shortened): the session was \
+                 closed and its requests stopped"
+            );
+        }
         drop(daemon);
         backend.close_exit_events();
         // Without a frontend the device returns to how it started: a device that was not

@@ -9,11 +9,13 @@
 //! time only after it stopped the rings.
 
 use std::fs::File;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::GuestMemory;
+use super::fault::{DeviceFaults, FaultError, Mapped};
 use super::shared::{SharedError, SharedMapping};
 
 /// Bytes of guest memory one bit of the log stands for (`VHOST_LOG_PAGE`).
@@ -33,6 +35,12 @@ impl DirtyLog {
         Ok(Self {
             map: SharedMapping::of_file(file, offset, size)?,
         })
+    }
+
+    /// Registers the log's mapping as `owner`'s: a fault in it (the frontend shortened the
+    /// file) fails that device session instead of the process.
+    pub fn watch(&mut self, owner: &Arc<DeviceFaults>) -> Result<(), FaultError> {
+        self.map.watch(Mapped::DirtyLog, owner)
     }
 
     /// Guest physical bytes the log covers.
@@ -114,6 +122,34 @@ mod tests {
         log.mark(9 * LOG_PAGE, LOG_PAGE); // exactly page 9
         log.mark(20 * LOG_PAGE + 5, 0); // nothing
         assert_eq!(bits(&log), vec![1, 2, 9]);
+    }
+
+    #[test]
+    fn a_log_its_frontend_shortens_fails_the_session_and_the_process_lives() {
+        use crate::mem::fault::{self, DeviceFaults, Fault, Mapped};
+        fault::install().expect("install");
+        let file = memfd(8192);
+        let mut log = DirtyLog::new(&file, 0, 8192).expect("log");
+        let faults = Arc::new(DeviceFaults::new().expect("eventfd"));
+        log.watch(&faults).expect("watch");
+        file.set_len(4096).expect("truncate");
+        // A page whose bit is in byte 4096 of the log: past the file's end now.
+        log.mark((4096 * 8 + 5) * LOG_PAGE, 1);
+        assert_eq!(
+            faults.first(),
+            Some(Fault {
+                mapped: Mapped::DirtyLog,
+                len: 8192,
+                offset: 4096
+            })
+        );
+        assert!(faults.failed());
+        log.mark(LOG_PAGE, 1);
+        assert_eq!(
+            bits(&log),
+            vec![1, 4096 * 8 + 5],
+            "the rest of the log works on"
+        );
     }
 
     #[test]

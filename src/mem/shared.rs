@@ -1,15 +1,20 @@
 //! Memory shared with another process through a file: a memfd of our own that a frontend
 //! maps too (the inflight region), or a range of a file a frontend handed over (its kept
 //! inflight region, the dirty log). The range is checked against the file first: a mapping
-//! past the end of a file faults (SIGBUS) when touched.
+//! past the end of a file faults (SIGBUS) when touched. The other process can still shorten
+//! the file later: [`SharedMapping::watch`] registers the mapping with the SIGBUS handler of
+//! [`super::fault`], so that such a fault fails one device session instead of the process.
 
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::FromRawFd;
+use std::sync::Arc;
 
 use thiserror::Error;
 use vm_memory::{FileOffset, MmapRegion};
+
+use super::fault::{self, DeviceFaults, FaultError, Mapped, Registration};
 
 /// Why a shared mapping could not be made.
 #[derive(Debug, Error)]
@@ -25,6 +30,8 @@ pub enum SharedError {
 /// A read-write, shared mapping of `len` bytes of a file, with the file.
 #[derive(Debug)]
 pub struct SharedMapping {
+    // Declared before `map`, so dropped before it: the entry goes before the mapping.
+    registration: Option<Registration>,
     map: MmapRegion<()>,
     file: File,
 }
@@ -64,7 +71,21 @@ impl SharedMapping {
             libc::MAP_SHARED,
         )
         .map_err(SharedError::Map)?;
-        Ok(Self { map, file })
+        Ok(Self {
+            registration: None,
+            map,
+            file,
+        })
+    }
+
+    /// Registers the mapping as `mapped` of `owner`'s device session: from now on a fault in
+    /// it (the other process shortened the file) is survived and fails that session.
+    pub fn watch(&mut self, mapped: Mapped, owner: &Arc<DeviceFaults>) -> Result<(), FaultError> {
+        let page = fault::page_size_of(&self.file);
+        let registration =
+            fault::register(self.map.as_ptr(), self.map.size(), page, mapped, owner)?;
+        self.registration = Some(registration);
+        Ok(())
     }
 
     /// The first mapped byte; `len()` bytes from it stay mapped while `self` lives.

@@ -26,6 +26,7 @@ use vhost_user_backend::VringRwLock;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::bdev::Disk;
+use crate::mem::fault::DeviceFaults;
 use crate::mem::{DirtyLog, GuestMemoryAtomic};
 use crate::virtio_blk::ID_BYTES;
 use crate::virtio_blk::config::WriteCache;
@@ -63,6 +64,9 @@ pub struct DeviceShared {
     /// Bumped by the control plane after it replaced a session's guest memory map (before the
     /// frontend is acknowledged): pollers compare it with one load instead of loading the map.
     pub mem_gen: AtomicU64,
+    /// Faults survived in the session's memory (`mem::fault`): once one is, the pollers take
+    /// nothing more from the device's queues.
+    pub faults: Arc<DeviceFaults>,
 }
 
 impl DeviceShared {

@@ -280,6 +280,11 @@ impl Worker {
             let _ = q.warm.idle_pass(ring.avail_entry_addr(next));
             return 0;
         }
+        // A fault survived in the device's memory (a file its frontend shortened: see
+        // `mem::fault`) fails the device: its session closes, and nothing more is taken.
+        if dev.shared.faults.failed() {
+            return stop_faulted(&mut q.resubmit, queue);
+        }
         // Check the memory map only now: a frontend adds a region (ADD_MEM_REG, acknowledged
         // after the map is replaced and `mem_gen` bumped) before it publishes requests that use
         // it, so the generation read after the avail index covers what that index announces.
@@ -575,6 +580,18 @@ impl Worker {
             false
         }
     }
+}
+
+/// Stops serving a queue of a device whose memory faulted: what an earlier process left in
+/// flight is dropped (the inflight region keeps it for the next session), and the queue is
+/// marked not ready, so that it is neither polled nor slept on again until its frontend
+/// starts it anew (its session is closing). Requests in flight still complete.
+#[cold]
+#[inline(never)]
+fn stop_faulted(resubmit: &mut Vec<u16>, queue: &mut Queue) -> usize {
+    resubmit.clear();
+    queue.set_ready(false);
+    0
 }
 
 /// The queue's ring pointers, re-translated when the queue was reconfigured or the device's

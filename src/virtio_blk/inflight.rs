@@ -40,6 +40,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use super::config::WriteCache;
+use crate::mem::fault::{DeviceFaults, FaultError, Mapped};
 use crate::mem::{SharedError, SharedMapping};
 
 /// Size of one `desc[]` entry.
@@ -144,6 +145,12 @@ impl InflightRegion {
             num_queues,
             queue_size,
         })
+    }
+
+    /// Registers the region's mapping as `owner`'s: a fault in it (the frontend shortened the
+    /// file) fails that device session instead of the process.
+    pub fn watch(&mut self, owner: &Arc<DeviceFaults>) -> Result<(), FaultError> {
+        self.map.watch(Mapped::Inflight, owner)
     }
 
     /// The file to hand to the frontend.

@@ -57,6 +57,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 #[path = "frontend/dirty.rs"]
 mod dirty;
+#[path = "frontend/memory.rs"]
+mod memory;
 #[path = "frontend/region.rs"]
 mod region;
 #[path = "frontend/shm.rs"]

@@ -29,6 +29,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
+use vm_memory::GuestRegionMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
@@ -230,6 +231,16 @@ pub trait VhostUserBackend: Send + Sync {
     fn set_log_base(&self, _log: &VhostUserLog, _file: &File) -> Result<()> {
         Ok(())
     }
+
+    /// A guest memory region of a `VHOST_USER_SET_MEM_TABLE` or `VHOST_USER_ADD_MEM_REG` was
+    /// just mapped, before the new memory map is published (to the vrings, then
+    /// `update_memory`): no thread has used the mapping yet. An error refuses the message.
+    ///
+    /// For backends that track their mappings, e.g. to survive a fault in one whose file the
+    /// front-end shortened. The default does nothing.
+    fn region_mapped(&self, _region: &GuestRegionMmap<Self::Bitmap>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Trait without interior mutability for vhost user backend servers to implement concrete services.
@@ -422,6 +433,16 @@ pub trait VhostUserBackendMut: Send + Sync {
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: &File) -> Result<()> {
         Ok(())
     }
+
+    /// A guest memory region of a `VHOST_USER_SET_MEM_TABLE` or `VHOST_USER_ADD_MEM_REG` was
+    /// just mapped, before the new memory map is published (to the vrings, then
+    /// `update_memory`): no thread has used the mapping yet. An error refuses the message.
+    ///
+    /// For backends that track their mappings, e.g. to survive a fault in one whose file the
+    /// front-end shortened. The default does nothing.
+    fn region_mapped(&mut self, _region: &GuestRegionMmap<Self::Bitmap>) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
@@ -530,6 +551,10 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<()> {
         self.deref().set_log_base(log, file)
+    }
+
+    fn region_mapped(&self, region: &GuestRegionMmap<Self::Bitmap>) -> Result<()> {
+        self.deref().region_mapped(region)
     }
 }
 
@@ -643,6 +668,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
     fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<()> {
         self.lock().unwrap().set_log_base(log, file)
     }
+
+    fn region_mapped(&self, region: &GuestRegionMmap<Self::Bitmap>) -> Result<()> {
+        self.lock().unwrap().region_mapped(region)
+    }
 }
 
 impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
@@ -754,6 +783,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<()> {
         self.write().unwrap().set_log_base(log, file)
+    }
+
+    fn region_mapped(&self, region: &GuestRegionMmap<Self::Bitmap>) -> Result<()> {
+        self.write().unwrap().region_mapped(region)
     }
 }
 

@@ -9,6 +9,7 @@ use std::io;
 use std::os::fd::AsFd;
 #[cfg(feature = "postcopy")]
 use std::os::fd::FromRawFd;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::thread;
@@ -46,6 +47,47 @@ use super::GM;
 // The 509 used to be the KVM limit, it supported 512, but 3 were used
 // for internal purposes (nowadays, it supports more than that).
 const MAX_MEM_SLOTS: u64 = 509;
+
+// BLKGETSIZE64: the size of a block device, in bytes.
+vmm_sys_util::ioctl_ior_nr!(BLKGETSIZE64, 0x12, 114, u64);
+
+/// Checks that `file` holds the `size` bytes at `offset` that the region of `msg` at guest
+/// address `gpa` maps: a mapping past the end of its file faults (SIGBUS) when touched.
+/// Regular files (memfds, shmem and hugetlbfs files included) by their size, block devices by
+/// theirs; other files (character devices such as device DAX, whose size is 0) are left to
+/// their `mmap`.
+fn check_region_file(
+    msg: &str,
+    (gpa, offset, size): (u64, u64, u64),
+    file: &File,
+) -> VhostUserResult<()> {
+    let meta = file.metadata().map_err(VhostUserError::ReqHandlerError)?;
+    let file_size = if meta.file_type().is_file() {
+        meta.len()
+    } else if meta.file_type().is_block_device() {
+        let mut bytes = 0u64;
+        // SAFETY: BLKGETSIZE64 writes one u64 to the pointer given, a live local.
+        let ret =
+            unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(file, BLKGETSIZE64(), &mut bytes) };
+        if ret < 0 {
+            return Err(VhostUserError::ReqHandlerError(io::Error::last_os_error()));
+        }
+        bytes
+    } else {
+        return Ok(());
+    };
+    match offset.checked_add(size) {
+        Some(end) if end <= file_size => Ok(()),
+        _ => Err(VhostUserError::ReqHandlerError(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{msg}: the region at guest address {gpa:#x}: {size} bytes at file offset \
+                 {offset} need a file of {} bytes; it has {file_size}",
+                offset.saturating_add(size)
+            ),
+        ))),
+    }
+}
 
 #[derive(Debug)]
 /// Errors related to vhost-user handler.
@@ -388,6 +430,12 @@ where
         let mut mappings: Vec<AddrMapping> = Vec::new();
 
         for (region, file) in ctx.iter().zip(files) {
+            let range = (
+                region.guest_phys_addr,
+                region.mmap_offset,
+                region.memory_size,
+            );
+            check_region_file("SET_MEM_TABLE", range, &file)?;
             let guest_region = GuestRegionMmap::new(
                 region.mmap_region(file)?,
                 GuestAddress(region.guest_phys_addr),
@@ -395,6 +443,9 @@ where
             .ok_or(VhostUserError::ReqHandlerError(
                 io::ErrorKind::InvalidInput.into(),
             ))?;
+            self.backend
+                .region_mapped(&guest_region)
+                .map_err(VhostUserError::ReqHandlerError)?;
             let mapping = AddrMapping {
                 #[cfg(feature = "postcopy")]
                 local_addr: guest_region.as_ptr() as u64,
@@ -699,15 +750,37 @@ where
             return Err(VhostUserError::InvalidOperation("postcopy not enabled"));
         }
 
-        let guest_region = Arc::new(
-            GuestRegionMmap::new(
-                region.mmap_region(file)?,
-                GuestAddress(region.guest_phys_addr),
-            )
-            .ok_or(VhostUserError::ReqHandlerError(
-                io::ErrorKind::InvalidInput.into(),
-            ))?,
+        // The slots advertised by GET_MAX_MEM_SLOTS are all there is.
+        #[cfg(feature = "postcopy")]
+        let used = match &self.pending_mem {
+            Some(pending_mem) => pending_mem.num_regions(),
+            None => self.atomic_mem.memory().num_regions(),
+        };
+        #[cfg(not(feature = "postcopy"))]
+        let used = self.atomic_mem.memory().num_regions();
+        if used as u64 >= MAX_MEM_SLOTS {
+            return Err(VhostUserError::ReqHandlerError(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("ADD_MEM_REG: all {MAX_MEM_SLOTS} memory slots are in use"),
+            )));
+        }
+        let range = (
+            region.guest_phys_addr,
+            region.mmap_offset,
+            region.memory_size,
         );
+        check_region_file("ADD_MEM_REG", range, &file)?;
+        let guest_region = GuestRegionMmap::new(
+            region.mmap_region(file)?,
+            GuestAddress(region.guest_phys_addr),
+        )
+        .ok_or(VhostUserError::ReqHandlerError(
+            io::ErrorKind::InvalidInput.into(),
+        ))?;
+        self.backend
+            .region_mapped(&guest_region)
+            .map_err(VhostUserError::ReqHandlerError)?;
+        let guest_region = Arc::new(guest_region);
 
         let addr_mapping = AddrMapping {
             #[cfg(feature = "postcopy")]
