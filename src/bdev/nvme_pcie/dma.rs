@@ -1,10 +1,11 @@
 //! Guest memory in the controller's IOMMU domain: every region of a session's guest memory is
 //! DMA-mapped whole at IOVA = its address in vubd, so PRPs point straight at guest buffers.
 //!
-//! A region that leaves the memory table is unmapped only once nothing can still use it: the
-//! snapshot it came from is kept until no in-flight request and no poller's map holds that
-//! snapshot any more (its reference count falls to the one kept here). Keeping the snapshot
-//! also keeps the region's mapping in vubd alive until then.
+//! A region that leaves the memory table is unmapped only once nothing can still use it: every
+//! earlier snapshot is kept until no in-flight request and no poller's map holds it any more
+//! (its reference count falls to the one kept here), and a region stays mapped while any kept
+//! snapshot has it (a request of a table two changes back may still use a region the last
+//! change removed). Keeping the snapshots also keeps the regions' mappings in vubd alive.
 //!
 //! Several sessions (devices on namespaces of one controller) each have their own `GuestDma`
 //! in the one VFIO container. Their IOVAs are addresses of distinct live mappings of this
@@ -63,9 +64,13 @@ fn unmap(ctrl: &impl Iommu, (addr, len): Span, why: &'static str) {
 #[derive(Debug)]
 pub struct GuestDma<I: Iommu = PcieController> {
     ctrl: Arc<I>,
+    /// The spans of `current`.
     mapped: BTreeSet<Span>,
-    /// Regions that left the memory table, with the snapshot that last had them.
-    retired: Vec<(MemSnapshot, Vec<Span>)>,
+    /// Every span in the IOMMU: `mapped`, and those of retired snapshots still held.
+    in_iommu: BTreeSet<Span>,
+    /// Earlier snapshots, with all their spans: a request or a poller's map may still hold
+    /// one, and then use any of its regions.
+    retired: Vec<(MemSnapshot, BTreeSet<Span>)>,
     /// The snapshot `mapped` describes.
     current: Option<MemSnapshot>,
 }
@@ -94,18 +99,19 @@ impl<I: Iommu> GuestDma<I> {
         Self {
             ctrl,
             mapped: BTreeSet::new(),
+            in_iommu: BTreeSet::new(),
             retired: Vec::new(),
             current: None,
         }
     }
 
-    /// Maps the regions of `mem` that are not mapped yet and retires those that left it.
+    /// Maps the regions of `mem` that are not mapped yet and retires the previous snapshot.
     /// When a region cannot be mapped, those this call mapped are unmapped again and the
     /// mappings stay as they were: nothing is left in the IOMMU that no `GuestDma` knows of
     /// (another session's region may get those addresses later).
     pub fn update(&mut self, mem: MemSnapshot) -> Result<(), PcieError> {
         let want = spans(&mem);
-        let new: Vec<Span> = want.difference(&self.mapped).copied().collect();
+        let new: Vec<Span> = want.difference(&self.in_iommu).copied().collect();
         for (i, &(addr, len)) in new.iter().enumerate() {
             // SAFETY: the region is a live mapping of guest memory held by `mem`, which is
             // kept (as `current`, then in `retired`) until the region is unmapped again; on
@@ -122,11 +128,11 @@ impl<I: Iommu> GuestDma<I> {
                 "guest memory region DMA-mapped"
             );
         }
-        let gone: Vec<Span> = self.mapped.difference(&want).copied().collect();
+        self.in_iommu.extend(new);
+        let old_spans = std::mem::replace(&mut self.mapped, want);
         if let Some(old) = self.current.replace(mem) {
-            self.retired.push((old, gone));
+            self.retired.push((old, old_spans));
         }
-        self.mapped = want;
         self.sweep();
         Ok(())
     }
@@ -136,41 +142,41 @@ impl<I: Iommu> GuestDma<I> {
         !self.retired.is_empty()
     }
 
-    /// Unmaps retired regions nothing refers to any more.
+    /// Unmaps the regions that neither the current snapshot nor a retired one still held
+    /// has. A region removed from the table stays mapped while any snapshot that had it is
+    /// held, not only the last one: a request started under an older table may use it.
     pub fn sweep(&mut self) {
-        let mapped = &self.mapped;
-        let ctrl = &self.ctrl;
-        self.retired.retain(|(snapshot, spans)| {
-            if Arc::strong_count(snapshot) > 1 {
-                return true;
-            }
-            for span in spans {
-                // A region back in the table under the same address stays mapped.
-                if !mapped.contains(span) {
-                    unmap(&**ctrl, *span, "removed");
-                }
-            }
-            false
-        });
+        let (dead, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|(snapshot, _)| Arc::strong_count(snapshot) == 1);
+        self.retired = held;
+        if dead.is_empty() {
+            return;
+        }
+        let mut needed = self.mapped.clone();
+        for (_, spans) in &self.retired {
+            needed.extend(spans);
+        }
+        let gone: Vec<Span> = self.in_iommu.difference(&needed).copied().collect();
+        for span in gone {
+            unmap(&*self.ctrl, span, "removed");
+            self.in_iommu.remove(&span);
+        }
+        // Only now may the dead snapshots let their regions' memory go: once vubd unmaps a
+        // region, another session may get its addresses and map them as its own.
+        drop(dead);
     }
 
     /// Unmaps everything: the session is over and no request is in flight. The snapshots go
     /// only after their regions left the IOMMU: once vubd unmaps a region's memory, another
     /// session of the same controller may get the same addresses and map them as its own.
     pub fn release(&mut self) {
-        let current = self.current.take();
-        let mapped = std::mem::take(&mut self.mapped);
-        for (_, spans) in std::mem::take(&mut self.retired) {
-            for span in spans {
-                if !mapped.contains(&span) {
-                    unmap(&*self.ctrl, span, "removed, still held at session end");
-                }
-            }
-        }
-        for span in mapped {
+        for span in std::mem::take(&mut self.in_iommu) {
             unmap(&*self.ctrl, span, "session end");
         }
-        drop(current);
+        self.mapped.clear();
+        self.retired.clear();
+        self.current = None;
     }
 }
 
@@ -280,6 +286,33 @@ mod tests {
             iommu.mapped().is_empty(),
             "the session's end unmaps the rest"
         );
+    }
+
+    #[test]
+    fn a_region_stays_mapped_while_any_older_table_that_had_it_is_held() {
+        let iommu = Arc::new(FakeIommu::default());
+        let mut dma = GuestDma::new(iommu.clone());
+        // A request in flight under the first table (regions A and B) may use either.
+        let first = memory(&[0, 1]);
+        dma.update(first.clone()).unwrap();
+        let all = iommu.mapped();
+        let in_flight = first.clone();
+        // B goes, then A: the pollers move to each new table at once.
+        let second = without(&first, 1);
+        drop(first);
+        dma.update(second.clone()).unwrap();
+        let third = without(&second, 0);
+        drop(second);
+        dma.update(third).unwrap();
+        dma.sweep();
+        assert_eq!(
+            iommu.mapped(),
+            all,
+            "a region left the IOMMU while a request of a table that had it was in flight"
+        );
+        drop(in_flight);
+        dma.sweep();
+        assert!(iommu.mapped().is_empty());
     }
 
     #[test]
