@@ -25,8 +25,11 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::timerfd::TimerFd;
 
+use tracing::Level;
+
 use crate::bdev::Disk;
 use crate::bdev::nvme_pcie::GuestDma;
+use crate::limited;
 use crate::mem::{DirtyLog, GuestMemoryAtomic};
 use crate::poller::{Detaching, DeviceKey, DeviceShared, PollerHandle, QueueAttach, Vring};
 use crate::virtio_blk::config::{self, BlkConfig, WRITEBACK_OFFSET, WriteCache};
@@ -235,7 +238,13 @@ impl BlkBackend {
             }
             after
         };
-        tracing::info!(on = active.is_some(), "dirty page logging");
+        limited!(
+            self.shared.events,
+            Level::INFO,
+            device = self.shared.index,
+            on = active.is_some(),
+            "dirty page logging"
+        );
         let mut told: Vec<usize> = Vec::with_capacity(self.pollers.len());
         for p in &self.pollers {
             if !told.contains(&p.index()) {
@@ -257,7 +266,10 @@ impl BlkBackend {
         let queue = state.get_queue_mut();
         let size = queue.size();
         let Some(mut area) = region.queue(q as u16, size) else {
-            tracing::warn!(
+            limited!(
+                self.shared.events,
+                Level::WARN,
+                device = self.shared.index,
                 queue = q,
                 size,
                 regions = region.num_queues(),
@@ -276,7 +288,13 @@ impl BlkBackend {
         };
         let (Some(used), Some(avail)) = (index_at(queue.used_ring()), index_at(queue.avail_ring()))
         else {
-            tracing::warn!(queue = q, "rings unreachable; inflight tracking off");
+            limited!(
+                self.shared.events,
+                Level::WARN,
+                device = self.shared.index,
+                queue = q,
+                "rings unreachable; inflight tracking off"
+            );
             return (None, Vec::new());
         };
         let mut recovered = area.recover(used);
@@ -285,7 +303,10 @@ impl BlkBackend {
             // region is not this ring's (or was tampered with). Running its heads would
             // leave the avail index behind ours, and the queue stuck: start afresh instead,
             // from the index the frontend gave.
-            tracing::warn!(
+            limited!(
+                self.shared.events,
+                Level::WARN,
+                device = self.shared.index,
                 queue = q,
                 recorded = recovered.resubmit.len(),
                 available = avail.wrapping_sub(used),
@@ -295,7 +316,10 @@ impl BlkBackend {
             return (Some(area), Vec::new());
         }
         if !recovered.resubmit.is_empty() {
-            tracing::info!(
+            limited!(
+                self.shared.events,
+                Level::INFO,
+                device = self.shared.index,
                 queue = q,
                 requests = recovered.resubmit.len(),
                 used,
@@ -330,7 +354,13 @@ impl BlkBackend {
             match self.disk.acquire_write() {
                 Ok(()) => return true,
                 Err(e) if Instant::now() >= deadline => {
-                    tracing::error!(error = %e, "the device cannot start");
+                    limited!(
+                        self.shared.events,
+                        Level::ERROR,
+                        device = self.shared.index,
+                        error = %e,
+                        "the device cannot start"
+                    );
                     return false;
                 }
                 Err(_) => std::thread::sleep(TAKEOVER_RETRY),
@@ -341,7 +371,13 @@ impl BlkBackend {
     /// Every ring is stopped: another process may take the image over now.
     fn release_image(&self) {
         if let Err(e) = self.disk.release_write() {
-            tracing::warn!(error = %e, "cannot release the image's write permission");
+            limited!(
+                self.shared.events,
+                Level::WARN,
+                device = self.shared.index,
+                error = %e,
+                "cannot release the image's write permission"
+            );
         }
     }
 
@@ -363,6 +399,16 @@ impl BlkBackend {
         // Nothing is in flight any more: the device may forget the guest's memory.
         if let Some(dma) = &self.dma {
             lock(dma).release();
+        }
+        // What the rate limits held back and did not report yet, summed up once.
+        let suppressed =
+            self.shared.warnings.take_suppressed() + self.shared.events.take_suppressed();
+        if suppressed > 0 {
+            tracing::info!(
+                device = self.shared.index,
+                suppressed,
+                "log lines of the session suppressed by the rate limit"
+            );
         }
     }
 
@@ -409,7 +455,13 @@ impl VhostUserBackend for BlkBackend {
     /// e.g. when guest memory grew).
     fn set_log_base(&self, msg: &VhostUserLog, file: &File) -> io::Result<()> {
         let log = DirtyLog::new(file, msg.mmap_offset, msg.mmap_size).map_err(|e| {
-            tracing::warn!(error = %e, "dirty log refused");
+            limited!(
+                self.shared.events,
+                Level::WARN,
+                device = self.shared.index,
+                error = %e,
+                "dirty log refused"
+            );
             io::Error::new(io::ErrorKind::InvalidInput, e)
         })?;
         tracing::debug!(bytes = msg.mmap_size, "dirty log set");
@@ -453,7 +505,13 @@ impl VhostUserBackend for BlkBackend {
             msg.queue_size,
         )
         .map_err(|e| {
-            tracing::warn!(error = %e, "inflight region refused");
+            limited!(
+                self.shared.events,
+                Level::WARN,
+                device = self.shared.index,
+                error = %e,
+                "inflight region refused"
+            );
             io::Error::new(io::ErrorKind::InvalidInput, e)
         })?;
         tracing::debug!(
@@ -466,7 +524,13 @@ impl VhostUserBackend for BlkBackend {
         match region.write_cache() {
             Some(mode) => {
                 if mode != self.shared.write_cache() {
-                    tracing::info!(?mode, "write cache mode kept from the earlier session");
+                    limited!(
+                        self.shared.events,
+                        Level::INFO,
+                        device = self.shared.index,
+                        ?mode,
+                        "write cache mode kept from the earlier session"
+                    );
                 }
                 self.shared.set_write_cache(mode);
             }
@@ -504,7 +568,11 @@ impl VhostUserBackend for BlkBackend {
         if let Some(region) = lock(&self.inflight).as_ref() {
             region.set_write_cache(mode);
         }
-        tracing::info!(
+        // The guest writes the field as often as it likes: each write is a SET_CONFIG.
+        limited!(
+            self.shared.events,
+            Level::INFO,
+            device = self.shared.index,
             writeback = buf[0] == 1,
             "guest changed the write cache mode"
         );

@@ -212,7 +212,8 @@ impl Serving<'_> {
             .as_deref()
             .or(disk.serial())
             .unwrap_or_default();
-        let (shape, shared) = device::device_model(self.cfg, &disk.info(), serial);
+        let (shape, mut shared) = device::device_model(self.cfg, &disk.info(), serial);
+        shared.index = self.index;
         let mem = GuestMemoryAtomic::new(GuestMemory::new());
         let handles = (0..shape.num_queues)
             .map(|q| self.pollers.for_queue(self.first_poller + q).clone())

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use tracing::{debug, error, warn};
+use tracing::{Level, debug, error};
 use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace};
@@ -26,6 +26,8 @@ use super::slots::{SlotTable, Tag};
 use super::warm::Warm;
 use super::{Command, DetachWait, DeviceKey, DeviceShared, PollMode, Shared, Vring};
 use crate::bdev::{Channel, IoChannel, Target};
+use crate::limited;
+use crate::log_limit::LogLimit;
 use crate::mem::{DirtyLog, GuestMemoryAtomic, HostMap, MemSnapshot};
 use crate::virtio_blk::chain::DESC_SIZE;
 use crate::virtio_blk::inflight::InflightQueue;
@@ -69,6 +71,8 @@ struct SharedChannel {
     channel: Channel,
     /// Devices using it.
     devices: usize,
+    /// Rate limit of its submission failures, which a pass can meet every time.
+    warnings: LogLimit,
 }
 
 /// A queue this poller serves.
@@ -232,7 +236,13 @@ impl Worker {
             };
             if let Err(e) = c.channel.submit() {
                 // Queued operations stay queued; the next iteration retries.
-                warn!(error = %e, "I/O submission failed");
+                limited!(
+                    c.warnings,
+                    Level::WARN,
+                    channel = ci,
+                    error = %e,
+                    "I/O submission failed"
+                );
             }
             work += self.reap(ci);
         }
@@ -291,7 +301,10 @@ impl Worker {
         }
         if (avail - next).0 > ring.size() {
             // virtio 1.2 §2.7.6: the driver never makes more than a ring's worth available.
-            warn!(
+            limited!(
+                dev.shared.warnings,
+                Level::WARN,
+                device = dev.shared.index,
                 queue = q.index,
                 avail = avail.0,
                 next = next.0,
@@ -320,7 +333,14 @@ impl Worker {
                 Some(head) => {
                     popped += 1;
                     if head >= table.size {
-                        warn!(queue = q.index, head, "inflight head names no descriptor");
+                        limited!(
+                            dev.shared.warnings,
+                            Level::WARN,
+                            device = dev.shared.index,
+                            queue = q.index,
+                            head,
+                            "inflight head names no descriptor"
+                        );
                         continue;
                     }
                     head
@@ -331,9 +351,13 @@ impl Worker {
                     next += 1;
                     popped += 1;
                     if head >= table.size {
-                        warn!(
+                        limited!(
+                            dev.shared.warnings,
+                            Level::WARN,
+                            device = dev.shared.index,
                             queue = q.index,
-                            head, "avail entry names no descriptor; skipped"
+                            head,
+                            "avail entry names no descriptor; skipped"
                         );
                         continue;
                     }
@@ -502,7 +526,14 @@ impl Worker {
                         used += 1;
                     }
                     // Rings outside guest memory: nothing can be published.
-                    None => warn!(queue = q.index, head, "used ring unreachable"),
+                    None => limited!(
+                        dev.shared.warnings,
+                        Level::WARN,
+                        device = dev.shared.index,
+                        queue = q.index,
+                        head,
+                        "used ring unreachable; a completion is lost"
+                    ),
                 }
             }
             if let Some(r) = ring.filter(|_| used != old_used) {
