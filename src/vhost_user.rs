@@ -58,6 +58,9 @@ pub struct BlkBackend {
     pollers: Vec<PollerHandle>,
     /// Queue `q` is attached to its poller: kicks only need a wake-up.
     attached: Vec<AtomicBool>,
+    /// Queue `q`'s poller found it broken: its kicks wake nobody until it is attached again
+    /// (after the frontend stopped and restarted it).
+    broken: Vec<Arc<AtomicBool>>,
     /// Serialises attach and detach; true once the session is closing.
     transitions: Mutex<bool>,
     /// Exit-event consumers handed to the relay loop; see [`BlkBackend::close_exit_events`].
@@ -124,6 +127,7 @@ impl BlkBackend {
         let attached = (0..shape.num_queues)
             .map(|_| AtomicBool::new(false))
             .collect();
+        let broken = (0..shape.num_queues).map(|_| Arc::default()).collect();
         let dma = match &*disk {
             Disk::NvmePcie(d) => Some(Mutex::new(d.guest_dma())),
             _ => None,
@@ -144,6 +148,7 @@ impl BlkBackend {
             mem,
             pollers,
             attached,
+            broken,
             transitions: Mutex::new(false),
             exit_fds: Mutex::new(Vec::new()),
             dma,
@@ -201,6 +206,8 @@ impl BlkBackend {
             return;
         }
         let (inflight, resubmit) = self.take_up_inflight(q, vring);
+        // A queue attached again starts afresh: the frontend restarted the ring.
+        self.broken[q].store(false, Ordering::Release);
         self.attached[q].store(true, Ordering::Release);
         self.pollers[q].attach(QueueAttach {
             device: self.key,
@@ -213,6 +220,7 @@ impl BlkBackend {
             inflight,
             resubmit,
             log: lock(&self.log).active(),
+            broken: self.broken[q].clone(),
         });
     }
 
@@ -298,11 +306,13 @@ impl BlkBackend {
             return (None, Vec::new());
         };
         let mut recovered = area.recover(used);
-        if recovered.resubmit.len() > usize::from(avail.wrapping_sub(used)) {
-            // More in flight than the driver ever made available past the used index: the
-            // region is not this ring's (or was tampered with). Running its heads would
-            // leave the avail index behind ours, and the queue stuck: start afresh instead,
-            // from the index the frontend gave.
+        if recovered.resubmit.len() > usize::from(avail.wrapping_sub(used))
+            || recovered.resubmit.iter().any(|&head| head >= size)
+        {
+            // More in flight than the driver ever made available past the used index, or a
+            // head outside the ring's table: the region is not this ring's (or was tampered
+            // with). Running its heads would leave the avail index behind ours, and the queue
+            // stuck (or broken): start afresh instead, from the index the frontend gave.
             limited!(
                 self.shared.events,
                 Level::WARN,
@@ -661,7 +671,11 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         if self.attached[q].load(Ordering::Acquire) {
-            self.pollers[q].kick();
+            // A broken queue's kicks wake nobody: the poller ignores it until the frontend
+            // restarts the ring, and a guest that keeps kicking must not keep it busy.
+            if !self.broken[q].load(Ordering::Acquire) {
+                self.pollers[q].kick();
+            }
         } else {
             self.attach(q, vring);
         }

@@ -128,6 +128,10 @@ pub struct QueueAttach {
     pub resubmit: Vec<u16>,
     /// The dirty log, while the frontend has logging on.
     pub log: Option<Arc<DirtyLog>>,
+    /// Set by the poller when the queue breaks (cleared by the control plane before it
+    /// attaches the queue again): the control plane then no longer wakes the poller for its
+    /// kicks.
+    pub broken: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for QueueAttach {

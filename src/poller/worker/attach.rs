@@ -232,6 +232,9 @@ impl Worker {
             warm: Warm::default(),
             inflight: a.inflight,
             resubmit: a.resubmit,
+            broken: false,
+            broken_flag: a.broken,
+            lost_interrupts: 0,
         });
         self.set_notifications(q, false);
         // The guest may hold completions it was never interrupted for: the process that had
@@ -305,6 +308,7 @@ impl Worker {
                     Level::INFO,
                     device = d.shared.index,
                     queue = q.index,
+                    broken = q.broken,
                     "queue detached"
                 );
             }
