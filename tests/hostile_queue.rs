@@ -420,11 +420,12 @@ fn a_broken_queue_with_requests_in_flight_stops_and_starts_again() {
     let lines_before = lab.lines();
     fe.notify(0).expect("notify");
     let signalled = fe.error_signalled(0, Duration::from_secs(2));
+    // Stopped at once: the writes may still be in flight, and the answer waits for them.
+    let base = fe.stop_queue(0).expect("GET_VRING_BASE answers");
     let kick = fe.kick_fd(0);
     let c = contain(&mut lab, &mut victim, Some(kick), lines_before);
     let what = "a bad entry after eight writes";
     assert_none(&lab, what, &uncontained(&c, signalled));
-    let base = fe.stop_queue(0).expect("GET_VRING_BASE answers");
     assert_eq!(base, 8, "the ring stopped at the bad entry");
     let mut done = Vec::new();
     fe.reap(0, |c, _| done.push((c.tag, c.status)))
@@ -432,6 +433,14 @@ fn a_broken_queue_with_requests_in_flight_stops_and_starts_again() {
     done.sort_unstable();
     let want: Vec<(u64, u8)> = (0..8).map(|i| (i, STATUS_OK)).collect();
     assert_eq!(done, want, "every write before the bad entry completed");
+    let log = lab.daemon.output();
+    // The channel submits after the pass that popped them: all eight were in flight.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("queue broken") && l.contains("in_flight=8")),
+        "{}",
+        tail(&log)
+    );
     fe.restart_ring(0).expect("restart the ring");
     for round in 0..4 {
         verified_round(&mut fe, round, TIMEOUT)
