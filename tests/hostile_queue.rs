@@ -535,6 +535,51 @@ fn pipe_as_call_fd_is_refused_and_cannot_stall_the_poller() {
     verified_round(&mut fe, 1, TIMEOUT).expect("a sane frontend afterwards");
 }
 
+/// A blocking call eventfd at its maximum count, which the frontend never reads: vubd made it
+/// non-blocking when it arrived, so each interrupt it cannot deliver is counted (one warning
+/// line, rate-limited) instead of blocking the poller, and the attacker's own requests still
+/// complete in its used ring.
+#[test]
+fn a_full_blocking_call_eventfd_costs_interrupts_not_the_poller() {
+    let mut lab = Lab::start();
+    let mut victim = lab.victim();
+    let opts = Options {
+        call_fd: FdKind::FullEventfd,
+        ..attacker_options()
+    };
+    let mut fe = lab
+        .try_attacker(opts)
+        .unwrap_or_else(|e| panic!("attacker connect: {e}\n{}", lab.daemon.output()));
+    let nonblocking = fe.call_fd_nonblocking(0);
+    let lines_before = lab.lines();
+    let mut completed = 0;
+    for round in 0..200 {
+        let read = Request::Read {
+            sector: 0,
+            len: 512,
+        };
+        fe.submit(0, read, round).expect("submit");
+        fe.notify(0).expect("notify");
+        if wait_for_polling(&mut fe, round).is_err() {
+            break;
+        }
+        completed += 1;
+    }
+    let c = contain(&mut lab, &mut victim, None, lines_before);
+    let mut problems = uncontained(&c, true);
+    if completed < 200 {
+        problems.push(format!(
+            "the attacker's request {completed} never completed"
+        ));
+    }
+    if !nonblocking {
+        problems.push("the call fd is still blocking".to_owned());
+    }
+    assert_none(&lab, "a full call eventfd", &problems);
+    let log = lab.daemon.output();
+    assert!(log.contains("does not take interrupts"), "{}", tail(&log));
+}
+
 /// A pipe as the kick fd: refused at SET_VRING_KICK.
 #[test]
 fn pipe_as_kick_fd_is_refused() {

@@ -155,6 +155,9 @@ pub enum FdKind {
     /// A pipe (blocking): the backend reads the kick from its read end, or writes interrupts
     /// to its write end, which nobody reads.
     Pipe,
+    /// A blocking eventfd whose counter is at its maximum (0xffff_ffff_ffff_fffe), as a
+    /// frontend that never reads it leaves it: one more write would wait for a read.
+    FullEventfd,
 }
 
 /// What the frontend negotiates and how it behaves.
@@ -827,6 +830,11 @@ fn head_of(slot: usize) -> u16 {
 fn vring_fd(kind: FdKind, kick: bool) -> io::Result<(EventFd, Option<EventFd>)> {
     match kind {
         FdKind::Eventfd => Ok((EventFd::new(EFD_NONBLOCK)?, None)),
+        FdKind::FullEventfd => {
+            let fd = EventFd::new(0)?;
+            fd.write(u64::MAX - 1)?;
+            Ok((fd, None))
+        }
         FdKind::Pipe => {
             let mut fds = [0; 2];
             // SAFETY: `fds` is a live array of the two ints pipe2 writes.

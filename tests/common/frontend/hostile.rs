@@ -78,6 +78,15 @@ impl BlkFrontend {
         self.kick(q)
     }
 
+    /// Whether queue `q`'s call fd is non-blocking: its open file description, which the
+    /// backend shares.
+    pub fn call_fd_nonblocking(&self, q: usize) -> bool {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.queues[q].call);
+        // SAFETY: F_GETFL on a descriptor the queue owns; no memory is passed.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        flags >= 0 && flags & libc::O_NONBLOCK != 0
+    }
+
     /// A second handle on queue `q`'s kick fd, to kick it from another thread.
     pub fn kick_fd(&self, q: usize) -> EventFd {
         self.queues[q]
