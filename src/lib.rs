@@ -3,11 +3,13 @@
 //! Layers, each using only those below it: `daemon` (wiring, lifecycle) → `vhost_user`
 //! (control plane) → `poller` (data plane) → `virtio_blk` (request codec) → `bdev` (block
 //! devices and their I/O channels) → `nvme` (NVMe wire types and transports) → `mem` (guest
-//! memory).
+//! memory). `log_limit` is a utility of them all: log lines a guest or a frontend can cause
+//! go through a per-device rate limit.
 
 pub mod bdev;
 pub mod config;
 pub mod daemon;
+pub mod log_limit;
 pub mod mem;
 pub mod nvme;
 pub mod poller;

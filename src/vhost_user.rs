@@ -25,8 +25,11 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::timerfd::TimerFd;
 
+use tracing::Level;
+
 use crate::bdev::Disk;
 use crate::bdev::nvme_pcie::GuestDma;
+use crate::limited;
 use crate::mem::fault::GuestRegions;
 use crate::mem::{DirtyLog, GuestMemoryAtomic};
 use crate::poller::{Detaching, DeviceKey, DeviceShared, PollerHandle, QueueAttach, Vring};
@@ -56,6 +59,9 @@ pub struct BlkBackend {
     pollers: Vec<PollerHandle>,
     /// Queue `q` is attached to its poller: kicks only need a wake-up.
     attached: Vec<AtomicBool>,
+    /// Queue `q`'s poller found it broken: its kicks wake nobody until it is attached again
+    /// (after the frontend stopped and restarted it).
+    broken: Vec<Arc<AtomicBool>>,
     /// Serialises attach and detach; true once the session is closing.
     transitions: Mutex<bool>,
     /// Exit-event consumers handed to the relay loop; see [`BlkBackend::close_exit_events`].
@@ -128,6 +134,7 @@ impl BlkBackend {
         let attached = (0..shape.num_queues)
             .map(|_| AtomicBool::new(false))
             .collect();
+        let broken = (0..shape.num_queues).map(|_| Arc::default()).collect();
         let dma = match &*disk {
             Disk::NvmePcie(d) => Some(Mutex::new(d.guest_dma())),
             _ => None,
@@ -147,6 +154,7 @@ impl BlkBackend {
             mem,
             pollers,
             attached,
+            broken,
             transitions: Mutex::new(false),
             exit_fds: Mutex::new(Vec::new()),
             dma,
@@ -238,6 +246,8 @@ impl BlkBackend {
             return;
         }
         let (inflight, resubmit) = self.take_up_inflight(q, vring);
+        // A queue attached again starts afresh: the frontend restarted the ring.
+        self.broken[q].store(false, Ordering::Release);
         self.attached[q].store(true, Ordering::Release);
         self.pollers[q].attach(QueueAttach {
             device: self.key,
@@ -250,6 +260,7 @@ impl BlkBackend {
             inflight,
             resubmit,
             log: lock(&self.log).active(),
+            broken: self.broken[q].clone(),
         });
     }
 
@@ -275,7 +286,13 @@ impl BlkBackend {
             }
             after
         };
-        tracing::info!(on = active.is_some(), "dirty page logging");
+        limited!(
+            self.shared.events,
+            Level::INFO,
+            device = self.shared.index,
+            on = active.is_some(),
+            "dirty page logging"
+        );
         let mut told: Vec<usize> = Vec::with_capacity(self.pollers.len());
         for p in &self.pollers {
             if !told.contains(&p.index()) {
@@ -297,7 +314,10 @@ impl BlkBackend {
         let queue = state.get_queue_mut();
         let size = queue.size();
         let Some(mut area) = region.queue(q as u16, size) else {
-            tracing::warn!(
+            limited!(
+                self.shared.events,
+                Level::WARN,
+                device = self.shared.index,
                 queue = q,
                 size,
                 regions = region.num_queues(),
@@ -316,16 +336,27 @@ impl BlkBackend {
         };
         let (Some(used), Some(avail)) = (index_at(queue.used_ring()), index_at(queue.avail_ring()))
         else {
-            tracing::warn!(queue = q, "rings unreachable; inflight tracking off");
+            limited!(
+                self.shared.events,
+                Level::WARN,
+                device = self.shared.index,
+                queue = q,
+                "rings unreachable; inflight tracking off"
+            );
             return (None, Vec::new());
         };
         let mut recovered = area.recover(used);
-        if recovered.resubmit.len() > usize::from(avail.wrapping_sub(used)) {
-            // More in flight than the driver ever made available past the used index: the
-            // region is not this ring's (or was tampered with). Running its heads would
-            // leave the avail index behind ours, and the queue stuck: start afresh instead,
-            // from the index the frontend gave.
-            tracing::warn!(
+        if recovered.resubmit.len() > usize::from(avail.wrapping_sub(used))
+            || recovered.resubmit.iter().any(|&head| head >= size)
+        {
+            // More in flight than the driver ever made available past the used index, or a
+            // head outside the ring's table: the region is not this ring's (or was tampered
+            // with). Running its heads would leave the avail index behind ours, and the queue
+            // stuck (or broken): start afresh instead, from the index the frontend gave.
+            limited!(
+                self.shared.events,
+                Level::WARN,
+                device = self.shared.index,
                 queue = q,
                 recorded = recovered.resubmit.len(),
                 available = avail.wrapping_sub(used),
@@ -335,7 +366,10 @@ impl BlkBackend {
             return (Some(area), Vec::new());
         }
         if !recovered.resubmit.is_empty() {
-            tracing::info!(
+            limited!(
+                self.shared.events,
+                Level::INFO,
+                device = self.shared.index,
                 queue = q,
                 requests = recovered.resubmit.len(),
                 used,
@@ -370,7 +404,13 @@ impl BlkBackend {
             match self.disk.acquire_write() {
                 Ok(()) => return true,
                 Err(e) if Instant::now() >= deadline => {
-                    tracing::error!(error = %e, "the device cannot start");
+                    limited!(
+                        self.shared.events,
+                        Level::ERROR,
+                        device = self.shared.index,
+                        error = %e,
+                        "the device cannot start"
+                    );
                     return false;
                 }
                 Err(_) => std::thread::sleep(TAKEOVER_RETRY),
@@ -381,7 +421,13 @@ impl BlkBackend {
     /// Every ring is stopped: another process may take the image over now.
     fn release_image(&self) {
         if let Err(e) = self.disk.release_write() {
-            tracing::warn!(error = %e, "cannot release the image's write permission");
+            limited!(
+                self.shared.events,
+                Level::WARN,
+                device = self.shared.index,
+                error = %e,
+                "cannot release the image's write permission"
+            );
         }
     }
 
@@ -403,6 +449,16 @@ impl BlkBackend {
         // Nothing is in flight any more: the device may forget the guest's memory.
         if let Some(dma) = &self.dma {
             lock(dma).release();
+        }
+        // What the rate limits held back and did not report yet, summed up once.
+        let suppressed =
+            self.shared.warnings.take_suppressed() + self.shared.events.take_suppressed();
+        if suppressed > 0 {
+            tracing::info!(
+                device = self.shared.index,
+                suppressed,
+                "log lines of the session suppressed by the rate limit"
+            );
         }
     }
 
@@ -449,7 +505,13 @@ impl VhostUserBackend for BlkBackend {
     /// e.g. when guest memory grew).
     fn set_log_base(&self, msg: &VhostUserLog, file: &File) -> io::Result<()> {
         let mut log = DirtyLog::new(file, msg.mmap_offset, msg.mmap_size).map_err(|e| {
-            tracing::warn!(error = %e, "dirty log refused");
+            limited!(
+                self.shared.events,
+                Level::WARN,
+                device = self.shared.index,
+                error = %e,
+                "dirty log refused"
+            );
             io::Error::new(io::ErrorKind::InvalidInput, e)
         })?;
         log.watch(&self.shared.faults)
@@ -498,7 +560,13 @@ impl VhostUserBackend for BlkBackend {
             msg.queue_size,
         )
         .map_err(|e| {
-            tracing::warn!(error = %e, "inflight region refused");
+            limited!(
+                self.shared.events,
+                Level::WARN,
+                device = self.shared.index,
+                error = %e,
+                "inflight region refused"
+            );
             io::Error::new(io::ErrorKind::InvalidInput, e)
         })?;
         region
@@ -514,7 +582,13 @@ impl VhostUserBackend for BlkBackend {
         match region.write_cache() {
             Some(mode) => {
                 if mode != self.shared.write_cache() {
-                    tracing::info!(?mode, "write cache mode kept from the earlier session");
+                    limited!(
+                        self.shared.events,
+                        Level::INFO,
+                        device = self.shared.index,
+                        ?mode,
+                        "write cache mode kept from the earlier session"
+                    );
                 }
                 self.shared.set_write_cache(mode);
             }
@@ -552,7 +626,11 @@ impl VhostUserBackend for BlkBackend {
         if let Some(region) = lock(&self.inflight).as_ref() {
             region.set_write_cache(mode);
         }
-        tracing::info!(
+        // The guest writes the field as often as it likes: each write is a SET_CONFIG.
+        limited!(
+            self.shared.events,
+            Level::INFO,
+            device = self.shared.index,
             writeback = buf[0] == 1,
             "guest changed the write cache mode"
         );
@@ -654,7 +732,11 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         if self.attached[q].load(Ordering::Acquire) {
-            self.pollers[q].kick();
+            // A broken queue's kicks wake nobody: the poller ignores it until the frontend
+            // restarts the ring, and a guest that keeps kicking must not keep it busy.
+            if !self.broken[q].load(Ordering::Acquire) {
+                self.pollers[q].kick();
+            }
         } else {
             self.attach(q, vring);
         }

@@ -9,6 +9,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
 
 use tracing::info;
 
@@ -19,8 +20,9 @@ use crate::bdev::nvme_pcie::{Controllers, NvmePcieConfig, NvmePcieDevice};
 use crate::bdev::nvme_tcp::NvmeTcpDevice;
 use crate::bdev::{DeviceInfo, Disk};
 use crate::config::{Config, DeviceConfig, DiskSpec, SocketSpec};
+use crate::log_limit::LogLimit;
 use crate::mem::fault::DeviceFaults;
-use crate::poller::DeviceShared;
+use crate::poller::{DeviceShared, EVENTS_PER_SECOND, WARNINGS_PER_SECOND};
 use crate::vhost_user::BlkShape;
 use crate::virtio_blk::request::Limits;
 use crate::virtio_blk::{BlkConfig, DeviceFeatures, ID_BYTES, MAX_SEGMENTS, SECTOR_SHIFT};
@@ -200,7 +202,12 @@ pub(super) fn device_model(
         features: features.bits(),
         config,
     };
+    let per_second = Duration::from_secs(1);
     let shared = DeviceShared {
+        // Set by the caller, which knows the device's number.
+        index: 0,
+        warnings: LogLimit::new(WARNINGS_PER_SECOND, per_second),
+        events: LogLimit::new(EVENTS_PER_SECOND + 4 * u32::from(d.num_queues), per_second),
         limits: Limits {
             capacity_sectors,
             seg_max,

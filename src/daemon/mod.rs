@@ -219,7 +219,9 @@ impl Serving<'_> {
             .or(disk.serial())
             .unwrap_or_default();
         let faults = Arc::new(DeviceFaults::new().map_err(DaemonError::Worker)?);
-        let (shape, shared) = device::device_model(self.cfg, &disk.info(), serial, faults.clone());
+        let (shape, mut shared) =
+            device::device_model(self.cfg, &disk.info(), serial, faults.clone());
+        shared.index = self.index;
         let mem = GuestMemoryAtomic::new(GuestMemory::new());
         let handles = (0..shape.num_queues)
             .map(|q| self.pollers.for_queue(self.first_poller + q).clone())

@@ -26,6 +26,7 @@ use vhost_user_backend::VringRwLock;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::bdev::Disk;
+use crate::log_limit::LogLimit;
 use crate::mem::fault::DeviceFaults;
 use crate::mem::{DirtyLog, GuestMemoryAtomic};
 use crate::virtio_blk::ID_BYTES;
@@ -50,9 +51,24 @@ pub enum PollMode {
     Never,
 }
 
+/// Per-request warnings of one device (a request failed, a ring unreachable, an interrupt the
+/// frontend did not take) let through per second; the rest are counted.
+pub const WARNINGS_PER_SECOND: u32 = 5;
+
+/// Lines of queue lifecycle and control-path notices of one device (queues attached, stopped,
+/// broken; the guest's write cache choice) let through per second, besides four per queue.
+pub const EVENTS_PER_SECOND: u32 = 8;
+
 /// What all queues of one device share, read-only or atomically.
 #[derive(Debug)]
 pub struct DeviceShared {
+    /// The device's number in the daemon (its `--device` place), named by its log lines.
+    pub index: usize,
+    /// Rate limit of the per-request warnings ([`WARNINGS_PER_SECOND`]).
+    pub warnings: LogLimit,
+    /// Rate limit of lifecycle lines and control-path notices a frontend or a guest can cause
+    /// with every message ([`EVENTS_PER_SECOND`] and four per queue).
+    pub events: LogLimit,
     pub limits: Limits,
     /// GET_ID answer, zero-padded.
     pub serial: [u8; ID_BYTES],
@@ -116,6 +132,10 @@ pub struct QueueAttach {
     pub resubmit: Vec<u16>,
     /// The dirty log, while the frontend has logging on.
     pub log: Option<Arc<DirtyLog>>,
+    /// Set by the poller when the queue breaks (cleared by the control plane before it
+    /// attaches the queue again): the control plane then no longer wakes the poller for its
+    /// kicks.
+    pub broken: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for QueueAttach {

@@ -7,15 +7,16 @@
 //! belongs to.
 
 mod attach;
+mod broken;
 mod start;
 
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use tracing::{debug, error, warn};
+use tracing::{Level, debug, error};
 use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace};
@@ -26,11 +27,14 @@ use super::slots::{SlotTable, Tag};
 use super::warm::Warm;
 use super::{Command, DetachWait, DeviceKey, DeviceShared, PollMode, Shared, Vring};
 use crate::bdev::{Channel, IoChannel, Target};
+use crate::limited;
+use crate::log_limit::LogLimit;
 use crate::mem::{DirtyLog, GuestMemoryAtomic, HostMap, MemSnapshot};
 use crate::virtio_blk::chain::DESC_SIZE;
 use crate::virtio_blk::inflight::InflightQueue;
 use crate::virtio_blk::ring::SplitRing;
-use crate::virtio_blk::{DescTable, MAX_SEGMENTS, Scratch, Status, parse};
+use crate::virtio_blk::{DescTable, MAX_SEGMENTS, RequestError, Scratch, Status, parse};
+use broken::Breakage;
 
 /// Most completions reaped from one channel before they are published.
 const REAP_BATCH: usize = 256;
@@ -69,6 +73,8 @@ struct SharedChannel {
     channel: Channel,
     /// Devices using it.
     devices: usize,
+    /// Rate limit of its submission failures, which a pass can meet every time.
+    warnings: LogLimit,
 }
 
 /// A queue this poller serves.
@@ -94,6 +100,12 @@ struct QueueSlot {
     inflight: Option<InflightQueue>,
     /// Heads an earlier process left in flight, run before anything new, last first.
     resubmit: Vec<u16>,
+    /// The driver broke the ring's rules: nothing more is popped (see `broken`).
+    broken: bool,
+    /// `broken`, as the control plane sees it (it then stops forwarding the queue's kicks).
+    broken_flag: Arc<AtomicBool>,
+    /// Interrupts the frontend did not take: its call eventfd was full.
+    lost_interrupts: u64,
 }
 
 /// How a request ends.
@@ -232,7 +244,13 @@ impl Worker {
             };
             if let Err(e) = c.channel.submit() {
                 // Queued operations stay queued; the next iteration retries.
-                warn!(error = %e, "I/O submission failed");
+                limited!(
+                    c.warnings,
+                    Level::WARN,
+                    channel = ci,
+                    error = %e,
+                    "I/O submission failed"
+                );
             }
             work += self.reap(ci);
         }
@@ -247,14 +265,16 @@ impl Worker {
             channels,
             slots,
             scratch,
+            epoll,
             ..
         } = self;
         let Some(q) = queues[qi].as_mut() else {
             return 0;
         };
-        // A queue being detached takes nothing new; what an earlier process left in flight
-        // was popped already (next avail counts it), so it still runs before the detach ends.
-        if q.detach.is_some() && q.resubmit.is_empty() {
+        // A broken queue is not looked at again. A queue being detached takes nothing new;
+        // what an earlier process left in flight was popped already (next avail counts it), so
+        // it still runs before the detach ends.
+        if q.is_broken() || (q.detach.is_some() && q.resubmit.is_empty()) {
             return 0;
         }
         let Some(dev) = devices[q.device].as_mut() else {
@@ -296,12 +316,12 @@ impl Worker {
         }
         if (avail - next).0 > ring.size() {
             // virtio 1.2 §2.7.6: the driver never makes more than a ring's worth available.
-            warn!(
-                queue = q.index,
-                avail = avail.0,
-                next = next.0,
-                "avail index out of range; queue ignored"
-            );
+            let why = Breakage::AvailIndex {
+                next: next.0,
+                avail: avail.0,
+            };
+            drop(state);
+            q.break_queue(&dev.shared, epoll, why);
             return 0;
         }
         let table = DescTable {
@@ -315,37 +335,43 @@ impl Worker {
         let mut popped = 0;
         // The last request's descriptor head and status byte, for `warm`.
         let mut last = None;
+        // Set when the driver broke the ring's rules: the pass ends there, the chain that
+        // broke it is not taken (next avail stays on it), and what completed is published.
+        let mut breakage = None;
         loop {
             if slots.is_full() || !channel.has_room() {
                 // Retried on the next iteration, once completions have freed room.
                 break;
             }
             // What an earlier process left in flight runs first (it was popped already).
-            let head = match q.resubmit.pop() {
+            let (head, fresh) = match q.resubmit.pop() {
                 Some(head) => {
                     popped += 1;
                     if head >= table.size {
-                        warn!(queue = q.index, head, "inflight head names no descriptor");
-                        continue;
+                        breakage = Some(Breakage::InflightHead { head });
+                        break;
                     }
-                    head
+                    (head, false)
                 }
                 None if next == avail || q.detach.is_some() => break,
                 None => {
+                    // Chains in use: in flight, or completed in this pass and not yet published.
+                    let in_use = q.in_flight + u32::from((used - old_used).0);
+                    if in_use >= u32::from(table.size) {
+                        breakage = Some(Breakage::InUse {
+                            in_use,
+                            size: table.size,
+                        });
+                        break;
+                    }
                     let head = ring.avail_head(next);
+                    if head >= table.size {
+                        breakage = Some(Breakage::Head { pos: next.0, head });
+                        break;
+                    }
                     next += 1;
                     popped += 1;
-                    if head >= table.size {
-                        warn!(
-                            queue = q.index,
-                            head, "avail entry names no descriptor; skipped"
-                        );
-                        continue;
-                    }
-                    if let Some(inflight) = &mut q.inflight {
-                        inflight.begin(head);
-                    }
-                    head
+                    (head, true)
                 }
             };
             let Some(tag) = slots.alloc() else {
@@ -359,6 +385,25 @@ impl Worker {
                 scratch,
                 slots.iov_mut(tag),
             );
+            if let Err(rej) = &parsed
+                && rej.status.is_none()
+            {
+                // No status byte to complete the chain with: the ring is broken, not just
+                // this request.
+                slots.free(tag);
+                breakage = Some(match rej.error {
+                    RequestError::EmptyChain => Breakage::Chain { head },
+                    _ => Breakage::NoStatus { head },
+                });
+                if fresh {
+                    next -= 1;
+                    popped -= 1;
+                }
+                break;
+            }
+            if fresh && let Some(inflight) = &mut q.inflight {
+                inflight.begin(head);
+            }
             last = Some((
                 head,
                 match &parsed {
@@ -392,7 +437,8 @@ impl Worker {
                 Err(rej) => {
                     debug!(queue = q.index, head = rej.head, error = %rej.error, "request rejected");
                     slots.free(tag);
-                    // The status address was checked by the parser.
+                    // The status address was checked by the parser (a chain without one broke
+                    // the queue above).
                     let len = match rej.status {
                         Some(addr) => {
                             if let Some(log) = &dev.log {
@@ -421,9 +467,10 @@ impl Worker {
                 .worked(desc, status.and_then(|s| map.host_range(s.0, 1)));
         }
         queue.set_next_avail(next.0);
+        let mut delivered = true;
         if used != old_used {
             queue.set_next_used(used.0);
-            publish(
+            delivered = publish(
                 &ring,
                 &state,
                 dev.log.as_deref(),
@@ -431,6 +478,13 @@ impl Worker {
                 old_used,
                 used,
             );
+        }
+        drop(state);
+        if !delivered {
+            q.interrupt_lost(&dev.shared);
+        }
+        if let Some(why) = breakage {
+            q.break_queue(&dev.shared, epoll, why);
         }
         popped
     }
@@ -507,12 +561,20 @@ impl Worker {
                         used += 1;
                     }
                     // Rings outside guest memory: nothing can be published.
-                    None => warn!(queue = q.index, head, "used ring unreachable"),
+                    None => limited!(
+                        dev.shared.warnings,
+                        Level::WARN,
+                        device = dev.shared.index,
+                        queue = q.index,
+                        head,
+                        "used ring unreachable; a completion is lost"
+                    ),
                 }
             }
+            let mut delivered = true;
             if let Some(r) = ring.filter(|_| used != old_used) {
                 queue.set_next_used(used.0);
-                publish(
+                delivered = publish(
                     &r,
                     &state,
                     dev.log.as_deref(),
@@ -520,6 +582,10 @@ impl Worker {
                     old_used,
                     used,
                 );
+            }
+            drop(state);
+            if !delivered {
+                q.interrupt_lost(&dev.shared);
             }
         }
         self.done.clear();
@@ -556,7 +622,8 @@ impl Worker {
         let Some(q) = self.queues[qi].as_mut() else {
             return false;
         };
-        if q.detach.is_some() {
+        // A broken queue's kicks stay off: the poller sleeps whatever its avail index says.
+        if q.detach.is_some() || q.is_broken() {
             return false;
         }
         let Some(d) = self.devices[q.device].as_ref() else {
@@ -646,7 +713,8 @@ fn write_status(map: &HostMap, mem: &MemSnapshot, c: Completion) -> u32 {
 
 /// Publishes used elements `old..used` of a queue whose next used index is already `used`:
 /// marks the used ring in the dirty log (while a migration runs), writes the index, clears
-/// the batch in the inflight region, and interrupts the guest if it asked.
+/// the batch in the inflight region, and interrupts the guest if it asked. Returns false when
+/// the interrupt could not be delivered ([`signal`]).
 #[inline(always)]
 fn publish(
     ring: &SplitRing,
@@ -655,7 +723,7 @@ fn publish(
     inflight: Option<&mut InflightQueue>,
     old: Wrapping<u16>,
     used: Wrapping<u16>,
-) {
+) -> bool {
     if let Some(log) = log {
         dirty::used_ring(log, ring);
     }
@@ -663,14 +731,30 @@ fn publish(
     if let Some(inflight) = inflight {
         inflight.published(used.0);
     }
-    if notify {
-        signal(state);
-    }
+    !notify || signal(state)
 }
 
-/// Interrupts the guest (its call eventfd): once per queue per batch at most.
-fn signal(state: &VringState<GuestMemoryAtomic>) {
-    if let Err(e) = state.signal_used_queue() {
-        debug!(error = %e, "cannot signal the guest");
+/// Interrupts the guest (its call eventfd): once per queue per batch at most. The eventfd is
+/// non-blocking (the control plane made it so when the frontend gave it), so a frontend that
+/// never reads it makes the write fail with EAGAIN once its counter is full, instead of
+/// stopping the poller: returns false then, and the caller counts it.
+fn signal(state: &VringState<GuestMemoryAtomic>) -> bool {
+    state.signal_used_queue().is_ok()
+}
+
+impl QueueSlot {
+    /// The frontend did not take an interrupt: counted, never waited for.
+    #[cold]
+    #[inline(never)]
+    fn interrupt_lost(&mut self, shared: &DeviceShared) {
+        self.lost_interrupts += 1;
+        limited!(
+            shared.warnings,
+            Level::WARN,
+            device = shared.index,
+            queue = self.index,
+            lost = self.lost_interrupts,
+            "the frontend does not take interrupts (its call eventfd is full); one is dropped"
+        );
     }
 }

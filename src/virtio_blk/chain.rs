@@ -4,7 +4,9 @@
 //! The same rules as virtio-queue's iterator: `next` must stay inside the table, a chain is at
 //! most as long as its table, an indirect table is a multiple of 16 bytes and not nested, and a
 //! chain carries less than 4 GiB. Unlike it, a chain that breaks a rule is reported as such
-//! rather than ending silently.
+//! rather than ending silently, and a chain through an indirect table is at most as long as
+//! the queue (virtio 1.2 §2.7.5.3.1), or as `descs` if that is longer: no chain costs more than
+//! that many descriptor reads, whatever its indirect table says (up to 65,535 entries).
 
 use crate::mem::{HostMap, read_u64_pair_at};
 
@@ -145,7 +147,10 @@ impl Shape<'_> {
 }
 
 /// Collects the descriptors of the chain at `head` into `descs` (as many as it holds; the
-/// rest are only counted), following indirect tables.
+/// rest are only counted), following indirect tables. A chain longer than the queue and than
+/// `descs` is broken (§2.7.5.3.1: "A driver MUST NOT create a descriptor chain longer than
+/// the Queue Size of the device"; Linux does not hold its indirect tables to it, so one as
+/// long as `descs`, which holds every chain a request may have, is still followed).
 #[inline]
 pub fn walk(
     map: &HostMap,
@@ -214,7 +219,10 @@ pub fn walk(
                 return Err(BrokenChain);
             }
             let entries = u16::try_from(u64::from(d.len) / DESC_SIZE).map_err(|_| BrokenChain)?;
-            (base, size, index, ttl, indirect) = (d.addr, entries, 0, entries, true);
+            // What the chain may still grow by: the queue's size or `descs`' length in all.
+            let longest = usize::from(table.size).max(shape.descs.len());
+            let left = u16::try_from(longest.saturating_sub(shape.count)).unwrap_or(u16::MAX);
+            (base, size, index, ttl, indirect) = (d.addr, entries, 0, entries.min(left), true);
             table_host = map.host_range(base, u64::from(size) * DESC_SIZE);
             continue;
         }

@@ -30,6 +30,11 @@
 //!   and the used ring can be written as a backend would ([`BlkFrontend::put_used`]), so that a
 //!   test can read what a killed backend left, or build the exact state a kill at a given
 //!   instruction leaves.
+//! - **Misbehaving** (`frontend/hostile.rs`): what a guest or a frontend taken over by one can
+//!   do to a backend: avail indices and heads out of range, chains of its own making
+//!   (descriptor loops, huge indirect tables in [`Options::extra_memory`]), pipes instead of
+//!   eventfds ([`Options::kick_fd`], [`Options::call_fd`]), the error eventfd watched
+//!   ([`Options::err_fd`]), raw messages, and a ring stopped and started again.
 //!
 //! Not a submodule of `common`: the test binaries that use it declare it next to `mod common;`
 //! (see `common/mod.rs`). It depends on nothing else there, so `examples/vhost_frontend_load.rs`
@@ -40,7 +45,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{Ordering, fence};
@@ -89,8 +94,9 @@ const HDR_AREA: usize = 32;
 const STATUS_OFF: usize = 16;
 
 // virtio 1.2 §2.7.5, §2.7.6, §2.7.8: descriptor, avail and used flags.
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_INDIRECT: u16 = 4;
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 const USED_F_NO_NOTIFY: u16 = 1;
 // virtio 1.2 §5.2.6: request types.
@@ -143,6 +149,19 @@ impl From<io::Error> for FrontendError {
     }
 }
 
+/// What the frontend gives the backend as a ring's kick or call fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdKind {
+    /// An eventfd, as vhost-user requires.
+    Eventfd,
+    /// A pipe (blocking): the backend reads the kick from its read end, or writes interrupts
+    /// to its write end, which nobody reads.
+    Pipe,
+    /// A blocking eventfd whose counter is at its maximum (0xffff_ffff_ffff_fffe), as a
+    /// frontend that never reads it leaves it: one more write would wait for a read.
+    FullEventfd,
+}
+
 /// What the frontend negotiates and how it behaves.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
@@ -162,6 +181,14 @@ pub struct Options {
     /// How long to wait for each reply of the backend (and to send a message): a backend
     /// that hangs fails the frontend instead of blocking it.
     pub reply_timeout: Duration,
+    /// Give every queue an error eventfd (SET_VRING_ERR), watched by `error_signalled`.
+    pub err_fd: bool,
+    /// What every queue's kick fd is.
+    pub kick_fd: FdKind,
+    /// What every queue's call fd is.
+    pub call_fd: FdKind,
+    /// Bytes of guest memory after the queues' parts, for chains a test builds itself.
+    pub extra_memory: usize,
 }
 
 impl Options {
@@ -177,6 +204,10 @@ impl Options {
             kick_after_start: true,
             dirty_log: false,
             reply_timeout: Duration::from_secs(10),
+            err_fd: false,
+            kick_fd: FdKind::Eventfd,
+            call_fd: FdKind::Eventfd,
+            extra_memory: 0,
         }
     }
 }
@@ -219,8 +250,14 @@ struct Vq {
     used: usize,
     hdrs: usize,
     data: usize,
+    /// What the frontend writes to kick, and reads and polls for interrupts.
     kick: EventFd,
     call: EventFd,
+    /// What the backend gets instead, when it is not the same fd: a pipe's other end.
+    kick_sent: Option<EventFd>,
+    call_sent: Option<EventFd>,
+    /// The error eventfd (SET_VRING_ERR, with [`Options::err_fd`]).
+    err: EventFd,
     /// The driver's avail index, published or not.
     avail_idx: u16,
     /// The avail index last published.
@@ -247,6 +284,8 @@ pub struct BlkFrontend {
     protocol: VhostUserProtocolFeatures,
     capacity: u64,
     starts: u32,
+    /// Offset of [`Options::extra_memory`] in guest memory.
+    extra: usize,
 }
 
 impl std::fmt::Debug for BlkFrontend {
@@ -282,9 +321,14 @@ impl BlkFrontend {
             len = data + BLOCK * usize::from(slots);
             parts.push((desc, avail, used, hdrs, data));
         }
+        let extra = page_align(len);
+        let len = extra + page_align(opts.extra_memory);
         let mem = Mapping::memfd(c"blk-frontend-memory", len)?;
         let mut queues = Vec::new();
         for (desc, avail, used, hdrs, data) in parts {
+            // A pipe's write end is what the frontend keeps for kicks and gives for calls.
+            let (kick, kick_sent) = vring_fd(opts.kick_fd, true)?;
+            let (call, call_sent) = vring_fd(opts.call_fd, false)?;
             queues.push(Vq {
                 size: opts.queue_size,
                 desc,
@@ -292,8 +336,11 @@ impl BlkFrontend {
                 used,
                 hdrs,
                 data,
-                kick: EventFd::new(EFD_NONBLOCK)?,
-                call: EventFd::new(EFD_NONBLOCK)?,
+                kick,
+                call,
+                kick_sent,
+                call_sent,
+                err: EventFd::new(EFD_NONBLOCK)?,
                 avail_idx: 0,
                 published: 0,
                 last_used: 0,
@@ -313,6 +360,7 @@ impl BlkFrontend {
             protocol: VhostUserProtocolFeatures::empty(),
             capacity: 0,
             starts: 0,
+            extra,
         };
         fe.start()?;
         Ok(fe)
@@ -419,24 +467,7 @@ impl BlkFrontend {
             } else {
                 self.mem.u16_at(vq.used + 2)
             };
-            let host = |off: usize| self.mem.ptr().wrapping_add(off) as u64;
-            conn.set_vring_num(q, vq.size)?;
-            conn.set_vring_base(q, base)?;
-            conn.set_vring_addr(
-                q,
-                &VringConfigData {
-                    queue_max_size: vq.size,
-                    queue_size: vq.size,
-                    flags: 0,
-                    desc_table_addr: host(vq.desc),
-                    used_ring_addr: host(vq.used),
-                    avail_ring_addr: host(vq.avail),
-                    log_addr: None,
-                },
-            )?;
-            conn.set_vring_kick(q, &vq.kick)?;
-            conn.set_vring_call(q, &vq.call)?;
-            conn.set_vring_enable(q, true)?;
+            self.set_up_ring(&mut conn, q, base)?;
         }
         self.conn = Some(conn);
         self.features = features;
@@ -452,6 +483,34 @@ impl BlkFrontend {
                 self.kick(q)?;
             }
         }
+        Ok(())
+    }
+
+    /// Sets queue `q`'s ring up on `conn` and enables it: SET_VRING_NUM, BASE (`base`), ADDR,
+    /// KICK, CALL, ERR (with [`Options::err_fd`]), ENABLE.
+    fn set_up_ring(&self, conn: &mut Frontend, q: usize, base: u16) -> Result<(), FrontendError> {
+        let vq = &self.queues[q];
+        let host = |off: usize| self.mem.ptr().wrapping_add(off) as u64;
+        conn.set_vring_num(q, vq.size)?;
+        conn.set_vring_base(q, base)?;
+        conn.set_vring_addr(
+            q,
+            &VringConfigData {
+                queue_max_size: vq.size,
+                queue_size: vq.size,
+                flags: 0,
+                desc_table_addr: host(vq.desc),
+                used_ring_addr: host(vq.used),
+                avail_ring_addr: host(vq.avail),
+                log_addr: None,
+            },
+        )?;
+        conn.set_vring_kick(q, vq.kick_sent.as_ref().unwrap_or(&vq.kick))?;
+        conn.set_vring_call(q, vq.call_sent.as_ref().unwrap_or(&vq.call))?;
+        if self.opts.err_fd {
+            conn.set_vring_err(q, &vq.err)?;
+        }
+        conn.set_vring_enable(q, true)?;
         Ok(())
     }
 
@@ -767,3 +826,35 @@ impl BlkFrontend {
 fn head_of(slot: usize) -> u16 {
     u16::try_from(slot).expect("slots fit u16") * CHAIN
 }
+
+/// A ring's kick (`kick`) or call fd of kind `kind`: what the frontend keeps (writes kicks
+/// to, or polls and reads for interrupts), and what the backend gets if that is another fd.
+fn vring_fd(kind: FdKind, kick: bool) -> io::Result<(EventFd, Option<EventFd>)> {
+    match kind {
+        FdKind::Eventfd => Ok((EventFd::new(EFD_NONBLOCK)?, None)),
+        FdKind::FullEventfd => {
+            let fd = EventFd::new(0)?;
+            fd.write(u64::MAX - 1)?;
+            Ok((fd, None))
+        }
+        FdKind::Pipe => {
+            let mut fds = [0; 2];
+            // SAFETY: `fds` is a live array of the two ints pipe2 writes.
+            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: pipe2 returned two new descriptors that nothing else owns; each is
+            // moved into one EventFd (its reads and writes of 8 bytes work on a pipe too).
+            let (read, write) =
+                unsafe { (EventFd::from_raw_fd(fds[0]), EventFd::from_raw_fd(fds[1])) };
+            Ok(if kick {
+                (write, Some(read))
+            } else {
+                (read, Some(write))
+            })
+        }
+    }
+}
+
+#[path = "frontend/hostile.rs"]
+mod hostile;

@@ -5,16 +5,20 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 
-use tracing::{error, info};
+use std::time::Duration;
+
+use tracing::{Level, error};
 use vhost_user_backend::VringT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 
 use super::{Device, KICK_EVENT, QueueSlot, SharedChannel, Worker};
 use crate::bdev::{BlockDevice, IoChannel};
+use crate::limited;
+use crate::log_limit::LogLimit;
 use crate::mem::HostMap;
 use crate::poller::warm::Warm;
-use crate::poller::{Command, DetachWait, QueueAttach};
+use crate::poller::{Command, DetachWait, QueueAttach, WARNINGS_PER_SECOND};
 use crate::virtio_blk::MAX_RANGE_SEGMENTS;
 
 impl Worker {
@@ -90,7 +94,10 @@ impl Worker {
             && let Some(c) = self.channels[i].as_mut()
         {
             c.devices += 1;
-            info!(
+            limited!(
+                a.shared.events,
+                Level::INFO,
+                device = a.shared.index,
                 queue = a.queue,
                 channel = i,
                 "I/O channel shared with another device"
@@ -101,7 +108,14 @@ impl Worker {
         let channel = match a.disk.open_channel(depth) {
             Ok(c) => c,
             Err(e) => {
-                error!(queue = a.queue, error = %e, "cannot open an I/O channel");
+                limited!(
+                    a.shared.events,
+                    Level::ERROR,
+                    device = a.shared.index,
+                    queue = a.queue,
+                    error = %e,
+                    "cannot open an I/O channel"
+                );
                 return None;
             }
         };
@@ -117,6 +131,7 @@ impl Worker {
             key,
             channel,
             devices: 1,
+            warnings: LogLimit::new(WARNINGS_PER_SECOND, Duration::from_secs(1)),
         });
         Some(i)
     }
@@ -197,7 +212,14 @@ impl Worker {
                 .map(|()| own)
         });
         let q = free_index(&mut self.queues);
-        info!(queue = a.queue, poller_queue = q, "queue attached");
+        limited!(
+            a.shared.events,
+            Level::INFO,
+            device = a.shared.index,
+            queue = a.queue,
+            poller_queue = q,
+            "queue attached"
+        );
         self.queues[q] = Some(QueueSlot {
             device,
             index: a.queue,
@@ -210,6 +232,9 @@ impl Worker {
             warm: Warm::default(),
             inflight: a.inflight,
             resubmit: a.resubmit,
+            broken: false,
+            broken_flag: a.broken,
+            lost_interrupts: 0,
         });
         self.set_notifications(q, false);
         // The guest may hold completions it was never interrupted for: the process that had
@@ -230,8 +255,13 @@ impl Worker {
             return;
         };
         wait.in_flight.store(q.in_flight, Ordering::Relaxed);
-        if q.in_flight > 0 {
-            info!(
+        if q.in_flight > 0
+            && let Some(d) = self.devices[q.device].as_ref()
+        {
+            limited!(
+                d.shared.events,
+                Level::INFO,
+                device = d.shared.index,
                 queue = q.index,
                 in_flight = q.in_flight,
                 "queue stopping: waiting for its requests in flight"
@@ -272,7 +302,16 @@ impl Worker {
             let Some(q) = self.queues[qi].take() else {
                 continue;
             };
-            info!(queue = q.index, "queue detached");
+            if let Some(d) = self.devices[q.device].as_ref() {
+                limited!(
+                    d.shared.events,
+                    Level::INFO,
+                    device = d.shared.index,
+                    queue = q.index,
+                    broken = q.broken,
+                    "queue detached"
+                );
+            }
             if let Some(kick) = &q.kick {
                 let ev = EpollEvent::new(EventSet::IN, KICK_EVENT);
                 let _ = self

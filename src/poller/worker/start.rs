@@ -3,10 +3,11 @@
 
 use std::sync::atomic::Ordering;
 
-use tracing::warn;
+use tracing::Level;
 
 use super::Completion;
 use crate::bdev::{Channel, IoChannel, IoOp, Target};
+use crate::limited;
 use crate::mem::MemSnapshot;
 use crate::poller::DeviceShared;
 use crate::poller::slots::{SlotTable, Tag};
@@ -128,7 +129,12 @@ pub(super) fn start(
         RequestKind::GetId => {}
     }
     if failed {
-        warn!("I/O channel full; failing part of a request");
+        limited!(
+            shared.warnings,
+            Level::WARN,
+            device = shared.index,
+            "I/O channel full; failing part of a request"
+        );
         slots.set_error(tag);
     }
     slots.add_pending(tag, pending);

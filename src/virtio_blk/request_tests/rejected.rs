@@ -37,6 +37,33 @@ fn chain_cut_short_by_a_bad_next_index_or_a_loop_is_rejected_without_status() {
     }
 }
 
+/// An indirect table may hold 65,535 descriptors; a chain through it is followed no further
+/// than the queue's size (or the parser's scratch, if longer: here both are 32), so a table
+/// whose chain ends with a status byte further on is a broken chain, found after 32 reads,
+/// not a request walked to its end (virtio 1.2 §2.7.5.3.1).
+#[test]
+fn chain_through_an_indirect_table_longer_than_the_queue_is_cut_short() {
+    let b = Bench::with(|l| l.seg_max = 64);
+    let hdr = r(HDR, 16);
+    for len in [33, 1000] {
+        let mut descs = vec![hdr];
+        descs.extend((1..len - 1).map(|_| r(DATA, 512)));
+        descs.push(st());
+        let t = indirect(&b.mem, TABLE, &descs);
+        b.rejects(OUT, &[t], (E::EmptyChain, Status::IoErr, None));
+    }
+    // As long as the queue: followed to its status byte; 30 segments is within this
+    // bench's seg_max, and too many for the default one.
+    let mut descs = vec![hdr];
+    descs.extend((1..usize::from(QUEUE_SIZE) - 1).map(|_| r(DATA, 512)));
+    descs.push(st());
+    let t = indirect(&b.mem, TABLE, &descs);
+    b.ok(OUT, 0, &[t]);
+    let b = Bench::new();
+    let t = indirect(&b.mem, TABLE, &descs);
+    b.ioerr(OUT, 0, &[t], E::TooManySegments { max: 8 });
+}
+
 #[test]
 fn last_descriptor_readable_means_no_status() {
     let c = [r(HDR, 16), r(DATA, 512)];

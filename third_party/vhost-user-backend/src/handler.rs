@@ -490,9 +490,11 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
-        if num == 0 || num as usize > self.max_queue_size {
+        // A split ring's size is a power of two (virtio 1.2 §2.7); `Queue` would otherwise
+        // keep its old size without a word, and the rings would be read with the wrong one.
+        if num == 0 || num as usize > self.max_queue_size || !num.is_power_of_two() {
             log::error!(
-                "vring {index} requested queue size {num} out of range (1-{})",
+                "vring {index} requested queue size {num} out of range (a power of two, 1-{})",
                 self.max_queue_size
             );
             return Err(VhostUserError::InvalidParam);
@@ -593,6 +595,10 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
+        if let Some(f) = &file {
+            check_vring_eventfd("SET_VRING_KICK", index, f, false)?;
+        }
+
         // SAFETY: EventFd requires that it has sole ownership of its fd. So
         // does File, so this is safe.
         // Ideally, we'd have a generic way to refer to a uniquely-owned fd,
@@ -612,6 +618,10 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
+        if let Some(f) = &file {
+            check_vring_eventfd("SET_VRING_CALL", index, f, true)?;
+        }
+
         vring.set_call(file);
 
         if self.vring_needs_init(vring) {
@@ -626,6 +636,10 @@ where
             .vrings
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
+
+        if let Some(f) = &file {
+            check_vring_eventfd("SET_VRING_ERR", index, f, true)?;
+        }
 
         vring.set_err(file);
 
@@ -1001,6 +1015,76 @@ where
         }
 
         Ok(())
+    }
+}
+
+/// Checks that a vring fd from the frontend is an eventfd, as vhost-user requires of the kick,
+/// call and err fds, and makes one the backend writes (`written`: call, err) non-blocking.
+///
+/// A pipe or a socket in their place would block the thread that signals through it once it
+/// is full, and that thread may serve other devices too. The kind comes from the link the
+/// kernel keeps in `/proc/self/fd`, "anon_inode:[eventfd]" for an eventfd and for nothing
+/// else: one system call, where fstat cannot tell anonymous inodes apart and fdinfo takes an
+/// open, a read and a close.
+///
+/// An eventfd write blocks, rather than fail with EAGAIN, while the counter would pass
+/// 0xffff_ffff_ffff_fffe, which only a frontend that never reads it reaches. The flag belongs to
+/// the open file description, which the frontend shares; an eventfd cannot be opened again
+/// through /proc (ENXIO), so there is no description of the backend's own to set it on.
+/// QEMU, libblkio and cloud-hypervisor create theirs non-blocking already; for another
+/// frontend, a blocking read of its own call fd turns into EAGAIN, which a reader that polls
+/// first (as it must, to wait on several) never sees.
+fn check_vring_eventfd(
+    request: &str,
+    index: u8,
+    file: &File,
+    written: bool,
+) -> VhostUserResult<()> {
+    let fd = file.as_raw_fd();
+    let refuse = |what: String| {
+        VhostUserError::ReqHandlerError(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{request} refused for vring {index}: {what}"),
+        ))
+    };
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| refuse(format!("cannot tell what the fd is ({e})")))?;
+    let link = link.to_string_lossy();
+    if link != "anon_inode:[eventfd]" {
+        return Err(refuse(format!(
+            "the fd is {}, not an eventfd",
+            vring_fd_kind(&link)
+        )));
+    }
+    if written {
+        // SAFETY: F_GETFL on a descriptor `file` owns; no memory is passed.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        let nonblocking = flags >= 0
+            && (flags & libc::O_NONBLOCK != 0 || {
+                // SAFETY: F_SETFL on the same descriptor only changes its status flags.
+                let rc = unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) };
+                rc >= 0
+            });
+        if !nonblocking {
+            let e = io::Error::last_os_error();
+            return Err(refuse(format!("cannot make the eventfd non-blocking ({e})")));
+        }
+    }
+    Ok(())
+}
+
+/// What a `/proc/self/fd` link says a descriptor is, for an error message.
+fn vring_fd_kind(link: &str) -> &str {
+    if link.starts_with('/') {
+        "a file"
+    } else if link.starts_with("pipe:") {
+        "a pipe"
+    } else if link.starts_with("socket:") {
+        "a socket"
+    } else if link.starts_with("anon_inode:") {
+        link
+    } else {
+        link.split(':').next().unwrap_or(link)
     }
 }
 
