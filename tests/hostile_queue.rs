@@ -7,7 +7,7 @@
 //! on and after it, the attack causes a bounded number of log lines, the poller uses no CPU
 //! once it is over (a broken queue is not spun on, and its kicks wake nobody), and where a
 //! queue broke, its error eventfd (SET_VRING_ERR) was signalled. What breaks a queue, and
-//! what only fails a request, is in docs/architecture.md ("A broken queue").
+//! what only fails a request, is in docs/security.md ("A broken queue").
 
 mod common;
 #[path = "common/frontend.rs"]

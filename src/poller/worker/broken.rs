@@ -4,7 +4,7 @@
 //! vhost-user gives a backend no way to set DEVICE_NEEDS_RESET), and the poller does not look
 //! at it again until the frontend stops the ring (GET_VRING_BASE) and starts it afresh.
 //!
-//! What breaks a queue and what only fails a request is decided in docs/architecture.md ("A
+//! What breaks a queue and what only fails a request is decided in docs/security.md ("A
 //! broken queue"): a chain whose status byte can be written fails alone, with IOERR or
 //! UNSUPP; a queue breaks when there is no such byte to write or no sound ring to read.
 
