@@ -225,6 +225,7 @@ pub(super) fn device_model(
         learning: AtomicBool::new(d.starts_inactive()),
         mem_gen: AtomicU64::new(0),
         faults,
+        max_in_flight: u32::MAX,
     };
     (shape, shared)
 }

@@ -83,6 +83,11 @@ pub struct DeviceShared {
     /// Faults survived in the session's memory (`mem::fault`): once one is, the pollers take
     /// nothing more from the device's queues.
     pub faults: Arc<DeviceFaults>,
+    /// Most requests of the device in flight on one poller: its share of `--device
+    /// max-inflight=N`, split evenly over the pollers its queues may run on (`u32::MAX`: no
+    /// cap). Past it, the device's queues keep their chains in the avail ring (back-pressure,
+    /// never an error) until one of its requests completes.
+    pub max_in_flight: u32,
 }
 
 impl DeviceShared {

@@ -63,6 +63,10 @@ struct Device {
     queues: usize,
     /// The dirty log of a live migration, while the frontend has logging on.
     log: Option<Arc<DirtyLog>>,
+    /// The device's requests in flight on this poller, and at most how many it may have
+    /// ([`DeviceShared::max_in_flight`]): past that its queues keep their chains in the
+    /// avail ring until completions make room.
+    in_flight: u32,
 }
 
 /// An I/O channel of this poller, serving one device or several (namespaces of one NVMe
@@ -339,7 +343,7 @@ impl Worker {
         // broke it is not taken (next avail stays on it), and what completed is published.
         let mut breakage = None;
         loop {
-            if slots.is_full() || !channel.has_room() {
+            if slots.is_full() || !channel.has_room() || dev.in_flight >= dev.shared.max_in_flight {
                 // Retried on the next iteration, once completions have freed room.
                 break;
             }
@@ -431,6 +435,7 @@ impl Worker {
                     }
                     None => {
                         q.in_flight += 1;
+                        dev.in_flight += 1;
                         None
                     }
                 },
@@ -529,7 +534,7 @@ impl Worker {
                 }
                 continue;
             };
-            let Some(dev) = self.devices[q.device].as_ref() else {
+            let Some(dev) = self.devices[q.device].as_mut() else {
                 continue;
             };
             let mut state = q.vring.get_mut();
@@ -551,6 +556,7 @@ impl Worker {
                     continue;
                 };
                 q.in_flight = q.in_flight.saturating_sub(1);
+                dev.in_flight = dev.in_flight.saturating_sub(1);
                 let len = write_status(&dev.map, &mem, c);
                 match ring {
                     Some(r) => {
@@ -597,7 +603,7 @@ impl Worker {
         self.shared.sleeping.store(true, Ordering::SeqCst);
         let mut more = self.shared.has_commands.load(Ordering::SeqCst);
         for qi in 0..self.queues.len() {
-            more |= self.set_notifications(qi, true);
+            more |= self.set_notifications(qi, true) && !self.held_back(qi);
         }
         if !more {
             match self.epoll.wait(-1, &mut self.events) {
@@ -614,6 +620,16 @@ impl Worker {
         for qi in 0..self.queues.len() {
             self.set_notifications(qi, false);
         }
+    }
+
+    /// The queue's device is at its cap of requests in flight on this poller: chains in its
+    /// avail ring wait for a completion of the device, which wakes the poller (or keeps a
+    /// polled channel awake), so they are no reason not to sleep.
+    fn held_back(&self, qi: usize) -> bool {
+        self.queues[qi]
+            .as_ref()
+            .and_then(|q| self.devices[q.device].as_ref())
+            .is_some_and(|d| d.in_flight > 0 && d.in_flight >= d.shared.max_in_flight)
     }
 
     /// Turns guest kicks for one queue on or off; when turning them on, returns whether

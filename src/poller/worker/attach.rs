@@ -180,6 +180,7 @@ impl Worker {
                     target: a.disk.target(),
                     queues: 0,
                     log: a.log.clone(),
+                    in_flight: 0,
                 });
                 i
             }
