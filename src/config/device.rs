@@ -1,7 +1,7 @@
 //! One served device: its socket, disk and guest-visible shape. The single-device options
 //! (`--socket-path`/`--fd`, `--disk`, `--readonly`, ...) describe one; each repeatable
 //! `--device socket=PATH,disk=DISK[,serial=S][,readonly=on|off][,num-queues=N][,queue-size=N]
-//! [,incoming=on|off]` (QEMU's key=value list, `,,` for a comma in a value) describes another. What several
+//! [,incoming=on|off][,max-inflight=N]` (QEMU's key=value list, `,,` for a comma in a value) describes another. What several
 //! devices may not share is refused here: a socket, a writable image file, an NVMe namespace.
 
 use std::collections::HashMap;
@@ -32,6 +32,10 @@ pub struct DeviceConfig {
     /// `incoming=` / `--incoming`: open a writable image without the write permission, which
     /// is taken when the frontend starts the device.
     pub incoming: bool,
+    /// `max-inflight=` / `--max-inflight`: most requests of the device in flight at once
+    /// (split evenly over the pollers its queues run on, at least one each); `None`: no cap
+    /// beyond the rings' sizes.
+    pub max_in_flight: Option<u32>,
 }
 
 impl DeviceConfig {
@@ -54,6 +58,7 @@ pub(super) struct DeviceValues {
     pub queue_size: u16,
     pub serial: Option<String>,
     pub incoming: bool,
+    pub max_in_flight: Option<u32>,
 }
 
 impl DeviceValues {
@@ -71,6 +76,9 @@ impl DeviceValues {
             || self.queue_size > MAX_QUEUE_SIZE
         {
             return Err(ConfigError::QueueSize(self.queue_size));
+        }
+        if self.max_in_flight == Some(0) {
+            return Err(ConfigError::MaxInFlight);
         }
         if let SocketSpec::Path(p) = &self.socket {
             check_socket_dir(p)?;
@@ -90,6 +98,7 @@ impl DeviceValues {
             serial,
             create_size,
             incoming: self.incoming,
+            max_in_flight: self.max_in_flight,
         })
     }
 }
@@ -132,10 +141,11 @@ pub(super) fn parse_device(arg: &str, incoming: bool) -> Result<DeviceConfig, Co
                 | "num-queues"
                 | "queue-size"
                 | "incoming"
+                | "max-inflight"
         ) {
             return Err(bad(
                 "unknown key (known: socket, fd, disk, serial, readonly, num-queues, queue-size, \
-                 incoming)",
+                 incoming, max-inflight)",
             ));
         }
         if keys.insert(key.to_owned(), value.to_owned()).is_some() {
@@ -179,6 +189,10 @@ pub(super) fn parse_device(arg: &str, incoming: bool) -> Result<DeviceConfig, Co
         queue_size: number("queue-size", 256)?,
         serial: keys.remove("serial"),
         incoming,
+        max_in_flight: match keys.get("max-inflight") {
+            None => None,
+            Some(v) => Some(v.parse().map_err(|_| bad("max-inflight takes a number"))?),
+        },
     };
     values
         .validate(Some(arg.to_owned()), None)
@@ -319,6 +333,14 @@ mod tests {
             ("socket=s,disk=a,readonly=yes", "readonly takes on or off"),
             ("socket=s,disk=a,incoming=yes", "incoming takes on or off"),
             ("socket=s,disk=a,num-queues=x", "take numbers"),
+            (
+                "socket=s,disk=a,max-inflight=-1",
+                "max-inflight takes a number",
+            ),
+            (
+                "socket=s,disk=a,max-inflight=0",
+                "at least one request in flight",
+            ),
             ("socket=s,disk", "expected KEY=VALUE"),
         ] {
             let e = parse_device(arg, false).expect_err(arg).to_string();

@@ -60,6 +60,11 @@ pub struct Args {
     /// Largest virtqueue size the frontend may set (a power of two).
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub queue_size: u16,
+    /// Most requests of the device in flight at once, split evenly over the pollers its
+    /// queues run on (at least one each); more wait in the guest's rings. Default: no cap
+    /// beyond the rings' sizes.
+    #[arg(long, value_name = "N")]
+    pub max_inflight: Option<u32>,
     /// Serial number returned by GET_ID (at most 20 bytes; default: the disk's file name).
     #[arg(long, value_name = "STR")]
     pub serial: Option<String>,
@@ -87,11 +92,11 @@ pub struct Args {
     pub print_capabilities: bool,
     /// Serve one more device (repeatable), instead of the single-device options:
     /// `socket=PATH|fd=N,disk=DISK[,serial=S][,readonly=on|off][,num-queues=N][,queue-size=N]`
-    /// `[,incoming=on|off]` (`,,` is a comma inside a value).
+    /// `[,incoming=on|off][,max-inflight=N]` (`,,` is a comma inside a value).
     #[arg(
         long = "device",
         value_name = "socket=PATH,disk=DISK,...",
-        conflicts_with_all = ["socket_path", "fd", "disk", "readonly", "num_queues", "queue_size", "serial"]
+        conflicts_with_all = ["socket_path", "fd", "disk", "readonly", "num_queues", "queue_size", "serial", "max_inflight"]
     )]
     pub devices: Vec<String>,
     #[command(flatten)]
@@ -222,6 +227,8 @@ pub enum ConfigError {
     NumQueues(u16),
     #[error("--queue-size {0}: must be a power of two between 2 and {MAX_QUEUE_SIZE}")]
     QueueSize(u16),
+    #[error("--max-inflight 0: a device needs at least one request in flight")]
+    MaxInFlight,
     #[error("--serial {0:?}: longer than {MAX_SERIAL_LEN} bytes")]
     SerialTooLong(String),
     #[error("--socket-path {0}: directory {1} does not exist")]
@@ -308,6 +315,7 @@ impl TryFrom<Args> for Command {
                 queue_size: args.queue_size,
                 serial: args.serial,
                 incoming: args.incoming,
+                max_in_flight: args.max_inflight,
             };
             vec![values.validate(None, bare.then_some(DEFAULT_DISK_SIZE))?]
         } else {

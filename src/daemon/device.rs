@@ -158,6 +158,7 @@ pub(super) fn device_model(
     info: &DeviceInfo,
     device_serial: &str,
     faults: Arc<DeviceFaults>,
+    pollers: usize,
 ) -> (BlkShape, DeviceShared) {
     let seg_max = (u32::from(d.queue_size) - 2).clamp(1, MAX_SEGMENTS);
     let capacity_sectors = info.capacity_bytes >> SECTOR_SHIFT;
@@ -225,7 +226,11 @@ pub(super) fn device_model(
         learning: AtomicBool::new(d.starts_inactive()),
         mem_gen: AtomicU64::new(0),
         faults,
-        max_in_flight: u32::MAX,
+        max_in_flight: d.max_in_flight.map_or(u32::MAX, |cap| {
+            // Queue q runs on poller (first + q) mod pollers: so many pollers share the cap.
+            let on = usize::from(d.num_queues).min(pollers).max(1);
+            cap.div_ceil(u32::try_from(on).unwrap_or(u32::MAX))
+        }),
     };
     (shape, shared)
 }
@@ -418,12 +423,55 @@ mod tests {
     }
 
     #[test]
+    fn the_cap_on_requests_in_flight_is_split_over_the_pollers_of_the_device() {
+        let faults = Arc::new(DeviceFaults::new().expect("eventfd"));
+        let share = |args: &[&str], pollers| {
+            let c = config(args);
+            device_model(
+                &c.devices[0],
+                &info(true, true),
+                "s",
+                faults.clone(),
+                pollers,
+            )
+            .1
+            .max_in_flight
+        };
+        let capped = [
+            "--disk",
+            "null:1G",
+            "--num-queues",
+            "4",
+            "--max-inflight",
+            "10",
+        ];
+        assert_eq!(share(&capped, 1), 10);
+        assert_eq!(share(&capped, 2), 5);
+        // Four queues run on four of eight pollers; each gets at least one.
+        assert_eq!(share(&capped, 8), 3);
+        let one = [
+            "--disk",
+            "null:1G",
+            "--num-queues",
+            "4",
+            "--max-inflight",
+            "1",
+        ];
+        assert_eq!(share(&one, 4), 1);
+        assert_eq!(
+            share(&["--disk", "null:1G"], 4),
+            u32::MAX,
+            "no cap by default"
+        );
+    }
+
+    #[test]
     fn write_zeroes_may_unmap_only_where_the_device_says_unmapped_blocks_read_as_zeroes() {
         let c = config(&["--disk", "null:1G"]);
         // virtio-blk configuration space: write_zeroes_may_unmap at byte 56.
         let faults = Arc::new(DeviceFaults::new().expect("eventfd"));
         let unmap = |i: &DeviceInfo| {
-            device_model(&c.devices[0], i, "s", faults.clone())
+            device_model(&c.devices[0], i, "s", faults.clone(), 1)
                 .0
                 .config
                 .to_bytes()[56]

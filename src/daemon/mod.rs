@@ -219,8 +219,13 @@ impl Serving<'_> {
             .or(disk.serial())
             .unwrap_or_default();
         let faults = Arc::new(DeviceFaults::new().map_err(DaemonError::Worker)?);
-        let (shape, mut shared) =
-            device::device_model(self.cfg, &disk.info(), serial, faults.clone());
+        let (shape, mut shared) = device::device_model(
+            self.cfg,
+            &disk.info(),
+            serial,
+            faults.clone(),
+            self.pollers.len(),
+        );
         shared.index = self.index;
         let mem = GuestMemoryAtomic::new(GuestMemory::new());
         let handles = (0..shape.num_queues)
