@@ -3,7 +3,8 @@
 //! Layers, each using only those below it: `daemon` (wiring, lifecycle) → `vhost_user`
 //! (control plane) → `poller` (data plane) → `virtio_blk` (request codec) → `bdev` (block
 //! devices and their I/O channels) → `nvme` (NVMe wire types and transports) → `mem` (guest
-//! memory).
+//! memory). `sandbox` (seccomp filters per thread role) uses none
+//! of them, so any may use it.
 
 pub mod bdev;
 pub mod config;
@@ -11,5 +12,6 @@ pub mod daemon;
 pub mod mem;
 pub mod nvme;
 pub mod poller;
+pub mod sandbox;
 pub mod vhost_user;
 pub mod virtio_blk;

@@ -19,6 +19,7 @@ pub use self::nvme::{
 use crate::bdev::file::CacheMode;
 use crate::nvme::spec::SpecError;
 use crate::poller::{PollMode, allowed_cpus};
+use crate::sandbox::SeccompMode;
 use std::time::Duration;
 
 /// Default socket, disk and disk size when vubd runs without arguments.
@@ -82,6 +83,10 @@ pub struct Args {
     /// frontend starts the device.
     #[arg(long)]
     pub incoming: bool,
+    /// What a system call outside a thread's allow-list does: the process is killed
+    /// (enforce), or the kernel logs it (log); off installs no filter (valgrind).
+    #[arg(long, value_enum, default_value_t = SeccompArg::Enforce)]
+    pub seccomp: SeccompArg,
     /// Print the vhost-user backend capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -132,6 +137,13 @@ pub enum PollArg {
     Always,
     Adaptive,
     Never,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SeccompArg {
+    Off,
+    Log,
+    Enforce,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -195,6 +207,7 @@ pub struct Config {
     pub pollers: Vec<Option<usize>>,
     pub poll: PollMode,
     pub nvme: NvmeHostConfig,
+    pub seccomp: SeccompMode,
 }
 
 /// A bad command line; the message names the argument.
@@ -345,6 +358,11 @@ impl TryFrom<Args> for Command {
             pollers,
             poll,
             nvme,
+            seccomp: match args.seccomp {
+                SeccompArg::Off => SeccompMode::Off,
+                SeccompArg::Log => SeccompMode::Log,
+                SeccompArg::Enforce => SeccompMode::Enforce,
+            },
         }))
     }
 }

@@ -128,6 +128,14 @@ fn default_pollers_are_one_per_queue_up_to_the_cpus_unpinned() {
 }
 
 #[test]
+fn the_sandbox_is_on_unless_turned_off() {
+    let mode = |a: &[&str]| serve(&[&["--disk", "d"], a].concat()).seccomp;
+    assert_eq!(mode(&[]), SeccompMode::Enforce);
+    assert_eq!(mode(&["--seccomp", "log"]), SeccompMode::Log);
+    assert_eq!(mode(&["--seccomp", "off"]), SeccompMode::Off);
+}
+
+#[test]
 fn poll_modes() {
     assert_eq!(
         serve(&["--disk", "d", "--poll", "always"]).poll,

@@ -32,6 +32,7 @@ use crate::bdev::{BlockDevice, Disk};
 use crate::config::{Config, DeviceConfig, SocketSpec};
 use crate::mem::{GuestMemory, GuestMemoryAtomic};
 use crate::poller::PollerSet;
+use crate::sandbox::{self, Role};
 use crate::vhost_user::BlkBackend;
 
 /// Why the daemon stopped or could not start.
@@ -57,6 +58,14 @@ pub enum DaemonError {
     },
     #[error("--fd {0}: not a listening unix socket")]
     BadFd(i32),
+    #[error("--disk: cannot resolve {host}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set up the sandbox (--seccomp off runs without it)")]
+    Sandbox(#[source] crate::sandbox::SandboxError),
     #[error("cannot set up signal handling")]
     Signals(#[source] io::Error),
     #[error("cannot start the pollers")]
@@ -105,6 +114,7 @@ impl DaemonError {
             | DaemonError::NvmePcie(_)
             | DaemonError::NvmeHost(_)
             | DaemonError::PcieQueues { .. }
+            | DaemonError::Resolve { .. }
             | DaemonError::Discover(_) => 2,
             _ => 1,
         }
@@ -112,7 +122,11 @@ impl DaemonError {
 }
 
 /// Serves the configured devices until SIGINT / SIGTERM.
-pub fn run(cfg: Config) -> Result<(), DaemonError> {
+pub fn run(mut cfg: Config) -> Result<(), DaemonError> {
+    nvme::resolve_targets(&mut cfg)?;
+    // The baseline before anything else, startup included: before any thread exists, so that
+    // every thread inherits it.
+    sandbox::install_baseline(cfg.seccomp).map_err(DaemonError::Sandbox)?;
     // Block the signals before any thread exists so that every thread inherits the mask and
     // only the signal thread receives them.
     let signals = Signals::block().map_err(DaemonError::Signals)?;
@@ -162,6 +176,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             let spawned = std::thread::Builder::new()
                 .name(format!("vubd-device-{index}"))
                 .spawn_scoped(scope, move || {
+                    sandbox::enter(Role::Session);
                     // The socket file goes when this device stops serving.
                     let _socket_file = socket_file;
                     serving.serve(listener);
@@ -171,6 +186,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 stop.request();
             }
         }
+        // Every device thread runs: what is left here is waiting for them, then the end.
+        sandbox::enter(Role::Control);
     });
     info!("shutting down");
     pollers.stop();
@@ -485,6 +502,7 @@ impl Signals {
         std::thread::Builder::new()
             .name("vubd-signals".into())
             .spawn(move || {
+                sandbox::enter(Role::Control);
                 let mut first = true;
                 loop {
                     let mut sig: libc::c_int = 0;

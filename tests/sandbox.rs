@@ -1,0 +1,138 @@
+//! The sandbox of a running vubd, seen from outside: every thread runs under seccomp filters
+//! (`/proc/PID/task/TID/status`), as many as its role stacks on the baseline, with
+//! `--seccomp enforce` (the default) and `log`, and none with `off`. That a forbidden call is
+//! refused is shown on each role's filter by the unit tests of `src/sandbox`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::path::Path;
+
+use common::daemon::{Daemon, DaemonConfig};
+use common::fake_target::{FakeTarget, Options};
+use common::procfs::{ThreadSeccomp, thread_seccomp};
+use common::{Image, assert_same};
+
+const MIB: u64 = 1 << 20;
+
+/// Filters of each role: the baseline's two, and the role's allow-list, plus the filter that
+/// answers an open EACCES in the roles that open no file.
+const CONTROL: u32 = 4;
+const SESSION: u32 = 3;
+const POLLER: u32 = 4;
+const SUPERVISOR: u32 = 4;
+
+/// The filters a thread of vubd named `name` runs under; `None` for a thread of the kernel's
+/// (io_uring workers).
+fn expected_filters(name: &str) -> Option<u32> {
+    if name.starts_with("iou-") {
+        return None;
+    }
+    Some(match name {
+        "vubd" | "vubd-signals" => CONTROL,
+        "vubd-vhost-user" | "vring_worker" => SESSION,
+        "vubd-nvme-tcp" => SUPERVISOR,
+        n if n.starts_with("vubd-device-") => SESSION,
+        n if n.starts_with("vubd-poller-") => POLLER,
+        other => panic!("a thread vubd does not name: {other:?}"),
+    })
+}
+
+/// vubd's threads by name (io_uring workers left out), checked to run under seccomp.
+fn filtered_threads(daemon: &Daemon) -> BTreeMap<String, u32> {
+    let threads = thread_seccomp(daemon.pid());
+    let mut by_name = BTreeMap::new();
+    for ThreadSeccomp {
+        name,
+        mode,
+        filters,
+    } in threads
+    {
+        let Some(expected) = expected_filters(&name) else {
+            continue;
+        };
+        assert_eq!(mode, 2, "{name}: Seccomp: {mode} (2: filtered)");
+        assert_eq!(filters, expected, "{name}: Seccomp_filters");
+        by_name.insert(name, filters);
+    }
+    by_name
+}
+
+/// Writes and reads back a few blocks on every queue.
+fn some_io(daemon: &Daemon, queues: usize) {
+    let mut client = daemon.connect(queues);
+    for q in 0..queues {
+        let data = vec![0x5a ^ q as u8; 64 << 10];
+        let offset = q as u64 * MIB;
+        let queue = client.queue(q);
+        queue.write(offset, &data);
+        assert_same(&data, &queue.read(offset, data.len()), offset, "read back");
+    }
+}
+
+#[test]
+fn every_thread_of_a_serving_vubd_runs_under_the_filters_of_its_role() {
+    let image = Image::new(8 * MIB);
+    let config = DaemonConfig {
+        num_queues: Some(2),
+        ..DaemonConfig::default()
+    };
+    for mode in [None, Some("log"), Some("enforce")] {
+        let extra: Vec<&OsStr> = mode
+            .iter()
+            .flat_map(|m| [OsStr::new("--seccomp"), OsStr::new(m)])
+            .collect();
+        let mut daemon = Daemon::vubd(&image, &config, &extra);
+        // Connected: the session's protocol and relay threads exist, and the pollers have
+        // opened their rings.
+        let client = daemon.connect(2);
+        let threads = filtered_threads(&daemon);
+        for name in [
+            "vubd",
+            "vubd-signals",
+            "vubd-device-0",
+            "vubd-vhost-user",
+            "vring_worker",
+            "vubd-poller-0",
+        ] {
+            assert!(
+                threads.contains_key(name),
+                "{mode:?}: no {name} in {threads:?}"
+            );
+        }
+        drop(client);
+        some_io(&daemon, 2);
+        filtered_threads(&daemon);
+        daemon.assert_running();
+    }
+}
+
+#[test]
+fn an_nvme_tcp_supervisor_runs_under_its_filters() {
+    let target = FakeTarget::start(Options::default()).expect("start the fake target");
+    let uri = format!("nvme-tcp://{}/{}", target.addr(), target.nqn());
+    let mut daemon = Daemon::vubd_disk(Path::new(&uri), &DaemonConfig::default(), &[]);
+    some_io(&daemon, 1);
+    let threads = filtered_threads(&daemon);
+    assert_eq!(
+        threads.get("vubd-nvme-tcp"),
+        Some(&SUPERVISOR),
+        "{threads:?}"
+    );
+    daemon.assert_running();
+}
+
+#[test]
+fn with_seccomp_off_no_thread_is_filtered() {
+    let image = Image::new(8 * MIB);
+    let daemon = Daemon::vubd(
+        &image,
+        &DaemonConfig::default(),
+        &[OsStr::new("--seccomp"), OsStr::new("off")],
+    );
+    let _client = daemon.connect(1);
+    for t in thread_seccomp(daemon.pid()) {
+        assert_eq!((t.mode, t.filters), (0, 0), "{t:?}");
+    }
+}
