@@ -3,7 +3,7 @@
 //! Layers, each using only those below it: `daemon` (wiring, lifecycle) → `vhost_user`
 //! (control plane) → `poller` (data plane) → `virtio_blk` (request codec) → `bdev` (block
 //! devices and their I/O channels) → `nvme` (NVMe wire types and transports) → `mem` (guest
-//! memory). `sandbox` (seccomp filters per thread role) uses none
+//! memory). `sandbox` (seccomp filters per thread role, restricted io_uring rings) uses none
 //! of them, so any may use it.
 
 pub mod bdev;

@@ -1,6 +1,6 @@
 //! The sandbox: seccomp filters per thread role and a process-wide baseline
-//! ([`install_baseline`], [`enter`]). A leaf module: it uses no other module of vubd, so every
-//! layer may call it.
+//! ([`install_baseline`], [`enter`]), and restricted io_uring rings ([`uring`]). A leaf
+//! module: it uses no other module of vubd, so every layer may call it.
 //!
 //! Filters stack: the baseline, installed before vubd starts any thread (with TSYNC, so that
 //! a thread started earlier would be covered too), holds everything any thread may ever do,
@@ -12,6 +12,7 @@
 
 mod roles;
 mod rules;
+pub mod uring;
 
 #[cfg(test)]
 mod tests;
