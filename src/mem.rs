@@ -5,9 +5,11 @@
 //! as the [`MemSnapshot`] it was translated from is alive: in-flight requests hold one.
 
 mod dirty_log;
+mod dump;
 mod shared;
 
 pub use dirty_log::{DirtyLog, LOG_PAGE};
+pub use dump::exclude_from_core_dumps;
 pub use shared::{SharedError, SharedMapping};
 
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! The sandbox of a running vubd, seen from outside: every thread runs under seccomp filters
 //! (`/proc/PID/task/TID/status`), as many as its role stacks on the baseline, with
-//! `--seccomp enforce` (the default) and `log`, and none with `off`. That a forbidden call is
+//! `--seccomp enforce` (the default) and `log`, and none with `off`; the guest memory it maps
+//! stays out of its core dumps (`dd` in the mappings' VmFlags). That a forbidden call is
 //! refused is shown on each role's filter by the unit tests of `src/sandbox`.
 
 mod common;
@@ -135,4 +136,45 @@ fn with_seccomp_off_no_thread_is_filtered() {
     for t in thread_seccomp(daemon.pid()) {
         assert_eq!((t.mode, t.filters), (0, 0), "{t:?}");
     }
+}
+
+/// The mappings of `pid` whose path starts with `prefix`: their ranges and VmFlags.
+fn mappings(pid: u32, prefix: &str) -> Vec<(String, String)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("read smaps");
+    let mut found = Vec::new();
+    let mut current: Option<String> = None;
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields
+            .first()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            current = (fields.len() >= 6 && fields[5].starts_with(prefix)).then(|| line.to_owned());
+        } else if let (Some(map), Some(flags)) = (&current, line.strip_prefix("VmFlags:")) {
+            found.push((map.clone(), flags.trim().to_owned()));
+            current = None;
+        }
+    }
+    found
+}
+
+#[test]
+fn guest_memory_stays_out_of_core_dumps() {
+    let image = Image::new(8 * MIB);
+    let daemon = Daemon::vubd(&image, &DaemonConfig::default(), &[]);
+    let _client = daemon.connect(1);
+    // libblkio's guest memory: its I/O buffers and its rings, each a memfd.
+    let mut seen = 0;
+    for prefix in ["/memfd:libblkio-buf", "/memfd:virtio-ring"] {
+        let maps = mappings(daemon.pid(), prefix);
+        assert!(!maps.is_empty(), "vubd maps no {prefix}");
+        for (map, flags) in maps {
+            assert!(
+                flags.split(' ').any(|f| f == "dd"),
+                "{map}: VmFlags {flags}"
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2);
 }
