@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use super::{
-    ConfigError, DiskSpec, MAX_QUEUE_SIZE, MAX_QUEUES, MAX_SERIAL_LEN, SocketSpec,
+    ConfigError, DiskSpec, MAX_QUEUE_SIZE, MAX_QUEUES, MAX_SERIAL_LEN, SocketPerms, SocketSpec,
     check_socket_dir, default_serial, parse_disk,
 };
 
@@ -32,6 +32,9 @@ pub struct DeviceConfig {
     /// `incoming=` / `--incoming`: open a writable image without the write permission, which
     /// is taken when the frontend starts the device.
     pub incoming: bool,
+    /// `socket-mode=` / `socket-group=`, else `--socket-mode` / `--socket-group`: the mode and
+    /// group of a socket vubd creates (none for an inherited one).
+    pub socket_perms: SocketPerms,
 }
 
 impl DeviceConfig {
@@ -54,6 +57,7 @@ pub(super) struct DeviceValues {
     pub queue_size: u16,
     pub serial: Option<String>,
     pub incoming: bool,
+    pub socket_perms: SocketPerms,
 }
 
 impl DeviceValues {
@@ -90,6 +94,7 @@ impl DeviceValues {
             serial,
             create_size,
             incoming: self.incoming,
+            socket_perms: self.socket_perms,
         })
     }
 }
@@ -114,8 +119,13 @@ fn split_list(s: &str) -> Vec<String> {
     items
 }
 
-/// Parses one `--device` argument; `incoming` is the default of its `incoming=` key.
-pub(super) fn parse_device(arg: &str, incoming: bool) -> Result<DeviceConfig, ConfigError> {
+/// Parses one `--device` argument; `incoming` and `perms` are the defaults of its `incoming=`,
+/// `socket-mode=` and `socket-group=` keys.
+pub(super) fn parse_device(
+    arg: &str,
+    incoming: bool,
+    perms: SocketPerms,
+) -> Result<DeviceConfig, ConfigError> {
     let bad = |why: &'static str| ConfigError::BadDevice(arg.to_owned(), why);
     let mut keys: HashMap<String, String> = HashMap::new();
     for item in split_list(arg) {
@@ -132,10 +142,12 @@ pub(super) fn parse_device(arg: &str, incoming: bool) -> Result<DeviceConfig, Co
                 | "num-queues"
                 | "queue-size"
                 | "incoming"
+                | "socket-mode"
+                | "socket-group"
         ) {
             return Err(bad(
                 "unknown key (known: socket, fd, disk, serial, readonly, num-queues, queue-size, \
-                 incoming)",
+                 incoming, socket-mode, socket-group)",
             ));
         }
         if keys.insert(key.to_owned(), value.to_owned()).is_some() {
@@ -154,8 +166,20 @@ pub(super) fn parse_device(arg: &str, incoming: bool) -> Result<DeviceConfig, Co
         ),
         (None, None) => return Err(bad("socket (or fd) is required")),
     };
-    let disk = parse_disk(&keys.remove("disk").ok_or(bad("disk is required"))?)
-        .map_err(|e| ConfigError::InDevice(arg.to_owned(), Box::new(e)))?;
+    let in_device = |e| ConfigError::InDevice(arg.to_owned(), Box::new(e));
+    let disk =
+        parse_disk(&keys.remove("disk").ok_or(bad("disk is required"))?).map_err(in_device)?;
+    let own_perms = SocketPerms::parse(
+        keys.remove("socket-mode").as_deref(),
+        keys.remove("socket-group").as_deref(),
+    )
+    .map_err(in_device)?;
+    let socket_perms = match socket {
+        SocketSpec::Fd(_) if own_perms.any() => return Err(in_device(ConfigError::PermsOnFd)),
+        // The global options are for the sockets vubd creates.
+        SocketSpec::Fd(_) => SocketPerms::default(),
+        SocketSpec::Path(_) => own_perms.or(perms),
+    };
     let switch =
         |key: &str, default: bool, why: &'static str| match keys.get(key).map(String::as_str) {
             None => Ok(default),
@@ -179,10 +203,11 @@ pub(super) fn parse_device(arg: &str, incoming: bool) -> Result<DeviceConfig, Co
         queue_size: number("queue-size", 256)?,
         serial: keys.remove("serial"),
         incoming,
+        socket_perms,
     };
     values
         .validate(Some(arg.to_owned()), None)
-        .map_err(|e| ConfigError::InDevice(arg.to_owned(), Box::new(e)))
+        .map_err(in_device)
 }
 
 /// Refuses what several devices cannot share: a socket, an image file any of them writes, an
@@ -255,6 +280,7 @@ mod tests {
             "socket=d.sock,disk=null:1G,serial=s1,readonly=on,num-queues=4,queue-size=128,\
              incoming=on",
             false,
+            SocketPerms::default(),
         )
         .expect("valid");
         assert!(d.incoming);
@@ -268,7 +294,8 @@ mod tests {
 
     #[test]
     fn defaults_match_the_single_device_options() {
-        let d = parse_device("fd=3,disk=file:a,,b.img", false).expect("valid");
+        let d =
+            parse_device("fd=3,disk=file:a,,b.img", false, SocketPerms::default()).expect("valid");
         assert_eq!(d.socket, SocketSpec::Fd(3));
         assert_eq!(d.disk, DiskSpec::File("a,b.img".into()));
         assert_eq!(d.serial.as_deref(), Some("a,b.img"));
@@ -321,16 +348,23 @@ mod tests {
             ("socket=s,disk=a,num-queues=x", "take numbers"),
             ("socket=s,disk", "expected KEY=VALUE"),
         ] {
-            let e = parse_device(arg, false).expect_err(arg).to_string();
+            let e = parse_device(arg, false, SocketPerms::default())
+                .expect_err(arg)
+                .to_string();
             assert!(e.starts_with(&format!("--device {arg:?}: ")), "{e}");
             assert!(e.contains(why), "{arg}: {e}");
         }
-        let e = parse_device("socket=s,disk=a,num-queues=0", false).unwrap_err();
+        let e = parse_device(
+            "socket=s,disk=a,num-queues=0",
+            false,
+            SocketPerms::default(),
+        )
+        .unwrap_err();
         assert_eq!(
             e.to_string(),
             "--device \"socket=s,disk=a,num-queues=0\": --num-queues 0: must be between 1 and 64"
         );
-        let e = parse_device("socket=s,disk=bogus:x", false).unwrap_err();
+        let e = parse_device("socket=s,disk=bogus:x", false, SocketPerms::default()).unwrap_err();
         assert!(
             matches!(e, ConfigError::InDevice(_, ref inner)
             if matches!(**inner, ConfigError::UnknownDiskType(..))),
@@ -339,7 +373,7 @@ mod tests {
     }
 
     fn dev(arg: &str) -> DeviceConfig {
-        parse_device(arg, false).expect(arg)
+        parse_device(arg, false, SocketPerms::default()).expect(arg)
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 mod device;
 mod nvme;
+mod socket;
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,7 @@ pub use self::device::DeviceConfig;
 pub use self::nvme::{
     DEFAULT_DISCOVERY_PORT, NvmeHostArgs, NvmeHostConfig, NvmePcieUri, NvmeTcpUri,
 };
+pub use self::socket::SocketPerms;
 
 use crate::bdev::file::CacheMode;
 use crate::nvme::spec::SpecError;
@@ -83,6 +85,12 @@ pub struct Args {
     /// frontend starts the device.
     #[arg(long)]
     pub incoming: bool,
+    /// Mode of the sockets vubd creates, in octal (e.g. 0660; default: from the umask).
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+    /// Group of the sockets vubd creates, a name or a number (e.g. libvirt-qemu).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
     /// What a system call outside a thread's allow-list does: the process is killed
     /// (enforce), or the kernel logs it (log); off installs no filter (valgrind).
     #[arg(long, value_enum, default_value_t = SeccompArg::Enforce)]
@@ -239,6 +247,12 @@ pub enum ConfigError {
     SerialTooLong(String),
     #[error("--socket-path {0}: directory {1} does not exist")]
     SocketDirMissing(PathBuf, PathBuf),
+    #[error("--socket-mode {0:?}: expected an octal mode such as 0660 (at most 0777)")]
+    SocketMode(String),
+    #[error("--socket-group {0:?}: no such group (a group name or a number)")]
+    SocketGroup(String),
+    #[error("--socket-mode and --socket-group apply to a socket vubd creates, not to --fd")]
+    PermsOnFd,
     #[error("--fd {0}: not a valid file descriptor number")]
     BadFd(i32),
     #[error("--disk {0:?}: size must be a positive multiple of 512 bytes, like 16G or 512M")]
@@ -301,6 +315,7 @@ impl TryFrom<Args> for Command {
             }));
         }
         let bare = args.is_bare();
+        let perms = SocketPerms::parse(args.socket_mode.as_deref(), args.socket_group.as_deref())?;
         let devices = if args.devices.is_empty() {
             let disk = match (&args.disk, bare) {
                 (Some(d), _) => parse_disk(d)?,
@@ -309,6 +324,7 @@ impl TryFrom<Args> for Command {
             };
             let socket = match (args.socket_path, args.fd) {
                 (_, Some(fd)) if fd < 0 => return Err(ConfigError::BadFd(fd)),
+                (_, Some(_)) if perms.any() => return Err(ConfigError::PermsOnFd),
                 (_, Some(fd)) => SocketSpec::Fd(fd),
                 (Some(p), None) => SocketSpec::Path(p),
                 (None, None) => SocketSpec::Path(PathBuf::from(DEFAULT_SOCKET)),
@@ -321,13 +337,14 @@ impl TryFrom<Args> for Command {
                 queue_size: args.queue_size,
                 serial: args.serial,
                 incoming: args.incoming,
+                socket_perms: perms,
             };
             vec![values.validate(None, bare.then_some(DEFAULT_DISK_SIZE))?]
         } else {
             let devices = args
                 .devices
                 .iter()
-                .map(|d| device::parse_device(d, args.incoming))
+                .map(|d| device::parse_device(d, args.incoming, perms))
                 .collect::<Result<Vec<_>, _>>()?;
             device::check_shared(&devices)?;
             devices
