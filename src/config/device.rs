@@ -23,8 +23,8 @@ pub struct DeviceConfig {
     pub read_only: bool,
     pub num_queues: u16,
     pub queue_size: u16,
-    /// `serial=` / `--serial`, or the default for a file or null disk; `None`: the device's
-    /// own serial number (an NVMe controller's).
+    /// `serial=` / `--serial`, or the default of a null disk; `None`: the device's own serial
+    /// number (an NVMe controller's, or a hash of an image's path).
     pub serial: Option<String>,
     /// Create the disk as a sparse file of this size if it does not exist (the no-argument
     /// default run).
@@ -298,7 +298,7 @@ mod tests {
             parse_device("fd=3,disk=file:a,,b.img", false, SocketPerms::default()).expect("valid");
         assert_eq!(d.socket, SocketSpec::Fd(3));
         assert_eq!(d.disk, DiskSpec::File("a,b.img".into()));
-        assert_eq!(d.serial.as_deref(), Some("a,b.img"));
+        assert_eq!(d.serial, None);
         assert!(!d.read_only);
         assert_eq!((d.num_queues, d.queue_size), (1, 256));
         assert!(!d.incoming && !d.starts_inactive());

@@ -63,7 +63,8 @@ pub struct Args {
     /// Largest virtqueue size the frontend may set (a power of two).
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub queue_size: u16,
-    /// Serial number returned by GET_ID (at most 20 bytes; default: the disk's file name).
+    /// Serial number returned by GET_ID (at most 20 bytes; default: a hash of the image's path,
+    /// or an NVMe controller's own).
     #[arg(long, value_name = "STR")]
     pub serial: Option<String>,
     /// Host cache mode: none uses O_DIRECT where the file system allows it.
@@ -480,23 +481,13 @@ fn check_socket_dir(p: &Path) -> Result<(), ConfigError> {
     }
 }
 
-/// The serial a disk gets without `--serial`: the last 20 bytes of its file name, cut at a
-/// character boundary; `None` for a device that has a serial number of its own.
+/// The serial a disk gets without `--serial`: `None` for a device that has one of its own (an
+/// NVMe controller's, or for an image the hash of its path, `bdev::file::image_serial`).
 fn default_serial(disk: &DiskSpec) -> Option<String> {
-    let path = match disk {
-        DiskSpec::File(path) => path,
-        DiskSpec::Null(_) => return Some("null".to_owned()),
-        DiskSpec::NvmeTcp(_) | DiskSpec::NvmePcie(_) => return None,
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut start = name.len().saturating_sub(MAX_SERIAL_LEN);
-    while !name.is_char_boundary(start) {
-        start += 1;
+    match disk {
+        DiskSpec::Null(_) => Some("null".to_owned()),
+        DiskSpec::File(_) | DiskSpec::NvmeTcp(_) | DiskSpec::NvmePcie(_) => None,
     }
-    Some(name[start..].to_owned())
 }
 
 /// `--print-capabilities` output (vhost-user.rst, "Backend program conventions").
