@@ -54,8 +54,16 @@ const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
 /// Opened for writing, created or truncated.
 const OPEN_WRITES: u64 = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64;
 
+/// The signals a crash ends with.
+const CRASH_SIGNALS: &[u64] = &[
+    libc::SIGABRT as u64,
+    libc::SIGBUS as u64,
+    libc::SIGSEGV as u64,
+];
+
 /// Every thread: memory without execute permission, thread start and end, waiting, time,
-/// reading and writing descriptors it has (eventfds, stderr), and aborting (a panic).
+/// reading and writing descriptors it has (eventfds, stderr), and crashing as it would
+/// unfiltered.
 const EVERY_THREAD: &[Allow] = &[
     when(libc::SYS_mmap, &[&[clear(2, PROT_EXEC)]]),
     when(libc::SYS_mprotect, &[&[clear(2, PROT_EXEC)]]),
@@ -105,8 +113,17 @@ const EVERY_THREAD: &[Allow] = &[
     ),
     any(libc::SYS_rt_sigreturn),
     any(libc::SYS_rt_sigprocmask),
-    // abort(): raise(SIGABRT) on this thread only.
-    when(libc::SYS_tgkill, &[&[eq(2, libc::SIGABRT as u64)]]),
+    // A crash ends as it would without a filter: abort() raises SIGABRT on its thread (after
+    // restoring the default action if a handler returned); the SIGSEGV and SIGBUS handlers
+    // (std's stack-overflow one, vubd's for frontend memory) restore the default action for a
+    // fault they do not handle, and raise one that was sent.
+    arg_in(libc::SYS_rt_sigaction, 0, CRASH_SIGNALS),
+    arg_in(libc::SYS_tgkill, 2, CRASH_SIGNALS),
+    // Where a descriptor or a sysfs entry leads (vfio-ioctls reads a device's IOMMU group when
+    // it closes the device; the session checks what a frontend sent).
+    any(libc::SYS_readlinkat),
+    #[cfg(target_arch = "x86_64")]
+    any(libc::SYS_readlink),
     any(libc::SYS_exit),
     any(libc::SYS_exit_group),
 ];
@@ -226,13 +243,10 @@ const SESSION_OWN: &[Allow] = &[
     any(libc::SYS_memfd_create),
     any(libc::SYS_ftruncate),
     any(libc::SYS_unlinkat),
-    any(libc::SYS_readlinkat),
     when(libc::SYS_openat, &[&[clear(2, OPEN_WRITES)]]),
     arg_in(libc::SYS_fcntl, 1, &[libc::F_GET_SEALS as u64]),
     #[cfg(target_arch = "x86_64")]
     any(libc::SYS_unlink),
-    #[cfg(target_arch = "x86_64")]
-    any(libc::SYS_readlink),
 ];
 
 pub(super) const SESSION: &[&[Allow]] = &[
