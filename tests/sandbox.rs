@@ -9,11 +9,12 @@ mod common;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, DaemonConfig};
 use common::fake_target::{FakeTarget, Options};
 use common::procfs::{ThreadSeccomp, thread_seccomp};
-use common::{Image, assert_same};
+use common::{Image, TIMEOUT, assert_same};
 
 const MIB: u64 = 1 << 20;
 
@@ -40,24 +41,48 @@ fn expected_filters(name: &str) -> Option<u32> {
     })
 }
 
-/// vubd's threads by name (io_uring workers left out), checked to run under seccomp.
-fn filtered_threads(daemon: &Daemon) -> BTreeMap<String, u32> {
-    let threads = thread_seccomp(daemon.pid());
+/// vubd's threads by name (io_uring workers left out) and their filters, or what is wrong:
+/// a thread without filters, or with another number than its role stacks.
+fn filtered_threads(daemon: &Daemon) -> Result<BTreeMap<String, u32>, String> {
     let mut by_name = BTreeMap::new();
     for ThreadSeccomp {
         name,
         mode,
         filters,
-    } in threads
+    } in thread_seccomp(daemon.pid())
     {
         let Some(expected) = expected_filters(&name) else {
             continue;
         };
-        assert_eq!(mode, 2, "{name}: Seccomp: {mode} (2: filtered)");
-        assert_eq!(filters, expected, "{name}: Seccomp_filters");
+        if (mode, filters) != (2, expected) {
+            return Err(format!(
+                "{name}: Seccomp: {mode} (2: filtered), Seccomp_filters: {filters} \
+                 (expected {expected})"
+            ));
+        }
         by_name.insert(name, filters);
     }
-    by_name
+    Ok(by_name)
+}
+
+/// Waits until every thread of vubd runs under its role's filters and `names` are among
+/// them: a thread takes its name, then its role's filter, once it runs, and the socket
+/// listens before every thread has.
+fn wait_filtered(daemon: &Daemon, names: &[&str]) -> BTreeMap<String, u32> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let result = filtered_threads(daemon).and_then(|t| {
+            match names.iter().find(|n| !t.contains_key(**n)) {
+                Some(n) => Err(format!("no {n} in {t:?}")),
+                None => Ok(t),
+            }
+        });
+        match result {
+            Ok(threads) => return threads,
+            Err(e) if Instant::now() >= deadline => panic!("after {TIMEOUT:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
 }
 
 /// Writes and reads back a few blocks on every queue.
@@ -88,23 +113,20 @@ fn every_thread_of_a_serving_vubd_runs_under_the_filters_of_its_role() {
         // Connected: the session's protocol and relay threads exist, and the pollers have
         // opened their rings.
         let client = daemon.connect(2);
-        let threads = filtered_threads(&daemon);
-        for name in [
-            "vubd",
-            "vubd-signals",
-            "vubd-device-0",
-            "vubd-vhost-user",
-            "vring_worker",
-            "vubd-poller-0",
-        ] {
-            assert!(
-                threads.contains_key(name),
-                "{mode:?}: no {name} in {threads:?}"
-            );
-        }
+        wait_filtered(
+            &daemon,
+            &[
+                "vubd",
+                "vubd-signals",
+                "vubd-device-0",
+                "vubd-vhost-user",
+                "vring_worker",
+                "vubd-poller-0",
+            ],
+        );
         drop(client);
         some_io(&daemon, 2);
-        filtered_threads(&daemon);
+        wait_filtered(&daemon, &[]);
         daemon.assert_running();
     }
 }
@@ -115,7 +137,7 @@ fn an_nvme_tcp_supervisor_runs_under_its_filters() {
     let uri = format!("nvme-tcp://{}/{}", target.addr(), target.nqn());
     let mut daemon = Daemon::vubd_disk(Path::new(&uri), &DaemonConfig::default(), &[]);
     some_io(&daemon, 1);
-    let threads = filtered_threads(&daemon);
+    let threads = wait_filtered(&daemon, &["vubd-nvme-tcp"]);
     assert_eq!(
         threads.get("vubd-nvme-tcp"),
         Some(&SUPERVISOR),
