@@ -5,7 +5,8 @@
 #
 # Usage: benches/callgrind.sh      (about 5 minutes; installs valgrind and QEMU if missing)
 #
-# The backend runs under `valgrind --tool=callgrind --separate-threads=yes`, pinned to
+# The backend runs under `valgrind --tool=callgrind --separate-threads=yes` (vubd with
+# `--seccomp off`: valgrind cannot run a filtered program), pinned to
 # BACKEND_CPU; callgrind writes one profile per thread. The count is the instructions (Ir) of
 # the thread that does the I/O (vubd's `vubd-poller-0`, recognised by its loop function;
 # qemu-storage-daemon's main thread) divided by the number of I/Os. vubd runs with
@@ -109,13 +110,13 @@ IO=(--ios "$IOS" --secs 600)
 # What one empty poll costs: an always-polling vubd whose client attached its queue with a
 # burst of 1000 reads and then went idle for a few seconds.
 name=vubd-always-idle
-run_one "$name" "idle" vubd eventfd 1 --idle --secs 3 -- "$VUBD" \
+run_one "$name" "idle" vubd eventfd 1 --idle --secs 3 -- "$VUBD" --seccomp off \
   --socket-path "$cg/$name.sock" --disk null:16G --cpus "$BACKEND_CPU" --poll always
 for poll in always never; do
   for mode in eventfd poll; do
     for qd in 1 32; do
       name=vubd-$poll-$mode-$qd
-      run_one "$name" "vubd --poll $poll" vubd "$mode" "$qd" "${IO[@]}" -- "$VUBD" \
+      run_one "$name" "vubd --poll $poll" vubd "$mode" "$qd" "${IO[@]}" -- "$VUBD" --seccomp off \
         --socket-path "$cg/$name.sock" --disk null:16G --cpus "$BACKEND_CPU" --poll "$poll"
     done
   done

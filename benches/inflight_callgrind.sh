@@ -9,7 +9,8 @@
 # Usage: benches/inflight_callgrind.sh      (10 to 15 minutes; installs valgrind if missing)
 #        SETS=dirty_log benches/inflight_callgrind.sh   (only what the dirty log section needs)
 #
-# vubd runs on one pinned poller under `valgrind --tool=callgrind --separate-threads=yes`; the
+# vubd runs on one pinned poller under `valgrind --tool=callgrind --separate-threads=yes`
+# (with `--seccomp off`: valgrind cannot run a filtered program); the
 # count is the instructions (Ir) of the poller thread divided by the number of I/Os. The client
 # spins on the used ring and asks for no interrupts. Two poll modes:
 # - `--poll always`, measured as benches/callgrind.sh measures: less the empty polls (the
@@ -89,7 +90,7 @@ run_one() {
   wait_quiet
   start_backend "$name" "$sock" taskset -c "$BACKEND_CPU" valgrind --tool=callgrind \
     --separate-threads=yes --callgrind-out-file="$out.%p" "$VUBD" \
-    --socket-path "$sock" --disk null:16G --cpus "$BACKEND_CPU" --poll "$poll"
+    --seccomp off --socket-path "$sock" --disk null:16G --cpus "$BACKEND_CPU" --poll "$poll"
   local pid=${PIDS[$name]}
   "$LOAD" --socket "$sock" --qd "$qd" --inflight "$inflight" --dirty-log "$dirty_log" --cpu "$CLIENT_CPU" \
     --connect-timeout 60 "$@" >"$cg/$name.client.txt" 2>&1 ||

@@ -276,7 +276,7 @@ callgrind_run() { # QD
   wait_quiet
   START_TIMEOUT=60 start_backend "$name" "$s" taskset -c "$POLLER_CPU" valgrind \
     --tool=callgrind --separate-threads=yes --callgrind-out-file="$work/cg.$name.%p" "$VUBD" \
-    --socket-path "$s" --disk "nvme-tcp://127.0.0.1:${TPORT[target-shared]}/$NQN" \
+    --seccomp off --socket-path "$s" --disk "nvme-tcp://127.0.0.1:${TPORT[target-shared]}/$NQN" \
     --cpus "$POLLER_CPU" --poll adaptive
   local pid=${PIDS[$name]}
   "$LOADGEN" --socket "$s" --rw randread --bs 4k --qd "$qd" --mode poll --ios "$CG_IOS" \

@@ -4,7 +4,8 @@
 //! (control plane) → `poller` (data plane) → `virtio_blk` (request codec) → `bdev` (block
 //! devices and their I/O channels) → `nvme` (NVMe wire types and transports) → `mem` (guest
 //! memory). `log_limit` is a utility of them all: log lines a guest or a frontend can cause
-//! go through a per-device rate limit.
+//! go through a per-device rate limit. `sandbox` (seccomp filters per thread role, restricted
+//! io_uring rings) uses none of them either, so any may use it.
 
 pub mod bdev;
 pub mod config;
@@ -13,5 +14,6 @@ pub mod log_limit;
 pub mod mem;
 pub mod nvme;
 pub mod poller;
+pub mod sandbox;
 pub mod vhost_user;
 pub mod virtio_blk;

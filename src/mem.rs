@@ -9,10 +9,12 @@
 //! session it belongs to.
 
 mod dirty_log;
+mod dump;
 pub mod fault;
 mod shared;
 
 pub use dirty_log::{DirtyLog, LOG_PAGE};
+pub use dump::exclude_from_core_dumps;
 pub use shared::{SharedError, SharedMapping};
 
 use std::sync::Arc;

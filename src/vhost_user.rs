@@ -646,6 +646,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic) -> io::Result<()> {
+        // Tenants' data stays out of vubd's core dumps. A region that cannot be marked is
+        // refused: serving it would leave it in.
+        crate::mem::exclude_from_core_dumps(&mem.memory()).inspect_err(|e| {
+            tracing::warn!(error = %e, "guest memory cannot be kept out of core dumps");
+        })?;
         // A device that DMAs into guest memory must reach the new regions before any request
         // can name them (the frontend waits for this message to be acknowledged).
         if let Some(dma) = &self.dma {

@@ -91,6 +91,27 @@ pub struct FileDevice {
     /// The image's locks, taken through a descriptor of their own (each open file description
     /// holds its own locks: the I/O descriptors take none).
     lock: ImageLock,
+    /// The default serial number: [`image_serial`] of the image's canonical path.
+    serial: String,
+}
+
+/// The serial number of the image at `canonical` (its canonical path) when none is given:
+/// stable for as long as the image is served under that path (restarts, upgrades, a migration
+/// between hosts that mount it alike), and telling the guest nothing of the host. The first
+/// 10 bytes of SHA-256 over a vubd prefix and the path, as 20 hex digits: virtio-blk's GET_ID
+/// holds 20 bytes.
+pub fn image_serial(canonical: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write;
+    let mut h = Sha256::new();
+    h.update(b"vubd image serial\0");
+    h.update(canonical.as_os_str().as_encoded_bytes());
+    h.finalize()[..10]
+        .iter()
+        .fold(String::with_capacity(20), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 impl FileDevice {
@@ -127,6 +148,7 @@ impl FileDevice {
         let lock_file = OpenOptions::new().read(true).open(path).map_err(open_err)?;
         let lock = ImageLock::take(Arc::new(lock_file), path, active, opts.inactive)
             .map_err(FileError::Lock)?;
+        let serial = image_serial(&std::fs::canonicalize(path).map_err(open_err)?);
         let size = (&*buffered)
             .seek(SeekFrom::End(0))
             .map_err(|source| FileError::Size {
@@ -209,7 +231,13 @@ impl FileDevice {
             punch,
             info,
             lock,
+            serial,
         })
+    }
+
+    /// The serial number the guest sees unless one is given ([`image_serial`]).
+    pub fn serial(&self) -> &str {
+        &self.serial
     }
 
     /// Takes the write permission of the image (QEMU's lock bytes 101, 201 and 203) from an
@@ -370,6 +398,39 @@ mod tests {
             cache: CacheMode::None,
             inactive: false,
         }
+    }
+
+    #[test]
+    fn the_default_serial_is_a_hash_of_the_canonical_path_and_shows_nothing_of_it() {
+        let (dir, path) = image(1 << 20);
+        let serial = FileDevice::open(&opts(&path))
+            .expect("open")
+            .serial()
+            .to_owned();
+        let serial = serial.as_str();
+        assert_eq!(serial.len(), 20);
+        assert!(serial.bytes().all(|b| b.is_ascii_hexdigit()), "{serial}");
+        assert!(!serial.contains("disk"), "{serial}");
+        // Stable: the same image by another spelling of its path, opened again.
+        let other = dir.path().join(".").join("disk.img");
+        assert_eq!(
+            FileDevice::open(&opts(&other)).expect("open").serial(),
+            serial
+        );
+        assert_eq!(
+            image_serial(&path.canonicalize().expect("canonical")),
+            serial
+        );
+        // Pinned: a guest's /dev/disk/by-id names depend on it across vubd versions.
+        assert_eq!(
+            image_serial(Path::new("/var/lib/vubd/disk0.img")),
+            "4cf0273a26d31940d1d3"
+        );
+        let (_d2, second) = image(1 << 20);
+        assert_ne!(
+            FileDevice::open(&opts(&second)).expect("open").serial(),
+            serial
+        );
     }
 
     #[test]

@@ -185,12 +185,14 @@ impl Disk {
         }
     }
 
-    /// The device's own serial number, if it has one.
+    /// The serial number the guest sees unless one is given: an NVMe controller's own, a
+    /// hash of an image's path ([`file::image_serial`]).
     pub fn serial(&self) -> Option<&str> {
         match self {
             Disk::NvmeTcp(d) => Some(d.serial()),
             Disk::NvmePcie(d) => Some(d.serial()),
-            Disk::File(_) | Disk::Null(_) => None,
+            Disk::File(d) => Some(d.serial()),
+            Disk::Null(_) => None,
         }
     }
 }

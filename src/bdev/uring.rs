@@ -12,11 +12,25 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::file::DirectAlign;
 use super::{ChannelFull, IoChannel, IoOp};
 use crate::mem::IovecList;
+use crate::sandbox::uring::{RingRules, restricted_ring};
 
 /// Registered-file index of the O_DIRECT descriptor (the buffered one when there is none).
 const DIRECT: types::Fixed = types::Fixed(0);
 /// Registered-file index of the buffered descriptor.
 const BUFFERED: types::Fixed = types::Fixed(1);
+
+/// All the ring may do (`sandbox::uring`): the operations `queue` submits, on the two files
+/// registered at creation only, linked for a punch followed by an allocation.
+const RING_RULES: RingRules<'static> = RingRules {
+    ops: &[
+        opcode::Readv::CODE,
+        opcode::Writev::CODE,
+        opcode::Fsync::CODE,
+        opcode::Fallocate::CODE,
+    ],
+    flags_allowed: squeue::Flags::IO_LINK,
+    flags_required: squeue::Flags::FIXED_FILE,
+};
 
 /// How WRITE_ZEROES without UNMAP is carried out on this file system.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,12 +70,12 @@ impl UringChannel {
         punch: bool,
     ) -> io::Result<Self> {
         let entries = (depth.max(1) * Self::MAX_COMPLETIONS_PER_OP).next_power_of_two();
-        let ring = IoUring::builder().build(entries.min(32768))?;
         let first = direct.as_deref().unwrap_or(&buffered).as_raw_fd();
-        ring.submitter()
-            .register_files(&[first, buffered.as_raw_fd()])?;
         let eventfd = EventFd::new(EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        let ring = restricted_ring(entries.min(32768), &RING_RULES, |s| {
+            s.register_files(&[first, buffered.as_raw_fd()])?;
+            s.register_eventfd(eventfd.as_raw_fd())
+        })?;
         Ok(Self {
             ring,
             has_direct: direct.is_some(),

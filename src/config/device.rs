@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use super::{
-    ConfigError, DiskSpec, MAX_QUEUE_SIZE, MAX_QUEUES, MAX_SERIAL_LEN, SocketSpec,
+    ConfigError, DiskSpec, MAX_QUEUE_SIZE, MAX_QUEUES, MAX_SERIAL_LEN, SocketPerms, SocketSpec,
     check_socket_dir, default_serial, parse_disk,
 };
 
@@ -23,8 +23,8 @@ pub struct DeviceConfig {
     pub read_only: bool,
     pub num_queues: u16,
     pub queue_size: u16,
-    /// `serial=` / `--serial`, or the default for a file or null disk; `None`: the device's
-    /// own serial number (an NVMe controller's).
+    /// `serial=` / `--serial`, or the default of a null disk; `None`: the device's own serial
+    /// number (an NVMe controller's, or a hash of an image's path).
     pub serial: Option<String>,
     /// Create the disk as a sparse file of this size if it does not exist (the no-argument
     /// default run).
@@ -36,6 +36,9 @@ pub struct DeviceConfig {
     /// (split evenly over the pollers its queues run on, at least one each); `None`: no cap
     /// beyond the rings' sizes.
     pub max_in_flight: Option<u32>,
+    /// `socket-mode=` / `socket-group=`, else `--socket-mode` / `--socket-group`: the mode and
+    /// group of a socket vubd creates (none for an inherited one).
+    pub socket_perms: SocketPerms,
 }
 
 impl DeviceConfig {
@@ -59,6 +62,7 @@ pub(super) struct DeviceValues {
     pub serial: Option<String>,
     pub incoming: bool,
     pub max_in_flight: Option<u32>,
+    pub socket_perms: SocketPerms,
 }
 
 impl DeviceValues {
@@ -99,6 +103,7 @@ impl DeviceValues {
             create_size,
             incoming: self.incoming,
             max_in_flight: self.max_in_flight,
+            socket_perms: self.socket_perms,
         })
     }
 }
@@ -123,8 +128,13 @@ fn split_list(s: &str) -> Vec<String> {
     items
 }
 
-/// Parses one `--device` argument; `incoming` is the default of its `incoming=` key.
-pub(super) fn parse_device(arg: &str, incoming: bool) -> Result<DeviceConfig, ConfigError> {
+/// Parses one `--device` argument; `incoming` and `perms` are the defaults of its `incoming=`,
+/// `socket-mode=` and `socket-group=` keys.
+pub(super) fn parse_device(
+    arg: &str,
+    incoming: bool,
+    perms: SocketPerms,
+) -> Result<DeviceConfig, ConfigError> {
     let bad = |why: &'static str| ConfigError::BadDevice(arg.to_owned(), why);
     let mut keys: HashMap<String, String> = HashMap::new();
     for item in split_list(arg) {
@@ -142,10 +152,12 @@ pub(super) fn parse_device(arg: &str, incoming: bool) -> Result<DeviceConfig, Co
                 | "queue-size"
                 | "incoming"
                 | "max-inflight"
+                | "socket-mode"
+                | "socket-group"
         ) {
             return Err(bad(
                 "unknown key (known: socket, fd, disk, serial, readonly, num-queues, queue-size, \
-                 incoming, max-inflight)",
+                 incoming, max-inflight, socket-mode, socket-group)",
             ));
         }
         if keys.insert(key.to_owned(), value.to_owned()).is_some() {
@@ -164,8 +176,20 @@ pub(super) fn parse_device(arg: &str, incoming: bool) -> Result<DeviceConfig, Co
         ),
         (None, None) => return Err(bad("socket (or fd) is required")),
     };
-    let disk = parse_disk(&keys.remove("disk").ok_or(bad("disk is required"))?)
-        .map_err(|e| ConfigError::InDevice(arg.to_owned(), Box::new(e)))?;
+    let in_device = |e| ConfigError::InDevice(arg.to_owned(), Box::new(e));
+    let disk =
+        parse_disk(&keys.remove("disk").ok_or(bad("disk is required"))?).map_err(in_device)?;
+    let own_perms = SocketPerms::parse(
+        keys.remove("socket-mode").as_deref(),
+        keys.remove("socket-group").as_deref(),
+    )
+    .map_err(in_device)?;
+    let socket_perms = match socket {
+        SocketSpec::Fd(_) if own_perms.any() => return Err(in_device(ConfigError::PermsOnFd)),
+        // The global options are for the sockets vubd creates.
+        SocketSpec::Fd(_) => SocketPerms::default(),
+        SocketSpec::Path(_) => own_perms.or(perms),
+    };
     let switch =
         |key: &str, default: bool, why: &'static str| match keys.get(key).map(String::as_str) {
             None => Ok(default),
@@ -193,10 +217,11 @@ pub(super) fn parse_device(arg: &str, incoming: bool) -> Result<DeviceConfig, Co
             None => None,
             Some(v) => Some(v.parse().map_err(|_| bad("max-inflight takes a number"))?),
         },
+        socket_perms,
     };
     values
         .validate(Some(arg.to_owned()), None)
-        .map_err(|e| ConfigError::InDevice(arg.to_owned(), Box::new(e)))
+        .map_err(in_device)
 }
 
 /// Refuses what several devices cannot share: a socket, an image file any of them writes, an
@@ -269,6 +294,7 @@ mod tests {
             "socket=d.sock,disk=null:1G,serial=s1,readonly=on,num-queues=4,queue-size=128,\
              incoming=on",
             false,
+            SocketPerms::default(),
         )
         .expect("valid");
         assert!(d.incoming);
@@ -282,10 +308,11 @@ mod tests {
 
     #[test]
     fn defaults_match_the_single_device_options() {
-        let d = parse_device("fd=3,disk=file:a,,b.img", false).expect("valid");
+        let d =
+            parse_device("fd=3,disk=file:a,,b.img", false, SocketPerms::default()).expect("valid");
         assert_eq!(d.socket, SocketSpec::Fd(3));
         assert_eq!(d.disk, DiskSpec::File("a,b.img".into()));
-        assert_eq!(d.serial.as_deref(), Some("a,b.img"));
+        assert_eq!(d.serial, None);
         assert!(!d.read_only);
         assert_eq!((d.num_queues, d.queue_size), (1, 256));
         assert!(!d.incoming && !d.starts_inactive());
@@ -343,16 +370,23 @@ mod tests {
             ),
             ("socket=s,disk", "expected KEY=VALUE"),
         ] {
-            let e = parse_device(arg, false).expect_err(arg).to_string();
+            let e = parse_device(arg, false, SocketPerms::default())
+                .expect_err(arg)
+                .to_string();
             assert!(e.starts_with(&format!("--device {arg:?}: ")), "{e}");
             assert!(e.contains(why), "{arg}: {e}");
         }
-        let e = parse_device("socket=s,disk=a,num-queues=0", false).unwrap_err();
+        let e = parse_device(
+            "socket=s,disk=a,num-queues=0",
+            false,
+            SocketPerms::default(),
+        )
+        .unwrap_err();
         assert_eq!(
             e.to_string(),
             "--device \"socket=s,disk=a,num-queues=0\": --num-queues 0: must be between 1 and 64"
         );
-        let e = parse_device("socket=s,disk=bogus:x", false).unwrap_err();
+        let e = parse_device("socket=s,disk=bogus:x", false, SocketPerms::default()).unwrap_err();
         assert!(
             matches!(e, ConfigError::InDevice(_, ref inner)
             if matches!(**inner, ConfigError::UnknownDiskType(..))),
@@ -361,7 +395,7 @@ mod tests {
     }
 
     fn dev(arg: &str) -> DeviceConfig {
-        parse_device(arg, false).expect(arg)
+        parse_device(arg, false, SocketPerms::default()).expect(arg)
     }
 
     #[test]

@@ -31,10 +31,11 @@ use crate::bdev::file::FileError;
 use crate::bdev::nvme_pcie::NvmePcieError;
 use crate::bdev::nvme_tcp::NvmeTcpError;
 use crate::bdev::{BlockDevice, Disk};
-use crate::config::{Config, DeviceConfig, SocketSpec};
+use crate::config::{Config, DeviceConfig, SocketPerms, SocketSpec};
 use crate::mem::fault::{self, DeviceFaults};
 use crate::mem::{GuestMemory, GuestMemoryAtomic};
 use crate::poller::PollerSet;
+use crate::sandbox::{self, Role};
 use crate::vhost_user::BlkBackend;
 
 /// Why the daemon stopped or could not start.
@@ -58,8 +59,24 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "--socket-path {path}: cannot give it the mode and group of --socket-mode and --socket-group"
+    )]
+    SocketPerms {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("--fd {0}: not a listening unix socket")]
     BadFd(i32),
+    #[error("--disk: cannot resolve {host}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set up the sandbox (--seccomp off runs without it)")]
+    Sandbox(#[source] crate::sandbox::SandboxError),
     #[error("cannot set up signal handling")]
     Signals(#[source] io::Error),
     #[error("cannot start the pollers")]
@@ -103,11 +120,13 @@ impl DaemonError {
             | DaemonError::SocketBusy(_)
             | DaemonError::NotASocket(_)
             | DaemonError::Bind { .. }
+            | DaemonError::SocketPerms { .. }
             | DaemonError::BadFd(_)
             | DaemonError::NvmeTcp(_)
             | DaemonError::NvmePcie(_)
             | DaemonError::NvmeHost(_)
             | DaemonError::PcieQueues { .. }
+            | DaemonError::Resolve { .. }
             | DaemonError::Discover(_) => 2,
             _ => 1,
         }
@@ -115,7 +134,11 @@ impl DaemonError {
 }
 
 /// Serves the configured devices until SIGINT / SIGTERM.
-pub fn run(cfg: Config) -> Result<(), DaemonError> {
+pub fn run(mut cfg: Config) -> Result<(), DaemonError> {
+    nvme::resolve_targets(&mut cfg)?;
+    // The baseline before anything else, startup included: before any thread exists, so that
+    // every thread inherits it.
+    sandbox::install_baseline(cfg.seccomp).map_err(DaemonError::Sandbox)?;
     // Block the signals before any thread exists so that every thread inherits the mask and
     // only the signal thread receives them.
     let signals = Signals::block().map_err(DaemonError::Signals)?;
@@ -127,7 +150,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let mut listeners = Vec::with_capacity(cfg.devices.len());
     for d in &cfg.devices {
         let (listener, file) =
-            listen(&d.socket, d.incoming).map_err(|e| device::in_device(d, e))?;
+            listen(&d.socket, d.incoming, d.socket_perms).map_err(|e| device::in_device(d, e))?;
         listener.set_nonblocking(true).map_err(|e| {
             device::in_device(
                 d,
@@ -168,6 +191,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             let spawned = std::thread::Builder::new()
                 .name(format!("vubd-device-{index}"))
                 .spawn_scoped(scope, move || {
+                    sandbox::enter(Role::Session);
                     // The socket file goes when this device stops serving.
                     let _socket_file = socket_file;
                     serving.serve(listener);
@@ -177,6 +201,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 stop.request();
             }
         }
+        // Every device thread runs: what is left here is waiting for them, then the end.
+        sandbox::enter(Role::Control);
     });
     info!("shutting down");
     pollers.stop();
@@ -320,8 +346,13 @@ impl Drop for SocketFile {
 /// Listens on the device's socket. A socket file another process still listens on is
 /// refused, unless the device takes over from that process (`take_over`, `--incoming`: the new
 /// vubd of an upgrade): the new socket is bound beside it and renamed over it, so that new
-/// connections reach this process while the other one keeps its own until it stops.
-fn listen(spec: &SocketSpec, take_over: bool) -> Result<(Listener, SocketFile), DaemonError> {
+/// connections reach this process while the other one keeps its own until it stops. A socket
+/// with a mode or group of its own (`perms`) is made the same way.
+fn listen(
+    spec: &SocketSpec,
+    take_over: bool,
+    perms: SocketPerms,
+) -> Result<(Listener, SocketFile), DaemonError> {
     match spec {
         SocketSpec::Fd(fd) => {
             let fd = *fd;
@@ -339,7 +370,9 @@ fn listen(spec: &SocketSpec, take_over: bool) -> Result<(Listener, SocketFile), 
                 Ok(meta) if meta.file_type().is_socket() => {
                     if UnixStream::connect(path).is_ok() {
                         if take_over {
-                            return take_over_socket(path);
+                            let bound = bind_beside(path, perms)?;
+                            info!(path = %path.display(), "socket taken over from the process serving it");
+                            return Ok(bound);
                         }
                         return Err(DaemonError::SocketBusy(path.clone()));
                     }
@@ -348,6 +381,9 @@ fn listen(spec: &SocketSpec, take_over: bool) -> Result<(Listener, SocketFile), 
                 }
                 Ok(_) => return Err(DaemonError::NotASocket(path.clone())),
                 Err(_) => {}
+            }
+            if perms.any() {
+                return bind_beside(path, perms);
             }
             let l = UnixListener::bind(path).map_err(|source| DaemonError::Bind {
                 path: path.clone(),
@@ -359,9 +395,11 @@ fn listen(spec: &SocketSpec, take_over: bool) -> Result<(Listener, SocketFile), 
     }
 }
 
-/// Binds `path` while another process listens on it: at a name beside it, then renamed over
-/// it (atomic: a connecting frontend finds one socket or the other, never none).
-fn take_over_socket(path: &Path) -> Result<(Listener, SocketFile), DaemonError> {
+/// Binds a socket at a name beside `path` (`PATH.PID`), gives it `perms`, then renames it over
+/// `path`: atomic, so a connecting frontend finds the socket ready, or the one it replaces, or
+/// none, never one with other permissions. With `perms`, the socket is bound under a umask
+/// that leaves it to vubd's user alone until its group and mode are set.
+fn bind_beside(path: &Path, perms: SocketPerms) -> Result<(Listener, SocketFile), DaemonError> {
     let mut beside = path.as_os_str().to_owned();
     beside.push(format!(".{}", std::process::id()));
     let beside = PathBuf::from(beside);
@@ -370,14 +408,44 @@ fn take_over_socket(path: &Path) -> Result<(Listener, SocketFile), DaemonError> 
         path: path.to_path_buf(),
         source,
     };
-    let l = UnixListener::bind(&beside).map_err(bind_error)?;
-    if let Err(e) = std::fs::rename(&beside, path) {
+    let (bound, umask) = if perms.any() {
+        // SAFETY: umask only changes the process's file mode creation mask; no other thread
+        // runs yet to create a file meanwhile (startup binds every socket first).
+        let old = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(&beside);
+        // SAFETY: as above; the mask the process had.
+        unsafe { libc::umask(old) };
+        (bound, old)
+    } else {
+        (UnixListener::bind(&beside), 0)
+    };
+    let l = bound.map_err(bind_error)?;
+    let result = set_perms(&beside, perms, 0o777 & !umask)
+        .map_err(|source| DaemonError::SocketPerms {
+            path: path.to_path_buf(),
+            source,
+        })
+        .and_then(|()| std::fs::rename(&beside, path).map_err(bind_error));
+    if let Err(e) = result {
         let _ = std::fs::remove_file(&beside);
-        return Err(bind_error(e));
+        return Err(e);
     }
-    info!(path = %path.display(), "socket taken over from the process serving it");
     let file = SocketFile::bound(path);
     Ok((Listener::from(l), file))
+}
+
+/// Gives the socket file at `path` the group and mode of `perms`; a group without a mode gets
+/// `default_mode` (what binding would have given). Nothing for empty `perms`.
+fn set_perms(path: &Path, perms: SocketPerms, default_mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !perms.any() {
+        return Ok(());
+    }
+    if let Some(gid) = perms.group {
+        std::os::unix::fs::lchown(path, None, Some(gid))?;
+    }
+    let mode = perms.mode.unwrap_or(default_mode);
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 fn is_listening_socket(fd: i32) -> bool {
@@ -509,6 +577,7 @@ impl Signals {
         std::thread::Builder::new()
             .name("vubd-signals".into())
             .spawn(move || {
+                sandbox::enter(Role::Control);
                 let mut first = true;
                 loop {
                     let mut sig: libc::c_int = 0;

@@ -71,6 +71,8 @@ impl SharedMapping {
             libc::MAP_SHARED,
         )
         .map_err(SharedError::Map)?;
+        // A frontend's memory: not for vubd's core dumps (`mem::dump`).
+        super::dump::exclude(map.as_ptr(), map.size()).map_err(SharedError::File)?;
         Ok(Self {
             registration: None,
             map,

@@ -345,6 +345,7 @@ impl PollerSet {
                             warn!(cpu, error = %e, "cannot pin poller");
                         }
                     }
+                    crate::sandbox::enter(crate::sandbox::Role::Poller);
                     w.run();
                 })?;
             set.handles.push(PollerHandle { index, shared });

@@ -384,9 +384,10 @@ impl Daemon {
         Self::spawn(cmd, name, dir, socket.to_owned())
     }
 
-    /// Starts `cmd`, a vubd `--incoming` whose socket path another process still serves, and
-    /// waits until it listens under the name it binds beside the path (`PATH.PID`, renamed
-    /// over `PATH` at once: its connections show that name in /proc/net/unix).
+    /// Starts `cmd`, a vubd `--incoming` whose socket path another process still serves (or one
+    /// that gives its socket a mode or group: `--socket-mode`, `--socket-group`), and waits
+    /// until it listens under the name it binds beside the path (`PATH.PID`, renamed over
+    /// `PATH` at once: its connections show that name in /proc/net/unix).
     pub fn taking_over(cmd: Command, name: &str, socket: &Path) -> Self {
         let dir = tempfile::tempdir().expect("create daemon directory");
         let mut daemon = Self::start_process(cmd, name, dir, socket.to_owned());

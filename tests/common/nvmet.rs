@@ -253,10 +253,15 @@ impl NvmetTarget {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let console = self.console();
-            if let Some(line) = console.lines().find_map(|l| {
-                l.find("NVMET-READY ")
-                    .map(|at| l[at..].trim_end().to_owned())
-            }) {
+            // Whole lines only: QEMU may be in the middle of writing the last one.
+            if let Some(line) = console
+                .split_inclusive('\n')
+                .filter(|l| l.ends_with('\n'))
+                .find_map(|l| {
+                    l.find("NVMET-READY ")
+                        .map(|at| l[at..].trim_end().to_owned())
+                })
+            {
                 return Ok(line);
             }
             if console.contains("nvmet: FAIL ") {

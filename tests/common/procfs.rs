@@ -1,5 +1,6 @@
 //! What `/proc` says about a running backend: the CPU time it has used (all threads together,
-//! or thread by thread) and the CPUs each of its threads may run on.
+//! or thread by thread), the CPUs each of its threads may run on, and the seccomp filters each
+//! runs under.
 
 use std::fs;
 use std::time::Duration;
@@ -45,6 +46,36 @@ pub fn thread_affinities(pid: u32) -> Vec<(String, Vec<usize>)> {
             let name = field("Name:")?.to_owned();
             let cpus = parse_cpu_list(field("Cpus_allowed_list:")?)?;
             Some((name, cpus))
+        })
+        .collect()
+}
+
+/// A thread's seccomp state: `Seccomp:` (0 none, 2 filters) and `Seccomp_filters:` (how many
+/// are stacked) of `/proc/PID/task/TID/status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadSeccomp {
+    pub name: String,
+    pub mode: u32,
+    pub filters: u32,
+}
+
+/// Each live thread of a process and its seccomp state.
+pub fn thread_seccomp(pid: u32) -> Vec<ThreadSeccomp> {
+    tasks(pid)
+        .into_iter()
+        .filter_map(|tid| {
+            let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+            let field = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|line| line.strip_prefix(key))
+                    .map(str::trim)
+            };
+            Some(ThreadSeccomp {
+                name: field("Name:")?.to_owned(),
+                mode: field("Seccomp:")?.parse().ok()?,
+                filters: field("Seccomp_filters:")?.parse().ok()?,
+            })
         })
         .collect()
 }

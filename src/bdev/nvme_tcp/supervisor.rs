@@ -58,6 +58,7 @@ impl Supervisor {
     }
 
     pub(super) fn run(mut self) {
+        crate::sandbox::enter(crate::sandbox::Role::Supervisor);
         self.next_keep_alive = self.shared.clock.now_ms() + self.keep_alive_interval();
         loop {
             let now = self.shared.clock.now_ms();
