@@ -196,9 +196,11 @@ const SPAWN_THREADS: &[Allow] = &[
     any(libc::SYS_clone3),
 ];
 
-/// File metadata by descriptor or path (no open).
+/// File metadata by descriptor or path (no open); `fstatfs` tells a hugetlbfs file (whose
+/// page size the table of frontend memory needs, `mem::fault`) from others.
 const METADATA: &[Allow] = &[
     any(libc::SYS_fstat),
+    any(libc::SYS_fstatfs),
     any(libc::SYS_newfstatat),
     any(libc::SYS_statx),
     any(libc::SYS_lseek),
