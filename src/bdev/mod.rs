@@ -264,19 +264,23 @@ macro_rules! each_channel {
 }
 
 impl IoChannel for Channel {
+    #[inline]
     fn has_room(&self) -> bool {
         each_channel!(self, c => c.has_room())
     }
 
+    #[inline]
     unsafe fn queue(&mut self, tag: u32, op: IoOp<'_>) -> Result<u32, ChannelFull> {
         // SAFETY: the caller's contract is passed on unchanged.
         each_channel!(self, c => unsafe { c.queue(tag, op) })
     }
 
+    #[inline]
     fn submit(&mut self) -> io::Result<()> {
         each_channel!(self, c => c.submit())
     }
 
+    #[inline]
     fn poll(&mut self, max: usize, f: impl FnMut(u32, i32)) -> usize {
         each_channel!(self, c => c.poll(max, f))
     }
