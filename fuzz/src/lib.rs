@@ -9,6 +9,7 @@ use std::fmt::Debug;
 use arbitrary::{Arbitrary, Unstructured};
 
 pub mod encode;
+pub mod nvme_pcie;
 pub mod virtio_blk;
 
 use encode::Encode;
@@ -29,6 +30,9 @@ where
 /// Every target's seeds: (target, name, input bytes).
 pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let mut out = Vec::new();
+    for (name, input) in nvme_pcie::seeds() {
+        out.push(("nvme_pcie_cq", name, to_bytes(&input)));
+    }
     for (name, input) in virtio_blk::seeds() {
         out.push(("virtio_blk_request", name, to_bytes(&input)));
     }
