@@ -10,6 +10,7 @@ use arbitrary::{Arbitrary, Unstructured};
 
 pub mod encode;
 pub mod nvme_pcie;
+pub mod vhost_user;
 pub mod virtio_blk;
 
 use encode::Encode;
@@ -32,6 +33,9 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let mut out = Vec::new();
     for (name, input) in nvme_pcie::seeds() {
         out.push(("nvme_pcie_cq", name, to_bytes(&input)));
+    }
+    for (name, input) in vhost_user::seeds() {
+        out.push(("vhost_user", name, to_bytes(&input)));
     }
     for (name, input) in virtio_blk::seeds() {
         out.push(("virtio_blk_request", name, to_bytes(&input)));
