@@ -10,6 +10,7 @@ use arbitrary::{Arbitrary, Unstructured};
 
 pub mod encode;
 pub mod nvme_pcie;
+pub mod nvme_tcp;
 pub mod vhost_user;
 pub mod virtio_blk;
 
@@ -33,6 +34,9 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let mut out = Vec::new();
     for (name, input) in nvme_pcie::seeds() {
         out.push(("nvme_pcie_cq", name, to_bytes(&input)));
+    }
+    for (name, input) in nvme_tcp::seeds() {
+        out.push(("nvme_tcp_rx", name, to_bytes(&input)));
     }
     for (name, input) in vhost_user::seeds() {
         out.push(("vhost_user", name, to_bytes(&input)));
