@@ -233,5 +233,136 @@ pub fn seeds() -> Vec<(&'static str, Input)> {
     ]);
     keep_going.ignore_errors = true;
     out.push(("poll_after_an_error", keep_going));
+    out.push((
+        "out_of_order",
+        with(&[
+            Op::Submit(3),
+            Op::SqDoorbell,
+            Op::Fetch(3),
+            good(Pick::Fetched(3)),
+            good(Pick::Fetched(1)),
+            good(Pick::Fetched(0)),
+            Op::Poll(2),
+            Op::CqDoorbell,
+            good(Pick::Fetched(0)),
+            Op::Poll(16),
+        ]),
+    ));
+    out.push((
+        "late_answer_after_take_back",
+        with(&[
+            Op::Submit(0),
+            Op::SqDoorbell,
+            Op::Fetch(0),
+            Op::Take(Pick::Live(0)),
+            good(Pick::Fetched(0)),
+            Op::Poll(4),
+        ]),
+    ));
+    out.push((
+        "sq_head_going_back",
+        with(&[
+            Op::Submit(1),
+            Op::SqDoorbell,
+            Op::Fetch(1),
+            good(Pick::Fetched(0)),
+            Op::Complete {
+                cid: Pick::Fetched(0),
+                sqhd: SqHead::Raw(0),
+                status: 0,
+            },
+            Op::Poll(4),
+        ]),
+    ));
+    out.push((
+        "sq_head_outside_the_ring",
+        with(&[
+            Op::Submit(0),
+            Op::SqDoorbell,
+            Op::Fetch(0),
+            Op::Complete {
+                cid: Pick::Fetched(0),
+                sqhd: SqHead::Raw(0xffff),
+                status: 0,
+            },
+            Op::Poll(4),
+        ]),
+    ));
+    out.push((
+        "new_entry_behind_a_stale_one",
+        with(&[
+            Op::Submit(1),
+            Op::SqDoorbell,
+            Op::Raw {
+                slot: 4,
+                cid: Pick::Live(1),
+                sqhd: SqHead::Fetched,
+                sqid: 1,
+                status: 0,
+                phase: true,
+            },
+            Op::Poll(4),
+        ]),
+    ));
+    let mut tiny = Input {
+        qid: 3,
+        sq_entries: Entries::Small(0),
+        cq_entries: Entries::Small(0),
+        ctrl_qid: None,
+        ignore_errors: false,
+        ops: vec![],
+    };
+    tiny.ops = vec![
+        Op::Submit(1),
+        Op::SqDoorbell,
+        Op::Fetch(1),
+        good(Pick::Fetched(0)),
+        good(Pick::Fetched(0)),
+        Op::Poll(16),
+        good(Pick::Fetched(0)),
+        Op::CqDoorbell,
+        good(Pick::Live(0)),
+        Op::Poll(16),
+        Op::CqDoorbell,
+    ];
+    out.push(("cq_full_until_the_head_doorbell", tiny));
+    let mut large = base.clone();
+    large.sq_entries = Entries::Large(1022);
+    large.cq_entries = Entries::Large(4094);
+    for _ in 0..20 {
+        large.ops.extend([
+            Op::Submit(7),
+            Op::SqDoorbell,
+            Op::Fetch(7),
+            good(Pick::Fetched(2)),
+            good(Pick::Fetched(0)),
+            Op::Poll(16),
+            Op::CqDoorbell,
+        ]);
+    }
+    out.push(("large_rings", large));
+    out.push((
+        "submit_past_full",
+        with(&[Op::Submit(7), Op::Submit(7), Op::SqDoorbell, Op::Submit(1)]),
+    ));
+    out.push((
+        "error_statuses",
+        with(&[
+            Op::Submit(2),
+            Op::SqDoorbell,
+            Op::Fetch(2),
+            Op::Complete {
+                cid: Pick::Fetched(0),
+                sqhd: SqHead::Fetched,
+                status: 0x8000 | (1 << 9) | (0x80 << 1),
+            },
+            Op::Complete {
+                cid: Pick::Fetched(0),
+                sqhd: SqHead::Fetched,
+                status: 0x4000 | (7 << 9),
+            },
+            Op::Poll(16),
+        ]),
+    ));
     out
 }

@@ -190,5 +190,42 @@ pub fn seeds() -> Vec<(&'static str, Input)> {
     let mut no_ic = input(0, false, false, plain.capsule_resp(0, 0));
     no_ic.valid_icresp = false;
     out.push(("no_icresp", no_ic));
+    let header_only = Pdus {
+        header: true,
+        data: false,
+        hpda: 1,
+    };
+    out.push((
+        "header_digest_only",
+        input(
+            1,
+            true,
+            false,
+            [read(&header_only), header_only.r2t(0, 512, 512)].concat(),
+        ),
+    ));
+    let mut bad_header = header_only.capsule_resp(0, 0);
+    bad_header[24] ^= 0x80;
+    out.push(("bad_header_digest", input(1, true, false, bad_header)));
+    let many: Vec<u8> = (0..8u32)
+        .flat_map(|i| plain.c2h_data(0, 512 * i, &block, if i == 7 { LAST_PDU } else { 0 }))
+        .collect();
+    out.push(("one_read_in_eight_pdus", input(0, false, false, many)));
+    let mut pdo_off = plain.c2h_data(0, 0, &block, LAST_PDU);
+    pdo_off[3] = 20;
+    out.push(("pdo_inside_the_header", input(0, false, false, pdo_off)));
+    let mut plen_short = plain.capsule_resp(0, 0);
+    plen_short[4] = 16;
+    out.push((
+        "plen_shorter_than_the_header",
+        input(0, false, false, plen_short),
+    ));
+    let mut overlap = [
+        plain.c2h_data(1, 0, &block, 0),
+        plain.c2h_data(1, 256, &block, LAST_PDU),
+    ]
+    .concat();
+    overlap.extend(plain.capsule_resp(1, 0));
+    out.push(("overlapping_data", input(0, false, false, overlap)));
     out
 }

@@ -510,5 +510,207 @@ pub fn seeds() -> Vec<(&'static str, Input)> {
         "reset_owner_while_serving",
         with(&[Op::ResetOwner, request(0, ReqKind::In), Op::SetOwner]),
     ));
+    out.push((
+        "many_regions",
+        with(&[
+            Op::GetMaxMemSlots,
+            Op::AddMemReg(region(1024, 0)),
+            Op::AddMemReg(region(1026, 0)),
+            Op::AddMemReg(region(1028, 0)),
+            Op::AddMemReg(region(1030, 0)),
+            Op::RemMemReg(RegionRef::Known(2)),
+            Op::AddMemReg(region(1028, 1)),
+            request(0, ReqKind::Out),
+            Op::SetMemTable((0..8).map(|i| region(i * 64, 31)).collect()),
+            request(0, ReqKind::In),
+        ]),
+    ));
+    out.push((
+        "rings_outside_memory",
+        with(&[
+            Op::SetVringAddr {
+                q: 0,
+                desc: UserAddr::Raw(0x1000),
+                used: UserAddr::In {
+                    region: 0,
+                    offset: 0xf_fffc,
+                },
+                avail: UserAddr::Raw(u64::MAX - 1),
+                flags: 0,
+                log: None,
+            },
+            Op::Kick(0),
+            request(0, ReqKind::In),
+        ]),
+    ));
+    out.push((
+        "odd_and_oversized_ring_sizes",
+        with(&[
+            Op::GetVringBase { q: 0 },
+            Op::SetVringNum { q: 0, num: 3 },
+            Op::SetVringFd {
+                which: VringFd::Kick,
+                q: 0,
+                fd: Some(FdKind::EventFd),
+            },
+            Op::SetVringNum { q: 1, num: 1024 },
+            Op::SetupQueue { q: 1, size: 0 },
+            request(1, ReqKind::In),
+        ]),
+    ));
+    out.push((
+        "no_reply_ack",
+        Input {
+            ops: vec![
+                Op::GetFeatures,
+                Op::SetFeatures(Features::Offered),
+                Op::GetProtocolFeatures,
+                Op::SetProtocolFeatures(Features::Raw(0x8603)),
+                Op::NeedReply(true),
+                mem.clone(),
+                Op::SetupQueue { q: 0, size: 2 },
+                request(0, ReqKind::Out),
+            ],
+        },
+    ));
+    out.push((
+        "raw_protocol_features_and_get_features",
+        with(&[
+            Op::Raw {
+                code: 16,
+                flags: 9,
+                body: 0x8603u64.to_le_bytes().to_vec(),
+                fds: vec![],
+            },
+            Op::Raw {
+                code: 1,
+                flags: 1,
+                body: vec![],
+                fds: vec![],
+            },
+            request(0, ReqKind::Flush),
+        ]),
+    ));
+    out.push((
+        "enable_without_protocol_features",
+        Input {
+            ops: vec![
+                Op::GetFeatures,
+                Op::SetFeatures(Features::Raw(1 << 32)),
+                Op::SetVringEnable { q: 0, enable: true },
+            ],
+        },
+    ));
+    out.push((
+        "odd_descriptors_for_vring_fds",
+        with(&[
+            Op::SetVringFd {
+                which: VringFd::Err,
+                q: 0,
+                fd: Some(FdKind::EventFd),
+            },
+            Op::SetVringFd {
+                which: VringFd::Kick,
+                q: 0,
+                fd: Some(FdKind::PipeRead),
+            },
+            Op::SetVringFd {
+                which: VringFd::Call,
+                q: 1,
+                fd: Some(FdKind::Socket),
+            },
+            Op::SetVringFd {
+                which: VringFd::Kick,
+                q: 1,
+                fd: Some(FdKind::Memfd(0)),
+            },
+            request(0, ReqKind::In),
+        ]),
+    ));
+    out.push((
+        "unknown_and_unoffered_requests",
+        with(&[
+            Op::Raw {
+                code: 34,
+                flags: 1,
+                body: vec![],
+                fds: vec![],
+            },
+            Op::Raw {
+                code: 0,
+                flags: 1,
+                body: vec![],
+                fds: vec![],
+            },
+            Op::Raw {
+                code: 44,
+                flags: 1,
+                body: vec![0; 8],
+                fds: vec![FdKind::EventFd],
+            },
+        ]),
+    ));
+    out.push((
+        "inflight_region_of_another_ring",
+        with(&[
+            Op::SetInflightFd {
+                num_queues: 2,
+                queue_size: 16,
+                size: Size::Pages(1),
+                offset: Offset::Pages(1),
+                fill: [1u8, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 7, 0, 0, 0]
+                    .into_iter()
+                    .cycle()
+                    .take(512)
+                    .collect(),
+            },
+            Op::GetVringBase { q: 0 },
+            Op::SetVringFd {
+                which: VringFd::Kick,
+                q: 0,
+                fd: Some(FdKind::EventFd),
+            },
+            Op::Kick(0),
+            request(0, ReqKind::In),
+        ]),
+    ));
+    out.push((
+        "log_all_on_and_off",
+        with(&[
+            Op::SetLogBase {
+                size: Size::Pages(3),
+                offset: Offset::Pages(1),
+            },
+            Op::SetFeatures(Features::Raw(1 << 32 | 1 << 26 | 1 << 29)),
+            request(0, ReqKind::In),
+            Op::SetFeatures(Features::Raw(1 << 32 | 1 << 29)),
+            request(0, ReqKind::In),
+            Op::SetLogBase {
+                size: Size::Raw(0x10),
+                offset: Offset::Raw(7),
+            },
+        ]),
+    ));
+    out.push((
+        "guest_rewrites_a_chain_under_the_device",
+        with(&[
+            Op::WriteGuest {
+                gpa: Gpa::Raw(0),
+                bytes: [
+                    0u8, 0x30, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x07, 0, 0, 0,
+                ]
+                .to_vec(),
+            },
+            Op::WriteGuest {
+                gpa: Gpa::Raw(0x1004),
+                bytes: vec![0, 0, 0, 0, 0, 0],
+            },
+            Op::WriteGuest {
+                gpa: Gpa::Raw(0x1002),
+                bytes: vec![5, 0],
+            },
+            Op::Kick(0),
+        ]),
+    ));
     out
 }
