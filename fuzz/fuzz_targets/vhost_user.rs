@@ -62,7 +62,7 @@ const FRONTEND_QUEUES: u64 = 8;
 /// How long the probe waits for the backend to answer or close.
 const PROBE_WAIT: Duration = Duration::from_secs(5);
 /// How long a driver waits for a completion before going on.
-const COMPLETION_WAIT: Duration = Duration::from_millis(20);
+const COMPLETION_WAIT: Duration = Duration::from_millis(2);
 /// No input step may take longer.
 const STEP_LIMIT: Duration = Duration::from_secs(20);
 /// The session's end, once the frontend has gone, may take no longer.
