@@ -262,7 +262,7 @@ fn trace() -> bool {
     *TRACE.get_or_init(|| std::env::var_os("VUBD_FUZZ_TRACE").is_some())
 }
 
-/// The rings' indices stay in range and the table matches the model.
+/// The rings' indices stay in range and the table holds as many commands as the model.
 fn check_rings(qp: &Qp, m: &Model, sq_n: usize, cq_n: usize) {
     assert!(usize::from(qp.cq().head()) < cq_n);
     assert!(usize::from(qp.sq().head()) < sq_n && usize::from(qp.sq().tail()) < sq_n);
@@ -270,6 +270,10 @@ fn check_rings(qp: &Qp, m: &Model, sq_n: usize, cq_n: usize) {
     assert_eq!(qp.sq().free() + qp.sq().in_flight(), sq_n as u32 - 1);
     assert_eq!(qp.in_flight(), m.live.len());
     assert!(qp.in_flight() <= qp.depth());
+}
+
+/// The table holds exactly the model's identifiers (a scan of the table: once per input).
+fn check_cids(qp: &Qp, m: &Model) {
     let mut cids: Vec<u16> = qp.cids().collect();
     cids.sort_unstable();
     assert!(cids.iter().eq(m.live.keys()), "in-flight identifiers");
@@ -277,6 +281,7 @@ fn check_rings(qp: &Qp, m: &Model, sq_n: usize, cq_n: usize) {
 
 /// Takes every command still in flight back, as a reset does, and checks none is left.
 fn take_all(qp: &mut Qp, m: &mut Model, why: &str) {
+    check_cids(qp, m);
     let cids: Vec<u16> = qp.cids().collect();
     for cid in cids {
         let v = qp.take(cid).expect("listed as in flight");
