@@ -12,10 +12,17 @@
 //! leaves no file descriptor and no thread behind. A watchdog aborts an input that makes no
 //! progress, saying which step it was at.
 //!
-//! Memory regions are backed by memfds at least as large as the region. With
-//! `VUBD_FUZZ_SHORT_MEMFD=1` a memfd holds what the input says (possibly less than the region
-//! it backs) and `Truncate` shrinks one under a running session: a SIGBUS there is the case
-//! of a region larger than its file, which vubd must survive once issue 11 part 3 is in.
+//! Two known faults are out of the default mode's reach, each behind a switch, so that the
+//! target finds something else meanwhile:
+//!
+//! - Memory regions are backed by memfds at least as large as the region. With
+//!   `VUBD_FUZZ_SHORT_MEMFD=1` a memfd holds what the input says (possibly less than the
+//!   region it backs) and `Truncate` shrinks one under a running session: a SIGBUS there is a
+//!   region larger than its file, which vubd must survive (issue 11 part 3).
+//! - Pipes and sockets handed to the backend as vring descriptors are non-blocking. With
+//!   `VUBD_FUZZ_BLOCKING_FDS=1` they block: a kick fd that blocks when read wedges the relay
+//!   thread, the vring's lock and the poller (issue 11 part 2;
+//!   `fuzz/findings/vhost_user/kick_replaced_by_a_blocking_pipe`).
 
 #![no_main]
 
@@ -86,8 +93,13 @@ struct Setup {
     disk: Arc<Disk>,
     listener: Mutex<Listener>,
     addr: SocketAddr,
-    /// `VUBD_FUZZ_SHORT_MEMFD` set: memfds may be shorter than their regions.
+    /// `VUBD_FUZZ_SHORT_MEMFD=1`: memfds may be shorter than their regions.
     short: bool,
+    /// `VUBD_FUZZ_BLOCKING_FDS=1`: the pipes and sockets handed to the backend block. A kick
+    /// fd that blocks when read wedges vhost-user-backend's relay thread while it holds the
+    /// vring's lock, and with it the poller (issue 11 part 2: kick and call fds must be
+    /// eventfds, or never waited on).
+    blocking: bool,
     offered: u64,
     offered_protocol: u64,
 }
@@ -117,6 +129,7 @@ fn setup() -> &'static Setup {
             listener: Mutex::new(Listener::from(listener)),
             addr,
             short: std::env::var_os("VUBD_FUZZ_SHORT_MEMFD").is_some_and(|v| v == "1"),
+            blocking: std::env::var_os("VUBD_FUZZ_BLOCKING_FDS").is_some_and(|v| v == "1"),
             offered,
             offered_protocol: offered_protocol.bits(),
         }
@@ -796,8 +809,10 @@ impl Session {
             }
             FdKind::PipeRead | FdKind::PipeWrite => {
                 let mut p = [0 as RawFd; 2];
+                // Blocking only with `VUBD_FUZZ_BLOCKING_FDS` (see `Setup::blocking`).
+                let flags = libc::O_CLOEXEC | if self.s.blocking { 0 } else { libc::O_NONBLOCK };
                 // SAFETY: `p` has room for the two descriptors pipe2 writes.
-                if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+                if unsafe { libc::pipe2(p.as_mut_ptr(), flags) } != 0 {
                     return None;
                 }
                 // SAFETY: pipe2 succeeded: both are new descriptors nothing else owns.
@@ -813,6 +828,7 @@ impl Session {
             FdKind::Memfd(n) => memfd((1 + u64::from(n)) * PAGE).map(|f| (OwnedFd::from(f), None)),
             FdKind::Socket => {
                 let (a, b) = UnixStream::pair().ok()?;
+                a.set_nonblocking(!self.s.blocking).ok()?;
                 self.kept.push(OwnedFd::from(b));
                 Some((OwnedFd::from(a), None))
             }
