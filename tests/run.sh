@@ -2,12 +2,13 @@
 # The whole vubd test suite, as CI runs it: installs what it needs on a Debian machine (as root
 # or through sudo), then runs formatting and lint checks, unit and integration tests against
 # real vhost-user frontends (libblkio) and against the Linux kernel's NVMe/TCP target in a QEMU
-# guest, the QEMU guest test, and a bounded run of the NVMe/TCP receive-path fuzzer.
+# guest, the QEMU guest test, and a bounded run of every fuzz target from its committed seeds
+# (VUBD_FUZZ_SECS each, 30 s by default).
 #
 # Usage: tests/run.sh          (from anywhere; exits non-zero on the first failing stage)
 #        tests/run.sh --long   the long variants too: VUBD_TEST_LONG=1 for the tests that have
-#                              one (many-kill restart loops, repeated migrations) and a 10 minute
-#                              fuzz run; about an hour more
+#                              one (many-kill restart loops, repeated migrations) and 10 minutes
+#                              of fuzzing per target; about an hour and a half more
 set -euo pipefail
 
 case ${1:-} in
@@ -71,14 +72,36 @@ stage() {
   fi
 }
 
-# The fuzz target builds with cargo-fuzz on the stable toolchain (no sanitizer); installed
-# once, then a bounded run on top of a short build.
-fuzz() {
+# The fuzz targets (fuzz/README.md) build with cargo-fuzz on the stable toolchain (no
+# sanitizer), installed once. Their committed seeds must be what fuzz/examples/seeds.rs
+# writes (it also checks each decodes back to its value); then each target runs for
+# VUBD_FUZZ_SECS from its seeds, its corpus growing in fuzz/corpus/TARGET (not committed).
+fuzz_targets=(nvme_tcp_rx virtio_blk_request vhost_user nvme_pcie_cq)
+
+fuzz_seeds() {
+  local out
+  out=$(mktemp -d) || return 1
+  cargo run --quiet --locked --manifest-path fuzz/Cargo.toml --example seeds -- "$out" >/dev/null &&
+    diff -r "$out" fuzz/seeds
+  local rc=$?
+  rm -rf "$out"
+  ((rc == 0)) || echo "fuzz/seeds differs from what the seed program writes: run it" >&2
+  return "$rc"
+}
+
+fuzz_build() {
   if ! command -v cargo-fuzz >/dev/null; then
     cargo install cargo-fuzz --locked --quiet || return 1
   fi
-  cargo fuzz run --fuzz-dir fuzz --sanitizer none nvme_tcp_rx -- \
-    -max_total_time="${VUBD_FUZZ_SECS:-30}" -rss_limit_mb=2048
+  cargo fuzz build --fuzz-dir fuzz --sanitizer none
+}
+
+fuzz_run() {
+  local target=$1
+  mkdir -p "fuzz/corpus/$target" || return 1
+  cargo fuzz run --fuzz-dir fuzz --sanitizer none "$target" \
+    "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
+    -max_total_time="${VUBD_FUZZ_SECS:-30}" -timeout=60 -rss_limit_mb=2048
 }
 
 stage "cargo fmt --check" cargo fmt --all -- --check
@@ -86,6 +109,10 @@ stage "cargo fmt --check (fuzz)" cargo fmt --manifest-path fuzz/Cargo.toml -- --
 stage "cargo clippy" cargo clippy --all-targets --locked -- -D warnings
 stage "cargo test" cargo test --locked --all-targets
 stage "QEMU guest test" tests/guest-test.sh "$top/target/debug/vubd"
-stage "fuzz nvme_tcp_rx" fuzz
+stage "fuzz seeds" fuzz_seeds
+stage "fuzz build" fuzz_build
+for target in "${fuzz_targets[@]}"; do
+  stage "fuzz $target" fuzz_run "$target"
+done
 
 echo "suite: $passed passed, 0 failed"

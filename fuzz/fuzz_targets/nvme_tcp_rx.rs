@@ -7,29 +7,12 @@
 
 #![no_main]
 
-use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use vubd::nvme::tcp::pdu::{Digests, IcReq, RxNeed, RxParser};
+use vubd_fuzz::nvme_tcp::Input;
 
 /// Most payload bytes one C2HData may carry in this harness.
 const MAX_DATA: u32 = 1 << 16;
-
-#[derive(Arbitrary, Debug)]
-struct Input {
-    hpda: u8,
-    header_digest: bool,
-    data_digest: bool,
-    /// Start with a well-formed ICResp granting the requested digests, so that most runs
-    /// reach the data path.
-    valid_icresp: bool,
-    /// Hand parser-owned bytes over with `feed` instead of `need` + `filled`.
-    use_feed: bool,
-    /// Buffer lengths of commands 0..4; other CCCIDs are unknown.
-    buffers: [u16; 4],
-    /// Sizes of successive reads (0 counts as 1); the rest is read whole.
-    reads: Vec<u16>,
-    stream: Vec<u8>,
-}
 
 fn icresp(d: Digests) -> [u8; 128] {
     let mut b = [0; 128];
@@ -129,6 +112,9 @@ fn run(input: Input) {
             }
             RxNeed::Closed => break,
         };
+        if trace() {
+            eprintln!("{outcome:?}");
+        }
         if let Err(e) = outcome {
             if e.is_fatal() {
                 assert!(matches!(p.need(), RxNeed::Closed));
@@ -139,4 +125,10 @@ fn run(input: Input) {
             }
         }
     }
+}
+
+/// `VUBD_FUZZ_TRACE` set: print what each step of the parser gave.
+fn trace() -> bool {
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("VUBD_FUZZ_TRACE").is_some())
 }
