@@ -48,8 +48,12 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vubd::bdev::Disk;
 use vubd::bdev::null::NullDevice;
+use vubd::log_limit::LogLimit;
+use vubd::mem::fault::DeviceFaults;
 use vubd::mem::{GuestMemory, GuestMemoryAtomic};
-use vubd::poller::{DeviceShared, PollMode, PollerHandle, PollerSet};
+use vubd::poller::{
+    DeviceShared, EVENTS_PER_SECOND, PollMode, PollerHandle, PollerSet, WARNINGS_PER_SECOND,
+};
 use vubd::vhost_user::{BlkBackend, BlkShape};
 use vubd::virtio_blk::request::Limits;
 use vubd::virtio_blk::{BlkConfig, DeviceFeatures, ID_BYTES, req_type};
@@ -176,7 +180,11 @@ fn new_backend(poller: &PollerHandle, disk: &Arc<Disk>, mem: GuestMemoryAtomic) 
     };
     let mut serial = [0u8; ID_BYTES];
     serial[..9].copy_from_slice(b"vubd-fuzz");
+    let per_second = Duration::from_secs(1);
     let shared = DeviceShared {
+        index: 0,
+        warnings: LogLimit::new(WARNINGS_PER_SECOND, per_second),
+        events: LogLimit::new(EVENTS_PER_SECOND, per_second),
         limits: Limits {
             capacity_sectors,
             seg_max,
@@ -189,6 +197,8 @@ fn new_backend(poller: &PollerHandle, disk: &Arc<Disk>, mem: GuestMemoryAtomic) 
         writeback: AtomicBool::new(true),
         learning: AtomicBool::new(false),
         mem_gen: AtomicU64::new(0),
+        faults: Arc::new(DeviceFaults::new().expect("the session's fault eventfd")),
+        max_in_flight: u32::MAX,
     };
     Arc::new(BlkBackend::new(
         shape,
