@@ -32,7 +32,9 @@ unsafe impl Send for SplitRing {}
 impl SplitRing {
     /// Translates the rings at `avail` and `used` of a queue of `size` entries. `None` when
     /// either is not inside one guest memory region or is misaligned (virtio 1.2 §2.7: 2 and
-    /// 4 bytes).
+    /// 4 bytes), in guest memory or in ours: a region may start at any guest address, so an
+    /// aligned guest address can be a misaligned host one, which the ring's `u16` and `u32`
+    /// accesses must not see.
     pub fn new(map: &HostMap, avail: u64, used: u64, size: u16, event_idx: bool) -> Option<Self> {
         if avail % 2 != 0 || used % 4 != 0 || size == 0 {
             return None;
@@ -41,6 +43,9 @@ impl SplitRing {
         // flags, idx, ring[size], used_event / flags, idx, ring[size] of 8 bytes, avail_event.
         let avail_ptr = map.host_range(avail, 4 + 2 * n + 2)?;
         let used_ptr = map.host_range(used, 4 + 8 * n + 2)?;
+        if avail_ptr as usize % 2 != 0 || used_ptr as usize % 4 != 0 {
+            return None;
+        }
         Some(Self {
             avail: avail_ptr,
             used: used_ptr,
@@ -233,5 +238,24 @@ mod tests {
         assert!(SplitRing::new(&map, 0x3ff0, USED, 8, true).is_none());
         assert!(SplitRing::new(&map, AVAIL + 1, USED, 8, true).is_none());
         assert!(SplitRing::new(&map, AVAIL, USED + 2, 8, true).is_none());
+    }
+
+    #[test]
+    fn rings_aligned_in_the_guest_but_not_in_our_mapping_are_refused() {
+        // A region at an odd guest address: its mapping starts a page, so even guest
+        // addresses in it are odd host addresses (found by the vhost_user fuzz target).
+        let mem =
+            Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0x1001), 0x4000)]).expect("mem"));
+        let map = HostMap::new(mem);
+        let avail = map.host_range(0x2000, 2).expect("mapped") as usize;
+        assert_eq!(avail % 2, 1, "an even guest address at an odd host address");
+        assert!(SplitRing::new(&map, 0x2000, 0x3000, 8, true).is_none());
+        // One byte further, the host addresses are aligned and the guest ones are not.
+        assert!(SplitRing::new(&map, 0x2001, 0x3003, 8, true).is_none());
+        // A region at guest address 0x1004: 4-byte alignment agrees in both.
+        let mem =
+            Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0x1004), 0x4000)]).expect("mem"));
+        let map = HostMap::new(mem);
+        assert!(SplitRing::new(&map, 0x2000, 0x3000, 8, true).is_some());
     }
 }
