@@ -692,6 +692,21 @@ pub fn seeds() -> Vec<(&'static str, Input)> {
         ]),
     ));
     out.push((
+        "region_at_an_odd_guest_address_under_a_queue",
+        with(&[
+            Op::SetupQueue { q: 1, size: 4 },
+            Op::SetMemTable(vec![Region {
+                gpa: Gpa::Raw(0x1_0105),
+                size: Size::Pages(15),
+                user: User::Mapped,
+                offset: Offset::Pages(0),
+                file_pages: 16,
+            }]),
+            Op::Kick(1),
+            request(1, ReqKind::In),
+        ]),
+    ));
+    out.push((
         "guest_rewrites_a_chain_under_the_device",
         with(&[
             Op::WriteGuest {
