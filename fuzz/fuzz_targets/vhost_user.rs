@@ -222,11 +222,11 @@ impl Watchdog {
             loop {
                 std::thread::sleep(Duration::from_millis(100));
                 let w = WATCH.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some((deadline, what)) = &*w {
-                    if Instant::now() > *deadline {
-                        eprintln!("vhost_user: no progress within the time allowed: {what}");
-                        std::process::abort();
-                    }
+                if let Some((deadline, what)) = &*w
+                    && Instant::now() > *deadline
+                {
+                    eprintln!("vhost_user: no progress within the time allowed: {what}");
+                    std::process::abort();
                 }
             }
         });

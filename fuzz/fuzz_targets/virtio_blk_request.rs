@@ -548,7 +548,7 @@ fn walk(g: &Guest, t: DescTable, head: u16) -> Option<Vec<D>> {
         g.mem.read_slice(&mut b, GuestAddress(at)).ok()?;
         let d = D::from_bytes(b);
         if d.flags & u16::from(F_INDIRECT) != 0 {
-            if indirect || d.len == 0 || d.len % 16 != 0 {
+            if indirect || d.len == 0 || !d.len.is_multiple_of(16) {
                 return None;
             }
             let entries = u16::try_from(d.len / 16).ok()?;
@@ -684,7 +684,7 @@ fn model(g: &Guest, chain: Option<&[D]>, lim: &Limits, scratch: usize, iov_cap: 
             let len: u32 = pieces.iter().map(|p| p.1).sum();
             if pieces.len() > lim.seg_max as usize
                 || pieces.iter().any(|p| p.1 > lim.size_max)
-                || len % 512 != 0
+                || !len.is_multiple_of(512)
                 || !in_capacity(sector, u64::from(len / 512))
             {
                 return ioerr;
@@ -719,7 +719,7 @@ fn model(g: &Guest, chain: Option<&[D]>, lim: &Limits, scratch: usize, iov_cap: 
             let Some(max) = max else {
                 return reject(Some(status), true);
             };
-            if lim.read_only || writable_len != 1 || data_in == 0 || data_in % 16 != 0 {
+            if lim.read_only || writable_len != 1 || data_in == 0 || !data_in.is_multiple_of(16) {
                 return ioerr;
             }
             if data_in / 16 > 16 {

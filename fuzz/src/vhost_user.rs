@@ -291,7 +291,7 @@ pub fn seeds() -> Vec<(&'static str, Input)> {
         sectors: 8,
         indirect: false,
     };
-    let serving = vec![
+    let serving = [
         Op::Handshake,
         mem.clone(),
         Op::SetupQueue { q: 0, size: 4 },
