@@ -136,12 +136,12 @@ fn run(input: &Input) {
                 qp.cq_mut().mem_mut()[usize::from(slot) % cq_n] = Cqe::from_bytes(raw);
             }
             Op::Poll(max) => {
-                if let Err(e) = poll(&mut qp, &mut m, usize::from(max % 17)) {
-                    if !input.ignore_errors {
-                        // The driver resets the controller and takes every command back.
-                        take_all(&mut qp, &mut m, &format!("reset after {e}"));
-                        return;
-                    }
+                if let Err(e) = poll(&mut qp, &mut m, usize::from(max % 17))
+                    && !input.ignore_errors
+                {
+                    // The driver resets the controller and takes every command back.
+                    take_all(&mut qp, &mut m, &format!("reset after {e}"));
+                    return;
                 }
             }
             Op::CqDoorbell => {
@@ -194,7 +194,7 @@ fn submit(qp: &mut Qp, m: &mut Model) {
 
 /// Polls up to `max` completions and checks each against the model, and the error if any.
 fn poll(qp: &mut Qp, m: &mut Model, max: usize) -> Result<usize, QueueError> {
-    let n = u32::try_from(qp.cq().size()).expect("at most 65536");
+    let n = qp.cq().size();
     let (head, phase) = (u32::from(qp.cq().head()), qp.cq().phase());
     let sq_tail = qp.sq().tail();
     let qid = qp.qid();
@@ -245,7 +245,7 @@ fn poll(qp: &mut Qp, m: &mut Model, max: usize) -> Result<usize, QueueError> {
         }
         Err(QueueError::Ring(RingError::SqHead { sqhd, head, tail })) => {
             // The head the error names is the host's before this entry.
-            let size = u32::try_from(qp.sq().size()).expect("at most 65536");
+            let size = qp.sq().size();
             let dist = |a: u16, b: u16| (u32::from(b) + size - u32::from(a)) % size;
             let in_range = u32::from(*sqhd) < size && dist(*head, *sqhd) <= dist(*head, *tail);
             assert!(!in_range, "SQ head {sqhd} refused within {head}..={tail}");
@@ -266,7 +266,7 @@ fn trace() -> bool {
 fn check_rings(qp: &Qp, m: &Model, sq_n: usize, cq_n: usize) {
     assert!(usize::from(qp.cq().head()) < cq_n);
     assert!(usize::from(qp.sq().head()) < sq_n && usize::from(qp.sq().tail()) < sq_n);
-    assert!(qp.sq().in_flight() as usize <= sq_n - 1);
+    assert!((qp.sq().in_flight() as usize) < sq_n);
     assert_eq!(qp.sq().free() + qp.sq().in_flight(), sq_n as u32 - 1);
     assert_eq!(qp.in_flight(), m.live.len());
     assert!(qp.in_flight() <= qp.depth());

@@ -115,14 +115,14 @@ fn run(input: Input) {
         if trace() {
             eprintln!("{outcome:?}");
         }
-        if let Err(e) = outcome {
-            if e.is_fatal() {
-                assert!(matches!(p.need(), RxNeed::Closed));
-                assert_eq!(p.filled(0), Err(e));
-                let _ = e.term_req();
-                assert!(p.header_in_error().len() <= 128);
-                break;
-            }
+        if let Err(e) = outcome
+            && e.is_fatal()
+        {
+            assert!(matches!(p.need(), RxNeed::Closed));
+            assert_eq!(p.filled(0), Err(e));
+            let _ = e.term_req();
+            assert!(p.header_in_error().len() <= 128);
+            break;
         }
     }
 }

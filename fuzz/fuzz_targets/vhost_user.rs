@@ -12,7 +12,7 @@
 //! leaves no file descriptor and no thread behind. A watchdog aborts an input that makes no
 //! progress, saying which step it was at.
 //!
-//! Two known faults are out of the default mode's reach, each behind a switch, so that the
+//! Three known faults are out of the default mode's reach, each behind a switch, so that the
 //! target finds something else meanwhile:
 //!
 //! - Memory regions are backed by memfds at least as large as the region. With
@@ -23,6 +23,10 @@
 //!   `VUBD_FUZZ_BLOCKING_FDS=1` they block: a kick fd that blocks when read wedges the relay
 //!   thread, the vring's lock and the poller (issue 11 part 2;
 //!   `fuzz/findings/vhost_user/kick_replaced_by_a_blocking_pipe`).
+//! - SET_INFLIGHT_FD regions are zeroed. With `VUBD_FUZZ_INFLIGHT_RECORDS=1` they hold the
+//!   input's bytes: a head recorded in flight and resubmitted on a ring whose avail index is
+//!   out of range never runs, and the queue's detach waits for it for good (issue 11 part 1;
+//!   `fuzz/findings/vhost_user/resubmit_behind_an_impossible_avail_index`).
 
 #![no_main]
 
@@ -104,6 +108,11 @@ struct Setup {
     /// vring's lock, and with it the poller (issue 11 part 2: kick and call fds must be
     /// eventfds, or never waited on).
     blocking: bool,
+    /// `VUBD_FUZZ_INFLIGHT_RECORDS=1`: SET_INFLIGHT_FD regions hold the input's bytes, else
+    /// zeros. Heads recorded in flight, resubmitted on a ring whose avail index is then out of
+    /// range, are never run, and the queue's detach (GET_VRING_BASE, the session's end) waits
+    /// for them for good (issue 11 part 1: a broken queue must stop).
+    inflight_records: bool,
     offered: u64,
     offered_protocol: u64,
 }
@@ -134,6 +143,8 @@ fn setup() -> &'static Setup {
             addr,
             short: std::env::var_os("VUBD_FUZZ_SHORT_MEMFD").is_some_and(|v| v == "1"),
             blocking: std::env::var_os("VUBD_FUZZ_BLOCKING_FDS").is_some_and(|v| v == "1"),
+            inflight_records: std::env::var_os("VUBD_FUZZ_INFLIGHT_RECORDS")
+                .is_some_and(|v| v == "1"),
             offered,
             offered_protocol: offered_protocol.bits(),
         }
@@ -221,11 +232,11 @@ impl Watchdog {
             loop {
                 std::thread::sleep(Duration::from_millis(100));
                 let w = WATCH.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some((deadline, what)) = &*w {
-                    if Instant::now() > *deadline {
-                        eprintln!("vhost_user: no progress within the time allowed: {what}");
-                        std::process::abort();
-                    }
+                if let Some((deadline, what)) = &*w
+                    && Instant::now() > *deadline
+                {
+                    eprintln!("vhost_user: no progress within the time allowed: {what}");
+                    std::process::abort();
                 }
             }
         });
@@ -559,7 +570,10 @@ impl Session {
                 let Some(f) = offset.checked_add(size).and_then(memfd) else {
                     return Flow::Go;
                 };
-                let _ = f.write_at(&fill[..fill.len().min(size as usize)], offset);
+                // Records of requests in flight only with `VUBD_FUZZ_INFLIGHT_RECORDS`.
+                if self.s.inflight_records {
+                    let _ = f.write_at(&fill[..fill.len().min(size as usize)], offset);
+                }
                 let msg = VhostUserInflight {
                     mmap_size: size,
                     mmap_offset: offset,

@@ -11,8 +11,8 @@
 //! with segments within `seg_max` and `size_max`; a rejected chain names its status byte
 //! whenever the chain has one. And all of it against a model written from the rules (virtio
 //! 1.2 §2.7.5, §5.2.6) over vm-memory's own accessors: whether the request is accepted, its
-//! kind, data length, iovecs and segments. The ring: `SplitRing` is made exactly for aligned
-//! rings inside one region, reads the heads the driver wrote, writes nothing but the used
+//! kind, data length, iovecs and segments. The ring: `SplitRing` is made exactly for rings
+//! inside one region and aligned as guest and as host addresses, reads the heads the driver wrote, writes nothing but the used
 //! elements, the used index and the kick suppression fields (the harness writes the status
 //! bytes), and its interrupt decision is `vring_need_event`'s.
 
@@ -49,7 +49,10 @@ struct Guest {
 impl Guest {
     fn new(m: &vubd_fuzz::virtio_blk::Memory) -> Option<Self> {
         let pages = |p: u8| (1 + u64::from(p % 16)) * PAGE;
-        let r0 = (u64::from(m.base) * PAGE, pages(m.pages));
+        let r0 = (
+            u64::from(m.base) * PAGE + u64::from(m.shift),
+            pages(m.pages),
+        );
         let mut regions = vec![r0];
         if let Some(s) = &m.second {
             regions.push((r0.0 + r0.1 + u64::from(s.gap) * PAGE, pages(s.pages)));
@@ -545,7 +548,7 @@ fn walk(g: &Guest, t: DescTable, head: u16) -> Option<Vec<D>> {
         g.mem.read_slice(&mut b, GuestAddress(at)).ok()?;
         let d = D::from_bytes(b);
         if d.flags & u16::from(F_INDIRECT) != 0 {
-            if indirect || d.len == 0 || d.len % 16 != 0 {
+            if indirect || d.len == 0 || !d.len.is_multiple_of(16) {
                 return None;
             }
             let entries = u16::try_from(d.len / 16).ok()?;
@@ -681,7 +684,7 @@ fn model(g: &Guest, chain: Option<&[D]>, lim: &Limits, scratch: usize, iov_cap: 
             let len: u32 = pieces.iter().map(|p| p.1).sum();
             if pieces.len() > lim.seg_max as usize
                 || pieces.iter().any(|p| p.1 > lim.size_max)
-                || len % 512 != 0
+                || !len.is_multiple_of(512)
                 || !in_capacity(sector, u64::from(len / 512))
             {
                 return ioerr;
@@ -716,7 +719,7 @@ fn model(g: &Guest, chain: Option<&[D]>, lim: &Limits, scratch: usize, iov_cap: 
             let Some(max) = max else {
                 return reject(Some(status), true);
             };
-            if lim.read_only || writable_len != 1 || data_in == 0 || data_in % 16 != 0 {
+            if lim.read_only || writable_len != 1 || data_in == 0 || !data_in.is_multiple_of(16) {
                 return ioerr;
             }
             if data_in / 16 > 16 {
@@ -784,11 +787,19 @@ fn run_ring(p: &mut Parser<'_>, ring: &Ring) {
         put16(at(avail, 4 + 2 * n), ring.used_event);
     }
     let r = SplitRing::new(p.map, avail, used, size, ring.event_idx);
+    // Aligned in guest memory and in ours (a region may start at any guest address).
+    let host = |a: u64| {
+        g.mem
+            .get_host_address(GuestAddress(a))
+            .map_or(1, |p| p as usize)
+    };
     let fits = avail % 2 == 0
         && used % 4 == 0
         && size > 0
         && g.in_one_region(avail, 6 + 2 * n)
-        && g.in_one_region(used, 6 + 8 * n);
+        && g.in_one_region(used, 6 + 8 * n)
+        && host(avail) % 2 == 0
+        && host(used) % 4 == 0;
     assert_eq!(
         r.is_some(),
         fits,

@@ -291,7 +291,7 @@ pub fn seeds() -> Vec<(&'static str, Input)> {
         sectors: 8,
         indirect: false,
     };
-    let serving = vec![
+    let serving = [
         Op::Handshake,
         mem.clone(),
         Op::SetupQueue { q: 0, size: 4 },
@@ -689,6 +689,21 @@ pub fn seeds() -> Vec<(&'static str, Input)> {
                 size: Size::Raw(0x10),
                 offset: Offset::Raw(7),
             },
+        ]),
+    ));
+    out.push((
+        "region_at_an_odd_guest_address_under_a_queue",
+        with(&[
+            Op::SetupQueue { q: 1, size: 4 },
+            Op::SetMemTable(vec![Region {
+                gpa: Gpa::Raw(0x1_0105),
+                size: Size::Pages(15),
+                user: User::Mapped,
+                offset: Offset::Pages(0),
+                file_pages: 16,
+            }]),
+            Op::Kick(1),
+            request(1, ReqKind::In),
         ]),
     ));
     out.push((

@@ -45,17 +45,20 @@ encode_struct!(Input {
     ring
 });
 
-/// Region 0 at page `base`, of `1 + pages % 16` pages; an optional second region after a
-/// gap; an optional page just below the top of the address space.
+/// Region 0 at page `base` plus `shift` bytes (a region may start at any guest address, its
+/// mapping at a page), of `1 + pages % 16` pages; an optional second region after a gap; an
+/// optional page just below the top of the address space.
 #[derive(Arbitrary, Clone, Debug, PartialEq, Eq)]
 pub struct Memory {
     pub base: u16,
+    pub shift: u8,
     pub pages: u8,
     pub second: Option<Second>,
     pub top: bool,
 }
 encode_struct!(Memory {
     base,
+    shift,
     pages,
     second,
     top
@@ -267,6 +270,7 @@ pub fn seeds() -> Vec<(&'static str, Input)> {
     };
     let one = Memory {
         base: 0,
+        shift: 0,
         pages: 15,
         second: None,
         top: false,
@@ -486,6 +490,23 @@ pub fn seeds() -> Vec<(&'static str, Input)> {
                 event_idx: false,
                 avail_flags: 1,
                 avail_idx: 1000,
+                used_event: 0,
+                next_avail: 0,
+                next_used: 0,
+                heads: vec![0],
+            });
+        }),
+    ));
+    out.push((
+        "ring_aligned_in_the_guest_not_in_the_host",
+        with(&|i| {
+            i.memory.shift = 1;
+            i.ring = Some(Ring {
+                avail: Addr::Raw(0x8000),
+                used: Addr::Raw(0x9000),
+                event_idx: true,
+                avail_flags: 0,
+                avail_idx: 1,
                 used_event: 0,
                 next_avail: 0,
                 next_used: 0,
