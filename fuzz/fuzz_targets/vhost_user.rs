@@ -12,21 +12,19 @@
 //! leaves no file descriptor and no thread behind. A watchdog aborts an input that makes no
 //! progress, saying which step it was at.
 //!
-//! Three known faults are out of the default mode's reach, each behind a switch, so that the
-//! target finds something else meanwhile:
+//! The frontend is as hostile as the input makes it:
 //!
-//! - Memory regions are backed by memfds at least as large as the region. With
-//!   `VUBD_FUZZ_SHORT_MEMFD=1` a memfd holds what the input says (possibly less than the
-//!   region it backs) and `Truncate` shrinks one under a running session: a SIGBUS there is a
-//!   region larger than its file, which vubd must survive (issue 11 part 3).
-//! - Pipes and sockets handed to the backend as vring descriptors are non-blocking. With
-//!   `VUBD_FUZZ_BLOCKING_FDS=1` they block: a kick fd that blocks when read wedges the relay
-//!   thread, the vring's lock and the poller (issue 11 part 2;
-//!   `fuzz/findings/vhost_user/kick_replaced_by_a_blocking_pipe`).
-//! - SET_INFLIGHT_FD regions are zeroed. With `VUBD_FUZZ_INFLIGHT_RECORDS=1` they hold the
-//!   input's bytes: a head recorded in flight and resubmitted on a ring whose avail index is
-//!   out of range never runs, and the queue's detach waits for it for good (issue 11 part 1;
-//!   `fuzz/findings/vhost_user/resubmit_behind_an_impossible_avail_index`).
+//! - A memory region's memfd covers the region, except for one region in four (those whose
+//!   `file_pages` is 3 modulo 4), whose memfd holds exactly `file_pages` pages, usually fewer
+//!   than the region needs; `Truncate` shrinks a memfd under a running session, and raw
+//!   memory-table messages may carry any memfd. vubd must refuse the first and survive the
+//!   others (a SIGBUS fails only the session: `mem::fault`, installed here as vubd does).
+//! - Pipes and sockets handed to the backend as vring descriptors block (vubd takes only
+//!   eventfds; `fuzz/findings/vhost_user/kick_replaced_by_a_blocking_pipe` wedged a poller
+//!   before it did).
+//! - SET_INFLIGHT_FD regions hold the input's bytes: records of requests in flight, however
+//!   inconsistent with the rings (`fuzz/findings/vhost_user/resubmit_behind_an_impossible_avail_index`
+//!   made a detach wait for good before a broken queue dropped its resubmits).
 
 #![no_main]
 
@@ -91,7 +89,6 @@ const F_INDIRECT: u16 = 4;
 const GET_FEATURES: u32 = 1;
 const SET_PROTOCOL_FEATURES: u32 = 16;
 const GET_CONFIG: u32 = 24;
-const MEM_CODES: [u8; 2] = [5, 37];
 
 fuzz_target!(|input: Input| run(&input));
 
@@ -101,18 +98,6 @@ struct Setup {
     disk: Arc<Disk>,
     listener: Mutex<Listener>,
     addr: SocketAddr,
-    /// `VUBD_FUZZ_SHORT_MEMFD=1`: memfds may be shorter than their regions.
-    short: bool,
-    /// `VUBD_FUZZ_BLOCKING_FDS=1`: the pipes and sockets handed to the backend block. A kick
-    /// fd that blocks when read wedges vhost-user-backend's relay thread while it holds the
-    /// vring's lock, and with it the poller (issue 11 part 2: kick and call fds must be
-    /// eventfds, or never waited on).
-    blocking: bool,
-    /// `VUBD_FUZZ_INFLIGHT_RECORDS=1`: SET_INFLIGHT_FD regions hold the input's bytes, else
-    /// zeros. Heads recorded in flight, resubmitted on a ring whose avail index is then out of
-    /// range, are never run, and the queue's detach (GET_VRING_BASE, the session's end) waits
-    /// for them for good (issue 11 part 1: a broken queue must stop).
-    inflight_records: bool,
     offered: u64,
     offered_protocol: u64,
 }
@@ -123,6 +108,9 @@ fn setup() -> &'static Setup {
         // As in vubd's own process (Rust's runtime does this for it; libFuzzer's main does not).
         // SAFETY: setting a signal's disposition to "ignore" has no preconditions.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+        // As vubd does at startup: a frontend that shortens a file it shares fails its session,
+        // not the process (faults outside that memory still reach libFuzzer's handler).
+        vubd::mem::fault::install().expect("install the SIGBUS handler");
         let pollers = PollerSet::start(&[None], PollMode::Never).expect("start a poller");
         let poller = pollers.for_queue(0).clone();
         // The poller lives as long as the process.
@@ -141,10 +129,6 @@ fn setup() -> &'static Setup {
             disk,
             listener: Mutex::new(Listener::from(listener)),
             addr,
-            short: std::env::var_os("VUBD_FUZZ_SHORT_MEMFD").is_some_and(|v| v == "1"),
-            blocking: std::env::var_os("VUBD_FUZZ_BLOCKING_FDS").is_some_and(|v| v == "1"),
-            inflight_records: std::env::var_os("VUBD_FUZZ_INFLIGHT_RECORDS")
-                .is_some_and(|v| v == "1"),
             offered,
             offered_protocol: offered_protocol.bits(),
         }
@@ -570,10 +554,7 @@ impl Session {
                 let Some(f) = offset.checked_add(size).and_then(memfd) else {
                     return Flow::Go;
                 };
-                // Records of requests in flight only with `VUBD_FUZZ_INFLIGHT_RECORDS`.
-                if self.s.inflight_records {
-                    let _ = f.write_at(&fill[..fill.len().min(size as usize)], offset);
-                }
+                let _ = f.write_at(&fill[..fill.len().min(size as usize)], offset);
                 let msg = VhostUserInflight {
                     mmap_size: size,
                     mmap_offset: offset,
@@ -617,7 +598,7 @@ impl Session {
                 }
             }
             Op::Truncate { region, pages } => {
-                if self.s.short && !self.files.is_empty() {
+                if !self.files.is_empty() {
                     let f = &self.files[usize::from(*region) % self.files.len()];
                     let _ = f.set_len(u64::from(*pages) * PAGE);
                 }
@@ -630,13 +611,6 @@ impl Session {
             } => {
                 let mut given = Vec::new();
                 for &kind in fds.iter().take(8) {
-                    // A region past the end of its file is the short mode's case.
-                    let kind = match kind {
-                        FdKind::Memfd(_) if !self.s.short && MEM_CODES.contains(code) => {
-                            FdKind::EventFd
-                        }
-                        k => k,
-                    };
                     if let Some((f, _)) = self.make_fd(kind) {
                         given.push(f);
                     }
@@ -756,8 +730,9 @@ impl Session {
             User::Raw(a) => a,
         };
         let file_len = u64::from(r.file_pages) * PAGE;
+        // One region in four has a memfd of exactly `file_pages` pages, usually too short.
         let len = match offset.checked_add(size) {
-            _ if self.s.short => file_len,
+            _ if r.file_pages % 4 == 3 => file_len,
             Some(need) => need.max(file_len),
             // The backend cannot map it at all.
             None => file_len,
@@ -833,10 +808,8 @@ impl Session {
             }
             FdKind::PipeRead | FdKind::PipeWrite => {
                 let mut p = [0 as RawFd; 2];
-                // Blocking only with `VUBD_FUZZ_BLOCKING_FDS` (see `Setup::blocking`).
-                let flags = libc::O_CLOEXEC | if self.s.blocking { 0 } else { libc::O_NONBLOCK };
                 // SAFETY: `p` has room for the two descriptors pipe2 writes.
-                if unsafe { libc::pipe2(p.as_mut_ptr(), flags) } != 0 {
+                if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
                     return None;
                 }
                 // SAFETY: pipe2 succeeded: both are new descriptors nothing else owns.
@@ -852,7 +825,6 @@ impl Session {
             FdKind::Memfd(n) => memfd((1 + u64::from(n)) * PAGE).map(|f| (OwnedFd::from(f), None)),
             FdKind::Socket => {
                 let (a, b) = UnixStream::pair().ok()?;
-                a.set_nonblocking(!self.s.blocking).ok()?;
                 self.kept.push(OwnedFd::from(b));
                 Some((OwnedFd::from(a), None))
             }

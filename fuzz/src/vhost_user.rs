@@ -106,7 +106,7 @@ pub enum Op {
         bytes: Vec<u8>,
     },
     Kick(u8),
-    /// The frontend shrinks a region's memfd (with `VUBD_FUZZ_SHORT_MEMFD` only).
+    /// The frontend shrinks a region's memfd under a running session.
     Truncate {
         region: u8,
         pages: u16,
@@ -173,8 +173,8 @@ pub struct Region {
     pub size: Size,
     pub user: User,
     pub offset: Offset,
-    /// With `VUBD_FUZZ_SHORT_MEMFD`, the memfd holds only this many pages (it may be shorter
-    /// than the region); otherwise it always covers the region.
+    /// When 3 modulo 4, the memfd holds exactly this many pages (usually fewer than the region
+    /// needs); otherwise it covers the region.
     pub file_pages: u16,
 }
 encode_struct!(Region {
