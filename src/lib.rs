@@ -5,11 +5,13 @@
 //! devices and their I/O channels) → `nvme` (NVMe wire types and transports) → `mem` (guest
 //! memory). `log_limit` is a utility of them all: log lines a guest or a frontend can cause
 //! go through a per-device rate limit. `sandbox` (seccomp filters per thread role, restricted
-//! io_uring rings) uses none of them either, so any may use it.
+//! io_uring rings) uses none of them either, so any may use it; `error_chain` (an error and its
+//! causes on one line) is a leaf too.
 
 pub mod bdev;
 pub mod config;
 pub mod daemon;
+pub mod error_chain;
 pub mod log_limit;
 pub mod mem;
 pub mod nvme;

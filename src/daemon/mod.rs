@@ -11,6 +11,7 @@ pub mod stdout;
 pub use self::device::open_disks;
 pub use self::nvme::discover;
 pub use self::pcie::nvme_list;
+pub use crate::error_chain::error_chain;
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -597,16 +598,4 @@ impl Signals {
             })
             .map(|_| ())
     }
-}
-
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

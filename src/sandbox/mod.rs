@@ -1,6 +1,7 @@
 //! The sandbox: seccomp filters per thread role and a process-wide baseline
 //! ([`install_baseline`], [`enter`]), and restricted io_uring rings ([`uring`]). A leaf
-//! module: it uses no other module of vubd, so every layer may call it.
+//! module: it uses no other module of vubd but the leaf `error_chain`, so every layer may call
+//! it.
 //!
 //! Filters stack: the baseline, installed before vubd starts any thread (with TSYNC, so that
 //! a thread started earlier would be covered too), holds everything any thread may ever do,
@@ -94,7 +95,7 @@ pub fn enter(role: Role) {
         })
     });
     if let Err(e) = result {
-        tracing::error!(role = role.name(), error = %error_chain(&e), "sandbox: stopping");
+        tracing::error!(role = role.name(), error = %crate::error_chain::error_chain(&e), "sandbox: stopping");
         std::process::exit(1);
     }
 }
@@ -193,15 +194,4 @@ fn role_programs(role: Role, mode: SeccompMode) -> Result<Vec<BpfProgram>, Sandb
     }
     programs.push(allow_program(what, role.allow_list(), mode)?);
     Ok(programs)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -112,7 +112,7 @@ impl Supervisor {
                 self.next_keep_alive = self.shared.clock.now_ms() + self.keep_alive_interval();
             }
             Err(e) => {
-                warn!(error = %crate::daemon::error_chain(&e), "NVMe/TCP keep-alive failed");
+                warn!(error = %crate::error_chain::error_chain(&e), "NVMe/TCP keep-alive failed");
                 self.lose("keep-alive failed");
             }
         }
@@ -151,7 +151,7 @@ impl Supervisor {
                 {
                     warn!(
                         target = %self.cfg.addr,
-                        error = %crate::daemon::error_chain(&e),
+                        error = %crate::error_chain::error_chain(&e),
                         "NVMe/TCP controller lost for longer than --ctrl-loss-tmo: failing I/O \
                          until it returns"
                     );
@@ -162,7 +162,7 @@ impl Supervisor {
                 } else {
                     warn!(
                         target = %self.cfg.addr,
-                        error = %crate::daemon::error_chain(&e),
+                        error = %crate::error_chain::error_chain(&e),
                         down_ms,
                         "NVMe/TCP reconnection failed; retrying"
                     );
