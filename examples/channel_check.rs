@@ -42,7 +42,7 @@ use clap::Parser;
 use vm_memory::{Bytes, GuestAddress};
 use vubd::bdev::nvme_pcie::GuestDma;
 use vubd::bdev::{BlockDevice, Channel, DeviceInfo, Disk, IoChannel, IoOp, Target};
-use vubd::config::{Args, Command};
+use vubd::config::Config;
 use vubd::mem::{GuestMemory, HostMap, IovecList, MemSnapshot};
 
 /// Guest memory of the checks: room for every case's buffers.
@@ -621,17 +621,12 @@ fn open(vubd_args: &[String], base: u64) -> Result<Rig, String> {
     if base % 4096 != 0 {
         return Err(format!("--base {base} is not a multiple of 4096"));
     }
-    let args = Args::try_parse_from(
-        ["vubd", "--socket-path", "channel-check.sock"]
+    let cfg = Config::from_args(
+        ["--socket-path", "channel-check.sock"]
             .into_iter()
             .map(str::to_owned)
             .chain(vubd_args.iter().cloned()),
-    )
-    .map_err(|e| e.to_string())?;
-    let cfg = match Command::try_from(args).map_err(|e| e.to_string())? {
-        Command::Serve(cfg) => cfg,
-        other => return Err(format!("not a serving command line: {other:?}")),
-    };
+    )?;
     let disk = vubd::daemon::open_disks(&cfg)
         .map_err(|e| vubd::daemon::error_chain(&e))?
         .pop()

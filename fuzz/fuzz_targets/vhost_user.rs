@@ -35,7 +35,7 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -48,17 +48,15 @@ use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, Vr
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-use vubd::bdev::Disk;
+use vubd::bdev::{BlockDevice, Disk};
 use vubd::bdev::null::NullDevice;
-use vubd::log_limit::LogLimit;
+use vubd::config::{Config, DeviceConfig};
+use vubd::daemon::device_model;
 use vubd::mem::fault::DeviceFaults;
 use vubd::mem::{GuestMemory, GuestMemoryAtomic};
-use vubd::poller::{
-    DeviceShared, EVENTS_PER_SECOND, PollMode, PollerHandle, PollerSet, WARNINGS_PER_SECOND,
-};
-use vubd::vhost_user::{BlkBackend, BlkShape};
-use vubd::virtio_blk::request::Limits;
-use vubd::virtio_blk::{BlkConfig, DeviceFeatures, ID_BYTES, req_type};
+use vubd::poller::{PollMode, PollerHandle, PollerSet};
+use vubd::vhost_user::BlkBackend;
+use vubd::virtio_blk::req_type;
 use vubd_fuzz::vhost_user::{
     FdKind, Features, Gpa, Input, Offset, Op, Region, RegionRef, ReqKind, Size, User, UserAddr,
     VringFd,
@@ -139,62 +137,32 @@ fn null_disk() -> Disk {
     Disk::Null(NullDevice::new(CAPACITY, false))
 }
 
-/// A session's backend, as the daemon builds it for a null device of `CAPACITY` bytes with
-/// `NUM_QUEUES` queues of `QUEUE_SIZE` (see `daemon::device::device_model`), on guest
+/// The device the target serves, as vubd's command line describes it: a null device of
+/// `CAPACITY` bytes with `NUM_QUEUES` queues of up to `QUEUE_SIZE` entries.
+fn device() -> &'static DeviceConfig {
+    static DEVICE: OnceLock<DeviceConfig> = OnceLock::new();
+    DEVICE.get_or_init(|| {
+        let mut cfg = Config::from_args([
+            "--socket-path".to_owned(),
+            "vubd-fuzz.sock".to_owned(),
+            "--disk".to_owned(),
+            format!("null:{CAPACITY}"),
+            "--num-queues".to_owned(),
+            NUM_QUEUES.to_string(),
+            "--queue-size".to_owned(),
+            QUEUE_SIZE.to_string(),
+        ])
+        .expect("a valid command line");
+        cfg.devices.remove(0)
+    })
+}
+
+/// A session's backend, built as the daemon builds it (`daemon::device_model`), on guest
 /// memory `mem`.
 fn new_backend(poller: &PollerHandle, disk: &Arc<Disk>, mem: GuestMemoryAtomic) -> Arc<BlkBackend> {
     static KEY: AtomicU64 = AtomicU64::new(1);
-    let seg_max = u32::from(QUEUE_SIZE) - 2;
-    let capacity_sectors = CAPACITY >> 9;
-    let features = DeviceFeatures {
-        read_only: false,
-        discard: true,
-        write_zeroes: true,
-        multi_queue: true,
-    };
-    let config = BlkConfig {
-        capacity_sectors,
-        size_max: 4 << 20,
-        seg_max,
-        blk_size: 512,
-        physical_block_exp: 3,
-        min_io_size: 1,
-        opt_io_size: 0,
-        writeback: 1,
-        num_queues: NUM_QUEUES as u16,
-        max_discard_sectors: 1 << 22,
-        discard_sector_alignment: 8,
-        max_write_zeroes_sectors: 1 << 22,
-        write_zeroes_may_unmap: true,
-    };
-    let shape = BlkShape {
-        num_queues: NUM_QUEUES,
-        max_queue_size: QUEUE_SIZE,
-        features: features.bits(),
-        config,
-    };
-    let mut serial = [0u8; ID_BYTES];
-    serial[..9].copy_from_slice(b"vubd-fuzz");
-    let per_second = Duration::from_secs(1);
-    let shared = DeviceShared {
-        index: 0,
-        warnings: LogLimit::new(WARNINGS_PER_SECOND, per_second),
-        events: LogLimit::new(EVENTS_PER_SECOND, per_second),
-        limits: Limits {
-            capacity_sectors,
-            seg_max,
-            size_max: 4 << 20,
-            read_only: false,
-            max_discard_sectors: Some(1 << 22),
-            max_write_zeroes_sectors: Some(1 << 22),
-        },
-        serial,
-        writeback: AtomicBool::new(true),
-        learning: AtomicBool::new(false),
-        mem_gen: AtomicU64::new(0),
-        faults: Arc::new(DeviceFaults::new().expect("the session's fault eventfd")),
-        max_in_flight: u32::MAX,
-    };
+    let faults = Arc::new(DeviceFaults::new().expect("the session's fault eventfd"));
+    let (shape, shared) = device_model(device(), &disk.info(), "vubd-fuzz", faults, 1);
     Arc::new(BlkBackend::new(
         shape,
         KEY.fetch_add(1, Ordering::Relaxed),

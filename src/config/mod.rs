@@ -224,6 +224,25 @@ pub struct Config {
     pub seccomp: SeccompMode,
 }
 
+impl Config {
+    /// The serving configuration of the command line `vubd ARGS...`, parsed and validated as
+    /// `main` does: for the programs that open devices as vubd does (the `IoChannel` checks,
+    /// the fuzz targets). The error is the message vubd would print.
+    pub fn from_args<S: Into<std::ffi::OsString> + Clone>(
+        args: impl IntoIterator<Item = S>,
+    ) -> Result<Config, String> {
+        let args = Args::try_parse_from(
+            std::iter::once(std::ffi::OsString::from("vubd"))
+                .chain(args.into_iter().map(Into::into)),
+        )
+        .map_err(|e| e.to_string())?;
+        match Command::try_from(args).map_err(|e| e.to_string())? {
+            Command::Serve(cfg) => Ok(cfg),
+            _ => Err("not a command line that serves devices".to_owned()),
+        }
+    }
+}
+
 /// A bad command line; the message names the argument.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {

@@ -8,8 +8,6 @@ use std::fs::OpenOptions;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::time::Duration;
 
 use tracing::info;
 
@@ -20,10 +18,10 @@ use crate::bdev::nvme_pcie::{Controllers, NvmePcieConfig, NvmePcieDevice};
 use crate::bdev::nvme_tcp::NvmeTcpDevice;
 use crate::bdev::{DeviceInfo, Disk};
 use crate::config::{Config, DeviceConfig, DiskSpec, SocketSpec};
-use crate::log_limit::LogLimit;
 use crate::mem::fault::DeviceFaults;
-use crate::poller::{DeviceShared, EVENTS_PER_SECOND, WARNINGS_PER_SECOND};
+use crate::poller::DeviceShared;
 use crate::vhost_user::BlkShape;
+use crate::virtio_blk::config::WriteCache;
 use crate::virtio_blk::request::Limits;
 use crate::virtio_blk::{BlkConfig, DeviceFeatures, ID_BYTES, MAX_SEGMENTS, SECTOR_SHIFT};
 
@@ -153,7 +151,7 @@ fn pcie_pollers(cfg: &Config) -> HashMap<&str, BTreeSet<usize>> {
 
 /// The guest-visible model of a device: features, configuration space, request limits, and
 /// `device_serial` as the GET_ID answer; `faults` records the session's memory faults.
-pub(super) fn device_model(
+pub fn device_model(
     d: &DeviceConfig,
     info: &DeviceInfo,
     device_serial: &str,
@@ -203,35 +201,36 @@ pub(super) fn device_model(
         features: features.bits(),
         config,
     };
-    let per_second = Duration::from_secs(1);
-    let shared = DeviceShared {
-        // Set by the caller, which knows the device's number.
-        index: 0,
-        warnings: LogLimit::new(WARNINGS_PER_SECOND, per_second),
-        events: LogLimit::new(EVENTS_PER_SECOND + 4 * u32::from(d.num_queues), per_second),
-        limits: Limits {
-            capacity_sectors,
-            seg_max,
-            size_max: SIZE_MAX,
-            read_only: info.read_only,
-            max_discard_sectors: (info.discard && !info.read_only).then_some(MAX_RANGE_SECTORS),
-            max_write_zeroes_sectors: (info.write_zeroes && !info.read_only)
-                .then_some(MAX_RANGE_SECTORS),
-        },
-        serial,
-        // A device taken over from another process (`--incoming`) cannot know the mode the
-        // guest chose unless the frontend's inflight region says (QEMU keeps it across
-        // reconnects, but a migration destination starts with a new one).
-        writeback: AtomicBool::new(!d.starts_inactive()),
-        learning: AtomicBool::new(d.starts_inactive()),
-        mem_gen: AtomicU64::new(0),
-        faults,
-        max_in_flight: d.max_in_flight.map_or(u32::MAX, |cap| {
-            // Queue q runs on poller (first + q) mod pollers: so many pollers share the cap.
-            let on = usize::from(d.num_queues).min(pollers).max(1);
-            cap.div_ceil(u32::try_from(on).unwrap_or(u32::MAX))
-        }),
+    let limits = Limits {
+        capacity_sectors,
+        seg_max,
+        size_max: SIZE_MAX,
+        read_only: info.read_only,
+        max_discard_sectors: (info.discard && !info.read_only).then_some(MAX_RANGE_SECTORS),
+        max_write_zeroes_sectors: (info.write_zeroes && !info.read_only)
+            .then_some(MAX_RANGE_SECTORS),
     };
+    // A device taken over from another process (`--incoming`) cannot know the mode the guest
+    // chose unless the frontend's inflight region says (QEMU keeps it across reconnects, but a
+    // migration destination starts with a new one).
+    let write_cache = if d.starts_inactive() {
+        WriteCache::Unknown
+    } else {
+        WriteCache::Back
+    };
+    let max_in_flight = d.max_in_flight.map_or(u32::MAX, |cap| {
+        // Queue q runs on poller (first + q) mod pollers: so many pollers share the cap.
+        let on = usize::from(d.num_queues).min(pollers).max(1);
+        cap.div_ceil(u32::try_from(on).unwrap_or(u32::MAX))
+    });
+    let shared = DeviceShared::new(
+        limits,
+        serial,
+        d.num_queues,
+        write_cache,
+        faults,
+        max_in_flight,
+    );
     (shape, shared)
 }
 

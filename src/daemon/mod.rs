@@ -8,7 +8,7 @@ mod nvme;
 mod pcie;
 pub mod stdout;
 
-pub use self::device::open_disks;
+pub use self::device::{device_model, open_disks};
 pub use self::nvme::discover;
 pub use self::pcie::nvme_list;
 pub use crate::error_chain::error_chain;

@@ -91,6 +91,34 @@ pub struct DeviceShared {
 }
 
 impl DeviceShared {
+    /// A device's shared state as a session starts: the request limits, the GET_ID answer,
+    /// the write cache mode it serves first, the session's fault record, and its share of the
+    /// cap on requests in flight per poller (`u32::MAX`: none). Its log limits follow
+    /// [`WARNINGS_PER_SECOND`] and [`EVENTS_PER_SECOND`] (four more lines per queue); `index`
+    /// is 0 until the caller, which knows the device's number, sets it.
+    pub fn new(
+        limits: Limits,
+        serial: [u8; ID_BYTES],
+        num_queues: u16,
+        write_cache: WriteCache,
+        faults: Arc<DeviceFaults>,
+        max_in_flight: u32,
+    ) -> Self {
+        let per_second = Duration::from_secs(1);
+        Self {
+            index: 0,
+            warnings: LogLimit::new(WARNINGS_PER_SECOND, per_second),
+            events: LogLimit::new(EVENTS_PER_SECOND + 4 * u32::from(num_queues), per_second),
+            limits,
+            serial,
+            writeback: AtomicBool::new(write_cache == WriteCache::Back),
+            learning: AtomicBool::new(write_cache == WriteCache::Unknown),
+            mem_gen: AtomicU64::new(0),
+            faults,
+            max_in_flight,
+        }
+    }
+
     /// The guest's write cache mode as the device serves it.
     pub fn write_cache(&self) -> WriteCache {
         if self.learning.load(Ordering::Relaxed) {
