@@ -33,21 +33,10 @@ pub fn thread_cpu_times(pid: u32) -> Vec<(String, Duration)> {
 /// Each live thread of a process: its name and the CPUs it may run on
 /// (`Cpus_allowed_list` of `/proc/PID/task/TID/status`).
 pub fn thread_affinities(pid: u32) -> Vec<(String, Vec<usize>)> {
-    tasks(pid)
-        .into_iter()
-        .filter_map(|tid| {
-            let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
-            let field = |key: &str| {
-                status
-                    .lines()
-                    .find_map(|line| line.strip_prefix(key))
-                    .map(str::trim)
-            };
-            let name = field("Name:")?.to_owned();
-            let cpus = parse_cpu_list(field("Cpus_allowed_list:")?)?;
-            Some((name, cpus))
-        })
-        .collect()
+    thread_statuses(pid, |status| {
+        let name = field(status, "Name:")?.to_owned();
+        Some((name, parse_cpu_list(field(status, "Cpus_allowed_list:")?)?))
+    })
 }
 
 /// A thread's seccomp state: `Seccomp:` (0 none, 2 filters) and `Seccomp_filters:` (how many
@@ -61,32 +50,37 @@ pub struct ThreadSeccomp {
 
 /// Each live thread of a process and its seccomp state.
 pub fn thread_seccomp(pid: u32) -> Vec<ThreadSeccomp> {
+    thread_statuses(pid, |status| {
+        Some(ThreadSeccomp {
+            name: field(status, "Name:")?.to_owned(),
+            mode: field(status, "Seccomp:")?.parse().ok()?,
+            filters: field(status, "Seccomp_filters:")?.parse().ok()?,
+        })
+    })
+}
+
+/// `read` of each live thread's `/proc/PID/task/TID/status`; a thread that ends meanwhile, or
+/// whose status `read` finds nothing in, is left out.
+fn thread_statuses<T>(pid: u32, read: impl Fn(&str) -> Option<T>) -> Vec<T> {
     tasks(pid)
         .into_iter()
-        .filter_map(|tid| {
-            let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
-            let field = |key: &str| {
-                status
-                    .lines()
-                    .find_map(|line| line.strip_prefix(key))
-                    .map(str::trim)
-            };
-            Some(ThreadSeccomp {
-                name: field("Name:")?.to_owned(),
-                mode: field("Seccomp:")?.parse().ok()?,
-                filters: field("Seccomp_filters:")?.parse().ok()?,
-            })
-        })
+        .filter_map(|tid| read(&fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?))
         .collect()
+}
+
+/// The value of the `key` line (`"Name:"`) of a `status` file.
+fn field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(key))
+        .map(str::trim)
 }
 
 /// The CPUs this test process may run on.
 pub fn own_cpus() -> Vec<usize> {
     let status = fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
-        .and_then(|list| parse_cpu_list(list.trim()))
+    field(&status, "Cpus_allowed_list:")
+        .and_then(parse_cpu_list)
         .unwrap_or_else(|| panic!("no Cpus_allowed_list in /proc/self/status:\n{status}"))
 }
 
