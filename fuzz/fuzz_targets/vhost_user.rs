@@ -48,8 +48,8 @@ use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, Vr
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-use vubd::bdev::{BlockDevice, Disk};
 use vubd::bdev::null::NullDevice;
+use vubd::bdev::{BlockDevice, Disk};
 use vubd::config::{Config, DeviceConfig};
 use vubd::daemon::device_model;
 use vubd::mem::fault::DeviceFaults;
