@@ -480,18 +480,15 @@ impl Worker {
                 .worked(desc, status.and_then(|s| map.host_range(s.0, 1)));
         }
         queue.set_next_avail(next.0);
-        let mut delivered = true;
-        if used != old_used {
-            queue.set_next_used(used.0);
-            delivered = publish(
+        let delivered = used == old_used
+            || publish(
                 &ring,
-                &state,
+                &mut state,
                 dev.log.as_deref(),
                 q.inflight.as_mut(),
                 old_used,
                 used,
             );
-        }
         drop(state);
         if !delivered {
             q.interrupt_lost(&dev.shared);
@@ -585,18 +582,17 @@ impl Worker {
                     ),
                 }
             }
-            let mut delivered = true;
-            if let Some(r) = ring.filter(|_| used != old_used) {
-                queue.set_next_used(used.0);
-                delivered = publish(
+            let delivered = match ring.filter(|_| used != old_used) {
+                Some(r) => publish(
                     &r,
-                    &state,
+                    &mut state,
                     dev.log.as_deref(),
                     q.inflight.as_mut(),
                     old_used,
                     used,
-                );
-            }
+                ),
+                None => true,
+            };
             drop(state);
             if !delivered {
                 q.interrupt_lost(&dev.shared);
@@ -735,19 +731,20 @@ fn write_status(map: &HostMap, mem: &MemSnapshot, c: Completion) -> u32 {
     if written { c.used_len } else { 0 }
 }
 
-/// Publishes used elements `old..used` of a queue whose next used index is already `used`:
+/// Publishes used elements `old..used` of a queue: sets the queue's next used index to `used`,
 /// marks the used ring in the dirty log (while a migration runs), writes the index, clears
 /// the batch in the inflight region, and interrupts the guest if it asked. Returns false when
 /// the interrupt could not be delivered ([`signal`]).
 #[inline(always)]
 fn publish(
     ring: &SplitRing,
-    state: &VringState<GuestMemoryAtomic>,
+    state: &mut VringState<GuestMemoryAtomic>,
     log: Option<&DirtyLog>,
     inflight: Option<&mut InflightQueue>,
     old: Wrapping<u16>,
     used: Wrapping<u16>,
 ) -> bool {
+    state.get_queue_mut().set_next_used(used.0);
     if let Some(log) = log {
         dirty::used_ring(log, ring);
     }
