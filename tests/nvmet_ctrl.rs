@@ -110,6 +110,7 @@ impl BlockingQueue {
     /// Reads PDUs until command `cid` completes, C2HData going into `buf`.
     fn complete(&mut self, cid: u16, buf: &mut [u8]) -> Ending {
         let conn = &mut self.conn;
+        let mut received = 0;
         loop {
             let event = match conn.rx.need() {
                 RxNeed::Header { buf: b }
@@ -122,7 +123,9 @@ impl BlockingQueue {
                 RxNeed::Accept { cccid, .. } => {
                     assert_eq!(cccid, cid, "data for the command in flight");
                     let len = u32::try_from(buf.len()).expect("small buffer");
-                    conn.rx.accept(len).expect("data within the buffer");
+                    conn.rx
+                        .accept(len, received)
+                        .expect("data within the buffer, in order");
                     None
                 }
                 RxNeed::Payload {
@@ -132,6 +135,7 @@ impl BlockingQueue {
                     let dst = &mut buf[start..start + remaining as usize];
                     let n = conn.stream.read(dst).expect("read payload");
                     assert!(n > 0, "target closed the I/O queue");
+                    received += n as u32;
                     conn.rx.payload_read(&dst[..n]).expect("valid payload")
                 }
                 RxNeed::Closed => panic!("I/O queue closed"),

@@ -1,9 +1,10 @@
 //! The NVMe/TCP receive path: a byte stream from a hostile controller, cut into reads of
 //! arbitrary sizes, driven through `RxParser` the way a connection drives it.
 //!
-//! Checked beyond "no panic": every step makes progress, payload stays inside the range the
-//! accepted C2HData announced and inside the command's buffer, and a fatal error closes the
-//! stream for good.
+//! Checked beyond "no panic": every step makes progress, a C2HData is accepted exactly when
+//! its data lies in the command's buffer and starts where the command's data so far ends,
+//! payload stays inside the range the accepted C2HData announced, and a fatal error closes
+//! the stream for good.
 
 #![no_main]
 
@@ -47,6 +48,8 @@ fn run(input: Input) {
 
     let mut reads = input.reads.iter().map(|&r| usize::from(r).max(1));
     let (mut pos, mut avail) = (0usize, 0usize);
+    // Payload bytes received per command.
+    let mut received = vec![0u32; input.buffers.len()];
     // (command, start, end) of the accepted C2HData.
     let mut announced = (0u16, 0u64, 0u64);
     loop {
@@ -83,9 +86,10 @@ fn run(input: Input) {
                 assert!(datal > 0 && datal <= MAX_DATA);
                 match buffer_len(cccid) {
                     Some(len) => {
-                        let r = p.accept(len);
+                        let at = received[usize::from(cccid)];
+                        let r = p.accept(len, at);
                         let end = u64::from(datao) + u64::from(datal);
-                        assert_eq!(r.is_ok(), end <= u64::from(len));
+                        assert_eq!(r.is_ok(), datao == at && end <= u64::from(len));
                         announced = (cccid, u64::from(datao), end);
                         r.map(|()| None)
                     }
@@ -106,6 +110,7 @@ fn run(input: Input) {
                     "payload outside its PDU"
                 );
                 assert!(buffer_len(cccid).is_some_and(|l| end <= u64::from(l)));
+                received[usize::from(cccid)] += n as u32;
                 pos += n;
                 avail -= n;
                 p.payload_read(&chunk[..n])

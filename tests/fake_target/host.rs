@@ -74,7 +74,8 @@ pub struct Host {
     pub params: IcResp,
     inbuf: Vec<u8>,
     pos: usize,
-    reads: HashMap<u16, Vec<u8>>,
+    /// Read commands in flight: their buffer, and how much of it has come.
+    reads: HashMap<u16, (Vec<u8>, u32)>,
     writes: HashMap<u16, Vec<u8>>,
     pub next_cid: u16,
 }
@@ -184,7 +185,7 @@ impl Host {
             let outcome = match need {
                 Need::Closed => return Got::Closed,
                 Need::Accept(cccid) => match self.reads.get(&cccid) {
-                    Some(buf) => self.rx.accept(buf.len() as u32).map(|()| None),
+                    Some((buf, got)) => self.rx.accept(buf.len() as u32, *got).map(|()| None),
                     None => Err(self.rx.reject()),
                 },
                 Need::Bytes if avail > 0 => {
@@ -195,7 +196,8 @@ impl Host {
                 Need::Payload(cccid, offset, remaining) if avail > 0 => {
                     let n = (remaining as usize).min(avail);
                     let data = &self.inbuf[self.pos..self.pos + n];
-                    let buf = self.reads.get_mut(&cccid).expect("accepted command");
+                    let (buf, got) = self.reads.get_mut(&cccid).expect("accepted command");
+                    *got += n as u32;
                     buf[offset as usize..offset as usize + n].copy_from_slice(data);
                     self.pos += n;
                     self.rx.payload_read(data)
@@ -274,7 +276,7 @@ impl Host {
         };
         sqe.set_sgl(sgl);
         if read_len > 0 {
-            self.reads.insert(cid, vec![0; read_len]);
+            self.reads.insert(cid, (vec![0; read_len], 0));
         }
         self.send_capsule(&sqe, inline);
         cid
@@ -287,7 +289,7 @@ impl Host {
             match self.next(TIMEOUT) {
                 Got::Event(RxEvent::CapsuleResp(cqe)) if cqe.cid() == cid => {
                     self.writes.remove(&cid);
-                    let data = self.reads.remove(&cid).unwrap_or_default();
+                    let data = self.reads.remove(&cid).map(|(d, _)| d).unwrap_or_default();
                     return Reply {
                         cqe: Some(cqe),
                         data,
@@ -298,7 +300,7 @@ impl Host {
                     success: true,
                     ..
                 }) if cccid == cid => {
-                    let data = self.reads.remove(&cid).unwrap_or_default();
+                    let data = self.reads.remove(&cid).map(|(d, _)| d).unwrap_or_default();
                     return Reply { cqe: None, data };
                 }
                 Got::Event(RxEvent::R2t(r)) => {

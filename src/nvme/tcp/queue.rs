@@ -353,16 +353,18 @@ impl IoQueue {
                 Ok(true)
             }
             RxNeed::Accept { cccid, .. } => {
-                let len = match self.cmds.get(cccid) {
+                let (len, received) = match self.cmds.get(cccid) {
                     Some(Cmd {
                         data: Data::In(d),
                         queued: false,
+                        received,
                         ..
-                    }) => d.len(),
+                    }) => (d.len(), *received),
                     _ => return Err(QueueError::Pdu(conn.rx.reject())),
                 };
+                let u32_of = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
                 conn.rx
-                    .accept(u32::try_from(len).unwrap_or(u32::MAX))
+                    .accept(u32_of(len), u32_of(received))
                     .map_err(QueueError::Pdu)?;
                 Ok(true)
             }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::nvme::tcp::pdu::tests::{ALL, NONE, c2h_data, capsule_resp, icreq, icresp, r2t};
-use crate::nvme::tcp::pdu::{Digests, RxParser, flags, pdu_type};
+use crate::nvme::tcp::pdu::{Digests, Fes, RxParser, flags, pdu_type};
 
 const GUARD: usize = 4096;
 
@@ -207,12 +207,60 @@ fn read_in_two_pdus_then_a_response() {
     q.flush().expect("flush");
     let (cid, ..) = t.capsule();
     let payload: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
-    let mut wire = c2h_data(cid, 4096, &payload[4096..], 0, t.d, 0);
-    wire.extend(c2h_data(cid, 0, &payload[..4096], flags::LAST_PDU, t.d, 0));
+    let mut wire = c2h_data(cid, 0, &payload[..4096], 0, t.d, 0);
+    wire.extend(c2h_data(
+        cid,
+        4096,
+        &payload[4096..],
+        flags::LAST_PDU,
+        t.d,
+        0,
+    ));
     wire.extend(capsule_resp(cid, t.d));
     t.send(&wire);
     assert_eq!(wait(&mut q, 1).expect("poll"), [ok(1, 8192)]);
     assert_eq!(buf.bytes(), payload.as_slice());
+}
+
+/// Data that does not continue where the command's data so far ends (here the second half
+/// first, then the first half twice: a gap, then an overlap) is a protocol error, not a read
+/// whose byte count hides a hole.
+#[test]
+fn data_out_of_order_resets_the_connection() {
+    let gap = |cid| c2h_data(cid, 4096, &[0xee; 4096], 0, NONE, 0);
+    let overlap = |cid| {
+        [
+            c2h_data(cid, 0, &[0xee; 4096], 0, NONE, 0),
+            c2h_data(cid, 0, &[0xee; 4096], flags::LAST_PDU, NONE, 0),
+        ]
+        .concat()
+    };
+    for wire in [&gap as &dyn Fn(u16) -> Vec<u8>, &overlap] {
+        let buf = Buf::new(8192, 0x5c);
+        let (mut q, mut t) = pair(NONE, 65536, 8192);
+        q.push(1, Sqe::read(1, 0, 15, false), Data::In(buf.data()), 0)
+            .expect("room");
+        q.flush().expect("flush");
+        let (cid, ..) = t.capsule();
+        t.send(&wire(cid));
+        let err = wait(&mut q, 1).expect_err("reset");
+        assert!(
+            matches!(err, QueueError::Pdu(PduError::DataOutOfOrder { cccid, .. }) if cccid == cid),
+            "{err:?}"
+        );
+        assert!(buf.guards_intact(0x5c));
+        assert!(!q.is_connected());
+        assert_eq!(q.in_flight(), 1, "the command waits for a new connection");
+        let term = t.pdu();
+        assert_eq!(term[0], pdu_type::H2C_TERM_REQ, "the target is told why");
+        let fes = u16::from_le_bytes([term[8], term[9]]);
+        let fei = u32::from_le_bytes([term[10], term[11], term[12], term[13]]);
+        assert_eq!(
+            (fes, fei),
+            (Fes::InvalidHeaderField as u16, 12),
+            "FES and FEI: DATAO of the C2HData header"
+        );
+    }
 }
 
 #[test]

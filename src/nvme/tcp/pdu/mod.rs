@@ -161,6 +161,7 @@ const FEI_CCCID: u32 = 8;
 const FEI_CPDA: u32 = 10;
 const FEI_DGST: u32 = 11;
 const FEI_MAXH2CDATA: u32 = 12;
+const FEI_DATAO: u32 = 12;
 const FEI_DATAL: u32 = 16;
 
 /// A received PDU the host refuses. All but [`PduError::DataDigest`] are fatal: the
@@ -212,6 +213,12 @@ pub enum PduError {
         len: u32,
         buffer_len: u32,
     },
+    #[error("data of command {cccid} at offset {offset}, where {expected} was next")]
+    DataOutOfOrder {
+        cccid: u16,
+        offset: u32,
+        expected: u32,
+    },
     #[error("more R2Ts outstanding for command {cccid} than MAXR2T allows")]
     R2tLimitExceeded { cccid: u16 },
 }
@@ -243,6 +250,7 @@ impl PduError {
             MaxH2cData { .. } => (Fes::InvalidHeaderField, FEI_MAXH2CDATA),
             UnknownCommand { .. } => (Fes::InvalidHeaderField, FEI_CCCID),
             DataOutOfRange { .. } => (Fes::DataOutOfRange, 0),
+            DataOutOfOrder { .. } => (Fes::InvalidHeaderField, FEI_DATAO),
             R2tLimitExceeded { .. } => (Fes::LimitExceeded, 0),
         })
     }

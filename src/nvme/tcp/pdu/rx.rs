@@ -276,9 +276,13 @@ impl RxParser {
         (n, self.filled(n))
     }
 
-    /// Accepts the pending C2HData for a command whose buffer holds `buffer_len` bytes:
-    /// its data must lie within them.
-    pub fn accept(&mut self, buffer_len: u32) -> Result<(), PduError> {
+    /// Accepts the pending C2HData for a command whose buffer holds `buffer_len` bytes and
+    /// which has received `received` of them: its data must lie within the buffer and start
+    /// where the data received so far ends. A controller sends a command's data in order
+    /// (DATAO of each PDU is the sum of DATAL of those before it; SPDK's host requires it
+    /// too), so an overlap or a gap is a protocol error, never a read with a hole in it that
+    /// the count of bytes received would not show.
+    pub fn accept(&mut self, buffer_len: u32, received: u32) -> Result<(), PduError> {
         let State::Accept(pdu) = self.state else {
             debug_assert!(false, "accept without a pending C2HData");
             return Ok(());
@@ -290,6 +294,13 @@ impl RxParser {
                 offset: pdu.datao,
                 len: pdu.datal,
                 buffer_len,
+            }));
+        }
+        if pdu.datao != received {
+            return Err(self.fail(PduError::DataOutOfOrder {
+                cccid: pdu.cccid,
+                offset: pdu.datao,
+                expected: received,
             }));
         }
         // The header (with digest) is in; padding, if any, runs up to PDO.

@@ -324,13 +324,15 @@ fn is_timeout(e: &io::Error) -> bool {
 }
 
 /// Drives `rx` until it reports an event other than a C2HData header, reading exactly what it
-/// asks for. C2HData for command `cid` goes into `data`; data for any other command, or for a
-/// command without a buffer, is refused.
+/// asks for. C2HData for command `cid` goes into `data`, of which `received` bytes have come
+/// (the next C2HData must start there); data for any other command, or for a command without
+/// a buffer, is refused.
 fn next_event(
     link: &mut Link,
     rx: &mut RxParser,
     cid: Option<u16>,
     data: &mut [u8],
+    received: &mut u32,
     deadline: Instant,
     op: &'static str,
 ) -> Result<RxEvent, ConnError> {
@@ -341,7 +343,9 @@ fn next_event(
                 rx.filled(n)
             }
             RxNeed::Accept { cccid, .. } => match u32::try_from(data.len()) {
-                Ok(len) if Some(cccid) == cid && len > 0 => rx.accept(len).map(|()| None),
+                Ok(len) if Some(cccid) == cid && len > 0 => {
+                    rx.accept(len, *received).map(|()| None)
+                }
                 _ => Err(rx.reject()),
             },
             RxNeed::Payload {
@@ -357,6 +361,8 @@ fn next_event(
                     });
                 };
                 let n = link.read_some(dst, deadline, op)?;
+                // `n` is at most `remaining`, a u32.
+                *received += n as u32;
                 rx.payload_read(&dst[..n])
             }
             RxNeed::Closed => return Err(ConnError::Broken { peer: link.peer }),
@@ -497,7 +503,8 @@ impl SyncConn {
         let mut rx = RxParser::new(&icreq, max_data);
         let deadline = Instant::now() + timeout;
         link.send(&icreq.encode(), "ICReq")?;
-        let params = match next_event(&mut link, &mut rx, None, &mut [], deadline, "ICReq")? {
+        let params = match next_event(&mut link, &mut rx, None, &mut [], &mut 0, deadline, "ICReq")?
+        {
             RxEvent::IcResp(params) => params,
             RxEvent::C2hTermReq { fes, fei } => {
                 return Err(ConnError::TermReq {
@@ -663,8 +670,17 @@ impl SyncConn {
         deadline: Instant,
     ) -> Result<Cqe, ConnError> {
         let peer = self.link.peer;
+        let mut received = 0;
         loop {
-            match next_event(&mut self.link, &mut self.rx, Some(cid), data, deadline, op)? {
+            match next_event(
+                &mut self.link,
+                &mut self.rx,
+                Some(cid),
+                data,
+                &mut received,
+                deadline,
+                op,
+            )? {
                 RxEvent::CapsuleResp(cqe) if cqe.cid() == cid => return Ok(cqe),
                 RxEvent::CapsuleResp(_) => {
                     return Err(ConnError::Unexpected {

@@ -145,6 +145,8 @@ pub(super) fn drive(p: &mut RxParser, stream: &[u8], chunks: &[usize]) -> Trace 
     let mut avail = 0;
     // Data range announced by the C2HData being received.
     let mut announced = (0u64, 0u64);
+    // Data bytes received per command: where its next C2HData must start.
+    let mut received = BTreeMap::<u16, u32>::new();
     loop {
         if avail == 0 {
             if pos == stream.len() {
@@ -172,7 +174,8 @@ pub(super) fn drive(p: &mut RxParser, stream: &[u8], chunks: &[usize]) -> Trace 
             } => match buffer_len(cccid) {
                 Some(len) => {
                     announced = (u64::from(datao), u64::from(datao) + u64::from(datal));
-                    p.accept(len).map(|()| None)
+                    let at = received.get(&cccid).copied().unwrap_or(0);
+                    p.accept(len, at).map(|()| None)
                 }
                 None => Err(p.reject()),
             },
@@ -182,6 +185,7 @@ pub(super) fn drive(p: &mut RxParser, stream: &[u8], chunks: &[usize]) -> Trace 
                 remaining,
             } => {
                 let n = (remaining as usize).min(avail);
+                *received.entry(cccid).or_default() += n as u32;
                 let range = u64::from(offset)..u64::from(offset) + n as u64;
                 assert!(
                     announced.0 <= range.start && range.end <= announced.1,

@@ -264,6 +264,16 @@ fn each_malformed_pdu_is_refused_with_its_own_error() {
             UnknownCommand { cccid: 10 },
         ),
         (
+            "data not at the start of the command's buffer",
+            plain,
+            after_icresp(NONE, &c2h_data(1, 8, &data, 0, NONE, 0)),
+            DataOutOfOrder {
+                cccid: 1,
+                offset: 8,
+                expected: 0,
+            },
+        ),
+        (
             "data past the buffer",
             plain,
             after_icresp(NONE, &c2h_data(1, 64 * 1024 - 8, &data, 0, NONE, 0)),

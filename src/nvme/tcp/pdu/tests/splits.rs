@@ -128,8 +128,14 @@ fn feed_takes_trailing_digest_and_next_header_in_one_go() {
     let (mut p, s) = session(1, ALL);
     let mut pos = 0;
     let mut events = Vec::new();
+    // Data bytes received per command: where its next C2HData must start.
+    let mut received = BTreeMap::<u16, u32>::new();
     while pos < s.len() {
-        if let RxNeed::Payload { remaining, .. } = p.need() {
+        if let RxNeed::Payload {
+            cccid, remaining, ..
+        } = p.need()
+        {
+            *received.entry(cccid).or_default() += remaining;
             let n = remaining as usize;
             if let Some(e) = p.payload_read(&s[pos..pos + n]).unwrap() {
                 events.push(Ok(e));
@@ -137,8 +143,9 @@ fn feed_takes_trailing_digest_and_next_header_in_one_go() {
             pos += n;
             continue;
         }
-        if let RxNeed::Accept { .. } = p.need() {
-            p.accept(64 * 1024).unwrap();
+        if let RxNeed::Accept { cccid, .. } = p.need() {
+            let at = received.get(&cccid).copied().unwrap_or(0);
+            p.accept(64 * 1024, at).unwrap();
             continue;
         }
         let tail = 4 + header_len_after_icresp(ALL);
