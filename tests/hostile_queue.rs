@@ -20,6 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, socket_listening};
+use common::fake_target::{FakeTarget, Fault, Options as TargetOptions};
 use common::{Image, TIMEOUT, procfs};
 use frontend::{
     BLOCK, BlkFrontend, Completion, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, FdKind,
@@ -49,7 +50,14 @@ struct Lab {
 }
 
 impl Lab {
+    /// Both devices on image files.
     fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// The attacker's device on `attacker_disk` (a `disk=` value) if given, else on an image
+    /// file; the victim's on an image file.
+    fn start_with(attacker_disk: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let images = [Image::new(8 * MIB), Image::new(8 * MIB)];
         let sockets = [0, 1].map(|i| dir.path().join(format!("dev{i}.sock")));
@@ -59,10 +67,18 @@ impl Lab {
             "never".into(),
             "--cpus".into(),
             cpu.to_string().into(),
+            // Requests a stalled target holds stay in flight for the whole test.
+            "--io-timeout".into(),
+            "60".into(),
         ];
-        for (socket, image) in sockets.iter().zip(&images) {
+        for (i, (socket, image)) in sockets.iter().zip(&images).enumerate() {
+            let text = |p: &Path| p.to_str().expect("UTF-8 temporary path").replace(',', ",,");
+            let disk = match attacker_disk {
+                Some(d) if i == ATTACKER => d.to_owned(),
+                _ => text(image.path()),
+            };
             args.push("--device".into());
-            args.push(device_arg(socket, image.path()));
+            args.push(format!("socket={},disk={disk}", text(socket)).into());
         }
         let args: Vec<&OsStr> = args.iter().map(OsString::as_os_str).collect();
         let daemon = Daemon::vubd_with_args(&args, &sockets[0]);
@@ -125,11 +141,6 @@ impl Lab {
             .map(|(_, t)| t)
             .unwrap_or_else(|| panic!("no poller thread\n{}", self.daemon.output()))
     }
-}
-
-fn device_arg(socket: &Path, disk: &Path) -> OsString {
-    let text = |p: &Path| p.to_str().expect("UTF-8 temporary path").replace(',', ",,");
-    format!("socket={},disk={}", text(socket), text(disk)).into()
 }
 
 fn attacker_options() -> Options {
@@ -396,6 +407,75 @@ fn indirect_table_of_65535_entries_breaks_the_queue_quickly() {
         "{}",
         tail(&log)
     );
+}
+
+/// A head made available again while its request is still in flight (QEMU's "Virtqueue size
+/// exceeded"): the attacker's disk is an NVMe/TCP namespace whose target stops answering, so
+/// its two reads stay in flight while the driver makes the first one's head available seven
+/// more times. The chains in use reach the ring's 8 entries after six, and the seventh
+/// breaks the queue (a file disk completes too fast for chains to pile up).
+#[test]
+fn a_head_made_available_again_while_in_flight_breaks_the_queue() {
+    let target = FakeTarget::start(TargetOptions::default()).expect("start the fake target");
+    let uri = format!("nvme-tcp://{}/{}", target.addr(), target.nqn());
+    let mut lab = Lab::start_with(Some(&uri));
+    let mut victim = lab.victim();
+    verified_round(&mut victim, 1, TIMEOUT).expect("victim before the attack");
+    let opts = Options {
+        queue_size: 8,
+        ..attacker_options()
+    };
+    let mut fe = lab
+        .try_attacker(opts)
+        .unwrap_or_else(|e| panic!("attacker connect: {e}\n{}", lab.daemon.output()));
+    verified_round(&mut fe, 1, TIMEOUT).expect("attacker before the attack");
+    target.set_fault(Fault::Stall);
+    let first = fe
+        .submit(
+            0,
+            Request::Read {
+                sector: 0,
+                len: BLOCK,
+            },
+            10,
+        )
+        .expect("submit");
+    fe.submit(
+        0,
+        Request::Read {
+            sector: 8,
+            len: BLOCK,
+        },
+        11,
+    )
+    .expect("submit");
+    fe.notify(0).expect("notify");
+    // Both reads taken (and held by the target) before the duplicates come.
+    thread::sleep(Duration::from_millis(300));
+    let lines_before = lab.lines();
+    for _ in 0..7 {
+        fe.push_head(0, first);
+    }
+    fe.notify(0).expect("notify");
+    let signalled = fe.error_signalled(0, Duration::from_secs(2));
+    let kick = fe.kick_fd(0);
+    let c = contain(&mut lab, &mut victim, Some(kick), lines_before);
+    let what = "a head made available again while in flight";
+    assert_none(&lab, what, &uncontained(&c, signalled));
+    let log = lab.daemon.output();
+    assert_eq!(
+        log.matches("queue broken").count(),
+        1,
+        "{what}: one line says the queue broke\n{}",
+        tail(&log)
+    );
+    assert!(
+        log.contains("8 chains in use on a ring of 8"),
+        "{}",
+        tail(&log)
+    );
+    target.clear_fault(Fault::Stall);
+    lab.daemon.assert_running();
 }
 
 /// A frontend stops a broken ring (GET_VRING_BASE answers, after the requests it made
