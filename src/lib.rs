@@ -10,8 +10,10 @@
 
 pub mod bdev;
 pub mod config;
+pub mod ctl;
 pub mod daemon;
 pub mod error_chain;
+pub mod jsonrpc;
 pub mod log_limit;
 pub mod mem;
 pub mod nvme;

@@ -2,8 +2,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::ErrorKind;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, reload};
 use vubd::config::{Args, Command, capabilities_json};
-use vubd::daemon::{self, error_chain};
+use vubd::daemon::{self, LogControl, error_chain};
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -20,14 +23,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VUBD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    // The filter can be changed while vubd runs (`log_set_level`).
+    let filter = EnvFilter::try_from_env("VUBD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, filter_handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
         .init();
+    let log = LogControl::new(move |level| {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        filter_handle.reload(filter).map_err(|e| e.to_string())
+    });
     match Command::try_from(args) {
         Err(e) => {
             eprintln!("vubd: {e}");
@@ -51,7 +61,17 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Ok(Command::Serve(cfg)) => match daemon::run(cfg) {
+        Ok(Command::Ctl(c)) => match vubd::ctl::run(&c) {
+            Ok(out) => {
+                daemon::stdout::write(&out);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vubd ctl: {}: {}", c.method, error_chain(&e));
+                ExitCode::FAILURE
+            }
+        },
+        Ok(Command::Serve(cfg)) => match daemon::run(cfg, log) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("vubd: {}", error_chain(&e));

@@ -1,8 +1,10 @@
 //! One served device: its socket, disk and guest-visible shape. The single-device options
 //! (`--socket-path`/`--fd`, `--disk`, `--readonly`, ...) describe one; each repeatable
-//! `--device socket=PATH,disk=DISK[,serial=S][,readonly=on|off][,num-queues=N][,queue-size=N]
-//! [,incoming=on|off][,max-inflight=N]` (QEMU's key=value list, `,,` for a comma in a value) describes another. What several
-//! devices may not share is refused here: a socket, a writable image file, an NVMe namespace.
+//! `--device socket=PATH,disk=DISK[,name=N][,serial=S][,readonly=on|off][,num-queues=N]
+//! [,queue-size=N][,incoming=on|off][,max-inflight=N]` (QEMU's key=value list, `,,` for a
+//! comma in a value) describes another, and so do the same keys in a control request
+//! (`device_add`). What several devices may not share is refused here: a name, a socket, a
+//! writable image file, an NVMe namespace.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,8 +17,10 @@ use super::{
 /// A validated device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceConfig {
+    /// How the control socket names it (`name=`; default: its socket as given). Unique.
+    pub name: String,
     /// The `--device` argument as given, to name the device in errors; `None` for the device
-    /// of the single-device options.
+    /// of the single-device options and for one a control request added.
     pub arg: Option<String>,
     pub socket: SocketSpec,
     pub disk: DiskSpec,
@@ -54,6 +58,7 @@ impl DeviceConfig {
 /// The values of one device, before validation.
 #[derive(Debug)]
 pub(super) struct DeviceValues {
+    pub name: String,
     pub socket: SocketSpec,
     pub disk: DiskSpec,
     pub read_only: bool,
@@ -93,6 +98,7 @@ impl DeviceValues {
             None => default_serial(&self.disk),
         };
         Ok(DeviceConfig {
+            name: self.name,
             arg,
             socket: self.socket,
             disk: self.disk,
@@ -128,39 +134,53 @@ fn split_list(s: &str) -> Vec<String> {
     items
 }
 
-/// Parses one `--device` argument; `incoming` and `perms` are the defaults of its `incoming=`,
-/// `socket-mode=` and `socket-group=` keys.
+/// The keys of a device (`--device` and the control socket's `device_add`).
+pub const KNOWN_KEYS: &str = "name, socket, fd, disk, serial, readonly, num-queues, queue-size, \
+                              incoming, max-inflight, socket-mode, socket-group";
+
+/// What a device's keys default to beside their own defaults: the global `--incoming`,
+/// `--socket-mode` and `--socket-group`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceDefaults {
+    pub incoming: bool,
+    pub perms: SocketPerms,
+}
+
+/// Parses one `--device` argument; errors name it whole.
 pub(super) fn parse_device(
     arg: &str,
-    incoming: bool,
-    perms: SocketPerms,
+    defaults: DeviceDefaults,
 ) -> Result<DeviceConfig, ConfigError> {
-    let bad = |why: &'static str| ConfigError::BadDevice(arg.to_owned(), why);
-    let mut keys: HashMap<String, String> = HashMap::new();
+    let label = format!("--device {arg:?}");
+    let mut items = Vec::new();
     for item in split_list(arg) {
-        let (key, value) = item
-            .split_once('=')
-            .ok_or(bad("expected KEY=VALUE items separated by commas"))?;
-        if !matches!(
-            key,
-            "socket"
-                | "fd"
-                | "disk"
-                | "serial"
-                | "readonly"
-                | "num-queues"
-                | "queue-size"
-                | "incoming"
-                | "max-inflight"
-                | "socket-mode"
-                | "socket-group"
-        ) {
-            return Err(bad(
-                "unknown key (known: socket, fd, disk, serial, readonly, num-queues, queue-size, \
-                 incoming, max-inflight, socket-mode, socket-group)",
-            ));
+        let (key, value) = item.split_once('=').ok_or_else(|| {
+            ConfigError::BadDevice(
+                label.clone(),
+                "expected KEY=VALUE items separated by commas",
+            )
+        })?;
+        items.push((key.to_owned(), value.to_owned()));
+    }
+    let mut d = device_from_keys(&label, items, defaults)?;
+    d.arg = Some(arg.to_owned());
+    Ok(d)
+}
+
+/// A device from its keys ([`KNOWN_KEYS`]) and values; `label` names where they came from in
+/// errors (`--device "ARG"`, or a control request's method).
+pub fn device_from_keys(
+    label: &str,
+    items: impl IntoIterator<Item = (String, String)>,
+    defaults: DeviceDefaults,
+) -> Result<DeviceConfig, ConfigError> {
+    let bad = |why: &'static str| ConfigError::BadDevice(label.to_owned(), why);
+    let mut keys: HashMap<String, String> = HashMap::new();
+    for (key, value) in items {
+        if !KNOWN_KEYS.split(", ").any(|k| k == key) {
+            return Err(ConfigError::UnknownKey(label.to_owned(), key));
         }
-        if keys.insert(key.to_owned(), value.to_owned()).is_some() {
+        if keys.insert(key, value).is_some() {
             return Err(bad("a key is given twice"));
         }
     }
@@ -176,7 +196,14 @@ pub(super) fn parse_device(
         ),
         (None, None) => return Err(bad("socket (or fd) is required")),
     };
-    let in_device = |e| ConfigError::InDevice(arg.to_owned(), Box::new(e));
+    let name = match keys.remove("name") {
+        Some(n) if n.is_empty() || n.len() > MAX_NAME_LEN || n.chars().any(char::is_control) => {
+            return Err(bad("name must be 1 to 64 bytes without control characters"));
+        }
+        Some(n) => n,
+        None => default_name(&socket),
+    };
+    let in_device = |e| ConfigError::InDevice(label.to_owned(), Box::new(e));
     let disk =
         parse_disk(&keys.remove("disk").ok_or(bad("disk is required"))?).map_err(in_device)?;
     let own_perms = SocketPerms::parse(
@@ -188,7 +215,7 @@ pub(super) fn parse_device(
         SocketSpec::Fd(_) if own_perms.any() => return Err(in_device(ConfigError::PermsOnFd)),
         // The global options are for the sockets vubd creates.
         SocketSpec::Fd(_) => SocketPerms::default(),
-        SocketSpec::Path(_) => own_perms.or(perms),
+        SocketSpec::Path(_) => own_perms.or(defaults.perms),
     };
     let switch =
         |key: &str, default: bool, why: &'static str| match keys.get(key).map(String::as_str) {
@@ -198,7 +225,7 @@ pub(super) fn parse_device(
             Some(_) => Err(bad(why)),
         };
     let read_only = switch("readonly", false, "readonly takes on or off")?;
-    let incoming = switch("incoming", incoming, "incoming takes on or off")?;
+    let incoming = switch("incoming", defaults.incoming, "incoming takes on or off")?;
     let number = |key: &str, default: u16| match keys.get(key) {
         None => Ok(default),
         Some(v) => v
@@ -206,6 +233,7 @@ pub(super) fn parse_device(
             .map_err(|_| bad("num-queues and queue-size take numbers")),
     };
     let values = DeviceValues {
+        name,
         socket,
         disk,
         read_only,
@@ -219,45 +247,73 @@ pub(super) fn parse_device(
         },
         socket_perms,
     };
-    values
-        .validate(Some(arg.to_owned()), None)
-        .map_err(in_device)
+    values.validate(None, None).map_err(in_device)
+}
+
+/// Longest device name, bytes.
+const MAX_NAME_LEN: usize = 64;
+
+/// The name of a device without `name=`: its socket as given (unique among the devices).
+pub(super) fn default_name(socket: &SocketSpec) -> String {
+    match socket {
+        SocketSpec::Path(p) => p.display().to_string(),
+        SocketSpec::Fd(fd) => format!("fd{fd}"),
+    }
 }
 
 /// Refuses what several devices cannot share: a socket, an image file any of them writes, an
 /// NVMe namespace; and one NVMe controller asked for with and without interrupts.
 pub(super) fn check_shared(devices: &[DeviceConfig]) -> Result<(), ConfigError> {
     for (i, d) in devices.iter().enumerate() {
-        let arg = || d.arg.clone().unwrap_or_default();
-        for e in &devices[..i] {
-            if d.socket == e.socket {
-                return Err(ConfigError::SharedDevice(arg(), "its socket is another's"));
+        check_beside(d, &devices[..i])?;
+    }
+    Ok(())
+}
+
+/// Refuses device `d` beside `others` for what [`check_shared`] refuses, and for a name one
+/// of them has.
+pub fn check_beside<'a>(
+    d: &DeviceConfig,
+    others: impl IntoIterator<Item = &'a DeviceConfig>,
+) -> Result<(), ConfigError> {
+    let label = || match &d.arg {
+        Some(arg) => format!("--device {arg:?}"),
+        None => format!("device {:?}", d.name),
+    };
+    for e in others {
+        if d.socket == e.socket {
+            return Err(ConfigError::SharedDevice(
+                label(),
+                "its socket is another's",
+            ));
+        }
+        if d.name == e.name {
+            return Err(ConfigError::SharedDevice(label(), "its name is another's"));
+        }
+        match (&d.disk, &e.disk) {
+            (DiskSpec::File(a), DiskSpec::File(b))
+                if (!d.read_only || !e.read_only) && same_file(a, b) =>
+            {
+                return Err(ConfigError::SharedDevice(
+                    label(),
+                    "its image is another's and one of them writes it (readonly=on on both)",
+                ));
             }
-            match (&d.disk, &e.disk) {
-                (DiskSpec::File(a), DiskSpec::File(b))
-                    if (!d.read_only || !e.read_only) && same_file(a, b) =>
-                {
+            (DiskSpec::NvmePcie(a), DiskSpec::NvmePcie(b)) if a.bdf == b.bdf => {
+                if a.nsid == b.nsid {
                     return Err(ConfigError::SharedDevice(
-                        arg(),
-                        "its image is another's and one of them writes it (readonly=on on both)",
+                        label(),
+                        "its NVMe namespace is another's",
                     ));
                 }
-                (DiskSpec::NvmePcie(a), DiskSpec::NvmePcie(b)) if a.bdf == b.bdf => {
-                    if a.nsid == b.nsid {
-                        return Err(ConfigError::SharedDevice(
-                            arg(),
-                            "its NVMe namespace is another's",
-                        ));
-                    }
-                    if a.interrupts != b.interrupts {
-                        return Err(ConfigError::SharedDevice(
-                            arg(),
-                            "devices of one NVMe controller take the same interrupts= value",
-                        ));
-                    }
+                if a.interrupts != b.interrupts {
+                    return Err(ConfigError::SharedDevice(
+                        label(),
+                        "devices of one NVMe controller take the same interrupts= value",
+                    ));
                 }
-                _ => {}
             }
+            _ => {}
         }
     }
     Ok(())
@@ -293,8 +349,7 @@ mod tests {
         let d = parse_device(
             "socket=d.sock,disk=null:1G,serial=s1,readonly=on,num-queues=4,queue-size=128,\
              incoming=on",
-            false,
-            SocketPerms::default(),
+            DeviceDefaults::default(),
         )
         .expect("valid");
         assert!(d.incoming);
@@ -308,8 +363,7 @@ mod tests {
 
     #[test]
     fn defaults_match_the_single_device_options() {
-        let d =
-            parse_device("fd=3,disk=file:a,,b.img", false, SocketPerms::default()).expect("valid");
+        let d = parse_device("fd=3,disk=file:a,,b.img", DeviceDefaults::default()).expect("valid");
         assert_eq!(d.socket, SocketSpec::Fd(3));
         assert_eq!(d.disk, DiskSpec::File("a,b.img".into()));
         assert_eq!(d.serial, None);
@@ -370,23 +424,19 @@ mod tests {
             ),
             ("socket=s,disk", "expected KEY=VALUE"),
         ] {
-            let e = parse_device(arg, false, SocketPerms::default())
+            let e = parse_device(arg, DeviceDefaults::default())
                 .expect_err(arg)
                 .to_string();
             assert!(e.starts_with(&format!("--device {arg:?}: ")), "{e}");
             assert!(e.contains(why), "{arg}: {e}");
         }
-        let e = parse_device(
-            "socket=s,disk=a,num-queues=0",
-            false,
-            SocketPerms::default(),
-        )
-        .unwrap_err();
+        let e =
+            parse_device("socket=s,disk=a,num-queues=0", DeviceDefaults::default()).unwrap_err();
         assert_eq!(
             e.to_string(),
             "--device \"socket=s,disk=a,num-queues=0\": --num-queues 0: must be between 1 and 64"
         );
-        let e = parse_device("socket=s,disk=bogus:x", false, SocketPerms::default()).unwrap_err();
+        let e = parse_device("socket=s,disk=bogus:x", DeviceDefaults::default()).unwrap_err();
         assert!(
             matches!(e, ConfigError::InDevice(_, ref inner)
             if matches!(**inner, ConfigError::UnknownDiskType(..))),
@@ -395,7 +445,7 @@ mod tests {
     }
 
     fn dev(arg: &str) -> DeviceConfig {
-        parse_device(arg, false, SocketPerms::default()).expect(arg)
+        parse_device(arg, DeviceDefaults::default()).expect(arg)
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
-pub use self::device::DeviceConfig;
+pub use self::device::{DeviceConfig, DeviceDefaults, KNOWN_KEYS, check_beside, device_from_keys};
 pub use self::nvme::{
     DEFAULT_DISCOVERY_PORT, NvmeHostArgs, NvmeHostConfig, NvmePcieUri, NvmeTcpUri,
 };
@@ -28,6 +28,8 @@ use std::time::Duration;
 pub const DEFAULT_SOCKET: &str = "vubd.sock";
 pub const DEFAULT_DISK: &str = "vubd.img";
 pub const DEFAULT_DISK_SIZE: u64 = 1 << 30;
+/// Where `vubd ctl` looks for the control socket without `--socket`.
+pub const DEFAULT_CONTROL_SOCKET: &str = "vubd-control.sock";
 
 /// Largest queue count (queues map onto a 64-bit worker mask).
 pub const MAX_QUEUES: u16 = 64;
@@ -113,6 +115,10 @@ pub struct Args {
         conflicts_with_all = ["socket_path", "fd", "disk", "readonly", "num_queues", "queue_size", "serial", "max_inflight"]
     )]
     pub devices: Vec<String>,
+    /// Take requests (JSON-RPC 2.0: add and remove devices, list them, ...) on this unix
+    /// socket, created with mode 0600. With it, vubd may start without a device.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     #[command(flatten)]
     pub nvme: NvmeHostArgs,
 }
@@ -132,6 +138,20 @@ pub enum SubCommand {
     Nvme {
         #[command(subcommand)]
         command: NvmeSubCommand,
+    },
+    /// Send one request to a running vubd's control socket and print the answer.
+    Ctl {
+        /// The control socket (vubd's --control-socket).
+        #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+        /// Print the result as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// The method: device_add, device_remove, device_list, log_set_level, version.
+        method: String,
+        /// Its parameters, KEY=VALUE each (device_add takes the keys of --device).
+        #[arg(value_name = "KEY=VALUE")]
+        params: Vec<String>,
     },
 }
 
@@ -186,6 +206,44 @@ pub enum DiskSpec {
     NvmePcie(NvmePcieUri),
 }
 
+/// The disk as `--disk` spells it (a canonical spelling: a file's path, `null:BYTES`,
+/// `nvme-tcp://ADDRESS:PORT/SUBNQN?nsid=N[&hdgst=1][&ddgst=1]`,
+/// `nvme-pcie:BDF?nsid=N[&interrupts=0]`).
+impl std::fmt::Display for DiskSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiskSpec::File(p) => write!(f, "{}", p.display()),
+            DiskSpec::Null(size) => write!(f, "null:{size}"),
+            DiskSpec::NvmeTcp(u) => {
+                let host = if u.host.contains(':') {
+                    format!("[{}]", u.host)
+                } else {
+                    u.host.clone()
+                };
+                write!(
+                    f,
+                    "nvme-tcp://{host}:{}/{}?nsid={}",
+                    u.port, u.subnqn, u.nsid
+                )?;
+                if u.hdgst {
+                    f.write_str("&hdgst=1")?;
+                }
+                if u.ddgst {
+                    f.write_str("&ddgst=1")?;
+                }
+                Ok(())
+            }
+            DiskSpec::NvmePcie(u) => {
+                write!(f, "nvme-pcie:{}?nsid={}", u.bdf, u.nsid)?;
+                if !u.interrupts {
+                    f.write_str("&interrupts=0")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// What `vubd` was asked to do.
 #[derive(Debug)]
 pub enum Command {
@@ -193,6 +251,17 @@ pub enum Command {
     Serve(Config),
     Discover(DiscoverConfig),
     NvmeList(NvmeListConfig),
+    Ctl(CtlConfig),
+}
+
+/// `vubd ctl`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CtlConfig {
+    pub socket: PathBuf,
+    pub json: bool,
+    pub method: String,
+    /// `KEY=VALUE` parameters, in order.
+    pub params: Vec<(String, String)>,
 }
 
 /// `vubd nvme list`.
@@ -214,8 +283,13 @@ pub struct DiscoverConfig {
 /// A validated configuration: the devices, and what applies to all of them.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// At least one; the single-device options make exactly one.
+    /// The devices to serve from the start: the single-device options make one; none only
+    /// with a control socket.
     pub devices: Vec<DeviceConfig>,
+    /// `--control-socket`.
+    pub control_socket: Option<PathBuf>,
+    /// What the keys of a device added later default to.
+    pub device_defaults: DeviceDefaults,
     pub cache: CacheMode,
     /// One entry per poller thread: the CPU it is pinned to, if any.
     pub pollers: Vec<Option<usize>>,
@@ -294,15 +368,34 @@ pub enum ConfigError {
     PollIdle(u64),
     #[error("--bdf {0:?}: expected a PCI address such as 0000:01:00.0")]
     BadBdf(String),
-    #[error("--device {0:?}: {1}")]
+    #[error("ctl parameter {0:?}: expected KEY=VALUE")]
+    CtlParam(String),
+    /// A device's keys, named by where they came from (`--device "ARG"`, or a control
+    /// request's method).
+    #[error("{0}: {1}")]
     BadDevice(String, &'static str),
-    #[error("--device {0:?}: {1}")]
+    #[error("{0}: unknown key {1:?} (known: {KNOWN_KEYS})")]
+    UnknownKey(String, String),
+    #[error("{0}: {1}")]
     InDevice(String, Box<ConfigError>),
-    #[error("--device {0:?}: {1}")]
+    #[error("{0}: {1}")]
     SharedDevice(String, &'static str),
 }
 
 impl Args {
+    /// True when any single-device option (`--disk`, `--socket-path`, ...) is given.
+    fn single_device_given(&self) -> bool {
+        let empty = Args::try_parse_from(["vubd"]).expect("no arguments parse");
+        self.disk.is_some()
+            || self.socket_path.is_some()
+            || self.fd.is_some()
+            || self.readonly
+            || self.serial.is_some()
+            || self.max_inflight.is_some()
+            || self.num_queues != empty.num_queues
+            || self.queue_size != empty.queue_size
+    }
+
     /// True when the command line is the empty one (every option at its default): the
     /// default run. Any option given without `--disk` is a mistake, not a request for it.
     fn is_bare(&self) -> bool {
@@ -341,9 +434,46 @@ impl TryFrom<Args> for Command {
                 io_timeout: nvme.io_timeout,
             }));
         }
+        if let Some(SubCommand::Ctl {
+            socket,
+            json,
+            method,
+            params,
+        }) = args.command
+        {
+            let params = params
+                .into_iter()
+                .map(|p| match p.split_once('=') {
+                    Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+                    _ => Err(ConfigError::CtlParam(p)),
+                })
+                .collect::<Result<_, _>>()?;
+            return Ok(Command::Ctl(CtlConfig {
+                socket,
+                json,
+                method,
+                params,
+            }));
+        }
         let bare = args.is_bare();
         let perms = SocketPerms::parse(args.socket_mode.as_deref(), args.socket_group.as_deref())?;
-        let devices = if args.devices.is_empty() {
+        let device_defaults = DeviceDefaults {
+            incoming: args.incoming,
+            perms,
+        };
+        // A control socket and none of the single-device options: devices come later.
+        let only_control = args.control_socket.is_some() && !args.single_device_given();
+        let devices = if !args.devices.is_empty() {
+            let devices = args
+                .devices
+                .iter()
+                .map(|d| device::parse_device(d, device_defaults))
+                .collect::<Result<Vec<_>, _>>()?;
+            device::check_shared(&devices)?;
+            devices
+        } else if only_control {
+            Vec::new()
+        } else {
             let disk = match (&args.disk, bare) {
                 (Some(d), _) => parse_disk(d)?,
                 (None, true) => DiskSpec::File(PathBuf::from(DEFAULT_DISK)),
@@ -357,6 +487,7 @@ impl TryFrom<Args> for Command {
                 (None, None) => SocketSpec::Path(PathBuf::from(DEFAULT_SOCKET)),
             };
             let values = device::DeviceValues {
+                name: device::default_name(&socket),
                 socket,
                 disk,
                 read_only: args.readonly,
@@ -368,21 +499,19 @@ impl TryFrom<Args> for Command {
                 socket_perms: perms,
             };
             vec![values.validate(None, bare.then_some(DEFAULT_DISK_SIZE))?]
-        } else {
-            let devices = args
-                .devices
-                .iter()
-                .map(|d| device::parse_device(d, args.incoming, perms))
-                .collect::<Result<Vec<_>, _>>()?;
-            device::check_shared(&devices)?;
-            devices
         };
         if args.poll_idle_us > 1_000_000 {
             return Err(ConfigError::PollIdle(args.poll_idle_us));
         }
         let allowed = allowed_cpus();
-        // By default one poller per queue of all devices together, up to the CPUs.
+        // By default one poller per queue of all devices together, up to the CPUs; one per
+        // CPU when devices may come later.
         let queues: usize = devices.iter().map(|d| usize::from(d.num_queues)).sum();
+        let queues = if args.control_socket.is_some() {
+            usize::MAX
+        } else {
+            queues
+        };
         let pollers = match &args.cpus {
             Some(list) => parse_cpus(list, &allowed)?.into_iter().map(Some).collect(),
             None => vec![None; queues.min(allowed.len().max(1))],
@@ -396,6 +525,8 @@ impl TryFrom<Args> for Command {
         };
         Ok(Command::Serve(Config {
             devices,
+            control_socket: args.control_socket,
+            device_defaults,
             cache: match args.cache {
                 CacheArg::None => CacheMode::None,
                 CacheArg::Writeback => CacheMode::Writeback,

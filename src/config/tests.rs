@@ -278,3 +278,87 @@ fn capabilities_follow_the_conventions() {
     let v: serde_json::Value = serde_json::from_str(&capabilities_json()).expect("json");
     assert_eq!(v["type"], "block");
 }
+
+#[test]
+fn a_control_socket_alone_serves_no_device_on_a_poller_per_cpu() {
+    let c = serve(&["--control-socket", "c.sock"]);
+    assert!(c.devices.is_empty());
+    assert_eq!(c.control_socket, Some(PathBuf::from("c.sock")));
+    assert_eq!(c.pollers.len(), allowed_cpus().len().max(1));
+    let c = serve(&["--control-socket", "c.sock", "--disk", "x.img"]);
+    assert_eq!(c.devices.len(), 1);
+    // A single-device option without --disk is still a mistake.
+    assert_eq!(
+        parse(&["--control-socket", "c.sock", "--readonly"]).unwrap_err(),
+        ConfigError::MissingDisk
+    );
+    let c = serve(&[
+        "--incoming",
+        "--socket-mode",
+        "0660",
+        "--control-socket",
+        "c.sock",
+    ]);
+    assert!(c.device_defaults.incoming);
+    assert_eq!(c.device_defaults.perms.mode, Some(0o660));
+}
+
+#[test]
+fn devices_are_named_by_their_socket_unless_given_a_name() {
+    let c = serve(&[
+        "--device",
+        "socket=a.sock,disk=null:1M",
+        "--device",
+        "name=fast,socket=b.sock,disk=null:1M",
+        "--device",
+        "fd=3,disk=null:1M",
+    ]);
+    let names: Vec<&str> = c.devices.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["a.sock", "fast", "fd3"]);
+    assert_eq!(one(&["--disk", "x.img"]).name, DEFAULT_SOCKET);
+    let e = parse(&[
+        "--device",
+        "name=x,socket=a.sock,disk=null:1M",
+        "--device",
+        "name=x,socket=b.sock,disk=null:1M",
+    ])
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "--device \"name=x,socket=b.sock,disk=null:1M\": its name is another's"
+    );
+    let e = parse(&["--device", "name=,socket=a.sock,disk=null:1M"]).unwrap_err();
+    assert!(e.to_string().contains("name must be 1 to 64 bytes"), "{e}");
+}
+
+#[test]
+fn a_disk_prints_as_a_disk_argument_that_parses_back() {
+    for arg in [
+        "x.img",
+        "null:1073741824",
+        "nvme-tcp://10.0.0.1:4420/nqn.2014-08.org.example:x?nsid=2&hdgst=1&ddgst=1",
+        "nvme-tcp://[fd00::1]:4420/nqn.2014-08.org.example:x?nsid=1",
+        "nvme-pcie:0000:01:00.0?nsid=3&interrupts=0",
+    ] {
+        let d = parse_disk(arg).expect(arg);
+        assert_eq!(d.to_string(), arg);
+        assert_eq!(parse_disk(&d.to_string()), Ok(d));
+    }
+}
+
+#[test]
+fn ctl_takes_a_method_and_key_value_parameters() {
+    match parse(&["ctl", "device_remove", "name=a=b"]) {
+        Ok(Command::Ctl(c)) => {
+            assert_eq!(c.socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+            assert!(!c.json);
+            assert_eq!(c.method, "device_remove");
+            assert_eq!(c.params, [("name".to_owned(), "a=b".to_owned())]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        parse(&["ctl", "device_remove", "=x"]).unwrap_err(),
+        ConfigError::CtlParam("=x".into())
+    );
+}

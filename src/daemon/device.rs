@@ -57,21 +57,36 @@ pub(super) fn first_pollers(cfg: &Config) -> Vec<usize> {
 /// Opens every device's disk, in order; the first failure names its device. Also how the
 /// `IoChannel` conformance checks (`examples/channel_check.rs`) open theirs.
 pub fn open_disks(cfg: &Config) -> Result<Vec<Arc<Disk>>, DaemonError> {
-    let mut ctrls = Controllers::default();
+    open_disks_with(cfg, &mut Controllers::default())
+}
+
+/// [`open_disks`], with the NVMe PCIe controllers they open recorded in `ctrls` (for the
+/// devices added later).
+pub(super) fn open_disks_with(
+    cfg: &Config,
+    ctrls: &mut Controllers,
+) -> Result<Vec<Arc<Disk>>, DaemonError> {
     let disks = cfg
         .devices
         .iter()
         .map(|d| {
-            open_disk(cfg, d, &mut ctrls)
+            open_disk(cfg, d, ctrls)
                 .map(Arc::new)
                 .map_err(|e| in_device(d, e))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    check_pcie_queues(cfg, &ctrls)?;
+    let placed = cfg.devices.iter().zip(first_pollers(cfg));
+    check_pcie_queues(placed, cfg.pollers.len(), ctrls)?;
     Ok(disks)
 }
 
-fn open_disk(cfg: &Config, d: &DeviceConfig, ctrls: &mut Controllers) -> Result<Disk, DaemonError> {
+/// Opens device `d`'s disk with the options of `cfg` (its devices are not looked at); a
+/// namespace of an NVMe PCIe controller in `ctrls` shares it.
+pub(super) fn open_disk(
+    cfg: &Config,
+    d: &DeviceConfig,
+    ctrls: &mut Controllers,
+) -> Result<Disk, DaemonError> {
     Ok(match &d.disk {
         DiskSpec::File(path) => {
             if let Some(size) = d.create_size {
@@ -112,9 +127,14 @@ fn open_disk(cfg: &Config, d: &DeviceConfig, ctrls: &mut Controllers) -> Result<
 
 /// Each poller that serves a queue of a device on an NVMe PCIe controller creates one I/O
 /// queue pair on it, shared by that controller's devices: the controller must grant that
-/// many (Set Features Number of Queues).
-fn check_pcie_queues(cfg: &Config, ctrls: &Controllers) -> Result<(), DaemonError> {
-    let pollers = pcie_pollers(cfg);
+/// many (Set Features Number of Queues). `devices` are every device with its first poller,
+/// of `pollers`.
+pub(super) fn check_pcie_queues<'a>(
+    devices: impl Iterator<Item = (&'a DeviceConfig, usize)>,
+    pollers: usize,
+    ctrls: &Controllers,
+) -> Result<(), DaemonError> {
+    let pollers = pcie_pollers(devices, pollers);
     for (bdf, ctrl) in ctrls.iter() {
         let needed = pollers.get(bdf).map_or(0, BTreeSet::len);
         let granted = usize::from(ctrl.io_queues_granted());
@@ -137,10 +157,13 @@ fn check_pcie_queues(cfg: &Config, ctrls: &Controllers) -> Result<(), DaemonErro
 
 /// The pollers that will serve each NVMe PCIe controller (by BDF): those of every queue of
 /// every device on one of its namespaces.
-fn pcie_pollers(cfg: &Config) -> HashMap<&str, BTreeSet<usize>> {
-    let n = cfg.pollers.len().max(1);
+fn pcie_pollers<'a>(
+    devices: impl Iterator<Item = (&'a DeviceConfig, usize)>,
+    pollers: usize,
+) -> HashMap<&'a str, BTreeSet<usize>> {
+    let n = pollers.max(1);
     let mut pollers: HashMap<&str, BTreeSet<usize>> = HashMap::new();
-    for (d, first) in cfg.devices.iter().zip(first_pollers(cfg)) {
+    for (d, first) in devices {
         if let DiskSpec::NvmePcie(uri) = &d.disk {
             let set = pollers.entry(uri.bdf.as_str()).or_default();
             set.extend((0..usize::from(d.num_queues)).map(|q| (first + q) % n));
@@ -358,20 +381,23 @@ mod tests {
             "socket=d,disk=nvme-pcie:0000:02:00.0,num-queues=3",
         ]);
         let set = |p: &[usize]| p.iter().copied().collect::<BTreeSet<usize>>();
+        fn of(c: &Config) -> HashMap<&str, BTreeSet<usize>> {
+            pcie_pollers(c.devices.iter().zip(first_pollers(c)), c.pollers.len())
+        }
         // Queues start at pollers 0, 2, 3 and 4; with 4 pollers, poller 4 is poller 0.
         c.pollers = vec![None; 4];
-        let p = pcie_pollers(&c);
+        let p = of(&c);
         assert_eq!(p.len(), 2, "{p:?}");
         assert_eq!(p[A], set(&[0, 1, 3]), "namespaces 1 and 2 together");
         assert_eq!(p[B], set(&[0, 1, 2]));
         // One poller serves everything: one queue pair per controller.
         c.pollers = vec![None];
-        let p = pcie_pollers(&c);
+        let p = of(&c);
         assert_eq!((p[A].len(), p[B].len()), (1, 1));
         // The single-device form counts the same way.
         let mut c = config(&["--disk", "nvme-pcie:0000:01:00.0", "--num-queues", "2"]);
         c.pollers = vec![None; 2];
-        assert_eq!(pcie_pollers(&c)[A], set(&[0, 1]));
+        assert_eq!(of(&c)[A], set(&[0, 1]));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! reaps them with a bounded wait.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use std::{mem, ptr, slice};
 
 use blkio::{Blkio, Blkioq, Completion, Errno, ReqFlags, iovec};
@@ -415,10 +415,21 @@ impl Queue {
     /// Waits (bounded by [`TIMEOUT`]) for every submitted request and returns their outcomes,
     /// indexed by tag. Frees the batch's buffers.
     pub fn wait_all(&mut self) -> Vec<Done> {
+        self.wait_all_within(TIMEOUT).unwrap_or_else(|remaining| {
+            panic!(
+                "{remaining} of {} requests still incomplete after {TIMEOUT:?}",
+                self.pending.len()
+            )
+        })
+    }
+
+    /// [`Queue::wait_all`] within `timeout`; `Err` holds how many requests are still
+    /// incomplete then (they stay pending).
+    pub fn wait_all_within(&mut self, timeout: Duration) -> Result<Vec<Done>, usize> {
         let mut remaining = self.pending.iter().filter(|p| p.ret.is_none()).count();
         let mut slots: Vec<mem::MaybeUninit<Completion>> =
             (0..remaining).map(|_| mem::MaybeUninit::uninit()).collect();
-        let deadline = Instant::now() + TIMEOUT;
+        let deadline = Instant::now() + timeout;
         while remaining > 0 {
             let mut left = deadline.saturating_duration_since(Instant::now());
             let reaped =
@@ -427,10 +438,7 @@ impl Queue {
                     .do_io(&mut slots[..remaining], remaining, Some(&mut left), None)
                 {
                     Ok(n) => n,
-                    Err(e) if e.errno() == Errno::TIME => panic!(
-                        "{remaining} of {} requests still incomplete after {TIMEOUT:?}",
-                        self.pending.len()
-                    ),
+                    Err(e) if e.errno() == Errno::TIME => return Err(remaining),
                     Err(e) => panic!("blkioq_do_io: {e} ({})", e.errno()),
                 };
             for slot in &slots[..reaped] {
@@ -479,7 +487,7 @@ impl Queue {
             })
             .collect();
         self.used = 0;
-        done
+        Ok(done)
     }
 
     fn single(&mut self, submit: impl FnOnce(&mut Self) -> usize) -> Done {

@@ -18,7 +18,7 @@ mod dma;
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -85,15 +85,18 @@ pub struct NvmePcieDevice {
     serial: String,
 }
 
-/// The controllers opened so far, by PCI address: devices on namespaces of one controller
-/// share it.
+/// The controllers open, by PCI address: devices on namespaces of one controller share it.
+/// Held weakly: a controller closes when its last device goes, and the next device on it
+/// opens it again.
 #[derive(Debug, Default)]
-pub struct Controllers(HashMap<String, Arc<PcieController>>);
+pub struct Controllers(HashMap<String, Weak<PcieController>>);
 
 impl Controllers {
-    /// Every controller opened, with its PCI address.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<PcieController>)> {
-        self.0.iter().map(|(bdf, c)| (bdf.as_str(), c))
+    /// Every controller still open, with its PCI address.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Arc<PcieController>)> {
+        self.0
+            .iter()
+            .filter_map(|(bdf, c)| Some((bdf.as_str(), c.upgrade()?)))
     }
 }
 
@@ -102,9 +105,10 @@ impl NvmePcieDevice {
     /// namespace; blocking, for startup. The first device of a controller sets its options
     /// (`interrupts`, `io_timeout`).
     pub fn open(cfg: &NvmePcieConfig, ctrls: &mut Controllers) -> Result<Self, NvmePcieError> {
-        let shared = ctrls.0.contains_key(&cfg.bdf);
-        let ctrl = match ctrls.0.get(&cfg.bdf) {
-            Some(c) => c.clone(),
+        let open = ctrls.0.get(&cfg.bdf).and_then(Weak::upgrade);
+        let shared = open.is_some();
+        let ctrl = match open {
+            Some(c) => c,
             None => {
                 let opts = PcieOptions {
                     io_timeout: cfg.io_timeout,
@@ -112,7 +116,7 @@ impl NvmePcieDevice {
                     ..PcieOptions::default()
                 };
                 let c = PcieController::open(&cfg.bdf, &opts)?;
-                ctrls.0.insert(cfg.bdf.clone(), c.clone());
+                ctrls.0.insert(cfg.bdf.clone(), Arc::downgrade(&c));
                 c
             }
         };

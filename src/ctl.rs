@@ -1,0 +1,222 @@
+//! `vubd ctl`: one request to a running vubd's control socket, its answer printed as a table
+//! (or as JSON with `--json`). Parameters are `KEY=VALUE` words, sent as strings.
+//!
+//! The daemon resolves no host name once it runs (its sandbox allows no DNS), so `device_add`
+//! resolves an NVMe/TCP target's name here and sends the address.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::config::{CtlConfig, DiskSpec, parse_disk};
+use crate::jsonrpc::{Client, ClientError};
+
+/// How long an answer may take: adding a device may wait for an NVMe/TCP target.
+const ANSWER_WAIT: Duration = Duration::from_secs(120);
+
+/// Why `vubd ctl` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("disk {disk:?}: cannot resolve {host}")]
+    Resolve {
+        disk: String,
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Sends the request of `cfg` and returns what to print.
+pub fn run(cfg: &CtlConfig) -> Result<String, CtlError> {
+    let mut params = Map::new();
+    for (key, value) in &cfg.params {
+        let value = if cfg.method == "device_add" && key == "disk" {
+            resolve_disk(value)?
+        } else {
+            value.clone()
+        };
+        params.insert(key.clone(), Value::String(value));
+    }
+    let params = if params.is_empty() {
+        Value::Null
+    } else {
+        Value::Object(params)
+    };
+    let mut client = Client::connect(&cfg.socket, ANSWER_WAIT)?;
+    let result = client.call(&cfg.method, params)?;
+    if cfg.json {
+        let mut text = serde_json::to_string_pretty(&result).unwrap_or_default();
+        text.push('\n');
+        return Ok(text);
+    }
+    Ok(human(&cfg.method, &cfg.params, &result))
+}
+
+/// `disk` with an NVMe/TCP target's host name replaced by its first address.
+fn resolve_disk(disk: &str) -> Result<String, CtlError> {
+    let Ok(DiskSpec::NvmeTcp(mut uri)) = parse_disk(disk) else {
+        // Anything else goes as it is; the daemon says what is wrong with it.
+        return Ok(disk.to_owned());
+    };
+    if uri.host.parse::<IpAddr>().is_ok() {
+        return Ok(disk.to_owned());
+    }
+    let resolve = |source| CtlError::Resolve {
+        disk: disk.to_owned(),
+        host: uri.host.clone(),
+        source,
+    };
+    let ip = (uri.host.as_str(), uri.port)
+        .to_socket_addrs()
+        .map_err(resolve)?
+        .next()
+        .ok_or_else(|| resolve(std::io::ErrorKind::NotFound.into()))?
+        .ip();
+    uri.host = ip.to_string();
+    Ok(DiskSpec::NvmeTcp(uri).to_string())
+}
+
+/// The answer as a person reads it.
+fn human(method: &str, params: &[(String, String)], result: &Value) -> String {
+    let param = |k: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == k)
+            .map_or("", |(_, v)| v.as_str())
+    };
+    match method {
+        "device_add" => format!(
+            "added {}\n",
+            result
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+        ),
+        "device_remove" => format!("removed {}\n", param("name")),
+        "log_set_level" => format!("log level: {}\n", param("level")),
+        "version" => format!(
+            "vubd {}\n",
+            result.get("version").and_then(Value::as_str).unwrap_or("?")
+        ),
+        "device_list" => device_table(result),
+        _ => format!(
+            "{}\n",
+            serde_json::to_string_pretty(result).unwrap_or_default()
+        ),
+    }
+}
+
+/// `device_list` as a table, a device per line.
+fn device_table(result: &Value) -> String {
+    let devices = result.as_array().map(Vec::as_slice).unwrap_or_default();
+    let mut rows = vec![[
+        "NAME".to_owned(),
+        "SIZE".to_owned(),
+        "QUEUES".to_owned(),
+        "MODE".to_owned(),
+        "FRONTEND".to_owned(),
+        "DISK".to_owned(),
+        "SOCKET".to_owned(),
+    ]];
+    for d in devices {
+        let s = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
+        let n = |k: &str| d.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let flag = |k: &str| d.get(k).and_then(Value::as_bool).unwrap_or(false);
+        rows.push([
+            s("name"),
+            size(n("capacity")),
+            n("num_queues").to_string(),
+            if flag("readonly") { "ro" } else { "rw" }.to_owned(),
+            if flag("connected") {
+                "connected"
+            } else {
+                "waiting"
+            }
+            .to_owned(),
+            s("disk"),
+            s("socket"),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A byte count in the largest binary unit that keeps it whole, or with one decimal.
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    let mut v = bytes as f64;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[unit])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn sizes_and_tables_read_as_a_person_expects() {
+        assert_eq!(size(512), "512 B");
+        assert_eq!(size(1 << 30), "1 GiB");
+        assert_eq!(size(3 << 29), "1.5 GiB");
+        let list = json!([
+            {"name": "a", "capacity": 1u64 << 30, "num_queues": 2, "readonly": false,
+             "connected": true, "disk": "a.img", "socket": "/run/a.sock"},
+            {"name": "longer-name", "capacity": 4096, "num_queues": 1, "readonly": true,
+             "connected": false, "disk": "null:4096", "socket": "/run/b.sock"},
+        ]);
+        assert_eq!(
+            device_table(&list),
+            "NAME         SIZE   QUEUES  MODE  FRONTEND   DISK       SOCKET\n\
+             a            1 GiB  2       rw    connected  a.img      /run/a.sock\n\
+             longer-name  4 KiB  1       ro    waiting    null:4096  /run/b.sock\n"
+        );
+    }
+
+    #[test]
+    fn a_target_name_becomes_its_address_and_other_disks_pass_unchanged() {
+        let d = resolve_disk("nvme-tcp://localhost:4420/nqn.2014-08.org.example:x")
+            .expect("localhost resolves");
+        assert!(
+            d == "nvme-tcp://127.0.0.1:4420/nqn.2014-08.org.example:x?nsid=1"
+                || d == "nvme-tcp://[::1]:4420/nqn.2014-08.org.example:x?nsid=1",
+            "{d}"
+        );
+        for same in [
+            "a.img",
+            "null:1M",
+            "nvme-tcp://10.0.0.1/nqn.2014-08.org.example:x",
+            "bogus:x",
+        ] {
+            assert_eq!(resolve_disk(same).expect("unchanged"), same);
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The devices being served, which can come and go while vubd runs: each with its disk, its
+//! socket and the thread that serves its frontends. Devices are added at startup (the command
+//! line) and through the control socket, removed through it (their sessions end, requests in
+//! flight completed) and all together when vubd stops.
+//!
+//! Adds and removes are serialized (`changes`), so the checks of a new device (its name,
+//! socket, image and namespace are nobody else's; its NVMe controller has queue pairs for it)
+//! see a stable set; the list itself (`devices`) is locked only briefly, so a slow add (an
+//! NVMe/TCP connection) never holds up `device_list`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use tracing::{error, info};
+use vhost::vhost_user::Listener;
+
+use super::serving::{DeviceStop, Serving};
+use super::socket::{SocketFile, listen};
+use super::{DaemonError, device};
+use crate::bdev::nvme_pcie::Controllers;
+use crate::bdev::{BlockDevice, DeviceInfo, Disk};
+use crate::config::{Config, DeviceConfig, DiskSpec, check_beside};
+use crate::poller::PollerSet;
+use crate::sandbox::{self, Role};
+
+/// A device as `device_list` shows it.
+#[derive(Clone, Debug)]
+pub struct DeviceStatus {
+    pub cfg: Arc<DeviceConfig>,
+    pub info: DeviceInfo,
+    /// A frontend is connected.
+    pub connected: bool,
+}
+
+/// Why a device could not be removed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error("no device is named {0:?}")]
+    NoSuchDevice(String),
+}
+
+/// A device being served.
+#[derive(Debug)]
+struct Entry {
+    cfg: Arc<DeviceConfig>,
+    disk: Arc<Disk>,
+    first_poller: usize,
+    stop: Arc<DeviceStop>,
+    thread: JoinHandle<()>,
+}
+
+/// What [`Registry::add`] and [`Registry::remove`] change together.
+#[derive(Debug, Default)]
+struct Changes {
+    /// The NVMe PCIe controllers open: a namespace added later shares its controller.
+    ctrls: Controllers,
+    /// The poller of the next device's queue 0.
+    next_poller: usize,
+    /// The next device's number in the log.
+    next_index: usize,
+}
+
+/// The devices being served.
+#[derive(Debug)]
+pub(super) struct Registry {
+    /// The global options devices are opened with (`devices` is empty).
+    cfg: Config,
+    pollers: Arc<PollerSet>,
+    changes: Mutex<Changes>,
+    devices: Mutex<BTreeMap<String, Entry>>,
+    /// Set once vubd is stopping: no device is added any more.
+    stopping: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Registry {
+    /// An empty registry serving on `pollers`, opening devices with the options of `cfg`
+    /// (its devices are ignored) and sharing the controllers in `ctrls`.
+    pub(super) fn new(mut cfg: Config, pollers: Arc<PollerSet>, ctrls: Controllers) -> Self {
+        cfg.devices.clear();
+        Self {
+            cfg,
+            pollers,
+            changes: Mutex::new(Changes {
+                ctrls,
+                ..Changes::default()
+            }),
+            devices: Mutex::new(BTreeMap::new()),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// Starts serving a device whose socket and disk are ready (startup).
+    pub(super) fn start(
+        &self,
+        cfg: DeviceConfig,
+        listener: (UnixListener, SocketFile),
+        disk: Arc<Disk>,
+    ) -> Result<(), DaemonError> {
+        let mut changes = lock(&self.changes);
+        let first = changes.next_poller;
+        self.spawn(&mut changes, Arc::new(cfg), listener, disk, first)
+    }
+
+    /// Adds a device while vubd runs: checks it beside the others, listens on its socket,
+    /// opens its disk and serves it. Nothing changes when it fails.
+    pub(super) fn add(&self, cfg: DeviceConfig) -> Result<(), DaemonError> {
+        let mut changes = lock(&self.changes);
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(DaemonError::Stopping);
+        }
+        {
+            let devices = lock(&self.devices);
+            check_beside(&cfg, devices.values().map(|e| &*e.cfg)).map_err(DaemonError::Config)?;
+        }
+        // Names are resolved before the sandbox only: it allows no DNS or netlink.
+        if let DiskSpec::NvmeTcp(uri) = &cfg.disk
+            && uri.host.parse::<IpAddr>().is_err()
+        {
+            return Err(DaemonError::HostName(uri.host.clone()));
+        }
+        let first = changes.next_poller;
+        // A device's socket first, as at startup: a busy one is the first thing reported.
+        let listener = listen(&cfg.socket, cfg.incoming, cfg.socket_perms)?;
+        let disk = Arc::new(device::open_disk(&self.cfg, &cfg, &mut changes.ctrls)?);
+        if let DiskSpec::NvmePcie(_) = &cfg.disk {
+            let devices = lock(&self.devices);
+            let placed = devices
+                .values()
+                .map(|e| (&*e.cfg, e.first_poller))
+                .chain(std::iter::once((&cfg, first)));
+            device::check_pcie_queues(placed, self.pollers.len(), &changes.ctrls)?;
+        }
+        self.spawn(&mut changes, Arc::new(cfg), listener, disk, first)
+    }
+
+    /// Starts the thread of a device that listens and has its disk, and lists it.
+    fn spawn(
+        &self,
+        changes: &mut Changes,
+        cfg: Arc<DeviceConfig>,
+        (listener, socket_file): (UnixListener, SocketFile),
+        disk: Arc<Disk>,
+        first_poller: usize,
+    ) -> Result<(), DaemonError> {
+        listener
+            .set_nonblocking(true)
+            .map_err(DaemonError::Worker)?;
+        let listener = Listener::from(listener);
+        let index = changes.next_index;
+        let stop = Arc::new(DeviceStop::new().map_err(DaemonError::Signals)?);
+        let serving = Serving {
+            index,
+            cfg: cfg.clone(),
+            disk: disk.clone(),
+            first_poller,
+            pollers: self.pollers.clone(),
+            stop: stop.clone(),
+        };
+        let info = disk.info();
+        let thread = std::thread::Builder::new()
+            .name(format!("vubd-device-{index}"))
+            .spawn(move || {
+                sandbox::enter(Role::Session);
+                // The socket file goes when this device stops serving.
+                let _socket_file = socket_file;
+                serving.serve(listener);
+            })
+            .map_err(DaemonError::Worker)?;
+        info!(
+            device = index,
+            name = %cfg.name,
+            disk = %cfg.disk,
+            capacity = info.capacity_bytes,
+            queues = cfg.num_queues,
+            pollers = self.pollers.len(),
+            "ready"
+        );
+        changes.next_index += 1;
+        changes.next_poller =
+            (first_poller + usize::from(cfg.num_queues)) % self.pollers.len().max(1);
+        let entry = Entry {
+            cfg: cfg.clone(),
+            disk,
+            first_poller,
+            stop,
+            thread,
+        };
+        lock(&self.devices).insert(cfg.name.clone(), entry);
+        Ok(())
+    }
+
+    /// Removes device `name`: its frontend's session ends (requests in flight complete and
+    /// are published first), its socket goes, and its disk is closed (an NVMe PCIe controller
+    /// with its last namespace).
+    pub(super) fn remove(&self, name: &str) -> Result<(), RemoveError> {
+        let _changes = lock(&self.changes);
+        let entry = lock(&self.devices)
+            .remove(name)
+            .ok_or_else(|| RemoveError::NoSuchDevice(name.to_owned()))?;
+        finish(entry);
+        Ok(())
+    }
+
+    /// Every device, by name.
+    pub(super) fn list(&self) -> Vec<DeviceStatus> {
+        lock(&self.devices)
+            .values()
+            .map(|e| DeviceStatus {
+                cfg: e.cfg.clone(),
+                info: e.disk.info(),
+                connected: e.stop.connected(),
+            })
+            .collect()
+    }
+
+    /// vubd stops: no device is added any more, and every device is asked to stop.
+    pub(super) fn request_stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        for e in lock(&self.devices).values() {
+            e.stop.request();
+        }
+    }
+
+    /// Waits for every device to stop (after [`Registry::request_stop`]) and closes them.
+    pub(super) fn finish_all(&self) {
+        let _changes = lock(&self.changes);
+        let devices = std::mem::take(&mut *lock(&self.devices));
+        for e in devices.into_values() {
+            finish(e);
+        }
+    }
+}
+
+/// Stops a device's thread (if not yet asked), waits for it, and drops its disk.
+fn finish(e: Entry) {
+    e.stop.request();
+    if e.thread.join().is_err() {
+        error!(name = %e.cfg.name, "the device's thread panicked");
+    }
+    info!(name = %e.cfg.name, "device removed");
+}
