@@ -4,6 +4,7 @@
 //! `--read-only` as spellings of `--disk` and `--readonly`).
 
 mod device;
+mod file;
 mod nvme;
 mod socket;
 
@@ -115,6 +116,14 @@ pub struct Args {
         conflicts_with_all = ["socket_path", "fd", "disk", "readonly", "num_queues", "queue_size", "serial", "max_inflight"]
     )]
     pub devices: Vec<String>,
+    /// Serve the devices of this TOML file (`[[device]]` tables with the keys of --device),
+    /// besides those of --device.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = ["socket_path", "fd", "disk", "readonly", "num_queues", "queue_size", "serial", "max_inflight"]
+    )]
+    pub config: Option<PathBuf>,
     /// Take requests (JSON-RPC 2.0: add and remove devices, list them, ...) on this unix
     /// socket, created with mode 0600. With it, vubd may start without a device.
     #[arg(long, value_name = "PATH")]
@@ -370,6 +379,8 @@ pub enum ConfigError {
     BadBdf(String),
     #[error("ctl parameter {0:?}: expected KEY=VALUE")]
     CtlParam(String),
+    #[error("--config {0}: {1}")]
+    ConfigFile(String, String),
     /// A device's keys, named by where they came from (`--device "ARG"`, or a control
     /// request's method).
     #[error("{0}: {1}")]
@@ -463,12 +474,14 @@ impl TryFrom<Args> for Command {
         };
         // A control socket and none of the single-device options: devices come later.
         let only_control = args.control_socket.is_some() && !args.single_device_given();
-        let devices = if !args.devices.is_empty() {
-            let devices = args
-                .devices
-                .iter()
-                .map(|d| device::parse_device(d, device_defaults))
-                .collect::<Result<Vec<_>, _>>()?;
+        let devices = if !args.devices.is_empty() || args.config.is_some() {
+            let mut devices = match &args.config {
+                Some(path) => file::load(path, device_defaults)?,
+                None => Vec::new(),
+            };
+            for d in &args.devices {
+                devices.push(device::parse_device(d, device_defaults)?);
+            }
             device::check_shared(&devices)?;
             devices
         } else if only_control {

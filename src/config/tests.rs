@@ -362,3 +362,27 @@ fn ctl_takes_a_method_and_key_value_parameters() {
         ConfigError::CtlParam("=x".into())
     );
 }
+
+#[test]
+fn a_config_file_adds_its_devices_to_those_of_device() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("vubd.toml");
+    std::fs::write(
+        &file,
+        "[[device]]\nname = \"a\"\nsocket = \"a.sock\"\ndisk = \"null:1M\"\n",
+    )
+    .expect("write");
+    let path = file.to_str().expect("UTF-8");
+    let c = serve(&["--config", path, "--device", "socket=b.sock,disk=null:1M"]);
+    let names: Vec<&str> = c.devices.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["a", "b.sock"]);
+    let e = parse(&["--config", path, "--device", "socket=a.sock,disk=null:2M"]).unwrap_err();
+    assert!(e.to_string().contains("its socket is another's"), "{e}");
+    let missing = dir.path().join("missing.toml");
+    let e = parse(&["--config", missing.to_str().expect("UTF-8")]).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with(&format!("--config {}: ", missing.display())),
+        "{e}"
+    );
+}
