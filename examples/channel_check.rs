@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use vm_memory::{Bytes, GuestAddress};
-use vubd::bdev::nvme_pcie::GuestDma;
+use vubd::bdev::GuestMemoryHook;
 use vubd::bdev::{BlockDevice, Channel, DeviceInfo, Disk, IoChannel, IoOp, Target};
 use vubd::config::Config;
 use vubd::mem::{GuestMemory, HostMap, IovecList, MemSnapshot};
@@ -72,7 +72,7 @@ struct Rig {
     mem: MemSnapshot,
     map: HostMap,
     /// An NVMe PCIe disk's DMA mapping of `mem`, kept while the checks run.
-    _dma: Option<GuestDma>,
+    _dma: Option<Box<dyn GuestMemoryHook>>,
     /// The disk keeps data (everything but null).
     keeps_data: bool,
     /// `--base`: disk offsets of the cases are relative to it (but for the last blocks).
@@ -635,14 +635,13 @@ fn open(vubd_args: &[String], base: u64) -> Result<Rig, String> {
         GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
             .map_err(|e| format!("guest memory: {e}"))?,
     );
-    let dma = match &*disk {
-        Disk::NvmePcie(d) => {
-            let mut dma = d.guest_dma();
-            dma.update(Arc::clone(&mem))
+    let dma = match disk.guest_memory_hook() {
+        Some(mut hook) => {
+            hook.memory_changed(Arc::clone(&mem))
                 .map_err(|e| format!("DMA-map guest memory: {e}"))?;
-            Some(dma)
+            Some(hook)
         }
-        _ => None,
+        None => None,
     };
     let ch = disk
         .open_channel(DEPTH)

@@ -27,8 +27,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use tracing::Level;
 
-use crate::bdev::Disk;
-use crate::bdev::nvme_pcie::GuestDma;
+use crate::bdev::{Disk, GuestMemoryHook};
 use crate::limited;
 use crate::mem::fault::GuestRegions;
 use crate::mem::{DirtyLog, GuestMemoryAtomic};
@@ -66,13 +65,14 @@ pub struct BlkBackend {
     transitions: Mutex<bool>,
     /// Exit-event consumers handed to the relay loop; see [`BlkBackend::close_exit_events`].
     exit_fds: Mutex<Vec<RawFd>>,
-    /// A device that DMAs into guest memory: the session's mappings in its IOMMU domain.
-    dma: Option<Mutex<GuestDma>>,
+    /// What the device must know of the session's guest memory (a device that DMAs into it:
+    /// the mappings in its IOMMU domain), if anything.
+    mem_hook: Option<Mutex<Box<dyn GuestMemoryHook>>>,
     /// The guest memory mappings registered with the SIGBUS handler (`mem::fault`), held
     /// until nothing else does.
     regions: Mutex<GuestRegions>,
     /// Armed while regions that left the memory table are still mapped, so that the relay
-    /// thread lets them go (their fault registration, and for `dma` their IOMMU mapping) once
+    /// thread lets them go (their fault registration, and for `mem_hook` an IOMMU mapping) once
     /// the last request using them has completed.
     sweep_timer: Option<Mutex<TimerFd>>,
     /// Closes the connection: the session's memory faulted (set once the session runs).
@@ -135,10 +135,7 @@ impl BlkBackend {
             .map(|_| AtomicBool::new(false))
             .collect();
         let broken = (0..shape.num_queues).map(|_| Arc::default()).collect();
-        let dma = match &*disk {
-            Disk::NvmePcie(d) => Some(Mutex::new(d.guest_dma())),
-            _ => None,
-        };
+        let mem_hook = disk.guest_memory_hook().map(Mutex::new);
         // Without a timer, retired regions are still let go at the next memory change or at
         // the session's end; the error is logged, not fatal.
         let sweep_timer = TimerFd::new()
@@ -157,7 +154,7 @@ impl BlkBackend {
             broken,
             transitions: Mutex::new(false),
             exit_fds: Mutex::new(Vec::new()),
-            dma,
+            mem_hook,
             regions,
             sweep_timer,
             shutdown: Mutex::new(None),
@@ -192,10 +189,8 @@ impl BlkBackend {
     fn sweep(&self) {
         let current = self.mem.memory();
         let mut retired = lock(&self.regions).sweep(&current);
-        if let Some(dma) = &self.dma {
-            let mut dma = lock(dma);
-            dma.sweep();
-            retired |= dma.has_retired();
+        if let Some(hook) = &self.mem_hook {
+            retired |= lock(hook).sweep();
         }
         let Some(timer) = &self.sweep_timer else {
             return;
@@ -447,8 +442,8 @@ impl BlkBackend {
             self.release_image();
         }
         // Nothing is in flight any more: the device may forget the guest's memory.
-        if let Some(dma) = &self.dma {
-            lock(dma).release();
+        if let Some(hook) = &self.mem_hook {
+            lock(hook).release();
         }
         // What the rate limits held back and did not report yet, summed up once.
         let suppressed =
@@ -653,10 +648,8 @@ impl VhostUserBackend for BlkBackend {
         })?;
         // A device that DMAs into guest memory must reach the new regions before any request
         // can name them (the frontend waits for this message to be acknowledged).
-        if let Some(dma) = &self.dma {
-            lock(dma)
-                .update(mem.memory().into_inner())
-                .map_err(io::Error::other)?;
+        if let Some(hook) = &self.mem_hook {
+            lock(hook).memory_changed(mem.memory().into_inner())?;
         }
         // The pollers share the atomic map, which already holds the new one; tell them to load
         // it. The frontend is acknowledged only after this returns, so it cannot publish a

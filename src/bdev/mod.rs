@@ -15,7 +15,7 @@ pub mod uring;
 use std::io;
 use std::os::fd::RawFd;
 
-use crate::mem::IovecList;
+use crate::mem::{IovecList, MemSnapshot};
 
 use self::file::FileDevice;
 use self::lock::LockError;
@@ -146,7 +146,32 @@ pub enum Target {
     NvmeNamespace(nvme_ops::Namespace),
 }
 
+/// What a device must know of a session's guest memory beyond the pollers' own map: a device
+/// that DMAs into guest memory keeps it mapped in its IOMMU domain. One per session, on the
+/// control path.
+pub trait GuestMemoryHook: Send + std::fmt::Debug {
+    /// The frontend gave a new memory table: the device must reach its regions before any
+    /// request can name them. On an error the session's previous table stays as it was.
+    fn memory_changed(&mut self, mem: MemSnapshot) -> io::Result<()>;
+
+    /// Lets go of what older tables held that nothing uses any more; true while some is still
+    /// held (the caller sweeps again later).
+    fn sweep(&mut self) -> bool;
+
+    /// The session is over and nothing is in flight: forget the guest's memory.
+    fn release(&mut self);
+}
+
 impl Disk {
+    /// The hook of a session's guest memory, for a device that needs one (an NVMe PCIe
+    /// namespace: IOMMU mappings of its controller).
+    pub fn guest_memory_hook(&self) -> Option<Box<dyn GuestMemoryHook>> {
+        match self {
+            Disk::NvmePcie(d) => Some(Box::new(d.guest_dma())),
+            Disk::File(_) | Disk::Null(_) | Disk::NvmeTcp(_) => None,
+        }
+    }
+
     /// Devices with the same key share one channel per poller (namespaces of one NVMe PCIe
     /// controller: one I/O queue pair per poller per controller); `None`: a channel of its
     /// own. A key stays unique while a device that has it lives.

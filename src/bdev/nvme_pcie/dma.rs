@@ -14,6 +14,7 @@
 //! them, in that order.
 
 use std::collections::BTreeSet;
+use std::io;
 use std::sync::Arc;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
@@ -177,6 +178,21 @@ impl<I: Iommu> GuestDma<I> {
         self.mapped.clear();
         self.retired.clear();
         self.current = None;
+    }
+}
+
+impl<I: Iommu + Send + Sync + std::fmt::Debug> crate::bdev::GuestMemoryHook for GuestDma<I> {
+    fn memory_changed(&mut self, mem: MemSnapshot) -> io::Result<()> {
+        self.update(mem).map_err(io::Error::other)
+    }
+
+    fn sweep(&mut self) -> bool {
+        GuestDma::sweep(self);
+        self.has_retired()
+    }
+
+    fn release(&mut self) {
+        GuestDma::release(self);
     }
 }
 
