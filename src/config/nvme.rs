@@ -31,7 +31,7 @@ pub struct NvmeTcpUri {
 }
 
 /// The host's identity and the controller timeouts; shared by every NVMe/TCP controller the
-/// process connects to.
+/// process connects to (the I/O timeout and the debug reset by NVMe PCIe controllers too).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NvmeHostConfig {
     /// `--hostnqn`, else the daemon's default.
@@ -42,6 +42,9 @@ pub struct NvmeHostConfig {
     pub reconnect_delay: Duration,
     pub keep_alive_tmo: Duration,
     pub io_timeout: Duration,
+    /// Debugging only: reset an NVMe PCIe controller once, with commands in flight, after
+    /// this many commands on a channel.
+    pub debug_reset_after: Option<u64>,
 }
 
 /// Options of NVMe/TCP controllers (serving and `discover`).
@@ -65,6 +68,16 @@ pub struct NvmeHostArgs {
     /// NVMe: seconds after which an unanswered command counts as a lost controller.
     #[arg(long, global = true, value_name = "SECS", default_value_t = 30)]
     pub io_timeout: u64,
+    /// Debugging only (the NVMe PCIe lab): after N commands on a channel, reset the NVMe PCIe
+    /// controller once with commands in flight, to exercise recovery.
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        value_name = "N",
+        env = "VUBD_DEBUG_NVME_RESET_AFTER"
+    )]
+    pub debug_nvme_reset_after: Option<u64>,
 }
 
 impl NvmeHostArgs {
@@ -100,6 +113,7 @@ impl NvmeHostArgs {
             reconnect_delay,
             keep_alive_tmo,
             io_timeout,
+            debug_reset_after: self.debug_nvme_reset_after,
         })
     }
 }

@@ -386,3 +386,10 @@ fn a_config_file_adds_its_devices_to_those_of_device() {
         "{e}"
     );
 }
+
+#[test]
+fn the_nvme_debug_reset_is_a_typed_option() {
+    assert_eq!(serve(&["--disk", "x.img"]).nvme.debug_reset_after, None);
+    let c = serve(&["--disk", "x.img", "--debug-nvme-reset-after", "40"]);
+    assert_eq!(c.nvme.debug_reset_after, Some(40));
+}

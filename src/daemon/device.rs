@@ -117,6 +117,7 @@ pub(super) fn open_disk(
                     interrupts: uri.interrupts,
                     io_timeout: cfg.nvme.io_timeout,
                     read_only: d.read_only,
+                    debug_reset_after: cfg.nvme.debug_reset_after,
                 },
                 ctrls,
             )

@@ -70,11 +70,7 @@ const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
 const IRQ_EVENT: u64 = 0;
 const TIMER_EVENT: u64 = 1;
 
-/// Debugging only, off unless set: after this many commands submitted on a channel, the
-/// controller is reset once (once per process) with commands in flight, to exercise
-/// recovery. Read once when a channel is created.
-pub const DEBUG_RESET_ENV: &str = "VUBD_DEBUG_NVME_RESET_AFTER";
-/// The debug reset of [`DEBUG_RESET_ENV`] happened.
+/// The debug reset (`NvmePcieConfig::debug_reset_after`) happened.
 static DEBUG_RESET_DONE: AtomicBool = AtomicBool::new(false);
 
 /// What a command carries besides its SQE.
@@ -177,7 +173,7 @@ pub struct NvmePcieChannel {
     down_since: Option<Instant>,
     /// An Abort the controller performed, until the aborted command completes.
     aborting: Option<Aborting>,
-    /// [`DEBUG_RESET_ENV`]: commands still to submit before the debug reset.
+    /// Commands still to submit before the debug reset (`Geometry::debug_reset_after`).
     debug_reset_in: Option<u64>,
     /// The completion fd, when the controller's queues have interrupts.
     wait: Option<Wait>,
@@ -207,14 +203,12 @@ impl NvmePcieChannel {
     ) -> io::Result<Self> {
         let depth = queue.depth();
         let backlog_max = depth * BACKLOG_PER_SLOT;
-        let debug_reset_in = std::env::var(DEBUG_RESET_ENV)
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let debug_reset_in = geo.debug_reset_after;
         if let Some(n) = debug_reset_in {
             warn!(
                 qid = queue.qid(),
                 after = n,
-                "{DEBUG_RESET_ENV} is set: the controller will be reset during I/O (debugging)"
+                "the controller will be reset during I/O (--debug-nvme-reset-after)"
             );
         }
         let wait = if ctrl.interrupts() {
@@ -387,7 +381,7 @@ impl NvmePcieChannel {
                 warn!(
                     qid = q.qid(),
                     in_flight = q.in_flight(),
-                    "{DEBUG_RESET_ENV}: forcing a controller reset (debugging)"
+                    "--debug-nvme-reset-after: forcing a controller reset (debugging)"
                 );
                 self.recover("debug reset");
                 return;

@@ -44,6 +44,9 @@ pub struct NvmePcieConfig {
     pub interrupts: bool,
     pub io_timeout: Duration,
     pub read_only: bool,
+    /// Debugging only: after this many commands on a channel, the controller is reset once
+    /// (once per process) with commands in flight, to exercise recovery.
+    pub debug_reset_after: Option<u64>,
 }
 
 #[derive(Debug, Error)]
@@ -63,6 +66,8 @@ struct Geometry {
     volatile_cache: bool,
     /// A command older than this resets the controller.
     io_timeout: Duration,
+    /// [`NvmePcieConfig::debug_reset_after`].
+    debug_reset_after: Option<u64>,
 }
 
 impl Geometry {
@@ -135,6 +140,7 @@ impl NvmePcieDevice {
             max_rw_blocks: max_blocks.min(max_rw_blocks(0, 12, lba_shift)).max(1),
             volatile_cache: id.vwc,
             io_timeout: cfg.io_timeout,
+            debug_reset_after: cfg.debug_reset_after,
         };
         let info = super::nvme_ops::device_info(id, &ns, lba_shift, cfg.read_only);
         info!(
