@@ -97,6 +97,11 @@ fn human(method: &str, params: &[(String, String)], result: &Value) -> String {
                 .unwrap_or_default()
         ),
         "device_remove" => format!("removed {}\n", param("name")),
+        "device_resize" => format!(
+            "{}: {}\n",
+            param("name"),
+            size(result.get("capacity").and_then(Value::as_u64).unwrap_or(0))
+        ),
         "log_set_level" => format!("log level: {}\n", param("level")),
         "version" => format!(
             "vubd {}\n",

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use thiserror::Error;
 use tracing::{info, warn};
 
+use super::capacity::{Capacity, Resize, ResizeError};
 use super::lock::{ImageLock, LockError, LockSet};
 use super::uring::{UringChannel, ZeroStrategy};
 use super::{BlockDevice, DeviceInfo};
@@ -87,7 +88,11 @@ pub struct FileDevice {
     zero: ZeroStrategy,
     /// Hole punching works (discard, and write-zeroes with UNMAP).
     punch: bool,
+    /// What the device is, but for its capacity (`capacity`).
     info: DeviceInfo,
+    capacity: Capacity,
+    is_block: bool,
+    path: PathBuf,
     /// The image's locks, taken through a descriptor of their own (each open file description
     /// holds its own locks: the I/O descriptors take none).
     lock: ImageLock,
@@ -230,9 +235,45 @@ impl FileDevice {
             zero,
             punch,
             info,
+            capacity: Capacity::new(size),
+            is_block,
+            path: path.clone(),
             lock,
             serial,
         })
+    }
+
+    /// Changes the capacity (see [`Resize`]): an image file is set to the size asked for
+    /// (holding the image's resize permission meanwhile), or its capacity follows the size it
+    /// has now; a block device's follows its size. Returns the new capacity in bytes.
+    pub fn resize(&self, req: Resize) -> Result<u64, ResizeError> {
+        let io_err = |source| ResizeError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let block = self.info.logical_block_size;
+        let now = if self.is_block {
+            (&*self.buffered).seek(SeekFrom::End(0)).map_err(io_err)?
+        } else {
+            self.buffered.metadata().map_err(io_err)?.len()
+        };
+        let to = match req.size {
+            Some(s) if self.is_block && s != now => return Err(ResizeError::BlockDevice),
+            Some(s) => s,
+            None => now,
+        };
+        self.capacity.check(to, block, req.shrink)?;
+        if to != now {
+            if self.info.read_only {
+                return Err(ResizeError::ReadOnly);
+            }
+            self.lock
+                .resizing(|| self.buffered.set_len(to))?
+                .map_err(io_err)?;
+        }
+        self.capacity.set(to);
+        info!(path = %self.path.display(), size = to, "disk resized");
+        Ok(to)
     }
 
     /// The serial number the guest sees unless one is given ([`image_serial`]).
@@ -265,7 +306,10 @@ impl BlockDevice for FileDevice {
     type Channel = UringChannel;
 
     fn info(&self) -> DeviceInfo {
-        self.info
+        DeviceInfo {
+            capacity_bytes: self.capacity.bytes(),
+            ..self.info
+        }
     }
 
     fn open_channel(&self, depth: u32) -> io::Result<UringChannel> {
@@ -398,6 +442,86 @@ mod tests {
             cache: CacheMode::None,
             inactive: false,
         }
+    }
+
+    #[test]
+    fn an_image_is_resized_to_a_size_or_follows_its_own_and_shrinks_only_when_asked() {
+        let (_dir, path) = image(1 << 20);
+        let dev = FileDevice::open(&opts(&path)).expect("open");
+        let grow = Resize {
+            size: Some(4 << 20),
+            shrink: false,
+        };
+        assert_eq!(dev.resize(grow).expect("grow"), 4 << 20);
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 4 << 20);
+        assert_eq!(dev.info().capacity_bytes, 4 << 20);
+        // The lock byte of resize is given back: another process may refuse resize again.
+        assert!(!dev.locks().held.contains(super::super::lock::Perms::RESIZE));
+        // Grown by someone else: the capacity follows without a size.
+        File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(6 << 20))
+            .expect("grow from outside");
+        assert_eq!(dev.resize(Resize::default()).expect("follow"), 6 << 20);
+        let shrink = Resize {
+            size: Some(2 << 20),
+            shrink: false,
+        };
+        assert!(matches!(
+            dev.resize(shrink),
+            Err(ResizeError::Shrink { .. })
+        ));
+        assert_eq!(
+            std::fs::metadata(&path).expect("stat").len(),
+            6 << 20,
+            "unchanged"
+        );
+        let forced = Resize {
+            size: Some(2 << 20),
+            shrink: true,
+        };
+        assert_eq!(dev.resize(forced).expect("forced"), 2 << 20);
+        let odd = Resize {
+            size: Some((2 << 20) + 100),
+            shrink: false,
+        };
+        assert!(matches!(
+            dev.resize(odd),
+            Err(ResizeError::Unaligned { .. })
+        ));
+        assert_eq!(dev.info().capacity_bytes, 2 << 20);
+    }
+
+    #[test]
+    fn a_read_only_image_is_not_resized_and_another_holder_can_refuse_it() {
+        let (_dir, path) = image(1 << 20);
+        let ro = FileDevice::open(&FileOptions {
+            read_only: true,
+            ..opts(&path)
+        })
+        .expect("open read-only");
+        let grow = Resize {
+            size: Some(2 << 20),
+            shrink: false,
+        };
+        assert!(matches!(ro.resize(grow), Err(ResizeError::ReadOnly)));
+        let (_dir2, path2) = image(1 << 20);
+        let writer = FileDevice::open(&opts(&path2)).expect("open");
+        let other = std::fs::OpenOptions::new()
+            .read(true)
+            .open(&path2)
+            .map(Arc::new)
+            .expect("open again");
+        // Another open file description (another process's) refuses resize: QEMU's lock
+        // byte 203.
+        let refuses_resize = LockSet {
+            held: super::super::lock::Perms::CONSISTENT_READ,
+            refused: super::super::lock::Perms::RESIZE,
+        };
+        let _other = ImageLock::take(other, &path2, refuses_resize, false).expect("lock");
+        assert!(matches!(writer.resize(grow), Err(ResizeError::Lock(_))));
+        assert_eq!(std::fs::metadata(&path2).expect("stat").len(), 1 << 20);
     }
 
     #[test]

@@ -180,6 +180,8 @@ pub enum Hint {
     StartReader,
     /// Taking the write permission over from another process.
     Takeover,
+    /// Taking the resize permission for a moment, to change the image's size.
+    Resize,
 }
 
 impl fmt::Display for Hint {
@@ -191,6 +193,7 @@ impl fmt::Display for Hint {
             }
             Hint::StartReader => "stop it first: a read-only disk must not change under its guest",
             Hint::Takeover => "it must release the image (stop its device) first",
+            Hint::Resize => "it must let the image be resized, or close it, first",
         })
     }
 }
@@ -366,6 +369,26 @@ impl ImageLock {
             info!(path = %self.path.display(), locks = %to, "gave the image's write permission up");
         }
         Ok(())
+    }
+
+    /// Runs `resize` (which changes the image's size) holding the resize permission, taken
+    /// for the moment (QEMU's lock byte 103) and given back after: fails, naming the image
+    /// and the process's conflict, while another process refuses resize (a QEMU serving
+    /// the image, say), and then `resize` does not run.
+    pub fn resizing<T>(
+        &self,
+        resize: impl FnOnce() -> io::Result<T>,
+    ) -> Result<io::Result<T>, LockError> {
+        let mut state = self.state();
+        let before = *state;
+        let with = LockSet {
+            held: before.held.union(Perms::RESIZE),
+            refused: before.refused,
+        };
+        self.move_to(&mut state, with, Hint::Resize)?;
+        let result = resize();
+        self.move_to(&mut state, before, Hint::Resize)?;
+        Ok(result)
     }
 
     /// What the device holds now.

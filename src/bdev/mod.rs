@@ -4,6 +4,7 @@
 //! A channel is owned by exactly one poller thread; it queues operations without a syscall and
 //! hands a whole batch to the kernel or device in one [`IoChannel::submit`].
 
+pub mod capacity;
 pub mod file;
 pub mod lock;
 pub mod null;
@@ -163,6 +164,16 @@ pub trait GuestMemoryHook: Send + std::fmt::Debug {
 }
 
 impl Disk {
+    /// Changes the device's capacity as asked ([`capacity::Resize`]); returns the new one in
+    /// bytes. Control path only.
+    pub fn resize(&self, req: capacity::Resize) -> Result<u64, capacity::ResizeError> {
+        match self {
+            Disk::File(d) => d.resize(req),
+            Disk::Null(d) => d.resize(req),
+            Disk::NvmeTcp(_) | Disk::NvmePcie(_) => Err(capacity::ResizeError::Nvme),
+        }
+    }
+
     /// The hook of a session's guest memory, for a device that needs one (an NVMe PCIe
     /// namespace: IOMMU mappings of its controller).
     pub fn guest_memory_hook(&self) -> Option<Box<dyn GuestMemoryHook>> {

@@ -5,17 +5,31 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 
+use super::capacity::{Capacity, Resize, ResizeError};
 use super::{BlockDevice, ChannelFull, DeviceInfo, IoChannel, IoOp};
 
 /// A device of `size` bytes that stores nothing.
 #[derive(Debug)]
 pub struct NullDevice {
+    /// What the device is, but for its capacity.
     info: DeviceInfo,
+    capacity: Capacity,
 }
 
 impl NullDevice {
+    /// Changes the capacity to the size asked for (which it needs: a null device has none of
+    /// its own). Returns the new capacity in bytes.
+    pub fn resize(&self, req: Resize) -> Result<u64, ResizeError> {
+        let to = req.size.ok_or(ResizeError::NeedSize)?;
+        self.capacity
+            .check(to, self.info.logical_block_size, req.shrink)?;
+        self.capacity.set(to);
+        Ok(to)
+    }
+
     pub fn new(size: u64, read_only: bool) -> Self {
         Self {
+            capacity: Capacity::new(size),
             info: DeviceInfo {
                 capacity_bytes: size,
                 logical_block_size: 512,
@@ -33,7 +47,10 @@ impl BlockDevice for NullDevice {
     type Channel = NullChannel;
 
     fn info(&self) -> DeviceInfo {
-        self.info
+        DeviceInfo {
+            capacity_bytes: self.capacity.bytes(),
+            ..self.info
+        }
     }
 
     fn open_channel(&self, depth: u32) -> io::Result<NullChannel> {

@@ -156,7 +156,8 @@ pub enum SubCommand {
         /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
-        /// The method: device_add, device_remove, device_list, log_set_level, version.
+        /// The method: device_add, device_remove, device_list, device_resize, log_set_level,
+        /// version.
         method: String,
         /// Its parameters, KEY=VALUE each (device_add takes the keys of --device).
         #[arg(value_name = "KEY=VALUE")]
@@ -597,7 +598,7 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, ConfigError> {
 }
 
 /// `1024`, `4K`, `512M`, `16G`, `2T` (binary multiples).
-fn parse_size(s: &str) -> Option<u64> {
+pub fn parse_size(s: &str) -> Option<u64> {
     let (digits, shift) = match s.as_bytes().last()?.to_ascii_uppercase() {
         b'K' => (&s[..s.len() - 1], 10),
         b'M' => (&s[..s.len() - 1], 20),

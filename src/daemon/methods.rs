@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 
-use super::registry::Registry;
+use super::registry::{DeviceError, Registry};
 use super::{DaemonError, error_chain};
-use crate::config::{DeviceDefaults, SocketSpec, device_from_keys};
+use crate::bdev::capacity::{Resize, ResizeError};
+use crate::config::{DeviceDefaults, SocketSpec, device_from_keys, parse_size};
 use crate::jsonrpc::{METHOD_NOT_FOUND, RpcError};
 
 /// Changes what vubd logs: a `tracing` filter (`info`, `debug`, `vubd=debug,warn`, ...).
@@ -30,7 +31,8 @@ impl std::fmt::Debug for LogControl {
 }
 
 /// The methods, in the order docs/control-api.md has them.
-const METHODS: &str = "device_add, device_remove, device_list, log_set_level, version";
+const METHODS: &str =
+    "device_add, device_remove, device_list, device_resize, log_set_level, version";
 
 /// What the methods act on.
 #[derive(Debug)]
@@ -54,6 +56,43 @@ impl Methods {
                     .remove(&name)
                     .map_err(|e| RpcError::invalid_params(e.to_string()))?;
                 Ok(json!(true))
+            }
+            "device_resize" => {
+                let mut p = object(params)?;
+                let name = take_string(&mut p, "name")?;
+                let size = match p.remove("size") {
+                    None => None,
+                    Some(Value::Number(n)) => Some(n.as_u64().ok_or_else(|| {
+                        RpcError::invalid_params("size: must be a whole number of bytes")
+                    })?),
+                    Some(Value::String(s)) => Some(parse_size(&s).ok_or_else(|| {
+                        RpcError::invalid_params(format!(
+                            "size: {s:?} is not a size (bytes, or 512M, 16G, ...)"
+                        ))
+                    })?),
+                    Some(_) => {
+                        return Err(RpcError::invalid_params(
+                            "size: must be a number of bytes or a string such as 16G",
+                        ));
+                    }
+                };
+                let shrink = match p.remove("force") {
+                    None => false,
+                    Some(Value::Bool(b)) => b,
+                    Some(Value::String(s)) if s == "true" || s == "false" => s == "true",
+                    Some(_) => return Err(RpcError::invalid_params("force: must be a boolean")),
+                };
+                no_more(p)?;
+                let capacity = self
+                    .registry
+                    .resize(&name, Resize { size, shrink })
+                    .map_err(|e| match e {
+                        DeviceError::Resize(ResizeError::Io { .. } | ResizeError::Lock(_)) => {
+                            RpcError::failed(error_chain(&e))
+                        }
+                        e => RpcError::invalid_params(error_chain(&e)),
+                    })?;
+                Ok(json!({"name": name, "capacity": capacity}))
             }
             "device_list" => {
                 let mut p = object(params)?;

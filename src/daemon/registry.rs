@@ -21,6 +21,7 @@ use vhost::vhost_user::Listener;
 use super::serving::{DeviceStop, Serving};
 use super::socket::{SocketFile, listen};
 use super::{DaemonError, device};
+use crate::bdev::capacity::{Resize, ResizeError};
 use crate::bdev::nvme_pcie::Controllers;
 use crate::bdev::{BlockDevice, DeviceInfo, Disk};
 use crate::config::{Config, DeviceConfig, DiskSpec, check_beside};
@@ -36,11 +37,13 @@ pub struct DeviceStatus {
     pub connected: bool,
 }
 
-/// Why a device could not be removed.
+/// Why a device could not be removed or changed; nothing changed then.
 #[derive(Debug, thiserror::Error)]
-pub enum RemoveError {
+pub enum DeviceError {
     #[error("no device is named {0:?}")]
     NoSuchDevice(String),
+    #[error(transparent)]
+    Resize(#[from] ResizeError),
 }
 
 /// A device being served.
@@ -200,13 +203,32 @@ impl Registry {
     /// Removes device `name`: its frontend's session ends (requests in flight complete and
     /// are published first), its socket goes, and its disk is closed (an NVMe PCIe controller
     /// with its last namespace).
-    pub(super) fn remove(&self, name: &str) -> Result<(), RemoveError> {
+    pub(super) fn remove(&self, name: &str) -> Result<(), DeviceError> {
         let _changes = lock(&self.changes);
         let entry = lock(&self.devices)
             .remove(name)
-            .ok_or_else(|| RemoveError::NoSuchDevice(name.to_owned()))?;
+            .ok_or_else(|| DeviceError::NoSuchDevice(name.to_owned()))?;
         finish(entry);
         Ok(())
+    }
+
+    /// Resizes device `name` as asked: its disk first, then its session (the requests'
+    /// bounds, the configuration space, the frontend told). Returns the new capacity in
+    /// bytes.
+    pub(super) fn resize(&self, name: &str, req: Resize) -> Result<u64, DeviceError> {
+        let _changes = lock(&self.changes);
+        let (disk, stop) = {
+            let devices = lock(&self.devices);
+            let e = devices
+                .get(name)
+                .ok_or_else(|| DeviceError::NoSuchDevice(name.to_owned()))?;
+            (e.disk.clone(), e.stop.clone())
+        };
+        let bytes = disk.resize(req)?;
+        if let Some(session) = stop.backend() {
+            session.resize(bytes);
+        }
+        Ok(bytes)
     }
 
     /// Every device, by name.

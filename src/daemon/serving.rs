@@ -29,6 +29,9 @@ pub(super) struct DeviceStop {
     wake: EventFd,
     /// The current session, if a frontend is connected.
     session: Mutex<Option<ShutdownHandle>>,
+    /// The current session's backend, from its start (while it waits for its frontend too):
+    /// what a resize tells.
+    backend: Mutex<Option<Arc<BlkBackend>>>,
 }
 
 impl std::fmt::Debug for DeviceStop {
@@ -46,6 +49,7 @@ impl DeviceStop {
             requested: AtomicBool::new(false),
             wake: EventFd::new(EFD_NONBLOCK)?,
             session: Mutex::new(None),
+            backend: Mutex::new(None),
         })
     }
 
@@ -65,6 +69,11 @@ impl DeviceStop {
     /// Whether a frontend is connected.
     pub(super) fn connected(&self) -> bool {
         lock(&self.session).is_some()
+    }
+
+    /// The current session's backend, if there is one.
+    pub(super) fn backend(&self) -> Option<Arc<BlkBackend>> {
+        lock(&self.backend).clone()
     }
 
     /// Records the current session; ends it at once if a stop was already requested.
@@ -142,6 +151,24 @@ impl Serving {
             mem.clone(),
             handles,
         ));
+        *lock(&self.stop.backend) = Some(backend.clone());
+        // A resize between the model above and now reached the disk only.
+        backend.resize(disk.info().capacity_bytes);
+        let result = self.run_session(listener, &backend, mem, &faults);
+        *lock(&self.stop.backend) = None;
+        result
+    }
+
+    /// Serves `backend`'s frontend (guest memory `mem`, faults recorded in `faults`) until it
+    /// goes, then ends the session.
+    fn run_session(
+        &self,
+        listener: &mut Listener,
+        backend: &Arc<BlkBackend>,
+        mem: GuestMemoryAtomic,
+        faults: &DeviceFaults,
+    ) -> Result<(), DaemonError> {
+        let disk = &self.disk;
         let mut daemon = VhostUserDaemon::new("vubd-vhost-user".into(), backend.clone(), mem)
             .map_err(DaemonError::VhostUser)?;
         // All queues share one relay thread (`queues_per_thread`), the memory sweep timer and

@@ -69,7 +69,12 @@ pub struct DeviceShared {
     /// Rate limit of lifecycle lines and control-path notices a frontend or a guest can cause
     /// with every message ([`EVENTS_PER_SECOND`] and four per queue).
     pub events: LogLimit,
+    /// The request limits; the capacity in them is the session's first, and
+    /// `capacity_sectors` the one in force.
     pub limits: Limits,
+    /// The device's capacity now: the control plane changes it when the device is resized,
+    /// and each pass of a poller reads it once.
+    pub capacity_sectors: AtomicU64,
     /// GET_ID answer, zero-padded.
     pub serial: [u8; ID_BYTES],
     /// Guest-visible write cache mode (CONFIG_WCE): false means every write is write-through.
@@ -109,6 +114,7 @@ impl DeviceShared {
             index: 0,
             warnings: LogLimit::new(WARNINGS_PER_SECOND, per_second),
             events: LogLimit::new(EVENTS_PER_SECOND + 4 * u32::from(num_queues), per_second),
+            capacity_sectors: AtomicU64::new(limits.capacity_sectors),
             limits,
             serial,
             writeback: AtomicBool::new(write_cache == WriteCache::Back),

@@ -32,6 +32,7 @@ use crate::log_limit::LogLimit;
 use crate::mem::{DirtyLog, GuestMemoryAtomic, HostMap, MemSnapshot};
 use crate::virtio_blk::chain::DESC_SIZE;
 use crate::virtio_blk::inflight::InflightQueue;
+use crate::virtio_blk::request::Limits;
 use crate::virtio_blk::ring::SplitRing;
 use crate::virtio_blk::{DescTable, MAX_SEGMENTS, RequestError, Scratch, Status, parse};
 use broken::Breakage;
@@ -295,6 +296,11 @@ impl Worker {
         let Some(channel) = channels[dev.channel].as_mut().map(|c| &mut c.channel) else {
             return 0;
         };
+        // The capacity changes when the device is resized: read once per pass.
+        let limits = Limits {
+            capacity_sectors: dev.shared.capacity_sectors.load(Ordering::Relaxed),
+            ..dev.shared.limits
+        };
         let mut state = q.vring.get_mut();
         let queue = state.get_queue_mut();
         // GET_VRING_BASE marks the queue not ready before it detaches it; the rings stay where
@@ -389,14 +395,7 @@ impl Worker {
             let Some(tag) = slots.alloc() else {
                 break;
             };
-            let parsed = parse(
-                map,
-                table,
-                head,
-                &dev.shared.limits,
-                scratch,
-                slots.iov_mut(tag),
-            );
+            let parsed = parse(map, table, head, &limits, scratch, slots.iov_mut(tag));
             if let Err(rej) = &parsed
                 && rej.status.is_none()
             {

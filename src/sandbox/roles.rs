@@ -247,6 +247,20 @@ const SESSION_OWN: &[Allow] = &[
     any(libc::SYS_unlinkat),
     when(libc::SYS_openat, &[&[clear(2, OPEN_WRITES)]]),
     arg_in(libc::SYS_fcntl, 1, &[libc::F_GET_SEALS as u64]),
+    // The send and receive timeouts of the backend channel (`vhost_user::notice`).
+    when(
+        libc::SYS_setsockopt,
+        &[
+            &[
+                eq(1, libc::SOL_SOCKET as u64),
+                eq(2, libc::SO_RCVTIMEO as u64),
+            ],
+            &[
+                eq(1, libc::SOL_SOCKET as u64),
+                eq(2, libc::SO_SNDTIMEO as u64),
+            ],
+        ],
+    ),
     #[cfg(target_arch = "x86_64")]
     any(libc::SYS_unlink),
 ];

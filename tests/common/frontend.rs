@@ -189,6 +189,9 @@ pub struct Options {
     pub call_fd: FdKind,
     /// Bytes of guest memory after the queues' parts, for chains a test builds itself.
     pub extra_memory: usize,
+    /// Negotiate BACKEND_REQ and give the backend a channel for its own messages
+    /// ([`BlkFrontend::config_notice`]).
+    pub backend_channel: bool,
 }
 
 impl Options {
@@ -208,6 +211,7 @@ impl Options {
             kick_fd: FdKind::Eventfd,
             call_fd: FdKind::Eventfd,
             extra_memory: 0,
+            backend_channel: false,
         }
     }
 }
@@ -286,6 +290,8 @@ pub struct BlkFrontend {
     starts: u32,
     /// Offset of [`Options::extra_memory`] in guest memory.
     extra: usize,
+    /// This end of the backend's channel ([`Options::backend_channel`]).
+    backend_channel: Option<UnixStream>,
 }
 
 impl std::fmt::Debug for BlkFrontend {
@@ -361,6 +367,7 @@ impl BlkFrontend {
             capacity: 0,
             starts: 0,
             extra,
+            backend_channel: None,
         };
         fe.start()?;
         Ok(fe)
@@ -423,6 +430,12 @@ impl BlkFrontend {
             }
             want |= VhostUserProtocolFeatures::LOG_SHMFD;
         }
+        if opts.backend_channel {
+            if !offered_protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+                return Err(FrontendError::Missing("VHOST_USER_PROTOCOL_F_BACKEND_REQ"));
+            }
+            want |= VhostUserProtocolFeatures::BACKEND_REQ;
+        }
         let protocol = offered_protocol & want;
         conn.set_protocol_features(protocol)?;
         if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
@@ -441,6 +454,11 @@ impl BlkFrontend {
         }
         let features = features & offered;
         conn.set_features(features)?;
+        if opts.backend_channel {
+            let (ours, theirs) = UnixStream::pair()?;
+            conn.set_backend_request_fd(&theirs)?;
+            self.backend_channel = Some(ours);
+        }
         let (_, capacity) = conn.get_config(0, 8, VhostUserConfigFlags::empty(), &[0; 8])?;
         let capacity = u64::from_le_bytes(capacity[..8].try_into().expect("8 bytes"));
         if opts.inflight {
@@ -858,3 +876,5 @@ fn vring_fd(kind: FdKind, kick: bool) -> io::Result<(EventFd, Option<EventFd>)> 
 
 #[path = "frontend/hostile.rs"]
 mod hostile;
+#[path = "frontend/notice.rs"]
+mod notice;

@@ -145,7 +145,22 @@ impl Backend {
     }
 }
 
+/// The channel's socket, for its options (timeouts).
+impl AsRawFd for Backend {
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.lock().unwrap().sock.as_raw_fd()
+    }
+}
+
 impl VhostUserFrontendReqHandler for Backend {
+    /// Forward the notice that the device's configuration space changed
+    /// (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`, no payload) to the frontend, which reads it
+    /// again with `VHOST_USER_GET_CONFIG`.
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        let mut guard = self.inner.lock().unwrap();
+        Ok(guard.send_message(BackendReq::CONFIG_CHANGE_MSG, &VhostUserEmpty, None)?)
+    }
+
     /// Forward vhost-user shared-object add request to the frontend.
     fn shared_object_add(&self, uuid: &VhostUserSharedMsg) -> HandlerResult<u64> {
         let mut guard = self.inner.lock().unwrap();
@@ -211,6 +226,17 @@ mod tests {
         let backend = Backend::from_stream(p1);
         let frontend = Endpoint::<VhostUserMsgHeader<BackendReq>>::from_stream(p2);
         (frontend, backend)
+    }
+
+    #[test]
+    fn test_backend_req_config_change() {
+        let (mut frontend, backend) = frontend_backend_pair();
+        backend.handle_config_change().unwrap();
+        let (hdr, rfds) = frontend.recv_header().unwrap();
+        assert_eq!(hdr.get_code().unwrap(), BackendReq::CONFIG_CHANGE_MSG);
+        assert_eq!(hdr.get_size(), 0);
+        assert!(rfds.is_none());
+        assert!(backend.as_raw_fd() >= 0);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! are rare). GET_VRING_BASE and the end of the session detach queues again, and return only
 //! once nothing of them is in flight.
 
+mod notice;
+
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -14,9 +16,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vhost::vhost_user::Backend;
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
+
+use self::notice::ConfigNotice;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringT};
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
@@ -32,6 +37,7 @@ use crate::limited;
 use crate::mem::fault::GuestRegions;
 use crate::mem::{DirtyLog, GuestMemoryAtomic};
 use crate::poller::{Detaching, DeviceKey, DeviceShared, PollerHandle, QueueAttach, Vring};
+use crate::virtio_blk::SECTOR_SHIFT;
 use crate::virtio_blk::config::{self, BlkConfig, WRITEBACK_OFFSET, WriteCache};
 use crate::virtio_blk::inflight::{InflightQueue, InflightRegion};
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestRegionMmap};
@@ -81,6 +87,8 @@ pub struct BlkBackend {
     inflight: Mutex<Option<Arc<InflightRegion>>>,
     /// The dirty log of a live migration, and whether the frontend has logging on.
     log: Mutex<LogState>,
+    /// Tells the frontend of a new configuration (a resize) on the backend channel.
+    notice: Arc<ConfigNotice>,
 }
 
 /// What the frontend said of dirty logging: the log (SET_LOG_BASE) and VHOST_F_LOG_ALL
@@ -160,6 +168,7 @@ impl BlkBackend {
             shutdown: Mutex::new(None),
             inflight: Mutex::new(None),
             log: Mutex::new(LogState::default()),
+            notice: Arc::default(),
         }
     }
 
@@ -257,6 +266,28 @@ impl BlkBackend {
             log: lock(&self.log).active(),
             broken: self.broken[q].clone(),
         });
+        // The device runs: a resize made before it did is told now (QEMU ignores the notice
+        // until then).
+        self.notice.started(self.shared.index);
+    }
+
+    /// The device now has `capacity_bytes`: the requests' bounds and the configuration
+    /// space follow at once, and the frontend is told (see [`notice`]). Control path; never
+    /// call it from the session's protocol thread.
+    pub fn resize(&self, capacity_bytes: u64) {
+        let sectors = capacity_bytes >> SECTOR_SHIFT;
+        let old = self.shared.capacity_sectors.swap(sectors, Ordering::AcqRel);
+        if old == sectors {
+            return;
+        }
+        tracing::info!(
+            device = self.shared.index,
+            from = old << SECTOR_SHIFT,
+            to = capacity_bytes,
+            told = self.notice.has_channel(),
+            "capacity changed"
+        );
+        self.notice.changed(self.shared.index);
     }
 
     /// Tells every poller of the device whether to mark pages, after the log or the LOG_ALL
@@ -429,6 +460,8 @@ impl BlkBackend {
     /// Ends the session's data plane: detaches every queue once its in-flight requests have
     /// completed (all queues drain at once), and refuses new attachments.
     pub fn close(&self) {
+        // A resize notice being sent ends first (bounded by the channel's timeouts).
+        self.notice.finish();
         let mut closing = lock(&self.transitions);
         *closing = true;
         let detaching: Vec<Detaching> = (0..self.shape.num_queues)
@@ -471,6 +504,7 @@ impl BlkBackend {
 
     fn config_space(&self) -> [u8; config::CONFIG_SPACE_SIZE] {
         let mut cfg = self.shape.config;
+        cfg.capacity_sectors = self.shared.capacity_sectors.load(Ordering::Acquire);
         cfg.writeback = u8::from(self.shared.writeback.load(Ordering::Relaxed));
         cfg.to_bytes()
     }
@@ -523,6 +557,12 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    /// SET_BACKEND_REQ_FD: the channel on which vubd tells the frontend of a resize.
+    fn set_backend_req_fd(&self, backend: Backend) {
+        self.notice.set_channel(backend);
     }
 
     /// GET_INFLIGHT_FD: a new, zeroed region for the frontend to keep.

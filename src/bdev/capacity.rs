@@ -1,0 +1,109 @@
+//! A device's capacity, which can change while it serves: an image grown (or, when asked to,
+//! shrunk) through `device_resize`, a block device or an NVMe namespace resized underneath.
+//! What the guest sees follows it: the daemon tells the session, which updates the
+//! configuration space and the requests' bounds and tells the frontend.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use thiserror::Error;
+
+use super::lock::LockError;
+
+/// What `device_resize` asks of a disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resize {
+    /// The new size in bytes; `None`: whatever the disk has now (an image or a namespace
+    /// resized by someone else).
+    pub size: Option<u64>,
+    /// A smaller capacity is accepted (the guest loses what lies past the new end).
+    pub shrink: bool,
+}
+
+/// Why a disk was not resized; nothing changed then.
+#[derive(Debug, Error)]
+pub enum ResizeError {
+    #[error("size: a null device has no size of its own; give one")]
+    NeedSize,
+    #[error("size: {size} bytes is not a positive multiple of the {block}-byte block")]
+    Unaligned { size: u64, block: u32 },
+    #[error(
+        "size: from {from} to {to} bytes shrinks the disk, and the guest loses what lies past the new end; say force=true to mean it"
+    )]
+    Shrink { from: u64, to: u64 },
+    #[error(
+        "size: a block device's size is its own; resize it, then resize the device without a size"
+    )]
+    BlockDevice,
+    #[error("size: the device is read-only; its image's size is not vubd's to change")]
+    ReadOnly,
+    #[error("the size of {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("an NVMe namespace's capacity is the controller's; it changes with the namespace")]
+    Nvme,
+}
+
+/// A capacity in bytes that the control path changes and the guest-facing paths read.
+#[derive(Debug)]
+pub struct Capacity(AtomicU64);
+
+impl Capacity {
+    pub fn new(bytes: u64) -> Self {
+        Self(AtomicU64::new(bytes))
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Checks `to` against the block size and the current capacity (see [`ResizeError`])
+    /// without changing anything.
+    pub fn check(&self, to: u64, block: u32, shrink: bool) -> Result<(), ResizeError> {
+        if to == 0 || to % u64::from(block) != 0 {
+            return Err(ResizeError::Unaligned { size: to, block });
+        }
+        let from = self.bytes();
+        if to < from && !shrink {
+            return Err(ResizeError::Shrink { from, to });
+        }
+        Ok(())
+    }
+
+    pub fn set(&self, bytes: u64) {
+        self.0.store(bytes, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn growth_is_checked_against_the_block_and_shrinking_needs_leave() {
+        let c = Capacity::new(1 << 20);
+        assert!(c.check(2 << 20, 512, false).is_ok());
+        assert!(c.check(1 << 20, 512, false).is_ok(), "the same size");
+        assert!(matches!(
+            c.check(512 * 1001, 4096, false),
+            Err(ResizeError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            c.check(0, 512, true),
+            Err(ResizeError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            c.check(1 << 19, 512, false),
+            Err(ResizeError::Shrink { from, to }) if from == 1 << 20 && to == 1 << 19
+        ));
+        assert!(c.check(1 << 19, 512, true).is_ok());
+        c.set(3 << 20);
+        assert_eq!(c.bytes(), 3 << 20);
+    }
+}

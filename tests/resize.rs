@@ -1,0 +1,239 @@
+//! Online resize (`device_resize`): the image changes size, the session's bounds and
+//! configuration space follow, and the frontend is told on the backend channel
+//! (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG) as QEMU expects it: acknowledged, then GET_CONFIG.
+//! The frontend is our own (`common/frontend.rs`), which keeps the backend channel; libblkio
+//! offers none.
+
+mod common;
+#[path = "common/frontend.rs"]
+mod frontend;
+
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::daemon::Daemon;
+use common::{Image, TIMEOUT};
+use frontend::{BLOCK, BlkFrontend, Options, Request, SECTOR, STATUS_OK};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use vubd::jsonrpc::{self, ClientError};
+
+const MIB: u64 = 1 << 20;
+/// How long a notice may take to come.
+const NOTICE_WAIT: Duration = Duration::from_secs(5);
+
+struct Node {
+    daemon: Daemon,
+    control: PathBuf,
+    dir: TempDir,
+}
+
+impl Node {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let control = dir.path().join("control.sock");
+        let daemon = Daemon::vubd_with_args(
+            &["--control-socket".as_ref(), control.as_os_str()] as &[&OsStr],
+            &control,
+        );
+        Self {
+            daemon,
+            control,
+            dir,
+        }
+    }
+
+    fn call(&self, method: &str, params: Value) -> Result<Value, ClientError> {
+        jsonrpc::Client::connect(&self.control, TIMEOUT)
+            .expect("control socket")
+            .call(method, params)
+    }
+
+    /// Adds device `name` on `disk`; its socket.
+    fn add(&self, name: &str, disk: &str) -> PathBuf {
+        let socket = self.dir.path().join(format!("{name}.sock"));
+        let params = json!({"name": name, "socket": socket, "disk": disk});
+        self.call("device_add", params)
+            .unwrap_or_else(|e| panic!("device_add: {e}\n{}", self.daemon.output()));
+        socket
+    }
+
+    fn resize(&self, params: Value) -> Result<u64, ClientError> {
+        self.call("device_resize", params)
+            .map(|r| r["capacity"].as_u64().expect("a capacity"))
+    }
+}
+
+fn options() -> Options {
+    Options {
+        backend_channel: true,
+        inflight: false,
+        ..Options::new(1)
+    }
+}
+
+/// Writes a block at `sector` and reads it back: the status of each.
+fn write_read(fe: &mut BlkFrontend, sector: u64, tag: u64) -> (u8, u8) {
+    let data = vec![tag as u8; BLOCK];
+    fe.submit(
+        0,
+        Request::Write {
+            sector,
+            data: &data,
+        },
+        tag,
+    )
+    .expect("submit write");
+    let w = wait(fe, tag);
+    fe.submit(0, Request::Read { sector, len: BLOCK }, tag + 1)
+        .expect("submit read");
+    let r = wait(fe, tag + 1);
+    (w, r)
+}
+
+/// Kicks and waits for request `tag`: its status.
+fn wait(fe: &mut BlkFrontend, tag: u64) -> u8 {
+    fe.notify(0).expect("notify");
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let mut status = None;
+        fe.reap(0, |c, _| {
+            if c.tag == tag {
+                status = Some(c.status);
+            }
+        })
+        .expect("reap");
+        if let Some(s) = status {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "request {tag} did not complete");
+        fe.wait(Duration::from_millis(20)).expect("wait");
+    }
+}
+
+#[test]
+fn an_image_grown_and_shrunk_at_runtime_is_seen_by_the_frontend_at_once() {
+    let node = Node::start();
+    let image = Image::new(16 * MIB);
+    let path = image.path().to_str().expect("UTF-8").to_owned();
+    let socket = node.add("r", &path);
+    let mut fe = BlkFrontend::connect(&socket, options()).expect("connect");
+    assert_eq!(fe.capacity(), 16 * MIB / SECTOR);
+    let past_old_end = 16 * MIB / SECTOR + 8;
+    let (w, _) = write_read(&mut fe, past_old_end, 10);
+    assert_ne!(w, STATUS_OK, "a write past the end fails");
+
+    assert_eq!(
+        node.resize(json!({"name": "r", "size": "32M"}))
+            .expect("grow"),
+        32 * MIB
+    );
+    assert!(
+        fe.config_notice(NOTICE_WAIT).expect("notice"),
+        "the frontend is told"
+    );
+    assert_eq!(fe.config_capacity().expect("GET_CONFIG"), 32 * MIB / SECTOR);
+    assert_eq!(
+        std::fs::metadata(image.path()).expect("stat").len(),
+        32 * MIB
+    );
+    assert_eq!(
+        write_read(&mut fe, past_old_end, 20),
+        (STATUS_OK, STATUS_OK)
+    );
+
+    // Shrinking is refused unless forced, and then the guest loses the end.
+    let refused = node.resize(json!({"name": "r", "size": 8 * MIB}));
+    match refused {
+        Err(ClientError::Rpc(e)) => {
+            assert_eq!(e.code, jsonrpc::INVALID_PARAMS);
+            assert!(e.message.contains("force=true"), "{}", e.message);
+        }
+        other => panic!("shrinking without force: {other:?}"),
+    }
+    assert_eq!(
+        std::fs::metadata(image.path()).expect("stat").len(),
+        32 * MIB
+    );
+    assert!(
+        !fe.config_notice(Duration::from_millis(300)).expect("read"),
+        "no notice"
+    );
+    let shrunk = node.resize(json!({"name": "r", "size": "8M", "force": true}));
+    assert_eq!(shrunk.expect("forced"), 8 * MIB);
+    assert!(fe.config_notice(NOTICE_WAIT).expect("notice"));
+    assert_eq!(fe.config_capacity().expect("GET_CONFIG"), 8 * MIB / SECTOR);
+    let (w, r) = write_read(&mut fe, 8 * MIB / SECTOR, 30);
+    assert!(
+        w != STATUS_OK && r != STATUS_OK,
+        "past the new end: {w}, {r}"
+    );
+    assert_eq!(write_read(&mut fe, 0, 40), (STATUS_OK, STATUS_OK));
+
+    // The image grown from outside: the capacity follows without a size.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(image.path())
+        .expect("open");
+    f.set_len(12 * MIB).expect("grow from outside");
+    assert_eq!(node.resize(json!({"name": "r"})).expect("follow"), 12 * MIB);
+    assert!(fe.config_notice(NOTICE_WAIT).expect("notice"));
+    assert_eq!(fe.config_capacity().expect("GET_CONFIG"), 12 * MIB / SECTOR);
+    let list = node
+        .call("device_list", json!({"name": "r"}))
+        .expect("list");
+    assert_eq!(list[0]["capacity"], json!(12 * MIB));
+}
+
+/// A device resized while no frontend is connected starts its next session at the new size
+/// (a notice, if the frontend gets one once its queues start, repeats what GET_CONFIG said).
+/// When the notice waits for the device to run is `vhost_user::notice`'s unit test.
+#[test]
+fn a_device_resized_between_frontends_starts_at_its_new_size() {
+    let node = Node::start();
+    let socket = node.add("n", "null:64M");
+    let mut fe = BlkFrontend::connect(&socket, options()).expect("connect");
+    assert_eq!(fe.capacity(), 64 * MIB / SECTOR);
+    fe.disconnect();
+    assert_eq!(
+        node.resize(json!({"name": "n", "size": "96M"}))
+            .expect("resize"),
+        96 * MIB
+    );
+    let mut fe = BlkFrontend::connect(&socket, options()).expect("connect again");
+    assert_eq!(
+        fe.capacity(),
+        96 * MIB / SECTOR,
+        "the new session starts at the new size"
+    );
+    assert_eq!(fe.config_capacity().expect("GET_CONFIG"), 96 * MIB / SECTOR);
+    let past_old_end = 64 * MIB / SECTOR + 8;
+    assert_eq!(write_read(&mut fe, past_old_end, 1), (STATUS_OK, STATUS_OK));
+
+    // A null device has no size of its own; the errors name the parameter.
+    for (params, why) in [
+        (json!({"name": "n"}), "give one"),
+        (json!({"name": "n", "size": "lots"}), "size: \"lots\""),
+        (
+            json!({"name": "n", "size": 1000}),
+            "multiple of the 512-byte block",
+        ),
+        (
+            json!({"name": "n", "size": "1G", "force": 1}),
+            "force: must be a boolean",
+        ),
+        (
+            json!({"name": "gone", "size": "1G"}),
+            "no device is named \"gone\"",
+        ),
+    ] {
+        match node.resize(params.clone()) {
+            Err(ClientError::Rpc(e)) => {
+                assert_eq!(e.code, jsonrpc::INVALID_PARAMS, "{params}");
+                assert!(e.message.contains(why), "{params}: {}", e.message);
+            }
+            other => panic!("{params}: {other:?}"),
+        }
+    }
+}
