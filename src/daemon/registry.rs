@@ -184,6 +184,7 @@ impl Registry {
             capacity = info.capacity_bytes,
             queues = cfg.num_queues,
             pollers = self.pollers.len(),
+            poll = ?self.cfg.poll,
             "ready"
         );
         changes.next_index += 1;
