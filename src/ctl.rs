@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{CtlConfig, DiskSpec, parse_disk};
 use crate::jsonrpc::{Client, ClientError};
+use crate::units::human_bytes;
 
 /// How long an answer may take: adding a device may wait for an NVMe/TCP target.
 const ANSWER_WAIT: Duration = Duration::from_secs(120);
@@ -100,7 +101,7 @@ fn human(method: &str, params: &[(String, String)], result: &Value) -> String {
         "device_resize" => format!(
             "{}: {}\n",
             param("name"),
-            size(result.get("capacity").and_then(Value::as_u64).unwrap_or(0))
+            human_bytes(result.get("capacity").and_then(Value::as_u64).unwrap_or(0))
         ),
         "log_set_level" => format!("log level: {}\n", param("level")),
         "version" => format!(
@@ -133,7 +134,7 @@ fn device_table(result: &Value) -> String {
         let flag = |k: &str| d.get(k).and_then(Value::as_bool).unwrap_or(false);
         rows.push([
             s("name"),
-            size(n("capacity")),
+            human_bytes(n("capacity")),
             n("num_queues").to_string(),
             if flag("readonly") { "ro" } else { "rw" }.to_owned(),
             if flag("connected") {
@@ -165,22 +166,6 @@ fn device_table(result: &Value) -> String {
     out
 }
 
-/// A byte count in the largest binary unit that keeps it whole, or with one decimal.
-fn size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut unit = 0;
-    let mut v = bytes as f64;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if v.fract() == 0.0 {
-        format!("{v:.0} {}", UNITS[unit])
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -188,10 +173,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_and_tables_read_as_a_person_expects() {
-        assert_eq!(size(512), "512 B");
-        assert_eq!(size(1 << 30), "1 GiB");
-        assert_eq!(size(3 << 29), "1.5 GiB");
+    fn device_lists_read_as_a_table() {
         let list = json!([
             {"name": "a", "capacity": 1u64 << 30, "num_queues": 2, "readonly": false,
              "connected": true, "disk": "a.img", "socket": "/run/a.sock"},

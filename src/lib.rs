@@ -6,7 +6,8 @@
 //! memory). `log_limit` is a utility of them all: log lines a guest or a frontend can cause
 //! go through a per-device rate limit. `sandbox` (seccomp filters per thread role, restricted
 //! io_uring rings) uses none of them either, so any may use it; `error_chain` (an error and its
-//! causes on one line) is a leaf too.
+//! causes on one line), `jsonrpc` (JSON-RPC 2.0 over a stream) and `units` (byte counts for
+//! people) are leaves too; `ctl` (the control socket's client) sits beside `daemon`.
 
 pub mod bdev;
 pub mod config;
@@ -19,5 +20,6 @@ pub mod mem;
 pub mod nvme;
 pub mod poller;
 pub mod sandbox;
+pub mod units;
 pub mod vhost_user;
 pub mod virtio_blk;

@@ -324,10 +324,23 @@ fn break_queue(what: &str, opts: Options, inject: impl FnOnce(&mut BlkFrontend))
     verified_round(&mut attacker, 1, TIMEOUT).expect("attacker before the attack");
     let lines_before = lab.lines();
     inject(&mut attacker);
+    broken_and_contained(&mut lab, &mut victim, &attacker, what, lines_before)
+}
+
+/// Checks that the attacker's queue 0 broke (its error eventfd signalled, one log line) and
+/// that the attack is contained ([`contain`], [`uncontained`]) since the log had
+/// `lines_before` lines; returns the log.
+fn broken_and_contained(
+    lab: &mut Lab,
+    victim: &mut BlkFrontend,
+    attacker: &BlkFrontend,
+    what: &str,
+    lines_before: usize,
+) -> String {
     let signalled = attacker.error_signalled(0, Duration::from_secs(2));
     let kick = attacker.kick_fd(0);
-    let c = contain(&mut lab, &mut victim, Some(kick), lines_before);
-    assert_none(&lab, what, &uncontained(&c, signalled));
+    let c = contain(lab, victim, Some(kick), lines_before);
+    assert_none(lab, what, &uncontained(&c, signalled));
     let log = lab.daemon.output();
     assert_eq!(
         log.matches("queue broken").count(),
@@ -457,18 +470,8 @@ fn a_head_made_available_again_while_in_flight_breaks_the_queue() {
         fe.push_head(0, first);
     }
     fe.notify(0).expect("notify");
-    let signalled = fe.error_signalled(0, Duration::from_secs(2));
-    let kick = fe.kick_fd(0);
-    let c = contain(&mut lab, &mut victim, Some(kick), lines_before);
     let what = "a head made available again while in flight";
-    assert_none(&lab, what, &uncontained(&c, signalled));
-    let log = lab.daemon.output();
-    assert_eq!(
-        log.matches("queue broken").count(),
-        1,
-        "{what}: one line says the queue broke\n{}",
-        tail(&log)
-    );
+    let log = broken_and_contained(&mut lab, &mut victim, &fe, what, lines_before);
     assert!(
         log.contains("8 chains in use on a ring of 8"),
         "{}",

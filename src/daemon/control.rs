@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::DaemonError;
 use super::methods::Methods;
-use super::socket::SocketFile;
+use super::socket::{SocketFile, wait_for_connection};
 use crate::jsonrpc::{self, Decoded, Decoder};
 
 /// Most clients served at once; one more is answered with an error and closed.
@@ -102,7 +102,7 @@ impl ControlSocket {
     fn accept_loop(self, stop: &EventFd, methods: &Arc<Methods>) {
         let clients: Clients = Arc::default();
         let mut next = 0u64;
-        while wait_readable(&self.listener, stop) {
+        while wait_for_connection(self.listener.as_raw_fd(), stop.as_raw_fd()) {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -156,40 +156,6 @@ impl ControlServer {
         let _ = self.stop.write(1);
         if self.thread.join().is_err() {
             error!("the control socket's thread panicked");
-        }
-    }
-}
-
-/// Waits until `listener` has a connection (true) or `stop` is readable (false).
-fn wait_readable(listener: &UnixListener, stop: &EventFd) -> bool {
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a live array of two pollfd structs and the count matches.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            error!(error = %e, "control socket: poll failed");
-            return false;
-        }
-        if fds[1].revents != 0 {
-            return false;
-        }
-        if fds[0].revents != 0 {
-            return true;
         }
     }
 }

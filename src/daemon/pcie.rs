@@ -7,22 +7,7 @@ use std::path::Path;
 use crate::config::NvmeListConfig;
 use crate::nvme::pcie::sysfs::{PCI_DEVICES, vfio_nvme_devices};
 use crate::nvme::pcie::{PcieController, PcieOptions, SglAlign};
-
-/// A byte count in the largest binary unit that keeps it at least 1.
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
+use crate::units::human_bytes;
 
 /// Prints controller `bdf` and its namespaces, or why it cannot be used.
 fn list_one(bdf: &str, opts: &PcieOptions, out: &mut impl Write) -> std::io::Result<bool> {
@@ -68,7 +53,7 @@ fn list_one(bdf: &str, opts: &PcieOptions, out: &mut impl Write) -> std::io::Res
                 writeln!(
                     out,
                     "  nsid={nsid} size={size} ({}) blocks={} block_size={block} lbaf={} metadata={} deallocated_reads={} write_zeroes_deallocates={}",
-                    human(size),
+                    human_bytes(size),
                     ns.nsze,
                     ns.format_index(),
                     ns.lba_format().ms,
@@ -121,13 +106,6 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-
-    #[test]
-    fn sizes_read_in_binary_units() {
-        assert_eq!(human(512), "512 B");
-        assert_eq!(human(64 << 20), "64.0 MiB");
-        assert_eq!(human(3 << 29), "1.5 GiB");
-    }
 
     #[test]
     fn an_empty_machine_says_so_and_a_missing_device_says_why() {

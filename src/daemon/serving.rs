@@ -13,6 +13,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::socket::wait_for_connection;
 use super::{DaemonError, device, error_chain};
 use crate::bdev::{BlockDevice, Disk};
 use crate::config::DeviceConfig;
@@ -218,37 +219,8 @@ impl Serving {
 
 /// Waits until a frontend connects (true) or the device's stop was requested (false).
 fn wait_for_frontend(listener: &Listener, stop: &DeviceStop) -> bool {
-    loop {
-        if stop.requested() {
-            return false;
-        }
-        let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a live array of two pollfd structs and the count matches.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                error!(error = %e, "poll on the listening socket failed");
-                return false;
-            }
-            continue;
-        }
-        if stop.requested() {
-            return false;
-        }
-        if fds[0].revents & libc::POLLIN != 0 {
-            return true;
-        }
-    }
+    // The stop's eventfd stays readable once requested.
+    !stop.requested()
+        && wait_for_connection(listener.as_raw_fd(), stop.wake.as_raw_fd())
+        && !stop.requested()
 }

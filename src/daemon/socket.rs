@@ -3,7 +3,7 @@
 //! appear at their path, and removed when vubd stops serving them.
 
 use std::io;
-use std::os::fd::FromRawFd;
+use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -149,6 +149,34 @@ fn set_perms(path: &Path, perms: SocketPerms, default_mode: u32) -> io::Result<(
     }
     let mode = perms.mode.unwrap_or(default_mode);
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Waits until `listener` has a connection to accept (true) or `stop` is readable (false;
+/// also when polling fails, which is logged).
+pub(super) fn wait_for_connection(listener: RawFd, stop: RawFd) -> bool {
+    loop {
+        let mut fds = [listener, stop].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: `fds` is a live array of two pollfd structs and the count matches.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::error!(error = %e, "poll on a listening socket failed");
+            return false;
+        }
+        if fds[1].revents != 0 {
+            return false;
+        }
+        if fds[0].revents != 0 {
+            return true;
+        }
+    }
 }
 
 fn is_listening_socket(fd: i32) -> bool {
