@@ -243,7 +243,7 @@ impl Worker {
         // published them while the frontend was taking its interrupts back. One interrupt
         // costs nothing, and the driver looks at its used ring.
         if let Some(slot) = self.queues[q].as_ref() {
-            super::signal(&slot.vring.get_ref());
+            super::publish::signal(&slot.vring.get_ref());
         }
     }
 
