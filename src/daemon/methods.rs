@@ -10,6 +10,7 @@ use super::registry::Registry;
 use super::{DaemonError, error_chain};
 use crate::config::{DeviceDefaults, SocketSpec, device_from_keys};
 use crate::jsonrpc::{METHOD_NOT_FOUND, RpcError};
+use crate::metrics::{self, DeviceStats};
 
 /// Changes what vubd logs: a `tracing` filter (`info`, `debug`, `vubd=debug,warn`, ...).
 pub struct LogControl(Box<SetFilter>);
@@ -30,7 +31,8 @@ impl std::fmt::Debug for LogControl {
 }
 
 /// The methods, in the order docs/control-api.md has them.
-const METHODS: &str = "device_add, device_remove, device_list, log_set_level, version";
+const METHODS: &str =
+    "device_add, device_remove, device_list, device_get_stats, log_set_level, version";
 
 /// What the methods act on.
 #[derive(Debug)]
@@ -60,6 +62,12 @@ impl Methods {
                 let name = take_optional_string(&mut p, "name")?;
                 no_more(p)?;
                 self.device_list(name.as_deref())
+            }
+            "device_get_stats" => {
+                let mut p = object(params)?;
+                let name = take_optional_string(&mut p, "name")?;
+                no_more(p)?;
+                self.device_get_stats(name.as_deref())
             }
             "log_set_level" => {
                 let mut p = object(params)?;
@@ -145,6 +153,26 @@ impl Methods {
             })
             .collect();
         Ok(Value::Array(list))
+    }
+
+    /// `device_get_stats`: the metrics of every device (or the one named), docs/metrics.md.
+    fn device_get_stats(&self, name: Option<&str>) -> Result<Value, RpcError> {
+        let Some(mut devices) = self.registry.metrics() else {
+            return Err(RpcError::failed("vubd counts nothing (--metrics off)"));
+        };
+        if let Some(n) = name {
+            devices.retain(|(d, _)| d == n);
+            if devices.is_empty() {
+                return Err(RpcError::invalid_params(format!(
+                    "name: no device is named {n:?}"
+                )));
+            }
+        }
+        let readings: Vec<(String, DeviceStats)> =
+            devices.into_iter().map(|(n, m)| (n, m.read())).collect();
+        let named: Vec<(&str, &DeviceStats)> =
+            readings.iter().map(|(n, s)| (n.as_str(), s)).collect();
+        Ok(metrics::json::stats(&named))
     }
 }
 

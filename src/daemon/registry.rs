@@ -24,6 +24,7 @@ use super::{DaemonError, device};
 use crate::bdev::nvme_pcie::Controllers;
 use crate::bdev::{BlockDevice, DeviceInfo, Disk};
 use crate::config::{Config, DeviceConfig, DiskSpec, check_beside};
+use crate::metrics::DeviceMetrics;
 use crate::poller::PollerSet;
 use crate::sandbox::{self, Role};
 
@@ -51,6 +52,9 @@ struct Entry {
     first_poller: usize,
     stop: Arc<DeviceStop>,
     thread: JoinHandle<()>,
+    /// Its counters, from its start to its removal, whatever frontends come and go (`None`
+    /// with `--metrics off`).
+    metrics: Option<Arc<DeviceMetrics>>,
 }
 
 /// What [`Registry::add`] and [`Registry::remove`] change together.
@@ -156,6 +160,10 @@ impl Registry {
         let listener = Listener::from(listener);
         let index = changes.next_index;
         let stop = Arc::new(DeviceStop::new().map_err(DaemonError::Signals)?);
+        let metrics = self
+            .cfg
+            .metrics
+            .then(|| Arc::new(DeviceMetrics::new(cfg.num_queues)));
         let serving = Serving {
             index,
             cfg: cfg.clone(),
@@ -163,6 +171,7 @@ impl Registry {
             first_poller,
             pollers: self.pollers.clone(),
             stop: stop.clone(),
+            metrics: metrics.clone(),
         };
         let info = disk.info();
         let thread = std::thread::Builder::new()
@@ -192,6 +201,7 @@ impl Registry {
             first_poller,
             stop,
             thread,
+            metrics,
         };
         lock(&self.devices).insert(cfg.name.clone(), entry);
         Ok(())
@@ -219,6 +229,20 @@ impl Registry {
                 connected: e.stop.connected(),
             })
             .collect()
+    }
+
+    /// Every device's metrics, by name; `None` when vubd counts none (`--metrics off`).
+    pub(super) fn metrics(&self) -> Option<Vec<(String, Arc<DeviceMetrics>)>> {
+        if !self.cfg.metrics {
+            return None;
+        }
+        let devices = lock(&self.devices);
+        Some(
+            devices
+                .iter()
+                .filter_map(|(name, e)| Some((name.clone(), e.metrics.clone()?)))
+                .collect(),
+        )
     }
 
     /// vubd stops: no device is added any more, and every device is asked to stop.

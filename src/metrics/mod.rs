@@ -14,6 +14,7 @@
 
 mod clock;
 mod histogram;
+pub mod json;
 pub mod prometheus;
 
 pub use clock::Clock;

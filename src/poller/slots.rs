@@ -5,6 +5,7 @@ use vm_memory::GuestAddress;
 
 use super::worker::Completion;
 use crate::mem::{IovecList, MemSnapshot};
+use crate::metrics::Op;
 use crate::virtio_blk::Status;
 
 /// Index of a slot; travels through the I/O channel as the operation's user data.
@@ -25,6 +26,9 @@ struct Slot {
     /// Channel completions still to come.
     pending: u32,
     error: bool,
+    /// What the request asks, and when the poller took it (its clock, 0 without metrics).
+    op: Op,
+    started: u64,
     /// Keeps the guest memory the iovecs point into mapped until the request ends.
     mem: Option<MemSnapshot>,
     iov: IovecList,
@@ -41,6 +45,8 @@ impl Slot {
             transferred: 0,
             pending: 0,
             error: false,
+            op: Op::Other,
+            started: 0,
             mem: None,
             iov: IovecList::with_capacity(iov_cap),
         }
@@ -113,7 +119,8 @@ impl SlotTable {
         &mut self.slots[tag as usize].iov
     }
 
-    /// Records a request that is about to be queued to the channel.
+    /// Records a request that is about to be queued to the channel: what it is and when it
+    /// started, for the metrics.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     pub fn begin(
@@ -124,6 +131,7 @@ impl SlotTable {
         status_addr: GuestAddress,
         used_len: u32,
         expect: Option<u32>,
+        (op, started): (Op, u64),
         mem: MemSnapshot,
     ) {
         let slot = &mut self.slots[tag as usize];
@@ -135,6 +143,8 @@ impl SlotTable {
         slot.transferred = 0;
         slot.pending = 0;
         slot.error = false;
+        slot.op = op;
+        slot.started = started;
         slot.mem = Some(mem);
     }
 
@@ -187,6 +197,9 @@ impl SlotTable {
                 Status::Ok
             },
             used_len: if slot.error { 1 } else { slot.used_len },
+            op: slot.op,
+            bytes: slot.expect.unwrap_or(0),
+            started: slot.started,
         }
     }
 
@@ -244,7 +257,7 @@ mod tests {
         );
         let mut t = SlotTable::new(1, 1);
         let tag = t.alloc().expect("tag");
-        t.begin(tag, 0, 7, GuestAddress(0x10), 1, None, mem);
+        t.begin(tag, 0, 7, GuestAddress(0x10), 1, None, (Op::Flush, 0), mem);
         t.add_pending(tag, 2);
         assert!(!t.complete_op(tag, -libc::EIO));
         assert!(t.complete_op(tag, 0));
@@ -262,7 +275,16 @@ mod tests {
         );
         let mut t = SlotTable::new(1, 1);
         let tag = t.alloc().expect("tag");
-        t.begin(tag, 0, 0, GuestAddress(0), 4097, Some(4096), mem);
+        t.begin(
+            tag,
+            0,
+            0,
+            GuestAddress(0),
+            4097,
+            Some(4096),
+            (Op::Read, 0),
+            mem,
+        );
         t.add_pending(tag, 1);
         assert!(t.complete_op(tag, 2048));
         assert_eq!(t.finish(tag).status, Status::IoErr);
@@ -276,16 +298,40 @@ mod tests {
         );
         let mut t = SlotTable::new(1, 1);
         let tag = t.alloc().expect("tag");
-        t.begin(tag, 0, 0, GuestAddress(0), 8193, Some(8192), mem.clone());
+        t.begin(
+            tag,
+            0,
+            0,
+            GuestAddress(0),
+            8193,
+            Some(8192),
+            (Op::Read, 77),
+            mem.clone(),
+        );
         t.add_pending(tag, 2);
         assert!(!t.complete_op(tag, 4096));
         assert!(t.complete_op(tag, 4096));
-        assert_eq!(t.finish(tag).status, Status::Ok);
-        assert_eq!(t.finish(tag).used_len, 8193);
+        let c = t.finish(tag);
+        assert_eq!(c.status, Status::Ok);
+        assert_eq!(c.used_len, 8193);
+        assert_eq!(
+            (c.op, c.bytes, c.started),
+            (Op::Read, 8192, 77),
+            "for the metrics"
+        );
         assert!(t.release(tag).is_some());
         // One part short: the whole request fails.
         let tag = t.alloc().expect("tag");
-        t.begin(tag, 0, 0, GuestAddress(0), 8193, Some(8192), mem);
+        t.begin(
+            tag,
+            0,
+            0,
+            GuestAddress(0),
+            8193,
+            Some(8192),
+            (Op::Read, 0),
+            mem,
+        );
         t.add_pending(tag, 2);
         assert!(!t.complete_op(tag, 4096));
         assert!(t.complete_op(tag, 4095));

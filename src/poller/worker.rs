@@ -31,6 +31,7 @@ use crate::bdev::{Channel, IoChannel, Target};
 use crate::limited;
 use crate::log_limit::LogLimit;
 use crate::mem::{DirtyLog, GuestMemoryAtomic, HostMap};
+use crate::metrics::{Clock, ErrorKind, Op, QueueMetrics};
 use crate::virtio_blk::chain::DESC_SIZE;
 use crate::virtio_blk::inflight::InflightQueue;
 use crate::virtio_blk::ring::SplitRing;
@@ -112,6 +113,8 @@ struct QueueSlot {
     broken_flag: Arc<AtomicBool>,
     /// Interrupts the frontend did not take: its call eventfd was full.
     lost_interrupts: u64,
+    /// The queue's counters, unless metrics are off: this poller alone writes them.
+    metrics: Option<Arc<QueueMetrics>>,
 }
 
 /// How a request ends.
@@ -120,6 +123,12 @@ pub(super) struct Completion {
     pub status_addr: vm_memory::GuestAddress,
     pub status: Status,
     pub used_len: u32,
+    /// What the request asked.
+    pub op: Op,
+    /// The bytes a read or a write moves (0 for other requests).
+    pub bytes: u32,
+    /// When the poller took it from the ring, on its clock (0 without metrics).
+    pub started: u64,
 }
 
 pub(super) struct Worker {
@@ -137,6 +146,9 @@ pub(super) struct Worker {
     epoll: Epoll,
     events: Vec<EpollEvent>,
     stopping: bool,
+    /// Read once per pass that takes requests and once per batch of completions, for the
+    /// latencies of queues with metrics.
+    clock: Clock,
 }
 
 /// In adaptive mode, empty passes between two looks at the clock: about a microsecond here,
@@ -194,6 +206,7 @@ impl Worker {
             epoll,
             events: vec![EpollEvent::default(); 16],
             stopping: false,
+            clock: Clock::get(),
         })
     }
 
@@ -280,6 +293,7 @@ impl Worker {
             slots,
             scratch,
             epoll,
+            clock,
             ..
         } = self;
         let Some(q) = queues[qi].as_mut() else {
@@ -352,6 +366,9 @@ impl Worker {
         // Set when the driver broke the ring's rules: the pass ends there, the chain that
         // broke it is not taken (next avail stays on it), and what completed is published.
         let mut breakage = None;
+        // The pass's time: every request it takes starts then.
+        let qm = q.metrics.as_deref();
+        let now = if qm.is_some() { clock.now_ns() } else { 0 };
         loop {
             if slots.is_full() || !channel.has_room() || dev.in_flight >= dev.shared.max_in_flight {
                 // Retried on the next iteration, once completions have freed room.
@@ -425,17 +442,23 @@ impl Worker {
                     Err(rej) => rej.status,
                 },
             ));
+            if let (Some(m), Ok(_)) = (qm, &parsed) {
+                m.started();
+            }
             let done = match &parsed {
                 Ok(p) => match start::start(
                     &dev.shared,
                     (&mut *channel, &dev.target),
                     slots,
-                    (qi, tag),
+                    (qi, tag, now),
                     p,
                     scratch.ranges(),
                     snapshot,
                 ) {
                     Some((head, c)) => {
+                        if let Some(m) = qm {
+                            m.completed(c.op, c.status == Status::Ok, c.bytes, 0);
+                        }
                         if let Some(log) = &dev.log {
                             let data = (c.used_len > 1).then(|| slots.iov(tag));
                             dirty::request(log, snapshot, data, c.status_addr);
@@ -451,6 +474,12 @@ impl Worker {
                 },
                 Err(rej) => {
                     debug!(queue = q.index, head = rej.head, error = %rej.error, "request rejected");
+                    if let Some(m) = qm {
+                        m.refused(match rej.error.status() {
+                            Status::Unsupp => ErrorKind::Unsupported,
+                            _ => ErrorKind::Invalid,
+                        });
+                    }
                     slots.free(tag);
                     // The status address was checked by the parser (a chain without one broke
                     // the queue above).

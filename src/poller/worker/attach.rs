@@ -236,6 +236,7 @@ impl Worker {
             broken: false,
             broken_flag: a.broken,
             lost_interrupts: 0,
+            metrics: a.shared.metrics.as_ref().and_then(|m| m.queue(a.queue)),
         });
         self.set_notifications(q, false);
         // The guest may hold completions it was never interrupted for: the process that had

@@ -12,6 +12,7 @@ use super::{Completion, QueueSlot, Worker, dirty, fresh_ring};
 use crate::limited;
 use crate::mem::{DirtyLog, GuestMemoryAtomic, HostMap, MemSnapshot};
 use crate::poller::DeviceShared;
+use crate::virtio_blk::Status;
 use crate::virtio_blk::inflight::InflightQueue;
 use crate::virtio_blk::ring::SplitRing;
 
@@ -19,6 +20,8 @@ impl Worker {
     /// Publishes the requests in `done`: status byte, used ring, one notification per queue.
     #[inline]
     pub(super) fn publish_done(&mut self) {
+        // The batch's time, read at the first queue with metrics.
+        let mut now = None;
         for i in 0..self.done.len() {
             let qi = self.slots.queue_of(self.done[i]);
             if self.done[..i].iter().any(|&t| self.slots.queue_of(t) == qi) {
@@ -41,6 +44,11 @@ impl Worker {
             let ring = fresh_ring(&mut q.ring, dev, queue);
             let old_used = Wrapping(queue.next_used());
             let mut used = old_used;
+            let qm = q.metrics.as_deref();
+            let now = match qm {
+                Some(_) => *now.get_or_insert_with(|| self.clock.now_ns()),
+                None => 0,
+            };
             for &tag in &self.done[i..] {
                 if self.slots.queue_of(tag) != qi {
                     continue;
@@ -56,6 +64,10 @@ impl Worker {
                 };
                 q.in_flight = q.in_flight.saturating_sub(1);
                 dev.in_flight = dev.in_flight.saturating_sub(1);
+                if let Some(m) = qm {
+                    let latency = now.saturating_sub(c.started);
+                    m.completed(c.op, c.status == Status::Ok, c.bytes, latency);
+                }
                 let len = write_status(&dev.map, &mem, c);
                 match ring {
                     Some(r) => {
