@@ -10,7 +10,7 @@ use super::registry::Registry;
 use super::{DaemonError, error_chain};
 use crate::config::{DeviceDefaults, SocketSpec, device_from_keys};
 use crate::jsonrpc::{METHOD_NOT_FOUND, RpcError};
-use crate::metrics::{self, DeviceStats};
+use crate::metrics;
 
 /// Changes what vubd logs: a `tracing` filter (`info`, `debug`, `vubd=debug,warn`, ...).
 pub struct LogControl(Box<SetFilter>);
@@ -157,22 +157,17 @@ impl Methods {
 
     /// `device_get_stats`: the metrics of every device (or the one named), docs/metrics.md.
     fn device_get_stats(&self, name: Option<&str>) -> Result<Value, RpcError> {
-        let Some(mut devices) = self.registry.metrics() else {
+        let Some(readings) = self.registry.read_metrics(name) else {
             return Err(RpcError::failed("vubd counts nothing (--metrics off)"));
         };
-        if let Some(n) = name {
-            devices.retain(|(d, _)| d == n);
-            if devices.is_empty() {
-                return Err(RpcError::invalid_params(format!(
-                    "name: no device is named {n:?}"
-                )));
-            }
+        if let Some(n) = name
+            && readings.is_empty()
+        {
+            return Err(RpcError::invalid_params(format!(
+                "name: no device is named {n:?}"
+            )));
         }
-        let readings: Vec<(String, DeviceStats)> =
-            devices.into_iter().map(|(n, m)| (n, m.read())).collect();
-        let named: Vec<(&str, &DeviceStats)> =
-            readings.iter().map(|(n, s)| (n.as_str(), s)).collect();
-        Ok(metrics::json::stats(&named))
+        Ok(metrics::json::stats(&readings))
     }
 }
 

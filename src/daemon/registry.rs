@@ -24,7 +24,7 @@ use super::{DaemonError, device};
 use crate::bdev::nvme_pcie::Controllers;
 use crate::bdev::{BlockDevice, DeviceInfo, Disk};
 use crate::config::{Config, DeviceConfig, DiskSpec, check_beside};
-use crate::metrics::DeviceMetrics;
+use crate::metrics::{DeviceMetrics, DeviceStats};
 use crate::poller::PollerSet;
 use crate::sandbox::{self, Role};
 
@@ -231,18 +231,19 @@ impl Registry {
             .collect()
     }
 
-    /// Every device's metrics, by name; `None` when vubd counts none (`--metrics off`).
-    pub(super) fn metrics(&self) -> Option<Vec<(String, Arc<DeviceMetrics>)>> {
+    /// The metrics of every device (or of the one named), by name, read now; `None` when
+    /// vubd counts none (`--metrics off`).
+    pub(super) fn read_metrics(&self, name: Option<&str>) -> Option<Vec<(String, DeviceStats)>> {
         if !self.cfg.metrics {
             return None;
         }
-        let devices = lock(&self.devices);
-        Some(
-            devices
-                .iter()
-                .filter_map(|(name, e)| Some((name.clone(), e.metrics.clone()?)))
-                .collect(),
-        )
+        // Read outside the lock: a device's queues are a few kilobytes of counters each.
+        let devices: Vec<(String, Arc<DeviceMetrics>)> = lock(&self.devices)
+            .iter()
+            .filter(|(n, _)| name.is_none_or(|name| name == n.as_str()))
+            .filter_map(|(n, e)| Some((n.clone(), e.metrics.clone()?)))
+            .collect();
+        Some(devices.into_iter().map(|(n, m)| (n, m.read())).collect())
     }
 
     /// vubd stops: no device is added any more, and every device is asked to stop.

@@ -15,10 +15,10 @@ use super::{
 };
 
 /// The result of `device_get_stats` for `devices` (name and reading).
-pub fn stats(devices: &[(&str, &DeviceStats)]) -> Value {
+pub fn stats(devices: &[(String, DeviceStats)]) -> Value {
     let devices: Vec<Value> = devices
         .iter()
-        .map(|&(name, stats)| {
+        .map(|(name, stats)| {
             let mut d = Map::new();
             d.insert("name".into(), json!(name));
             counters(&mut d, &stats.total);
@@ -109,7 +109,7 @@ mod tests {
         q1.completed(Op::Write, true, 4096, 2100);
         q1.refused(ErrorKind::Unsupported);
         let stats = m.read();
-        let v = super::stats(&[("disk-a", &stats)]);
+        let v = super::stats(&[("disk-a".to_owned(), stats.clone())]);
         let bounds = v["latency_bounds_ns"].as_array().expect("bounds");
         assert_eq!(bounds.len(), BUCKETS - 1);
         assert_eq!(bounds[0], 1000);

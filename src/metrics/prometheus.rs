@@ -12,15 +12,8 @@ use super::{BUCKETS, Counters, DeviceStats, ErrorKind, Op, upper_bound_ns};
 /// The `Content-Type` of what [`render`] writes.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// One family of samples: its name, type and help line.
-struct Family<'a> {
-    name: &'a str,
-    kind: &'static str,
-    help: &'a str,
-}
-
 /// The metrics of `devices` (name and reading, in the order given) as Prometheus text.
-pub fn render(devices: &[(&str, &DeviceStats)]) -> String {
+pub fn render(devices: &[(String, DeviceStats)]) -> String {
     let mut out = String::new();
     for scope in [Scope::Device, Scope::Queue] {
         for op in Op::ALL {
@@ -97,17 +90,18 @@ fn op_help(op: Op) -> &'static str {
     }
 }
 
-fn header(out: &mut String, f: &Family<'_>) {
-    let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
-    let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
+/// The lines that open a family of samples: its help and its type.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 /// The counters of each device (or each queue of each device) and the labels that name them.
-fn each<'a>(
-    devices: &'a [(&'a str, &'a DeviceStats)],
+fn each(
+    devices: &[(String, DeviceStats)],
     scope: Scope,
-) -> impl Iterator<Item = (String, &'a Counters)> {
-    devices.iter().flat_map(move |&(name, stats)| {
+) -> impl Iterator<Item = (String, &Counters)> {
+    devices.iter().flat_map(move |(name, stats)| {
         let device = format!("device=\"{}\"", escape(name));
         let all: Vec<(String, &Counters)> = match scope {
             Scope::Device => vec![(device, &stats.total)],
@@ -124,27 +118,25 @@ fn each<'a>(
 
 fn counter_family(
     out: &mut String,
-    devices: &[(&str, &DeviceStats)],
+    devices: &[(String, DeviceStats)],
     scope: Scope,
     (name, kind, help): (&str, &'static str, &str),
     value: impl Fn(&Counters) -> u64,
 ) {
-    header(out, &Family { name, kind, help });
+    header(out, name, kind, help);
     for (labels, c) in each(devices, scope) {
         let _ = writeln!(out, "{name}{{{labels}}} {}", value(c));
     }
 }
 
-fn errors_family(out: &mut String, devices: &[(&str, &DeviceStats)], scope: Scope) {
+fn errors_family(out: &mut String, devices: &[(String, DeviceStats)], scope: Scope) {
     let name = format!("vubd_{}_errors_total", scope.name());
     header(
         out,
-        &Family {
-            name: &name,
-            kind: "counter",
-            help: "Requests that failed: io (the disk failed them), unsupported (refused with \
-                   UNSUPP), invalid (refused with IOERR before reaching the disk).",
-        },
+        &name,
+        "counter",
+        "Requests that failed: io (the disk failed them), unsupported (refused with UNSUPP), \
+         invalid (refused with IOERR before reaching the disk).",
     );
     for (labels, c) in each(devices, scope) {
         for kind in ErrorKind::ALL {
@@ -158,16 +150,14 @@ fn errors_family(out: &mut String, devices: &[(&str, &DeviceStats)], scope: Scop
     }
 }
 
-fn latency_family(out: &mut String, devices: &[(&str, &DeviceStats)]) {
+fn latency_family(out: &mut String, devices: &[(String, DeviceStats)]) {
     let name = "vubd_device_latency_seconds";
     header(
         out,
-        &Family {
-            name,
-            kind: "histogram",
-            help: "Time from the poller pass that took a request from the ring to the pass \
-                   that saw it complete.",
-        },
+        name,
+        "histogram",
+        "Time from the poller pass that took a request from the ring to the pass that saw it \
+         complete.",
     );
     for (labels, c) in each(devices, Scope::Device) {
         let mut below = 0u64;
@@ -219,8 +209,7 @@ mod tests {
         q.completed(Op::Write, true, 512, 2_500_000_000);
         q.refused(ErrorKind::Invalid);
         q.started();
-        let stats = m.read();
-        let text = render(&[("a\"b", &stats)]);
+        let text = render(&[("a\"b".to_owned(), m.read())]);
         let mut want = String::new();
         for scope in ["device", "queue"] {
             let labels = if scope == "device" {
