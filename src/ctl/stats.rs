@@ -22,7 +22,9 @@ const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 struct Rates {
     name: String,
     seconds: f64,
+    /// Requests completed.
     ops: u64,
+    /// Bytes read and written by the requests that completed successfully.
     bytes: u64,
     /// Latency percentiles 50, 95 and 99, nanoseconds; `None` without a request.
     percentiles: [Option<f64>; 3],
@@ -99,10 +101,11 @@ fn rates(first: &Value, second: &Value, seconds: f64) -> Result<Vec<Rates>, CtlE
                 .iter()
                 .find(|(n, c)| *n == name && c.latency.count() <= now.latency.count())
                 .map_or(&zero, |(_, c)| c);
-            let ops = (now.ops.iter().sum::<u64>()).saturating_sub(then.ops.iter().sum());
+            let latency = now.latency.since(&then.latency);
+            // Requests completed: each has its latency.
+            let ops = latency.count();
             let bytes = (now.read_bytes + now.written_bytes)
                 .saturating_sub(then.read_bytes + then.written_bytes);
-            let latency = now.latency.since(&then.latency);
             Rates {
                 name,
                 seconds,
@@ -171,31 +174,32 @@ fn latency(ns: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{DeviceMetrics, Op, json};
+    use crate::metrics::{Clock, DeviceMetrics, Op, json};
 
     #[test]
     fn an_interval_is_the_difference_of_two_readings() {
+        let clock = Clock::monotonic();
         let a = DeviceMetrics::new(1);
         let b = DeviceMetrics::new(2);
         let qa = a.queue(0).expect("a");
         // Before the interval: a slow read on a, which must not count in it.
-        qa.started();
-        qa.completed(Op::Read, true, 4096, 90_000_000);
-        let first = json::stats(&[("a".into(), a.read()), ("b".into(), b.read())]);
+        qa.started(Op::Read);
+        qa.completed(true, (true, 4096), 90_000_000, &clock);
+        let first = json::stats(&[("a".into(), a.read(&clock)), ("b".into(), b.read(&clock))]);
         for _ in 0..94 {
-            qa.started();
-            qa.completed(Op::Read, true, 4096, 1200);
+            qa.started(Op::Read);
+            qa.completed(true, (true, 4096), 1200, &clock);
         }
         for _ in 0..6 {
-            qa.started();
-            qa.completed(Op::Write, true, 1 << 20, 3900);
+            qa.started(Op::Write);
+            qa.completed(true, (false, 1 << 20), 3900, &clock);
         }
         let c = DeviceMetrics::new(1);
-        c.queue(0).expect("c").started();
+        c.queue(0).expect("c").started(Op::Read);
         let second = json::stats(&[
-            ("a".into(), a.read()),
-            ("b".into(), b.read()),
-            ("c".into(), c.read()),
+            ("a".into(), a.read(&clock)),
+            ("b".into(), b.read(&clock)),
+            ("c".into(), c.read(&clock)),
         ]);
         let r = rates(&first, &second, 2.0).expect("rates");
         assert_eq!(r.len(), 3);

@@ -24,7 +24,7 @@ use super::{DaemonError, device};
 use crate::bdev::nvme_pcie::Controllers;
 use crate::bdev::{BlockDevice, DeviceInfo, Disk};
 use crate::config::{Config, DeviceConfig, DiskSpec, check_beside};
-use crate::metrics::{DeviceMetrics, DeviceStats};
+use crate::metrics::{Clock, DeviceMetrics, DeviceStats};
 use crate::poller::PollerSet;
 use crate::sandbox::{self, Role};
 
@@ -243,7 +243,13 @@ impl Registry {
             .filter(|(n, _)| name.is_none_or(|name| name == n.as_str()))
             .filter_map(|(n, e)| Some((n.clone(), e.metrics.clone()?)))
             .collect();
-        Some(devices.into_iter().map(|(n, m)| (n, m.read())).collect())
+        let clock = Clock::get();
+        Some(
+            devices
+                .into_iter()
+                .map(|(n, m)| (n, m.read(&clock)))
+                .collect(),
+        )
     }
 
     /// vubd stops: no device is added any more, and every device is asked to stop.

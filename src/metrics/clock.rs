@@ -1,9 +1,10 @@
-//! The clock of request latencies. A poller reads it once per batch, so it must cost a few
-//! instructions: on x86-64, where the kernel keeps time with the CPU's time-stamp counter
-//! (its clocksource is `tsc`, which it chooses only when the counter runs at a constant rate
-//! and in step on every CPU), it is that counter, scaled to nanoseconds by a factor measured
-//! once per process; elsewhere the monotonic clock (a vDSO call, about a hundred
-//! instructions, and a system call under valgrind).
+//! The clock of request latencies. A poller reads it once per batch and converts each
+//! request's latency, so both must cost a few instructions: on x86-64, where the kernel keeps
+//! time with the CPU's time-stamp counter (its clocksource is `tsc`, which it chooses only when
+//! the counter runs at a constant rate and in step on every CPU), a tick is one of that
+//! counter's, converted by a multiplication with factors measured once per process; elsewhere
+//! a tick is a nanosecond of the monotonic clock (a vDSO call, about a hundred instructions,
+//! and a system call under valgrind).
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -16,56 +17,81 @@ const CALIBRATION: Duration = Duration::from_millis(10);
 /// read in the shortest time is kept (a thread preempted between the two reads would skew it).
 const TRIES: usize = 5;
 
-/// Nanoseconds since some fixed moment, on a clock every poller of the process shares.
+/// The clock pollers time requests with, in ticks: of the time-stamp counter, or nanoseconds
+/// of the monotonic clock. Every poller of the process shares it.
 #[derive(Clone, Copy, Debug)]
 pub struct Clock {
-    /// Nanoseconds per tick of the time-stamp counter, times 2^32; 0: the monotonic clock is
-    /// read instead.
-    tsc_scale: u64,
+    /// Ticks are the time-stamp counter's (else nanoseconds of the monotonic clock).
+    tsc: bool,
+    /// Nanoseconds per tick, times 2^32.
+    ns_scale: u64,
+    /// Quarter microseconds per tick, times 2^64 (rounded down): what the latency
+    /// histogram's buckets count in.
+    quarter_scale: u64,
     epoch: Instant,
 }
 
 static CLOCK: OnceLock<Clock> = OnceLock::new();
 
+/// Nanoseconds in the histogram's unit, a quarter microsecond.
+const QUARTER_US_NS: u64 = 250;
+
 impl Clock {
-    /// The process's clock: the first call measures the counter against the monotonic clock
-    /// ([`CALIBRATION`]) when the kernel keeps time with it, and reads the clocksource file.
+    /// The process's clock: the first call reads the clocksource file and, when the kernel
+    /// keeps time with the counter, measures it against the monotonic clock
+    /// ([`CALIBRATION`]).
     pub fn get() -> Clock {
         *CLOCK.get_or_init(|| {
-            let epoch = Instant::now();
-            let tsc_scale = if kernel_uses_tsc() {
-                tsc_scale(epoch).unwrap_or(0)
-            } else {
-                0
-            };
-            Clock { tsc_scale, epoch }
+            let mono = Clock::monotonic();
+            match kernel_uses_tsc().then(|| tsc_scales(mono.epoch)).flatten() {
+                Some((ns_scale, quarter_scale)) => Clock {
+                    tsc: true,
+                    ns_scale,
+                    quarter_scale,
+                    epoch: mono.epoch,
+                },
+                None => mono,
+            }
         })
+    }
+
+    /// A clock whose ticks are nanoseconds of the monotonic clock.
+    pub fn monotonic() -> Clock {
+        Clock {
+            tsc: false,
+            ns_scale: 1 << 32,
+            quarter_scale: u64::MAX / QUARTER_US_NS,
+            epoch: Instant::now(),
+        }
     }
 
     /// Whether the time-stamp counter is read (else the monotonic clock).
     pub fn is_tsc(&self) -> bool {
-        self.tsc_scale != 0
+        self.tsc
     }
 
-    /// Nanoseconds since the clock's start.
+    /// Ticks since some fixed moment.
     #[inline(always)]
-    pub fn now_ns(&self) -> u64 {
+    pub fn now(&self) -> u64 {
         #[cfg(target_arch = "x86_64")]
-        if self.tsc_scale != 0 {
-            return scale(rdtsc(), self.tsc_scale);
+        if self.tsc {
+            return rdtsc();
         }
-        self.monotonic_ns()
-    }
-
-    fn monotonic_ns(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
-}
 
-/// `ticks` in nanoseconds, for a scale of nanoseconds per tick times 2^32.
-#[inline(always)]
-fn scale(ticks: u64, tsc_scale: u64) -> u64 {
-    ((u128::from(ticks) * u128::from(tsc_scale)) >> 32) as u64
+    /// `ticks` in nanoseconds.
+    pub fn nanos(&self, ticks: u64) -> u64 {
+        ((u128::from(ticks) * u128::from(self.ns_scale)) >> 32) as u64
+    }
+
+    /// `ticks` in whole quarter microseconds, rounded down (so that a latency equal to a
+    /// bucket's bound, to the clock's precision, counts in that bucket): the high half of one
+    /// multiplication.
+    #[inline(always)]
+    pub fn quarter_us(&self, ticks: u64) -> u64 {
+        ((u128::from(ticks) * u128::from(self.quarter_scale)) >> 64) as u64
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -82,10 +108,11 @@ fn kernel_uses_tsc() -> bool {
         && std::fs::read_to_string(CLOCKSOURCE).is_ok_and(|s| s.trim() == "tsc")
 }
 
-/// Nanoseconds per counter tick times 2^32, measured over [`CALIBRATION`]; `None` when the
-/// measurement makes no sense (a counter slower than 100 MHz or faster than 100 GHz).
+/// Nanoseconds per counter tick times 2^32, and quarter microseconds per tick times 2^64,
+/// measured over [`CALIBRATION`]; `None` when the measurement makes no sense (a counter
+/// slower than 100 MHz or faster than 100 GHz).
 #[cfg(target_arch = "x86_64")]
-fn tsc_scale(epoch: Instant) -> Option<u64> {
+fn tsc_scales(epoch: Instant) -> Option<(u64, u64)> {
     let pair = || {
         (0..TRIES)
             .map(|_| {
@@ -106,11 +133,13 @@ fn tsc_scale(epoch: Instant) -> Option<u64> {
     if ticks == 0 || ns * 100 < ticks || ns > ticks * 10 {
         return None;
     }
-    u64::try_from((ns << 32) / ticks).ok()
+    let ns_scale = u64::try_from((ns << 32) / ticks).ok()?;
+    let quarter_scale = u64::try_from((ns << 64) / (ticks * u128::from(QUARTER_US_NS))).ok()?;
+    Some((ns_scale, quarter_scale))
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn tsc_scale(_epoch: Instant) -> Option<u64> {
+fn tsc_scales(_epoch: Instant) -> Option<(u64, u64)> {
     None
 }
 
@@ -121,11 +150,11 @@ mod tests {
     #[test]
     fn the_clock_keeps_time_with_the_monotonic_clock() {
         let clock = Clock::get();
-        let (a, start) = (clock.now_ns(), Instant::now());
+        let (a, start) = (clock.now(), Instant::now());
         std::thread::sleep(Duration::from_millis(50));
-        let (b, took) = (clock.now_ns(), start.elapsed());
+        let (b, took) = (clock.now(), start.elapsed());
         let took = took.as_nanos() as f64;
-        let measured = (b - a) as f64;
+        let measured = clock.nanos(b - a) as f64;
         // Within 2 % (the reads of the two clocks are not at the same instant, and the
         // calibration ran over 10 ms only).
         assert!(
@@ -133,15 +162,32 @@ mod tests {
             "clock (tsc: {}) measured {measured} ns where {took} ns passed",
             clock.is_tsc()
         );
-        assert!(clock.now_ns() >= b, "monotonic");
+        let quarters = clock.quarter_us(b - a) as f64;
+        assert!((quarters * 250.0 - measured).abs() < measured * 0.001 + 250.0);
+        assert!(clock.now() >= b, "monotonic");
     }
 
     #[test]
-    fn ticks_scale_to_nanoseconds() {
+    fn ticks_scale_to_nanoseconds_and_quarter_microseconds() {
         // A 2.5 GHz counter: 0.4 ns per tick.
-        let s = (2u64 << 32) / 5;
-        assert_eq!(scale(2_500_000_000, s), 999_999_999);
-        // Far beyond u64 before the shift: a counter of 2^60 ticks.
-        assert_eq!(scale(1 << 60, 1 << 32), 1 << 60);
+        let c = Clock {
+            tsc: true,
+            ns_scale: (2u64 << 32) / 5,
+            quarter_scale: u64::MAX / 625,
+            epoch: Instant::now(),
+        };
+        assert_eq!(c.nanos(2_500_000_000), 999_999_999);
+        assert_eq!(c.quarter_us(2_500_000_000), 3_999_999);
+        let m = Clock::monotonic();
+        assert_eq!(m.nanos(12_345), 12_345);
+        // Far beyond u64 before the shift.
+        assert_eq!(m.nanos(1 << 60), 1 << 60);
+        assert_eq!(m.quarter_us(134_217_728_001), 536_870_912);
+        // A latency on a bound stays in the bucket below it; one past it does not.
+        assert_eq!(m.quarter_us(999), 3);
+        assert_eq!(m.quarter_us(1000), 3);
+        assert_eq!(m.quarter_us(1001), 4);
+        assert_eq!(m.quarter_us(1250), 4);
+        assert_eq!(m.quarter_us(1251), 5);
     }
 }

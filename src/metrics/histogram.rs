@@ -9,12 +9,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::bump;
+use super::{Clock, bump};
 
 /// Sub-buckets per power of two, as a power of two.
 const SUB_BITS: u32 = 2;
 const SUB: u64 = 1 << SUB_BITS;
-/// The finest bucket width: every bound is a multiple of it.
+/// The finest bucket width, a quarter microsecond: every bound is a multiple of it.
 const UNIT_NS: u64 = 250;
 /// Powers of two above the first microsecond: the last finite bound is
 /// `UNIT_NS × 2^(OCTAVES - 1) × 2 × SUB` ns, about 134 s.
@@ -22,13 +22,11 @@ const OCTAVES: usize = 27;
 /// Buckets: up to 1 µs, four per power of two above it, and one for anything longer.
 pub const BUCKETS: usize = 1 + OCTAVES * SUB as usize + 1;
 
-/// The bucket of a latency of `ns` nanoseconds: bucket `i` holds latencies above the upper
-/// bound of bucket `i - 1` and up to its own ([`upper_bound_ns`]), as Prometheus's `le`
-/// (less or equal) says.
+/// The bucket of a latency of `q` whole quarter microseconds ([`Clock::quarter_us`]): bucket
+/// `i` holds latencies above the upper bound of bucket `i - 1` and up to its own
+/// ([`upper_bound_ns`]), as Prometheus's `le` (less or equal) says, to the clock's precision.
 #[inline(always)]
-pub fn bucket(ns: u64) -> usize {
-    // Latencies in (UNIT_NS × q, UNIT_NS × (q + 1)] have the same q.
-    let q = ns.saturating_sub(1) / UNIT_NS;
+pub fn bucket(q: u64) -> usize {
     if q < SUB {
         return 0;
     }
@@ -61,33 +59,34 @@ pub fn bounds_ns() -> impl Iterator<Item = u64> {
 #[derive(Debug)]
 pub struct AtomicHistogram {
     counts: [AtomicU64; BUCKETS],
-    sum_ns: AtomicU64,
+    /// In ticks of the clock: converted when read.
+    sum_ticks: AtomicU64,
 }
 
 impl Default for AtomicHistogram {
     fn default() -> Self {
         Self {
             counts: [const { AtomicU64::new(0) }; BUCKETS],
-            sum_ns: AtomicU64::new(0),
+            sum_ticks: AtomicU64::new(0),
         }
     }
 }
 
 impl AtomicHistogram {
-    /// Counts one latency. Only the histogram's one writer may call it.
+    /// Counts one latency of `ticks` of `clock`. Only the histogram's one writer may call it.
     #[inline(always)]
-    pub fn record(&self, ns: u64) {
-        bump(&self.counts[bucket(ns)], 1);
-        bump(&self.sum_ns, ns);
+    pub fn record(&self, ticks: u64, clock: &Clock) {
+        bump(&self.counts[bucket(clock.quarter_us(ticks))], 1);
+        bump(&self.sum_ticks, ticks);
     }
 
-    /// The counts as they are now.
-    pub fn load(&self) -> Histogram {
+    /// The counts as they are now, the sum in nanoseconds of `clock`, which recorded them.
+    pub fn load(&self, clock: &Clock) -> Histogram {
         let mut h = Histogram::default();
         for (to, from) in h.counts.iter_mut().zip(&self.counts) {
             *to = from.load(Ordering::Relaxed);
         }
-        h.sum_ns = self.sum_ns.load(Ordering::Relaxed);
+        h.sum_ns = clock.nanos(self.sum_ticks.load(Ordering::Relaxed));
         h
     }
 }
@@ -171,6 +170,11 @@ impl Histogram {
 mod tests {
     use super::*;
 
+    /// Ticks are nanoseconds.
+    fn ns() -> Clock {
+        Clock::monotonic()
+    }
+
     #[test]
     fn bounds_are_quarters_of_each_power_of_two_from_one_microsecond() {
         let first: Vec<u64> = bounds_ns().take(10).collect();
@@ -191,6 +195,8 @@ mod tests {
 
     #[test]
     fn a_latency_lands_in_the_first_bucket_whose_bound_it_does_not_exceed() {
+        let clock = ns();
+        let bucket_ns = |ns| bucket(clock.quarter_us(ns));
         for (ns, i) in [
             (0, 0),
             (1, 0),
@@ -203,49 +209,49 @@ mod tests {
             (4000, 8),
             (4001, 9),
             (1_000_000, 40),
-            (134_217_728_000, BUCKETS - 2),
             (134_217_728_001, BUCKETS - 1),
             (u64::MAX, BUCKETS - 1),
         ] {
-            assert_eq!(bucket(ns), i, "{ns} ns");
+            assert_eq!(bucket_ns(ns), i, "{ns} ns");
         }
-        // Every bound, and one past it, against the rule itself.
+        // Every bound in quarter microseconds, and the next quarter.
         for (i, b) in bounds_ns().enumerate() {
-            assert_eq!(bucket(b), i, "bound {b}");
-            assert_eq!(bucket(b + 1), i + 1, "past bound {b}");
+            let q = b / UNIT_NS;
+            assert_eq!(bucket(q - 1), i, "just below bound {b}");
+            assert_eq!(bucket(q), i + 1, "from bound {b} on");
         }
     }
 
     #[test]
     fn recorded_latencies_are_counted_in_their_buckets_and_summed() {
-        let h = AtomicHistogram::default();
+        let (h, clock) = (AtomicHistogram::default(), ns());
         for ns in [500, 1100, 1100, 3_000_000] {
-            h.record(ns);
+            h.record(ns, &clock);
         }
-        let got = h.load();
+        let got = h.load(&clock);
         assert_eq!(got.count(), 4);
         assert_eq!(got.sum_ns, 3_002_700);
         assert_eq!(got.counts[0], 1);
         assert_eq!(got.counts[1], 2);
-        assert_eq!(got.counts[bucket(3_000_000)], 1);
+        assert_eq!(got.counts[bucket(3_000_000 / UNIT_NS)], 1);
     }
 
     #[test]
     fn quantiles_of_an_interval_come_from_the_difference_of_two_readings() {
-        let h = AtomicHistogram::default();
+        let (h, clock) = (AtomicHistogram::default(), ns());
         // Before the interval: slow requests that must not count in it.
         for _ in 0..100 {
-            h.record(50_000_000);
+            h.record(50_000_000, &clock);
         }
-        let before = h.load();
+        let before = h.load(&clock);
         // The interval: 90 requests in (1, 1.25] µs, 10 in (3.5, 4] µs.
         for _ in 0..90 {
-            h.record(1200);
+            h.record(1200, &clock);
         }
         for _ in 0..10 {
-            h.record(3900);
+            h.record(3900, &clock);
         }
-        let d = h.load().since(&before);
+        let d = h.load(&clock).since(&before);
         assert_eq!(d.count(), 100);
         assert_eq!(d.sum_ns, 90 * 1200 + 10 * 3900);
         // The 50th request is 50/90 into (1000, 1250].
@@ -260,19 +266,19 @@ mod tests {
 
     #[test]
     fn a_quantile_in_the_unbounded_bucket_is_the_last_bound() {
-        let h = AtomicHistogram::default();
-        h.record(u64::MAX / 2);
-        assert_eq!(h.load().quantile(0.99), Some(134_217_728_000.0));
+        let (h, clock) = (AtomicHistogram::default(), ns());
+        h.record(u64::MAX / 2, &clock);
+        assert_eq!(h.load(&clock).quantile(0.99), Some(134_217_728_000.0));
     }
 
     #[test]
     fn histograms_add_up() {
-        let (a, b) = (AtomicHistogram::default(), AtomicHistogram::default());
-        a.record(900);
-        b.record(900);
-        b.record(2_000_000_000);
-        let mut sum = a.load();
-        sum.add(&b.load());
+        let (a, b, clock) = (AtomicHistogram::default(), AtomicHistogram::default(), ns());
+        a.record(900, &clock);
+        b.record(900, &clock);
+        b.record(2_000_000_000, &clock);
+        let mut sum = a.load(&clock);
+        sum.add(&b.load(&clock));
         assert_eq!(sum.count(), 3);
         assert_eq!(sum.counts[0], 2);
         assert_eq!(sum.sum_ns, 2_000_001_800);

@@ -99,16 +99,17 @@ pub fn parse_counters(v: &Value) -> Option<Counters> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::DeviceMetrics;
+    use crate::metrics::{Clock, DeviceMetrics};
 
     #[test]
     fn a_reading_goes_to_json_and_back() {
+        let clock = Clock::monotonic();
         let m = DeviceMetrics::new(2);
         let q1 = m.queue(1).expect("queue 1");
-        q1.started();
-        q1.completed(Op::Write, true, 4096, 2100);
+        q1.started(Op::Write);
+        q1.completed(true, (false, 4096), 2100, &clock);
         q1.refused(ErrorKind::Unsupported);
-        let stats = m.read();
+        let stats = m.read(&clock);
         let v = super::stats(&[("disk-a".to_owned(), stats.clone())]);
         let bounds = v["latency_bounds_ns"].as_array().expect("bounds");
         assert_eq!(bounds.len(), BUCKETS - 1);

@@ -105,39 +105,46 @@ impl ErrorKind {
 #[derive(Debug, Default)]
 #[repr(align(64))]
 pub struct QueueMetrics {
-    /// Requests completed, by [`Op`].
+    /// Requests started, by [`Op`]: those completed, and those in flight.
     ops: [AtomicU64; OPS],
     read_bytes: AtomicU64,
     written_bytes: AtomicU64,
     /// Requests failed or refused, by [`ErrorKind`].
     errors: [AtomicU64; ERROR_KINDS],
-    /// Requests started: those completed, and those in flight.
-    started: AtomicU64,
+    /// One latency per completed request.
     latency: AtomicHistogram,
 }
 
 impl QueueMetrics {
     /// A request was taken from the ring, parsed, and is about to start.
     #[inline(always)]
-    pub fn started(&self) {
-        bump(&self.started, 1);
+    pub fn started(&self, op: Op) {
+        bump(&self.ops[op as usize], 1);
     }
 
-    /// A started request completed, after `latency_ns`: successfully (`ok`), having moved
-    /// `bytes` (for a read or a write), or with an I/O error.
+    /// A started request completed, `ticks` of `clock` after it started: successfully
+    /// (`ok`), having moved `bytes` into the guest's buffers (`reads`) or out of them, or with
+    /// an I/O error.
     #[inline(always)]
-    pub fn completed(&self, op: Op, ok: bool, bytes: u32, latency_ns: u64) {
-        bump(&self.ops[op as usize], 1);
+    pub fn completed(&self, ok: bool, (reads, bytes): (bool, u32), ticks: u64, clock: &Clock) {
         if ok {
-            match op {
-                Op::Read => bump(&self.read_bytes, u64::from(bytes)),
-                Op::Write => bump(&self.written_bytes, u64::from(bytes)),
-                _ => {}
-            }
+            let moved = if reads {
+                &self.read_bytes
+            } else {
+                &self.written_bytes
+            };
+            bump(moved, u64::from(bytes));
         } else {
-            bump(&self.errors[ErrorKind::Io as usize], 1);
+            self.failed();
         }
-        self.latency.record(latency_ns);
+        self.latency.record(ticks, clock);
+    }
+
+    /// A started request failed with an I/O error (a rare path: out of line).
+    #[cold]
+    #[inline(never)]
+    fn failed(&self) {
+        bump(&self.errors[ErrorKind::Io as usize], 1);
     }
 
     /// A request was refused before it started (a rare path: out of line).
@@ -147,20 +154,21 @@ impl QueueMetrics {
         bump(&self.errors[why as usize], 1);
     }
 
-    /// The counters as they are now.
-    pub fn read(&self) -> Counters {
+    /// The counters as they are now, latencies in nanoseconds of `clock`, which the poller
+    /// recorded them with.
+    pub fn read(&self, clock: &Clock) -> Counters {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        // Completions first: a request counted as completed was started before, so started
-        // read afterwards is never behind.
+        // Completions first: a request counted as completed was started before, so the starts
+        // read afterwards are never behind.
+        let latency = self.latency.load(clock);
         let ops = self.ops.each_ref().map(load);
-        let started = load(&self.started);
         Counters {
             ops,
             read_bytes: load(&self.read_bytes),
             written_bytes: load(&self.written_bytes),
             errors: self.errors.each_ref().map(load),
-            in_flight: started.saturating_sub(ops.iter().sum()),
-            latency: self.latency.load(),
+            in_flight: ops.iter().sum::<u64>().saturating_sub(latency.count()),
+            latency,
         }
     }
 }
@@ -168,14 +176,15 @@ impl QueueMetrics {
 /// The counters of one queue, or a device's summed over its queues.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// Requests completed (successfully or not), by [`Op`] ([`Op::ALL`]'s order).
+    /// Requests started, by [`Op`] ([`Op::ALL`]'s order): those completed (successfully or
+    /// not), and those in flight.
     pub ops: [u64; OPS],
     /// Bytes of the reads that succeeded.
     pub read_bytes: u64,
     /// Bytes of the writes that succeeded.
     pub written_bytes: u64,
-    /// Requests that failed, by [`ErrorKind`] ([`ErrorKind::ALL`]'s order). An I/O error is
-    /// also counted in `ops`; a refused request is not.
+    /// Requests that failed, by [`ErrorKind`] ([`ErrorKind::ALL`]'s order). A request that
+    /// failed with an I/O error is also counted in `ops`; a refused one is not.
     pub errors: [u64; ERROR_KINDS],
     /// Requests started and not completed.
     pub in_flight: u64,
@@ -186,7 +195,7 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// Requests completed of kind `op`.
+    /// Requests started of kind `op`.
     pub fn ops_of(&self, op: Op) -> u64 {
         self.ops[op as usize]
     }
@@ -240,9 +249,9 @@ impl DeviceMetrics {
         self.queues.get(usize::from(index)).cloned()
     }
 
-    /// Every queue's counters as they are now, and their sum.
-    pub fn read(&self) -> DeviceStats {
-        let queues: Vec<Counters> = self.queues.iter().map(|q| q.read()).collect();
+    /// Every queue's counters as they are now, and their sum; `clock` is the pollers'.
+    pub fn read(&self, clock: &Clock) -> DeviceStats {
+        let queues: Vec<Counters> = self.queues.iter().map(|q| q.read(clock)).collect();
         let mut total = Counters::default();
         for q in &queues {
             total.add(q);
@@ -257,23 +266,25 @@ mod tests {
 
     #[test]
     fn a_device_sums_its_queues() {
+        let clock = Clock::monotonic();
         let m = DeviceMetrics::new(2);
         let (q0, q1) = (m.queue(0).expect("q0"), m.queue(1).expect("q1"));
         assert!(m.queue(2).is_none());
-        q0.started();
-        q0.completed(Op::Read, true, 4096, 1500);
-        q0.started();
-        q0.completed(Op::Write, true, 8192, 3000);
-        q1.started();
-        q1.completed(Op::Read, false, 4096, 900);
+        q0.started(Op::Read);
+        q0.completed(true, (true, 4096), 1500, &clock);
+        q0.started(Op::Write);
+        q0.completed(true, (false, 8192), 3000, &clock);
+        q1.started(Op::Read);
+        q1.completed(false, (true, 4096), 900, &clock);
         q1.refused(ErrorKind::Unsupported);
         q1.refused(ErrorKind::Invalid);
-        q0.started();
-        let s = m.read();
+        q0.started(Op::Flush);
+        let s = m.read(&clock);
         assert_eq!(s.queues.len(), 2);
         let t = &s.total;
         assert_eq!(t.ops_of(Op::Read), 2);
         assert_eq!(t.ops_of(Op::Write), 1);
+        assert_eq!(t.ops_of(Op::Flush), 1, "started, not yet completed");
         assert_eq!(t.read_bytes, 4096, "a failed read moves no bytes");
         assert_eq!(t.written_bytes, 8192);
         assert_eq!(t.errors_of(ErrorKind::Io), 1);
@@ -281,7 +292,7 @@ mod tests {
         assert_eq!(t.errors_of(ErrorKind::Invalid), 1);
         assert_eq!(t.latency.count(), 3);
         assert_eq!(t.latency.sum_ns, 5400);
-        assert_eq!(s.queues[0].in_flight, 1, "q0's third request");
+        assert_eq!(s.queues[0].in_flight, 1, "q0's flush");
         assert_eq!(s.queues[1].in_flight, 0, "a refused request never starts");
         assert_eq!(t.in_flight, 1);
     }

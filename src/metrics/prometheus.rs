@@ -18,7 +18,10 @@ pub fn render(devices: &[(String, DeviceStats)]) -> String {
     for scope in [Scope::Device, Scope::Queue] {
         for op in Op::ALL {
             let name = format!("vubd_{}_{}_ops_total", scope.name(), op.name());
-            let help = format!("{} requests completed, failed ones included.", op_help(op));
+            let help = format!(
+                "{} requests started: completed (failed ones included) or in flight.",
+                op_help(op)
+            );
             counter_family(&mut out, devices, scope, (&name, "counter", &help), |c| {
                 c.ops_of(op)
             });
@@ -197,19 +200,20 @@ fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{DeviceMetrics, bucket};
+    use crate::metrics::{Clock, DeviceMetrics, bucket};
 
     #[test]
     fn one_device_of_one_queue_reads_as_the_text_format_says() {
+        let clock = Clock::monotonic();
         let m = DeviceMetrics::new(1);
         let q = m.queue(0).expect("queue 0");
-        q.started();
-        q.completed(Op::Read, true, 4096, 1200);
-        q.started();
-        q.completed(Op::Write, true, 512, 2_500_000_000);
+        q.started(Op::Read);
+        q.completed(true, (true, 4096), 1200, &clock);
+        q.started(Op::Write);
+        q.completed(true, (false, 512), 2_500_000_000, &clock);
         q.refused(ErrorKind::Invalid);
-        q.started();
-        let text = render(&[("a\"b".to_owned(), m.read())]);
+        q.started(Op::Flush);
+        let text = render(&[("a\"b".to_owned(), m.read(&clock))]);
         let mut want = String::new();
         for scope in ["device", "queue"] {
             let labels = if scope == "device" {
@@ -220,14 +224,14 @@ mod tests {
             for (op, help, n) in [
                 ("read", "Read", 1),
                 ("write", "Write", 1),
-                ("flush", "Flush", 0),
+                ("flush", "Flush", 1),
                 ("discard", "Discard", 0),
                 ("write_zeroes", "Write-zeroes", 0),
                 ("other", "GET_ID", 0),
             ] {
                 want += &format!(
-                    "# HELP vubd_{scope}_{op}_ops_total {help} requests completed, failed \
-                     ones included.\n# TYPE vubd_{scope}_{op}_ops_total counter\n\
+                    "# HELP vubd_{scope}_{op}_ops_total {help} requests started: completed \
+                     (failed ones included) or in flight.\n# TYPE vubd_{scope}_{op}_ops_total counter\n\
                      vubd_{scope}_{op}_ops_total{{{labels}}} {n}\n"
                 );
             }
@@ -260,7 +264,8 @@ mod tests {
             for i in 0..BUCKETS {
                 let le =
                     upper_bound_ns(i).map_or("+Inf".to_owned(), |ns| (ns as f64 / 1e9).to_string());
-                let n = u32::from(i >= bucket(1200)) + u32::from(i >= bucket(2_500_000_000));
+                // In quarter microseconds.
+                let n = u32::from(i >= bucket(4)) + u32::from(i >= bucket(10_000_000));
                 want +=
                     &format!("vubd_device_latency_seconds_bucket{{{labels},le=\"{le}\"}} {n}\n");
             }

@@ -5,7 +5,6 @@ use vm_memory::GuestAddress;
 
 use super::worker::Completion;
 use crate::mem::{IovecList, MemSnapshot};
-use crate::metrics::Op;
 use crate::virtio_blk::Status;
 
 /// Index of a slot; travels through the I/O channel as the operation's user data.
@@ -26,8 +25,7 @@ struct Slot {
     /// Channel completions still to come.
     pending: u32,
     error: bool,
-    /// What the request asks, and when the poller took it (its clock, 0 without metrics).
-    op: Op,
+    /// When the poller took the request, on its clock (0 without metrics).
     started: u64,
     /// Keeps the guest memory the iovecs point into mapped until the request ends.
     mem: Option<MemSnapshot>,
@@ -45,7 +43,6 @@ impl Slot {
             transferred: 0,
             pending: 0,
             error: false,
-            op: Op::Other,
             started: 0,
             mem: None,
             iov: IovecList::with_capacity(iov_cap),
@@ -119,8 +116,8 @@ impl SlotTable {
         &mut self.slots[tag as usize].iov
     }
 
-    /// Records a request that is about to be queued to the channel: what it is and when it
-    /// started, for the metrics.
+    /// Records a request that is about to be queued to the channel, which the poller took at
+    /// `started` (for the metrics).
     #[allow(clippy::too_many_arguments)]
     #[inline]
     pub fn begin(
@@ -131,7 +128,7 @@ impl SlotTable {
         status_addr: GuestAddress,
         used_len: u32,
         expect: Option<u32>,
-        (op, started): (Op, u64),
+        started: u64,
         mem: MemSnapshot,
     ) {
         let slot = &mut self.slots[tag as usize];
@@ -143,7 +140,6 @@ impl SlotTable {
         slot.transferred = 0;
         slot.pending = 0;
         slot.error = false;
-        slot.op = op;
         slot.started = started;
         slot.mem = Some(mem);
     }
@@ -197,10 +193,15 @@ impl SlotTable {
                 Status::Ok
             },
             used_len: if slot.error { 1 } else { slot.used_len },
-            op: slot.op,
-            bytes: slot.expect.unwrap_or(0),
-            started: slot.started,
         }
+    }
+
+    /// For the metrics: when the request in `tag` started, and the bytes it moves if it
+    /// succeeds (into the guest's buffers: true, for a read; out of them: false).
+    #[inline]
+    pub fn accounting(&self, tag: Tag) -> (u64, (bool, u32)) {
+        let slot = &self.slots[tag as usize];
+        (slot.started, (slot.used_len > 1, slot.expect.unwrap_or(0)))
     }
 
     /// Frees the slot and hands back its memory snapshot (for writing the status).
@@ -257,7 +258,7 @@ mod tests {
         );
         let mut t = SlotTable::new(1, 1);
         let tag = t.alloc().expect("tag");
-        t.begin(tag, 0, 7, GuestAddress(0x10), 1, None, (Op::Flush, 0), mem);
+        t.begin(tag, 0, 7, GuestAddress(0x10), 1, None, 0, mem);
         t.add_pending(tag, 2);
         assert!(!t.complete_op(tag, -libc::EIO));
         assert!(t.complete_op(tag, 0));
@@ -275,16 +276,7 @@ mod tests {
         );
         let mut t = SlotTable::new(1, 1);
         let tag = t.alloc().expect("tag");
-        t.begin(
-            tag,
-            0,
-            0,
-            GuestAddress(0),
-            4097,
-            Some(4096),
-            (Op::Read, 0),
-            mem,
-        );
+        t.begin(tag, 0, 0, GuestAddress(0), 4097, Some(4096), 0, mem);
         t.add_pending(tag, 1);
         assert!(t.complete_op(tag, 2048));
         assert_eq!(t.finish(tag).status, Status::IoErr);
@@ -305,7 +297,7 @@ mod tests {
             GuestAddress(0),
             8193,
             Some(8192),
-            (Op::Read, 77),
+            77,
             mem.clone(),
         );
         t.add_pending(tag, 2);
@@ -314,24 +306,11 @@ mod tests {
         let c = t.finish(tag);
         assert_eq!(c.status, Status::Ok);
         assert_eq!(c.used_len, 8193);
-        assert_eq!(
-            (c.op, c.bytes, c.started),
-            (Op::Read, 8192, 77),
-            "for the metrics"
-        );
+        assert_eq!(t.accounting(tag), (77, (true, 8192)), "for the metrics");
         assert!(t.release(tag).is_some());
         // One part short: the whole request fails.
         let tag = t.alloc().expect("tag");
-        t.begin(
-            tag,
-            0,
-            0,
-            GuestAddress(0),
-            8193,
-            Some(8192),
-            (Op::Read, 0),
-            mem,
-        );
+        t.begin(tag, 0, 0, GuestAddress(0), 8193, Some(8192), 0, mem);
         t.add_pending(tag, 2);
         assert!(!t.complete_op(tag, 4096));
         assert!(t.complete_op(tag, 4095));

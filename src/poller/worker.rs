@@ -31,7 +31,7 @@ use crate::bdev::{Channel, IoChannel, Target};
 use crate::limited;
 use crate::log_limit::LogLimit;
 use crate::mem::{DirtyLog, GuestMemoryAtomic, HostMap};
-use crate::metrics::{Clock, ErrorKind, Op, QueueMetrics};
+use crate::metrics::{Clock, ErrorKind, QueueMetrics};
 use crate::virtio_blk::chain::DESC_SIZE;
 use crate::virtio_blk::inflight::InflightQueue;
 use crate::virtio_blk::ring::SplitRing;
@@ -123,12 +123,6 @@ pub(super) struct Completion {
     pub status_addr: vm_memory::GuestAddress,
     pub status: Status,
     pub used_len: u32,
-    /// What the request asked.
-    pub op: Op,
-    /// The bytes a read or a write moves (0 for other requests).
-    pub bytes: u32,
-    /// When the poller took it from the ring, on its clock (0 without metrics).
-    pub started: u64,
 }
 
 pub(super) struct Worker {
@@ -368,7 +362,7 @@ impl Worker {
         let mut breakage = None;
         // The pass's time: every request it takes starts then.
         let qm = q.metrics.as_deref();
-        let now = if qm.is_some() { clock.now_ns() } else { 0 };
+        let now = if qm.is_some() { clock.now() } else { 0 };
         loop {
             if slots.is_full() || !channel.has_room() || dev.in_flight >= dev.shared.max_in_flight {
                 // Retried on the next iteration, once completions have freed room.
@@ -442,8 +436,8 @@ impl Worker {
                     Err(rej) => rej.status,
                 },
             ));
-            if let (Some(m), Ok(_)) = (qm, &parsed) {
-                m.started();
+            if let (Some(m), Ok(p)) = (qm, &parsed) {
+                m.started(start::op(p.request.kind));
             }
             let done = match &parsed {
                 Ok(p) => match start::start(
@@ -457,7 +451,9 @@ impl Worker {
                 ) {
                     Some((head, c)) => {
                         if let Some(m) = qm {
-                            m.completed(c.op, c.status == Status::Ok, c.bytes, 0);
+                            // Completed within the pass (GET_ID, no data, or nothing
+                            // could be queued): no time, and nothing moved to or from the disk.
+                            m.completed(c.status == Status::Ok, (false, 0), 0, clock);
                         }
                         if let Some(log) = &dev.log {
                             let data = (c.used_len > 1).then(|| slots.iov(tag));

@@ -46,7 +46,7 @@ impl Worker {
             let mut used = old_used;
             let qm = q.metrics.as_deref();
             let now = match qm {
-                Some(_) => *now.get_or_insert_with(|| self.clock.now_ns()),
+                Some(_) => *now.get_or_insert_with(|| self.clock.now()),
                 None => 0,
             };
             for &tag in &self.done[i..] {
@@ -55,6 +55,11 @@ impl Worker {
                 }
                 let head = self.slots.head_of(tag);
                 let c = self.slots.finish(tag);
+                if let Some(m) = qm {
+                    let (started, moved) = self.slots.accounting(tag);
+                    let ok = c.status == Status::Ok;
+                    m.completed(ok, moved, now.saturating_sub(started), &self.clock);
+                }
                 if let (Some(log), Some(mem)) = (&dev.log, self.slots.mem_of(tag)) {
                     let data = self.slots.returns_data(tag).then(|| self.slots.iov(tag));
                     dirty::request(log, mem, data, c.status_addr);
@@ -64,10 +69,6 @@ impl Worker {
                 };
                 q.in_flight = q.in_flight.saturating_sub(1);
                 dev.in_flight = dev.in_flight.saturating_sub(1);
-                if let Some(m) = qm {
-                    let latency = now.saturating_sub(c.started);
-                    m.completed(c.op, c.status == Status::Ok, c.bytes, latency);
-                }
                 let len = write_status(&dev.map, &mem, c);
                 match ring {
                     Some(r) => {

@@ -31,7 +31,6 @@ pub(super) fn start(
     snapshot: &MemSnapshot,
 ) -> Option<(u16, Completion)> {
     let req = p.request;
-    let op = op(req.kind);
     let immediate = |status, used_len| {
         Some((
             p.head,
@@ -39,9 +38,6 @@ pub(super) fn start(
                 status_addr: p.status,
                 status,
                 used_len,
-                op,
-                bytes: 0,
-                started: now,
             },
         ))
     };
@@ -69,7 +65,7 @@ pub(super) fn start(
         p.status,
         used_len,
         expect,
-        (op, now),
+        now,
         snapshot.clone(),
     );
     let fua = !shared.writeback.load(Ordering::Relaxed);
@@ -154,7 +150,7 @@ pub(super) fn start(
 
 /// What a request asks, as the metrics count it.
 #[inline(always)]
-fn op(kind: RequestKind) -> Op {
+pub(super) fn op(kind: RequestKind) -> Op {
     match kind {
         RequestKind::Read { .. } => Op::Read,
         RequestKind::Write { .. } => Op::Write,
