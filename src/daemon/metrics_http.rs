@@ -8,8 +8,8 @@
 //! that a slow or hostile client holds nothing for long. Each connection carries one request
 //! and its answer (`Connection: close`), which is how Prometheus scrapes.
 //!
-//! The thread is started before the main thread enters its sandbox role and keeps the
-//! process's baseline, which allows accepting, reading and writing sockets.
+//! The thread's sandbox role (`sandbox::Role::Metrics`) lets it accept connections, read and
+//! write them and poll: what a client sends cannot reach a file, another socket or a device.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -68,7 +68,10 @@ impl MetricsListener {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("vubd-metrics".into())
-                .spawn(move || serve(&self.listener, &stop, &render))
+                .spawn(move || {
+                    crate::sandbox::enter(crate::sandbox::Role::Metrics);
+                    serve(&self.listener, &stop, &render);
+                })
                 .map_err(DaemonError::Worker)?
         };
         Ok(MetricsServer { stop, thread })
