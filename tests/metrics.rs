@@ -1,8 +1,9 @@
 //! The metrics of a running vubd (docs/metrics.md): the counts and bytes of
 //! `device_get_stats` and of the Prometheus endpoint (`--metrics-listen`) equal what a
 //! libblkio client sent, request for request, per device and per queue; they survive the
-//! client's reconnection and go with the device; `vubd ctl stats` shows the rates of an
-//! interval; `--metrics off` counts nothing.
+//! client's reconnection and go with the device; a request an NVMe/TCP target fails counts as
+//! an I/O error; `vubd ctl stats` shows the rates of an interval; `--metrics off` counts
+//! nothing.
 
 mod common;
 
@@ -19,9 +20,11 @@ use std::time::{Duration, Instant};
 use common::TIMEOUT;
 use common::client::{Client, ClientOptions};
 use common::daemon::{Daemon, vubd_command};
+use common::fake_target::{FakeTarget, Fault, Options};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use vubd::jsonrpc::{self, ClientError, FAILED, INVALID_PARAMS};
+use vubd::nvme::spec::{Status, sc, sct};
 
 const KIB: usize = 1 << 10;
 
@@ -60,8 +63,13 @@ impl Node {
 
     /// Adds device `name` on a null disk with `queues` queues; returns its socket.
     fn add(&self, name: &str, queues: u16) -> PathBuf {
+        self.add_disk(name, "null:64M", queues)
+    }
+
+    /// Adds device `name` on `disk` with `queues` queues; returns its socket.
+    fn add_disk(&self, name: &str, disk: &str, queues: u16) -> PathBuf {
         let socket = self.dir.path().join(format!("{name}.sock"));
-        let params = json!({"name": name, "socket": socket, "disk": "null:64M",
+        let params = json!({"name": name, "socket": socket, "disk": disk,
                             "num-queues": queues});
         self.ok("device_add", params);
         socket
@@ -423,6 +431,38 @@ fn ctl_stats_shows_the_rates_of_an_interval() {
     let (code, _, err) = ctl(&node, &["stats", "name=nope", "interval=0.1"]);
     assert_eq!(code, Some(1));
     assert_eq!(err, "vubd ctl: stats: name: no device is named \"nope\"\n");
+}
+
+#[test]
+fn a_request_the_disk_fails_counts_as_an_io_error() {
+    let target = FakeTarget::start(Options::default()).expect("start the fake target");
+    let node = Node::start(&[]);
+    let disk = format!("nvme-tcp://{}/{}", target.addr(), target.nqn());
+    let socket = node.add_disk("t", &disk, 1);
+    let mut client = connect(&socket, 1);
+    let q = client.queue(0);
+    q.write(0, &[0x5a; 4096]);
+    // The target fails the next command with a media error: vubd completes the read with
+    // IOERR.
+    target.set_fault(Fault::FailIo(Status::new(
+        sct::MEDIA,
+        sc::UNRECOVERED_READ_ERROR,
+        true,
+    )));
+    assert_eq!(q.try_read(0, 4096), Err(-libc::EIO));
+    assert_eq!(q.read(0, 4096), [0x5a; 4096]);
+    let sent = Sent {
+        reads: 2,
+        read_bytes: 4096,
+        writes: 1,
+        written_bytes: 4096,
+        ..Sent::default()
+    };
+    let d = node.stats("t");
+    assert_eq!(d["errors"]["io"], 1, "{d}");
+    let mut without_io_error = d.clone();
+    without_io_error["errors"]["io"] = json!(0);
+    assert_counts(&without_io_error, &sent, "device t");
 }
 
 #[test]
