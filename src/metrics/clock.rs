@@ -65,11 +65,6 @@ impl Clock {
         }
     }
 
-    /// Whether the time-stamp counter is read (else the monotonic clock).
-    pub fn is_tsc(&self) -> bool {
-        self.tsc
-    }
-
     /// Ticks since some fixed moment.
     #[inline(always)]
     pub fn now(&self) -> u64 {
@@ -160,7 +155,7 @@ mod tests {
         assert!(
             (measured - took).abs() < took * 0.02,
             "clock (tsc: {}) measured {measured} ns where {took} ns passed",
-            clock.is_tsc()
+            clock.tsc
         );
         let quarters = clock.quarter_us(b - a) as f64;
         assert!((quarters * 250.0 - measured).abs() < measured * 0.001 + 250.0);
