@@ -1,6 +1,6 @@
 //! `vubd ctl`: one request to a running vubd's control socket, its answer printed as a table
 //! (or as JSON with `--json`). Parameters are `KEY=VALUE` words, sent as strings. `vubd ctl
-//! stats` is two requests and the rates between them ([`stats`]).
+//! stats` is two requests and the rates between them (`ctl::stats`).
 //!
 //! The daemon resolves no host name once it runs (its sandbox allows no DNS), so `device_add`
 //! resolves an NVMe/TCP target's name here and sends the address.

@@ -38,8 +38,7 @@ const QUARTER_US_NS: u64 = 250;
 
 impl Clock {
     /// The process's clock: the first call reads the clocksource file and, when the kernel
-    /// keeps time with the counter, measures it against the monotonic clock
-    /// ([`CALIBRATION`]).
+    /// keeps time with the counter, measures it against the monotonic clock for 10 ms.
     pub fn get() -> Clock {
         *CLOCK.get_or_init(|| {
             let mono = Clock::monotonic();
