@@ -19,7 +19,8 @@
 # one costs.
 #
 # Environment: IOS (200000 per run), BACKEND_CPU (1), CLIENT_CPU (0), BENCH_DIR (target/bench),
-# QUIET_WAIT and QUIET_BUDGET as for compare.sh.
+# QUIET_WAIT and QUIET_BUDGET as for compare.sh, VUBD_ARGS (more arguments for every vubd run,
+# e.g. `--metrics off`; the report names them).
 set -euo pipefail
 
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,6 +32,7 @@ IOS=${IOS:-200000}
 BACKEND_CPU=${BACKEND_CPU:-1}
 CLIENT_CPU=${CLIENT_CPU:-0}
 work=${BENCH_DIR:-target/bench}
+read -r -a vubd_args <<<"${VUBD_ARGS:-}"
 NULL_BYTES=$((16 << 30))
 
 need valgrind:valgrind callgrind_annotate:valgrind qemu-storage-daemon:qemu-system-common \
@@ -111,13 +113,15 @@ IO=(--ios "$IOS" --secs 600)
 # burst of 1000 reads and then went idle for a few seconds.
 name=vubd-always-idle
 run_one "$name" "idle" vubd eventfd 1 --idle --secs 3 -- "$VUBD" --seccomp off \
-  --socket-path "$cg/$name.sock" --disk null:16G --cpus "$BACKEND_CPU" --poll always
+  --socket-path "$cg/$name.sock" --disk null:16G --cpus "$BACKEND_CPU" --poll always \
+  "${vubd_args[@]}"
 for poll in always never; do
   for mode in eventfd poll; do
     for qd in 1 32; do
       name=vubd-$poll-$mode-$qd
       run_one "$name" "vubd --poll $poll" vubd "$mode" "$qd" "${IO[@]}" -- "$VUBD" --seccomp off \
-        --socket-path "$cg/$name.sock" --disk null:16G --cpus "$BACKEND_CPU" --poll "$poll"
+        --socket-path "$cg/$name.sock" --disk null:16G --cpus "$BACKEND_CPU" --poll "$poll" \
+        "${vubd_args[@]}"
     done
   done
 done
@@ -138,5 +142,6 @@ callgrind_annotate --tree=calling --inclusive=yes "$cg/$profile" >"$cg/annotate.
 facts=$cg/facts.txt
 echo "$facts_now" >"$facts"
 echo "backend_cpu=$BACKEND_CPU" >>"$facts"
+echo "vubd_args=${vubd_args[*]}" >>"$facts"
 python3 benches/report.py callgrind "$facts" "$results" docs/benchmarks.md
 log "wrote docs/benchmarks.md"

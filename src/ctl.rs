@@ -1,5 +1,6 @@
 //! `vubd ctl`: one request to a running vubd's control socket, its answer printed as a table
-//! (or as JSON with `--json`). Parameters are `KEY=VALUE` words, sent as strings.
+//! (or as JSON with `--json`). Parameters are `KEY=VALUE` words, sent as strings. `vubd ctl
+//! stats` is two requests and the rates between them (`ctl::stats`).
 //!
 //! The daemon resolves no host name once it runs (its sandbox allows no DNS), so `device_add`
 //! resolves an NVMe/TCP target's name here and sends the address.
@@ -13,6 +14,8 @@ use serde_json::{Map, Value};
 use crate::config::{CtlConfig, DiskSpec, parse_disk};
 use crate::jsonrpc::{Client, ClientError};
 use crate::units::human_bytes;
+
+mod stats;
 
 /// How long an answer may take: adding a device may wait for an NVMe/TCP target.
 const ANSWER_WAIT: Duration = Duration::from_secs(120);
@@ -29,10 +32,19 @@ pub enum CtlError {
         #[source]
         source: std::io::Error,
     },
+    #[error("unknown parameter {0:?} (stats takes name and interval)")]
+    UnknownParam(String),
+    #[error("interval={0:?}: a number of seconds, more than 0 and at most 3600")]
+    Interval(String),
+    #[error("the answer to device_get_stats is not the one vubd gives")]
+    BadStats,
 }
 
 /// Sends the request of `cfg` and returns what to print.
 pub fn run(cfg: &CtlConfig) -> Result<String, CtlError> {
+    if cfg.method == "stats" {
+        return stats::run(cfg);
+    }
     let mut params = Map::new();
     for (key, value) in &cfg.params {
         let value = if cfg.method == "device_add" && key == "disk" {
@@ -119,20 +131,18 @@ fn human(method: &str, params: &[(String, String)], result: &Value) -> String {
 /// `device_list` as a table, a device per line.
 fn device_table(result: &Value) -> String {
     let devices = result.as_array().map(Vec::as_slice).unwrap_or_default();
-    let mut rows = vec![[
-        "NAME".to_owned(),
-        "SIZE".to_owned(),
-        "QUEUES".to_owned(),
-        "MODE".to_owned(),
-        "FRONTEND".to_owned(),
-        "DISK".to_owned(),
-        "SOCKET".to_owned(),
-    ]];
+    let mut rows = vec![
+        [
+            "NAME", "SIZE", "QUEUES", "MODE", "FRONTEND", "DISK", "SOCKET",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
     for d in devices {
         let s = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
         let n = |k: &str| d.get(k).and_then(Value::as_u64).unwrap_or(0);
         let flag = |k: &str| d.get(k).and_then(Value::as_bool).unwrap_or(false);
-        rows.push([
+        rows.push(vec![
             s("name"),
             human_bytes(n("capacity")),
             n("num_queues").to_string(),
@@ -147,11 +157,17 @@ fn device_table(result: &Value) -> String {
             s("socket"),
         ]);
     }
+    table(&rows)
+}
+
+/// Rows of cells as columns, each as wide as its widest cell, two spaces apart; the first row
+/// is the header.
+fn table(rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for r in &rows {
+    for r in rows {
         let mut line = String::new();
         for (c, cell) in r.iter().enumerate() {
             if c + 1 == r.len() {

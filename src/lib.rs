@@ -4,10 +4,12 @@
 //! (control plane) → `poller` (data plane) → `virtio_blk` (request codec) → `bdev` (block
 //! devices and their I/O channels) → `nvme` (NVMe wire types and transports) → `mem` (guest
 //! memory). `log_limit` is a utility of them all: log lines a guest or a frontend can cause
-//! go through a per-device rate limit. `sandbox` (seccomp filters per thread role, restricted
-//! io_uring rings) uses none of them either, so any may use it; `error_chain` (an error and its
-//! causes on one line), `jsonrpc` (JSON-RPC 2.0 over a stream) and `units` (byte counts for
-//! people) are leaves too; `ctl` (the control socket's client) sits beside `daemon`.
+//! go through a per-device rate limit. `metrics` (what the pollers count of each device's
+//! requests, and how the daemon reads and exports it) and `sandbox` (seccomp filters per
+//! thread role, restricted io_uring rings) use none of them either, so any may use them;
+//! `error_chain` (an error and its causes on one line), `jsonrpc` (JSON-RPC 2.0 over a
+//! stream) and `units` (byte counts for people) are leaves too; `ctl` (the control socket's
+//! client) sits beside `daemon`.
 
 pub mod bdev;
 pub mod config;
@@ -17,6 +19,7 @@ pub mod error_chain;
 pub mod jsonrpc;
 pub mod log_limit;
 pub mod mem;
+pub mod metrics;
 pub mod nvme;
 pub mod poller;
 pub mod sandbox;

@@ -8,6 +8,8 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,7 @@ const CONTROL: u32 = 4;
 const SESSION: u32 = 3;
 const POLLER: u32 = 4;
 const SUPERVISOR: u32 = 4;
+const METRICS: u32 = 4;
 
 /// The filters a thread of vubd named `name` runs under; `None` for a thread of the kernel's
 /// (io_uring workers).
@@ -35,6 +38,7 @@ fn expected_filters(name: &str) -> Option<u32> {
         "vubd" | "vubd-signals" => CONTROL,
         "vubd-vhost-user" | "vring_worker" => SESSION,
         "vubd-nvme-tcp" => SUPERVISOR,
+        "vubd-metrics" => METRICS,
         n if n.starts_with("vubd-device-") => SESSION,
         n if n.starts_with("vubd-poller-") => POLLER,
         other => panic!("a thread vubd does not name: {other:?}"),
@@ -142,6 +146,36 @@ fn an_nvme_tcp_supervisor_runs_under_its_filters() {
         threads.get("vubd-nvme-tcp"),
         Some(&SUPERVISOR),
         "{threads:?}"
+    );
+    daemon.assert_running();
+}
+
+#[test]
+fn the_metrics_endpoint_runs_under_its_filters_and_serves() {
+    let image = Image::new(8 * MIB);
+    let mut daemon = Daemon::vubd(
+        &image,
+        &DaemonConfig::default(),
+        &[OsStr::new("--metrics-listen"), OsStr::new("127.0.0.1:0")],
+    );
+    some_io(&daemon, 1);
+    let threads = wait_filtered(&daemon, &["vubd-metrics"]);
+    assert_eq!(threads.get("vubd-metrics"), Some(&METRICS), "{threads:?}");
+    // The port the kernel chose, as vubd logs it.
+    let out = daemon.output();
+    let addr = out
+        .lines()
+        .find_map(|l| l.split("metrics: serving").nth(1)?.split("address=").nth(1))
+        .unwrap_or_else(|| panic!("no metrics address in:\n{out}"));
+    let mut s = TcpStream::connect(addr.trim()).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(
+        answer.contains("\nvubd_device_write_ops_total{device="),
+        "{answer}"
     );
     daemon.assert_running();
 }

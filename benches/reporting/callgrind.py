@@ -5,6 +5,12 @@ import os
 from .common import annotate_block, dirty, para, read_facts, write_section
 
 
+def vubd_args(facts):
+    """The arguments `VUBD_ARGS` gave every vubd run, as the report names them."""
+    args = facts.get("vubd_args", "")
+    return f", vubd with `{args}`" if args else ""
+
+
 def callgrind(facts_path, results_path, doc):
     facts = read_facts(facts_path)
     rows = [line.rstrip("\n").split("\t") for line in open(results_path) if line.strip()]
@@ -23,7 +29,7 @@ def callgrind(facts_path, results_path, doc):
         "",
         para(
             f"`benches/callgrind.sh` ({facts['valgrind']}, commit {facts['commit']}"
-            f"{dirty(facts)}, {facts['date']}): the backend serves a 16 GiB null device under "
+            f"{dirty(facts)}, {facts['date']}{vubd_args(facts)}): the backend serves a 16 GiB null device under "
             "`valgrind --tool=callgrind --separate-threads=yes`, pinned to CPU "
             f"{facts['backend_cpu']}, and `examples/loadgen.rs --ios N` (native, on the other "
             "CPU) sends it a fixed count of 4 KiB random reads. *I/O thread* is the "

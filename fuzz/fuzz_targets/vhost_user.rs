@@ -54,6 +54,7 @@ use vubd::config::{Config, DeviceConfig};
 use vubd::daemon::device_model;
 use vubd::mem::fault::DeviceFaults;
 use vubd::mem::{GuestMemory, GuestMemoryAtomic};
+use vubd::metrics::DeviceMetrics;
 use vubd::poller::{PollMode, PollerHandle, PollerSet};
 use vubd::vhost_user::BlkBackend;
 use vubd::virtio_blk::req_type;
@@ -157,12 +158,13 @@ fn device() -> &'static DeviceConfig {
     })
 }
 
-/// A session's backend, built as the daemon builds it (`daemon::device_model`), on guest
-/// memory `mem`.
+/// A session's backend, built as the daemon builds it (`daemon::device_model`, and the
+/// device's metrics, on by default), on guest memory `mem`.
 fn new_backend(poller: &PollerHandle, disk: &Arc<Disk>, mem: GuestMemoryAtomic) -> Arc<BlkBackend> {
     static KEY: AtomicU64 = AtomicU64::new(1);
     let faults = Arc::new(DeviceFaults::new().expect("the session's fault eventfd"));
-    let (shape, shared) = device_model(device(), &disk.info(), "vubd-fuzz", faults, 1);
+    let (shape, mut shared) = device_model(device(), &disk.info(), "vubd-fuzz", faults, 1);
+    shared.metrics = Some(Arc::new(DeviceMetrics::new(device().num_queues)));
     Arc::new(BlkBackend::new(
         shape,
         KEY.fetch_add(1, Ordering::Relaxed),

@@ -8,6 +8,7 @@ mod file;
 mod nvme;
 mod socket;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -128,6 +129,15 @@ pub struct Args {
     /// socket, created with mode 0600. With it, vubd may start without a device.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// Count each device's requests, bytes, errors and latencies (`vubd ctl stats`,
+    /// `device_get_stats`, `--metrics-listen`); off saves the poller a few instructions per
+    /// request.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub metrics: OnOff,
+    /// Serve the metrics to Prometheus over HTTP on this address and port (e.g.
+    /// 127.0.0.1:9100; port 0 picks a free one, which vubd logs): GET /metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub nvme: NvmeHostArgs,
 }
@@ -156,10 +166,12 @@ pub enum SubCommand {
         /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
-        /// The method: device_add, device_remove, device_list, device_resize, log_set_level,
-        /// version.
+        /// The method: device_add, device_remove, device_list, device_get_stats,
+        /// device_resize, log_set_level, version; or stats (device_get_stats twice, an
+        /// interval apart: IOPS, MB/s and latency percentiles per device).
         method: String,
-        /// Its parameters, KEY=VALUE each (device_add takes the keys of --device).
+        /// Its parameters, KEY=VALUE each (device_add takes the keys of --device; stats takes
+        /// name=NAME and interval=SECONDS, default 1).
         #[arg(value_name = "KEY=VALUE")]
         params: Vec<String>,
     },
@@ -188,6 +200,12 @@ pub enum SeccompArg {
     Off,
     Log,
     Enforce,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -298,6 +316,10 @@ pub struct Config {
     pub devices: Vec<DeviceConfig>,
     /// `--control-socket`.
     pub control_socket: Option<PathBuf>,
+    /// `--metrics`: whether devices count their requests.
+    pub metrics: bool,
+    /// `--metrics-listen`: where Prometheus scrapes the metrics.
+    pub metrics_listen: Option<SocketAddr>,
     /// What the keys of a device added later default to.
     pub device_defaults: DeviceDefaults,
     pub cache: CacheMode,
@@ -378,6 +400,8 @@ pub enum ConfigError {
     PollIdle(u64),
     #[error("--bdf {0:?}: expected a PCI address such as 0000:01:00.0")]
     BadBdf(String),
+    #[error("--metrics-listen: the metrics are off (--metrics off)")]
+    MetricsOff,
     #[error("ctl parameter {0:?}: expected KEY=VALUE")]
     CtlParam(String),
     #[error("--config {0}: {1}")]
@@ -514,6 +538,10 @@ impl TryFrom<Args> for Command {
             };
             vec![values.validate(None, bare.then_some(DEFAULT_DISK_SIZE))?]
         };
+        let metrics = args.metrics == OnOff::On;
+        if args.metrics_listen.is_some() && !metrics {
+            return Err(ConfigError::MetricsOff);
+        }
         if args.poll_idle_us > 1_000_000 {
             return Err(ConfigError::PollIdle(args.poll_idle_us));
         }
@@ -540,6 +568,8 @@ impl TryFrom<Args> for Command {
         Ok(Command::Serve(Config {
             devices,
             control_socket: args.control_socket,
+            metrics,
+            metrics_listen: args.metrics_listen,
             device_defaults,
             cache: match args.cache {
                 CacheArg::None => CacheMode::None,

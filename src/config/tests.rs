@@ -393,3 +393,33 @@ fn the_nvme_debug_reset_is_a_typed_option() {
     let c = serve(&["--disk", "x.img", "--debug-nvme-reset-after", "40"]);
     assert_eq!(c.nvme.debug_reset_after, Some(40));
 }
+
+#[test]
+fn metrics_are_on_by_default_and_served_over_http_only_when_asked() {
+    let c = serve(&["--disk", "null:1G"]);
+    assert!(c.metrics);
+    assert_eq!(c.metrics_listen, None);
+    let c = serve(&["--disk", "null:1G", "--metrics-listen", "127.0.0.1:9100"]);
+    assert_eq!(
+        c.metrics_listen,
+        Some("127.0.0.1:9100".parse().expect("address"))
+    );
+    let c = serve(&["--disk", "null:1G", "--metrics-listen", "[::1]:0"]);
+    assert_eq!(c.metrics_listen, Some("[::1]:0".parse().expect("address")));
+    assert!(!serve(&["--disk", "null:1G", "--metrics", "off"]).metrics);
+    let e = parse(&[
+        "--disk",
+        "null:1G",
+        "--metrics",
+        "off",
+        "--metrics-listen",
+        "127.0.0.1:9100",
+    ])
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "--metrics-listen: the metrics are off (--metrics off)"
+    );
+    // An address, not a host name: vubd resolves none once it runs.
+    assert!(Args::try_parse_from(["vubd", "--metrics-listen", "localhost:9100"]).is_err());
+}

@@ -11,6 +11,7 @@ use super::{DaemonError, error_chain};
 use crate::bdev::capacity::{Resize, ResizeError};
 use crate::config::{DeviceDefaults, SocketSpec, device_from_keys, parse_size};
 use crate::jsonrpc::{METHOD_NOT_FOUND, RpcError};
+use crate::metrics;
 
 /// Changes what vubd logs: a `tracing` filter (`info`, `debug`, `vubd=debug,warn`, ...).
 pub struct LogControl(Box<SetFilter>);
@@ -31,8 +32,7 @@ impl std::fmt::Debug for LogControl {
 }
 
 /// The methods, in the order docs/control-api.md has them.
-const METHODS: &str =
-    "device_add, device_remove, device_list, device_resize, log_set_level, version";
+const METHODS: &str = "device_add, device_remove, device_list, device_get_stats, device_resize, log_set_level, version";
 
 /// What the methods act on.
 #[derive(Debug)]
@@ -99,6 +99,12 @@ impl Methods {
                 let name = take_optional_string(&mut p, "name")?;
                 no_more(p)?;
                 self.device_list(name.as_deref())
+            }
+            "device_get_stats" => {
+                let mut p = object(params)?;
+                let name = take_optional_string(&mut p, "name")?;
+                no_more(p)?;
+                self.device_get_stats(name.as_deref())
             }
             "log_set_level" => {
                 let mut p = object(params)?;
@@ -184,6 +190,21 @@ impl Methods {
             })
             .collect();
         Ok(Value::Array(list))
+    }
+
+    /// `device_get_stats`: the metrics of every device (or the one named), docs/metrics.md.
+    fn device_get_stats(&self, name: Option<&str>) -> Result<Value, RpcError> {
+        let Some(readings) = self.registry.read_metrics(name) else {
+            return Err(RpcError::failed("vubd counts nothing (--metrics off)"));
+        };
+        if let Some(n) = name
+            && readings.is_empty()
+        {
+            return Err(RpcError::invalid_params(format!(
+                "name: no device is named {n:?}"
+            )));
+        }
+        Ok(metrics::json::stats(&readings))
     }
 }
 

@@ -7,6 +7,7 @@
 mod control;
 mod device;
 mod methods;
+mod metrics_http;
 mod nvme;
 mod pcie;
 mod registry;
@@ -95,6 +96,12 @@ pub enum DaemonError {
     Discover(#[source] crate::nvme::tcp::ctrl::CtrlError),
     #[error("--control-socket")]
     Control(#[source] Box<DaemonError>),
+    #[error("--metrics-listen {addr}: cannot listen")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Config(ConfigError),
     #[error(
@@ -131,6 +138,7 @@ impl DaemonError {
             | DaemonError::SocketBusy(_)
             | DaemonError::NotASocket(_)
             | DaemonError::Bind { .. }
+            | DaemonError::MetricsListen { .. }
             | DaemonError::SocketPerms { .. }
             | DaemonError::BadFd(_)
             | DaemonError::NvmeTcp(_)
@@ -144,6 +152,22 @@ impl DaemonError {
             _ => 1,
         }
     }
+}
+
+/// Serves every device's metrics on the endpoint `listener` (`--metrics-listen`), reading
+/// them from `registry` at each request.
+fn serve_metrics(
+    listener: metrics_http::MetricsListener,
+    registry: &Arc<Registry>,
+) -> Result<metrics_http::MetricsServer, DaemonError> {
+    let addr = listener.local_addr().map_err(DaemonError::Worker)?;
+    let registry = registry.clone();
+    let server = listener.serve(move || {
+        let readings = registry.read_metrics(None).unwrap_or_default();
+        crate::metrics::prometheus::render(&readings)
+    })?;
+    info!(address = %addr, "metrics: serving GET /metrics over HTTP");
+    Ok(server)
 }
 
 /// Serves the configured devices, and those the control socket adds, until SIGINT / SIGTERM;
@@ -166,6 +190,7 @@ pub fn run(mut cfg: Config, log: LogControl) -> Result<(), DaemonError> {
         .as_deref()
         .map(control::bind)
         .transpose()?;
+    let metrics_listener = cfg.metrics_listen.map(metrics_http::bind).transpose()?;
     let mut listeners = Vec::with_capacity(cfg.devices.len());
     for d in &cfg.devices {
         let l = socket::listen(&d.socket, d.incoming, d.socket_perms)
@@ -193,22 +218,32 @@ pub fn run(mut cfg: Config, log: LogControl) -> Result<(), DaemonError> {
             break;
         }
     }
-    let server = match started {
-        Ok(()) => match control {
+    let servers = started.and_then(|()| {
+        let control = match control {
             Some(c) => {
                 let methods = Methods {
                     registry: registry.clone(),
                     defaults,
                     log,
                 };
-                c.serve(Arc::new(methods)).map(Some)
+                Some(c.serve(Arc::new(methods))?)
             }
-            None => Ok(None),
-        },
-        Err(e) => Err(e),
-    };
-    if let Ok(server) = &server {
-        if server.is_some() {
+            None => None,
+        };
+        let metrics = match metrics_listener.map(|l| serve_metrics(l, &registry)) {
+            Some(Err(e)) => {
+                if let Some(c) = control {
+                    c.stop();
+                }
+                return Err(e);
+            }
+            Some(Ok(m)) => Some(m),
+            None => None,
+        };
+        Ok((control, metrics))
+    });
+    if let Ok((control, _)) = &servers {
+        if control.is_some() {
             info!("taking requests on the control socket");
         }
         // Every device thread runs: what is left here is waiting for the end, then stopping
@@ -217,15 +252,14 @@ pub fn run(mut cfg: Config, log: LogControl) -> Result<(), DaemonError> {
         let _ = stop_rx.recv();
     }
     info!("shutting down");
-    let result = match server {
-        Ok(server) => {
-            if let Some(s) = server {
-                s.stop();
-            }
-            Ok(())
+    let result = servers.map(|(control, metrics)| {
+        if let Some(m) = metrics {
+            m.stop();
         }
-        Err(e) => Err(e),
-    };
+        if let Some(c) = control {
+            c.stop();
+        }
+    });
     registry.request_stop();
     registry.finish_all();
     drop(registry);

@@ -25,6 +25,7 @@ use crate::bdev::capacity::{Resize, ResizeError};
 use crate::bdev::nvme_pcie::Controllers;
 use crate::bdev::{BlockDevice, DeviceInfo, Disk};
 use crate::config::{Config, DeviceConfig, DiskSpec, check_beside};
+use crate::metrics::{Clock, DeviceMetrics, DeviceStats};
 use crate::poller::PollerSet;
 use crate::sandbox::{self, Role};
 
@@ -54,6 +55,9 @@ struct Entry {
     first_poller: usize,
     stop: Arc<DeviceStop>,
     thread: JoinHandle<()>,
+    /// Its counters, from its start to its removal, whatever frontends come and go (`None`
+    /// with `--metrics off`).
+    metrics: Option<Arc<DeviceMetrics>>,
 }
 
 /// What [`Registry::add`] and [`Registry::remove`] change together.
@@ -159,6 +163,10 @@ impl Registry {
         let listener = Listener::from(listener);
         let index = changes.next_index;
         let stop = Arc::new(DeviceStop::new().map_err(DaemonError::Signals)?);
+        let metrics = self
+            .cfg
+            .metrics
+            .then(|| Arc::new(DeviceMetrics::new(cfg.num_queues)));
         let serving = Serving {
             index,
             cfg: cfg.clone(),
@@ -166,6 +174,7 @@ impl Registry {
             first_poller,
             pollers: self.pollers.clone(),
             stop: stop.clone(),
+            metrics: metrics.clone(),
         };
         let info = disk.info();
         let thread = std::thread::Builder::new()
@@ -196,6 +205,7 @@ impl Registry {
             first_poller,
             stop,
             thread,
+            metrics,
         };
         lock(&self.devices).insert(cfg.name.clone(), entry);
         Ok(())
@@ -242,6 +252,27 @@ impl Registry {
                 connected: e.stop.connected(),
             })
             .collect()
+    }
+
+    /// The metrics of every device (or of the one named), by name, read now; `None` when
+    /// vubd counts none (`--metrics off`).
+    pub(super) fn read_metrics(&self, name: Option<&str>) -> Option<Vec<(String, DeviceStats)>> {
+        if !self.cfg.metrics {
+            return None;
+        }
+        // Read outside the lock: a device's queues are a few kilobytes of counters each.
+        let devices: Vec<(String, Arc<DeviceMetrics>)> = lock(&self.devices)
+            .iter()
+            .filter(|(n, _)| name.is_none_or(|name| name == n.as_str()))
+            .filter_map(|(n, e)| Some((n.clone(), e.metrics.clone()?)))
+            .collect();
+        let clock = Clock::get();
+        Some(
+            devices
+                .into_iter()
+                .map(|(n, m)| (n, m.read(&clock)))
+                .collect(),
+        )
     }
 
     /// vubd stops: no device is added any more, and every device is asked to stop.

@@ -19,6 +19,7 @@ use crate::bdev::{BlockDevice, Disk};
 use crate::config::DeviceConfig;
 use crate::mem::fault::DeviceFaults;
 use crate::mem::{GuestMemory, GuestMemoryAtomic};
+use crate::metrics::DeviceMetrics;
 use crate::poller::PollerSet;
 use crate::vhost_user::BlkBackend;
 
@@ -104,6 +105,8 @@ pub(super) struct Serving {
     pub first_poller: usize,
     pub pollers: Arc<PollerSet>,
     pub stop: Arc<DeviceStop>,
+    /// The device's counters, which every session's queues count into.
+    pub metrics: Option<Arc<DeviceMetrics>>,
 }
 
 impl Serving {
@@ -140,6 +143,7 @@ impl Serving {
             self.pollers.len(),
         );
         shared.index = self.index;
+        shared.metrics = self.metrics.clone();
         let mem = GuestMemoryAtomic::new(GuestMemory::new());
         let handles = (0..shape.num_queues)
             .map(|q| self.pollers.for_queue(self.first_poller + q).clone())

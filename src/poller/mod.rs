@@ -29,6 +29,7 @@ use crate::bdev::Disk;
 use crate::log_limit::LogLimit;
 use crate::mem::fault::DeviceFaults;
 use crate::mem::{DirtyLog, GuestMemoryAtomic};
+use crate::metrics::DeviceMetrics;
 use crate::virtio_blk::ID_BYTES;
 use crate::virtio_blk::config::WriteCache;
 use crate::virtio_blk::inflight::InflightQueue;
@@ -93,6 +94,10 @@ pub struct DeviceShared {
     /// cap). Past it, the device's queues keep their chains in the avail ring (back-pressure,
     /// never an error) until one of its requests completes.
     pub max_in_flight: u32,
+    /// The device's counters (`None` with `--metrics off`): they belong to the device, not to
+    /// the session, so that they survive its frontend's reconnections. Each queue's poller
+    /// writes that queue's.
+    pub metrics: Option<Arc<DeviceMetrics>>,
 }
 
 impl DeviceShared {
@@ -100,7 +105,7 @@ impl DeviceShared {
     /// the write cache mode it serves first, the session's fault record, and its share of the
     /// cap on requests in flight per poller (`u32::MAX`: none). Its log limits follow
     /// [`WARNINGS_PER_SECOND`] and [`EVENTS_PER_SECOND`] (four more lines per queue); `index`
-    /// is 0 until the caller, which knows the device's number, sets it.
+    /// is 0 and `metrics` `None` until the caller, which knows the device, sets them.
     pub fn new(
         limits: Limits,
         serial: [u8; ID_BYTES],
@@ -122,6 +127,7 @@ impl DeviceShared {
             mem_gen: AtomicU64::new(0),
             faults,
             max_in_flight,
+            metrics: None,
         }
     }
 

@@ -25,6 +25,8 @@ struct Slot {
     /// Channel completions still to come.
     pending: u32,
     error: bool,
+    /// When the poller took the request, on its clock (0 without metrics).
+    started: u64,
     /// Keeps the guest memory the iovecs point into mapped until the request ends.
     mem: Option<MemSnapshot>,
     iov: IovecList,
@@ -41,6 +43,7 @@ impl Slot {
             transferred: 0,
             pending: 0,
             error: false,
+            started: 0,
             mem: None,
             iov: IovecList::with_capacity(iov_cap),
         }
@@ -113,7 +116,8 @@ impl SlotTable {
         &mut self.slots[tag as usize].iov
     }
 
-    /// Records a request that is about to be queued to the channel.
+    /// Records a request that is about to be queued to the channel, which the poller took at
+    /// `started` (for the metrics).
     #[allow(clippy::too_many_arguments)]
     #[inline]
     pub fn begin(
@@ -124,6 +128,7 @@ impl SlotTable {
         status_addr: GuestAddress,
         used_len: u32,
         expect: Option<u32>,
+        started: u64,
         mem: MemSnapshot,
     ) {
         let slot = &mut self.slots[tag as usize];
@@ -135,6 +140,7 @@ impl SlotTable {
         slot.transferred = 0;
         slot.pending = 0;
         slot.error = false;
+        slot.started = started;
         slot.mem = Some(mem);
     }
 
@@ -188,6 +194,14 @@ impl SlotTable {
             },
             used_len: if slot.error { 1 } else { slot.used_len },
         }
+    }
+
+    /// For the metrics: when the request in `tag` started, and the bytes it moves if it
+    /// succeeds (into the guest's buffers: true, for a read; out of them: false).
+    #[inline]
+    pub fn accounting(&self, tag: Tag) -> (u64, (bool, u32)) {
+        let slot = &self.slots[tag as usize];
+        (slot.started, (slot.used_len > 1, slot.expect.unwrap_or(0)))
     }
 
     /// Frees the slot and hands back its memory snapshot (for writing the status).
@@ -244,7 +258,7 @@ mod tests {
         );
         let mut t = SlotTable::new(1, 1);
         let tag = t.alloc().expect("tag");
-        t.begin(tag, 0, 7, GuestAddress(0x10), 1, None, mem);
+        t.begin(tag, 0, 7, GuestAddress(0x10), 1, None, 0, mem);
         t.add_pending(tag, 2);
         assert!(!t.complete_op(tag, -libc::EIO));
         assert!(t.complete_op(tag, 0));
@@ -262,7 +276,7 @@ mod tests {
         );
         let mut t = SlotTable::new(1, 1);
         let tag = t.alloc().expect("tag");
-        t.begin(tag, 0, 0, GuestAddress(0), 4097, Some(4096), mem);
+        t.begin(tag, 0, 0, GuestAddress(0), 4097, Some(4096), 0, mem);
         t.add_pending(tag, 1);
         assert!(t.complete_op(tag, 2048));
         assert_eq!(t.finish(tag).status, Status::IoErr);
@@ -276,16 +290,27 @@ mod tests {
         );
         let mut t = SlotTable::new(1, 1);
         let tag = t.alloc().expect("tag");
-        t.begin(tag, 0, 0, GuestAddress(0), 8193, Some(8192), mem.clone());
+        t.begin(
+            tag,
+            0,
+            0,
+            GuestAddress(0),
+            8193,
+            Some(8192),
+            77,
+            mem.clone(),
+        );
         t.add_pending(tag, 2);
         assert!(!t.complete_op(tag, 4096));
         assert!(t.complete_op(tag, 4096));
-        assert_eq!(t.finish(tag).status, Status::Ok);
-        assert_eq!(t.finish(tag).used_len, 8193);
+        let c = t.finish(tag);
+        assert_eq!(c.status, Status::Ok);
+        assert_eq!(c.used_len, 8193);
+        assert_eq!(t.accounting(tag), (77, (true, 8192)), "for the metrics");
         assert!(t.release(tag).is_some());
         // One part short: the whole request fails.
         let tag = t.alloc().expect("tag");
-        t.begin(tag, 0, 0, GuestAddress(0), 8193, Some(8192), mem);
+        t.begin(tag, 0, 0, GuestAddress(0), 8193, Some(8192), 0, mem);
         t.add_pending(tag, 2);
         assert!(!t.complete_op(tag, 4096));
         assert!(t.complete_op(tag, 4095));

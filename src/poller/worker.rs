@@ -8,6 +8,7 @@
 
 mod attach;
 mod broken;
+mod publish;
 mod start;
 
 use std::num::Wrapping;
@@ -17,9 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use tracing::{Level, debug, error};
-use vhost_user_backend::{VringState, VringT};
+use vhost_user_backend::VringT;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddressSpace};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::dirty;
@@ -29,13 +30,15 @@ use super::{Command, DetachWait, DeviceKey, DeviceShared, PollMode, Shared, Vrin
 use crate::bdev::{Channel, IoChannel, Target};
 use crate::limited;
 use crate::log_limit::LogLimit;
-use crate::mem::{DirtyLog, GuestMemoryAtomic, HostMap, MemSnapshot};
+use crate::mem::{DirtyLog, GuestMemoryAtomic, HostMap};
+use crate::metrics::{Clock, ErrorKind, QueueMetrics};
 use crate::virtio_blk::chain::DESC_SIZE;
 use crate::virtio_blk::inflight::InflightQueue;
 use crate::virtio_blk::request::Limits;
 use crate::virtio_blk::ring::SplitRing;
 use crate::virtio_blk::{DescTable, MAX_SEGMENTS, RequestError, Scratch, Status, parse};
 use broken::Breakage;
+use publish::{publish, write_status};
 
 /// Most completions reaped from one channel before they are published.
 const REAP_BATCH: usize = 256;
@@ -111,6 +114,8 @@ struct QueueSlot {
     broken_flag: Arc<AtomicBool>,
     /// Interrupts the frontend did not take: its call eventfd was full.
     lost_interrupts: u64,
+    /// The queue's counters, unless metrics are off: this poller alone writes them.
+    metrics: Option<Arc<QueueMetrics>>,
 }
 
 /// How a request ends.
@@ -136,6 +141,9 @@ pub(super) struct Worker {
     epoll: Epoll,
     events: Vec<EpollEvent>,
     stopping: bool,
+    /// Read once per pass that takes requests and once per batch of completions, for the
+    /// latencies of queues with metrics.
+    clock: Clock,
 }
 
 /// In adaptive mode, empty passes between two looks at the clock: about a microsecond here,
@@ -193,6 +201,7 @@ impl Worker {
             epoll,
             events: vec![EpollEvent::default(); 16],
             stopping: false,
+            clock: Clock::get(),
         })
     }
 
@@ -279,6 +288,7 @@ impl Worker {
             slots,
             scratch,
             epoll,
+            clock,
             ..
         } = self;
         let Some(q) = queues[qi].as_mut() else {
@@ -356,6 +366,9 @@ impl Worker {
         // Set when the driver broke the ring's rules: the pass ends there, the chain that
         // broke it is not taken (next avail stays on it), and what completed is published.
         let mut breakage = None;
+        // The pass's time: every request it takes starts then.
+        let qm = q.metrics.as_deref();
+        let now = if qm.is_some() { clock.now() } else { 0 };
         loop {
             if slots.is_full() || !channel.has_room() || dev.in_flight >= dev.shared.max_in_flight {
                 // Retried on the next iteration, once completions have freed room.
@@ -422,17 +435,25 @@ impl Worker {
                     Err(rej) => rej.status,
                 },
             ));
+            if let (Some(m), Ok(p)) = (qm, &parsed) {
+                m.started(start::op(p.request.kind));
+            }
             let done = match &parsed {
                 Ok(p) => match start::start(
                     &dev.shared,
                     (&mut *channel, &dev.target),
                     slots,
-                    (qi, tag),
+                    (qi, tag, now),
                     p,
                     scratch.ranges(),
                     snapshot,
                 ) {
                     Some((head, c)) => {
+                        if let Some(m) = qm {
+                            // Completed within the pass (GET_ID, no data, or nothing
+                            // could be queued): no time, and nothing moved to or from the disk.
+                            m.completed(c.status == Status::Ok, (false, 0), 0, clock);
+                        }
                         if let Some(log) = &dev.log {
                             let data = (c.used_len > 1).then(|| slots.iov(tag));
                             dirty::request(log, snapshot, data, c.status_addr);
@@ -448,6 +469,12 @@ impl Worker {
                 },
                 Err(rej) => {
                     debug!(queue = q.index, head = rej.head, error = %rej.error, "request rejected");
+                    if let Some(m) = qm {
+                        m.refused(match rej.error.status() {
+                            Status::Unsupp => ErrorKind::Unsupported,
+                            _ => ErrorKind::Invalid,
+                        });
+                    }
                     slots.free(tag);
                     // The status address was checked by the parser (a chain without one broke
                     // the queue above).
@@ -520,84 +547,6 @@ impl Worker {
                 return total;
             }
         }
-    }
-
-    /// Publishes the requests in `done`: status byte, used ring, one notification per queue.
-    fn publish_done(&mut self) {
-        for i in 0..self.done.len() {
-            let qi = self.slots.queue_of(self.done[i]);
-            if self.done[..i].iter().any(|&t| self.slots.queue_of(t) == qi) {
-                continue; // this queue's requests were published with an earlier tag
-            }
-            let Some(q) = self.queues.get_mut(qi).and_then(Option::as_mut) else {
-                // Unreachable (a queue is forgotten only with nothing in flight); free anyway.
-                for &tag in self.done[i..].iter() {
-                    if self.slots.queue_of(tag) == qi {
-                        self.slots.release(tag);
-                    }
-                }
-                continue;
-            };
-            let Some(dev) = self.devices[q.device].as_mut() else {
-                continue;
-            };
-            let mut state = q.vring.get_mut();
-            let queue = state.get_queue_mut();
-            let ring = fresh_ring(&mut q.ring, dev, queue);
-            let old_used = Wrapping(queue.next_used());
-            let mut used = old_used;
-            for &tag in &self.done[i..] {
-                if self.slots.queue_of(tag) != qi {
-                    continue;
-                }
-                let head = self.slots.head_of(tag);
-                let c = self.slots.finish(tag);
-                if let (Some(log), Some(mem)) = (&dev.log, self.slots.mem_of(tag)) {
-                    let data = self.slots.returns_data(tag).then(|| self.slots.iov(tag));
-                    dirty::request(log, mem, data, c.status_addr);
-                }
-                let Some(mem) = self.slots.release(tag) else {
-                    continue;
-                };
-                q.in_flight = q.in_flight.saturating_sub(1);
-                dev.in_flight = dev.in_flight.saturating_sub(1);
-                let len = write_status(&dev.map, &mem, c);
-                match ring {
-                    Some(r) => {
-                        if let Some(inflight) = &mut q.inflight {
-                            inflight.link(head);
-                        }
-                        r.put_used(used, head, len);
-                        used += 1;
-                    }
-                    // Rings outside guest memory: nothing can be published.
-                    None => limited!(
-                        dev.shared.warnings,
-                        Level::WARN,
-                        device = dev.shared.index,
-                        queue = q.index,
-                        head,
-                        "used ring unreachable; a completion is lost"
-                    ),
-                }
-            }
-            let delivered = match ring.filter(|_| used != old_used) {
-                Some(r) => publish(
-                    &r,
-                    &mut state,
-                    dev.log.as_deref(),
-                    q.inflight.as_mut(),
-                    old_used,
-                    used,
-                ),
-                None => true,
-            };
-            drop(state);
-            if !delivered {
-                q.interrupt_lost(&dev.shared);
-            }
-        }
-        self.done.clear();
     }
 
     /// Re-enables guest notifications, re-checks every ring so that no kick is lost, and
@@ -717,64 +666,4 @@ fn translate_ring(
     let r = SplitRing::new(&dev.map, avail, used, size, ev);
     *cache = r.map(|r| (dev.map_gen, r));
     r
-}
-/// Writes the status byte (through `map` when the request ran with the map's snapshot) and
-/// returns the used length to report: 0 when the status byte could not be written.
-#[inline(always)]
-fn write_status(map: &HostMap, mem: &MemSnapshot, c: Completion) -> u32 {
-    let written = if map.is_of(mem) {
-        map.write_u8(c.status_addr.0, c.status as u8)
-    } else {
-        mem.write_obj(c.status as u8, c.status_addr).is_ok()
-    };
-    if written { c.used_len } else { 0 }
-}
-
-/// Publishes used elements `old..used` of a queue: sets the queue's next used index to `used`,
-/// marks the used ring in the dirty log (while a migration runs), writes the index, clears
-/// the batch in the inflight region, and interrupts the guest if it asked. Returns false when
-/// the interrupt could not be delivered ([`signal`]).
-#[inline(always)]
-fn publish(
-    ring: &SplitRing,
-    state: &mut VringState<GuestMemoryAtomic>,
-    log: Option<&DirtyLog>,
-    inflight: Option<&mut InflightQueue>,
-    old: Wrapping<u16>,
-    used: Wrapping<u16>,
-) -> bool {
-    state.get_queue_mut().set_next_used(used.0);
-    if let Some(log) = log {
-        dirty::used_ring(log, ring);
-    }
-    let notify = ring.publish_used(old, used);
-    if let Some(inflight) = inflight {
-        inflight.published(used.0);
-    }
-    !notify || signal(state)
-}
-
-/// Interrupts the guest (its call eventfd): once per queue per batch at most. The eventfd is
-/// non-blocking (the control plane made it so when the frontend gave it), so a frontend that
-/// never reads it makes the write fail with EAGAIN once its counter is full, instead of
-/// stopping the poller: returns false then, and the caller counts it.
-fn signal(state: &VringState<GuestMemoryAtomic>) -> bool {
-    state.signal_used_queue().is_ok()
-}
-
-impl QueueSlot {
-    /// The frontend did not take an interrupt: counted, never waited for.
-    #[cold]
-    #[inline(never)]
-    fn interrupt_lost(&mut self, shared: &DeviceShared) {
-        self.lost_interrupts += 1;
-        limited!(
-            shared.warnings,
-            Level::WARN,
-            device = shared.index,
-            queue = self.index,
-            lost = self.lost_interrupts,
-            "the frontend does not take interrupts (its call eventfd is full); one is dropped"
-        );
-    }
 }

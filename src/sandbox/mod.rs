@@ -49,6 +49,8 @@ pub enum Role {
     Poller,
     /// An NVMe/TCP controller's supervisor: keep-alive and reconnection.
     Supervisor,
+    /// The metrics endpoint (`--metrics-listen`): HTTP clients from the network.
+    Metrics,
 }
 
 /// Why the sandbox could not be set up.
@@ -107,6 +109,7 @@ impl Role {
             Role::Session => "the session threads",
             Role::Poller => "the pollers",
             Role::Supervisor => "the NVMe/TCP supervisors",
+            Role::Metrics => "the metrics endpoint",
         }
     }
 
@@ -116,6 +119,7 @@ impl Role {
             Role::Session => roles::SESSION,
             Role::Poller => roles::POLLER,
             Role::Supervisor => roles::SUPERVISOR,
+            Role::Metrics => roles::METRICS,
         }
     }
 
@@ -124,7 +128,7 @@ impl Role {
     fn quiet_list(self) -> Option<&'static [&'static [Allow]]> {
         match self {
             Role::Session => None,
-            Role::Control | Role::Poller | Role::Supervisor => Some(roles::QUIET),
+            Role::Control | Role::Poller | Role::Supervisor | Role::Metrics => Some(roles::QUIET),
         }
     }
 }

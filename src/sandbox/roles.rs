@@ -334,6 +334,13 @@ pub(super) const SUPERVISOR: &[&[Allow]] = &[
     SUPERVISOR_OWN,
 ];
 
+/// The metrics endpoint: HTTP clients on its listening socket (bound at startup), served
+/// with non-blocking reads and writes from one poll.
+const METRICS_OWN: &[Allow] = &[any(libc::SYS_accept4)];
+
+pub(super) const METRICS: &[&[Allow]] =
+    &[EVERY_THREAD, EVENTS, NONBLOCK, SOCKET_IO, OPEN, METRICS_OWN];
+
 /// Startup, on top of what the threads need: binding sockets (with their mode and group),
 /// opening images (probing block devices and file systems), VFIO set-up, NVMe/TCP
 /// connections, starting threads, pinning pollers, installing the threads' own filters.

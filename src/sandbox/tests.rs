@@ -122,7 +122,13 @@ impl Forbidden {
 fn every_filter_builds() {
     for mode in [SeccompMode::Log, SeccompMode::Enforce] {
         baseline_programs(mode).expect("baseline");
-        for role in [Role::Control, Role::Session, Role::Poller, Role::Supervisor] {
+        for role in [
+            Role::Control,
+            Role::Session,
+            Role::Poller,
+            Role::Supervisor,
+            Role::Metrics,
+        ] {
             role_programs(role, mode).expect("role");
         }
     }
@@ -162,7 +168,7 @@ fn roles_that_open_no_file_get_eacces_for_an_open() {
         let r = sys(unsafe { libc::syscall(libc::SYS_openat, libc::AT_FDCWD, path.as_ptr(), 0) });
         i32::from(r != -i64::from(libc::EACCES))
     };
-    for role in [Role::Control, Role::Poller, Role::Supervisor] {
+    for role in [Role::Control, Role::Poller, Role::Supervisor, Role::Metrics] {
         let p = programs(role, SeccompMode::Enforce);
         assert_eq!(in_child(&p, open), End::Exited(0), "{role:?}");
     }
@@ -238,6 +244,39 @@ fn a_supervisor_opens_tcp_connections_only() {
         });
         assert_eq!(end, KILLED, "socket({family}, {kind})");
     }
+}
+
+#[test]
+fn the_metrics_endpoint_accepts_and_polls_but_makes_no_socket_of_its_own() {
+    let p = programs(Role::Metrics, SeccompMode::Enforce);
+    let serves = in_child(&p, || {
+        let now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: raw calls on a descriptor that is no socket (accept4 fails with ENOTSOCK,
+        // after the filter let it through) and a poll of no descriptors that returns at once
+        // (`now` is a live timespec).
+        unsafe {
+            let accept = libc::syscall(libc::SYS_accept4, 0, 0, 0, libc::SOCK_CLOEXEC);
+            let poll = libc::syscall(libc::SYS_ppoll, 0, 0, &now as *const libc::timespec, 0, 8);
+            all_ok(&[
+                i64::from(sys(accept) == -i64::from(libc::ENOTSOCK)) - 1,
+                sys(poll),
+            ])
+        }
+    });
+    assert_eq!(serves, End::Exited(0));
+    let socket = in_child(&p, || {
+        // SAFETY: a raw socket call; the filter stops it first.
+        unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) as i32 }
+    });
+    assert_eq!(socket, KILLED, "socket");
+    let connect = in_child(&p, || {
+        // SAFETY: a raw connect call; the filter stops it first.
+        unsafe { libc::syscall(libc::SYS_connect, 0, 0, 0) as i32 }
+    });
+    assert_eq!(connect, KILLED, "connect");
 }
 
 #[test]

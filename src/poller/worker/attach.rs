@@ -236,6 +236,7 @@ impl Worker {
             broken: false,
             broken_flag: a.broken,
             lost_interrupts: 0,
+            metrics: a.shared.metrics.as_ref().and_then(|m| m.queue(a.queue)),
         });
         self.set_notifications(q, false);
         // The guest may hold completions it was never interrupted for: the process that had
@@ -243,7 +244,7 @@ impl Worker {
         // published them while the frontend was taking its interrupts back. One interrupt
         // costs nothing, and the driver looks at its used ring.
         if let Some(slot) = self.queues[q].as_ref() {
-            super::signal(&slot.vring.get_ref());
+            super::publish::signal(&slot.vring.get_ref());
         }
     }
 

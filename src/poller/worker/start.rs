@@ -9,13 +9,14 @@ use super::Completion;
 use crate::bdev::{Channel, IoChannel, IoOp, Target};
 use crate::limited;
 use crate::mem::MemSnapshot;
+use crate::metrics::Op;
 use crate::poller::DeviceShared;
 use crate::poller::slots::{SlotTable, Tag};
 use crate::virtio_blk::{Parsed, Range, RequestKind, SECTOR_SHIFT, Status};
 
-/// Starts a parsed request of queue `qi` in slot `tag` on the device's channel; `ranges` are
-/// the segments of a discard / write-zeroes request. Returns `Some((head, completion))` when it
-/// completed at once.
+/// Starts a parsed request of queue `qi` in slot `tag` on the device's channel, at `now` on the
+/// poller's clock; `ranges` are the segments of a discard / write-zeroes request. Returns
+/// `Some((head, completion))` when it completed at once.
 ///
 /// `#[inline]`: the poller's per-request path. In a module of its own, it would otherwise
 /// land in another codegen unit than the loop that calls it, and not be inlined there.
@@ -24,7 +25,7 @@ pub(super) fn start(
     shared: &DeviceShared,
     (channel, target): (&mut Channel, &Target),
     slots: &mut SlotTable,
-    (qi, tag): (usize, Tag),
+    (qi, tag, now): (usize, Tag, u64),
     p: &Parsed,
     ranges: &[Range],
     snapshot: &MemSnapshot,
@@ -64,6 +65,7 @@ pub(super) fn start(
         p.status,
         used_len,
         expect,
+        now,
         snapshot.clone(),
     );
     let fua = !shared.writeback.load(Ordering::Relaxed);
@@ -144,6 +146,19 @@ pub(super) fn start(
         return Some((p.head, c));
     }
     None
+}
+
+/// What a request asks, as the metrics count it.
+#[inline(always)]
+pub(super) fn op(kind: RequestKind) -> Op {
+    match kind {
+        RequestKind::Read { .. } => Op::Read,
+        RequestKind::Write { .. } => Op::Write,
+        RequestKind::Flush => Op::Flush,
+        RequestKind::Discard => Op::Discard,
+        RequestKind::WriteZeroes => Op::WriteZeroes,
+        RequestKind::GetId => Op::Other,
+    }
 }
 
 /// Queues one operation of the request in slot `tag`; when the channel is full, hands what is
