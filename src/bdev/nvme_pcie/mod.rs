@@ -18,6 +18,7 @@ mod dma;
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use tracing::info;
 
 pub use self::channel::NvmePcieChannel;
 pub use self::dma::GuestDma;
+use super::capacity::{Capacity, Resize, ResizeError};
 use super::nvme_ops::{Namespace, lba_shift_of};
 use super::{BlockDevice, DeviceInfo};
 use crate::nvme::pcie::{PcieController, PcieError, PcieOptions};
@@ -55,6 +57,10 @@ pub enum NvmePcieError {
     Pcie(#[from] PcieError),
     #[error("namespace {nsid} uses {ms} bytes of metadata per block, which vubd cannot serve")]
     Metadata { nsid: u32, ms: u16 },
+    #[error("cannot create the namespace's capacity eventfd")]
+    EventFd(#[source] io::Error),
+    #[error("namespace {nsid} now has a different {what}")]
+    NamespaceChanged { nsid: u32, what: &'static str },
 }
 
 /// What the channels need to know of the namespace; fixed for the device's lifetime.
@@ -86,7 +92,9 @@ impl Geometry {
 pub struct NvmePcieDevice {
     ctrl: Arc<PcieController>,
     geo: Geometry,
+    /// What the device is, but for its capacity.
     info: DeviceInfo,
+    capacity: Arc<Capacity>,
     serial: String,
 }
 
@@ -159,12 +167,59 @@ impl NvmePcieDevice {
                 "NVMe controller opened"
             }
         );
+        let capacity = Capacity::watched(info.capacity_bytes).map_err(NvmePcieError::EventFd)?;
         Ok(Self {
             serial: id.sn.clone(),
             ctrl,
             geo,
             info,
+            capacity: Arc::new(capacity),
         })
+    }
+
+    /// The capacity follows the namespace's size, read again with Identify Namespace on the
+    /// controller's admin queue; a smaller one only if `req.shrink`. A size of the caller's is
+    /// refused: the namespace's is its controller's. Returns the new capacity in bytes.
+    /// Blocking (one admin command), for the control path.
+    pub fn resize(&self, req: Resize) -> Result<u64, ResizeError> {
+        if req.size.is_some() {
+            return Err(ResizeError::Nvme);
+        }
+        let to = self
+            .namespace_size()
+            .map_err(|e| ResizeError::Namespace(Arc::new(e)))?;
+        self.capacity
+            .check(to, self.info.logical_block_size, req.shrink)?;
+        self.capacity.set(to);
+        info!(
+            bdf = self.ctrl.bdf(),
+            nsid = self.geo.nsid,
+            size = to,
+            "NVMe namespace resized"
+        );
+        Ok(to)
+    }
+
+    /// The namespace's size in bytes now, its block size unchanged.
+    fn namespace_size(&self) -> Result<u64, NvmePcieError> {
+        let nsid = self.geo.nsid;
+        let ns = self.ctrl.namespace(nsid)?;
+        let changed = |what| NvmePcieError::NamespaceChanged { nsid, what };
+        if ns.block_size().trailing_zeros() != self.geo.lba_shift {
+            return Err(changed("block size"));
+        }
+        ns.nsze
+            .checked_mul(1 << self.geo.lba_shift)
+            .ok_or_else(|| changed("size (too large)"))
+    }
+
+    /// Readable when the capacity changed without `device_resize` (see [`Capacity`]).
+    pub fn capacity_event(&self) -> Option<RawFd> {
+        self.capacity.event_fd()
+    }
+
+    pub fn clear_capacity_event(&self) {
+        self.capacity.clear_event();
     }
 
     /// The controller's serial number.
@@ -195,7 +250,10 @@ impl BlockDevice for NvmePcieDevice {
     type Channel = NvmePcieChannel;
 
     fn info(&self) -> DeviceInfo {
-        self.info
+        DeviceInfo {
+            capacity_bytes: self.capacity.bytes(),
+            ..self.info
+        }
     }
 
     /// Creates an I/O queue pair for the calling poller.
