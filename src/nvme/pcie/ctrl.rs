@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use super::abort::AbortOutcome;
 use super::error::PcieError;
 use super::io::PcieIoQueue;
+use super::qid_pool::QidPool;
 use super::regs::{Aqa, cq_head_doorbell, offset, sq_tail_doorbell};
 use super::ring::{DmaCq, DmaSq};
 use super::sgl::SglAlign;
@@ -116,35 +117,6 @@ impl Admin {
 
     fn data_iova(&self) -> u64 {
         self.mem.iova() + 2 * self.page as u64
-    }
-}
-
-/// Queue identifiers 1..=granted, lowest free first.
-#[derive(Debug)]
-pub(super) struct QidPool {
-    used: Vec<bool>,
-}
-
-impl QidPool {
-    pub(super) fn new(granted: u16) -> Self {
-        QidPool {
-            used: vec![false; usize::from(granted)],
-        }
-    }
-
-    pub(super) fn alloc(&mut self) -> Option<u16> {
-        let i = self.used.iter().position(|u| !u)?;
-        self.used[i] = true;
-        u16::try_from(i + 1).ok()
-    }
-
-    pub(super) fn free(&mut self, qid: u16) {
-        if let Some(u) = usize::from(qid)
-            .checked_sub(1)
-            .and_then(|i| self.used.get_mut(i))
-        {
-            *u = false;
-        }
     }
 }
 
