@@ -115,6 +115,17 @@ impl Capacity {
         Ok(())
     }
 
+    /// The device's own size is `bytes` now: a larger one becomes the capacity (the guest can
+    /// use it at once); a smaller one does not, as the guest would lose what lies past the new
+    /// end (`device_resize` with `force` takes it). Returns the capacity before.
+    pub fn follow_growth(&self, bytes: u64) -> u64 {
+        let before = self.bytes();
+        if bytes > before {
+            self.set(bytes);
+        }
+        before
+    }
+
     pub fn set(&self, bytes: u64) {
         let old = self.bytes.swap(bytes, Ordering::AcqRel);
         if old != bytes
@@ -176,5 +187,11 @@ mod tests {
         c.clear_event();
         assert!(!readable(fd), "both changes acknowledged at once");
         assert_eq!(c.bytes(), 3 << 20);
+        assert_eq!(c.follow_growth(2 << 20), 3 << 20);
+        assert_eq!(c.bytes(), 3 << 20, "shrinking is not followed");
+        assert!(!readable(fd));
+        assert_eq!(c.follow_growth(4 << 20), 3 << 20);
+        assert_eq!(c.bytes(), 4 << 20, "growth is");
+        assert!(readable(fd));
     }
 }

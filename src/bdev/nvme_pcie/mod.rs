@@ -12,9 +12,13 @@
 //!   one admin queue, and on each poller one I/O queue pair for all of them (the poller shares
 //!   the channel between devices whose [`NvmePcieDevice::controller_key`] is the same, and each
 //!   operation carries its device's [`Namespace`]).
+//! - A namespace's capacity follows its controller: `device_resize` reads its size again
+//!   ([`NvmePcieDevice::resize`]), and a thread per controller answers its namespace notices
+//!   (`events`).
 
 mod channel;
 mod dma;
+mod events;
 
 use std::collections::HashMap;
 use std::io;
@@ -27,6 +31,7 @@ use tracing::info;
 
 pub use self::channel::NvmePcieChannel;
 pub use self::dma::GuestDma;
+use self::events::Watch;
 use super::capacity::{Capacity, Resize, ResizeError};
 use super::nvme_ops::{Namespace, lba_shift_of};
 use super::{BlockDevice, DeviceInfo};
@@ -59,6 +64,8 @@ pub enum NvmePcieError {
     Metadata { nsid: u32, ms: u16 },
     #[error("cannot create the namespace's capacity eventfd")]
     EventFd(#[source] io::Error),
+    #[error("cannot start the thread of the controller's asynchronous events")]
+    Thread(#[source] io::Error),
     #[error("namespace {nsid} now has a different {what}")]
     NamespaceChanged { nsid: u32, what: &'static str },
 }
@@ -98,18 +105,18 @@ pub struct NvmePcieDevice {
     serial: String,
 }
 
-/// The controllers open, by PCI address: devices on namespaces of one controller share it.
-/// Held weakly: a controller closes when its last device goes, and the next device on it
-/// opens it again.
+/// The controllers open, by PCI address: devices on namespaces of one controller share it
+/// (and the namespaces whose notices it answers). Held weakly: a controller closes when its
+/// last device goes, and the next device on it opens it again.
 #[derive(Debug, Default)]
-pub struct Controllers(HashMap<String, Weak<PcieController>>);
+pub struct Controllers(HashMap<String, (Weak<PcieController>, Arc<Watch>)>);
 
 impl Controllers {
     /// Every controller still open, with its PCI address.
     pub fn iter(&self) -> impl Iterator<Item = (&str, Arc<PcieController>)> {
         self.0
             .iter()
-            .filter_map(|(bdf, c)| Some((bdf.as_str(), c.upgrade()?)))
+            .filter_map(|(bdf, (c, _))| Some((bdf.as_str(), c.upgrade()?)))
     }
 }
 
@@ -118,10 +125,13 @@ impl NvmePcieDevice {
     /// namespace; blocking, for startup. The first device of a controller sets its options
     /// (`interrupts`, `io_timeout`).
     pub fn open(cfg: &NvmePcieConfig, ctrls: &mut Controllers) -> Result<Self, NvmePcieError> {
-        let open = ctrls.0.get(&cfg.bdf).and_then(Weak::upgrade);
+        let open = ctrls
+            .0
+            .get(&cfg.bdf)
+            .and_then(|(c, w)| Some((c.upgrade()?, w.clone())));
         let shared = open.is_some();
-        let ctrl = match open {
-            Some(c) => c,
+        let (ctrl, watch) = match open {
+            Some(open) => open,
             None => {
                 let opts = PcieOptions {
                     io_timeout: cfg.io_timeout,
@@ -129,8 +139,11 @@ impl NvmePcieDevice {
                     ..PcieOptions::default()
                 };
                 let c = PcieController::open(&cfg.bdf, &opts)?;
-                ctrls.0.insert(cfg.bdf.clone(), Arc::downgrade(&c));
-                c
+                let watch = Watch::start(&c).map_err(NvmePcieError::Thread)?;
+                ctrls
+                    .0
+                    .insert(cfg.bdf.clone(), (Arc::downgrade(&c), watch.clone()));
+                (c, watch)
             }
         };
         let ns = ctrl.namespace(cfg.nsid)?;
@@ -160,6 +173,7 @@ impl NvmePcieDevice {
             msix_vectors = ctrl.vectors(),
             deallocated_reads = ns.deallocated_read().as_str(),
             write_zeroes_unmaps = info.write_zeroes_unmaps,
+            namespace_notices = ctrl.namespace_notices(),
             "{}",
             if shared {
                 "NVMe controller shared with another device"
@@ -167,13 +181,15 @@ impl NvmePcieDevice {
                 "NVMe controller opened"
             }
         );
-        let capacity = Capacity::watched(info.capacity_bytes).map_err(NvmePcieError::EventFd)?;
+        let capacity =
+            Arc::new(Capacity::watched(info.capacity_bytes).map_err(NvmePcieError::EventFd)?);
+        watch.add(cfg.nsid, lba_shift, &capacity);
         Ok(Self {
             serial: id.sn.clone(),
             ctrl,
             geo,
             info,
-            capacity: Arc::new(capacity),
+            capacity,
         })
     }
 
@@ -185,8 +201,7 @@ impl NvmePcieDevice {
         if req.size.is_some() {
             return Err(ResizeError::Nvme);
         }
-        let to = self
-            .namespace_size()
+        let to = namespace_size(&self.ctrl, self.geo.nsid, self.geo.lba_shift)
             .map_err(|e| ResizeError::Namespace(Arc::new(e)))?;
         self.capacity
             .check(to, self.info.logical_block_size, req.shrink)?;
@@ -198,19 +213,6 @@ impl NvmePcieDevice {
             "NVMe namespace resized"
         );
         Ok(to)
-    }
-
-    /// The namespace's size in bytes now, its block size unchanged.
-    fn namespace_size(&self) -> Result<u64, NvmePcieError> {
-        let nsid = self.geo.nsid;
-        let ns = self.ctrl.namespace(nsid)?;
-        let changed = |what| NvmePcieError::NamespaceChanged { nsid, what };
-        if ns.block_size().trailing_zeros() != self.geo.lba_shift {
-            return Err(changed("block size"));
-        }
-        ns.nsze
-            .checked_mul(1 << self.geo.lba_shift)
-            .ok_or_else(|| changed("size (too large)"))
     }
 
     /// Readable when the capacity changed without `device_resize` (see [`Capacity`]).
@@ -244,6 +246,19 @@ impl NvmePcieDevice {
     pub fn namespace(&self) -> Namespace {
         self.geo.namespace()
     }
+}
+
+/// The size in bytes of namespace `nsid` of `ctrl` now (Identify Namespace), which must still
+/// have blocks of `1 << lba_shift` bytes.
+fn namespace_size(ctrl: &PcieController, nsid: u32, lba_shift: u32) -> Result<u64, NvmePcieError> {
+    let ns = ctrl.namespace(nsid)?;
+    let changed = |what| NvmePcieError::NamespaceChanged { nsid, what };
+    if ns.block_size().trailing_zeros() != lba_shift {
+        return Err(changed("block size"));
+    }
+    ns.nsze
+        .checked_mul(1 << lba_shift)
+        .ok_or_else(|| changed("size (too large)"))
 }
 
 impl BlockDevice for NvmePcieDevice {

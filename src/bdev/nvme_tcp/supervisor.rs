@@ -207,18 +207,15 @@ impl Supervisor {
     }
 
     /// The namespace has `bytes` now: a larger capacity is taken (and told through the
-    /// capacity's eventfd); a smaller one is left for `device_resize` with `force`, as the
-    /// guest loses what lies past the new end.
+    /// capacity's eventfd); a smaller one is left for `device_resize` with `force`.
     fn follow(&self, bytes: u64) {
-        let capacity = &self.shared.capacity;
-        let now = capacity.bytes();
+        let before = self.shared.capacity.follow_growth(bytes);
         let nsid = self.shared.geo.nsid;
-        if bytes > now {
-            capacity.set(bytes);
-            info!(target = %self.cfg.addr, nsid, from = now, to = bytes, "NVMe/TCP namespace grew");
-        } else if bytes < now {
+        if bytes > before {
+            info!(target = %self.cfg.addr, nsid, from = before, to = bytes, "NVMe/TCP namespace grew");
+        } else if bytes < before {
             warn!(
-                target = %self.cfg.addr, nsid, from = now, to = bytes,
+                target = %self.cfg.addr, nsid, from = before, to = bytes,
                 "NVMe/TCP namespace shrank; the guest keeps its capacity until device_resize \
                  with force=true"
             );
