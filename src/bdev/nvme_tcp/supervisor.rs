@@ -40,7 +40,7 @@ pub(super) type SizeAnswer = Result<u64, Arc<dyn StdError + Send + Sync>>;
 /// The supervisor did not answer in time (a target that does not answer its admin commands).
 #[derive(Debug, Error)]
 #[error("the NVMe/TCP supervisor did not answer within {0:?}")]
-pub(super) struct NoAnswer(pub(super) std::time::Duration);
+pub(super) struct NoAnswer(pub(super) Duration);
 
 /// Keep-alives go at this fraction of the keep-alive timeout (as Linux does: half).
 const KEEP_ALIVE_DIVISOR: u32 = 2;
