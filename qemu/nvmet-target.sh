@@ -14,6 +14,13 @@
 #   --block-size B         logical block size, 512 or 4096 (default 512)
 #   --allow-host NQN       allow only this host NQN to connect (default: any
 #                          host, attr_allow_any_host=1)
+#   --resizable            namespaces that can change size: loop devices over
+#                          sparse files in guest memory (512-byte blocks only),
+#                          resized by commands on the --control port
+#   --control SOCK         a second serial port on the unix socket SOCK (QEMU
+#                          listens): with --resizable, "resize NSID MIB" grows
+#                          or shrinks a namespace, and nvmet tells its hosts;
+#                          the console answers NVMET-RESIZED nsid=NSID mib=MIB
 #   --qmp SOCK             QMP unix socket (server, no wait), e.g. to
 #                          `stop`/`cont` the guest: a stalled target
 #   --pidfile FILE         QEMU writes its process id to FILE
@@ -32,8 +39,9 @@
 #   --dry-run              print the QEMU command line and exit
 #   -h, --help             show this help
 #
-# The namespaces are null_blk devices with memory_backed=1: RAM in the
-# guest, zero-filled at start, keeping their data while the guest runs.
+# The namespaces are null_blk devices with memory_backed=1 (or, with
+# --resizable, loop devices over files): RAM in the guest, zero-filled at
+# start, keeping their data while the guest runs.
 # The discovery subsystem (nqn.2014-08.org.nvmexpress.discovery) answers on
 # the same port.
 #
@@ -58,7 +66,7 @@ usage_error() { printf '%s: error: %s (see --help)\n' "$LAB_PROG" "$*" >&2; exit
 
 lab=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 port=4420 nqn=nqn.2014-08.org.vubd:test namespaces=1 ns_mib=64 block_size=512
-allow_host='' qmp='' pidfile='' log='' echo_console=1 memory=512M smp=1 initrd='' build_only=''
+allow_host='' resizable=0 control='' qmp='' pidfile='' log='' echo_console=1 memory=512M smp=1 initrd='' build_only=''
 dry_run=0
 timeout_s=${VUBD_LAB_TIMEOUT:-600}
 need_value() { [[ $2 -ge 2 ]] || usage_error "$1 needs a value"; }
@@ -70,6 +78,8 @@ while [[ $# -gt 0 ]]; do
         --ns-size) need_value "$1" $#; ns_mib=$2; shift 2 ;;
         --block-size) need_value "$1" $#; block_size=$2; shift 2 ;;
         --allow-host) need_value "$1" $#; allow_host=$2; shift 2 ;;
+        --resizable) resizable=1; shift ;;
+        --control) need_value "$1" $#; control=$2; shift 2 ;;
         --qmp) need_value "$1" $#; qmp=$2; shift 2 ;;
         --pidfile) need_value "$1" $#; pidfile=$2; shift 2 ;;
         --log) need_value "$1" $#; log=$2; shift 2 ;;
@@ -88,7 +98,7 @@ done
 build_initrd() {
     local guest=$lab/../tests/guest
     "$lab/build-initramfs.sh" --script "$guest/nvmet-target.sh" \
-        --add "$guest/lib.sh:/usr/lib/vubd-lab/lib.sh" --output "$1" ||
+        --add "$guest/lib.sh:/usr/lib/vubd-lab/lib.sh" --module loop --output "$1" ||
         die "cannot build the target's initramfs"
 }
 if [[ -n $build_only ]]; then
@@ -116,6 +126,8 @@ mem_mib=${BASH_REMATCH[1]}
 ((namespaces * ns_mib + 192 <= mem_mib)) ||
     usage_error "$namespaces namespace(s) of $ns_mib MiB do not fit in $memory of guest memory (192 MiB are kept for the kernel); raise --memory"
 [[ $qmp != *,* ]] || usage_error "--qmp: QEMU cannot take a path with a comma"
+[[ $resizable -eq 0 || $block_size == 512 ]] || usage_error "--resizable namespaces have 512-byte blocks"
+[[ $resizable -eq 0 || -n $control ]] || usage_error "--resizable needs --control (the port its commands come on)"
 
 workdir=''
 if [[ -z $initrd ]]; then
@@ -129,9 +141,11 @@ fi
 append="NVMET_NQN=$nqn NVMET_NAMESPACES=$namespaces NVMET_NS_MIB=$ns_mib"
 append+=" NVMET_BLOCK_SIZE=$block_size NVMET_TRSVCID=4420 NVMET_HOST_PORT=$port"
 [[ -z $allow_host ]] || append+=" NVMET_ALLOW_HOST=$allow_host"
+[[ $resizable -eq 0 ]] || append+=" NVMET_RESIZABLE=1"
 
 args=(--initrd "$initrd" --smp "$smp" --memory "$memory" --timeout "$timeout_s" --append "$append")
 [[ -z $log ]] || args+=(--log "$log")
+[[ -z $control ]] || args+=(--control "$control")
 [[ $echo_console -eq 1 ]] || args+=(--no-echo)
 [[ $dry_run -eq 0 ]] || args+=(--dry-run)
 # restrict=on: the guest reaches nothing outside; the forward still works.

@@ -107,6 +107,10 @@ fn two_namespaces_of_one_controller_are_served_as_two_devices_at_once() {
         1,
         "{vubd_lines:#?}"
     );
+    // QEMU's controller takes namespace notices (Set Features, Asynchronous Event
+    // Configuration) and keeps vubd's Asynchronous Event Request; vubd's thread that waits
+    // for it runs in its sandbox throughout.
+    assert_eq!(count("namespace_notices=true"), 2, "{vubd_lines:#?}");
     // In a run where both devices are attached at once (blkcheck connects both before either
     // is done, unless the guest is very slow to start one), the second device to attach a
     // queue on a poller joins the first device's channel there: both pollers, at least once.

@@ -3,6 +3,11 @@
 //! (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG) as QEMU expects it: acknowledged, then GET_CONFIG.
 //! The frontend is our own (`common/frontend.rs`), which keeps the backend channel; libblkio
 //! offers none.
+//!
+//! An NVMe/TCP namespace (the fake target's, `common/fake_target`) follows its controller:
+//! `device_resize` reads its size again, and the controller's namespace notice (an
+//! Asynchronous Event Request's completion) resizes the device alone, also after a
+//! reconnection.
 
 mod common;
 #[path = "common/frontend.rs"]
@@ -13,6 +18,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
+use common::fake_target::{FakeTarget, Options as TargetOptions};
 use common::{Image, TIMEOUT};
 use frontend::{BLOCK, BlkFrontend, Options, Request, SECTOR, STATUS_OK};
 use serde_json::{Value, json};
@@ -31,12 +37,16 @@ struct Node {
 
 impl Node {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// vubd with a control socket and `extra` arguments.
+    fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let control = dir.path().join("control.sock");
-        let daemon = Daemon::vubd_with_args(
-            &["--control-socket".as_ref(), control.as_os_str()] as &[&OsStr],
-            &control,
-        );
+        let mut args: Vec<&OsStr> = vec!["--control-socket".as_ref(), control.as_os_str()];
+        args.extend(extra.iter().map(OsStr::new));
+        let daemon = Daemon::vubd_with_args(&args, &control);
         Self {
             daemon,
             control,
@@ -236,4 +246,157 @@ fn a_device_resized_between_frontends_starts_at_its_new_size() {
             other => panic!("{params}: {other:?}"),
         }
     }
+}
+
+/// The fake target with a namespace of `size` bytes.
+fn target(size: u64, namespace_notices: bool) -> FakeTarget {
+    FakeTarget::start(TargetOptions {
+        ns_size: size,
+        namespace_notices,
+        ..TargetOptions::default()
+    })
+    .expect("fake target")
+}
+
+fn nvme_disk(t: &FakeTarget) -> String {
+    format!("nvme-tcp://{}/{}", t.addr(), t.nqn())
+}
+
+/// `device_resize` fails with an invalid-parameters error that says `why`.
+fn refused(node: &Node, params: Value, why: &str) {
+    match node.resize(params.clone()) {
+        Err(ClientError::Rpc(e)) => {
+            assert_eq!(e.code, jsonrpc::INVALID_PARAMS, "{params}");
+            assert!(e.message.contains(why), "{params}: {}", e.message);
+        }
+        other => panic!("{params}: {other:?}"),
+    }
+}
+
+/// The capacity `device_list` shows.
+fn listed(node: &Node, name: &str) -> Value {
+    node.call("device_list", json!({"name": name}))
+        .expect("list")[0]["capacity"]
+        .clone()
+}
+
+/// A controller that reports no namespace change: `device_resize` reads the size itself,
+/// takes growth, and shrinking only with `force`; a size of the caller's is refused.
+#[test]
+fn device_resize_reads_an_nvme_tcp_namespace_size_from_its_controller() {
+    let target = target(16 * MIB, false);
+    let node = Node::start();
+    let socket = node.add("t", &nvme_disk(&target));
+    let mut fe = BlkFrontend::connect(&socket, options()).expect("connect");
+    assert_eq!(fe.capacity(), 16 * MIB / SECTOR);
+    refused(
+        &node,
+        json!({"name": "t", "size": "32M"}),
+        "resize the namespace, then resize the device without a size",
+    );
+
+    target.resize_namespace(32 * MIB);
+    assert!(
+        !fe.config_notice(Duration::from_millis(300)).expect("read"),
+        "nothing told before device_resize"
+    );
+    assert_eq!(listed(&node, "t"), json!(16 * MIB));
+    assert_eq!(node.resize(json!({"name": "t"})).expect("follow"), 32 * MIB);
+    assert!(fe.config_notice(NOTICE_WAIT).expect("notice"));
+    assert_eq!(fe.config_capacity().expect("GET_CONFIG"), 32 * MIB / SECTOR);
+    let past_old_end = 16 * MIB / SECTOR + 8;
+    assert_eq!(
+        write_read(&mut fe, past_old_end, 10),
+        (STATUS_OK, STATUS_OK)
+    );
+
+    target.resize_namespace(8 * MIB);
+    refused(&node, json!({"name": "t"}), "force=true");
+    assert_eq!(listed(&node, "t"), json!(32 * MIB), "nothing changed");
+    let shrunk = node.resize(json!({"name": "t", "force": true}));
+    assert_eq!(shrunk.expect("forced"), 8 * MIB);
+    assert!(fe.config_notice(NOTICE_WAIT).expect("notice"));
+    assert_eq!(fe.config_capacity().expect("GET_CONFIG"), 8 * MIB / SECTOR);
+    assert_eq!(listed(&node, "t"), json!(8 * MIB));
+    let c = target.counters();
+    assert_eq!(
+        c.admin(0x0c),
+        0,
+        "no Asynchronous Event Request without notices"
+    );
+}
+
+/// A controller that reports namespace changes: growth reaches the frontend with no call
+/// (once per change: the request is sent again and the log page read, which lets the next
+/// notice come), also after the controller was lost and reconnected; a namespace that
+/// shrank waits for `device_resize` with `force`.
+#[test]
+fn an_nvme_tcp_namespace_notice_alone_resizes_the_device() {
+    let target = target(16 * MIB, true);
+    let node = Node::start_with(&["--reconnect-delay", "1", "--ctrl-loss-tmo", "60"]);
+    let socket = node.add("t", &nvme_disk(&target));
+    let mut fe = BlkFrontend::connect(&socket, options()).expect("connect");
+    assert_eq!(fe.capacity(), 16 * MIB / SECTOR);
+
+    let mut lba = 16 * MIB / SECTOR + 8;
+    for (step, size) in [48 * MIB, 64 * MIB].into_iter().enumerate() {
+        target.resize_namespace(size);
+        assert!(
+            fe.config_notice(NOTICE_WAIT).expect("notice"),
+            "growth to {size} told\n{}",
+            node.daemon.output()
+        );
+        assert_eq!(fe.config_capacity().expect("GET_CONFIG"), size / SECTOR);
+        assert_eq!(listed(&node, "t"), json!(size));
+        let tag = 10 * (step as u64 + 1);
+        assert_eq!(write_read(&mut fe, lba, tag), (STATUS_OK, STATUS_OK));
+        lba = size / SECTOR - 8;
+    }
+    let c = target.counters();
+    assert_eq!(
+        c.admin(0x0c),
+        3,
+        "one request outstanding, sent again after each"
+    );
+    assert_eq!(
+        c.admin(0x02),
+        2,
+        "the Changed Namespace List read once per notice"
+    );
+
+    // Shrinking is never taken without force: no notice to the frontend.
+    target.resize_namespace(32 * MIB);
+    assert!(
+        !fe.config_notice(Duration::from_millis(500)).expect("read"),
+        "a smaller namespace is not told"
+    );
+    assert_eq!(listed(&node, "t"), json!(64 * MIB));
+    let forced = node.resize(json!({"name": "t", "force": true}));
+    assert_eq!(forced.expect("forced"), 32 * MIB);
+    assert!(fe.config_notice(NOTICE_WAIT).expect("notice"));
+    assert_eq!(fe.config_capacity().expect("GET_CONFIG"), 32 * MIB / SECTOR);
+
+    // The controller goes and comes back: notices are enabled and requested again.
+    target.pause();
+    target.resume().expect("resume");
+    let deadline = Instant::now() + TIMEOUT;
+    while target.counters().admin(0x0c) < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "no Asynchronous Event Request after the reconnection\n{}",
+            node.daemon.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    target.resize_namespace(40 * MIB);
+    assert!(
+        fe.config_notice(NOTICE_WAIT).expect("notice"),
+        "growth after the reconnection told\n{}",
+        node.daemon.output()
+    );
+    assert_eq!(fe.config_capacity().expect("GET_CONFIG"), 40 * MIB / SECTOR);
+    assert_eq!(
+        write_read(&mut fe, 40 * MIB / SECTOR - 8, 50),
+        (STATUS_OK, STATUS_OK)
+    );
 }

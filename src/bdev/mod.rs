@@ -170,7 +170,29 @@ impl Disk {
         match self {
             Disk::File(d) => d.resize(req),
             Disk::Null(d) => d.resize(req),
-            Disk::NvmeTcp(_) | Disk::NvmePcie(_) => Err(capacity::ResizeError::Nvme),
+            Disk::NvmeTcp(d) => d.resize(req),
+            Disk::NvmePcie(d) => d.resize(req),
+        }
+    }
+
+    /// A file descriptor that becomes readable when the capacity changed without
+    /// [`Disk::resize`] (an NVMe namespace that grew, as its controller reported), for the
+    /// device's session to watch; `None` for a disk whose capacity changes only through it.
+    pub fn capacity_event(&self) -> Option<RawFd> {
+        match self {
+            Disk::NvmeTcp(d) => d.capacity_event(),
+            Disk::NvmePcie(d) => d.capacity_event(),
+            Disk::File(_) | Disk::Null(_) => None,
+        }
+    }
+
+    /// Acknowledges what [`Disk::capacity_event`] told; [`BlockDevice::info`] has the
+    /// capacity now.
+    pub fn clear_capacity_event(&self) {
+        match self {
+            Disk::NvmeTcp(d) => d.clear_capacity_event(),
+            Disk::NvmePcie(d) => d.clear_capacity_event(),
+            Disk::File(_) | Disk::Null(_) => {}
         }
     }
 

@@ -87,9 +87,11 @@ impl Methods {
                     .registry
                     .resize(&name, Resize { size, shrink })
                     .map_err(|e| match e {
-                        DeviceError::Resize(ResizeError::Io { .. } | ResizeError::Lock(_)) => {
-                            RpcError::failed(error_chain(&e))
-                        }
+                        DeviceError::Resize(
+                            ResizeError::Io { .. }
+                            | ResizeError::Lock(_)
+                            | ResizeError::Namespace(_),
+                        ) => RpcError::failed(error_chain(&e)),
                         e => RpcError::invalid_params(error_chain(&e)),
                     })?;
                 Ok(json!({"name": name, "capacity": capacity}))

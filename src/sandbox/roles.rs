@@ -263,6 +263,14 @@ const SESSION_OWN: &[Allow] = &[
     ),
     #[cfg(target_arch = "x86_64")]
     any(libc::SYS_unlink),
+    // A thread that a session thread starts (the resize notice's, from a relay thread) enters
+    // the session role itself: one more filter on the one it inherits, which can only narrow
+    // what the thread may.
+    arg_in(libc::SYS_prctl, 0, &[libc::PR_SET_NO_NEW_PRIVS as u64]),
+    when(
+        libc::SYS_seccomp,
+        &[&[eq(0, libc::SECCOMP_SET_MODE_FILTER as u64), eq(1, 0)]],
+    ),
 ];
 
 pub(super) const SESSION: &[&[Allow]] = &[

@@ -32,7 +32,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use tracing::Level;
 
-use crate::bdev::{Disk, GuestMemoryHook};
+use crate::bdev::{BlockDevice, Disk, GuestMemoryHook};
 use crate::limited;
 use crate::mem::fault::GuestRegions;
 use crate::mem::{DirtyLog, GuestMemoryAtomic};
@@ -183,12 +183,22 @@ impl BlkBackend {
         u16::try_from(self.shape.num_queues + 2).unwrap_or(u16::MAX)
     }
 
+    /// The relay-thread event of a capacity the disk changed on its own (an NVMe namespace
+    /// that grew).
+    fn capacity_event(&self) -> u16 {
+        u16::try_from(self.shape.num_queues + 3).unwrap_or(u16::MAX)
+    }
+
     /// The file descriptors and event ids the relay thread must watch: the memory sweep timer
-    /// (if it could be made) and the fault eventfd. Register them before the session starts.
+    /// (if it could be made), the fault eventfd and the disk's capacity eventfd (if it has
+    /// one). Register them before the session starts.
     pub fn listeners(&self) -> Vec<(RawFd, u64)> {
         let mut l = vec![(self.shared.faults.event_fd(), u64::from(self.fault_event()))];
         if let Some(t) = &self.sweep_timer {
             l.push((lock(t).as_raw_fd(), u64::from(self.sweep_event())));
+        }
+        if let Some(fd) = self.disk.capacity_event() {
+            l.push((fd, u64::from(self.capacity_event())));
         }
         l
     }
@@ -272,8 +282,9 @@ impl BlkBackend {
     }
 
     /// The device now has `capacity_bytes`: the requests' bounds and the configuration
-    /// space follow at once, and the frontend is told (see [`notice`]). Control path; never
-    /// call it from the session's protocol thread.
+    /// space follow at once, and the frontend is told (see [`notice`]). Control path or the
+    /// relay thread (a capacity the disk changed on its own); never call it from the
+    /// session's protocol thread.
     pub fn resize(&self, capacity_bytes: u64) {
         let sectors = capacity_bytes >> SECTOR_SHIFT;
         let old = self.shared.capacity_sectors.swap(sectors, Ordering::AcqRel);
@@ -763,6 +774,12 @@ impl VhostUserBackend for BlkBackend {
         if device_event == self.fault_event() {
             self.shared.faults.clear_event();
             self.close_on_fault(&lock(&self.shutdown));
+            return Ok(());
+        }
+        if device_event == self.capacity_event() {
+            // Cleared first: a change after the read below is told again.
+            self.disk.clear_capacity_event();
+            self.resize(self.disk.info().capacity_bytes);
             return Ok(());
         }
         let q = usize::from(device_event);

@@ -6,12 +6,14 @@
 //! QEMU handles the notice with a GET_CONFIG on the main channel from within its handler, and
 //! answers the notice (REPLY_ACK) only after that: so the notice never goes from the session's
 //! protocol thread, which must be free to answer the GET_CONFIG, and nothing GET_CONFIG needs
-//! is held while it waits. It goes from a thread of its own (`vubd-config-notice`), and the
-//! channel's socket timeouts bound a frontend that never answers. QEMU also ignores the notice
+//! is held while it waits. It goes from a thread of its own (`vubd-config-notice`). A frontend
+//! that keeps the channel open and never answers holds that thread (the socket timeouts do not
+//! bound it: the vhost crate receives again after a receive that timed out) until the session
+//! ends, which shuts the channel down first. QEMU also ignores the notice
 //! while the device has not started (the guest driver has not set it up), so a change made
 //! before then is told when a queue of the session starts.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -28,6 +30,9 @@ const NOTICE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(super) struct ConfigNotice {
     /// The channel, once the frontend gave it (SET_BACKEND_REQ_FD).
     channel: Mutex<Option<Backend>>,
+    /// A descriptor of the channel's socket of its own, to shut it down while a notice holds
+    /// the channel's lock.
+    socket: Mutex<Option<OwnedFd>>,
     /// A queue of the session has started: the frontend acts on a notice.
     started: AtomicBool,
     state: Mutex<Sender>,
@@ -81,6 +86,12 @@ impl ConfigNotice {
             if rc != 0 {
                 warn!(error = %std::io::Error::last_os_error(), "cannot bound the backend channel's waits");
             }
+        }
+        // SAFETY: `fd` is the channel's socket, open for this call (`channel` owns it).
+        let own = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned();
+        match own {
+            Ok(own) => *lock(&self.socket) = Some(own),
+            Err(e) => warn!(error = %e, "cannot keep a descriptor of the backend channel"),
         }
         *lock(&self.channel) = Some(channel);
     }
@@ -160,8 +171,14 @@ impl ConfigNotice {
         }
     }
 
-    /// The session ends: waits for a notice being sent (bounded by the channel's timeouts).
+    /// The session ends: a notice still being sent is abandoned (the channel is shut down, so
+    /// its send or the wait for its acknowledgement fails at once), then the sending thread is
+    /// joined.
     pub(super) fn finish(&self) {
+        if let Some(socket) = lock(&self.socket).as_ref() {
+            // SAFETY: shutdown(2) on a descriptor this owns; no memory is passed.
+            unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+        }
         let thread = lock(&self.state).thread.take();
         if let Some(t) = thread {
             let _ = t.join();
@@ -210,5 +227,26 @@ mod tests {
             "told at once"
         );
         notice.finish();
+    }
+
+    #[test]
+    fn the_session_ends_without_waiting_for_a_frontend_that_never_answers() {
+        let (ours, mut frontend) = UnixStream::pair().expect("pair");
+        let notice = Arc::new(ConfigNotice::default());
+        let channel = Backend::from_stream(ours);
+        // As with QEMU: each notice waits for the frontend's acknowledgement.
+        channel.set_reply_ack_flag(true);
+        notice.set_channel(channel);
+        notice.started(0);
+        notice.changed(0);
+        assert_eq!(next_code(&mut frontend, NOTICE_TIMEOUT), Some(2));
+        // The frontend keeps its end open and never answers.
+        let start = std::time::Instant::now();
+        notice.finish();
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "the end waited {:?}",
+            start.elapsed()
+        );
     }
 }

@@ -3,7 +3,8 @@
 //! the initiator connects to [`NvmetTarget::addr`] (127.0.0.1, forwarded by QEMU's user network
 //! to port 4420 in the guest). [`NvmetTarget::stop_guest`] and [`NvmetTarget::cont_guest`]
 //! pause and resume the whole guest over QMP: a target that stalls, or vanishes for a while.
-//! Dropping the target stops QEMU.
+//! With [`NvmetOptions::resizable`], [`NvmetTarget::resize_namespace`] changes a namespace's
+//! size in the guest, and nvmet tells its hosts. Dropping the target stops QEMU.
 //!
 //! The guest runs under TCG (no KVM), so it takes a few seconds to boot; start one target per
 //! test binary where possible and run the steps in one test. The target belongs to the thread
@@ -15,7 +16,9 @@
 
 use std::fmt::Write as _;
 use std::fs;
+use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -42,6 +45,9 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// whose lab cache is empty).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// How long the guest may take to resize a namespace and answer (TCG, a loaded machine).
+const RESIZE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How often to retry with another port when QEMU cannot forward the one picked (another
 /// process took it between the pick and QEMU's bind).
 const PORT_ATTEMPTS: usize = 3;
@@ -59,6 +65,9 @@ pub struct NvmetOptions {
     pub block_size: u32,
     /// `Some(nqn)`: only this host NQN may connect; `None`: any host may.
     pub allow_host: Option<String>,
+    /// Namespaces that can change size ([`NvmetTarget::resize_namespace`]): loop devices over
+    /// files in the guest's memory instead of null_blk devices; 512-byte blocks only.
+    pub resizable: bool,
     /// Guest memory in MiB; the script's default (512) when `None`. The namespaces live in it.
     pub memory_mib: Option<u64>,
     /// Upper bound of the guest's life, boot included: QEMU is stopped after it even if the
@@ -74,6 +83,7 @@ impl Default for NvmetOptions {
             ns_size_mib: 64,
             block_size: 512,
             allow_host: None,
+            resizable: false,
             memory_mib: None,
             lifetime: Duration::from_secs(600),
         }
@@ -92,6 +102,8 @@ pub struct NvmetTarget {
     ready_line: String,
     /// Time from spawning the script to the ready line.
     boot_time: Duration,
+    /// The guest's second serial port, for resizable namespaces.
+    control: Option<UnixStream>,
     /// Holds the console log, the script's output, the QMP socket and QEMU's pid file.
     dir: TempDir,
 }
@@ -226,6 +238,11 @@ impl NvmetTarget {
         if let Some(mib) = options.memory_mib {
             cmd.args(["--memory", &format!("{mib}M")]);
         }
+        if options.resizable {
+            cmd.arg("--resizable")
+                .arg("--control")
+                .arg(dir.path().join("control.sock"));
+        }
         stop_with_parent_thread(&mut cmd);
         let started = Instant::now();
         let child = cmd
@@ -240,11 +257,24 @@ impl NvmetTarget {
             options: options.clone(),
             ready_line: String::new(),
             boot_time: Duration::ZERO,
+            control: None,
             dir,
         };
         target.ready_line = target.wait_ready()?;
         target.boot_time = started.elapsed();
         target.check_ready_line();
+        if options.resizable {
+            // QEMU listens from its start; the guest reads the port before its ready line.
+            let path = target.dir.path().join("control.sock");
+            let stream = UnixStream::connect(&path).map_err(|e| {
+                StartError::Failed(format!(
+                    "connect {}: {e}\n{}",
+                    path.display(),
+                    target.logs()
+                ))
+            })?;
+            target.control = Some(stream);
+        }
         Ok(target)
     }
 
@@ -361,6 +391,43 @@ impl NvmetTarget {
     pub fn assert_running(&mut self) {
         if let Some(status) = self.child.try_wait().expect("poll nvmet-target.sh") {
             panic!("the nvmet guest ended with {status}\n{}", self.logs());
+        }
+    }
+
+    /// Changes namespace `nsid`'s size to `mib` MiB in the guest (its file and loop device)
+    /// and has nvmet take it (`revalidate_size`), which sends its hosts a namespace attribute
+    /// notice; returns once the guest says it is done. Only with [`NvmetOptions::resizable`].
+    pub fn resize_namespace(&mut self, nsid: u32, mib: u64) {
+        let done = format!("NVMET-RESIZED nsid={nsid} mib={mib}");
+        let before = self.console().matches(&done).count();
+        let failures = self.console().matches("nvmet: FAIL").count();
+        let control = self
+            .control
+            .as_mut()
+            .expect("resize_namespace needs NvmetOptions::resizable");
+        control
+            .write_all(format!("resize {nsid} {mib}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("tell the guest to resize: {e}"));
+        let deadline = Instant::now() + RESIZE_TIMEOUT;
+        loop {
+            let console = self.console();
+            // Whole lines only: QEMU may be in the middle of writing the last one.
+            let whole = &console[..console.rfind('\n').map_or(0, |n| n + 1)];
+            if whole.matches(&done).count() > before {
+                return;
+            }
+            assert!(
+                whole.matches("nvmet: FAIL").count() == failures,
+                "the guest could not resize namespace {nsid}\n{}",
+                self.logs()
+            );
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "no {done:?} within {RESIZE_TIMEOUT:?}\n{}",
+                self.logs()
+            );
+            thread::sleep(Duration::from_millis(50));
         }
     }
 

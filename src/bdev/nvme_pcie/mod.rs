@@ -12,12 +12,17 @@
 //!   one admin queue, and on each poller one I/O queue pair for all of them (the poller shares
 //!   the channel between devices whose [`NvmePcieDevice::controller_key`] is the same, and each
 //!   operation carries its device's [`Namespace`]).
+//! - A namespace's capacity follows its controller: `device_resize` reads its size again
+//!   ([`NvmePcieDevice::resize`]), and a thread per controller answers its namespace notices
+//!   (`events`).
 
 mod channel;
 mod dma;
+mod events;
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -26,6 +31,8 @@ use tracing::info;
 
 pub use self::channel::NvmePcieChannel;
 pub use self::dma::GuestDma;
+use self::events::Watch;
+use super::capacity::{Capacity, Resize, ResizeError};
 use super::nvme_ops::{Namespace, lba_shift_of};
 use super::{BlockDevice, DeviceInfo};
 use crate::nvme::pcie::{PcieController, PcieError, PcieOptions};
@@ -55,6 +62,12 @@ pub enum NvmePcieError {
     Pcie(#[from] PcieError),
     #[error("namespace {nsid} uses {ms} bytes of metadata per block, which vubd cannot serve")]
     Metadata { nsid: u32, ms: u16 },
+    #[error("cannot create the namespace's capacity eventfd")]
+    EventFd(#[source] io::Error),
+    #[error("cannot start the thread of the controller's asynchronous events")]
+    Thread(#[source] io::Error),
+    #[error("namespace {nsid} now has a different {what}")]
+    NamespaceChanged { nsid: u32, what: &'static str },
 }
 
 /// What the channels need to know of the namespace; fixed for the device's lifetime.
@@ -86,22 +99,24 @@ impl Geometry {
 pub struct NvmePcieDevice {
     ctrl: Arc<PcieController>,
     geo: Geometry,
+    /// What the device is, but for its capacity.
     info: DeviceInfo,
+    capacity: Arc<Capacity>,
     serial: String,
 }
 
-/// The controllers open, by PCI address: devices on namespaces of one controller share it.
-/// Held weakly: a controller closes when its last device goes, and the next device on it
-/// opens it again.
+/// The controllers open, by PCI address: devices on namespaces of one controller share it
+/// (and the namespaces whose notices it answers). Held weakly: a controller closes when its
+/// last device goes, and the next device on it opens it again.
 #[derive(Debug, Default)]
-pub struct Controllers(HashMap<String, Weak<PcieController>>);
+pub struct Controllers(HashMap<String, (Weak<PcieController>, Arc<Watch>)>);
 
 impl Controllers {
     /// Every controller still open, with its PCI address.
     pub fn iter(&self) -> impl Iterator<Item = (&str, Arc<PcieController>)> {
         self.0
             .iter()
-            .filter_map(|(bdf, c)| Some((bdf.as_str(), c.upgrade()?)))
+            .filter_map(|(bdf, (c, _))| Some((bdf.as_str(), c.upgrade()?)))
     }
 }
 
@@ -110,10 +125,13 @@ impl NvmePcieDevice {
     /// namespace; blocking, for startup. The first device of a controller sets its options
     /// (`interrupts`, `io_timeout`).
     pub fn open(cfg: &NvmePcieConfig, ctrls: &mut Controllers) -> Result<Self, NvmePcieError> {
-        let open = ctrls.0.get(&cfg.bdf).and_then(Weak::upgrade);
+        let open = ctrls
+            .0
+            .get(&cfg.bdf)
+            .and_then(|(c, w)| Some((c.upgrade()?, w.clone())));
         let shared = open.is_some();
-        let ctrl = match open {
-            Some(c) => c,
+        let (ctrl, watch) = match open {
+            Some(open) => open,
             None => {
                 let opts = PcieOptions {
                     io_timeout: cfg.io_timeout,
@@ -121,8 +139,11 @@ impl NvmePcieDevice {
                     ..PcieOptions::default()
                 };
                 let c = PcieController::open(&cfg.bdf, &opts)?;
-                ctrls.0.insert(cfg.bdf.clone(), Arc::downgrade(&c));
-                c
+                let watch = Watch::start(&c).map_err(NvmePcieError::Thread)?;
+                ctrls
+                    .0
+                    .insert(cfg.bdf.clone(), (Arc::downgrade(&c), watch.clone()));
+                (c, watch)
             }
         };
         let ns = ctrl.namespace(cfg.nsid)?;
@@ -152,6 +173,7 @@ impl NvmePcieDevice {
             msix_vectors = ctrl.vectors(),
             deallocated_reads = ns.deallocated_read().as_str(),
             write_zeroes_unmaps = info.write_zeroes_unmaps,
+            namespace_notices = ctrl.namespace_notices(),
             "{}",
             if shared {
                 "NVMe controller shared with another device"
@@ -159,12 +181,47 @@ impl NvmePcieDevice {
                 "NVMe controller opened"
             }
         );
+        let capacity =
+            Arc::new(Capacity::watched(info.capacity_bytes).map_err(NvmePcieError::EventFd)?);
+        watch.add(cfg.nsid, lba_shift, &capacity);
         Ok(Self {
             serial: id.sn.clone(),
             ctrl,
             geo,
             info,
+            capacity,
         })
+    }
+
+    /// The capacity follows the namespace's size, read again with Identify Namespace on the
+    /// controller's admin queue; a smaller one only if `req.shrink`. A size of the caller's is
+    /// refused: the namespace's is its controller's. Returns the new capacity in bytes.
+    /// Blocking (one admin command), for the control path.
+    pub fn resize(&self, req: Resize) -> Result<u64, ResizeError> {
+        if req.size.is_some() {
+            return Err(ResizeError::Nvme);
+        }
+        let to = namespace_size(&self.ctrl, self.geo.nsid, self.geo.lba_shift)
+            .map_err(|e| ResizeError::Namespace(Arc::new(e)))?;
+        self.capacity
+            .check(to, self.info.logical_block_size, req.shrink)?;
+        self.capacity.set(to);
+        info!(
+            bdf = self.ctrl.bdf(),
+            nsid = self.geo.nsid,
+            size = to,
+            "NVMe namespace resized"
+        );
+        Ok(to)
+    }
+
+    /// Readable when the capacity changed without `device_resize` (see [`Capacity`]).
+    pub fn capacity_event(&self) -> Option<RawFd> {
+        self.capacity.event_fd()
+    }
+
+    pub fn clear_capacity_event(&self) {
+        self.capacity.clear_event();
     }
 
     /// The controller's serial number.
@@ -191,11 +248,27 @@ impl NvmePcieDevice {
     }
 }
 
+/// The size in bytes of namespace `nsid` of `ctrl` now (Identify Namespace), which must still
+/// have blocks of `1 << lba_shift` bytes.
+fn namespace_size(ctrl: &PcieController, nsid: u32, lba_shift: u32) -> Result<u64, NvmePcieError> {
+    let ns = ctrl.namespace(nsid)?;
+    let changed = |what| NvmePcieError::NamespaceChanged { nsid, what };
+    if ns.block_size().trailing_zeros() != lba_shift {
+        return Err(changed("block size"));
+    }
+    ns.nsze
+        .checked_mul(1 << lba_shift)
+        .ok_or_else(|| changed("size (too large)"))
+}
+
 impl BlockDevice for NvmePcieDevice {
     type Channel = NvmePcieChannel;
 
     fn info(&self) -> DeviceInfo {
-        self.info
+        DeviceInfo {
+            capacity_bytes: self.capacity.bytes(),
+            ..self.info
+        }
     }
 
     /// Creates an I/O queue pair for the calling poller.

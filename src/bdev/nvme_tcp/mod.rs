@@ -9,6 +9,11 @@
 //!   connection). Connections travel between the supervisor and the channels through a
 //!   per-queue hand-off slot: only the reconnection path takes its lock.
 //!
+//! - The namespace's capacity follows its controller: the supervisor keeps an Asynchronous
+//!   Event Request outstanding on the admin queue and, when the controller reports that the
+//!   namespace changed, reads its size again (`supervisor`); `device_resize` asks the
+//!   supervisor to read it ([`NvmeTcpDevice::resize`]), since the admin queue is its alone.
+//!
 //! After a fault, the commands in flight stay in their queues and are sent again on the new
 //! connections, so the guest sees no error, until `ctrl_loss_tmo` passes: then the channels
 //! fail them and fail new requests at once, until the supervisor brings the controller back.
@@ -19,8 +24,9 @@ mod channel;
 mod supervisor;
 
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,7 +35,8 @@ use tracing::info;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use self::channel::NvmeTcpChannel;
-use self::supervisor::Supervisor;
+use self::supervisor::{SizeAnswer, Supervisor};
+use super::capacity::{Capacity, Resize, ResizeError};
 use super::nvme_ops::{Namespace, lba_shift_of};
 use super::{BlockDevice, DeviceInfo};
 use crate::nvme::split::max_rw_blocks;
@@ -126,6 +133,10 @@ struct Shared {
     stopping: AtomicBool,
     /// One entry per I/O queue (QID = index + 1).
     queues: Vec<Arc<QueueShared>>,
+    /// The namespace's capacity: the supervisor changes it when the namespace grew.
+    capacity: Capacity,
+    /// The control path's questions for the namespace's size, which the supervisor answers.
+    size_asks: Mutex<Vec<mpsc::Sender<SizeAnswer>>>,
 }
 
 impl Shared {
@@ -265,6 +276,8 @@ impl NvmeTcpDevice {
             reset_requested: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             queues,
+            capacity: Capacity::watched(info.capacity_bytes).map_err(NvmeTcpError::Thread)?,
+            size_asks: Mutex::new(Vec::new()),
         });
         // Every I/O queue is connected now, so that a target that refuses them is reported
         // at startup rather than at the guest's first request.
@@ -301,13 +314,55 @@ impl NvmeTcpDevice {
     pub fn serial(&self) -> &str {
         &self.serial
     }
+
+    /// The capacity follows the namespace's size, which the supervisor reads again through
+    /// the admin queue; a smaller one only if `req.shrink`. A size of the caller's is refused:
+    /// the namespace's is its controller's. Returns the new capacity in bytes. Blocking, for
+    /// the control path: at most about twice the I/O timeout.
+    pub fn resize(&self, req: Resize) -> Result<u64, ResizeError> {
+        if req.size.is_some() {
+            return Err(ResizeError::Nvme);
+        }
+        let (tx, rx) = mpsc::channel();
+        lock(&self.shared.size_asks).push(tx);
+        let _ = self.shared.wake.write(1);
+        let wait = Duration::from_millis(2 * self.shared.geo.io_timeout_ms) + SIZE_ASK_SLACK;
+        let to = rx
+            .recv_timeout(wait)
+            .map_err(|_| ResizeError::Namespace(Arc::new(supervisor::NoAnswer(wait))))?
+            .map_err(ResizeError::Namespace)?;
+        let capacity = &self.shared.capacity;
+        capacity.check(to, self.info.logical_block_size, req.shrink)?;
+        capacity.set(to);
+        info!(
+            nsid = self.shared.geo.nsid,
+            size = to,
+            "NVMe/TCP namespace resized"
+        );
+        Ok(to)
+    }
+
+    /// Readable when the capacity changed without `device_resize` (see [`Capacity`]).
+    pub fn capacity_event(&self) -> Option<RawFd> {
+        self.shared.capacity.event_fd()
+    }
+
+    pub fn clear_capacity_event(&self) {
+        self.shared.capacity.clear_event();
+    }
 }
+
+/// What the control path waits for the supervisor beyond its admin commands.
+const SIZE_ASK_SLACK: Duration = Duration::from_secs(1);
 
 impl BlockDevice for NvmeTcpDevice {
     type Channel = NvmeTcpChannel;
 
     fn info(&self) -> DeviceInfo {
-        self.info
+        DeviceInfo {
+            capacity_bytes: self.shared.capacity.bytes(),
+            ..self.info
+        }
     }
 
     /// Claims a free I/O queue for the calling poller.

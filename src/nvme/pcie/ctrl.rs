@@ -14,11 +14,17 @@
 //! belongs to the admin queue, which stays polled. MSI-X state is PCI configuration, which a
 //! controller reset (CC.EN) leaves alone: the vectors stay enabled across resets.
 //!
+//! **Asynchronous events** (`events`): namespace notices are enabled and one Asynchronous
+//! Event Request stays outstanding on the admin queue; [`PcieController::namespace_changes`]
+//! answers its completion.
+//!
 //! **Resets.** [`PcieController::reset`] disables and re-enables the controller, which
 //! deletes every I/O queue. Each reset adds one to [`PcieController::generation`]; a queue
 //! created in an earlier generation reports [`PcieError::QueueLost`] from `poll`, hands its
 //! commands back with [`PcieIoQueue::drain`] and is dropped (its QID goes back to the pool
 //! without Delete commands); the owner then creates a new queue and resubmits.
+
+mod events;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -28,6 +34,7 @@ use std::time::{Duration, Instant};
 use super::abort::AbortOutcome;
 use super::error::PcieError;
 use super::io::PcieIoQueue;
+use super::qid_pool::QidPool;
 use super::regs::{Aqa, cq_head_doorbell, offset, sq_tail_doorbell};
 use super::ring::{DmaCq, DmaSq};
 use super::sgl::SglAlign;
@@ -86,6 +93,9 @@ struct Admin {
     /// Sequence number of the next command; a completion for an earlier one (that timed out)
     /// is dropped.
     seq: u64,
+    /// Namespace Attribute Notices are enabled.
+    notices: bool,
+    aer: events::AerSlot,
 }
 
 impl Admin {
@@ -111,40 +121,13 @@ impl Admin {
             mem,
             page,
             seq: 0,
+            notices: false,
+            aer: events::AerSlot::default(),
         })
     }
 
     fn data_iova(&self) -> u64 {
         self.mem.iova() + 2 * self.page as u64
-    }
-}
-
-/// Queue identifiers 1..=granted, lowest free first.
-#[derive(Debug)]
-pub(super) struct QidPool {
-    used: Vec<bool>,
-}
-
-impl QidPool {
-    pub(super) fn new(granted: u16) -> Self {
-        QidPool {
-            used: vec![false; usize::from(granted)],
-        }
-    }
-
-    pub(super) fn alloc(&mut self) -> Option<u16> {
-        let i = self.used.iter().position(|u| !u)?;
-        self.used[i] = true;
-        u16::try_from(i + 1).ok()
-    }
-
-    pub(super) fn free(&mut self, qid: u16) {
-        if let Some(u) = usize::from(qid)
-            .checked_sub(1)
-            .and_then(|i| self.used.get_mut(i))
-        {
-            *u = false;
-        }
     }
 }
 
@@ -259,6 +242,7 @@ impl PcieController {
                     source,
                 })?;
             ctrl.granted = ctrl.ask_queues(&mut a)?;
+            ctrl.start_notices(&mut a);
         }
         ctrl.max_transfer = ctrl
             .identify
@@ -535,6 +519,7 @@ impl PcieController {
         }
         self.enable(a)?;
         let granted = self.ask_queues(a)?;
+        self.start_notices(a);
         if granted < self.granted {
             tracing::warn!(
                 "{}: {granted} I/O queues granted after the reset, {} before",
@@ -711,9 +696,12 @@ impl PcieController {
         }
         loop {
             let mut got = None;
+            let aer = &mut a.aer;
             let polled = a.qp.poll(usize::from(ADMIN_ENTRIES), |s, cqe| {
                 if s == seq {
                     got = Some(cqe);
+                } else {
+                    aer.complete(s, cqe);
                 }
             });
             if let Some(v) = a.qp.take_cq_doorbell() {

@@ -46,6 +46,7 @@ pub mod error;
 pub mod io;
 pub mod layout;
 pub mod prp;
+mod qid_pool;
 pub mod queue;
 pub mod regs;
 pub mod ring;

@@ -22,6 +22,7 @@ pub mod admin_opc {
     pub const ABORT: u8 = 0x08;
     pub const SET_FEATURES: u8 = 0x09;
     pub const GET_FEATURES: u8 = 0x0a;
+    pub const ASYNC_EVENT_REQUEST: u8 = 0x0c;
     pub const KEEP_ALIVE: u8 = 0x18;
     /// Fabrics commands share one opcode and differ by FCTYPE (Fabrics 1.1 §6).
     pub const FABRICS: u8 = 0x7f;
@@ -36,8 +37,12 @@ pub mod fabrics_type {
 
 /// Feature identifier: Number of Queues (Base 2.0 §5.27.1.5).
 pub const FID_NUMBER_OF_QUEUES: u8 = 0x07;
+/// Feature identifier: Asynchronous Event Configuration (Base 2.0 §5.27.1.7).
+pub const FID_ASYNC_EVENT_CONFIG: u8 = 0x0b;
 /// Feature identifier: Keep Alive Timer (Base 2.0 §5.27.1.12).
 pub const FID_KEEP_ALIVE_TIMER: u8 = 0x0f;
+/// Log page identifier: Changed Namespace List (Base 2.0 §5.16.1.5).
+pub const LID_CHANGED_NAMESPACES: u8 = 0x04;
 /// Log page identifier: Discovery (Base 2.0 §5.16.1.23).
 pub const LID_DISCOVERY: u8 = 0x70;
 
@@ -291,6 +296,28 @@ impl Sqe {
         let mut s = Sqe::new(admin_opc::GET_FEATURES);
         s.put32(CDW10, u32::from(fid));
         s
+    }
+
+    /// Set Features, Asynchronous Event Configuration (Base 2.0 §5.27.1.7): `aec` is CDW11,
+    /// one bit per kind of event the controller may report.
+    pub fn set_async_event_config(aec: u32) -> Sqe {
+        let mut s = Sqe::new(admin_opc::SET_FEATURES);
+        s.put32(CDW10, u32::from(FID_ASYNC_EVENT_CONFIG));
+        s.put32(CDW11, aec);
+        s
+    }
+
+    /// Asynchronous Event Request (Base 2.0 §5.2): no data, no time limit; it completes when
+    /// the controller has an event to report.
+    pub fn async_event_request() -> Sqe {
+        Sqe::new(admin_opc::ASYNC_EVENT_REQUEST)
+    }
+
+    /// Get Log Page, Changed Namespace List (Base 2.0 §5.16.1.5): the whole 4096-byte list,
+    /// for every namespace, Retain Asynchronous Event clear, so that reading it also clears
+    /// the event that pointed to it.
+    pub fn changed_namespaces_log() -> Sqe {
+        Sqe::get_log_page(LID_CHANGED_NAMESPACES, 1023, 0).with_nsid(u32::MAX)
     }
 
     /// Keep Alive (Base 2.0 §5.25).

@@ -76,6 +76,8 @@ pub struct IdentifyController {
     pub cntlid: u16,
     pub ver: Version,
     pub cntrltype: ControllerType,
+    /// Optional Asynchronous Events Supported (bit 8: Namespace Attribute Notices).
+    pub oaes: u32,
     /// Keep Alive Support: granularity in 100 ms units, 0 if keep alive is not supported.
     pub kas: u16,
     /// Maximum outstanding commands (fabrics); 0 if not reported.
@@ -109,6 +111,7 @@ impl IdentifyController {
             cntlid: le16(b, 78),
             ver: Version(le32(b, 80)),
             cntrltype: ControllerType::from_raw(byte(b, 111)),
+            oaes: le32(b, 92),
             kas: le16(b, 320),
             maxcmd: le16(b, 514),
             nn: le32(b, 516),

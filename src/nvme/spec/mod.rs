@@ -9,6 +9,7 @@
 mod cmd;
 mod cqe;
 mod discovery;
+mod events;
 mod fabrics;
 mod identify;
 mod nqn;
@@ -18,13 +19,16 @@ mod regs;
 mod tests;
 
 pub use cmd::{
-    Cns, DsmRange, FID_KEEP_ALIVE_TIMER, FID_NUMBER_OF_QUEUES, LID_DISCOVERY, Sgl, Sqe, admin_opc,
-    fabrics_type, io_opc,
+    Cns, DsmRange, FID_ASYNC_EVENT_CONFIG, FID_KEEP_ALIVE_TIMER, FID_NUMBER_OF_QUEUES,
+    LID_CHANGED_NAMESPACES, LID_DISCOVERY, Sgl, Sqe, admin_opc, fabrics_type, io_opc,
 };
 pub use cqe::{Cqe, InvalidParameter, Status, sc, sct};
 pub use discovery::{
     DISCOVERY_ENTRY_LEN, DISCOVERY_HEADER_LEN, DiscoveryEntry, DiscoveryHeader, DiscoveryLog,
     TRTYPE_TCP,
+};
+pub use events::{
+    AEC_NAMESPACE_ATTRIBUTE, AsyncEvent, AsyncEventType, CHANGED_NAMESPACES_LEN, ChangedNamespaces,
 };
 pub use fabrics::{CNTLID_DYNAMIC, CONNECT_DATA_LEN, ConnectData};
 pub use identify::{

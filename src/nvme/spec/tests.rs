@@ -97,6 +97,83 @@ fn get_log_page_splits_numd_and_offset() {
 }
 
 #[test]
+fn async_event_commands_follow_figures_144_and_322() {
+    let r = Sqe::async_event_request();
+    assert_eq!(r.opcode(), 0x0c);
+    assert!((1..16).all(|n| r.cdw(n) == 0), "no parameters");
+    let c = Sqe::set_async_event_config(AEC_NAMESPACE_ATTRIBUTE);
+    assert_eq!(
+        (c.opcode(), c.cdw(10), c.cdw(11)),
+        (admin_opc::SET_FEATURES, 0x0b, 0x100)
+    );
+    let l = Sqe::changed_namespaces_log();
+    assert_eq!(l.opcode(), admin_opc::GET_LOG_PAGE);
+    // LID 04h, NUMDL 1023 (4096 bytes), RAE (bit 15) clear: the read clears the event.
+    assert_eq!((l.cdw(10), l.cdw(11), l.cdw(12)), (0x03ff_0004, 0, 0));
+    assert_eq!(l.nsid(), 0xffff_ffff);
+}
+
+#[test]
+fn async_event_completions_decode_figure_146() {
+    // Notice (2), Namespace Attribute Changed (0), log page 04h: what nvmet sends.
+    let ns = AsyncEvent::from_dw0(0x0004_0002);
+    assert_eq!(ns, AsyncEvent::NAMESPACE_CHANGED);
+    assert!(ns.namespace_changed());
+    assert_eq!(ns.dw0(), 0x0004_0002);
+    // A firmware activation notice and a SMART event are not namespace changes.
+    let fw = AsyncEvent::from_dw0(0x0003_0102);
+    assert_eq!(
+        (fw.kind, fw.info, fw.log_page),
+        (AsyncEventType::Notice, 1, 3)
+    );
+    assert!(!fw.namespace_changed());
+    let health = AsyncEvent::from_dw0(0x0002_0001);
+    assert_eq!(health.kind, AsyncEventType::Health);
+    assert!(!health.namespace_changed());
+    assert_eq!(
+        AsyncEvent::from_dw0(0xffff_ff05).kind,
+        AsyncEventType::Reserved(5)
+    );
+    for dw0 in [0x0004_0002, 0x0003_0102, 0x00ca_fe07, 0x0000_0006] {
+        assert_eq!(AsyncEvent::from_dw0(dw0).dw0(), dw0, "{dw0:#x}");
+    }
+}
+
+#[test]
+fn changed_namespace_list_stops_at_zero_and_knows_overflow() {
+    let mut b = vec![0u8; CHANGED_NAMESPACES_LEN];
+    assert_eq!(
+        ChangedNamespaces::parse(&b),
+        Ok(ChangedNamespaces::Listed(vec![]))
+    );
+    put(&mut b, 0, &3u32.to_le_bytes());
+    put(&mut b, 4, &1u32.to_le_bytes());
+    put(&mut b, 12, &9u32.to_le_bytes());
+    let list = ChangedNamespaces::parse(&b).unwrap();
+    assert_eq!(list, ChangedNamespaces::Listed(vec![3, 1]));
+    assert!(list.contains(1) && list.contains(3));
+    assert!(!list.contains(9), "after the terminating zero");
+    let mut full = vec![0u8; CHANGED_NAMESPACES_LEN];
+    for (i, id) in full.chunks_mut(4).enumerate() {
+        id.copy_from_slice(&(i as u32 + 1).to_le_bytes());
+    }
+    let all = ChangedNamespaces::parse(&full).unwrap();
+    assert!(all.contains(1024) && !all.contains(1025), "1024 entries");
+    put(&mut b, 0, &u32::MAX.to_le_bytes());
+    let over = ChangedNamespaces::parse(&b).unwrap();
+    assert_eq!(over, ChangedNamespaces::Overflow);
+    assert!(over.contains(77), "any namespace may have changed");
+    assert_eq!(
+        ChangedNamespaces::parse(&b[..4092]),
+        Err(SpecError::Short {
+            what: "changed namespace list",
+            need: 4096,
+            got: 4092
+        })
+    );
+}
+
+#[test]
 fn fabrics_commands_follow_figures_19_to_23() {
     let c = Sqe::connect(1, 127, 0, 15_000);
     let b = c.as_bytes();
@@ -270,6 +347,7 @@ fn identify_controller_fields_come_from_figure_275_offsets() {
     b[77] = 5;
     put(&mut b, 78, &0x11u16.to_le_bytes());
     put(&mut b, 80, &0x0002_0000u32.to_le_bytes());
+    put(&mut b, 92, &0x0000_0900u32.to_le_bytes());
     b[111] = 1;
     put(&mut b, 320, &100u16.to_le_bytes());
     put(&mut b, 514, &128u16.to_le_bytes());
@@ -295,6 +373,8 @@ fn identify_controller_fields_come_from_figure_275_offsets() {
         (ControllerType::Io, 100, 128, 1024)
     );
     assert!(c.oncs.dsm() && c.oncs.write_zeroes() && c.vwc);
+    assert_eq!(c.oaes, 0x900);
+    assert_ne!(c.oaes & AEC_NAMESPACE_ATTRIBUTE, 0);
     assert!(c.sgls.supported() && c.sgls.offset_addressing() && c.sgls.transport_data_block());
     assert_eq!(c.subnqn, "nqn.2014-08.org.example:sub");
     assert_eq!((c.ioccsz, c.iorcsz, c.icdoff, c.msdbd), (260, 1, 0, 1));
@@ -625,6 +705,7 @@ proptest::proptest! {
         let _ = IdentifyController::parse(&buf);
         let _ = IdentifyNamespace::parse(&buf);
         let _ = ActiveNamespaces::parse(&buf);
+        let _ = ChangedNamespaces::parse(&buf);
         let _ = DiscoveryLog::parse(&buf).map(|l| l.to_string());
         let _ = Nqn::new(&String::from_utf8_lossy(&buf));
     }

@@ -31,6 +31,8 @@ const TX_HIGH: usize = 1 << 20;
 const MAX_BUFFERED: u32 = 64 * 1024;
 /// How long a closing connection keeps reading so that its last PDUs are not lost to a reset.
 const LINGER: Duration = Duration::from_secs(1);
+/// How often an admin queue that holds Asynchronous Event Requests looks for an event.
+const EVENT_POLL: Duration = Duration::from_millis(20);
 
 /// Why a connection ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,6 +176,7 @@ impl Engine {
     fn run(&mut self, rx: &mut RxBuf) -> io::Result<Close> {
         loop {
             self.handle_buffered(rx);
+            self.deliver_notice();
             self.send()?;
             if let Some(close) = self.close {
                 return Ok(close);
@@ -209,22 +212,47 @@ impl Engine {
     }
 
     /// On a live admin queue with a keep alive timeout, bounds the next read by what is left
-    /// of it; false once it expired (Fabrics 1.1 §7.4.2: no command within KATO).
+    /// of it; false once it expired (Fabrics 1.1 §7.4.2: no command within KATO). While
+    /// Asynchronous Event Requests are held, by [`EVENT_POLL`] too.
     fn arm_keep_alive(&mut self) -> io::Result<bool> {
         let Some(q) = &self.queue else {
             return Ok(true);
         };
         let kato = q.ctrl.kato_ms.load(Ordering::SeqCst);
-        if q.qid != 0 || kato == 0 {
+        if q.qid != 0 {
             return Ok(true);
         }
-        let left = Duration::from_millis(kato.into()).checked_sub(self.last_admin.elapsed());
-        match left {
-            Some(left) if !left.is_zero() => {
-                self.stream.set_read_timeout(Some(left))?;
-                Ok(true)
+        let events = q.ctrl.holds_event_requests().then_some(EVENT_POLL);
+        let left = if kato == 0 {
+            None
+        } else {
+            match Duration::from_millis(kato.into()).checked_sub(self.last_admin.elapsed()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return Ok(false),
             }
-            _ => Ok(false),
+        };
+        let bound = match (left, events) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if bound.is_some() {
+            self.stream.set_read_timeout(bound)?;
+        }
+        Ok(true)
+    }
+
+    /// Completes a held Asynchronous Event Request with the namespace notice, if one waits.
+    fn deliver_notice(&mut self) {
+        let Some(ctrl) = self
+            .queue
+            .as_ref()
+            .filter(|q| q.qid == 0)
+            .map(|q| Arc::clone(&q.ctrl))
+        else {
+            return;
+        };
+        if let Some(cid) = ctrl.take_notice() {
+            self.complete(cid, ctrl::notice());
         }
     }
 

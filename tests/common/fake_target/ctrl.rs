@@ -1,24 +1,32 @@
 //! Controllers (dynamic controller model, NVMe over Fabrics 1.1 §4.1): Fabrics Connect,
 //! properties, and the admin commands of an NVM subsystem and of the discovery subsystem.
+//!
+//! Asynchronous events as the Linux target reports a namespace change: Asynchronous Event
+//! Requests are held (up to [`AERL`] + 1); a change of the namespace, if the host enabled
+//! namespace attribute notices, completes one with the notice, or the next one sent; no other
+//! notice follows until the host reads the Changed Namespace List, which then names the
+//! namespace once.
 
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vubd::nvme::spec::{
-    CNTLID_DYNAMIC, CONNECT_DATA_LEN, DISCOVERY_ENTRY_LEN, DISCOVERY_HEADER_LEN, DISCOVERY_NQN,
-    FID_KEEP_ALIVE_TIMER, FID_NUMBER_OF_QUEUES, IDENTIFY_LEN, LID_DISCOVERY, Status, TRTYPE_TCP,
-    admin_opc, fabrics_type, sc, sct,
+    AEC_NAMESPACE_ATTRIBUTE, AsyncEvent, CHANGED_NAMESPACES_LEN, CNTLID_DYNAMIC, CONNECT_DATA_LEN,
+    DISCOVERY_ENTRY_LEN, DISCOVERY_HEADER_LEN, DISCOVERY_NQN, FID_ASYNC_EVENT_CONFIG,
+    FID_KEEP_ALIVE_TIMER, FID_NUMBER_OF_QUEUES, IDENTIFY_LEN, LID_CHANGED_NAMESPACES,
+    LID_DISCOVERY, Status, TRTYPE_TCP, admin_opc, fabrics_type, sc, sct,
 };
 
 use super::Shared;
 use super::wire::Cmd;
 
-/// Async Event Request (Base 2.0 §5.2): held until the controller goes away.
-const ASYNC_EVENT_REQUEST: u8 = 0x0c;
 /// Set / Get Features identifiers besides those in `vubd::nvme::spec`.
 const FID_VOLATILE_WRITE_CACHE: u8 = 0x06;
-const FID_ASYNC_EVENT_CONFIG: u8 = 0x0b;
+/// Asynchronous Event Request Limit, 0-based: four held at most, as the Linux target.
+const AERL: u8 = 3;
+/// Status of one Asynchronous Event Request more than the limit (Base 2.0 Figure 145).
+const SC_AER_LIMIT_EXCEEDED: u8 = 0x05;
 /// Version 1.4.0.
 const VERSION: u32 = 0x0001_0400;
 /// SGLS as the Linux target reports it over TCP: SGLs supported (byte aligned) and the
@@ -107,6 +115,20 @@ pub(super) struct Controller {
     /// The sockets of the queues connected to this controller, to close on teardown.
     queues: Mutex<Vec<(u16, TcpStream)>>,
     dead: AtomicBool,
+    events: Mutex<Events>,
+}
+
+/// Asynchronous events of one controller.
+#[derive(Debug, Default)]
+struct Events {
+    /// Command identifiers of the Asynchronous Event Requests held, oldest first.
+    held: Vec<u16>,
+    /// A namespace notice waits for a held request.
+    pending: bool,
+    /// A notice was sent (or waits) and the host has not read the log page since.
+    masked: bool,
+    /// The Changed Namespace List names the namespace.
+    changed: bool,
 }
 
 impl Controller {
@@ -122,6 +144,43 @@ impl Controller {
     pub(super) fn queue_closed(&self, qid: u16) {
         lock(&self.queues).retain(|(q, _)| *q != qid);
     }
+
+    /// The namespace changed: listed in the log page, and told if the host asked for such
+    /// notices and has read the log since the last one.
+    pub(super) fn namespace_changed(&self) {
+        if self.discovery {
+            return;
+        }
+        let mut e = lock(&self.events);
+        e.changed = true;
+        let enabled = self.aec.load(Ordering::SeqCst) & AEC_NAMESPACE_ATTRIBUTE != 0;
+        if enabled && !e.masked {
+            e.masked = true;
+            e.pending = true;
+        }
+    }
+
+    /// Asynchronous Event Requests are held: the admin queue's connection looks for events
+    /// to send every little while.
+    pub(super) fn holds_event_requests(&self) -> bool {
+        !lock(&self.events).held.is_empty()
+    }
+
+    /// The command identifier of a held request to complete with the namespace notice, if
+    /// one waits.
+    pub(super) fn take_notice(&self) -> Option<u16> {
+        let mut e = lock(&self.events);
+        if !e.pending || e.held.is_empty() {
+            return None;
+        }
+        e.pending = false;
+        Some(e.held.remove(0))
+    }
+}
+
+/// The completion of an Asynchronous Event Request with a namespace notice.
+pub(super) fn notice() -> Completion {
+    Completion::ok().dw0(AsyncEvent::NAMESPACE_CHANGED.dw0())
 }
 
 /// What a successful Connect bound the connection to.
@@ -200,6 +259,7 @@ pub(super) fn connect(
             vwce: AtomicU32::new(1),
             queues: Mutex::new(Vec::new()),
             dead: AtomicBool::new(false),
+            events: Mutex::new(Events::default()),
         });
         lock(&sh.ctrls).insert(ctrl.cntlid, Arc::clone(&ctrl));
         ctrl
@@ -262,7 +322,15 @@ pub(super) fn admin(sh: &Shared, c: &Controller, cmd: &Cmd, xfer: u32) -> Admin 
         admin_opc::KEEP_ALIVE => Completion::ok(),
         // Not aborted (Base 2.0 §5.1: DW0 bit 0 set).
         admin_opc::ABORT => Completion::ok().dw0(1),
-        ASYNC_EVENT_REQUEST => return Admin::Hold,
+        admin_opc::ASYNC_EVENT_REQUEST => {
+            let mut e = lock(&c.events);
+            if e.held.len() > usize::from(AERL) {
+                Completion::status(dnr(sct::COMMAND_SPECIFIC, SC_AER_LIMIT_EXCEEDED))
+            } else {
+                e.held.push(cmd.cid());
+                return Admin::Hold;
+            }
+        }
         _ => Completion::generic(sc::INVALID_OPCODE),
     })
 }
@@ -379,7 +447,11 @@ fn identify_controller(sh: &Shared, c: &Controller, b: &mut [u8]) {
     b[77] = o.mdts;
     put16(b, 78, c.cntlid);
     put32(b, 80, VERSION);
+    if !c.discovery && o.namespace_notices {
+        put32(b, 92, AEC_NAMESPACE_ATTRIBUTE); // OAES
+    }
     b[111] = if c.discovery { 2 } else { 1 }; // CNTRLTYPE
+    b[259] = AERL;
     put16(b, 320, KAS);
     b[512] = 0x66; // SQES: 64 bytes
     b[513] = 0x44; // CQES: 16 bytes
@@ -421,6 +493,7 @@ fn get_log_page(sh: &Shared, c: &Controller, cmd: &Cmd, xfer: u32) -> Completion
     let log = match (lid, c.discovery) {
         (LID_DISCOVERY, true) => discovery_log(sh),
         (0x01..=0x03, false) => Vec::new(),
+        (LID_CHANGED_NAMESPACES, false) => changed_namespaces(c, cdw10 & (1 << 15) != 0),
         _ => return Completion::generic(sc::INVALID_FIELD),
     };
     let mut out = vec![0u8; xfer as usize];
@@ -429,6 +502,22 @@ fn get_log_page(sh: &Shared, c: &Controller, cmd: &Cmd, xfer: u32) -> Completion
         out[..n].copy_from_slice(&src[..n]);
     }
     Completion::data(out)
+}
+
+/// The Changed Namespace List (Base 2.0 §5.16.1.5): namespace 1 if it changed since the
+/// last read. Without Retain Asynchronous Event (`rae`) the read clears the list and lets
+/// the next change be told.
+fn changed_namespaces(c: &Controller, rae: bool) -> Vec<u8> {
+    let mut b = vec![0u8; CHANGED_NAMESPACES_LEN];
+    let mut e = lock(&c.events);
+    if e.changed {
+        put32(&mut b, 0, 1);
+    }
+    if !rae {
+        e.changed = false;
+        e.masked = false;
+    }
+    b
 }
 
 /// The discovery log page (Base 2.0 Figures 262-263): one entry, for the subsystem.

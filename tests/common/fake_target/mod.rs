@@ -66,6 +66,9 @@ pub struct Options {
     pub grant_data_digest: bool,
     /// Host NQNs allowed to connect to the NVM subsystem; `None` for any.
     pub allowed_hosts: Option<Vec<String>>,
+    /// Namespace Attribute Notices are offered (Identify Controller OAES bit 8), so that a
+    /// host that enables them hears of [`FakeTarget::resize_namespace`].
+    pub namespace_notices: bool,
     /// CPUs the connection threads are pinned to, round-robin in accept order; empty for
     /// none.
     pub cpus: Vec<usize>,
@@ -89,6 +92,7 @@ impl Default for Options {
             grant_header_digest: true,
             grant_data_digest: true,
             allowed_hosts: None,
+            namespace_notices: true,
             cpus: Vec::new(),
             serial: "fake-target".to_owned(),
             model: "vubd fake NVMe/TCP target".to_owned(),
@@ -446,6 +450,26 @@ impl FakeTarget {
         let mut out = Vec::with_capacity(len);
         self.sh.ns.read_append(offset, len as u64, &mut out);
         out
+    }
+
+    /// The namespace's size in bytes now.
+    pub fn namespace_size(&self) -> u64 {
+        self.sh.ns.size()
+    }
+
+    /// Changes the namespace's size to `size` bytes (a multiple of the block size, at most
+    /// 4 GiB or the size it started with), as an administrator of the target would; every
+    /// controller reports it with a namespace notice to a host that enabled them.
+    pub fn resize_namespace(&self, size: u64) {
+        let bs = u64::from(self.sh.ns.block_size());
+        assert!(
+            size > 0 && size % bs == 0 && size <= self.sh.ns.max_size(),
+            "{size} bytes: not a size this namespace can take"
+        );
+        self.sh.ns.resize(size);
+        for c in lock(&self.sh.ctrls).values() {
+            c.namespace_changed();
+        }
     }
 
     /// Writes the namespace directly (dropped for a null one). The range must lie within it.

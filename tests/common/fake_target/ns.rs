@@ -1,10 +1,16 @@
 //! The namespace behind the target's subsystem: RAM in lazily allocated 1 MiB shards, each
-//! behind its own lock (connections of a test target may lock), or no storage at all.
+//! behind its own lock (connections of a test target may lock), or no storage at all. Its
+//! size can change while it serves ([`Namespace::resize`]), up to [`MAX_SIZE`] or the size it
+//! started with if that is larger.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// Bytes per shard of a RAM namespace.
 const SHARD: u64 = 1 << 20;
+/// How far a namespace can grow: its shard slots (a lock and a pointer each) are made at
+/// start for this size.
+pub(super) const MAX_SIZE: u64 = 4 << 30;
 
 #[derive(Debug)]
 enum Store {
@@ -18,7 +24,7 @@ enum Store {
 #[derive(Debug)]
 pub(super) struct Namespace {
     block_size: u32,
-    blocks: u64,
+    blocks: AtomicU64,
     store: Store,
 }
 
@@ -38,16 +44,36 @@ impl Namespace {
             Store::Null
         } else {
             Store::Ram(
-                (0..size.div_ceil(SHARD))
+                (0..size.max(MAX_SIZE).div_ceil(SHARD))
                     .map(|_| Mutex::new(None))
                     .collect(),
             )
         };
         Namespace {
             block_size,
-            blocks: size / u64::from(block_size),
+            blocks: AtomicU64::new(size / u64::from(block_size)),
             store,
         }
+    }
+
+    /// The largest size [`Namespace::resize`] takes.
+    pub(super) fn max_size(&self) -> u64 {
+        match &self.store {
+            Store::Null => MAX_SIZE,
+            Store::Ram(shards) => shards.len() as u64 * SHARD,
+        }
+    }
+
+    /// The namespace now has `size` bytes (a multiple of the block size, at most
+    /// [`Namespace::max_size`], checked by the caller); what lies past a smaller end reads
+    /// as zeros if it grows back.
+    pub(super) fn resize(&self, size: u64) {
+        let old = self.size();
+        if size < old {
+            self.zero(size, old - size);
+        }
+        self.blocks
+            .store(size / u64::from(self.block_size), Ordering::SeqCst);
     }
 
     pub(super) fn block_size(&self) -> u32 {
@@ -60,11 +86,11 @@ impl Namespace {
     }
 
     pub(super) fn blocks(&self) -> u64 {
-        self.blocks
+        self.blocks.load(Ordering::SeqCst)
     }
 
     pub(super) fn size(&self) -> u64 {
-        self.blocks * u64::from(self.block_size)
+        self.blocks() * u64::from(self.block_size)
     }
 
     pub(super) fn is_null(&self) -> bool {
@@ -74,7 +100,7 @@ impl Namespace {
     /// Byte range of blocks `slba..slba + nlb`, or `None` if it ends past the namespace.
     pub(super) fn range(&self, slba: u64, nlb: u64) -> Option<(u64, u64)> {
         let end = slba.checked_add(nlb)?;
-        (end <= self.blocks).then(|| {
+        (end <= self.blocks()).then(|| {
             let bs = u64::from(self.block_size);
             (slba * bs, nlb * bs)
         })
@@ -110,9 +136,9 @@ impl Namespace {
         };
         let mut done = 0;
         self.pieces(offset, data.len() as u64, |s, at, n| {
-            let shard_len = idx(SHARD.min(self.size() - s as u64 * SHARD));
+            // Whole shards, so that one stays large enough when the namespace grows.
             let mut shard = lock(&shards[s]);
-            let buf = shard.get_or_insert_with(|| vec![0; shard_len].into_boxed_slice());
+            let buf = shard.get_or_insert_with(|| vec![0; idx(SHARD)].into_boxed_slice());
             buf[at..at + n].copy_from_slice(&data[done..done + n]);
             done += n;
         });

@@ -1,25 +1,5 @@
 use super::*;
 
-#[test]
-fn queue_ids_are_handed_out_lowest_first_and_reused_after_free() {
-    let mut p = QidPool::new(3);
-    assert_eq!(
-        (p.alloc(), p.alloc(), p.alloc()),
-        (Some(1), Some(2), Some(3))
-    );
-    assert_eq!(p.alloc(), None, "only three granted");
-    p.free(2);
-    assert_eq!(p.alloc(), Some(2));
-    // QID 0 is the admin queue, and QIDs past the grant were never handed out.
-    p.free(0);
-    p.free(9);
-    assert_eq!(p.alloc(), None);
-    p.free(1);
-    p.free(3);
-    assert_eq!((p.alloc(), p.alloc()), (Some(1), Some(3)));
-    assert_eq!(QidPool::new(0).alloc(), None);
-}
-
 /// CAP with MPSMIN and MPSMAX.
 fn cap(mpsmin: u64, mpsmax: u64) -> Cap {
     Cap((mpsmin << 48) | (mpsmax << 52))

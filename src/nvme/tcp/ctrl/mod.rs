@@ -2,13 +2,15 @@
 //! [`SyncConn`]s.
 //!
 //! [`Controller::connect`] connects the admin queue, enables the controller (Base 2.0 §3.5.1,
-//! through Fabrics properties), reads Identify Controller and the namespace to serve, and asks
-//! for I/O queues. [`QueueConnector`] (from [`Controller::queue_connector`], or
+//! through Fabrics properties), reads Identify Controller and the namespace to serve, asks
+//! for I/O queues and enables namespace notices (`events`). [`QueueConnector`] (from [`Controller::queue_connector`], or
 //! [`Controller::connect_io_queue`] directly) then connects I/O queues from any thread: it
 //! holds only immutable data. [`discover`] reads the Discovery log page of a target.
 //!
 //! Every failure is a [`CtrlError`] with one line for what the user can fix, and
 //! [`CtrlError::is_retryable`] tells the reconnect logic whether trying again makes sense.
+
+mod events;
 
 use std::fmt;
 use std::net::TcpStream;
@@ -486,6 +488,8 @@ pub struct Controller {
     identify: IdentifyController,
     namespace: IdentifyNamespace,
     nsid: u32,
+    /// Namespace Attribute Notices are enabled.
+    notices: bool,
 }
 
 impl Controller {
@@ -509,13 +513,14 @@ impl Controller {
         let identify = admin.identify_controller(&ep)?;
         let namespace = admin.identify_namespace(&ep, nsid)?;
         let io_queues = admin.set_io_queues(nr_io_queues_wanted)?;
+        let notices = admin.enable_namespace_notices(&identify);
         let max_data = identify
             .max_transfer_bytes(admin.cap)
             .map_or(u32::MAX, |b| u32::try_from(b).unwrap_or(u32::MAX));
         let max_depth = max_queue_entries(admin.cap, &identify);
         tracing::debug!(
             target = %addr, subnqn = %subnqn, cntlid = admin.cntlid, nsid, io_queues,
-            max_depth, "NVMe/TCP controller ready"
+            max_depth, notices, "NVMe/TCP controller ready"
         );
         let queues = QueueConnector {
             ep,
@@ -530,6 +535,7 @@ impl Controller {
             identify,
             namespace,
             nsid,
+            notices,
         })
     }
 

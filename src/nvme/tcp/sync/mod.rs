@@ -9,6 +9,8 @@
 //! leaves the connection unusable: later commands fail with [`ConnError::Broken`]. A command
 //! that completes with an error status does not.
 
+mod async_event;
+
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use self::async_event::{AER_CID, AerState};
 use super::pdu::{
     DataDigest, Digests, IcReq, IcResp, PduError, RxEvent, RxNeed, RxParser, TERM_REQ_MAX_PLEN,
     TX_HEADER_MAX, encode_capsule_cmd, encode_h2c_term_req,
@@ -438,6 +441,7 @@ fn op_name(sqe: &Sqe, admin: bool) -> &'static str {
             admin_opc::SET_FEATURES => "Set Features",
             admin_opc::GET_FEATURES => "Get Features",
             admin_opc::KEEP_ALIVE => "Keep Alive",
+            admin_opc::ASYNC_EVENT_REQUEST => "Asynchronous Event Request",
             _ => "admin command",
         }
     } else {
@@ -460,8 +464,10 @@ pub struct SyncConn {
     params: IcResp,
     /// The queue connected by [`SyncConn::fabrics_connect`], once it succeeded.
     qid: Option<u16>,
+    /// Never [`AER_CID`], which an Asynchronous Event Request keeps.
     next_cid: u16,
     broken: bool,
+    aer: AerState,
 }
 
 impl SyncConn {
@@ -536,6 +542,7 @@ impl SyncConn {
             qid: None,
             next_cid: 0,
             broken: false,
+            aer: AerState::Idle,
         })
     }
 
@@ -624,7 +631,10 @@ impl SyncConn {
             });
         }
         let cid = self.next_cid;
-        self.next_cid = self.next_cid.wrapping_add(1);
+        self.next_cid = match self.next_cid.wrapping_add(1) {
+            AER_CID => 0,
+            next => next,
+        };
         sqe.set_cid(cid);
         let result = self.send_capsule(&sqe, op, data_out).and_then(|()| {
             let deadline = Instant::now() + self.link.timeout;
@@ -682,6 +692,9 @@ impl SyncConn {
                 op,
             )? {
                 RxEvent::CapsuleResp(cqe) if cqe.cid() == cid => return Ok(cqe),
+                RxEvent::CapsuleResp(cqe) if self.aer.completes(&cqe) => {
+                    self.aer = AerState::Done(cqe);
+                }
                 RxEvent::CapsuleResp(_) => {
                     return Err(ConnError::Unexpected {
                         op,

@@ -417,3 +417,103 @@ fn unresolvable_host_is_reported() {
         .expect_err("no such host");
     assert!(matches!(e, ConnError::Resolve { .. }), "{e:?}");
 }
+
+/// Reads capsules until `n` arrived; their SQEs.
+fn capsules(p: &mut Peer, n: usize) -> Vec<[u8; 64]> {
+    (0..n).map(|_| p.capsule().0).collect()
+}
+
+/// Polls `conn` for the asynchronous event, up to the test timeout.
+fn wait_async_event(conn: &mut SyncConn) -> Result<Cqe, ConnError> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(cqe) = conn.async_event()? {
+            return Ok(cqe);
+        }
+        assert!(Instant::now() < deadline, "no asynchronous event");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn an_async_event_is_kept_apart_from_the_commands_around_it() {
+    let (port, server) = controller(Digests::default(), |mut p| {
+        let [aer, ka] = capsules(&mut p, 2).try_into().expect("two capsules");
+        assert_eq!((aer[0], cid_of(&aer)), (0x0c, 0xffff), "AER, its own CID");
+        assert_eq!(ka[0], 0x18, "Keep Alive");
+        // The event comes first, while the host waits for the Keep Alive.
+        p.resp(0xffff, 0, 0x0004_0002);
+        p.resp(cid_of(&ka), 0, 0);
+        let (aer, _) = p.capsule();
+        assert_eq!(cid_of(&aer), 0xffff, "re-armed");
+        // Now while nothing else runs.
+        p.resp(0xffff, 0, 0x0004_0002);
+        let (ka, _) = p.capsule();
+        p.resp(cid_of(&ka), 0, 0);
+    });
+    let mut conn = connect(port, Digests::default()).expect("connect");
+    assert!(!conn.async_event_pending());
+    conn.request_async_event().expect("AER");
+    conn.request_async_event()
+        .expect("a second one is not sent");
+    assert!(conn.async_event_pending());
+    assert!(conn.async_event().expect("nothing yet").is_none());
+    conn.command(Sqe::keep_alive(), None).expect("keep alive");
+    let cqe = conn.async_event().expect("kept").expect("the event");
+    assert_eq!((cqe.cid(), cqe.dw0()), (0xffff, 0x0004_0002));
+    assert!(!conn.async_event_pending());
+    assert!(conn.async_event().expect("taken").is_none());
+    conn.request_async_event().expect("AER again");
+    let cqe = wait_async_event(&mut conn).expect("the second event");
+    assert_eq!(cqe.dw0(), 0x0004_0002);
+    conn.command(Sqe::keep_alive(), None)
+        .expect("the connection goes on");
+    server.join().expect("controller");
+}
+
+#[test]
+fn no_command_takes_the_async_event_cid() {
+    let (port, server) = controller(Digests::default(), |mut p| {
+        let mut cids = Vec::new();
+        for _ in 0..3 {
+            let (sqe, _) = p.capsule();
+            cids.push(cid_of(&sqe));
+            p.resp(cid_of(&sqe), 0, 0);
+        }
+        cids
+    });
+    let mut conn = connect(port, Digests::default()).expect("connect");
+    conn.next_cid = 0xfffe;
+    for _ in 0..3 {
+        conn.command(Sqe::keep_alive(), None).expect("keep alive");
+    }
+    assert_eq!(server.join().expect("controller"), [0xfffe, 0, 1]);
+}
+
+#[test]
+fn anything_but_the_async_event_while_idle_breaks_the_connection() {
+    // A completion nobody waits for.
+    let (port, server) = controller(Digests::default(), |mut p| {
+        let _ = p.capsule();
+        p.resp(7, 0, 0);
+        let mut rest = [0; 1];
+        let _ = p.stream.read(&mut rest);
+    });
+    let mut conn = connect(port, Digests::default()).expect("connect");
+    conn.request_async_event().expect("AER");
+    let e = wait_async_event(&mut conn).expect_err("a stray completion");
+    assert!(matches!(e, ConnError::Unexpected { .. }), "{e:?}");
+    let e = conn.async_event().expect_err("broken");
+    assert!(matches!(e, ConnError::Broken { .. }), "{e:?}");
+    server.join().expect("controller");
+
+    // The controller goes away: seen at once, not at the next command.
+    let (port, server) = controller(Digests::default(), |mut p| {
+        let _ = p.capsule();
+    });
+    let mut conn = connect(port, Digests::default()).expect("connect");
+    conn.request_async_event().expect("AER");
+    server.join().expect("controller");
+    let e = wait_async_event(&mut conn).expect_err("EOF");
+    assert!(matches!(e, ConnError::Eof { .. }), "{e:?}");
+}
