@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -17,79 +16,12 @@ use std::time::{Duration, Instant};
 
 use common::client::{Client, ClientOptions};
 use common::daemon::{Daemon, socket_exists, vubd_command};
+use common::node::Node;
 use common::{Image, TIMEOUT, procfs};
 use serde_json::{Value, json};
-use tempfile::TempDir;
 use vubd::jsonrpc::{self, ClientError};
 
 const MIB: u64 = 1 << 20;
-
-/// vubd with a control socket and no device, in a directory of its own for the devices'
-/// sockets; `extra` arguments after `--control-socket`.
-struct Node {
-    daemon: Daemon,
-    control: PathBuf,
-    dir: TempDir,
-}
-
-impl Node {
-    fn start(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let control = dir.path().join("control.sock");
-        let mut args: Vec<&OsStr> = vec!["--control-socket".as_ref(), control.as_os_str()];
-        args.extend(extra.iter().map(OsStr::new));
-        let daemon = Daemon::vubd_with_args(&args, &control);
-        Self {
-            daemon,
-            control,
-            dir,
-        }
-    }
-
-    fn socket(&self, name: &str) -> PathBuf {
-        self.dir.path().join(format!("{name}.sock"))
-    }
-
-    fn client(&self) -> jsonrpc::Client {
-        jsonrpc::Client::connect(&self.control, TIMEOUT).expect("connect to the control socket")
-    }
-
-    fn call(&self, method: &str, params: Value) -> Result<Value, ClientError> {
-        self.client().call(method, params)
-    }
-
-    #[track_caller]
-    fn ok(&self, method: &str, params: Value) -> Value {
-        self.call(method, params)
-            .unwrap_or_else(|e| panic!("{method}: {e}\n{}", self.daemon.output()))
-    }
-
-    /// Adds a device `name` on `disk` with `more` keys; returns its socket.
-    #[track_caller]
-    fn add(&self, name: &str, disk: &str, more: Value) -> PathBuf {
-        let socket = self.socket(name);
-        let mut params = json!({"name": name, "socket": socket, "disk": disk});
-        if let Value::Object(m) = more {
-            params.as_object_mut().expect("object").extend(m);
-        }
-        assert_eq!(self.ok("device_add", params), json!({"name": name}));
-        socket
-    }
-
-    #[track_caller]
-    fn remove(&self, name: &str) {
-        assert_eq!(self.ok("device_remove", json!({"name": name})), json!(true));
-    }
-
-    fn names(&self) -> Vec<String> {
-        let list = self.ok("device_list", Value::Null);
-        list.as_array()
-            .expect("a list")
-            .iter()
-            .map(|d| d["name"].as_str().expect("a name").to_owned())
-            .collect()
-    }
-}
 
 /// The JSON-RPC error of a call that must fail: its code and message.
 #[track_caller]

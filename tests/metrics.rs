@@ -8,7 +8,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -19,87 +18,49 @@ use std::time::{Duration, Instant};
 
 use common::TIMEOUT;
 use common::client::{Client, ClientOptions};
-use common::daemon::{Daemon, vubd_command};
+use common::daemon::vubd_command;
 use common::fake_target::{FakeTarget, Fault, Options};
+use common::node::Node;
 use serde_json::{Value, json};
-use tempfile::TempDir;
-use vubd::jsonrpc::{self, ClientError, FAILED, INVALID_PARAMS};
+use vubd::jsonrpc::{ClientError, FAILED, INVALID_PARAMS};
 use vubd::nvme::spec::{Status, sc, sct};
 
 const KIB: usize = 1 << 10;
 
-/// vubd with a control socket and no device, `extra` arguments after it.
-struct Node {
-    daemon: Daemon,
-    control: PathBuf,
-    dir: TempDir,
+/// Adds device `name` on a null disk with `queues` queues; returns its socket.
+fn add(node: &Node, name: &str, queues: u16) -> PathBuf {
+    add_disk(node, name, "null:64M", queues)
 }
 
-impl Node {
-    fn start(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let control = dir.path().join("control.sock");
-        let mut args: Vec<&OsStr> = vec!["--control-socket".as_ref(), control.as_os_str()];
-        args.extend(extra.iter().map(OsStr::new));
-        let daemon = Daemon::vubd_with_args(&args, &control);
-        Self {
-            daemon,
-            control,
-            dir,
+/// Adds device `name` on `disk` with `queues` queues; returns its socket.
+fn add_disk(node: &Node, name: &str, disk: &str, queues: u16) -> PathBuf {
+    node.add(name, disk, json!({ "num-queues": queues }))
+}
+
+/// The one device of `device_get_stats name=NAME`.
+#[track_caller]
+fn stats(node: &Node, name: &str) -> Value {
+    let v = node.ok("device_get_stats", json!({ "name": name }));
+    let devices = v["devices"].as_array().expect("devices");
+    assert_eq!(devices.len(), 1, "{v}");
+    devices[0].clone()
+}
+
+/// The address of the metrics endpoint, as vubd logs it (it listens on a port the kernel
+/// chose).
+fn metrics_addr(node: &Node) -> SocketAddr {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let out = node.daemon.output();
+        if let Some(addr) = out
+            .lines()
+            .filter(|l| l.contains("metrics: serving"))
+            .find_map(|l| l.split("address=").nth(1))
+        {
+            return addr.trim().parse().expect("an address");
         }
-    }
-
-    fn call(&self, method: &str, params: Value) -> Result<Value, ClientError> {
-        jsonrpc::Client::connect(&self.control, TIMEOUT)
-            .expect("connect to the control socket")
-            .call(method, params)
-    }
-
-    #[track_caller]
-    fn ok(&self, method: &str, params: Value) -> Value {
-        self.call(method, params)
-            .unwrap_or_else(|e| panic!("{method}: {e}\n{}", self.daemon.output()))
-    }
-
-    /// Adds device `name` on a null disk with `queues` queues; returns its socket.
-    fn add(&self, name: &str, queues: u16) -> PathBuf {
-        self.add_disk(name, "null:64M", queues)
-    }
-
-    /// Adds device `name` on `disk` with `queues` queues; returns its socket.
-    fn add_disk(&self, name: &str, disk: &str, queues: u16) -> PathBuf {
-        let socket = self.dir.path().join(format!("{name}.sock"));
-        let params = json!({"name": name, "socket": socket, "disk": disk,
-                            "num-queues": queues});
-        self.ok("device_add", params);
-        socket
-    }
-
-    /// The one device of `device_get_stats name=NAME`.
-    #[track_caller]
-    fn stats(&self, name: &str) -> Value {
-        let v = self.ok("device_get_stats", json!({ "name": name }));
-        let devices = v["devices"].as_array().expect("devices");
-        assert_eq!(devices.len(), 1, "{v}");
-        devices[0].clone()
-    }
-
-    /// The address of the metrics endpoint, as vubd logs it (it listens on a port the kernel
-    /// chose).
-    fn metrics_addr(&self) -> SocketAddr {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let out = self.daemon.output();
-            if let Some(addr) = out
-                .lines()
-                .filter(|l| l.contains("metrics: serving"))
-                .find_map(|l| l.split("address=").nth(1))
-            {
-                return addr.trim().parse().expect("an address");
-            }
-            assert!(Instant::now() < deadline, "no metrics address:\n{out}");
-            thread::sleep(Duration::from_millis(10));
-        }
+        assert!(Instant::now() < deadline, "no metrics address:\n{out}");
+        thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -217,9 +178,9 @@ fn connect(socket: &Path, queues: usize) -> Client {
 #[test]
 fn counts_and_bytes_equal_what_the_client_sent_and_survive_a_reconnection() {
     let node = Node::start(&["--metrics-listen", "127.0.0.1:0"]);
-    let addr = node.metrics_addr();
-    let socket = node.add("a", 2);
-    node.add("idle", 1);
+    let addr = metrics_addr(&node);
+    let socket = add(&node, "a", 2);
+    add(&node, "idle", 1);
     let mut sent = [Sent::default(), Sent::default()];
     let mut client = connect(&socket, 2);
     reads_and_writes(&mut client, 0, (40, 4 * KIB), (12, 8 * KIB), &mut sent[0]);
@@ -253,7 +214,7 @@ fn counts_and_bytes_equal_what_the_client_sent_and_survive_a_reconnection() {
         refused: sent[0].refused + sent[1].refused,
     };
     let check = |sent: &[Sent; 2]| {
-        let d = node.stats("a");
+        let d = stats(&node, "a");
         assert_eq!(d["name"], "a");
         assert_counts(&d, &total(sent), "device a");
         for (q, s) in sent.iter().enumerate() {
@@ -370,8 +331,8 @@ fn ctl(node: &Node, args: &[&str]) -> (Option<i32>, String, String) {
 #[test]
 fn ctl_stats_shows_the_rates_of_an_interval() {
     let node = Node::start(&[]);
-    let socket = node.add("busy", 1);
-    node.add("quiet", 1);
+    let socket = add(&node, "busy", 1);
+    add(&node, "quiet", 1);
     let mut client = connect(&socket, 1);
     let stop = AtomicBool::new(false);
     let (json_out, table) = thread::scope(|s| {
@@ -438,7 +399,7 @@ fn a_request_the_disk_fails_counts_as_an_io_error() {
     let target = FakeTarget::start(Options::default()).expect("start the fake target");
     let node = Node::start(&[]);
     let disk = format!("nvme-tcp://{}/{}", target.addr(), target.nqn());
-    let socket = node.add_disk("t", &disk, 1);
+    let socket = add_disk(&node, "t", &disk, 1);
     let mut client = connect(&socket, 1);
     let q = client.queue(0);
     q.write(0, &[0x5a; 4096]);
@@ -458,7 +419,7 @@ fn a_request_the_disk_fails_counts_as_an_io_error() {
         written_bytes: 4096,
         ..Sent::default()
     };
-    let d = node.stats("t");
+    let d = stats(&node, "t");
     assert_eq!(d["errors"]["io"], 1, "{d}");
     let mut without_io_error = d.clone();
     without_io_error["errors"]["io"] = json!(0);
@@ -468,7 +429,7 @@ fn a_request_the_disk_fails_counts_as_an_io_error() {
 #[test]
 fn with_metrics_off_nothing_is_counted_and_the_method_says_so() {
     let node = Node::start(&["--metrics", "off"]);
-    let socket = node.add("a", 1);
+    let socket = add(&node, "a", 1);
     let mut client = connect(&socket, 1);
     client.queue(0).write(0, &[1; 4096]);
     match node.call("device_get_stats", Value::Null) {

@@ -13,66 +13,23 @@ mod common;
 #[path = "common/frontend.rs"]
 mod frontend;
 
-use std::ffi::OsStr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::daemon::Daemon;
 use common::fake_target::{FakeTarget, Options as TargetOptions};
+use common::node::Node;
 use common::{Image, TIMEOUT};
 use frontend::{BLOCK, BlkFrontend, Options, Request, SECTOR, STATUS_OK};
 use serde_json::{Value, json};
-use tempfile::TempDir;
 use vubd::jsonrpc::{self, ClientError};
 
 const MIB: u64 = 1 << 20;
 /// How long a notice may take to come.
 const NOTICE_WAIT: Duration = Duration::from_secs(5);
 
-struct Node {
-    daemon: Daemon,
-    control: PathBuf,
-    dir: TempDir,
-}
-
-impl Node {
-    fn start() -> Self {
-        Self::start_with(&[])
-    }
-
-    /// vubd with a control socket and `extra` arguments.
-    fn start_with(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let control = dir.path().join("control.sock");
-        let mut args: Vec<&OsStr> = vec!["--control-socket".as_ref(), control.as_os_str()];
-        args.extend(extra.iter().map(OsStr::new));
-        let daemon = Daemon::vubd_with_args(&args, &control);
-        Self {
-            daemon,
-            control,
-            dir,
-        }
-    }
-
-    fn call(&self, method: &str, params: Value) -> Result<Value, ClientError> {
-        jsonrpc::Client::connect(&self.control, TIMEOUT)
-            .expect("control socket")
-            .call(method, params)
-    }
-
-    /// Adds device `name` on `disk`; its socket.
-    fn add(&self, name: &str, disk: &str) -> PathBuf {
-        let socket = self.dir.path().join(format!("{name}.sock"));
-        let params = json!({"name": name, "socket": socket, "disk": disk});
-        self.call("device_add", params)
-            .unwrap_or_else(|e| panic!("device_add: {e}\n{}", self.daemon.output()));
-        socket
-    }
-
-    fn resize(&self, params: Value) -> Result<u64, ClientError> {
-        self.call("device_resize", params)
-            .map(|r| r["capacity"].as_u64().expect("a capacity"))
-    }
+/// `device_resize` with `params`: the new capacity, or the error.
+fn resize(node: &Node, params: Value) -> Result<u64, ClientError> {
+    node.call("device_resize", params)
+        .map(|r| r["capacity"].as_u64().expect("a capacity"))
 }
 
 fn options() -> Options {
@@ -104,30 +61,15 @@ fn write_read(fe: &mut BlkFrontend, sector: u64, tag: u64) -> (u8, u8) {
 
 /// Kicks and waits for request `tag`: its status.
 fn wait(fe: &mut BlkFrontend, tag: u64) -> u8 {
-    fe.notify(0).expect("notify");
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let mut status = None;
-        fe.reap(0, |c, _| {
-            if c.tag == tag {
-                status = Some(c.status);
-            }
-        })
-        .expect("reap");
-        if let Some(s) = status {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "request {tag} did not complete");
-        fe.wait(Duration::from_millis(20)).expect("wait");
-    }
+    fe.status_of(0, tag, TIMEOUT)
 }
 
 #[test]
 fn an_image_grown_and_shrunk_at_runtime_is_seen_by_the_frontend_at_once() {
-    let node = Node::start();
+    let node = Node::start(&[]);
     let image = Image::new(16 * MIB);
     let path = image.path().to_str().expect("UTF-8").to_owned();
-    let socket = node.add("r", &path);
+    let socket = node.add("r", &path, json!({}));
     let mut fe = BlkFrontend::connect(&socket, options()).expect("connect");
     assert_eq!(fe.capacity(), 16 * MIB / SECTOR);
     let past_old_end = 16 * MIB / SECTOR + 8;
@@ -135,8 +77,7 @@ fn an_image_grown_and_shrunk_at_runtime_is_seen_by_the_frontend_at_once() {
     assert_ne!(w, STATUS_OK, "a write past the end fails");
 
     assert_eq!(
-        node.resize(json!({"name": "r", "size": "32M"}))
-            .expect("grow"),
+        resize(&node, json!({"name": "r", "size": "32M"})).expect("grow"),
         32 * MIB
     );
     assert!(
@@ -154,7 +95,7 @@ fn an_image_grown_and_shrunk_at_runtime_is_seen_by_the_frontend_at_once() {
     );
 
     // Shrinking is refused unless forced, and then the guest loses the end.
-    let refused = node.resize(json!({"name": "r", "size": 8 * MIB}));
+    let refused = resize(&node, json!({"name": "r", "size": 8 * MIB}));
     match refused {
         Err(ClientError::Rpc(e)) => {
             assert_eq!(e.code, jsonrpc::INVALID_PARAMS);
@@ -170,7 +111,7 @@ fn an_image_grown_and_shrunk_at_runtime_is_seen_by_the_frontend_at_once() {
         !fe.config_notice(Duration::from_millis(300)).expect("read"),
         "no notice"
     );
-    let shrunk = node.resize(json!({"name": "r", "size": "8M", "force": true}));
+    let shrunk = resize(&node, json!({"name": "r", "size": "8M", "force": true}));
     assert_eq!(shrunk.expect("forced"), 8 * MIB);
     assert!(fe.config_notice(NOTICE_WAIT).expect("notice"));
     assert_eq!(fe.config_capacity().expect("GET_CONFIG"), 8 * MIB / SECTOR);
@@ -187,7 +128,10 @@ fn an_image_grown_and_shrunk_at_runtime_is_seen_by_the_frontend_at_once() {
         .open(image.path())
         .expect("open");
     f.set_len(12 * MIB).expect("grow from outside");
-    assert_eq!(node.resize(json!({"name": "r"})).expect("follow"), 12 * MIB);
+    assert_eq!(
+        resize(&node, json!({"name": "r"})).expect("follow"),
+        12 * MIB
+    );
     assert!(fe.config_notice(NOTICE_WAIT).expect("notice"));
     assert_eq!(fe.config_capacity().expect("GET_CONFIG"), 12 * MIB / SECTOR);
     let list = node
@@ -201,14 +145,13 @@ fn an_image_grown_and_shrunk_at_runtime_is_seen_by_the_frontend_at_once() {
 /// When the notice waits for the device to run is `vhost_user::notice`'s unit test.
 #[test]
 fn a_device_resized_between_frontends_starts_at_its_new_size() {
-    let node = Node::start();
-    let socket = node.add("n", "null:64M");
+    let node = Node::start(&[]);
+    let socket = node.add("n", "null:64M", json!({}));
     let mut fe = BlkFrontend::connect(&socket, options()).expect("connect");
     assert_eq!(fe.capacity(), 64 * MIB / SECTOR);
     fe.disconnect();
     assert_eq!(
-        node.resize(json!({"name": "n", "size": "96M"}))
-            .expect("resize"),
+        resize(&node, json!({"name": "n", "size": "96M"})).expect("resize"),
         96 * MIB
     );
     let mut fe = BlkFrontend::connect(&socket, options()).expect("connect again");
@@ -238,7 +181,7 @@ fn a_device_resized_between_frontends_starts_at_its_new_size() {
             "no device is named \"gone\"",
         ),
     ] {
-        match node.resize(params.clone()) {
+        match resize(&node, params.clone()) {
             Err(ClientError::Rpc(e)) => {
                 assert_eq!(e.code, jsonrpc::INVALID_PARAMS, "{params}");
                 assert!(e.message.contains(why), "{params}: {}", e.message);
@@ -264,7 +207,7 @@ fn nvme_disk(t: &FakeTarget) -> String {
 
 /// `device_resize` fails with an invalid-parameters error that says `why`.
 fn refused(node: &Node, params: Value, why: &str) {
-    match node.resize(params.clone()) {
+    match resize(node, params.clone()) {
         Err(ClientError::Rpc(e)) => {
             assert_eq!(e.code, jsonrpc::INVALID_PARAMS, "{params}");
             assert!(e.message.contains(why), "{params}: {}", e.message);
@@ -285,8 +228,8 @@ fn listed(node: &Node, name: &str) -> Value {
 #[test]
 fn device_resize_reads_an_nvme_tcp_namespace_size_from_its_controller() {
     let target = target(16 * MIB, false);
-    let node = Node::start();
-    let socket = node.add("t", &nvme_disk(&target));
+    let node = Node::start(&[]);
+    let socket = node.add("t", &nvme_disk(&target), json!({}));
     let mut fe = BlkFrontend::connect(&socket, options()).expect("connect");
     assert_eq!(fe.capacity(), 16 * MIB / SECTOR);
     refused(
@@ -301,7 +244,10 @@ fn device_resize_reads_an_nvme_tcp_namespace_size_from_its_controller() {
         "nothing told before device_resize"
     );
     assert_eq!(listed(&node, "t"), json!(16 * MIB));
-    assert_eq!(node.resize(json!({"name": "t"})).expect("follow"), 32 * MIB);
+    assert_eq!(
+        resize(&node, json!({"name": "t"})).expect("follow"),
+        32 * MIB
+    );
     assert!(fe.config_notice(NOTICE_WAIT).expect("notice"));
     assert_eq!(fe.config_capacity().expect("GET_CONFIG"), 32 * MIB / SECTOR);
     let past_old_end = 16 * MIB / SECTOR + 8;
@@ -313,7 +259,7 @@ fn device_resize_reads_an_nvme_tcp_namespace_size_from_its_controller() {
     target.resize_namespace(8 * MIB);
     refused(&node, json!({"name": "t"}), "force=true");
     assert_eq!(listed(&node, "t"), json!(32 * MIB), "nothing changed");
-    let shrunk = node.resize(json!({"name": "t", "force": true}));
+    let shrunk = resize(&node, json!({"name": "t", "force": true}));
     assert_eq!(shrunk.expect("forced"), 8 * MIB);
     assert!(fe.config_notice(NOTICE_WAIT).expect("notice"));
     assert_eq!(fe.config_capacity().expect("GET_CONFIG"), 8 * MIB / SECTOR);
@@ -333,8 +279,8 @@ fn device_resize_reads_an_nvme_tcp_namespace_size_from_its_controller() {
 #[test]
 fn an_nvme_tcp_namespace_notice_alone_resizes_the_device() {
     let target = target(16 * MIB, true);
-    let node = Node::start_with(&["--reconnect-delay", "1", "--ctrl-loss-tmo", "60"]);
-    let socket = node.add("t", &nvme_disk(&target));
+    let node = Node::start(&["--reconnect-delay", "1", "--ctrl-loss-tmo", "60"]);
+    let socket = node.add("t", &nvme_disk(&target), json!({}));
     let mut fe = BlkFrontend::connect(&socket, options()).expect("connect");
     assert_eq!(fe.capacity(), 16 * MIB / SECTOR);
 
@@ -371,7 +317,7 @@ fn an_nvme_tcp_namespace_notice_alone_resizes_the_device() {
         "a smaller namespace is not told"
     );
     assert_eq!(listed(&node, "t"), json!(64 * MIB));
-    let forced = node.resize(json!({"name": "t", "force": true}));
+    let forced = resize(&node, json!({"name": "t", "force": true}));
     assert_eq!(forced.expect("forced"), 32 * MIB);
     assert!(fe.config_notice(NOTICE_WAIT).expect("notice"));
     assert_eq!(fe.config_capacity().expect("GET_CONFIG"), 32 * MIB / SECTOR);

@@ -111,23 +111,7 @@ fn write_read(fe: &mut BlkFrontend, sector: u64, tag: u64) -> (u8, u8) {
     {
         let tag = tag + i as u64;
         fe.submit(0, req, tag).expect("submit");
-        fe.notify(0).expect("notify");
-        let deadline = Instant::now() + TIMEOUT;
-        let status = loop {
-            let mut status = None;
-            fe.reap(0, |c, _| {
-                if c.tag == tag {
-                    status = Some(c.status);
-                }
-            })
-            .expect("reap");
-            if let Some(s) = status {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "request {tag} did not complete");
-            fe.wait(Duration::from_millis(20)).expect("wait");
-        };
-        statuses[i] = status;
+        statuses[i] = fe.status_of(0, tag, TIMEOUT);
     }
     (statuses[0], statuses[1])
 }

@@ -65,6 +65,7 @@ pub mod examples;
 pub mod fake_target;
 pub mod lab;
 pub mod loopdev;
+pub mod node;
 pub mod nvmet;
 pub mod procfs;
 pub mod qmp;

@@ -63,3 +63,30 @@ impl BlkFrontend {
         Ok(u64::from_le_bytes(cfg[..8].try_into().expect("8 bytes")))
     }
 }
+
+impl BlkFrontend {
+    /// Kicks queue `q` and waits up to `timeout` for request `tag` to complete: its status.
+    /// Panics when it does not.
+    #[track_caller]
+    pub fn status_of(&mut self, q: usize, tag: u64, timeout: Duration) -> u8 {
+        self.notify(q).expect("notify");
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let mut status = None;
+            self.reap(q, |c, _| {
+                if c.tag == tag {
+                    status = Some(c.status);
+                }
+            })
+            .expect("reap");
+            if let Some(s) = status {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "request {tag} did not complete within {timeout:?}"
+            );
+            self.wait(Duration::from_millis(20)).expect("wait");
+        }
+    }
+}
