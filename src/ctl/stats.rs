@@ -174,7 +174,8 @@ fn latency(ns: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{Clock, DeviceMetrics, Op, json};
+    use crate::clock::Clock;
+    use crate::metrics::{DeviceMetrics, Op, json};
 
     #[test]
     fn an_interval_is_the_difference_of_two_readings() {

@@ -24,8 +24,9 @@ use super::{DaemonError, device};
 use crate::bdev::capacity::{Resize, ResizeError};
 use crate::bdev::nvme_pcie::Controllers;
 use crate::bdev::{BlockDevice, DeviceInfo, Disk};
+use crate::clock::Clock;
 use crate::config::{Config, DeviceConfig, DiskSpec, check_beside};
-use crate::metrics::{Clock, DeviceMetrics, DeviceStats};
+use crate::metrics::{DeviceMetrics, DeviceStats};
 use crate::poller::PollerSet;
 use crate::sandbox::{self, Role};
 

@@ -9,7 +9,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Clock, bump};
+use super::bump;
+use crate::clock::Clock;
 
 /// Sub-buckets per power of two, as a power of two.
 const SUB_BITS: u32 = 2;

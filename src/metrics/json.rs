@@ -99,7 +99,8 @@ pub fn parse_counters(v: &Value) -> Option<Counters> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{Clock, DeviceMetrics};
+    use crate::clock::Clock;
+    use crate::metrics::DeviceMetrics;
 
     #[test]
     fn a_reading_goes_to_json_and_back() {

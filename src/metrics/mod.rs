@@ -10,18 +10,18 @@
 //! reading is not a snapshot of one instant, but every counter in it only grows.
 //!
 //! A device's metrics belong to the device, not to a frontend's session: they survive
-//! reconnections and go when the device is removed. A leaf module: it uses no other module.
+//! reconnections and go when the device is removed. It uses only the leaf `clock`.
 
-mod clock;
 mod histogram;
 pub mod json;
 pub mod prometheus;
 
-pub use clock::Clock;
 pub use histogram::{AtomicHistogram, BUCKETS, Histogram, bounds_ns, bucket, upper_bound_ns};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::clock::Clock;
 
 /// Adds `n` to a counter that only the calling thread writes: a load and a store, which other
 /// threads see whole (an atomic store) but which is not a locked instruction.

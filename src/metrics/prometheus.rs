@@ -200,7 +200,8 @@ fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{Clock, DeviceMetrics, bucket};
+    use crate::clock::Clock;
+    use crate::metrics::{DeviceMetrics, bucket};
 
     #[test]
     fn one_device_of_one_queue_reads_as_the_text_format_says() {

@@ -30,6 +30,7 @@ use crate::log_limit::LogLimit;
 use crate::mem::fault::DeviceFaults;
 use crate::mem::{DirtyLog, GuestMemoryAtomic};
 use crate::metrics::DeviceMetrics;
+use crate::qos::DeviceQos;
 use crate::virtio_blk::ID_BYTES;
 use crate::virtio_blk::config::WriteCache;
 use crate::virtio_blk::inflight::InflightQueue;
@@ -98,6 +99,9 @@ pub struct DeviceShared {
     /// the session, so that they survive its frontend's reconnections. Each queue's poller
     /// writes that queue's.
     pub metrics: Option<Arc<DeviceMetrics>>,
+    /// The device's rate limits (none until the caller, which knows the device, sets them):
+    /// like its metrics, they belong to the device and outlive the session.
+    pub qos: Arc<DeviceQos>,
 }
 
 impl DeviceShared {
@@ -105,7 +109,8 @@ impl DeviceShared {
     /// the write cache mode it serves first, the session's fault record, and its share of the
     /// cap on requests in flight per poller (`u32::MAX`: none). Its log limits follow
     /// [`WARNINGS_PER_SECOND`] and [`EVENTS_PER_SECOND`] (four more lines per queue); `index`
-    /// is 0 and `metrics` `None` until the caller, which knows the device, sets them.
+    /// is 0, `metrics` `None` and `qos` unlimited until the caller, which knows the device,
+    /// sets them.
     pub fn new(
         limits: Limits,
         serial: [u8; ID_BYTES],
@@ -128,6 +133,7 @@ impl DeviceShared {
             faults,
             max_in_flight,
             metrics: None,
+            qos: Arc::default(),
         }
     }
 

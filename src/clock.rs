@@ -74,6 +74,11 @@ impl Clock {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
+    /// Ticks in a second.
+    pub fn ticks_per_second(&self) -> f64 {
+        1e9 * (1u64 << 32) as f64 / self.ns_scale as f64
+    }
+
     /// `ticks` in nanoseconds.
     pub fn nanos(&self, ticks: u64) -> u64 {
         ((u128::from(ticks) * u128::from(self.ns_scale)) >> 32) as u64
@@ -171,6 +176,7 @@ mod tests {
             epoch: Instant::now(),
         };
         assert_eq!(c.nanos(2_500_000_000), 999_999_999);
+        assert!((c.ticks_per_second() - 2.5e9).abs() < 1.0);
         assert_eq!(c.quarter_us(2_500_000_000), 3_999_999);
         let m = Clock::monotonic();
         assert_eq!(m.nanos(12_345), 12_345);
