@@ -5,12 +5,12 @@
 //! devices and their I/O channels) → `nvme` (NVMe wire types and transports) → `mem` (guest
 //! memory). `log_limit` is a utility of them all: log lines a guest or a frontend can cause
 //! go through a per-device rate limit. `metrics` (what the pollers count of each device's
-//! requests, and how the daemon reads and exports it; it uses `clock`) and `sandbox` (seccomp filters per
-//! thread role, restricted io_uring rings) use none of them either, so any may use them;
-//! `qos` (rate limits the pollers enforce, lock-free) uses only `clock` (the pollers' cheap
-//! clock); `clock`, `error_chain` (an error and its causes on one line), `jsonrpc` (JSON-RPC
-//! 2.0 over a stream) and `units` (byte counts for people) are leaves; `ctl` (the control socket's
-//! client) sits beside `daemon`.
+//! requests, and how the daemon reads and exports it), `qos` (rate limits the pollers
+//! enforce, lock-free) and `sandbox` (seccomp filters per thread role, restricted io_uring
+//! rings) use none of them either, so any may use them; `clock` (the pollers' cheap clock,
+//! which `metrics` and `qos` use), `error_chain` (an error and its causes on one line),
+//! `jsonrpc` (JSON-RPC 2.0 over a stream) and `units` (byte counts for people) are leaves;
+//! `ctl` (the control socket's client) sits beside `daemon`.
 
 pub mod bdev;
 pub mod clock;
