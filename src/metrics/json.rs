@@ -56,6 +56,7 @@ fn counters(m: &mut Map<String, Value>, c: &Counters) {
         .collect();
     m.insert("errors".into(), Value::Object(errors));
     m.insert("in_flight".into(), json!(c.in_flight));
+    m.insert("throttled_ns".into(), json!(c.throttled_ns));
     m.insert(
         "latency".into(),
         json!({"counts": c.latency.counts.to_vec(), "sum_ns": c.latency.sum_ns}),
@@ -89,6 +90,7 @@ pub fn parse_counters(v: &Value) -> Option<Counters> {
         written_bytes: n("written_bytes")?,
         errors,
         in_flight: n("in_flight")?,
+        throttled_ns: n("throttled_ns")?,
         latency: Histogram {
             counts,
             sum_ns: latency.get("sum_ns")?.as_u64()?,

@@ -113,6 +113,8 @@ pub struct QueueMetrics {
     errors: [AtomicU64; ERROR_KINDS],
     /// One latency per completed request.
     latency: AtomicHistogram,
+    /// Ticks during which rate limits held the queue's requests in its ring.
+    throttled: AtomicU64,
 }
 
 impl QueueMetrics {
@@ -147,6 +149,11 @@ impl QueueMetrics {
         bump(&self.errors[ErrorKind::Io as usize], 1);
     }
 
+    /// Rate limits held the queue's requests in its ring for `ticks` (once per stretch).
+    pub fn throttled(&self, ticks: u64) {
+        bump(&self.throttled, ticks);
+    }
+
     /// A request was refused before it started (a rare path: out of line).
     #[cold]
     #[inline(never)]
@@ -168,6 +175,7 @@ impl QueueMetrics {
             written_bytes: load(&self.written_bytes),
             errors: self.errors.each_ref().map(load),
             in_flight: ops.iter().sum::<u64>().saturating_sub(latency.count()),
+            throttled_ns: clock.nanos(load(&self.throttled)),
             latency,
         }
     }
@@ -188,6 +196,9 @@ pub struct Counters {
     pub errors: [u64; ERROR_KINDS],
     /// Requests started and not completed.
     pub in_flight: u64,
+    /// Time, in nanoseconds, during which rate limits held requests in the ring: from the
+    /// pass that first found them held back to the one that took requests again.
+    pub throttled_ns: u64,
     /// The latency of every completed request, from the pass of the poller that took it from
     /// the ring to the pass that saw it complete (a request that completes at once, like
     /// GET_ID, counts as taking no time).
@@ -216,6 +227,7 @@ impl Counters {
             *a = a.wrapping_add(*b);
         }
         self.in_flight = self.in_flight.wrapping_add(other.in_flight);
+        self.throttled_ns = self.throttled_ns.wrapping_add(other.throttled_ns);
         self.latency.add(&other.latency);
     }
 }
@@ -279,6 +291,8 @@ mod tests {
         q1.refused(ErrorKind::Unsupported);
         q1.refused(ErrorKind::Invalid);
         q0.started(Op::Flush);
+        q1.throttled(700);
+        q0.throttled(50);
         let s = m.read(&clock);
         assert_eq!(s.queues.len(), 2);
         let t = &s.total;
@@ -295,6 +309,7 @@ mod tests {
         assert_eq!(s.queues[0].in_flight, 1, "q0's flush");
         assert_eq!(s.queues[1].in_flight, 0, "a refused request never starts");
         assert_eq!(t.in_flight, 1);
+        assert_eq!(t.throttled_ns, 750);
     }
 
     #[test]

@@ -59,6 +59,18 @@ pub fn render(devices: &[(String, DeviceStats)]) -> String {
             ),
             |c| c.in_flight,
         );
+        let throttled = format!("vubd_{}_throttled_seconds_total", scope.name());
+        counter_family(
+            &mut out,
+            devices,
+            scope,
+            (
+                &throttled,
+                "counter",
+                "Time requests waited in the virtqueue because the device was over a rate limit.",
+            ),
+            |c| seconds(c.throttled_ns),
+        );
         if scope == Scope::Device {
             latency_family(&mut out, devices);
         }
@@ -119,12 +131,12 @@ fn each(
     })
 }
 
-fn counter_family(
+fn counter_family<V: std::fmt::Display>(
     out: &mut String,
     devices: &[(String, DeviceStats)],
     scope: Scope,
     (name, kind, help): (&str, &'static str, &str),
-    value: impl Fn(&Counters) -> u64,
+    value: impl Fn(&Counters) -> V,
 ) {
     header(out, name, kind, help);
     for (labels, c) in each(devices, scope) {
@@ -214,6 +226,7 @@ mod tests {
         q.completed(true, (false, 512), 2_500_000_000, &clock);
         q.refused(ErrorKind::Invalid);
         q.started(Op::Flush);
+        q.throttled(250_000_000);
         let text = render(&[("a\"b".to_owned(), m.read(&clock))]);
         let mut want = String::new();
         for scope in ["device", "queue"] {
@@ -254,7 +267,11 @@ mod tests {
                  # HELP vubd_{scope}_in_flight_requests Requests started and not yet \
                  completed.\n\
                  # TYPE vubd_{scope}_in_flight_requests gauge\n\
-                 vubd_{scope}_in_flight_requests{{{labels}}} 1\n"
+                 vubd_{scope}_in_flight_requests{{{labels}}} 1\n\
+                 # HELP vubd_{scope}_throttled_seconds_total Time requests waited in the \
+                 virtqueue because the device was over a rate limit.\n\
+                 # TYPE vubd_{scope}_throttled_seconds_total counter\n\
+                 vubd_{scope}_throttled_seconds_total{{{labels}}} 0.25\n"
             );
             if scope == "queue" {
                 break;

@@ -10,18 +10,20 @@ mod attach;
 mod broken;
 mod publish;
 mod start;
+mod throttle;
 
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{Level, debug, error};
 use vhost_user_backend::VringT;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::dirty;
 use super::slots::{SlotTable, Tag};
@@ -33,6 +35,7 @@ use crate::limited;
 use crate::log_limit::LogLimit;
 use crate::mem::{DirtyLog, GuestMemoryAtomic, HostMap};
 use crate::metrics::{ErrorKind, QueueMetrics};
+use crate::qos::Plan;
 use crate::virtio_blk::chain::DESC_SIZE;
 use crate::virtio_blk::inflight::InflightQueue;
 use crate::virtio_blk::request::Limits;
@@ -49,6 +52,14 @@ const IOV_PER_SLOT: usize = MAX_SEGMENTS as usize + 8;
 const WAKE_EVENT: u64 = u64::MAX;
 /// Epoll data of the queues' kick eventfds.
 const KICK_EVENT: u64 = u64::MAX - 1;
+/// Epoll data of the timer of rate-limited queues.
+const TIMER_EVENT: u64 = u64::MAX - 2;
+/// Requests one queue takes in a pass at most: queues that share a poller take turns, so that
+/// one with hundreds of requests waiting delays another's by one batch only.
+const TURN: u32 = 32;
+/// Longest sleep of a poller whose queues rate limits hold back: a change of limits (which
+/// does not wake the pollers) takes effect within it.
+const MAX_THROTTLED_SLEEP: Duration = Duration::from_millis(50);
 
 /// A device with at least one queue on this poller.
 struct Device {
@@ -72,6 +83,12 @@ struct Device {
     /// ([`DeviceShared::max_in_flight`]): past that its queues keep their chains in the
     /// avail ring until completions make room.
     in_flight: u32,
+    /// The request limits, with the capacity in force ([`DeviceShared::capacity_sectors`]).
+    limits: Limits,
+    /// The device's rate limits (`None`: none), and the generation of
+    /// [`crate::qos::DeviceQos`] they are of.
+    qos: Option<Arc<Plan>>,
+    qos_gen: u64,
 }
 
 /// An I/O channel of this poller, serving one device or several (namespaces of one NVMe
@@ -117,6 +134,10 @@ struct QueueSlot {
     lost_interrupts: u64,
     /// The queue's counters, unless metrics are off: this poller alone writes them.
     metrics: Option<Arc<QueueMetrics>>,
+    /// When a pass first found the queue with chains its device's rate limits held back (a
+    /// tick of the pollers' clock), 0 while it is not held back: its kicks then stay off,
+    /// and the poller sleeps until the limits admit again.
+    throttled_since: u64,
 }
 
 /// How a request ends.
@@ -143,8 +164,13 @@ pub(super) struct Worker {
     events: Vec<EpollEvent>,
     stopping: bool,
     /// Read once per pass that takes requests and once per batch of completions, for the
-    /// latencies of queues with metrics.
+    /// latencies of queues with metrics and for rate limits.
     clock: Clock,
+    /// The earliest tick at which a queue its device's rate limits held back in this pass may
+    /// take requests again (`u64::MAX`: none was held back).
+    resume_at: u64,
+    /// Wakes the poller at `resume_at` when it sleeps.
+    timer: TimerFd,
 }
 
 /// In adaptive mode, empty passes between two looks at the clock: about a microsecond here,
@@ -178,6 +204,30 @@ impl Device {
         self.map_gen += 1;
         true
     }
+
+    /// Takes the device's capacity in force into its limits, once per pass with work (a
+    /// resize changes it). Inlined: one load and a compare.
+    #[inline(always)]
+    fn refresh_capacity(&mut self) {
+        let capacity = self.shared.capacity_sectors.load(Ordering::Relaxed);
+        if capacity != self.limits.capacity_sectors {
+            self.limits.capacity_sectors = capacity;
+        }
+    }
+
+    /// Loads the device's rate limits again if they changed (one load and a compare).
+    #[inline(always)]
+    fn refresh_qos(&mut self) {
+        if self.shared.qos.generation() != self.qos_gen {
+            self.reload_qos();
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn reload_qos(&mut self) {
+        (self.qos_gen, self.qos) = self.shared.qos.plan();
+    }
 }
 
 impl Worker {
@@ -187,6 +237,12 @@ impl Worker {
             ControlOperation::Add,
             shared.wake.as_raw_fd(),
             EpollEvent::new(EventSet::IN, WAKE_EVENT),
+        )?;
+        let timer = TimerFd::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TIMER_EVENT),
         )?;
         Ok(Self {
             shared,
@@ -203,6 +259,8 @@ impl Worker {
             events: vec![EpollEvent::default(); 16],
             stopping: false,
             clock: Clock::get(),
+            resume_at: u64::MAX,
+            timer,
         })
     }
 
@@ -258,6 +316,7 @@ impl Worker {
     #[inline(always)]
     fn poll_once(&mut self) -> usize {
         let mut work = 0;
+        self.resume_at = u64::MAX;
         for qi in 0..self.queues.len() {
             work += self.process_queue(qi);
         }
@@ -290,6 +349,7 @@ impl Worker {
             scratch,
             epoll,
             clock,
+            resume_at,
             ..
         } = self;
         let Some(q) = queues[qi].as_mut() else {
@@ -306,11 +366,6 @@ impl Worker {
         };
         let Some(channel) = channels[dev.channel].as_mut().map(|c| &mut c.channel) else {
             return 0;
-        };
-        // The capacity changes when the device is resized: read once per pass.
-        let limits = Limits {
-            capacity_sectors: dev.shared.capacity_sectors.load(Ordering::Relaxed),
-            ..dev.shared.limits
         };
         let mut state = q.vring.get_mut();
         let queue = state.get_queue_mut();
@@ -343,6 +398,29 @@ impl Worker {
                 None => return 0,
             }
         }
+        dev.refresh_capacity();
+        dev.refresh_qos();
+        // The pass's time: every request it takes starts then, and rate limits count from it.
+        let qm = q.metrics.as_deref();
+        let now = if qm.is_some() || dev.qos.is_some() {
+            clock.now()
+        } else {
+            0
+        };
+        // What an earlier process left in flight was admitted by it: not held back again.
+        let mut gate = match &dev.qos {
+            Some(plan) if q.resubmit.is_empty() => match plan.open(now) {
+                Ok(gate) => Some(gate),
+                Err(at) => {
+                    throttle::throttle(&mut q.throttled_since, now, at, resume_at);
+                    return 0;
+                }
+            },
+            _ => None,
+        };
+        if q.throttled_since != 0 {
+            throttle::unthrottle(&mut q.throttled_since, qm, now);
+        }
         if (avail - next).0 > ring.size() {
             // virtio 1.2 §2.7.6: the driver never makes more than a ring's worth available.
             let why = Breakage::AvailIndex {
@@ -367,11 +445,15 @@ impl Worker {
         // Set when the driver broke the ring's rules: the pass ends there, the chain that
         // broke it is not taken (next avail stays on it), and what completed is published.
         let mut breakage = None;
-        // The pass's time: every request it takes starts then.
-        let qm = q.metrics.as_deref();
-        let now = if qm.is_some() { clock.now() } else { 0 };
+        let limits = &dev.limits;
+        // Requests this pass may still take: a turn, cut short by rate limits.
+        let mut turn = TURN;
         loop {
-            if slots.is_full() || !channel.has_room() || dev.in_flight >= dev.shared.max_in_flight {
+            if turn == 0
+                || slots.is_full()
+                || !channel.has_room()
+                || dev.in_flight >= dev.shared.max_in_flight
+            {
                 // Retried on the next iteration, once completions have freed room.
                 break;
             }
@@ -409,7 +491,8 @@ impl Worker {
             let Some(tag) = slots.alloc() else {
                 break;
             };
-            let parsed = parse(map, table, head, &limits, scratch, slots.iov_mut(tag));
+            turn -= 1;
+            let parsed = parse(map, table, head, limits, scratch, slots.iov_mut(tag));
             if let Err(rej) = &parsed
                 && rej.status.is_none()
             {
@@ -436,8 +519,16 @@ impl Worker {
                     Err(rej) => rej.status,
                 },
             ));
-            if let (Some(m), Ok(p)) = (qm, &parsed) {
-                m.started(start::op(p.request.kind));
+            if let Ok(p) = &parsed {
+                if let Some(m) = qm {
+                    m.started(start::op(p.request.kind));
+                }
+                if let Some(g) = &mut gate
+                    && let Some((write, bytes)) = start::limited_units(&p.request)
+                    && g.take(write, bytes)
+                {
+                    turn = 0;
+                }
             }
             let done = match &parsed {
                 Ok(p) => match start::start(
@@ -507,6 +598,9 @@ impl Worker {
                 .worked(desc, status.and_then(|s| map.host_range(s.0, 1)));
         }
         queue.set_next_avail(next.0);
+        if let Some(gate) = gate {
+            gate.close(now);
+        }
         let delivered = used == old_used
             || publish(
                 &ring,
@@ -556,16 +650,31 @@ impl Worker {
         self.shared.sleeping.store(true, Ordering::SeqCst);
         let mut more = self.shared.has_commands.load(Ordering::SeqCst);
         for qi in 0..self.queues.len() {
+            // A queue rate limits hold back keeps its kicks off: the timer wakes the poller.
+            if self.queues[qi]
+                .as_ref()
+                .is_some_and(QueueSlot::is_throttled)
+            {
+                continue;
+            }
             more |= self.set_notifications(qi, true) && !self.held_back(qi);
         }
-        if !more {
-            match self.epoll.wait(-1, &mut self.events) {
+        let timeout = if more {
+            None
+        } else {
+            self.arm_throttle_timer()
+        };
+        if let Some(timeout) = timeout {
+            match self.epoll.wait(timeout, &mut self.events) {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => error!(error = %e, "poller epoll_wait failed"),
             }
         }
         self.shared.sleeping.store(false, Ordering::SeqCst);
+        if timeout.is_some_and(|t| t >= 0) {
+            self.disarm_throttle_timer();
+        }
         let _ = self.shared.wake.read();
         for c in self.channels.iter().flatten() {
             c.channel.clear_completion_fd();

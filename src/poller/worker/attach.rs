@@ -20,6 +20,7 @@ use crate::mem::HostMap;
 use crate::poller::warm::Warm;
 use crate::poller::{Command, DetachWait, QueueAttach, WARNINGS_PER_SECOND};
 use crate::virtio_blk::MAX_RANGE_SEGMENTS;
+use crate::virtio_blk::request::Limits;
 
 impl Worker {
     pub(super) fn handle_commands(&mut self) {
@@ -181,6 +182,13 @@ impl Worker {
                     queues: 0,
                     log: a.log.clone(),
                     in_flight: 0,
+                    limits: Limits {
+                        capacity_sectors: a.shared.capacity_sectors.load(Ordering::Relaxed),
+                        ..a.shared.limits
+                    },
+                    qos: None,
+                    // Unlike any generation: the first pass with work loads the plan.
+                    qos_gen: u64::MAX,
                 });
                 i
             }
@@ -237,6 +245,7 @@ impl Worker {
             broken_flag: a.broken,
             lost_interrupts: 0,
             metrics: a.shared.metrics.as_ref().and_then(|m| m.queue(a.queue)),
+            throttled_since: 0,
         });
         self.set_notifications(q, false);
         // The guest may hold completions it was never interrupted for: the process that had

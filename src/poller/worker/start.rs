@@ -12,6 +12,7 @@ use crate::mem::MemSnapshot;
 use crate::metrics::Op;
 use crate::poller::DeviceShared;
 use crate::poller::slots::{SlotTable, Tag};
+use crate::virtio_blk::request::Request;
 use crate::virtio_blk::{Parsed, Range, RequestKind, SECTOR_SHIFT, Status};
 
 /// Starts a parsed request of queue `qi` in slot `tag` on the device's channel, at `now` on the
@@ -146,6 +147,19 @@ pub(super) fn start(
         return Some((p.head, c));
     }
     None
+}
+
+/// What a request counts against its device's rate limits: whether it is a write (else a
+/// read) and its bytes; `None` for FLUSH and GET_ID, which are not limited. DISCARD and
+/// WRITE_ZEROES are writes of no bytes: they move no data.
+#[inline(always)]
+pub(super) fn limited_units(request: &Request) -> Option<(bool, u32)> {
+    match request.kind {
+        RequestKind::Read { .. } => Some((false, request.data_len)),
+        RequestKind::Write { .. } => Some((true, request.data_len)),
+        RequestKind::Discard | RequestKind::WriteZeroes => Some((true, 0)),
+        RequestKind::Flush | RequestKind::GetId => None,
+    }
 }
 
 /// What a request asks, as the metrics count it.

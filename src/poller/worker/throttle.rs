@@ -1,0 +1,70 @@
+//! Queues their devices' rate limits hold back ([`crate::qos`]): what a pass records when the
+//! limits do not admit, and how the poller sleeps until they do. A held-back queue keeps its
+//! chains in the avail ring and its kicks off (more kicks would not let it take more); the
+//! poller's timer wakes it when the limits admit again, so that it neither spins nor misses
+//! the moment.
+
+use std::time::Duration;
+
+use super::{MAX_THROTTLED_SLEEP, QueueSlot, Worker};
+use crate::metrics::QueueMetrics;
+
+/// A pass at `now` found chains of a queue (held back since `since`, 0: not yet) that its
+/// device's limits do not admit before tick `at`. Free functions over the queue's fields:
+/// the pass holds the queue's vring lock through a borrow of the queue.
+#[cold]
+#[inline(never)]
+pub(super) fn throttle(since: &mut u64, now: u64, at: u64, resume_at: &mut u64) {
+    if *since == 0 {
+        *since = now.max(1);
+    }
+    *resume_at = (*resume_at).min(at);
+}
+
+/// A pass at `now` takes requests again from a queue held back since `since`: the time goes
+/// to its metrics.
+#[cold]
+#[inline(never)]
+pub(super) fn unthrottle(since: &mut u64, metrics: Option<&QueueMetrics>, now: u64) {
+    if let Some(m) = metrics {
+        m.throttled(now.saturating_sub(*since));
+    }
+    *since = 0;
+}
+
+impl QueueSlot {
+    /// Whether the last pass found the queue held back.
+    pub(super) fn is_throttled(&self) -> bool {
+        self.throttled_since != 0
+    }
+}
+
+impl Worker {
+    /// Before the poller sleeps: arms its timer for the moment the limits of the queues held
+    /// back in the last pass admit again (at most [`MAX_THROTTLED_SLEEP`] away), and returns
+    /// the longest sleep in milliseconds (a backstop should the timer fail; -1: no limit held
+    /// a queue back), or `None` when that moment has come already.
+    pub(super) fn arm_throttle_timer(&mut self) -> Option<i32> {
+        if self.resume_at == u64::MAX {
+            return Some(-1);
+        }
+        let now = self.clock.now();
+        if self.resume_at <= now {
+            return None;
+        }
+        let wait = Duration::from_nanos(self.clock.nanos(self.resume_at - now))
+            .clamp(Duration::from_micros(1), MAX_THROTTLED_SLEEP);
+        if let Err(e) = self.timer.reset(wait, None) {
+            tracing::error!(error = %e, "cannot arm the poller's timer");
+        }
+        Some(MAX_THROTTLED_SLEEP.as_millis() as i32 + 1)
+    }
+
+    /// After the poller woke from a sleep its timer was armed for: disarms it, which also
+    /// clears an expiry it did not read (else the next sleep would end at once).
+    pub(super) fn disarm_throttle_timer(&mut self) {
+        if let Err(e) = self.timer.clear() {
+            tracing::error!(error = %e, "cannot disarm the poller's timer");
+        }
+    }
+}
