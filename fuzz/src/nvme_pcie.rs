@@ -100,269 +100,244 @@ encode_enum!(SqHead { Fetched, Ahead(n), Raw(n) });
 
 /// Seeds: a well-behaved controller, and each way of misbehaving once.
 pub fn seeds() -> Vec<(&'static str, Input)> {
-    let good = |cid| Op::Complete {
-        cid,
-        sqhd: SqHead::Fetched,
-        status: 0,
-    };
     let base = Input {
         qid: 1,
         sq_entries: Entries::Small(6),
         cq_entries: Entries::Small(6),
         ctrl_qid: None,
         ignore_errors: false,
-        ops: vec![
-            Op::Submit(3),
-            Op::SqDoorbell,
-            Op::Fetch(3),
-            good(Pick::Fetched(0)),
-            good(Pick::Fetched(0)),
-            Op::Poll(16),
-            good(Pick::Fetched(0)),
-            Op::Poll(16),
-            Op::CqDoorbell,
-        ],
+        ops: fetched(
+            3,
+            &[
+                good(Pick::Fetched(0)),
+                good(Pick::Fetched(0)),
+                Op::Poll(16),
+                good(Pick::Fetched(0)),
+                Op::Poll(16),
+                Op::CqDoorbell,
+            ],
+        ),
     };
-    let with = |ops: &[Op]| {
+    // Most seeds misbehave after `base`'s well-behaved run, so the driver already has
+    // completed commands and a moved CQ head behind it.
+    let with = |ops: Vec<Op>| {
         let mut i = base.clone();
-        i.ops.extend_from_slice(ops);
+        i.ops.extend(ops);
         i
     };
-    let mut out = vec![("in_order", base.clone())];
-    let mut wrap = base.clone();
-    wrap.sq_entries = Entries::Small(1);
-    wrap.cq_entries = Entries::Small(0);
-    for _ in 0..3 {
-        wrap.ops.extend([
-            Op::Submit(0),
-            Op::SqDoorbell,
-            Op::Fetch(0),
-            good(Pick::Fetched(0)),
-            Op::Poll(1),
-            Op::CqDoorbell,
-        ]);
+    vec![
+        ("in_order", base.clone()),
+        (
+            "wrapping",
+            Input {
+                sq_entries: Entries::Small(1),
+                cq_entries: Entries::Small(0),
+                ..with(fetched(0, &[good(Pick::Fetched(0)), Op::Poll(1), Op::CqDoorbell]).repeat(3))
+            },
+        ),
+        (
+            "wrong_sqid",
+            Input {
+                ctrl_qid: Some(2),
+                ..base.clone()
+            },
+        ),
+        (
+            "duplicate",
+            with(fetched(0, &[good(Pick::Done(0)), Op::Poll(4)])),
+        ),
+        (
+            "late_answer_for_a_reused_slot",
+            with(fetched(
+                2,
+                &[good(Pick::Fetched(0)), good(Pick::Done(1)), Op::Poll(4)],
+            )),
+        ),
+        (
+            "unknown_cid",
+            with(fetched(0, &[good(Pick::Raw(0x0fff)), Op::Poll(4)])),
+        ),
+        (
+            "sq_head_ahead_of_the_tail",
+            with(fetched(
+                0,
+                &[complete(Pick::Fetched(0), SqHead::Ahead(2), 0), Op::Poll(4)],
+            )),
+        ),
+        (
+            "wrong_phase",
+            with(submitted(0, &[raw(3, Pick::Live(0), false), Op::Poll(4)])),
+        ),
+        (
+            "error_status_then_reset",
+            with(fetched(
+                1,
+                &[
+                    complete(Pick::Fetched(0), SqHead::Fetched, 0x4004),
+                    Op::Poll(4),
+                    Op::Take(Pick::Live(0)),
+                ],
+            )),
+        ),
+        (
+            "poll_after_an_error",
+            Input {
+                ignore_errors: true,
+                ..with(fetched(
+                    0,
+                    &[
+                        good(Pick::Raw(0xffff)),
+                        good(Pick::Fetched(0)),
+                        Op::Poll(4),
+                        Op::Poll(4),
+                    ],
+                ))
+            },
+        ),
+        (
+            "out_of_order",
+            with(fetched(
+                3,
+                &[
+                    good(Pick::Fetched(3)),
+                    good(Pick::Fetched(1)),
+                    good(Pick::Fetched(0)),
+                    Op::Poll(2),
+                    Op::CqDoorbell,
+                    good(Pick::Fetched(0)),
+                    Op::Poll(16),
+                ],
+            )),
+        ),
+        (
+            "late_answer_after_take_back",
+            with(fetched(
+                0,
+                &[Op::Take(Pick::Live(0)), good(Pick::Fetched(0)), Op::Poll(4)],
+            )),
+        ),
+        (
+            "sq_head_going_back",
+            with(fetched(
+                1,
+                &[
+                    good(Pick::Fetched(0)),
+                    complete(Pick::Fetched(0), SqHead::Raw(0), 0),
+                    Op::Poll(4),
+                ],
+            )),
+        ),
+        (
+            "sq_head_outside_the_ring",
+            with(fetched(
+                0,
+                &[
+                    complete(Pick::Fetched(0), SqHead::Raw(0xffff), 0),
+                    Op::Poll(4),
+                ],
+            )),
+        ),
+        (
+            "new_entry_behind_a_stale_one",
+            with(submitted(1, &[raw(4, Pick::Live(1), true), Op::Poll(4)])),
+        ),
+        (
+            "cq_full_until_the_head_doorbell",
+            Input {
+                qid: 3,
+                sq_entries: Entries::Small(0),
+                cq_entries: Entries::Small(0),
+                ops: fetched(
+                    1,
+                    &[
+                        good(Pick::Fetched(0)),
+                        good(Pick::Fetched(0)),
+                        Op::Poll(16),
+                        good(Pick::Fetched(0)),
+                        Op::CqDoorbell,
+                        good(Pick::Live(0)),
+                        Op::Poll(16),
+                        Op::CqDoorbell,
+                    ],
+                ),
+                ..base.clone()
+            },
+        ),
+        (
+            "large_rings",
+            Input {
+                sq_entries: Entries::Large(1022),
+                cq_entries: Entries::Large(4094),
+                ..with(
+                    fetched(
+                        7,
+                        &[
+                            good(Pick::Fetched(2)),
+                            good(Pick::Fetched(0)),
+                            Op::Poll(16),
+                            Op::CqDoorbell,
+                        ],
+                    )
+                    .repeat(20),
+                )
+            },
+        ),
+        (
+            "submit_past_full",
+            with(vec![
+                Op::Submit(7),
+                Op::Submit(7),
+                Op::SqDoorbell,
+                Op::Submit(1),
+            ]),
+        ),
+        (
+            "error_statuses",
+            with(fetched(
+                2,
+                &[
+                    complete(
+                        Pick::Fetched(0),
+                        SqHead::Fetched,
+                        0x8000 | (1 << 9) | (0x80 << 1),
+                    ),
+                    complete(Pick::Fetched(0), SqHead::Fetched, 0x4000 | (7 << 9)),
+                    Op::Poll(16),
+                ],
+            )),
+        ),
+    ]
+}
+
+/// The host submits `1 + n % 8` commands and rings the doorbell, then `then`.
+fn submitted(n: u8, then: &[Op]) -> Vec<Op> {
+    [&[Op::Submit(n), Op::SqDoorbell], then].concat()
+}
+
+/// As [`submitted`], with the controller fetching the commands before `then`: the opening
+/// of every seed in which the controller completes what it was given.
+fn fetched(n: u8, then: &[Op]) -> Vec<Op> {
+    submitted(n, &[&[Op::Fetch(n)], then].concat())
+}
+
+fn complete(cid: Pick, sqhd: SqHead, status: u16) -> Op {
+    Op::Complete { cid, sqhd, status }
+}
+
+/// A completion as a well-behaved controller posts it.
+fn good(cid: Pick) -> Op {
+    complete(cid, SqHead::Fetched, 0)
+}
+
+/// An entry written straight into CQ slot `slot` (see [`Op::Raw`]), with the queue's own SQ
+/// id and head and a success status: what is wrong is where it stands and its phase.
+fn raw(slot: u16, cid: Pick, phase: bool) -> Op {
+    Op::Raw {
+        slot,
+        cid,
+        sqhd: SqHead::Fetched,
+        sqid: 1,
+        status: 0,
+        phase,
     }
-    out.push(("wrapping", wrap));
-    let mut two_q = base.clone();
-    two_q.ctrl_qid = Some(2);
-    out.push(("wrong_sqid", two_q));
-    out.push((
-        "duplicate",
-        with(&[
-            Op::Submit(0),
-            Op::SqDoorbell,
-            Op::Fetch(0),
-            good(Pick::Done(0)),
-            Op::Poll(4),
-        ]),
-    ));
-    out.push((
-        "late_answer_for_a_reused_slot",
-        with(&[
-            Op::Submit(2),
-            Op::SqDoorbell,
-            Op::Fetch(2),
-            good(Pick::Fetched(0)),
-            good(Pick::Done(1)),
-            Op::Poll(4),
-        ]),
-    ));
-    out.push((
-        "unknown_cid",
-        with(&[
-            Op::Submit(0),
-            Op::SqDoorbell,
-            Op::Fetch(0),
-            good(Pick::Raw(0x0fff)),
-            Op::Poll(4),
-        ]),
-    ));
-    out.push((
-        "sq_head_ahead_of_the_tail",
-        with(&[
-            Op::Submit(0),
-            Op::SqDoorbell,
-            Op::Fetch(0),
-            Op::Complete {
-                cid: Pick::Fetched(0),
-                sqhd: SqHead::Ahead(2),
-                status: 0,
-            },
-            Op::Poll(4),
-        ]),
-    ));
-    out.push((
-        "wrong_phase",
-        with(&[
-            Op::Submit(0),
-            Op::SqDoorbell,
-            Op::Raw {
-                slot: 3,
-                cid: Pick::Live(0),
-                sqhd: SqHead::Fetched,
-                sqid: 1,
-                status: 0,
-                phase: false,
-            },
-            Op::Poll(4),
-        ]),
-    ));
-    out.push((
-        "error_status_then_reset",
-        with(&[
-            Op::Submit(1),
-            Op::SqDoorbell,
-            Op::Fetch(1),
-            Op::Complete {
-                cid: Pick::Fetched(0),
-                sqhd: SqHead::Fetched,
-                status: 0x4004,
-            },
-            Op::Poll(4),
-            Op::Take(Pick::Live(0)),
-        ]),
-    ));
-    let mut keep_going = with(&[
-        Op::Submit(0),
-        Op::SqDoorbell,
-        Op::Fetch(0),
-        good(Pick::Raw(0xffff)),
-        good(Pick::Fetched(0)),
-        Op::Poll(4),
-        Op::Poll(4),
-    ]);
-    keep_going.ignore_errors = true;
-    out.push(("poll_after_an_error", keep_going));
-    out.push((
-        "out_of_order",
-        with(&[
-            Op::Submit(3),
-            Op::SqDoorbell,
-            Op::Fetch(3),
-            good(Pick::Fetched(3)),
-            good(Pick::Fetched(1)),
-            good(Pick::Fetched(0)),
-            Op::Poll(2),
-            Op::CqDoorbell,
-            good(Pick::Fetched(0)),
-            Op::Poll(16),
-        ]),
-    ));
-    out.push((
-        "late_answer_after_take_back",
-        with(&[
-            Op::Submit(0),
-            Op::SqDoorbell,
-            Op::Fetch(0),
-            Op::Take(Pick::Live(0)),
-            good(Pick::Fetched(0)),
-            Op::Poll(4),
-        ]),
-    ));
-    out.push((
-        "sq_head_going_back",
-        with(&[
-            Op::Submit(1),
-            Op::SqDoorbell,
-            Op::Fetch(1),
-            good(Pick::Fetched(0)),
-            Op::Complete {
-                cid: Pick::Fetched(0),
-                sqhd: SqHead::Raw(0),
-                status: 0,
-            },
-            Op::Poll(4),
-        ]),
-    ));
-    out.push((
-        "sq_head_outside_the_ring",
-        with(&[
-            Op::Submit(0),
-            Op::SqDoorbell,
-            Op::Fetch(0),
-            Op::Complete {
-                cid: Pick::Fetched(0),
-                sqhd: SqHead::Raw(0xffff),
-                status: 0,
-            },
-            Op::Poll(4),
-        ]),
-    ));
-    out.push((
-        "new_entry_behind_a_stale_one",
-        with(&[
-            Op::Submit(1),
-            Op::SqDoorbell,
-            Op::Raw {
-                slot: 4,
-                cid: Pick::Live(1),
-                sqhd: SqHead::Fetched,
-                sqid: 1,
-                status: 0,
-                phase: true,
-            },
-            Op::Poll(4),
-        ]),
-    ));
-    let mut tiny = Input {
-        qid: 3,
-        sq_entries: Entries::Small(0),
-        cq_entries: Entries::Small(0),
-        ctrl_qid: None,
-        ignore_errors: false,
-        ops: vec![],
-    };
-    tiny.ops = vec![
-        Op::Submit(1),
-        Op::SqDoorbell,
-        Op::Fetch(1),
-        good(Pick::Fetched(0)),
-        good(Pick::Fetched(0)),
-        Op::Poll(16),
-        good(Pick::Fetched(0)),
-        Op::CqDoorbell,
-        good(Pick::Live(0)),
-        Op::Poll(16),
-        Op::CqDoorbell,
-    ];
-    out.push(("cq_full_until_the_head_doorbell", tiny));
-    let mut large = base.clone();
-    large.sq_entries = Entries::Large(1022);
-    large.cq_entries = Entries::Large(4094);
-    for _ in 0..20 {
-        large.ops.extend([
-            Op::Submit(7),
-            Op::SqDoorbell,
-            Op::Fetch(7),
-            good(Pick::Fetched(2)),
-            good(Pick::Fetched(0)),
-            Op::Poll(16),
-            Op::CqDoorbell,
-        ]);
-    }
-    out.push(("large_rings", large));
-    out.push((
-        "submit_past_full",
-        with(&[Op::Submit(7), Op::Submit(7), Op::SqDoorbell, Op::Submit(1)]),
-    ));
-    out.push((
-        "error_statuses",
-        with(&[
-            Op::Submit(2),
-            Op::SqDoorbell,
-            Op::Fetch(2),
-            Op::Complete {
-                cid: Pick::Fetched(0),
-                sqhd: SqHead::Fetched,
-                status: 0x8000 | (1 << 9) | (0x80 << 1),
-            },
-            Op::Complete {
-                cid: Pick::Fetched(0),
-                sqhd: SqHead::Fetched,
-                status: 0x4000 | (7 << 9),
-            },
-            Op::Poll(16),
-        ]),
-    ));
-    out
 }
