@@ -129,6 +129,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The answer to a frontend's message that cannot be served: InvalidInput, with the cause
+/// as its text (one place, so that every refusal reads the same to the frontend).
+fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e)
+}
+
 impl BlkBackend {
     /// A session whose queue `q` is served by `pollers[q]`.
     pub fn new(
@@ -513,6 +519,22 @@ impl BlkBackend {
         }
     }
 
+    /// [`invalid`], with a warning whose message is `what`. Rate-limited: a frontend may send
+    /// the refused message again and again.
+    fn refused<E>(&self, what: &str, e: E) -> io::Error
+    where
+        E: std::fmt::Display + Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        limited!(
+            self.shared.events,
+            Level::WARN,
+            device = self.shared.index,
+            error = %e,
+            "{what}"
+        );
+        invalid(e)
+    }
+
     fn config_space(&self) -> [u8; config::CONFIG_SPACE_SIZE] {
         let mut cfg = self.shape.config;
         cfg.capacity_sectors = self.shared.capacity_sectors.load(Ordering::Acquire);
@@ -544,18 +566,9 @@ impl VhostUserBackend for BlkBackend {
     /// SET_LOG_BASE: the log to mark while LOG_ALL is on (a new one replaces the old one,
     /// e.g. when guest memory grew).
     fn set_log_base(&self, msg: &VhostUserLog, file: &File) -> io::Result<()> {
-        let mut log = DirtyLog::new(file, msg.mmap_offset, msg.mmap_size).map_err(|e| {
-            limited!(
-                self.shared.events,
-                Level::WARN,
-                device = self.shared.index,
-                error = %e,
-                "dirty log refused"
-            );
-            io::Error::new(io::ErrorKind::InvalidInput, e)
-        })?;
-        log.watch(&self.shared.faults)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut log = DirtyLog::new(file, msg.mmap_offset, msg.mmap_size)
+            .map_err(|e| self.refused("dirty log refused", e))?;
+        log.watch(&self.shared.faults).map_err(invalid)?;
         tracing::debug!(bytes = msg.mmap_size, "dirty log set");
         self.update_log(|s| s.log = Some(Arc::new(log)));
         Ok(())
@@ -578,11 +591,8 @@ impl VhostUserBackend for BlkBackend {
 
     /// GET_INFLIGHT_FD: a new, zeroed region for the frontend to keep.
     fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
-        let mut region = InflightRegion::create(msg.num_queues, msg.queue_size)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        region
-            .watch(&self.shared.faults)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut region = InflightRegion::create(msg.num_queues, msg.queue_size).map_err(invalid)?;
+        region.watch(&self.shared.faults).map_err(invalid)?;
         let file = region.file().try_clone()?;
         let reply = VhostUserInflight {
             mmap_size: region.size(),
@@ -605,19 +615,8 @@ impl VhostUserBackend for BlkBackend {
             msg.num_queues,
             msg.queue_size,
         )
-        .map_err(|e| {
-            limited!(
-                self.shared.events,
-                Level::WARN,
-                device = self.shared.index,
-                error = %e,
-                "inflight region refused"
-            );
-            io::Error::new(io::ErrorKind::InvalidInput, e)
-        })?;
-        region
-            .watch(&self.shared.faults)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        .map_err(|e| self.refused("inflight region refused", e))?;
+        region.watch(&self.shared.faults).map_err(invalid)?;
         tracing::debug!(
             queues = msg.num_queues,
             size = msg.queue_size,
@@ -686,9 +685,7 @@ impl VhostUserBackend for BlkBackend {
     /// A region of a new memory table was mapped: registered with the SIGBUS handler before
     /// any thread can touch it (see `mem::fault`).
     fn region_mapped(&self, region: &GuestRegionMmap<()>) -> io::Result<()> {
-        lock(&self.regions)
-            .add(region)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+        lock(&self.regions).add(region).map_err(invalid)
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic) -> io::Result<()> {
