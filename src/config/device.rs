@@ -1,9 +1,10 @@
 //! One served device: its socket, disk and guest-visible shape. The single-device options
 //! (`--socket-path`/`--fd`, `--disk`, `--readonly`, ...) describe one; each repeatable
 //! `--device socket=PATH,disk=DISK[,name=N][,serial=S][,readonly=on|off][,num-queues=N]
-//! [,queue-size=N][,incoming=on|off][,max-inflight=N]` (QEMU's key=value list, `,,` for a
-//! comma in a value) describes another, and so do the same keys in a control request
-//! (`device_add`). What several devices may not share is refused here: a name, a socket, a
+//! [,queue-size=N][,incoming=on|off][,max-inflight=N][,iops-total=N,...][,qos-group=G]`
+//! (QEMU's key=value list, `,,` for a comma in a value) describes another, and so do the same
+//! keys in a control request (`device_add`); the rate-limit keys are parsed by
+//! [`super::qos`]. What several devices may not share is refused here: a name, a socket, a
 //! writable image file, an NVMe namespace.
 
 use std::collections::HashMap;
@@ -11,8 +12,9 @@ use std::path::PathBuf;
 
 use super::{
     ConfigError, DiskSpec, MAX_QUEUE_SIZE, MAX_QUEUES, MAX_SERIAL_LEN, SocketPerms, SocketSpec,
-    check_socket_dir, default_serial, parse_disk,
+    check_socket_dir, default_serial, parse_disk, qos,
 };
+use crate::qos::Rates;
 
 /// A validated device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,9 +45,22 @@ pub struct DeviceConfig {
     /// `socket-mode=` / `socket-group=`, else `--socket-mode` / `--socket-group`: the mode and
     /// group of a socket vubd creates (none for an inherited one).
     pub socket_perms: SocketPerms,
+    /// `iops-total=`, ..., `qos-burst-ms=`: the device's own rate limits as it starts
+    /// (`device_set_qos` changes them later; the daemon keeps the ones in force).
+    pub qos: Rates,
+    /// `qos-group=`: the group whose limits it shares as it starts.
+    pub qos_group: Option<String>,
 }
 
 impl DeviceConfig {
+    /// How errors name the device: its `--device` argument, else its name.
+    pub fn label(&self) -> String {
+        match &self.arg {
+            Some(arg) => format!("--device {arg:?}"),
+            None => format!("device {:?}", self.name),
+        }
+    }
+
     /// Whether the device opens its image inactive: holding consistent reads only and sharing
     /// everything, so that it can start beside the process serving the image. A read-only
     /// device never holds write, so `incoming` changes nothing for it; neither does it for a
@@ -68,6 +83,8 @@ pub(super) struct DeviceValues {
     pub incoming: bool,
     pub max_in_flight: Option<u32>,
     pub socket_perms: SocketPerms,
+    pub qos: Rates,
+    pub qos_group: Option<String>,
 }
 
 impl DeviceValues {
@@ -110,13 +127,15 @@ impl DeviceValues {
             incoming: self.incoming,
             max_in_flight: self.max_in_flight,
             socket_perms: self.socket_perms,
+            qos: self.qos,
+            qos_group: self.qos_group,
         })
     }
 }
 
 /// Splits a QEMU-style option list: items separated by `,`, where `,,` is a comma inside a
 /// value.
-fn split_list(s: &str) -> Vec<String> {
+pub(super) fn split_list(s: &str) -> Vec<String> {
     let mut items = Vec::new();
     let mut item = String::new();
     let mut chars = s.chars().peekable();
@@ -136,7 +155,9 @@ fn split_list(s: &str) -> Vec<String> {
 
 /// The keys of a device (`--device` and the control socket's `device_add`).
 pub const KNOWN_KEYS: &str = "name, socket, fd, disk, serial, readonly, num-queues, queue-size, \
-                              incoming, max-inflight, socket-mode, socket-group";
+                              incoming, max-inflight, socket-mode, socket-group, iops-total, \
+                              iops-read, iops-write, bps-total, bps-read, bps-write, \
+                              qos-burst-ms, qos-group";
 
 /// What a device's keys default to beside their own defaults: the global `--incoming`,
 /// `--socket-mode` and `--socket-group`.
@@ -197,12 +218,14 @@ pub fn device_from_keys(
         (None, None) => return Err(bad("socket (or fd) is required")),
     };
     let name = match keys.remove("name") {
-        Some(n) if n.is_empty() || n.len() > MAX_NAME_LEN || n.chars().any(char::is_control) => {
+        Some(n) if !is_valid_name(&n) => {
             return Err(bad("name must be 1 to 64 bytes without control characters"));
         }
         Some(n) => n,
         None => default_name(&socket),
     };
+    let (qos, qos_group) =
+        qos::take_device_qos(&mut keys).map_err(|e| ConfigError::BadQos(label.to_owned(), e))?;
     let in_device = |e| ConfigError::InDevice(label.to_owned(), Box::new(e));
     let disk =
         parse_disk(&keys.remove("disk").ok_or(bad("disk is required"))?).map_err(in_device)?;
@@ -246,12 +269,20 @@ pub fn device_from_keys(
             Some(v) => Some(v.parse().map_err(|_| bad("max-inflight takes a number"))?),
         },
         socket_perms,
+        qos,
+        qos_group,
     };
     values.validate(None, None).map_err(in_device)
 }
 
-/// Longest device name, bytes.
+/// Longest device (and QoS group) name, bytes.
 const MAX_NAME_LEN: usize = 64;
+
+/// Whether `n` is a valid device or group name: 1 to [`MAX_NAME_LEN`] bytes, no control
+/// characters (it shows in log lines and tables).
+pub(super) fn is_valid_name(n: &str) -> bool {
+    !n.is_empty() && n.len() <= MAX_NAME_LEN && !n.chars().any(char::is_control)
+}
 
 /// The name of a device without `name=`: its socket as given (unique among the devices).
 pub(super) fn default_name(socket: &SocketSpec) -> String {
@@ -276,39 +307,38 @@ pub fn check_beside<'a>(
     d: &DeviceConfig,
     others: impl IntoIterator<Item = &'a DeviceConfig>,
 ) -> Result<(), ConfigError> {
-    let label = || match &d.arg {
-        Some(arg) => format!("--device {arg:?}"),
-        None => format!("device {:?}", d.name),
-    };
     for e in others {
         if d.socket == e.socket {
             return Err(ConfigError::SharedDevice(
-                label(),
+                d.label(),
                 "its socket is another's",
             ));
         }
         if d.name == e.name {
-            return Err(ConfigError::SharedDevice(label(), "its name is another's"));
+            return Err(ConfigError::SharedDevice(
+                d.label(),
+                "its name is another's",
+            ));
         }
         match (&d.disk, &e.disk) {
             (DiskSpec::File(a), DiskSpec::File(b))
                 if (!d.read_only || !e.read_only) && same_file(a, b) =>
             {
                 return Err(ConfigError::SharedDevice(
-                    label(),
+                    d.label(),
                     "its image is another's and one of them writes it (readonly=on on both)",
                 ));
             }
             (DiskSpec::NvmePcie(a), DiskSpec::NvmePcie(b)) if a.bdf == b.bdf => {
                 if a.nsid == b.nsid {
                     return Err(ConfigError::SharedDevice(
-                        label(),
+                        d.label(),
                         "its NVMe namespace is another's",
                     ));
                 }
                 if a.interrupts != b.interrupts {
                     return Err(ConfigError::SharedDevice(
-                        label(),
+                        d.label(),
                         "devices of one NVMe controller take the same interrupts= value",
                     ));
                 }

@@ -6,6 +6,7 @@
 mod device;
 mod file;
 mod nvme;
+mod qos;
 mod socket;
 
 use std::net::SocketAddr;
@@ -17,6 +18,10 @@ use thiserror::Error;
 pub use self::device::{DeviceConfig, DeviceDefaults, KNOWN_KEYS, check_beside, device_from_keys};
 pub use self::nvme::{
     DEFAULT_DISCOVERY_PORT, NvmeHostArgs, NvmeHostConfig, NvmePcieUri, NvmeTcpUri,
+};
+pub use self::qos::{
+    DEVICE_QOS_KEYS, GROUP_KEY, GroupConfig, QosKeyError, group_from_keys, is_device_qos_key,
+    take_device_qos, unique_keys,
 };
 pub use self::socket::SocketPerms;
 
@@ -110,21 +115,30 @@ pub struct Args {
     pub print_capabilities: bool,
     /// Serve one more device (repeatable), instead of the single-device options:
     /// `socket=PATH|fd=N,disk=DISK[,serial=S][,readonly=on|off][,num-queues=N][,queue-size=N]`
-    /// `[,incoming=on|off][,max-inflight=N]` (`,,` is a comma inside a value).
+    /// `[,incoming=on|off][,max-inflight=N]` (`,,` is a comma inside a value); rate limits:
+    /// `[,iops-total=N][,bps-read=R]...[,qos-burst-ms=N][,qos-group=G]` as for --qos-group.
     #[arg(
         long = "device",
         value_name = "socket=PATH,disk=DISK,...",
         conflicts_with_all = ["socket_path", "fd", "disk", "readonly", "num_queues", "queue_size", "serial", "max_inflight"]
     )]
     pub devices: Vec<String>,
-    /// Serve the devices of this TOML file (`[[device]]` tables with the keys of --device),
-    /// besides those of --device.
+    /// Serve the devices of this TOML file (`[[device]]` tables with the keys of --device,
+    /// `[[qos-group]]` tables with those of --qos-group), besides those of --device.
     #[arg(
         long,
         value_name = "FILE",
         conflicts_with_all = ["socket_path", "fd", "disk", "readonly", "num_queues", "queue_size", "serial", "max_inflight"]
     )]
     pub config: Option<PathBuf>,
+    /// Define a group of devices that share rate limits (repeatable): `name=G` and its
+    /// limits, `iops-total=N`, `iops-read=N`, `iops-write=N` (operations per second),
+    /// `bps-total=R`, `bps-read=R`, `bps-write=R` (bytes per second, 200M = 200 MiB/s),
+    /// `qos-burst-ms=N` (1 to 60000, default 100); 0 or absent is no limit. A device joins it
+    /// with its key `qos-group=G`; its requests then count against its own limits and the
+    /// group's.
+    #[arg(long = "qos-group", value_name = "name=G,iops-total=N,...")]
+    pub qos_groups: Vec<String>,
     /// Take requests (JSON-RPC 2.0: add and remove devices, list them, ...) on this unix
     /// socket, created with mode 0600. With it, vubd may start without a device.
     #[arg(long, value_name = "PATH")]
@@ -167,8 +181,9 @@ pub enum SubCommand {
         #[arg(long)]
         json: bool,
         /// The method: device_add, device_remove, device_list, device_get_stats,
-        /// device_resize, log_set_level, version; or stats (device_get_stats twice, an
-        /// interval apart: IOPS, MB/s and latency percentiles per device).
+        /// device_resize, device_set_qos, qos_group_set, qos_group_remove, qos_group_list,
+        /// log_set_level, version; or stats (device_get_stats twice, an interval apart: IOPS,
+        /// MB/s and latency percentiles per device).
         method: String,
         /// Its parameters, KEY=VALUE each (device_add takes the keys of --device; stats takes
         /// name=NAME and interval=SECONDS, default 1).
@@ -322,6 +337,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// What the keys of a device added later default to.
     pub device_defaults: DeviceDefaults,
+    /// The groups of devices sharing rate limits (`[[qos-group]]`, then `--qos-group`).
+    pub qos_groups: Vec<GroupConfig>,
     pub cache: CacheMode,
     /// One entry per poller thread: the CPU it is pinned to, if any.
     pub pollers: Vec<Option<usize>>,
@@ -416,6 +433,15 @@ pub enum ConfigError {
     InDevice(String, Box<ConfigError>),
     #[error("{0}: {1}")]
     SharedDevice(String, &'static str),
+    /// A rate-limit key of a device or a group, named by where it came from.
+    #[error("{0}: {1}")]
+    BadQos(String, QosKeyError),
+    #[error(
+        "{0}: qos-group: no group is named {1:?} (define it with --qos-group or [[qos-group]])"
+    )]
+    NoGroup(String, String),
+    #[error("{0}: group {1:?} is defined twice")]
+    GroupTwice(String, String),
 }
 
 impl Args {
@@ -499,9 +525,14 @@ impl TryFrom<Args> for Command {
         };
         // A control socket and none of the single-device options: devices come later.
         let only_control = args.control_socket.is_some() && !args.single_device_given();
+        let mut qos_groups = Vec::new();
         let devices = if !args.devices.is_empty() || args.config.is_some() {
             let mut devices = match &args.config {
-                Some(path) => file::load(path, device_defaults)?,
+                Some(path) => {
+                    let loaded = file::load(path, device_defaults)?;
+                    qos_groups = loaded.groups;
+                    loaded.devices
+                }
                 None => Vec::new(),
             };
             for d in &args.devices {
@@ -535,9 +566,15 @@ impl TryFrom<Args> for Command {
                 incoming: args.incoming,
                 max_in_flight: args.max_inflight,
                 socket_perms: perms,
+                qos: crate::qos::Rates::default(),
+                qos_group: None,
             };
             vec![values.validate(None, bare.then_some(DEFAULT_DISK_SIZE))?]
         };
+        for g in &args.qos_groups {
+            qos_groups.push(qos::parse_group(g)?);
+        }
+        qos::check_groups(&qos_groups, &devices)?;
         let metrics = args.metrics == OnOff::On;
         if args.metrics_listen.is_some() && !metrics {
             return Err(ConfigError::MetricsOff);
@@ -571,6 +608,7 @@ impl TryFrom<Args> for Command {
             metrics,
             metrics_listen: args.metrics_listen,
             device_defaults,
+            qos_groups,
             cache: match args.cache {
                 CacheArg::None => CacheMode::None,
                 CacheArg::Writeback => CacheMode::Writeback,
