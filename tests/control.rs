@@ -1,6 +1,7 @@
 //! The control socket (`--control-socket`) against a running vubd: devices added and removed
 //! while it runs and served to libblkio, a removal under another device's load, add/remove
-//! cycles that must leak nothing, every kind of bad request, several clients at once, and
+//! cycles that must leak nothing, every kind of bad request, several clients at once, rate
+//! limits and their groups set and listed (whether they are enforced: tests/qos.rs), and
 //! `vubd ctl`.
 
 mod common;
@@ -20,6 +21,10 @@ use common::node::Node;
 use common::{Image, TIMEOUT, procfs};
 use serde_json::{Value, json};
 use vubd::jsonrpc::{self, ClientError};
+
+// The rate-limit methods, in a file of their own.
+#[path = "control/qos.rs"]
+mod qos;
 
 const MIB: u64 = 1 << 20;
 
@@ -71,10 +76,10 @@ fn devices_added_at_runtime_serve_and_go_when_removed() {
         json!([
             {"name": "a", "socket": a, "disk": image.path(), "readonly": false,
              "num_queues": 2, "queue_size": 256, "capacity": 16 * MIB, "block_size": 512,
-             "connected": true},
+             "connected": true, "qos": {"qos-burst-ms": 100}},
             {"name": "b", "socket": b, "disk": "null:1073741824", "readonly": true,
              "num_queues": 1, "queue_size": 256, "capacity": 1u64 << 30, "block_size": 512,
-             "connected": false},
+             "connected": false, "qos": {"qos-burst-ms": 100}},
         ])
     );
     let one = node.ok("device_list", json!({"name": "b"}));

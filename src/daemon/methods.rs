@@ -1,6 +1,8 @@
 //! The control socket's methods (docs/control-api.md): each checks its parameters, names the
 //! one that is wrong, and calls the registry. Parameters are by name (a JSON object); a method
-//! without parameters takes none or an empty object.
+//! without parameters takes none or an empty object. The rate-limit methods are in [`qos`].
+
+mod qos;
 
 use std::sync::Arc;
 
@@ -32,7 +34,9 @@ impl std::fmt::Debug for LogControl {
 }
 
 /// The methods, in the order docs/control-api.md has them.
-const METHODS: &str = "device_add, device_remove, device_list, device_get_stats, device_resize, log_set_level, version";
+const METHODS: &str = "device_add, device_remove, device_list, device_get_stats, device_resize, \
+                       device_set_qos, qos_group_set, qos_group_remove, qos_group_list, \
+                       log_set_level, version";
 
 /// What the methods act on.
 #[derive(Debug)]
@@ -108,6 +112,10 @@ impl Methods {
                 no_more(p)?;
                 self.device_get_stats(name.as_deref())
             }
+            "device_set_qos" => self.device_set_qos(params),
+            "qos_group_set" => self.qos_group_set(params),
+            "qos_group_remove" => self.qos_group_remove(params),
+            "qos_group_list" => self.qos_group_list(params),
             "log_set_level" => {
                 let mut p = object(params)?;
                 let level = take_string(&mut p, "level")?;
@@ -152,7 +160,7 @@ impl Methods {
         }
         let name = cfg.name.clone();
         self.registry.add(cfg).map_err(|e| match e {
-            DaemonError::Config(_) | DaemonError::HostName(_) => {
+            DaemonError::Config(_) | DaemonError::HostName(_) | DaemonError::Qos { .. } => {
                 RpcError::invalid_params(error_chain(&e))
             }
             e => RpcError::failed(error_chain(&e)),
@@ -188,6 +196,7 @@ impl Methods {
                     "capacity": d.info.capacity_bytes,
                     "block_size": d.info.logical_block_size,
                     "connected": d.connected,
+                    "qos": qos::device_qos(&d.qos, d.qos_group.as_deref()),
                 })
             })
             .collect();

@@ -111,6 +111,13 @@ pub enum DaemonError {
     HostName(String),
     #[error("vubd is stopping")]
     Stopping,
+    /// A device's rate limits or group could not be set (an unknown group).
+    #[error("device {name:?}")]
+    Qos {
+        name: String,
+        #[source]
+        source: crate::qos::QosError,
+    },
     #[error("--device {arg:?}")]
     Device {
         arg: String,
@@ -148,6 +155,7 @@ impl DaemonError {
             | DaemonError::Resolve { .. }
             | DaemonError::Config(_)
             | DaemonError::HostName(_)
+            | DaemonError::Qos { .. }
             | DaemonError::Discover(_) => 2,
             _ => 1,
         }

@@ -7,6 +7,11 @@
 //! socket, image and namespace are nobody else's; its NVMe controller has queue pairs for it)
 //! see a stable set; the list itself (`devices`) is locked only briefly, so a slow add (an
 //! NVMe/TCP connection) never holds up `device_list`.
+//!
+//! The registry also keeps the groups of devices sharing rate limits (`qos::Groups`): each
+//! device's limits (`qos::DeviceQos`) live as long as the device, across its frontends'
+//! sessions, and change through the groups so that a device's plan always holds its group's
+//! current buckets.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -28,6 +33,7 @@ use crate::clock::Clock;
 use crate::config::{Config, DeviceConfig, DiskSpec, check_beside};
 use crate::metrics::{DeviceMetrics, DeviceStats};
 use crate::poller::PollerSet;
+use crate::qos::{DeviceQos, Groups, QosError, Rates};
 use crate::sandbox::{self, Role};
 
 /// A device as `device_list` shows it.
@@ -37,6 +43,10 @@ pub struct DeviceStatus {
     pub info: DeviceInfo,
     /// A frontend is connected.
     pub connected: bool,
+    /// Its own rate limits in force.
+    pub qos: Rates,
+    /// The group whose limits it shares.
+    pub qos_group: Option<String>,
 }
 
 /// Why a device could not be removed or changed; nothing changed then.
@@ -46,6 +56,8 @@ pub enum DeviceError {
     NoSuchDevice(String),
     #[error(transparent)]
     Resize(#[from] ResizeError),
+    #[error(transparent)]
+    Qos(#[from] QosError),
 }
 
 /// A device being served.
@@ -59,6 +71,8 @@ struct Entry {
     /// Its counters, from its start to its removal, whatever frontends come and go (`None`
     /// with `--metrics off`).
     metrics: Option<Arc<DeviceMetrics>>,
+    /// Its rate limits, from its start to its removal (its debt survives reconnections).
+    qos: Arc<DeviceQos>,
 }
 
 /// What [`Registry::add`] and [`Registry::remove`] change together.
@@ -82,6 +96,8 @@ pub(super) struct Registry {
     devices: Mutex<BTreeMap<String, Entry>>,
     /// Set once vubd is stopping: no device is added any more.
     stopping: AtomicBool,
+    /// The groups of devices sharing rate limits.
+    groups: Arc<Groups>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -90,9 +106,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Registry {
     /// An empty registry serving on `pollers`, opening devices with the options of `cfg`
-    /// (its devices are ignored) and sharing the controllers in `ctrls`.
+    /// (its devices are ignored), with its QoS groups, and sharing the controllers in `ctrls`.
     pub(super) fn new(mut cfg: Config, pollers: Arc<PollerSet>, ctrls: Controllers) -> Self {
         cfg.devices.clear();
+        // The pollers' clock: the buckets count time in its ticks.
+        let groups = Arc::new(Groups::new(Clock::get()));
+        for g in &cfg.qos_groups {
+            groups.set_group(&g.name, g.rates);
+        }
         Self {
             cfg,
             pollers,
@@ -102,7 +123,26 @@ impl Registry {
             }),
             devices: Mutex::new(BTreeMap::new()),
             stopping: AtomicBool::new(false),
+            groups,
         }
+    }
+
+    /// The groups of devices sharing rate limits.
+    pub(super) fn groups(&self) -> &Arc<Groups> {
+        &self.groups
+    }
+
+    /// The limits of device `cfg` as it starts, in its group if it names one; an unknown
+    /// group changes nothing.
+    fn device_qos(&self, cfg: &DeviceConfig) -> Result<Arc<DeviceQos>, DaemonError> {
+        let qos = Arc::new(DeviceQos::default());
+        self.groups
+            .set_device(&qos, cfg.qos, cfg.qos_group.as_deref())
+            .map_err(|source| DaemonError::Qos {
+                name: cfg.name.clone(),
+                source,
+            })?;
+        Ok(qos)
     }
 
     /// Starts serving a device whose socket and disk are ready (startup).
@@ -114,7 +154,8 @@ impl Registry {
     ) -> Result<(), DaemonError> {
         let mut changes = lock(&self.changes);
         let first = changes.next_poller;
-        self.spawn(&mut changes, Arc::new(cfg), listener, disk, first)
+        let qos = self.device_qos(&cfg)?;
+        self.spawn(&mut changes, Arc::new(cfg), listener, disk, first, qos)
     }
 
     /// Adds a device while vubd runs: checks it beside the others, listens on its socket,
@@ -134,6 +175,9 @@ impl Registry {
         {
             return Err(DaemonError::HostName(uri.host.clone()));
         }
+        // Before the socket and the disk, which an unknown group would leave for nothing. If
+        // a later step fails, the limits are dropped and their group forgets them.
+        let qos = self.device_qos(&cfg)?;
         let first = changes.next_poller;
         // A device's socket first, as at startup: a busy one is the first thing reported.
         let listener = listen(&cfg.socket, cfg.incoming, cfg.socket_perms)?;
@@ -146,7 +190,7 @@ impl Registry {
                 .chain(std::iter::once((&cfg, first)));
             device::check_pcie_queues(placed, self.pollers.len(), &changes.ctrls)?;
         }
-        self.spawn(&mut changes, Arc::new(cfg), listener, disk, first)
+        self.spawn(&mut changes, Arc::new(cfg), listener, disk, first, qos)
     }
 
     /// Starts the thread of a device that listens and has its disk, and lists it.
@@ -157,6 +201,7 @@ impl Registry {
         (listener, socket_file): (UnixListener, SocketFile),
         disk: Arc<Disk>,
         first_poller: usize,
+        qos: Arc<DeviceQos>,
     ) -> Result<(), DaemonError> {
         listener
             .set_nonblocking(true)
@@ -176,6 +221,7 @@ impl Registry {
             pollers: self.pollers.clone(),
             stop: stop.clone(),
             metrics: metrics.clone(),
+            qos: qos.clone(),
         };
         let info = disk.info();
         let thread = std::thread::Builder::new()
@@ -207,6 +253,7 @@ impl Registry {
             stop,
             thread,
             metrics,
+            qos,
         };
         lock(&self.devices).insert(cfg.name.clone(), entry);
         Ok(())
@@ -243,14 +290,37 @@ impl Registry {
         Ok(bytes)
     }
 
+    /// Gives device `name` its own `rates` and puts it in `group` (which must exist) or in
+    /// none, at once for its running session too (its pollers see the new plan at their next
+    /// pass). Returns its settings now. Nothing changes on an error.
+    pub(super) fn set_qos(
+        &self,
+        name: &str,
+        rates: Rates,
+        group: Option<&str>,
+    ) -> Result<(Rates, Option<String>), DeviceError> {
+        // Under the list's lock: a device being removed is either changed or not found.
+        let devices = lock(&self.devices);
+        let e = devices
+            .get(name)
+            .ok_or_else(|| DeviceError::NoSuchDevice(name.to_owned()))?;
+        self.groups.set_device(&e.qos, rates, group)?;
+        Ok(e.qos.settings())
+    }
+
     /// Every device, by name.
     pub(super) fn list(&self) -> Vec<DeviceStatus> {
         lock(&self.devices)
             .values()
-            .map(|e| DeviceStatus {
-                cfg: e.cfg.clone(),
-                info: e.disk.info(),
-                connected: e.stop.connected(),
+            .map(|e| {
+                let (qos, qos_group) = e.qos.settings();
+                DeviceStatus {
+                    cfg: e.cfg.clone(),
+                    info: e.disk.info(),
+                    connected: e.stop.connected(),
+                    qos,
+                    qos_group,
+                }
             })
             .collect()
     }

@@ -21,6 +21,7 @@ use crate::mem::fault::DeviceFaults;
 use crate::mem::{GuestMemory, GuestMemoryAtomic};
 use crate::metrics::DeviceMetrics;
 use crate::poller::PollerSet;
+use crate::qos::DeviceQos;
 use crate::vhost_user::BlkBackend;
 
 /// Asks one device's thread to stop: it stops waiting for a frontend, and ends the session
@@ -107,6 +108,8 @@ pub(super) struct Serving {
     pub stop: Arc<DeviceStop>,
     /// The device's counters, which every session's queues count into.
     pub metrics: Option<Arc<DeviceMetrics>>,
+    /// The device's rate limits, which every session's queues are held to.
+    pub qos: Arc<DeviceQos>,
 }
 
 impl Serving {
@@ -144,6 +147,7 @@ impl Serving {
         );
         shared.index = self.index;
         shared.metrics = self.metrics.clone();
+        shared.qos = self.qos.clone();
         let mem = GuestMemoryAtomic::new(GuestMemory::new());
         let handles = (0..shape.num_queues)
             .map(|q| self.pollers.for_queue(self.first_poller + q).clone())
