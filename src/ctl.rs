@@ -1,6 +1,7 @@
 //! `vubd ctl`: one request to a running vubd's control socket, its answer printed as a table
 //! (or as JSON with `--json`). Parameters are `KEY=VALUE` words, sent as strings. `vubd ctl
-//! stats` is two requests and the rates between them (`ctl::stats`).
+//! stats` is two requests and the rates between them (`ctl::stats`); rate limits print as
+//! the keys that set them (`ctl::qos`).
 //!
 //! The daemon resolves no host name once it runs (its sandbox allows no DNS), so `device_add`
 //! resolves an NVMe/TCP target's name here and sends the address.
@@ -15,6 +16,7 @@ use crate::config::{CtlConfig, DiskSpec, parse_disk};
 use crate::jsonrpc::{Client, ClientError};
 use crate::units::human_bytes;
 
+mod qos;
 mod stats;
 
 /// How long an answer may take: adding a device may wait for an NVMe/TCP target.
@@ -121,6 +123,18 @@ fn human(method: &str, params: &[(String, String)], result: &Value) -> String {
             result.get("version").and_then(Value::as_str).unwrap_or("?")
         ),
         "device_list" => device_table(result),
+        "device_set_qos" => match qos::settings(result).as_str() {
+            "-" => format!("{}: no limit\n", param("name")),
+            s => format!("{}: {s}\n", param("name")),
+        },
+        "qos_group_set" => format!(
+            "group {}: {} (devices: {})\n",
+            param("name"),
+            qos::settings(result),
+            result.get("devices").and_then(Value::as_u64).unwrap_or(0)
+        ),
+        "qos_group_remove" => format!("removed group {}\n", param("name")),
+        "qos_group_list" => qos::group_table(result),
         _ => format!(
             "{}\n",
             serde_json::to_string_pretty(result).unwrap_or_default()
@@ -133,7 +147,7 @@ fn device_table(result: &Value) -> String {
     let devices = result.as_array().map(Vec::as_slice).unwrap_or_default();
     let mut rows = vec![
         [
-            "NAME", "SIZE", "QUEUES", "MODE", "FRONTEND", "DISK", "SOCKET",
+            "NAME", "SIZE", "QUEUES", "MODE", "FRONTEND", "QOS", "DISK", "SOCKET",
         ]
         .map(str::to_owned)
         .to_vec(),
@@ -153,6 +167,7 @@ fn device_table(result: &Value) -> String {
                 "waiting"
             }
             .to_owned(),
+            d.get("qos").map_or_else(|| "-".to_owned(), qos::settings),
             s("disk"),
             s("socket"),
         ]);
@@ -192,15 +207,17 @@ mod tests {
     fn device_lists_read_as_a_table() {
         let list = json!([
             {"name": "a", "capacity": 1u64 << 30, "num_queues": 2, "readonly": false,
-             "connected": true, "disk": "a.img", "socket": "/run/a.sock"},
+             "connected": true, "disk": "a.img", "socket": "/run/a.sock",
+             "qos": {"iops-total": 5000, "qos-burst-ms": 100, "qos-group": "gold"}},
             {"name": "longer-name", "capacity": 4096, "num_queues": 1, "readonly": true,
-             "connected": false, "disk": "null:4096", "socket": "/run/b.sock"},
+             "connected": false, "disk": "null:4096", "socket": "/run/b.sock",
+             "qos": {"qos-burst-ms": 100}},
         ]);
         assert_eq!(
             device_table(&list),
-            "NAME         SIZE   QUEUES  MODE  FRONTEND   DISK       SOCKET\n\
-             a            1 GiB  2       rw    connected  a.img      /run/a.sock\n\
-             longer-name  4 KiB  1       ro    waiting    null:4096  /run/b.sock\n"
+            "NAME         SIZE   QUEUES  MODE  FRONTEND   QOS                             DISK       SOCKET\n\
+             a            1 GiB  2       rw    connected  iops-total=5000,qos-group=gold  a.img      /run/a.sock\n\
+             longer-name  4 KiB  1       ro    waiting    -                               null:4096  /run/b.sock\n"
         );
     }
 

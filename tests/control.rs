@@ -501,6 +501,58 @@ fn vubd_ctl_prints_tables_and_json_and_names_errors() {
     assert_eq!(code, Some(0));
     let v: Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(v[0]["num_queues"], json!(2));
+    // Rate limits: KEY=VALUE words as for --device, printed as such.
+    let (code, out, err) = ctl(&[
+        "qos_group_set",
+        "name=gold",
+        "iops-total=20000",
+        "bps-read=400M",
+    ]);
+    assert_eq!(
+        (code, out.as_str()),
+        (
+            Some(0),
+            "group gold: iops-total=20000,bps-read=400M (devices: 0)\n"
+        ),
+        "{err}"
+    );
+    let (code, out, err) = ctl(&[
+        "device_set_qos",
+        "name=t",
+        "iops-total=5000",
+        "qos-group=gold",
+    ]);
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "t: iops-total=5000,qos-group=gold\n"),
+        "{err}"
+    );
+    let (_, out, _) = ctl(&["device_list"]);
+    assert!(
+        out.lines().next().unwrap_or_default().contains(" QOS "),
+        "{out}"
+    );
+    assert!(out.contains(" iops-total=5000,qos-group=gold "), "{out}");
+    let (_, out, _) = ctl(&["qos_group_list"]);
+    assert_eq!(
+        out,
+        "NAME  DEVICES  LIMITS\ngold  1        iops-total=20000,bps-read=400M\n"
+    );
+    let (_, out, _) = ctl(&["--json", "qos_group_list"]);
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v[0]["bps-read"], json!(400 * MIB));
+    let (code, _, err) = ctl(&["device_set_qos", "name=t", "iops-total=5k"]);
+    assert_eq!(
+        (code, err.as_str()),
+        (
+            Some(1),
+            "vubd ctl: device_set_qos: iops-total takes a number of operations per second\n"
+        )
+    );
+    let (_, out, _) = ctl(&["device_set_qos", "name=t"]);
+    assert_eq!(out, "t: no limit\n");
+    let (code, out, _) = ctl(&["qos_group_remove", "name=gold"]);
+    assert_eq!((code, out.as_str()), (Some(0), "removed group gold\n"));
     let (code, out, err) = ctl(&["device_remove", "name=nope"]);
     assert_eq!(code, Some(1));
     assert_eq!(out, "");
