@@ -136,11 +136,13 @@ pub struct Args {
     /// `bps-total=R`, `bps-read=R`, `bps-write=R` (bytes per second, 200M = 200 MiB/s),
     /// `qos-burst-ms=N` (1 to 60000, default 100); 0 or absent is no limit. A device joins it
     /// with its key `qos-group=G`; its requests then count against its own limits and the
-    /// group's.
+    /// group's. Writes are WRITE, DISCARD and WRITE_ZEROES (the last two count no bytes);
+    /// FLUSH is not limited. A device over a limit waits (no error).
     #[arg(long = "qos-group", value_name = "name=G,iops-total=N,...")]
     pub qos_groups: Vec<String>,
-    /// Take requests (JSON-RPC 2.0: add and remove devices, list them, ...) on this unix
-    /// socket, created with mode 0600. With it, vubd may start without a device.
+    /// Take requests (JSON-RPC 2.0: add and remove devices, list them, set their rate limits,
+    /// ...) on this unix socket, created with mode 0600. With it, vubd may start without a
+    /// device.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
     /// Count each device's requests, bytes, errors and latencies (`vubd ctl stats`,
@@ -185,8 +187,9 @@ pub enum SubCommand {
         /// log_set_level, version; or stats (device_get_stats twice, an interval apart: IOPS,
         /// MB/s and latency percentiles per device).
         method: String,
-        /// Its parameters, KEY=VALUE each (device_add takes the keys of --device; stats takes
-        /// name=NAME and interval=SECONDS, default 1).
+        /// Its parameters, KEY=VALUE each (device_add takes the keys of --device,
+        /// device_set_qos name=NAME and its rate-limit keys, qos_group_set those of
+        /// --qos-group; stats takes name=NAME and interval=SECONDS, default 1).
         #[arg(value_name = "KEY=VALUE")]
         params: Vec<String>,
     },
