@@ -35,7 +35,7 @@ use crate::limited;
 use crate::log_limit::LogLimit;
 use crate::mem::{DirtyLog, GuestMemoryAtomic, HostMap};
 use crate::metrics::{ErrorKind, QueueMetrics};
-use crate::qos::Plan;
+use crate::qos::Lease;
 use crate::virtio_blk::chain::DESC_SIZE;
 use crate::virtio_blk::inflight::InflightQueue;
 use crate::virtio_blk::request::Limits;
@@ -85,9 +85,9 @@ struct Device {
     in_flight: u32,
     /// The request limits, with the capacity in force ([`DeviceShared::capacity_sectors`]).
     limits: Limits,
-    /// The device's rate limits (`None`: none), and the generation of
-    /// [`crate::qos::DeviceQos`] they are of.
-    qos: Option<Arc<Plan>>,
+    /// This poller's leases of the device's rate limits (`None`: no limit), and the
+    /// generation of [`crate::qos::DeviceQos`] they are of.
+    lease: Option<Lease>,
     qos_gen: u64,
 }
 
@@ -226,7 +226,9 @@ impl Device {
     #[cold]
     #[inline(never)]
     fn reload_qos(&mut self) {
-        (self.qos_gen, self.qos) = self.shared.qos.plan();
+        let (generation, plan) = self.shared.qos.plan();
+        self.qos_gen = generation;
+        self.lease = plan.map(Lease::new);
     }
 }
 
@@ -400,27 +402,20 @@ impl Worker {
         }
         dev.refresh_capacity();
         dev.refresh_qos();
-        // The pass's time: every request it takes starts then, and rate limits count from it.
-        let qm = q.metrics.as_deref();
-        let now = if qm.is_some() || dev.qos.is_some() {
-            clock.now()
-        } else {
-            0
-        };
         // What an earlier process left in flight was admitted by it: not held back again.
-        let mut gate = match &dev.qos {
-            Some(plan) if q.resubmit.is_empty() => match plan.open(now) {
-                Ok(gate) => Some(gate),
-                Err(at) => {
-                    throttle::throttle(&mut q.throttled_since, now, at, resume_at);
-                    return 0;
-                }
-            },
-            _ => None,
-        };
-        if q.throttled_since != 0 {
-            throttle::unthrottle(&mut q.throttled_since, qm, now);
+        if let Some(lease) = dev.lease.as_mut()
+            && lease.spent()
+            && q.resubmit.is_empty()
+            && !throttle::renew(lease, &mut q.throttled_since, clock, resume_at)
+        {
+            return 0;
         }
+        if q.throttled_since != 0 {
+            throttle::unthrottle(&mut q.throttled_since, q.metrics.as_deref(), clock);
+        }
+        // The pass's time: every request it takes starts then.
+        let qm = q.metrics.as_deref();
+        let now = if qm.is_some() { clock.now() } else { 0 };
         if (avail - next).0 > ring.size() {
             // virtio 1.2 §2.7.6: the driver never makes more than a ring's worth available.
             let why = Breakage::AvailIndex {
@@ -446,7 +441,7 @@ impl Worker {
         // broke it is not taken (next avail stays on it), and what completed is published.
         let mut breakage = None;
         let limits = &dev.limits;
-        // Requests this pass may still take: a turn, cut short by rate limits.
+        // Requests this pass may still take: a turn, cut short by a used-up lease.
         let mut turn = TURN;
         loop {
             if turn == 0
@@ -523,9 +518,9 @@ impl Worker {
                 if let Some(m) = qm {
                     m.started(start::op(p.request.kind));
                 }
-                if let Some(g) = &mut gate
+                if let Some(lease) = dev.lease.as_mut()
                     && let Some((write, bytes)) = start::limited_units(&p.request)
-                    && g.take(write, bytes)
+                    && lease.take(write, bytes)
                 {
                     turn = 0;
                 }
@@ -598,9 +593,6 @@ impl Worker {
                 .worked(desc, status.and_then(|s| map.host_range(s.0, 1)));
         }
         queue.set_next_avail(next.0);
-        if let Some(gate) = gate {
-            gate.close(now);
-        }
         let delivered = used == old_used
             || publish(
                 &ring,

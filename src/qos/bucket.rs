@@ -2,32 +2,22 @@
 //! count of tokens refilled by a timer, but one number, the theoretical arrival time (TAT),
 //! the moment at which what was charged so far would have passed at exactly the limited
 //! rate. While TAT is ahead of now the bucket is in debt; up to `tolerance` of debt is the
-//! burst allowance, and past it the bucket admits nothing until enough time has passed.
+//! burst allowance, and past it the bucket grants nothing until enough time has passed.
 //!
-//! TAT is one atomic word, so pollers share a bucket (a device's queues on several pollers, a
-//! group's devices) without a lock: a pass reads it once before it takes requests and adds
-//! what it took once after.
+//! Pollers do not charge it request by request: each takes a lease of [`Bucket::chunk`] units
+//! (a millisecond of the rate) at a time, charged in advance, and spends it locally
+//! ([`super::Lease`]). TAT is one atomic word, so pollers share a bucket (a device's queues on
+//! several pollers, a group's devices) without a lock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::clock::Clock;
 
-/// What a pass took, in the units of every kind of bucket: operations read and written, bytes
-/// read and written.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Tally([u64; 4]);
-
-impl Tally {
-    /// Counts one request: a read (`write` false) or a write (a discard or write-zeroes is a
-    /// write without bytes), of `bytes` bytes.
-    #[inline(always)]
-    pub fn count(&mut self, write: bool, bytes: u32) {
-        let w = usize::from(write);
-        self.0[w] += 1;
-        self.0[2 + w] += u64::from(bytes);
-    }
-}
+/// How much of its rate a limit grants at a time: a device held back goes on in steps of
+/// this (at most its burst allowance), so that its guest takes one interrupt per step rather
+/// than one per request.
+pub const STEP: Duration = Duration::from_millis(1);
 
 /// What a bucket limits: operations or bytes, of reads, writes or both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,25 +28,17 @@ pub struct Kind {
     pub writes: bool,
 }
 
-impl Kind {
-    /// The units of this kind in `t`.
-    #[inline(always)]
-    fn units(self, t: &Tally) -> u64 {
-        let base = if self.bytes { 2 } else { 0 };
-        t.0[base] * u64::from(self.reads) + t.0[base + 1] * u64::from(self.writes)
-    }
-}
-
-/// One limit, shared by the pollers that charge it.
+/// One limit, shared by the pollers that take leases of it.
 #[derive(Debug)]
 pub struct Bucket {
-    kind: Kind,
+    pub(super) kind: Kind,
     /// The theoretical arrival time, in ticks of the pollers' [`Clock`].
     tat: AtomicU64,
     ticks_per_unit: f64,
-    units_per_tick: f64,
-    /// Most debt, in ticks, with which the bucket still admits: the burst allowance.
+    /// Most debt, in ticks, with which the bucket still grants: the burst allowance.
     tolerance: u64,
+    /// Units of one lease: [`STEP`] of the rate, at most the burst allowance, at least one.
+    pub(super) chunk: u64,
 }
 
 impl Bucket {
@@ -64,54 +46,33 @@ impl Bucket {
     /// may be spent at once; time in ticks of `clock`. It starts with its whole burst.
     pub fn new(kind: Kind, per_second: u64, burst: Duration, clock: &Clock) -> Self {
         let ticks_per_second = clock.ticks_per_second();
-        let per_second = per_second.max(1) as f64;
+        let rate = per_second.max(1) as f64;
+        let step = STEP.min(burst).as_secs_f64();
         Self {
             kind,
             tat: AtomicU64::new(0),
-            ticks_per_unit: ticks_per_second / per_second,
-            units_per_tick: per_second / ticks_per_second,
+            ticks_per_unit: ticks_per_second / rate,
             tolerance: whole(burst.as_secs_f64() * ticks_per_second),
+            chunk: whole(step * rate).max(1),
         }
     }
 
-    /// How many more units fit within the bucket's tolerance at `now` (a pass still takes one
-    /// request when none fits, and the request that reaches the number is its last: see
-    /// [`super::Gate`]), or, when it is past its tolerance already, the tick from which it
-    /// admits again.
-    #[inline(always)]
-    pub fn allowance(&self, now: u64) -> Result<u64, u64> {
-        let tat = self.tat.load(Ordering::Relaxed);
-        let debt = tat.saturating_sub(now);
-        if debt > self.tolerance {
-            return Err(tat - self.tolerance);
-        }
-        Ok(whole((self.tolerance - debt) as f64 * self.units_per_tick))
-    }
-
-    /// Units of this bucket's kind in `t`.
-    #[inline(always)]
-    pub fn units(&self, t: &Tally) -> u64 {
-        self.kind.units(t)
-    }
-
-    /// Charges what `t` took at `now`: TAT moves on by its time at the limited rate, from now
-    /// if the bucket had paid off its debt (an idle bucket does not save more than its
-    /// tolerance).
-    #[inline]
-    pub fn charge(&self, t: &Tally, now: u64) {
-        let units = self.kind.units(t);
-        if units == 0 {
-            return;
-        }
-        let cost = whole(units as f64 * self.ticks_per_unit);
+    /// A lease at `now`: charges the bucket for one chunk and the `owed` units spent beyond
+    /// the last lease, and returns the chunk; or, when the bucket is in debt past its
+    /// tolerance, the tick from which it grants again (nothing is charged).
+    pub fn lease(&self, now: u64, owed: u64) -> Result<u64, u64> {
+        let cost = whole((self.chunk + owed) as f64 * self.ticks_per_unit);
         let mut tat = self.tat.load(Ordering::Relaxed);
         loop {
+            if tat.saturating_sub(now) > self.tolerance {
+                return Err(tat - self.tolerance);
+            }
             let next = tat.max(now).saturating_add(cost);
             match self
                 .tat
                 .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
             {
-                Ok(_) => return,
+                Ok(_) => return Ok(self.chunk),
                 Err(seen) => tat = seen,
             }
         }
@@ -140,102 +101,86 @@ mod tests {
         writes: true,
     };
 
-    fn reads(n: u64, bytes: u32) -> Tally {
-        let mut t = Tally::default();
-        for _ in 0..n {
-            t.count(false, bytes);
-        }
-        t
-    }
-
     #[test]
-    fn a_fresh_bucket_admits_its_burst_then_its_rate() {
-        // 1000 operations a second, 10 ms of burst: 10 operations at once.
-        let b = Bucket::new(OPS, 1000, Duration::from_millis(10), &clock());
+    fn a_fresh_bucket_grants_its_burst_then_its_rate_a_step_at_a_time() {
+        // 10,000 operations a second, 5 ms of burst: leases of 10 operations (1 ms).
+        let b = Bucket::new(OPS, 10_000, Duration::from_millis(5), &clock());
+        assert_eq!(b.chunk, 10);
         let now = 5_000_000_000;
-        assert_eq!(b.allowance(now), Ok(10));
-        b.charge(&reads(10, 0), now);
-        // Exactly at the tolerance: still admits (the next request crosses it).
-        assert_eq!(b.allowance(now), Ok(0));
-        b.charge(&reads(1, 0), now);
-        // One operation past it: back 1 ms later.
-        assert_eq!(b.allowance(now), Err(now + 1_000_000));
-        assert_eq!(b.allowance(now + 999_999), Err(now + 1_000_000));
-        assert_eq!(b.allowance(now + 1_000_000), Ok(0));
-        // 5 ms later, five more.
-        assert_eq!(b.allowance(now + 6_000_000), Ok(5));
+        // Six leases: the sixth takes the debt from 5 ms (the tolerance) to 6 ms.
+        for _ in 0..6 {
+            assert_eq!(b.lease(now, 0), Ok(10));
+        }
+        // Back when the debt is down to the tolerance again, 1 ms later.
+        assert_eq!(b.lease(now, 0), Err(now + 1_000_000));
+        assert_eq!(b.lease(now + 999_999, 0), Err(now + 1_000_000));
+        assert_eq!(b.lease(now + 1_000_000, 0), Ok(10));
+        // Three operations spent past a lease are paid with the next: 1.3 ms more.
+        assert_eq!(b.lease(now + 2_000_000, 3), Ok(10));
+        assert_eq!(b.lease(now + 2_000_000, 0), Err(now + 3_300_000));
     }
 
     #[test]
     fn an_idle_bucket_saves_no_more_than_its_burst() {
         let b = Bucket::new(OPS, 1000, Duration::from_millis(10), &clock());
-        b.charge(&reads(1, 0), 1_000_000);
-        assert_eq!(b.allowance(1_000_000_000_000), Ok(10));
-        b.charge(&reads(3, 0), 1_000_000_000_000);
-        assert_eq!(b.allowance(1_000_000_000_000), Ok(7));
+        assert_eq!(b.chunk, 1);
+        b.lease(1_000_000, 0).unwrap();
+        let later = 1_000_000_000_000;
+        let granted = (0..100).take_while(|_| b.lease(later, 0).is_ok()).count();
+        assert_eq!(granted, 11, "10 ms of burst, and the lease that crosses it");
     }
 
     #[test]
-    fn kinds_count_their_own_units() {
-        let mut t = Tally::default();
-        t.count(false, 4096);
-        t.count(false, 512);
-        t.count(true, 8192);
-        t.count(true, 0); // a discard
-        let kind = |bytes, reads, writes| Kind {
-            bytes,
-            reads,
-            writes,
+    fn a_small_burst_makes_small_steps() {
+        // 1 MiB/s with 100 µs of burst: leases of 104 bytes, not a millisecond's 1,048.
+        let kind = Kind {
+            bytes: true,
+            reads: true,
+            writes: false,
         };
-        assert_eq!(kind(false, true, true).units(&t), 4);
-        assert_eq!(kind(false, true, false).units(&t), 2);
-        assert_eq!(kind(false, false, true).units(&t), 2);
-        assert_eq!(kind(true, true, true).units(&t), 4096 + 512 + 8192);
-        assert_eq!(kind(true, true, false).units(&t), 4608);
-        assert_eq!(kind(true, false, true).units(&t), 8192);
-        // A bucket of read bytes is not charged for writes.
-        let b = Bucket::new(kind(true, true, false), 1 << 20, Duration::ZERO, &clock());
-        let mut w = Tally::default();
-        w.count(true, 1 << 20);
-        b.charge(&w, 7);
-        assert_eq!(b.allowance(7), Ok(0));
+        let b = Bucket::new(kind, 1 << 20, Duration::from_micros(100), &clock());
+        assert_eq!(b.chunk, 104);
+        // A rate below one unit a step still leases one.
+        assert_eq!(
+            Bucket::new(OPS, 1, Duration::from_secs(1), &clock()).chunk,
+            1
+        );
     }
 
     #[test]
-    fn a_bucket_charged_at_its_rate_for_a_second_admitted_exactly_its_rate() {
-        // 50,000 operations a second taken 32 at a time, each pass as soon as the bucket
-        // admits: after a simulated second, the operations admitted beyond the burst are the
-        // rate, to one pass.
+    fn leases_taken_as_fast_as_granted_for_a_second_come_to_the_rate() {
         let rate = 50_000;
         let b = Bucket::new(OPS, rate, Duration::from_millis(1), &clock());
         let (mut now, mut taken) = (1_000_000_000u64, 0u64);
         let end = now + 1_000_000_000;
         while now < end {
-            match b.allowance(now) {
-                Ok(allow) => {
-                    let n = allow.clamp(1, 32);
-                    b.charge(&reads(n, 0), now);
-                    taken += n;
-                }
+            match b.lease(now, 0) {
+                Ok(n) => taken += n,
                 Err(at) => now = at,
             }
         }
         let burst = rate / 1000;
         assert!(
-            taken.abs_diff(rate + burst) <= 32,
+            taken.abs_diff(rate + burst) <= b.chunk,
             "took {taken} in a second"
         );
     }
 
     #[test]
-    fn pollers_charging_one_bucket_at_once_lose_no_charge() {
-        let b = std::sync::Arc::new(Bucket::new(OPS, 1_000_000_000, Duration::ZERO, &clock()));
+    fn pollers_leasing_one_bucket_at_once_lose_no_charge() {
+        let b = std::sync::Arc::new(Bucket::new(
+            OPS,
+            1_000_000_000,
+            Duration::from_secs(60),
+            &clock(),
+        ));
+        assert_eq!(b.chunk, 1_000_000);
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let b = b.clone();
                 std::thread::spawn(move || {
-                    for _ in 0..10_000 {
-                        b.charge(&reads(1, 0), 0);
+                    for _ in 0..1000 {
+                        b.lease(0, 0).unwrap();
                     }
                 })
             })
@@ -243,7 +188,7 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        // 40,000 operations at one a nanosecond.
-        assert_eq!(b.tat.load(Ordering::Relaxed), 40_000);
+        // 4,000 leases of a million operations at one a nanosecond.
+        assert_eq!(b.tat.load(Ordering::Relaxed), 4_000_000_000);
     }
 }

@@ -157,6 +157,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::qos::Lease;
 
     fn iops(n: u64) -> Rates {
         Rates {
@@ -183,13 +184,11 @@ mod tests {
             .set_device(&a, Rates::default(), Some("tier"))
             .unwrap();
         groups.set_device(&b, iops(10), Some("tier")).unwrap();
-        // a takes one operation: the group is 1 ms in debt, and b with it.
-        let (_, pa) = a.plan();
-        let mut g = pa.as_ref().unwrap().open(0).unwrap();
-        g.take(false, 0);
-        g.close(0);
-        let (_, pb) = b.plan();
-        assert_eq!(pb.as_ref().unwrap().open(0).unwrap_err(), 1_000_000);
+        // a leases one operation of the group (1 ms of debt at 1000 a second, no burst): b
+        // is held back 1 ms.
+        let lease = |d: &Arc<DeviceQos>| Lease::new(d.plan().1.expect("a plan"));
+        lease(&a).renew(0).unwrap();
+        assert_eq!(lease(&b).renew(0), Err(1_000_000));
         assert_eq!(groups.list()[0].devices, 2);
         assert_eq!(
             groups.remove_group("tier"),
@@ -199,8 +198,8 @@ mod tests {
         let before = b.generation();
         groups.set_group("tier", iops(1_000_000));
         assert!(b.generation() > before);
-        let (_, pb) = b.plan();
-        assert!(pb.unwrap().open(0).is_ok());
+        // (b's own limit, 10 a second, granted it one operation at 0: 100 ms later.)
+        assert_eq!(lease(&b).renew(100_000_000), Ok(()));
         // Leaving the group, and a device dropped, leave it empty.
         groups.set_device(&a, Rates::default(), None).unwrap();
         assert!(a.plan().1.is_none(), "no limit left");

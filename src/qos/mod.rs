@@ -2,23 +2,23 @@
 //! allowance, and groups of devices that share limits ([`Groups`]).
 //!
 //! Each limit is a [`Bucket`] kept as GCRA does, one atomic word per limit, shared by every
-//! poller that serves the device. A poller opens a [`Gate`] on a queue's [`Plan`] once per
-//! pass (one load per limit): a device past a limit's tolerance keeps its requests in the
-//! avail ring, and the gate says when it may take them; otherwise the gate counts what the
-//! pass takes (two additions per request, one comparison per limit) and stops the pass at
-//! the request that spends the allowance, and the pass charges what it took once, at its end.
-//! Nothing per request locks, allocates or calls the kernel.
+//! poller that serves the device. A poller does not consult it per request or per pass: it
+//! holds a [`Lease`] of each of the device's limits, a millisecond of the rate charged to the
+//! bucket in advance, and spends it as it takes requests (a multiply-add, a subtraction and a
+//! comparison per limit per request). A pass that finds a lease used up renews it first;
+//! a bucket in debt past its burst allowance grants nothing, and the device keeps its
+//! requests in the avail ring until the tick the bucket names. Nothing per request locks,
+//! allocates, calls the kernel or touches a shared cache line.
 //!
 //! A device's plan changes at runtime (`device_set_qos`, a group's new rates): the control
 //! plane builds a new one and bumps the device's generation, which each pass compares with
-//! one load; only a poller that sees it change takes the device's lock for the new plan.
-//! A leaf module beside `clock`.
+//! one load; only a poller that sees it change takes the device's lock for the new plan, and
+//! its leases of the old one are dropped. A leaf module beside `clock`.
 
 mod bucket;
 mod groups;
 mod rates;
 
-pub use bucket::Tally;
 pub use groups::{GroupInfo, Groups, QosError};
 pub use rates::{BURST_KEY, DEFAULT_BURST, MAX_BURST, RATE_KEYS, Rates};
 
@@ -37,55 +37,77 @@ pub struct Plan {
     buckets: Vec<Arc<Bucket>>,
 }
 
-impl Plan {
-    /// Opens a pass at `now`: the gate that admits its requests, or, when a limit is past its
-    /// tolerance, the tick at which the device may take requests again.
-    #[inline(always)]
-    pub fn open(&self, now: u64) -> Result<Gate<'_>, u64> {
-        let mut allow = [0; MAX_LIMITS];
-        for (a, b) in allow.iter_mut().zip(&self.buckets) {
-            *a = b.allowance(now)?;
-        }
-        Ok(Gate {
-            buckets: &self.buckets,
-            allow,
-            tally: Tally::default(),
-        })
-    }
-}
-
-/// One pass's admission of one queue's requests.
+/// One poller's leases of a device's limits: what it may still take of each before it asks
+/// the limit for more.
 #[derive(Debug)]
-pub struct Gate<'a> {
-    buckets: &'a [Arc<Bucket>],
-    /// Units of each limit that fit within its tolerance when the pass opened.
-    allow: [u64; MAX_LIMITS],
-    tally: Tally,
+pub struct Lease {
+    plan: Arc<Plan>,
+    /// Units left of each limit's lease (below zero: spent beyond it, owed to the limit).
+    left: [i64; MAX_LIMITS],
+    /// What a read (`[0]`) and a write (`[1]`) cost each limit: (operations, per byte), 0 or 1.
+    cost: [[(i64, i64); 2]; MAX_LIMITS],
+    /// A lease is used up: the next pass renews before it takes a request.
+    spent: bool,
 }
 
-impl Gate<'_> {
-    /// Counts a request the pass took: a read or a write (DISCARD and WRITE_ZEROES are writes
-    /// of no bytes) of `bytes`. Returns whether the pass must stop taking requests: a limit's
-    /// allowance is spent. The first request of a pass is taken whatever its size; a limit
-    /// then in debt past its tolerance holds the next pass back.
+impl Lease {
+    /// No lease yet of `plan`'s limits: the first pass takes them.
+    pub fn new(plan: Arc<Plan>) -> Self {
+        let mut cost = [[(0, 0); 2]; MAX_LIMITS];
+        for (c, b) in cost.iter_mut().zip(&plan.buckets) {
+            let k = b.kind;
+            let (ops, bytes) = (i64::from(!k.bytes), i64::from(k.bytes));
+            *c = [
+                (ops * i64::from(k.reads), bytes * i64::from(k.reads)),
+                (ops * i64::from(k.writes), bytes * i64::from(k.writes)),
+            ];
+        }
+        Self {
+            plan,
+            left: [0; MAX_LIMITS],
+            cost,
+            spent: true,
+        }
+    }
+
+    /// Whether a lease is used up: the pass must [`Lease::renew`] before it takes a request.
+    #[inline(always)]
+    pub fn spent(&self) -> bool {
+        self.spent
+    }
+
+    /// Renews the used-up leases at `now` (paying what was spent beyond them); or, when a
+    /// limit is in debt past its burst allowance, returns the tick from which it grants again
+    /// (the leases renewed meanwhile are kept).
+    #[cold]
+    #[inline(never)]
+    pub fn renew(&mut self, now: u64) -> Result<(), u64> {
+        for (left, b) in self.left.iter_mut().zip(&self.plan.buckets) {
+            if *left > 0 {
+                continue;
+            }
+            let granted = b.lease(now, left.unsigned_abs())?;
+            *left = i64::try_from(granted).unwrap_or(i64::MAX);
+        }
+        self.spent = false;
+        Ok(())
+    }
+
+    /// Counts a request a pass took: a read or a write (DISCARD and WRITE_ZEROES are writes
+    /// of no bytes) of `bytes`. Returns whether a lease is now used up: the pass then ends
+    /// its turn (the request that used it up is taken whatever its size).
     #[inline(always)]
     pub fn take(&mut self, write: bool, bytes: u32) -> bool {
-        self.tally.count(write, bytes);
-        self.buckets
-            .iter()
-            .zip(&self.allow)
-            .any(|(b, &allow)| b.units(&self.tally) >= allow)
-    }
-
-    /// Charges what the pass took, at `now` (the pass's time).
-    #[inline]
-    pub fn close(self, now: u64) {
-        if self.tally == Tally::default() {
-            return;
+        let n = self.plan.buckets.len();
+        let d = usize::from(write);
+        let mut spent = false;
+        for (left, cost) in self.left[..n].iter_mut().zip(&self.cost[..n]) {
+            let (ops, per_byte) = cost[d];
+            *left -= ops + per_byte * i64::from(bytes);
+            spent |= *left <= 0;
         }
-        for b in self.buckets {
-            b.charge(&self.tally, now);
-        }
+        self.spent = spent;
+        spent
     }
 }
 
@@ -157,61 +179,67 @@ mod tests {
     use super::*;
     use crate::clock::Clock;
 
-    fn plan(rates: Rates) -> Plan {
-        Plan {
+    fn plan(rates: Rates) -> Arc<Plan> {
+        Arc::new(Plan {
             buckets: rates.buckets(&Clock::monotonic()),
-        }
+        })
     }
 
     #[test]
-    fn a_gate_stops_the_pass_at_the_request_that_spends_the_allowance() {
-        // 1000 reads a second and 1 MiB/s in total, 10 ms of burst: 10 reads, 10,485 bytes.
-        let p = plan(Rates {
+    fn a_lease_is_spent_by_the_requests_of_its_kind() {
+        // 1000 reads a second and 1 MiB/s in total: leases of one read and 1,048 bytes.
+        let mut l = Lease::new(plan(Rates {
             iops: [0, 1000, 0],
             bps: [1 << 20, 0, 0],
             burst: Duration::from_millis(10),
-        });
-        let now = 1_000_000_000;
-        let mut g = p.open(now).unwrap();
-        // Writes do not count against the read limit; their bytes count in the total.
-        assert!(!g.take(true, 4096));
-        assert!(!g.take(false, 4096));
-        assert!(g.take(false, 4096), "12,288 bytes reach 10,485");
-        g.close(now);
-        // 12,288 bytes at 1 MiB/s is 11.7 ms of debt, past 10 ms: back 1.7 ms later.
-        let back = p.open(now).unwrap_err();
-        assert_eq!(back, now + 11_718_750 - 10_000_000);
-        let mut g = p.open(back).unwrap();
-        // Nothing fits, yet one request is taken.
-        assert!(g.take(false, 512));
+        }));
+        assert!(l.spent(), "nothing leased yet");
+        l.renew(0).unwrap();
+        assert!(!l.spent());
+        // A write of 1,000 bytes: not a read; its bytes count in the total.
+        assert!(!l.take(true, 1000));
+        // A read uses up the read lease (and the bytes lease, 48 bytes past it).
+        assert!(l.take(false, 96));
+        assert_eq!(&l.left[..2], &[0, -48]);
+        l.renew(0).unwrap();
+        assert_eq!(&l.left[..2], &[1, 1048]);
     }
 
     #[test]
-    fn an_unlimited_direction_is_never_held() {
-        let p = plan(Rates {
+    fn an_unlimited_direction_never_spends_a_lease() {
+        let mut l = Lease::new(plan(Rates {
             iops: [0, 0, 100],
             burst: Duration::from_millis(10),
             ..Rates::default()
-        });
-        let mut g = p.open(0).unwrap();
+        }));
+        l.renew(0).unwrap();
         for _ in 0..10_000 {
-            assert!(!g.take(false, 1 << 20));
+            assert!(!l.take(false, 1 << 20));
         }
-        g.close(0);
-        assert!(p.open(0).is_ok());
     }
 
     #[test]
-    fn a_pass_that_took_nothing_charges_nothing() {
-        let p = plan(Rates {
-            iops: [1, 0, 0],
-            burst: Duration::ZERO,
+    fn a_limit_past_its_burst_holds_the_device_back_until_it_grants_again() {
+        // 1000 operations a second, no burst beyond one lease (1 ms).
+        let mut l = Lease::new(plan(Rates {
+            iops: [1000, 0, 0],
+            burst: Duration::from_millis(1),
             ..Rates::default()
-        });
-        p.open(5).unwrap().close(5);
-        let mut g = p.open(5).unwrap();
-        assert!(g.take(true, 0));
-        g.close(5);
-        assert_eq!(p.open(5).unwrap_err(), 1_000_000_005);
+        }));
+        l.renew(0).unwrap();
+        assert!(l.take(true, 0));
+        l.renew(0).unwrap();
+        // Three more than leased: owed, and paid with the next lease.
+        for _ in 0..4 {
+            l.take(true, 0);
+        }
+        assert_eq!(l.left[0], -3);
+        assert_eq!(l.renew(0), Err(1_000_000));
+        assert!(l.spent(), "still to renew");
+        l.renew(1_000_000).unwrap();
+        // 2 ms charged, 3 owed and 1 leased: 6 ms, granting again at 5.
+        assert_eq!(l.renew(1_000_000), Ok(()), "nothing used up: nothing asked");
+        l.take(true, 0);
+        assert_eq!(l.renew(1_000_000), Err(5_000_000));
     }
 }

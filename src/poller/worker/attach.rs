@@ -186,7 +186,7 @@ impl Worker {
                         capacity_sectors: a.shared.capacity_sectors.load(Ordering::Relaxed),
                         ..a.shared.limits
                     },
-                    qos: None,
+                    lease: None,
                     // Unlike any generation: the first pass with work loads the plan.
                     qos_gen: u64::MAX,
                 });

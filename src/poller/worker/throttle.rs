@@ -7,27 +7,42 @@
 use std::time::Duration;
 
 use super::{MAX_THROTTLED_SLEEP, QueueSlot, Worker};
+use crate::clock::Clock;
 use crate::metrics::QueueMetrics;
+use crate::qos::Lease;
 
-/// A pass at `now` found chains of a queue (held back since `since`, 0: not yet) that its
-/// device's limits do not admit before tick `at`. Free functions over the queue's fields:
-/// the pass holds the queue's vring lock through a borrow of the queue.
+/// A pass found a queue's device with a used-up lease of its rate limits: renews it at the
+/// clock's now. Returns whether the pass may take requests; if not, the queue is held back
+/// (since `since`, set now if it was not yet) until `resume_at` at the latest. Free functions
+/// over the queue's fields: the pass holds the queue's vring lock through a borrow of it.
 #[cold]
 #[inline(never)]
-pub(super) fn throttle(since: &mut u64, now: u64, at: u64, resume_at: &mut u64) {
-    if *since == 0 {
-        *since = now.max(1);
+pub(super) fn renew(
+    lease: &mut Lease,
+    since: &mut u64,
+    clock: &Clock,
+    resume_at: &mut u64,
+) -> bool {
+    let now = clock.now();
+    match lease.renew(now) {
+        Ok(()) => true,
+        Err(at) => {
+            if *since == 0 {
+                *since = now.max(1);
+            }
+            *resume_at = (*resume_at).min(at);
+            false
+        }
     }
-    *resume_at = (*resume_at).min(at);
 }
 
-/// A pass at `now` takes requests again from a queue held back since `since`: the time goes
-/// to its metrics.
+/// A pass takes requests again from a queue held back since `since`: the time goes to its
+/// metrics.
 #[cold]
 #[inline(never)]
-pub(super) fn unthrottle(since: &mut u64, metrics: Option<&QueueMetrics>, now: u64) {
+pub(super) fn unthrottle(since: &mut u64, metrics: Option<&QueueMetrics>, clock: &Clock) {
     if let Some(m) = metrics {
-        m.throttled(now.saturating_sub(*since));
+        m.throttled(clock.now().saturating_sub(*since));
     }
     *since = 0;
 }
