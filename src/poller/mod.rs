@@ -84,9 +84,6 @@ pub struct DeviceShared {
     /// The guest's mode is not known (`WriteCache::Unknown`): `writeback` is false until the
     /// guest's first FLUSH, which only a guest with a write cache sends.
     pub learning: AtomicBool,
-    /// Bumped by the control plane after it replaced a session's guest memory map (before the
-    /// frontend is acknowledged): pollers compare it with one load instead of loading the map.
-    pub mem_gen: AtomicU64,
     /// Faults survived in the session's memory (`mem::fault`): once one is, the pollers take
     /// nothing more from the device's queues.
     pub faults: Arc<DeviceFaults>,
@@ -100,7 +97,8 @@ pub struct DeviceShared {
     /// writes that queue's.
     pub metrics: Option<Arc<DeviceMetrics>>,
     /// The device's rate limits (none until the caller, which knows the device, sets them):
-    /// like its metrics, they belong to the device and outlive the session.
+    /// like its metrics, they belong to the device and outlive the session. Its generation is
+    /// the device's: bumped after any change pollers must take ([`DeviceShared::changed`]).
     pub qos: Arc<DeviceQos>,
 }
 
@@ -129,12 +127,19 @@ impl DeviceShared {
             serial,
             writeback: AtomicBool::new(write_cache == WriteCache::Back),
             learning: AtomicBool::new(write_cache == WriteCache::Unknown),
-            mem_gen: AtomicU64::new(0),
             faults,
             max_in_flight,
             metrics: None,
             qos: Arc::default(),
         }
+    }
+
+    /// The control plane changed what pollers keep of the device: the session's guest memory
+    /// map (called before the frontend is acknowledged), or its capacity (before the frontend
+    /// is told). Pollers compare the generation with one load per pass instead of loading the
+    /// map and the capacity.
+    pub fn changed(&self) {
+        self.qos.changed();
     }
 
     /// The guest's write cache mode as the device serves it.

@@ -70,8 +70,9 @@ struct Device {
     map: HostMap,
     /// Incremented whenever `map` is rebuilt: ring pointers of an older one are stale.
     map_gen: u64,
-    /// The device's `mem_gen` when `map` was last checked against `mem`.
-    seen_mem_gen: u64,
+    /// The device's generation ([`DeviceShared::changed`]) when `map`, `limits` and `lease`
+    /// were last brought up to date.
+    seen: u64,
     /// Index of the device's channel in the worker's `channels`.
     channel: usize,
     /// What the device's operations tell a channel shared with other devices.
@@ -85,10 +86,8 @@ struct Device {
     in_flight: u32,
     /// The request limits, with the capacity in force ([`DeviceShared::capacity_sectors`]).
     limits: Limits,
-    /// This poller's leases of the device's rate limits (`None`: no limit), and the
-    /// generation of [`crate::qos::DeviceQos`] they are of.
+    /// This poller's leases of the device's rate limits (`None`: no limit).
     lease: Option<Lease>,
-    qos_gen: u64,
 }
 
 /// An I/O channel of this poller, serving one device or several (namespaces of one NVMe
@@ -179,23 +178,32 @@ pub(super) struct Worker {
 const CLOCK_EVERY_PASSES: u32 = 32;
 
 impl Device {
-    /// Loads the device's memory map again if it changed since the last look (its `mem_gen`
-    /// moved); returns whether it did. The old map's snapshot is let go here, so that its
-    /// retired regions can be released (and, for a DMA device, unmapped). Inlined: on every
-    /// pass with work it is one load and a compare (a call cost it 20 instructions a batch).
+    /// Brings the device's memory map, capacity and rate limits up to date if the device
+    /// changed since the last look (its generation moved); returns whether the map was
+    /// rebuilt. The old map's snapshot is let go here, so that its retired regions can be
+    /// released (and, for a DMA device, unmapped). Inlined: on every pass with work it is one
+    /// load and a compare (a call cost it 20 instructions a batch).
     #[inline(always)]
-    fn refresh_map(&mut self) -> bool {
-        let mem_gen = self.shared.mem_gen.load(Ordering::Acquire);
-        if mem_gen == self.seen_mem_gen {
+    fn refresh(&mut self) -> bool {
+        let generation = self.shared.qos.generation();
+        if generation == self.seen {
             return false;
         }
-        self.reload_map(mem_gen)
+        self.reload(generation)
     }
 
     #[cold]
     #[inline(never)]
-    fn reload_map(&mut self, mem_gen: u64) -> bool {
-        self.seen_mem_gen = mem_gen;
+    fn reload(&mut self, generation: u64) -> bool {
+        self.seen = generation;
+        self.limits.capacity_sectors = self.shared.capacity_sectors.load(Ordering::Relaxed);
+        // Leases of a plan still in force are kept: a change of the map or the capacity does
+        // not give the device a new step of its limits.
+        let plan = self.shared.qos.plan();
+        match (plan, &self.lease) {
+            (Some(p), Some(l)) if l.is_of(&p) => {}
+            (plan, _) => self.lease = plan.map(Lease::new),
+        }
         let mem = self.mem.memory();
         if self.map.is_of(&mem) {
             return false;
@@ -203,32 +211,6 @@ impl Device {
         self.map = HostMap::new(mem.into_inner());
         self.map_gen += 1;
         true
-    }
-
-    /// Takes the device's capacity in force into its limits, once per pass with work (a
-    /// resize changes it). Inlined: one load and a compare.
-    #[inline(always)]
-    fn refresh_capacity(&mut self) {
-        let capacity = self.shared.capacity_sectors.load(Ordering::Relaxed);
-        if capacity != self.limits.capacity_sectors {
-            self.limits.capacity_sectors = capacity;
-        }
-    }
-
-    /// Loads the device's rate limits again if they changed (one load and a compare).
-    #[inline(always)]
-    fn refresh_qos(&mut self) {
-        if self.shared.qos.generation() != self.qos_gen {
-            self.reload_qos();
-        }
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn reload_qos(&mut self) {
-        let (generation, plan) = self.shared.qos.plan();
-        self.qos_gen = generation;
-        self.lease = plan.map(Lease::new);
     }
 }
 
@@ -391,17 +373,16 @@ impl Worker {
         if dev.shared.faults.failed() {
             return stop_faulted(&mut q.resubmit, queue);
         }
-        // Check the memory map only now: a frontend adds a region (ADD_MEM_REG, acknowledged
-        // after the map is replaced and `mem_gen` bumped) before it publishes requests that use
-        // it, so the generation read after the avail index covers what that index announces.
-        if dev.refresh_map() {
+        // Check the device's generation only now: a frontend adds a region (ADD_MEM_REG,
+        // acknowledged after the map is replaced and the generation bumped), or learns of a
+        // larger capacity, before it publishes requests that use it, so the generation read
+        // after the avail index covers what that index announces.
+        if dev.refresh() {
             match fresh_ring(&mut q.ring, dev, queue) {
                 Some(r) => ring = r,
                 None => return 0,
             }
         }
-        dev.refresh_capacity();
-        dev.refresh_qos();
         // What an earlier process left in flight was admitted by it: not held back again.
         if let Some(lease) = dev.lease.as_mut()
             && lease.spent()
@@ -641,20 +622,23 @@ impl Worker {
     fn sleep(&mut self) {
         self.shared.sleeping.store(true, Ordering::SeqCst);
         let mut more = self.shared.has_commands.load(Ordering::SeqCst);
+        // Whether rate limits held a queue back in the last pass.
+        let held = self.resume_at != u64::MAX;
         for qi in 0..self.queues.len() {
             // A queue rate limits hold back keeps its kicks off: the timer wakes the poller.
-            if self.queues[qi]
-                .as_ref()
-                .is_some_and(QueueSlot::is_throttled)
+            if held
+                && self.queues[qi]
+                    .as_ref()
+                    .is_some_and(QueueSlot::is_throttled)
             {
                 continue;
             }
             more |= self.set_notifications(qi, true) && !self.held_back(qi);
         }
-        let timeout = if more {
-            None
-        } else {
-            self.arm_throttle_timer()
+        let timeout = match (more, held) {
+            (true, _) => None,
+            (false, false) => Some(-1),
+            (false, true) => self.arm_throttle_timer(),
         };
         if let Some(timeout) = timeout {
             match self.epoll.wait(timeout, &mut self.events) {

@@ -51,6 +51,11 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// Whether this lease is of `plan`.
+    pub fn is_of(&self, plan: &Arc<Plan>) -> bool {
+        Arc::ptr_eq(&self.plan, plan)
+    }
+
     /// No lease yet of `plan`'s limits: the first pass takes them.
     pub fn new(plan: Arc<Plan>) -> Self {
         let mut cost = [[(0, 0); 2]; MAX_LIMITS];
@@ -113,9 +118,13 @@ impl Lease {
 
 /// A device's limits, as its queues' pollers and the control plane share them. It belongs to
 /// the device, not to a frontend's session: limits and debt survive reconnections.
+///
+/// Its generation counts every change pollers must take of the device, not only of its plan:
+/// the control plane also bumps it ([`DeviceQos::changed`]) after it replaced a session's
+/// memory map or the device's capacity, so that a pass checks all of them with one load.
 #[derive(Debug, Default)]
 pub struct DeviceQos {
-    /// Bumped after each change of `state.plan`.
+    /// Bumped after each change of `state.plan`, and by [`DeviceQos::changed`].
     generation: AtomicU64,
     state: Mutex<DeviceState>,
 }
@@ -140,17 +149,22 @@ impl DeviceState {
 }
 
 impl DeviceQos {
-    /// The generation of the device's plan: a poller compares it with the one of the plan it
-    /// holds, once per pass.
+    /// The device's generation: a poller compares it with the one it last saw, once per
+    /// pass.
     #[inline(always)]
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// The device's plan (`None`: no limit) and its generation.
-    pub fn plan(&self) -> (u64, Option<Arc<Plan>>) {
-        let state = self.lock();
-        (self.generation(), state.plan.clone())
+    /// Something else pollers keep of the device changed (its memory map, its capacity): the
+    /// change is made before, and seen by every pass that reads the new generation.
+    pub fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The device's plan (`None`: no limit).
+    pub fn plan(&self) -> Option<Arc<Plan>> {
+        self.lock().plan.clone()
     }
 
     /// The device's own limits and the group it is in.

@@ -297,6 +297,9 @@ impl BlkBackend {
         if old == sectors {
             return;
         }
+        // Before the frontend is told: a request it sends for the new space finds the pollers
+        // past this generation.
+        self.shared.changed();
         tracing::info!(
             device = self.shared.index,
             from = old << SECTOR_SHIFT,
@@ -702,7 +705,7 @@ impl VhostUserBackend for BlkBackend {
         // The pollers share the atomic map, which already holds the new one; tell them to load
         // it. The frontend is acknowledged only after this returns, so it cannot publish a
         // request that uses the new map before the pollers can see the change.
-        self.shared.mem_gen.fetch_add(1, Ordering::Release);
+        self.shared.changed();
         // And have them load it now rather than at their next request, so that the old map
         // (and the regions only it holds) goes as soon as no request uses it.
         let mut told: Vec<usize> = Vec::with_capacity(self.pollers.len());

@@ -19,6 +19,7 @@ use crate::log_limit::LogLimit;
 use crate::mem::HostMap;
 use crate::poller::warm::Warm;
 use crate::poller::{Command, DetachWait, QueueAttach, WARNINGS_PER_SECOND};
+use crate::qos::Lease;
 use crate::virtio_blk::MAX_RANGE_SEGMENTS;
 use crate::virtio_blk::request::Limits;
 
@@ -60,7 +61,7 @@ impl Worker {
                     // Not waiting for the device's next request: an idle queue would keep
                     // the old map, and with it memory the frontend gave back.
                     if let Some(d) = self.devices.iter_mut().flatten().find(|d| d.key == device) {
-                        d.refresh_map();
+                        d.refresh();
                     }
                 }
                 Command::SetLog { device, log, done } => {
@@ -169,11 +170,12 @@ impl Worker {
                 };
                 let i = free_index(&mut self.devices);
                 // The generation first: a change after it is seen on the next check.
-                let seen_mem_gen = a.shared.mem_gen.load(Ordering::Acquire);
+                let seen = a.shared.qos.generation();
+                let plan = a.shared.qos.plan();
                 self.devices[i] = Some(Device {
                     key: a.device,
                     shared: a.shared.clone(),
-                    seen_mem_gen,
+                    seen,
                     map: HostMap::new(a.mem.memory().into_inner()),
                     map_gen: 0,
                     mem: a.mem.clone(),
@@ -186,9 +188,7 @@ impl Worker {
                         capacity_sectors: a.shared.capacity_sectors.load(Ordering::Relaxed),
                         ..a.shared.limits
                     },
-                    lease: None,
-                    // Unlike any generation: the first pass with work loads the plan.
-                    qos_gen: u64::MAX,
+                    lease: plan.map(Lease::new),
                 });
                 i
             }

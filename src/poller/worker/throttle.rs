@@ -55,14 +55,11 @@ impl QueueSlot {
 }
 
 impl Worker {
-    /// Before the poller sleeps: arms its timer for the moment the limits of the queues held
-    /// back in the last pass admit again (at most [`MAX_THROTTLED_SLEEP`] away), and returns
-    /// the longest sleep in milliseconds (a backstop should the timer fail; -1: no limit held
-    /// a queue back), or `None` when that moment has come already.
+    /// Before the poller sleeps, rate limits having held a queue back in the last pass: arms
+    /// its timer for the moment they let the first such queue go on (at most
+    /// [`MAX_THROTTLED_SLEEP`] away), and returns the longest sleep in milliseconds (a
+    /// backstop should the timer fail), or `None` when that moment has come already.
     pub(super) fn arm_throttle_timer(&mut self) -> Option<i32> {
-        if self.resume_at == u64::MAX {
-            return Some(-1);
-        }
         let now = self.clock.now();
         if self.resume_at <= now {
             return None;
