@@ -13,7 +13,11 @@
 #    neighbour device read at QD 32 at the same time, both clients on CLIENT_CPU in eventfd
 #    mode. Three cases, interleaved over ROUNDS rounds: the victim alone, with the neighbour
 #    unlimited, with the neighbour limited to NEIGHBOUR_IOPS. The victim's p99 in each case is
-#    reported against its p99 alone (medians over the rounds).
+#    reported against its p99 alone (medians over the rounds). With two CPUs the two clients
+#    share one, where each wake-up of the neighbour's client would delay the victim's as much
+#    as anything the backend does: the neighbour's client runs under SCHED_IDLE (`chrt
+#    --idle`), so that it takes the CPU only while the victim's client waits, as two guests'
+#    vCPUs on CPUs of their own would. NEIGHBOUR_SCHED=other runs it as an ordinary thread.
 # 3. Instructions per I/O (callgrind): vubd under `valgrind --tool=callgrind` with
 #    `--poll never` (no empty polls to price), the eventfd client at QD 1 and 32, IOS reads,
 #    in three configurations: metrics and QoS off (`--metrics off`, no limit), metrics on, and
@@ -22,7 +26,8 @@
 #    under BENCH_DIR. The count is the poller thread's instructions over the I/Os; the lines
 #    of src/qos (inlined into the poller) are also counted on their own.
 #
-# Environment: SECS (5), ROUNDS (3), NEIGHBOUR_IOPS (50000), IOS (100000), BASE_REF (none),
+# Environment: SECS (5), ROUNDS (3), NEIGHBOUR_IOPS (50000), NEIGHBOUR_SCHED (idle), IOS
+# (100000), BASE_REF (none),
 # BACKEND_CPU (1), CLIENT_CPU (0), BENCH_DIR (target/bench), QUIET_WAIT and QUIET_BUDGET as for
 # compare.sh.
 set -euo pipefail
@@ -92,13 +97,19 @@ done
 stop_backend accuracy
 
 log "noisy neighbour"
+case ${NEIGHBOUR_SCHED:-idle} in
+  idle) neighbour_sched=(chrt --idle 0) ;;
+  other) neighbour_sched=() ;;
+  *) die "NEIGHBOUR_SCHED: idle or other" ;;
+esac
 wait_quiet
 start_vubd neighbour victim victim hog "hogl,iops-total=$NEIGHBOUR_IOPS"
 for ((round = 1; round <= ROUNDS; round++)); do
   for case in alone hog hogl; do
     pid=
     if [[ $case != alone ]]; then
-      "$LOADGEN" --socket "$work/$case.sock" --mode eventfd --cpu "$CLIENT_CPU" --json \
+      "${neighbour_sched[@]}" "$LOADGEN" --socket "$work/$case.sock" --mode eventfd \
+        --cpu "$CLIENT_CPU" --json \
         --label "neighbour-$case-$round-load" --rw randread --bs 4k --qd 32 \
         --secs "$((SECS + 2))" >>"$results" 2>"$work/neighbour-$case.loadgen.txt" &
       pid=$!
@@ -169,6 +180,7 @@ facts=$work/facts.txt
   echo "secs=$SECS"
   echo "rounds=$ROUNDS"
   echo "neighbour_iops=$NEIGHBOUR_IOPS"
+  echo "neighbour_sched=${NEIGHBOUR_SCHED:-idle}"
   echo "base_ref=$BASE_REF"
 } >"$facts"
 python3 benches/report.py qos "$facts" "$results" docs/benchmarks.md

@@ -58,8 +58,10 @@ def qos(facts_path, results_path, doc):
         para(
             f"""**Noisy neighbour**: a victim device read at QD 1 (4 KiB) while a neighbour
             device on the same poller is read at QD 32; the neighbour unlimited, then limited
-            to {int(facts['neighbour_iops']):,} IOPS. Medians over {facts['rounds']}
-            interleaved rounds:"""
+            to {int(facts['neighbour_iops']):,} IOPS. Both clients run on CPU
+            {facts['client_cpu']}; the neighbour's
+            {"under SCHED_IDLE, so that it runs only while the victim's waits (as on a CPU of its own)" if facts.get('neighbour_sched', 'idle') == 'idle' else "as an ordinary thread, competing with the victim's for that CPU"}.
+            Medians over {facts['rounds']} interleaved rounds:"""
         ),
         "",
         "| victim | p50 µs | p99 µs | p99 ÷ alone | victim IOPS | neighbour IOPS |",

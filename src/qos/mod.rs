@@ -42,12 +42,22 @@ pub struct Plan {
 #[derive(Debug)]
 pub struct Lease {
     plan: Arc<Plan>,
-    /// Units left of each limit's lease (below zero: spent beyond it, owed to the limit).
-    left: [i64; MAX_LIMITS],
-    /// What a read (`[0]`) and a write (`[1]`) cost each limit: (operations, per byte), 0 or 1.
-    cost: [[(i64, i64); 2]; MAX_LIMITS],
+    /// One per limit of the plan, in its order; `shares[..n]` are in use.
+    shares: [Share; MAX_LIMITS],
+    n: usize,
     /// A lease is used up: the next pass renews before it takes a request.
     spent: bool,
+}
+
+/// The lease of one limit, and what a request costs it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Share {
+    /// Units left (below zero: spent beyond the lease, owed to the limit).
+    left: i64,
+    /// Operations a read (`[0]`) and a write (`[1]`) cost: 0 or 1.
+    ops: [i64; 2],
+    /// Bytes of a read and of a write the limit counts: all (`-1`, a mask) or none (0).
+    bytes: [i64; 2],
 }
 
 impl Lease {
@@ -58,19 +68,17 @@ impl Lease {
 
     /// No lease yet of `plan`'s limits: the first pass takes them.
     pub fn new(plan: Arc<Plan>) -> Self {
-        let mut cost = [[(0, 0); 2]; MAX_LIMITS];
-        for (c, b) in cost.iter_mut().zip(&plan.buckets) {
+        let mut shares = [Share::default(); MAX_LIMITS];
+        for (s, b) in shares.iter_mut().zip(&plan.buckets) {
             let k = b.kind;
-            let (ops, bytes) = (i64::from(!k.bytes), i64::from(k.bytes));
-            *c = [
-                (ops * i64::from(k.reads), bytes * i64::from(k.reads)),
-                (ops * i64::from(k.writes), bytes * i64::from(k.writes)),
-            ];
+            let each = [k.reads, k.writes];
+            s.ops = each.map(|counted| i64::from(counted && !k.bytes));
+            s.bytes = each.map(|counted| -i64::from(counted && k.bytes));
         }
         Self {
+            n: plan.buckets.len(),
             plan,
-            left: [0; MAX_LIMITS],
-            cost,
+            shares,
             spent: true,
         }
     }
@@ -87,12 +95,12 @@ impl Lease {
     #[cold]
     #[inline(never)]
     pub fn renew(&mut self, now: u64) -> Result<(), u64> {
-        for (left, b) in self.left.iter_mut().zip(&self.plan.buckets) {
-            if *left > 0 {
+        for (s, b) in self.shares.iter_mut().zip(&self.plan.buckets) {
+            if s.left > 0 {
                 continue;
             }
-            let granted = b.lease(now, left.unsigned_abs())?;
-            *left = i64::try_from(granted).unwrap_or(i64::MAX);
+            let granted = b.lease(now, s.left.unsigned_abs())?;
+            s.left = i64::try_from(granted).unwrap_or(i64::MAX);
         }
         self.spent = false;
         Ok(())
@@ -103,13 +111,11 @@ impl Lease {
     /// its turn (the request that used it up is taken whatever its size).
     #[inline(always)]
     pub fn take(&mut self, write: bool, bytes: u32) -> bool {
-        let n = self.plan.buckets.len();
-        let d = usize::from(write);
+        let (d, bytes) = (usize::from(write), i64::from(bytes));
         let mut spent = false;
-        for (left, cost) in self.left[..n].iter_mut().zip(&self.cost[..n]) {
-            let (ops, per_byte) = cost[d];
-            *left -= ops + per_byte * i64::from(bytes);
-            spent |= *left <= 0;
+        for s in &mut self.shares[..self.n] {
+            s.left -= s.ops[d] + (s.bytes[d] & bytes);
+            spent |= s.left <= 0;
         }
         self.spent = spent;
         spent
@@ -214,9 +220,9 @@ mod tests {
         assert!(!l.take(true, 1000));
         // A read uses up the read lease (and the bytes lease, 48 bytes past it).
         assert!(l.take(false, 96));
-        assert_eq!(&l.left[..2], &[0, -48]);
+        assert_eq!((l.shares[0].left, l.shares[1].left), (0, -48));
         l.renew(0).unwrap();
-        assert_eq!(&l.left[..2], &[1, 1048]);
+        assert_eq!((l.shares[0].left, l.shares[1].left), (1, 1048));
     }
 
     #[test]
@@ -247,7 +253,7 @@ mod tests {
         for _ in 0..4 {
             l.take(true, 0);
         }
-        assert_eq!(l.left[0], -3);
+        assert_eq!(l.shares[0].left, -3);
         assert_eq!(l.renew(0), Err(1_000_000));
         assert!(l.spent(), "still to renew");
         l.renew(1_000_000).unwrap();
