@@ -9,8 +9,8 @@ SKELETON = """# Benchmarks
 
 vubd measured against qemu-storage-daemon (QEMU's own vhost-user-blk export) and, for a file,
 against fio on the same file; and vubd's NVMe/TCP initiator against a null namespace on
-loopback. `benches/compare.sh`, `benches/callgrind.sh`, `benches/inflight_callgrind.sh` and
-`benches/nvme_tcp.sh` regenerate the marked sections below; they keep everything outside the
+loopback. `benches/compare.sh`, `benches/callgrind.sh`, `benches/inflight_callgrind.sh`,
+`benches/nvme_tcp.sh` and `benches/qos.sh` regenerate the marked sections below; they keep everything outside the
 markers, such as the notes.
 
 <!-- BEGIN compare.sh -->
@@ -27,6 +27,9 @@ markers, such as the notes.
 
 <!-- BEGIN nvme_tcp.sh -->
 <!-- END nvme_tcp.sh -->
+
+<!-- BEGIN qos.sh -->
+<!-- END qos.sh -->
 
 ## Notes
 
