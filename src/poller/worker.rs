@@ -56,7 +56,7 @@ const KICK_EVENT: u64 = u64::MAX - 1;
 const TIMER_EVENT: u64 = u64::MAX - 2;
 /// Requests one queue takes in a pass at most: queues that share a poller take turns, so that
 /// one with hundreds of requests waiting delays another's by one batch only.
-const TURN: u16 = 32;
+const TURN: u32 = 32;
 /// Longest sleep of a poller whose queues rate limits hold back: a change of limits (which
 /// does not wake the pollers) takes effect within it.
 const MAX_THROTTLED_SLEEP: Duration = Duration::from_millis(50);
@@ -422,15 +422,14 @@ impl Worker {
         // broke it is not taken (next avail stays on it), and what completed is published.
         let mut breakage = None;
         let limits = &dev.limits;
-        // Where this pass stops taking new chains: a turn's worth on, or sooner when a lease
-        // is used up (no count per request: the pop's own test of the index ends the turn).
-        let mut end = if (avail - next).0 > TURN {
-            next + Wrapping(TURN)
-        } else {
-            avail
-        };
+        // Requests this pass may still take: a turn, cut short by a used-up lease.
+        let mut turn = TURN;
         loop {
-            if slots.is_full() || !channel.has_room() || dev.in_flight >= dev.shared.max_in_flight {
+            if turn == 0
+                || slots.is_full()
+                || !channel.has_room()
+                || dev.in_flight >= dev.shared.max_in_flight
+            {
                 // Retried on the next iteration, once completions have freed room.
                 break;
             }
@@ -444,7 +443,7 @@ impl Worker {
                     }
                     (head, false)
                 }
-                None if next == end || q.detach.is_some() => break,
+                None if next == avail || q.detach.is_some() => break,
                 None => {
                     // Chains in use: in flight, or completed in this pass and not yet published.
                     let in_use = q.in_flight + u32::from((used - old_used).0);
@@ -468,6 +467,7 @@ impl Worker {
             let Some(tag) = slots.alloc() else {
                 break;
             };
+            turn -= 1;
             let parsed = parse(map, table, head, limits, scratch, slots.iov_mut(tag));
             if let Err(rej) = &parsed
                 && rej.status.is_none()
@@ -503,7 +503,7 @@ impl Worker {
                     && let Some((write, bytes)) = start::limited_units(&p.request)
                     && lease.take(write, bytes)
                 {
-                    end = next;
+                    turn = 0;
                 }
             }
             let done = match &parsed {
