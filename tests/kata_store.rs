@@ -9,17 +9,19 @@
 //! CAP_MKNOD), as the suite does.
 
 mod common;
+#[path = "common/service.rs"]
+mod service;
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
 use common::client::{Client, ClientOptions};
 use common::daemon::{Daemon, vubd_command};
 use common::node::Node;
-use common::{Image, Rng, TIMEOUT, assert_same};
+use common::{Image, assert_same};
 use serde_json::json;
+use service::{next_notification, notify_socket, verified_io};
 
 const MIB: u64 = 1 << 20;
 const KATA_MAJOR: u32 = 241;
@@ -82,27 +84,12 @@ fn kata_lookup(store: &Path, minor: u32) -> PathBuf {
     panic!("no node {KATA_MAJOR}:{minor} in {}", dir.display());
 }
 
-/// Writes a random pattern over the first MiB of the device behind `socket` and reads it
-/// back, checking it against the image file too.
-fn verified_io(socket: &Path, image: &Image, seed: u64) {
-    let mut client = Client::connect(socket, &ClientOptions::queues(1))
-        .unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()));
-    let data = Rng::new(seed).bytes(MIB as usize);
-    let q = client.queue(0);
-    q.write(0, &data);
-    q.flush();
-    assert_same(&data, &q.read(0, data.len()), 0, "read back");
-    assert_same(&data, &image.read_host(0, data.len()), 0, "the image");
-}
-
 /// vubd with `--kata-store store` and one `--device` per entry of `devices`, once it is
 /// ready: it notifies READY=1 (to a NOTIFY_SOCKET of the test's) once every device listens
 /// and has its node, which may replace one left there.
 fn vubd_in_store(store: &Path, devices: &[String]) -> Daemon {
     let notify_dir = tempfile::tempdir().expect("temp dir");
-    let notify_path = notify_dir.path().join("notify");
-    let notify = UnixDatagram::bind(&notify_path).expect("bind");
-    notify.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let (notify, notify_path) = notify_socket(notify_dir.path());
     let mut cmd = vubd_command();
     cmd.arg("--kata-store")
         .arg(store)
@@ -115,11 +102,8 @@ fn vubd_in_store(store: &Path, devices: &[String]) -> Daemon {
         .find_map(|kv| kv.strip_prefix("name="))
         .expect("a name");
     let daemon = Daemon::vubd_from(cmd, &socket_path(store, first));
-    let mut buf = [0u8; 64];
-    match notify.recv(&mut buf) {
-        Ok(n) if &buf[..n] == b"READY=1" => daemon,
-        other => panic!("READY=1 expected, got {other:?}\n{}", daemon.output()),
-    }
+    assert_eq!(next_notification(&notify, &daemon), "READY=1");
+    daemon
 }
 
 #[test]

@@ -8,19 +8,20 @@
 //! line naming them.
 
 mod common;
+#[path = "common/service.rs"]
+mod service;
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::client::{Client, ClientOptions};
 use common::daemon::{Daemon, run_vubd_with, socket_listening, wait_bounded};
-use common::{Image, Rng, TIMEOUT, assert_same};
-use tempfile::TempDir;
+use common::{Image, TIMEOUT};
+use service::{next_notification, notify_socket, verified_io};
 
 const MIB: u64 = 1 << 20;
 
@@ -43,28 +44,6 @@ fn activate(sockets: &[&Path], names: &str, notify: Option<&Path>, args: &[&OsSt
     cmd
 }
 
-/// A notification socket in `dir`, as systemd binds one for a Type=notify service.
-fn notify_socket(dir: &TempDir) -> (UnixDatagram, PathBuf) {
-    let path = dir.path().join("notify");
-    let socket = UnixDatagram::bind(&path).expect("bind the notification socket");
-    socket
-        .set_read_timeout(Some(TIMEOUT))
-        .expect("receive timeout");
-    (socket, path)
-}
-
-/// The next notification, failing the test if none comes within [`TIMEOUT`].
-fn next_notification(socket: &UnixDatagram, daemon: &Daemon) -> String {
-    let mut buf = [0u8; 4096];
-    let len = socket.recv(&mut buf).unwrap_or_else(|e| {
-        panic!(
-            "no notification within {TIMEOUT:?}: {e}\n{}",
-            daemon.output()
-        )
-    });
-    String::from_utf8_lossy(&buf[..len]).into_owned()
-}
-
 /// The descriptor flags of `fd` in process `pid`, from `/proc/PID/fdinfo/FD` (octal).
 fn fd_flags(pid: u32, fd: i32) -> u32 {
     let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).expect("fdinfo");
@@ -75,25 +54,12 @@ fn fd_flags(pid: u32, fd: i32) -> u32 {
     u32::from_str_radix(flags.trim(), 8).expect("octal flags")
 }
 
-/// Writes a random pattern over the first MiB of the device behind `socket` and reads it
-/// back, checking it against the image file too.
-fn verified_io(daemon: &Daemon, socket: &Path, image: &Image, seed: u64) {
-    let mut client = Client::connect(socket, &ClientOptions::queues(1))
-        .unwrap_or_else(|e| panic!("connect to {}: {e}\n{}", socket.display(), daemon.output()));
-    let data = Rng::new(seed).bytes(MIB as usize);
-    let q = client.queue(0);
-    q.write(0, &data);
-    q.flush();
-    assert_same(&data, &q.read(0, data.len()), 0, "read back");
-    assert_same(&data, &image.read_host(0, data.len()), 0, "the image");
-}
-
 #[test]
 fn an_activated_socket_serves_verified_io_and_the_service_manager_hears_ready_and_stopping() {
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("vm1.sock");
     let image = Image::new(16 * MIB);
-    let (notify, notify_path) = notify_socket(&dir);
+    let (notify, notify_path) = notify_socket(dir.path());
     let device = format!("fd-name=vm1,disk={}", image.path().display());
     let cmd = activate(
         &[&socket],
@@ -103,7 +69,7 @@ fn an_activated_socket_serves_verified_io_and_the_service_manager_hears_ready_an
     );
     let mut daemon = Daemon::vubd_from(cmd, &socket);
     // The client's connection starts vubd, which accepts it once it serves.
-    verified_io(&daemon, &socket, &image, 1);
+    verified_io(&socket, &image, 1);
     assert_eq!(next_notification(&notify, &daemon), "READY=1");
     // The socket systemd bound and vubd serves, closed on exec like every descriptor vubd
     // keeps: whatever vubd started would not inherit it.
@@ -129,7 +95,7 @@ fn each_device_takes_the_socket_of_its_name_or_number() {
     // Named in the other order than passed: the names decide, not the order.
     let dev_b = format!("fd-name=disk-b,disk={}", image_b.path().display());
     let dev_a = format!("fd=3,name=a,disk={}", image_a.path().display());
-    let (notify, notify_path) = notify_socket(&dir);
+    let (notify, notify_path) = notify_socket(dir.path());
     let cmd = activate(
         &[&a, &b],
         "disk-a:disk-b",
@@ -142,9 +108,9 @@ fn each_device_takes_the_socket_of_its_name_or_number() {
         ],
     );
     let daemon = Daemon::vubd_from(cmd, &a);
-    verified_io(&daemon, &a, &image_a, 2);
+    verified_io(&a, &image_a, 2);
     assert_eq!(next_notification(&notify, &daemon), "READY=1");
-    verified_io(&daemon, &b, &image_b, 3);
+    verified_io(&b, &image_b, 3);
 }
 
 /// Runs vubd under `systemd-socket-activate` as `cmd`, listening first on `socket`, and

@@ -8,18 +8,19 @@
 //! why each is harmless to vubd.
 
 mod common;
+#[path = "common/service.rs"]
+mod service;
 
 use std::ffi::OsString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::client::{Client, ClientOptions};
+use common::Image;
 use common::daemon::Daemon;
 use common::node::Node;
-use common::{Image, Rng, TIMEOUT, assert_same};
 use serde_json::json;
+use service::{next_notification, notify_socket, verified_io};
 
 const MIB: u64 = 1 << 20;
 /// The user and group that own the test's images and sockets: not root's.
@@ -110,33 +111,6 @@ fn image_of_another_user() -> Image {
     image
 }
 
-/// A notification socket, as systemd binds one for a Type=notify service.
-fn notify_socket(dir: &Path) -> (UnixDatagram, PathBuf) {
-    let path = dir.join("notify");
-    let socket = UnixDatagram::bind(&path).expect("bind");
-    socket.set_read_timeout(Some(TIMEOUT)).expect("timeout");
-    (socket, path)
-}
-
-fn expect_ready(notify: &UnixDatagram, daemon: &Daemon) {
-    let mut buf = [0u8; 64];
-    match notify.recv(&mut buf) {
-        Ok(n) if &buf[..n] == b"READY=1" => {}
-        other => panic!("READY=1 expected, got {other:?}\n{}", daemon.output()),
-    }
-}
-
-fn verified_io(socket: &Path, image: &Image, seed: u64) {
-    let mut client = Client::connect(socket, &ClientOptions::queues(1))
-        .unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()));
-    let data = Rng::new(seed).bytes(MIB as usize);
-    let q = client.queue(0);
-    q.write(0, &data);
-    q.flush();
-    assert_same(&data, &q.read(0, data.len()), 0, "read back");
-    assert_same(&data, &image.read_host(0, data.len()), 0, "the image");
-}
-
 #[test]
 fn the_template_serves_its_activated_socket_with_the_units_capabilities() {
     let run = tempfile::tempdir().expect("temp dir");
@@ -160,7 +134,7 @@ fn the_template_serves_its_activated_socket_with_the_units_capabilities() {
     let daemon = Daemon::vubd_from(cmd, &socket);
     // The first connection starts vubd.
     verified_io(&socket, &image, 1);
-    expect_ready(&notify, &daemon);
+    assert_eq!(next_notification(&notify, &daemon), "READY=1");
 }
 
 #[test]
@@ -193,7 +167,7 @@ fn the_node_daemon_serves_a_kata_store_and_socket_groups_with_the_units_capabili
         control,
         dir: run,
     };
-    expect_ready(&notify, &node.daemon);
+    assert_eq!(next_notification(&notify, &node.daemon), "READY=1");
     let image = image_of_another_user();
     let params = json!({"name": "vol", "disk": image.path()});
     assert_eq!(node.ok("device_add", params), json!({"name": "vol"}));
