@@ -9,7 +9,8 @@
 //! enforce, lock-free) and `sandbox` (seccomp filters per thread role, restricted io_uring
 //! rings) use none of them either, so any may use them; `clock` (the pollers' cheap clock,
 //! which `metrics` and `qos` use), `error_chain` (an error and its causes on one line),
-//! `jsonrpc` (JSON-RPC 2.0 over a stream) and `units` (byte counts for people) are leaves;
+//! `jsonrpc` (JSON-RPC 2.0 over a stream), `systemd` (socket activation and service
+//! notifications) and `units` (byte counts for people) are leaves;
 //! `ctl` (the control socket's client) sits beside `daemon`.
 
 pub mod bdev;
@@ -26,6 +27,7 @@ pub mod nvme;
 pub mod poller;
 pub mod qos;
 pub mod sandbox;
+pub mod systemd;
 pub mod units;
 pub mod vhost_user;
 pub mod virtio_blk;

@@ -4,8 +4,11 @@
 //! [,queue-size=N][,incoming=on|off][,max-inflight=N][,iops-total=N,...][,qos-group=G]`
 //! (QEMU's key=value list, `,,` for a comma in a value) describes another, and so do the same
 //! keys in a control request (`device_add`); the rate-limit keys are parsed by
-//! [`super::qos`]. What several devices may not share is refused here: a name, a socket, a
-//! writable image file, an NVMe namespace.
+//! [`super::qos`]. Where a device listens is one of `socket=PATH`, `fd=N` (inherited),
+//! `fd-name=NAME` (inherited from systemd's socket activation, named by LISTEN_FDNAMES) and
+//! `kata-store=DIR` (the socket in a Kata Containers vhost-user store, beside the block device
+//! node Kata finds it by). What several devices may not share is refused here: a name, a
+//! socket, a writable image file, an NVMe namespace.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -50,6 +53,10 @@ pub struct DeviceConfig {
     pub qos: Rates,
     /// `qos-group=`: the group whose limits it shares as it starts.
     pub qos_group: Option<String>,
+    /// `kata-store=` / `--kata-store`: the Kata Containers vhost-user store the device is in;
+    /// its socket is then `DIR/block/sockets/NAME` and vubd also makes the block device node
+    /// `DIR/block/devices/NAME` Kata finds the socket by.
+    pub kata_store: Option<PathBuf>,
 }
 
 impl DeviceConfig {
@@ -85,6 +92,7 @@ pub(super) struct DeviceValues {
     pub socket_perms: SocketPerms,
     pub qos: Rates,
     pub qos_group: Option<String>,
+    pub kata_store: Option<PathBuf>,
 }
 
 impl DeviceValues {
@@ -106,7 +114,8 @@ impl DeviceValues {
         if self.max_in_flight == Some(0) {
             return Err(ConfigError::MaxInFlight);
         }
-        if let SocketSpec::Path(p) = &self.socket {
+        // A store's directories are made with the device.
+        if let (SocketSpec::Path(p), None) = (&self.socket, &self.kata_store) {
             check_socket_dir(p)?;
         }
         let serial = match self.serial {
@@ -129,6 +138,7 @@ impl DeviceValues {
             socket_perms: self.socket_perms,
             qos: self.qos,
             qos_group: self.qos_group,
+            kata_store: self.kata_store,
         })
     }
 }
@@ -154,17 +164,87 @@ pub(super) fn split_list(s: &str) -> Vec<String> {
 }
 
 /// The keys of a device (`--device` and the control socket's `device_add`).
-pub const KNOWN_KEYS: &str = "name, socket, fd, disk, serial, readonly, num-queues, queue-size, \
-                              incoming, max-inflight, socket-mode, socket-group, iops-total, \
-                              iops-read, iops-write, bps-total, bps-read, bps-write, \
-                              qos-burst-ms, qos-group";
+pub const KNOWN_KEYS: &str = "name, socket, fd, fd-name, kata-store, disk, serial, readonly, \
+                              num-queues, queue-size, incoming, max-inflight, socket-mode, \
+                              socket-group, iops-total, iops-read, iops-write, bps-total, \
+                              bps-read, bps-write, qos-burst-ms, qos-group";
 
 /// What a device's keys default to beside their own defaults: the global `--incoming`,
-/// `--socket-mode` and `--socket-group`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// `--socket-mode`, `--socket-group` and `--kata-store`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DeviceDefaults {
     pub incoming: bool,
     pub perms: SocketPerms,
+    /// Where a device that says nowhere else to listen goes (`--kata-store`).
+    pub kata_store: Option<PathBuf>,
+}
+
+/// Longest name LISTEN_FDNAMES may give a socket (systemd's `FileDescriptorName=`).
+const MAX_FD_NAME_LEN: usize = 255;
+
+/// Where a device listens, from its keys: one of `socket`, `fd`, `fd-name` and `kata-store`,
+/// else the store of `--kata-store`. With a store, the device's name is the socket's file
+/// name, so it is taken here.
+fn socket_keys(
+    keys: &mut HashMap<String, String>,
+    defaults: &DeviceDefaults,
+    bad: impl Fn(&'static str) -> ConfigError,
+) -> Result<(SocketSpec, Option<PathBuf>), ConfigError> {
+    let given = ["socket", "fd", "fd-name", "kata-store"]
+        .into_iter()
+        .filter(|k| keys.contains_key(*k))
+        .count();
+    if given > 1 {
+        return Err(bad(
+            "socket, fd, fd-name and kata-store exclude each other (each says where the device \
+             listens)",
+        ));
+    }
+    if let Some(p) = keys.remove("socket") {
+        if p.is_empty() {
+            return Err(bad("socket is empty"));
+        }
+        return Ok((SocketSpec::Path(PathBuf::from(p)), None));
+    }
+    if let Some(fd) = keys.remove("fd") {
+        let fd = fd
+            .parse()
+            .ok()
+            .filter(|&n: &i32| n >= 0)
+            .ok_or(bad("fd must be a file descriptor number"))?;
+        return Ok((SocketSpec::Fd(fd), None));
+    }
+    if let Some(n) = keys.remove("fd-name") {
+        if n.is_empty()
+            || n.len() > MAX_FD_NAME_LEN
+            || n.contains(':')
+            || n.chars().any(|c| c.is_control() || !c.is_ascii())
+        {
+            return Err(bad(
+                "fd-name must be 1 to 255 ASCII characters without ':' or control characters \
+                 (a name of LISTEN_FDNAMES)",
+            ));
+        }
+        return Ok((SocketSpec::Activated(n), None));
+    }
+    let store = match keys.remove("kata-store") {
+        Some(s) if s.is_empty() => return Err(bad("kata-store is empty")),
+        Some(s) => PathBuf::from(s),
+        None => defaults.kata_store.clone().ok_or(bad(
+            "socket (or fd) is required, or fd-name, or kata-store: where the device listens",
+        ))?,
+    };
+    let name = keys.get("name").ok_or(bad(
+        "name is required with kata-store: it names the socket and the block device node",
+    ))?;
+    if name.contains('/') || name == "." || name == ".." || !is_valid_name(name) {
+        return Err(bad(
+            "name must be a file name with kata-store (1 to 64 bytes, no '/', \
+             not . or ..)",
+        ));
+    }
+    let socket = store.join("block/sockets").join(name);
+    Ok((SocketSpec::Path(socket), Some(store)))
 }
 
 /// Parses one `--device` argument; errors name it whole.
@@ -205,18 +285,7 @@ pub fn device_from_keys(
             return Err(bad("a key is given twice"));
         }
     }
-    let socket = match (keys.remove("socket"), keys.remove("fd")) {
-        (Some(_), Some(_)) => return Err(bad("socket and fd exclude each other")),
-        (Some(p), None) if p.is_empty() => return Err(bad("socket is empty")),
-        (Some(p), None) => SocketSpec::Path(PathBuf::from(p)),
-        (None, Some(fd)) => SocketSpec::Fd(
-            fd.parse()
-                .ok()
-                .filter(|&n: &i32| n >= 0)
-                .ok_or(bad("fd must be a file descriptor number"))?,
-        ),
-        (None, None) => return Err(bad("socket (or fd) is required")),
-    };
+    let (socket, kata_store) = socket_keys(&mut keys, &defaults, bad)?;
     let name = match keys.remove("name") {
         Some(n) if !is_valid_name(&n) => {
             return Err(bad("name must be 1 to 64 bytes without control characters"));
@@ -235,9 +304,11 @@ pub fn device_from_keys(
     )
     .map_err(in_device)?;
     let socket_perms = match socket {
-        SocketSpec::Fd(_) if own_perms.any() => return Err(in_device(ConfigError::PermsOnFd)),
+        SocketSpec::Fd(_) | SocketSpec::Activated(_) if own_perms.any() => {
+            return Err(in_device(ConfigError::PermsOnFd));
+        }
         // The global options are for the sockets vubd creates.
-        SocketSpec::Fd(_) => SocketPerms::default(),
+        SocketSpec::Fd(_) | SocketSpec::Activated(_) => SocketPerms::default(),
         SocketSpec::Path(_) => own_perms.or(defaults.perms),
     };
     let switch =
@@ -271,6 +342,7 @@ pub fn device_from_keys(
         socket_perms,
         qos,
         qos_group,
+        kata_store,
     };
     values.validate(None, None).map_err(in_device)
 }
@@ -289,6 +361,7 @@ pub(super) fn default_name(socket: &SocketSpec) -> String {
     match socket {
         SocketSpec::Path(p) => p.display().to_string(),
         SocketSpec::Fd(fd) => format!("fd{fd}"),
+        SocketSpec::Activated(name) => name.clone(),
     }
 }
 
@@ -440,7 +513,20 @@ mod tests {
             ("socket=s", "disk is required"),
             ("socket=s,disk=a,color=red", "unknown key"),
             ("socket=s,disk=a,disk=b", "a key is given twice"),
-            ("socket=s,fd=3,disk=a", "socket and fd exclude each other"),
+            (
+                "socket=s,fd=3,disk=a",
+                "socket, fd, fd-name and kata-store exclude",
+            ),
+            (
+                "fd-name=a,kata-store=/k,name=n,disk=a",
+                "exclude each other",
+            ),
+            ("fd-name=a:b,disk=a", "fd-name must be"),
+            ("fd-name=,disk=a", "fd-name must be"),
+            ("kata-store=/k,disk=a", "name is required with kata-store"),
+            ("kata-store=/k,name=a/b,disk=a", "name must be a file name"),
+            ("kata-store=/k,name=..,disk=a", "name must be a file name"),
+            ("kata-store=,name=n,disk=a", "kata-store is empty"),
             ("socket=s,disk=a,readonly=yes", "readonly takes on or off"),
             ("socket=s,disk=a,incoming=yes", "incoming takes on or off"),
             ("socket=s,disk=a,num-queues=x", "take numbers"),
@@ -471,6 +557,44 @@ mod tests {
             matches!(e, ConfigError::InDevice(_, ref inner)
             if matches!(**inner, ConfigError::UnknownDiskType(..))),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_kata_store_holds_the_socket_under_the_devices_name() {
+        let d = dev("kata-store=/run/k,name=vol1,disk=null:1M,socket-mode=0660");
+        assert_eq!(d.kata_store, Some(PathBuf::from("/run/k")));
+        assert_eq!(
+            d.socket,
+            SocketSpec::Path("/run/k/block/sockets/vol1".into())
+        );
+        assert_eq!(d.socket_perms.mode, Some(0o660));
+        let defaults = DeviceDefaults {
+            kata_store: Some("/store".into()),
+            ..DeviceDefaults::default()
+        };
+        let d = parse_device("name=v,disk=null:1M", defaults.clone()).expect("valid");
+        assert_eq!(d.socket, SocketSpec::Path("/store/block/sockets/v".into()));
+        let d = parse_device("socket=s.sock,disk=null:1M", defaults).expect("valid");
+        assert_eq!(
+            (d.socket, d.kata_store),
+            (SocketSpec::Path("s.sock".into()), None),
+            "--kata-store is the default of a device that says nowhere else to listen"
+        );
+    }
+
+    #[test]
+    fn an_activated_socket_is_named_and_names_its_device() {
+        let d = dev("fd-name=vm1.socket,disk=null:1M");
+        assert_eq!(d.socket, SocketSpec::Activated("vm1.socket".into()));
+        assert_eq!(d.name, "vm1.socket");
+        let e = parse_device(
+            "fd-name=a,disk=null:1M,socket-group=0",
+            DeviceDefaults::default(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ConfigError::InDevice(_, ref inner) if **inner == ConfigError::PermsOnFd)
         );
     }
 

@@ -127,6 +127,8 @@ struct Device {
     name: Option<String>,
     socket: Option<String>,
     fd: Option<i32>,
+    fd_name: Option<String>,
+    kata_store: Option<String>,
     disk: Option<String>,
     serial: Option<String>,
     readonly: Option<bool>,
@@ -163,6 +165,8 @@ impl Device {
             ("name", self.name),
             ("socket", self.socket),
             ("fd", self.fd.map(|v| v.to_string())),
+            ("fd-name", self.fd_name),
+            ("kata-store", self.kata_store),
             ("disk", self.disk),
             ("serial", self.serial),
             ("readonly", self.readonly.map(switch)),
@@ -199,7 +203,7 @@ fn parse(file: &str, text: &str, defaults: DeviceDefaults) -> Result<Loaded, Con
         .enumerate()
         .map(|(i, d)| {
             let label = format!("--config {file}: device {}", i + 1);
-            device_from_keys(&label, d.keys(), defaults)
+            device_from_keys(&label, d.keys(), defaults.clone())
         })
         .collect::<Result<_, _>>()?;
     let groups = parsed
@@ -238,6 +242,28 @@ fn one_line(e: &toml::de::Error, text: &str) -> String {
 mod tests {
     use super::*;
     use crate::config::{DiskSpec, SocketSpec};
+
+    #[test]
+    fn activated_and_kata_store_devices_have_their_keys() {
+        let text = r#"
+            [[device]]
+            fd-name = "vm1"
+            disk = "null:1M"
+
+            [[device]]
+            name = "vol"
+            kata-store = "/run/k"
+            disk = "null:1M"
+        "#;
+        let d = parse("v.toml", text, DeviceDefaults::default())
+            .expect("valid")
+            .devices;
+        assert_eq!(d[0].socket, SocketSpec::Activated("vm1".into()));
+        assert_eq!(
+            d[1].socket,
+            SocketSpec::Path("/run/k/block/sockets/vol".into())
+        );
+    }
 
     #[test]
     fn devices_read_as_their_device_arguments_would() {

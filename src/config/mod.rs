@@ -154,6 +154,15 @@ pub struct Args {
     /// 127.0.0.1:9100; port 0 picks a free one, which vubd logs): GET /metrics.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// The Kata Containers vhost-user store (e.g. /var/run/kata-containers/vhost-user) of the
+    /// devices that give no socket, fd or fd-name: each listens on DIR/block/sockets/NAME
+    /// beside a block device node DIR/block/devices/NAME (major 241) that vubd makes too.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["socket_path", "fd", "disk", "readonly", "num_queues", "queue_size", "serial", "max_inflight"]
+    )]
+    pub kata_store: Option<PathBuf>,
     #[command(flatten)]
     pub nvme: NvmeHostArgs,
 }
@@ -237,6 +246,8 @@ pub enum CacheArg {
 pub enum SocketSpec {
     Path(PathBuf),
     Fd(i32),
+    /// `fd-name=NAME`: the listening socket systemd passed under this name (LISTEN_FDNAMES).
+    Activated(String),
 }
 
 /// The disk a device serves, parsed from `--disk` as a tagged URI.
@@ -525,6 +536,7 @@ impl TryFrom<Args> for Command {
         let device_defaults = DeviceDefaults {
             incoming: args.incoming,
             perms,
+            kata_store: args.kata_store.clone(),
         };
         // A control socket and none of the single-device options: devices come later.
         let only_control = args.control_socket.is_some() && !args.single_device_given();
@@ -532,14 +544,14 @@ impl TryFrom<Args> for Command {
         let devices = if !args.devices.is_empty() || args.config.is_some() {
             let mut devices = match &args.config {
                 Some(path) => {
-                    let loaded = file::load(path, device_defaults)?;
+                    let loaded = file::load(path, device_defaults.clone())?;
                     qos_groups = loaded.groups;
                     loaded.devices
                 }
                 None => Vec::new(),
             };
             for d in &args.devices {
-                devices.push(device::parse_device(d, device_defaults)?);
+                devices.push(device::parse_device(d, device_defaults.clone())?);
             }
             device::check_shared(&devices)?;
             devices
@@ -571,6 +583,7 @@ impl TryFrom<Args> for Command {
                 socket_perms: perms,
                 qos: crate::qos::Rates::default(),
                 qos_group: None,
+                kata_store: None,
             };
             vec![values.validate(None, bare.then_some(DEFAULT_DISK_SIZE))?]
         };

@@ -423,3 +423,26 @@ fn metrics_are_on_by_default_and_served_over_http_only_when_asked() {
     // An address, not a host name: vubd resolves none once it runs.
     assert!(Args::try_parse_from(["vubd", "--metrics-listen", "localhost:9100"]).is_err());
 }
+
+#[test]
+fn the_kata_store_option_is_for_devices_given_by_keys_only() {
+    let c = serve(&[
+        "--kata-store",
+        "/run/k",
+        "--device",
+        "name=a,disk=null:1M",
+        "--device",
+        "socket=b.sock,disk=null:1M",
+    ]);
+    assert_eq!(c.devices[0].kata_store, Some(PathBuf::from("/run/k")));
+    assert_eq!(c.devices[1].kata_store, None);
+    assert_eq!(c.device_defaults.kata_store, Some(PathBuf::from("/run/k")));
+    let e = Args::try_parse_from(["vubd", "--kata-store", "/run/k", "--disk", "x.img"])
+        .expect_err("a single device has its socket");
+    let first = e.to_string();
+    let first = first.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("--kata-store") && first.contains("--disk"),
+        "{first}"
+    );
+}

@@ -151,12 +151,21 @@ impl Methods {
             };
             keys.push((key, text));
         }
-        let cfg = device_from_keys("device", keys, self.defaults)
+        let cfg = device_from_keys("device", keys, self.defaults.clone())
             .map_err(|e| RpcError::invalid_params(e.to_string()))?;
-        if let SocketSpec::Fd(_) = cfg.socket {
-            return Err(RpcError::invalid_params(
-                "fd: only for a socket vubd inherits at startup; give socket=PATH",
-            ));
+        match cfg.socket {
+            SocketSpec::Fd(_) => {
+                return Err(RpcError::invalid_params(
+                    "fd: only for a socket vubd inherits at startup; give socket=PATH",
+                ));
+            }
+            SocketSpec::Activated(_) => {
+                return Err(RpcError::invalid_params(
+                    "fd-name: only for a socket systemd passes at startup; give socket=PATH \
+                     or kata-store=DIR",
+                ));
+            }
+            SocketSpec::Path(_) => {}
         }
         let name = cfg.name.clone();
         self.registry.add(cfg).map_err(|e| match e {
@@ -185,6 +194,7 @@ impl Methods {
                 let socket = match &d.cfg.socket {
                     SocketSpec::Path(p) => json!(p.display().to_string()),
                     SocketSpec::Fd(fd) => json!(format!("fd:{fd}")),
+                    SocketSpec::Activated(name) => json!(format!("fd-name:{name}")),
                 };
                 json!({
                     "name": d.cfg.name,

@@ -6,6 +6,7 @@
 
 mod control;
 mod device;
+mod kata;
 mod methods;
 mod metrics_http;
 mod nvme;
@@ -37,6 +38,7 @@ use crate::config::{Config, ConfigError};
 use crate::mem::fault;
 use crate::poller::PollerSet;
 use crate::sandbox::{self, Role};
+use crate::systemd::{self, Notifier, SystemdError};
 use methods::Methods;
 use registry::Registry;
 use signals::Signals;
@@ -70,6 +72,22 @@ pub enum DaemonError {
     },
     #[error("--fd {0}: not a listening unix socket")]
     BadFd(i32),
+    #[error("fd-name={name}: {why}")]
+    NotPassed { name: String, why: String },
+    #[error(
+        "socket activation: descriptor {fd} (LISTEN_FDNAMES {name:?}) is passed to vubd and no \
+         device serves it (give one fd-name={name})"
+    )]
+    UnusedSocket { fd: i32, name: String },
+    #[error(transparent)]
+    Systemd(SystemdError),
+    #[error("kata-store: {path}: {what}")]
+    KataStore {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("--disk: cannot resolve {host}")]
     Resolve {
         host: String,
@@ -148,6 +166,10 @@ impl DaemonError {
             | DaemonError::MetricsListen { .. }
             | DaemonError::SocketPerms { .. }
             | DaemonError::BadFd(_)
+            | DaemonError::NotPassed { .. }
+            | DaemonError::UnusedSocket { .. }
+            | DaemonError::Systemd(_)
+            | DaemonError::KataStore { .. }
             | DaemonError::NvmeTcp(_)
             | DaemonError::NvmePcie(_)
             | DaemonError::NvmeHost(_)
@@ -178,9 +200,24 @@ fn serve_metrics(
     Ok(server)
 }
 
+/// Tells the service manager `state`, if vubd runs under one that listens (NOTIFY_SOCKET); a
+/// notification it misses is logged, not fatal: vubd serves either way.
+fn notify(notifier: Option<&Notifier>, state: &str) {
+    if let Some(n) = notifier
+        && let Err(e) = n.notify(state)
+    {
+        tracing::warn!(state, error = %e, "cannot notify the service manager");
+    }
+}
+
 /// Serves the configured devices, and those the control socket adds, until SIGINT / SIGTERM;
 /// `log` changes what is logged (`log_set_level`).
 pub fn run(mut cfg: Config, log: LogControl) -> Result<(), DaemonError> {
+    // SAFETY: vubd has started no thread yet (nor has anything before it: clap and the log
+    // subscriber start none), so nothing reads the environment while these remove variables.
+    let (passed, notifier) = unsafe { (systemd::take_listen_fds(), Notifier::from_env()) };
+    let passed = passed.map_err(DaemonError::Systemd)?;
+    let notifier = notifier.map_err(DaemonError::Systemd)?;
     nvme::resolve_targets(&mut cfg)?;
     // The baseline before anything else, startup included: before any thread exists, so that
     // every thread inherits it.
@@ -199,10 +236,10 @@ pub fn run(mut cfg: Config, log: LogControl) -> Result<(), DaemonError> {
         .map(control::bind)
         .transpose()?;
     let metrics_listener = cfg.metrics_listen.map(metrics_http::bind).transpose()?;
+    let inherited = socket::activated_fds(&cfg.devices, &passed)?;
     let mut listeners = Vec::with_capacity(cfg.devices.len());
-    for d in &cfg.devices {
-        let l = socket::listen(&d.socket, d.incoming, d.socket_perms)
-            .map_err(|e| device::in_device(d, e))?;
+    for (d, fd) in cfg.devices.iter().zip(inherited) {
+        let l = socket::listen_device(d, fd).map_err(|e| device::in_device(d, e))?;
         listeners.push(l);
     }
     let mut ctrls = Controllers::default();
@@ -211,7 +248,7 @@ pub fn run(mut cfg: Config, log: LogControl) -> Result<(), DaemonError> {
     let infos: Vec<_> = disks.iter().map(|d| d.info()).collect();
     device::print_attach_hint(&cfg, &infos);
     let devices = std::mem::take(&mut cfg.devices);
-    let defaults = cfg.device_defaults;
+    let defaults = cfg.device_defaults.clone();
     let registry = Arc::new(Registry::new(cfg, pollers.clone(), ctrls));
     let (stop_tx, stop_rx) = mpsc::channel();
     signals
@@ -254,10 +291,14 @@ pub fn run(mut cfg: Config, log: LogControl) -> Result<(), DaemonError> {
         if control.is_some() {
             info!("taking requests on the control socket");
         }
+        // Every device listens, and the control socket: a service manager may start what
+        // connects to them.
+        notify(notifier.as_ref(), "READY=1");
         // Every device thread runs: what is left here is waiting for the end, then stopping
         // the devices.
         sandbox::enter(Role::Control);
         let _ = stop_rx.recv();
+        notify(notifier.as_ref(), "STOPPING=1");
     }
     info!("shutting down");
     let result = servers.map(|(control, metrics)| {

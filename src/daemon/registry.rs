@@ -13,7 +13,7 @@
 //! sessions, and change through the groups so that a device's plan always holds its group's
 //! current buckets.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,8 +24,8 @@ use tracing::{error, info};
 use vhost::vhost_user::Listener;
 
 use super::serving::{DeviceStop, Serving};
-use super::socket::{SocketFile, listen};
-use super::{DaemonError, device};
+use super::socket::{SocketFile, listen_device};
+use super::{DaemonError, device, kata};
 use crate::bdev::capacity::{Resize, ResizeError};
 use crate::bdev::nvme_pcie::Controllers;
 use crate::bdev::{BlockDevice, DeviceInfo, Disk};
@@ -73,6 +73,8 @@ struct Entry {
     metrics: Option<Arc<DeviceMetrics>>,
     /// Its rate limits, from its start to its removal (its debt survives reconnections).
     qos: Arc<DeviceQos>,
+    /// The minor number of its node in a Kata store, if it is in one.
+    kata_minor: Option<u32>,
 }
 
 /// What [`Registry::add`] and [`Registry::remove`] change together.
@@ -180,7 +182,7 @@ impl Registry {
         let qos = self.device_qos(&cfg)?;
         let first = changes.next_poller;
         // A device's socket first, as at startup: a busy one is the first thing reported.
-        let listener = listen(&cfg.socket, cfg.incoming, cfg.socket_perms)?;
+        let listener = listen_device(&cfg, None)?;
         let disk = Arc::new(device::open_disk(&self.cfg, &cfg, &mut changes.ctrls)?);
         if let DiskSpec::NvmePcie(_) = &cfg.disk {
             let devices = lock(&self.devices);
@@ -224,12 +226,27 @@ impl Registry {
             qos: qos.clone(),
         };
         let info = disk.info();
+        // Once its socket listens: Kata finds the socket from the node.
+        let kata_node = match &cfg.kata_store {
+            Some(store) => {
+                let ours: BTreeSet<u32> = lock(&self.devices)
+                    .values()
+                    .filter_map(|e| e.kata_minor)
+                    .collect();
+                Some(kata::make_node(store, &cfg.name, &ours)?)
+            }
+            None => None,
+        };
+        let kata_minor = kata_node.as_ref().map(kata::KataNode::minor);
         let thread = std::thread::Builder::new()
             .name(format!("vubd-device-{index}"))
             .spawn(move || {
                 sandbox::enter(Role::Session);
-                // The socket file goes when this device stops serving.
+                // The socket file and the Kata node go when this device stops serving (in
+                // this thread, whose role may unlink them); the node first, so that Kata
+                // never finds a node without its socket.
                 let _socket_file = socket_file;
+                let _kata_node = kata_node;
                 serving.serve(listener);
             })
             .map_err(DaemonError::Worker)?;
@@ -254,6 +271,7 @@ impl Registry {
             thread,
             metrics,
             qos,
+            kata_minor,
         };
         lock(&self.devices).insert(cfg.name.clone(), entry);
         Ok(())

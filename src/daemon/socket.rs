@@ -1,7 +1,9 @@
-//! The sockets vubd listens on: a device's (bound, inherited, or taken over from the process
-//! that served it) and the control socket, created with their mode and group before they
-//! appear at their path, and removed when vubd stops serving them.
+//! The sockets vubd listens on: a device's (bound, inherited, passed by systemd's socket
+//! activation, or taken over from the process that served it) and the control socket,
+//! created with their mode and group before they appear at their path, and removed when vubd
+//! stops serving them.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
@@ -10,11 +12,13 @@ use std::path::{Path, PathBuf};
 
 use tracing::info;
 
-use super::DaemonError;
-use crate::config::{SocketPerms, SocketSpec};
+use super::{DaemonError, device, kata};
+use crate::config::{ConfigError, DeviceConfig, SocketPerms, SocketSpec};
+use crate::systemd::Passed;
 
-/// Removes the socket file when vubd stops serving it, unless the path has become another
-/// socket meanwhile (the new vubd of an upgrade took it over).
+/// Removes a file vubd made (a socket, a Kata store's device node) when vubd stops serving
+/// it, unless the path has become another file meanwhile (the new vubd of an upgrade took it
+/// over).
 #[derive(Debug)]
 pub(super) struct SocketFile(Option<(PathBuf, (u64, u64))>);
 
@@ -39,10 +43,111 @@ impl Drop for SocketFile {
             if file_id(p) == Some(*id) {
                 let _ = std::fs::remove_file(p);
             } else {
-                info!(path = %p.display(), "socket path taken over; left in place");
+                info!(path = %p.display(), "path taken over by another process; left in place");
             }
         }
     }
+}
+
+/// Listens on device `d`'s socket: the one systemd passed as `inherited` (see
+/// [`activated_fds`]), else the one its configuration says, in its Kata store if it is in
+/// one (whose directories are made first).
+pub(super) fn listen_device(
+    d: &DeviceConfig,
+    inherited: Option<RawFd>,
+) -> Result<(UnixListener, SocketFile), DaemonError> {
+    if let Some(fd) = inherited {
+        return listen(&SocketSpec::Fd(fd), false, SocketPerms::default());
+    }
+    if let Some(store) = &d.kata_store {
+        kata::make_dirs(store)?;
+    }
+    listen(&d.socket, d.incoming, d.socket_perms)
+}
+
+/// The descriptor of each device that names a socket systemd passed (`fd-name=`), in the
+/// devices' order. Refused: a name not passed (or passed twice), a passed socket that no
+/// device serves (by its name or its number, `fd=`), and two devices on one descriptor.
+pub(super) fn activated_fds(
+    devices: &[DeviceConfig],
+    passed: &Passed,
+) -> Result<Vec<Option<RawFd>>, DaemonError> {
+    let sockets = match passed {
+        Passed::Sockets(s) => s.as_slice(),
+        Passed::Nothing | Passed::ForAnother { .. } => &[],
+    };
+    let mut users: HashMap<RawFd, &DeviceConfig> = HashMap::new();
+    let mut fds = Vec::with_capacity(devices.len());
+    for d in devices {
+        let fd = match &d.socket {
+            SocketSpec::Activated(name) => {
+                let mut named = sockets.iter().filter(|s| &s.name == name);
+                let why = match (named.next(), named.next(), passed) {
+                    (Some(s), None, _) => Ok(s.fd),
+                    (Some(_), Some(_), _) => Err(format!(
+                        "LISTEN_FDNAMES names {name:?} more than once: one device serves one \
+                         socket (give each socket a name of its own: FileDescriptorName=)"
+                    )),
+                    (None, _, Passed::Nothing) => Err(
+                        "no socket was passed (LISTEN_FDS is not set: start vubd from a \
+                         systemd socket unit, or systemd-socket-activate)"
+                            .to_owned(),
+                    ),
+                    (
+                        None,
+                        _,
+                        Passed::ForAnother {
+                            listen_pid,
+                            own_pid,
+                        },
+                    ) => Err(format!(
+                        "no socket was passed to vubd (LISTEN_PID is {listen_pid}, vubd is \
+                         {own_pid})"
+                    )),
+                    (None, _, Passed::Sockets(_)) => Err(format!(
+                        "no socket of that name was passed (LISTEN_FDNAMES: {})",
+                        sockets
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
+                };
+                let fd = why.map_err(|why| {
+                    device::in_device(
+                        d,
+                        DaemonError::NotPassed {
+                            name: name.clone(),
+                            why,
+                        },
+                    )
+                })?;
+                fds.push(Some(fd));
+                fd
+            }
+            SocketSpec::Fd(fd) => {
+                fds.push(None);
+                *fd
+            }
+            SocketSpec::Path(_) => {
+                fds.push(None);
+                continue;
+            }
+        };
+        if users.insert(fd, d).is_some() {
+            return Err(DaemonError::Config(ConfigError::SharedDevice(
+                d.label(),
+                "its socket is another's",
+            )));
+        }
+    }
+    if let Some(s) = sockets.iter().find(|s| !users.contains_key(&s.fd)) {
+        return Err(DaemonError::UnusedSocket {
+            fd: s.fd,
+            name: s.name.clone(),
+        });
+    }
+    Ok(fds)
 }
 
 /// Listens on the device's socket. A socket file another process still listens on is
@@ -67,6 +172,12 @@ pub(super) fn listen(
             let l = unsafe { UnixListener::from_raw_fd(fd) };
             Ok((l, SocketFile(None)))
         }
+        // Only the devices of the command line name one, and startup looks it up
+        // (`activated_fds`); a control request cannot.
+        SocketSpec::Activated(name) => Err(DaemonError::NotPassed {
+            name: name.clone(),
+            why: "a socket systemd passes is served from startup only".to_owned(),
+        }),
         SocketSpec::Path(path) => {
             match std::fs::symlink_metadata(path) {
                 Ok(meta) if meta.file_type().is_socket() => {

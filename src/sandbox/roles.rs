@@ -351,9 +351,18 @@ pub(super) const METRICS: &[&[Allow]] =
 
 /// Startup, on top of what the threads need: binding sockets (with their mode and group),
 /// opening images (probing block devices and file systems), VFIO set-up, NVMe/TCP
-/// connections, starting threads, pinning pollers, installing the threads' own filters.
+/// connections, starting threads, pinning pollers, installing the threads' own filters; a
+/// device in a Kata store: its directories and its block device node (`daemon::kata`; the
+/// node of a block device only, never a character device).
 const STARTUP: &[Allow] = &[
     any(libc::SYS_openat),
+    when(
+        libc::SYS_mknodat,
+        &[&[masked(2, libc::S_IFMT as u64, libc::S_IFBLK as u64)]],
+    ),
+    any(libc::SYS_mkdirat),
+    #[cfg(target_arch = "x86_64")]
+    any(libc::SYS_mkdir),
     when(
         libc::SYS_socket,
         &[

@@ -289,3 +289,71 @@ fn log_mode_lets_a_call_outside_the_list_through() {
     let enforced = programs(Role::Poller, SeccompMode::Enforce);
     assert_eq!(in_child(&enforced, call), KILLED);
 }
+
+#[test]
+fn startup_makes_block_device_nodes_and_directories_but_no_character_device() {
+    let p: Vec<BpfProgram> = baseline_programs(SeccompMode::Enforce)
+        .expect("baseline")
+        .into();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = |name: &str| {
+        std::ffi::CString::new(dir.path().join(name).into_os_string().into_encoded_bytes())
+            .expect("no NUL")
+    };
+    let (node, sub) = (path("node"), path("sub"));
+    let made = in_child(&p, || {
+        let block = libc::S_IFBLK | 0o600;
+        // SAFETY: raw mknodat and mkdirat of NUL-terminated paths made before the fork.
+        unsafe {
+            let n = libc::syscall(
+                libc::SYS_mknodat,
+                libc::AT_FDCWD,
+                node.as_ptr(),
+                block,
+                libc::makedev(241, 0),
+            );
+            let d = libc::syscall(libc::SYS_mkdirat, libc::AT_FDCWD, sub.as_ptr(), 0o700);
+            // Without CAP_MKNOD the node is refused by the kernel, not by the filter.
+            all_ok(&[if n == -1 { 0 } else { n }, sys(d)])
+        }
+    });
+    assert_eq!(made, End::Exited(0));
+    let chr = path("chr");
+    let end = in_child(&p, || {
+        // SAFETY: as above; the filter stops it first.
+        unsafe {
+            libc::syscall(
+                libc::SYS_mknodat,
+                libc::AT_FDCWD,
+                chr.as_ptr(),
+                libc::S_IFCHR | 0o600,
+                libc::makedev(1, 3),
+            ) as i32
+        }
+    });
+    assert_eq!(end, KILLED, "a character device node");
+}
+
+#[test]
+fn the_control_threads_notify_with_a_write_on_a_socket_connected_at_startup() {
+    use std::os::fd::AsRawFd;
+    let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().expect("socket pair");
+    let fd = ours.as_raw_fd();
+    let msg = b"STOPPING=1";
+    let p = programs(Role::Control, SeccompMode::Enforce);
+    let written = in_child(&p, || {
+        // SAFETY: a raw write of a live buffer on a descriptor the child inherited.
+        let r = unsafe { libc::syscall(libc::SYS_write, fd, msg.as_ptr(), msg.len()) };
+        all_ok(&[sys(r)])
+    });
+    assert_eq!(written, End::Exited(0));
+    let mut buf = [0u8; 16];
+    let len = theirs.recv(&mut buf).expect("the notification");
+    assert_eq!(&buf[..len], msg);
+    // What sd_notify itself does, sendmsg to an address, is not theirs to make.
+    let end = in_child(&p, || {
+        // SAFETY: a raw sendto of a live buffer; the filter stops it first.
+        unsafe { libc::syscall(libc::SYS_sendto, fd, msg.as_ptr(), msg.len(), 0, 0, 0) as i32 }
+    });
+    assert_eq!(end, KILLED, "sendto");
+}

@@ -155,9 +155,10 @@ fn a_device_with_a_bad_qos_key_is_named_whole() {
     let e = parse_device("socket=s,disk=null:1M,iops=5", DeviceDefaults::default()).unwrap_err();
     assert!(
         e.to_string().contains(
-            "unknown key \"iops\" (known: name, socket, fd, disk, serial, readonly, num-queues, \
-             queue-size, incoming, max-inflight, socket-mode, socket-group, iops-total, \
-             iops-read, iops-write, bps-total, bps-read, bps-write, qos-burst-ms, qos-group)"
+            "unknown key \"iops\" (known: name, socket, fd, fd-name, kata-store, disk, serial, \
+             readonly, num-queues, queue-size, incoming, max-inflight, socket-mode, \
+             socket-group, iops-total, iops-read, iops-write, bps-total, bps-read, bps-write, \
+             qos-burst-ms, qos-group)"
         ),
         "{e}"
     );
