@@ -143,6 +143,24 @@ impl DeviceValues {
     }
 }
 
+/// The `KEY=VALUE` items of a QEMU-style option list ([`split_list`]); an item without `=` is
+/// an error naming `label` (the option and its argument).
+pub(super) fn key_values(label: &str, arg: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    split_list(arg)
+        .into_iter()
+        .map(|item| {
+            item.split_once('=')
+                .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                .ok_or_else(|| {
+                    ConfigError::BadDevice(
+                        label.to_owned(),
+                        "expected KEY=VALUE items separated by commas",
+                    )
+                })
+        })
+        .collect()
+}
+
 /// Splits a QEMU-style option list: items separated by `,`, where `,,` is a comma inside a
 /// value.
 pub(super) fn split_list(s: &str) -> Vec<String> {
@@ -253,16 +271,7 @@ pub(super) fn parse_device(
     defaults: DeviceDefaults,
 ) -> Result<DeviceConfig, ConfigError> {
     let label = format!("--device {arg:?}");
-    let mut items = Vec::new();
-    for item in split_list(arg) {
-        let (key, value) = item.split_once('=').ok_or_else(|| {
-            ConfigError::BadDevice(
-                label.clone(),
-                "expected KEY=VALUE items separated by commas",
-            )
-        })?;
-        items.push((key.to_owned(), value.to_owned()));
-    }
+    let items = key_values(&label, arg)?;
     let mut d = device_from_keys(&label, items, defaults)?;
     d.arg = Some(arg.to_owned());
     Ok(d)

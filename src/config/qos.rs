@@ -165,16 +165,7 @@ pub fn group_from_keys(
 /// Parses one `--qos-group name=G,KEY=VALUE,...` argument; errors name it whole.
 pub(super) fn parse_group(arg: &str) -> Result<GroupConfig, ConfigError> {
     let label = format!("--qos-group {arg:?}");
-    let mut items = Vec::new();
-    for item in super::device::split_list(arg) {
-        let (key, value) = item.split_once('=').ok_or_else(|| {
-            ConfigError::BadDevice(
-                label.clone(),
-                "expected KEY=VALUE items separated by commas",
-            )
-        })?;
-        items.push((key.to_owned(), value.to_owned()));
-    }
+    let items = super::device::key_values(&label, arg)?;
     let (name, rates) =
         group_from_keys(items).map_err(|e| ConfigError::BadQos(label.clone(), e))?;
     Ok(GroupConfig { name, rates, label })
