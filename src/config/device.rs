@@ -163,7 +163,7 @@ pub(super) fn key_values(label: &str, arg: &str) -> Result<Vec<(String, String)>
 
 /// Splits a QEMU-style option list: items separated by `,`, where `,,` is a comma inside a
 /// value.
-pub(super) fn split_list(s: &str) -> Vec<String> {
+fn split_list(s: &str) -> Vec<String> {
     let mut items = Vec::new();
     let mut item = String::new();
     let mut chars = s.chars().peekable();
