@@ -496,12 +496,12 @@ impl Worker {
                 },
             ));
             if let Ok(p) = &parsed {
+                let op = start::op(p.request.kind);
                 if let Some(m) = qm {
-                    m.started(start::op(p.request.kind));
+                    m.started(op);
                 }
                 if let Some(lease) = dev.lease.as_mut()
-                    && let Some((write, bytes)) = start::limited_units(&p.request)
-                    && lease.take(write, bytes)
+                    && lease.take(start::class(op), p.request.data_len)
                 {
                     turn = 0;
                 }

@@ -37,6 +37,22 @@ pub struct Plan {
     buckets: Vec<Arc<Bucket>>,
 }
 
+/// What a request is to rate limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// A read: an operation and its bytes.
+    Read,
+    /// A write: an operation and its bytes.
+    Write,
+    /// A write that moves no data (DISCARD, WRITE_ZEROES): an operation.
+    Dataless,
+    /// Not limited (FLUSH, GET_ID).
+    Free,
+}
+
+/// How many [`Class`]es there are.
+const CLASSES: usize = 4;
+
 /// One poller's leases of a device's limits: what it may still take of each before it asks
 /// the limit for more.
 #[derive(Debug)]
@@ -49,15 +65,16 @@ pub struct Lease {
     spent: bool,
 }
 
-/// The lease of one limit, and what a request costs it.
+/// The lease of one limit, and what a request of each [`Class`] costs it: a table rather than
+/// tests, so that counting a request does not branch on what it is.
 #[derive(Clone, Copy, Debug, Default)]
 struct Share {
     /// Units left (below zero: spent beyond the lease, owed to the limit).
     left: i64,
-    /// Operations a read (`[0]`) and a write (`[1]`) cost: 0 or 1.
-    ops: [i64; 2],
-    /// Bytes of a read and of a write the limit counts: all (`-1`, a mask) or none (0).
-    bytes: [i64; 2],
+    /// Operations a request of each class costs: 0 or 1.
+    ops: [i64; CLASSES],
+    /// Bytes of a request of each class the limit counts: all (`-1`, a mask) or none (0).
+    bytes: [i64; CLASSES],
 }
 
 impl Lease {
@@ -71,9 +88,15 @@ impl Lease {
         let mut shares = [Share::default(); MAX_LIMITS];
         for (s, b) in shares.iter_mut().zip(&plan.buckets) {
             let k = b.kind;
-            let each = [k.reads, k.writes];
-            s.ops = each.map(|counted| i64::from(counted && !k.bytes));
-            s.bytes = each.map(|counted| -i64::from(counted && k.bytes));
+            // By class: whether the limit counts it at all, and whether it moves bytes.
+            let each = [
+                (k.reads, true),
+                (k.writes, true),
+                (k.writes, false),
+                (false, false),
+            ];
+            s.ops = each.map(|(counted, _)| i64::from(counted && !k.bytes));
+            s.bytes = each.map(|(counted, data)| -i64::from(counted && data && k.bytes));
         }
         Self {
             n: plan.buckets.len(),
@@ -106,12 +129,12 @@ impl Lease {
         Ok(())
     }
 
-    /// Counts a request a pass took: a read or a write (DISCARD and WRITE_ZEROES are writes
-    /// of no bytes) of `bytes`. Returns whether a lease is now used up: the pass then ends
-    /// its turn (the request that used it up is taken whatever its size).
+    /// Counts a request a pass took, of class `class` and `bytes` of data. Returns whether a
+    /// lease is now used up: the pass then ends its turn (the request that used it up is taken
+    /// whatever its size).
     #[inline(always)]
-    pub fn take(&mut self, write: bool, bytes: u32) -> bool {
-        let (d, bytes) = (usize::from(write), i64::from(bytes));
+    pub fn take(&mut self, class: Class, bytes: u32) -> bool {
+        let (d, bytes) = (class as usize, i64::from(bytes));
         let spend = |s: &mut Share| {
             s.left -= s.ops[d] + (s.bytes[d] & bytes);
             s.left <= 0
@@ -224,12 +247,32 @@ mod tests {
         l.renew(0).unwrap();
         assert!(!l.spent());
         // A write of 1,000 bytes: not a read; its bytes count in the total.
-        assert!(!l.take(true, 1000));
+        assert!(!l.take(Class::Write, 1000));
         // A read uses up the read lease (and the bytes lease, 48 bytes past it).
-        assert!(l.take(false, 96));
+        assert!(l.take(Class::Read, 96));
         assert_eq!((l.shares[0].left, l.shares[1].left), (0, -48));
         l.renew(0).unwrap();
         assert_eq!((l.shares[0].left, l.shares[1].left), (1, 1048));
+    }
+
+    #[test]
+    fn flushes_are_free_and_discards_are_operations_without_bytes() {
+        let mut l = Lease::new(plan(Rates {
+            iops: [0, 0, 1000],
+            bps: [1 << 20, 0, 0],
+            burst: Duration::from_millis(10),
+        }));
+        l.renew(0).unwrap();
+        let left = |l: &Lease| (l.shares[0].left, l.shares[1].left);
+        assert_eq!(left(&l), (1, 1048));
+        assert!(!l.take(Class::Free, 4096));
+        assert_eq!(left(&l), (1, 1048), "a flush costs nothing");
+        assert!(l.take(Class::Dataless, 4096));
+        assert_eq!(
+            left(&l),
+            (0, 1048),
+            "a discard's range descriptors are not data"
+        );
     }
 
     #[test]
@@ -241,7 +284,7 @@ mod tests {
         }));
         l.renew(0).unwrap();
         for _ in 0..10_000 {
-            assert!(!l.take(false, 1 << 20));
+            assert!(!l.take(Class::Read, 1 << 20));
         }
     }
 
@@ -254,11 +297,11 @@ mod tests {
             ..Rates::default()
         }));
         l.renew(0).unwrap();
-        assert!(l.take(true, 0));
+        assert!(l.take(Class::Dataless, 0));
         l.renew(0).unwrap();
         // Three more than leased: owed, and paid with the next lease.
         for _ in 0..4 {
-            l.take(true, 0);
+            l.take(Class::Dataless, 0);
         }
         assert_eq!(l.shares[0].left, -3);
         assert_eq!(l.renew(0), Err(1_000_000));
@@ -266,7 +309,7 @@ mod tests {
         l.renew(1_000_000).unwrap();
         // 2 ms charged, 3 owed and 1 leased: 6 ms, granting again at 5.
         assert_eq!(l.renew(1_000_000), Ok(()), "nothing used up: nothing asked");
-        l.take(true, 0);
+        l.take(Class::Dataless, 0);
         assert_eq!(l.renew(1_000_000), Err(5_000_000));
     }
 }

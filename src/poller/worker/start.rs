@@ -9,10 +9,10 @@ use super::Completion;
 use crate::bdev::{Channel, IoChannel, IoOp, Target};
 use crate::limited;
 use crate::mem::MemSnapshot;
-use crate::metrics::Op;
+use crate::metrics::{OPS, Op};
 use crate::poller::DeviceShared;
 use crate::poller::slots::{SlotTable, Tag};
-use crate::virtio_blk::request::Request;
+use crate::qos::Class;
 use crate::virtio_blk::{Parsed, Range, RequestKind, SECTOR_SHIFT, Status};
 
 /// Starts a parsed request of queue `qi` in slot `tag` on the device's channel, at `now` on the
@@ -149,17 +149,20 @@ pub(super) fn start(
     None
 }
 
-/// What a request counts against its device's rate limits: whether it is a write (else a
-/// read) and its bytes; `None` for FLUSH and GET_ID, which are not limited. DISCARD and
-/// WRITE_ZEROES are writes of no bytes: they move no data.
+/// What a request of kind `op` is to its device's rate limits. DISCARD and WRITE_ZEROES are
+/// writes that move no data; FLUSH and GET_ID are not limited. A table in [`Op`]'s order: one
+/// load, no branch.
 #[inline(always)]
-pub(super) fn limited_units(request: &Request) -> Option<(bool, u32)> {
-    match request.kind {
-        RequestKind::Read { .. } => Some((false, request.data_len)),
-        RequestKind::Write { .. } => Some((true, request.data_len)),
-        RequestKind::Discard | RequestKind::WriteZeroes => Some((true, 0)),
-        RequestKind::Flush | RequestKind::GetId => None,
-    }
+pub(super) fn class(op: Op) -> Class {
+    const CLASS: [Class; OPS] = [
+        Class::Read,     // Op::Read
+        Class::Write,    // Op::Write
+        Class::Free,     // Op::Flush
+        Class::Dataless, // Op::Discard
+        Class::Dataless, // Op::WriteZeroes
+        Class::Free,     // Op::Other (GET_ID)
+    ];
+    CLASS[op as usize]
 }
 
 /// What a request asks, as the metrics count it.
