@@ -26,7 +26,10 @@
 #    under BENCH_DIR. The count is the poller thread's instructions over the I/Os; the lines
 #    of src/qos (inlined into the poller) are also counted on their own.
 #
-# Environment: SECS (5), ROUNDS (3), NEIGHBOUR_IOPS (50000), NEIGHBOUR_SCHED (idle), IOS
+# PARTS (default `accuracy neighbour callgrind`) runs some of the three; the results of the
+# others are kept from the last run, and the report names the commit each part ran on.
+#
+# Environment: PARTS, SECS (5), ROUNDS (3), NEIGHBOUR_IOPS (50000), NEIGHBOUR_SCHED (idle), IOS
 # (100000), BASE_REF (none),
 # BACKEND_CPU (1), CLIENT_CPU (0), BENCH_DIR (target/bench), QUIET_WAIT and QUIET_BUDGET as for
 # compare.sh.
@@ -55,7 +58,25 @@ mkdir -p "$work/qos"
 work=$(cd "$work/qos" && pwd)
 rm -f "$work"/*.sock "$work"/*.log "$work"/cg.*
 results=$work/results.jsonl
-: >"$results"
+facts=$work/facts.txt
+PARTS=${PARTS:-accuracy neighbour callgrind}
+commit=$(git rev-parse --short HEAD)
+touch "$results" "$facts"
+# fact KEY VALUE: records a fact of the run in $facts, replacing an earlier value.
+fact() {
+  grep -v "^$1=" "$facts" >"$facts.keep" || true
+  echo "$1=$2" >>"$facts.keep"
+  mv "$facts.keep" "$facts"
+}
+# part NAME: whether to run it; if so, forgets its earlier results (their labels start with
+# the part's prefix) and records the commit it runs on.
+part() {
+  [[ " $PARTS " == *" $1 "* ]] || return 1
+  local prefix=$2
+  grep -v "\"label\": *\"$prefix" "$results" >"$results.keep" || true
+  mv "$results.keep" "$results"
+  fact "commit_$1" "$commit"
+}
 trap stop_all_backends EXIT
 
 # load LABEL SOCKET ARGS...: one load generator run; its JSON line goes to the results.
@@ -86,7 +107,9 @@ start_vubd() {
   done
 }
 
+if part accuracy accuracy-; then
 log "accuracy"
+fact accuracy_secs "$SECS"
 wait_quiet
 start_vubd accuracy free free iops,iops-total=50000 bps,bps-total=200000000
 for run in free:4k iops:4k free:64k bps:64k; do
@@ -95,8 +118,14 @@ for run in free:4k iops:4k free:64k bps:64k; do
     --warmup 1
 done
 stop_backend accuracy
+fi
 
+if part neighbour '\(victim\|neighbour\)-'; then
 log "noisy neighbour"
+fact neighbour_secs "$SECS"
+fact rounds "$ROUNDS"
+fact neighbour_iops "$NEIGHBOUR_IOPS"
+fact neighbour_sched "${NEIGHBOUR_SCHED:-idle}"
 case ${NEIGHBOUR_SCHED:-idle} in
   idle) neighbour_sched=(chrt --idle 0) ;;
   other) neighbour_sched=() ;;
@@ -120,6 +149,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
   done
 done
 stop_backend neighbour
+fi
 
 # cg_run NAME QD BINARY VUBD-ARGS...: one callgrind run; appends a JSON line to the results.
 cg_run() {
@@ -149,6 +179,7 @@ cg_run() {
   log "$name: $((ir / IOS)) Ir per I/O in the poller, $((qos_ir / IOS)) in src/qos"
 }
 
+if part callgrind cg-; then
 base_bin=
 if [[ -n $BASE_REF ]]; then
   log "building $BASE_REF"
@@ -171,17 +202,14 @@ done
 if [[ -n $BASE_REF ]]; then
   git worktree remove --force "$base_tree" || true
 fi
+fact base_ref "$BASE_REF"
+fact ios "$IOS"
+fi
 
-facts=$work/facts.txt
-{
-  echo "$facts_now"
-  echo "backend_cpu=$BACKEND_CPU"
-  echo "client_cpu=$CLIENT_CPU"
-  echo "secs=$SECS"
-  echo "rounds=$ROUNDS"
-  echo "neighbour_iops=$NEIGHBOUR_IOPS"
-  echo "neighbour_sched=${NEIGHBOUR_SCHED:-idle}"
-  echo "base_ref=$BASE_REF"
-} >"$facts"
+while IFS= read -r line; do
+  fact "${line%%=*}" "${line#*=}"
+done <<<"$facts_now"
+fact backend_cpu "$BACKEND_CPU"
+fact client_cpu "$CLIENT_CPU"
 python3 benches/report.py qos "$facts" "$results" docs/benchmarks.md
 log "wrote docs/benchmarks.md"
