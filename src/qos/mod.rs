@@ -4,11 +4,11 @@
 //! Each limit is a [`Bucket`] kept as GCRA does, one atomic word per limit, shared by every
 //! poller that serves the device. A poller does not consult it per request or per pass: it
 //! holds a [`Lease`] of each of the device's limits, a millisecond of the rate charged to the
-//! bucket in advance, and spends it as it takes requests (a multiply-add, a subtraction and a
-//! comparison per limit per request). A pass that finds a lease used up renews it first;
-//! a bucket in debt past its burst allowance grants nothing, and the device keeps its
-//! requests in the avail ring until the tick the bucket names. Nothing per request locks,
-//! allocates, calls the kernel or touches a shared cache line.
+//! bucket in advance, and spends it as it takes requests (per limit, what the request's class
+//! costs, from a table: a subtraction and a comparison). A pass that finds a lease used up
+//! renews it first; a bucket in debt past its burst allowance grants nothing, and the device
+//! keeps its requests in the avail ring until the tick the bucket names. Nothing per request
+//! locks, allocates, calls the kernel or touches a shared cache line.
 //!
 //! A device's plan changes at runtime (`device_set_qos`, a group's new rates): the control
 //! plane builds a new one and bumps the device's generation, which each pass compares with
