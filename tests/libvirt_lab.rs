@@ -2,13 +2,14 @@
 //! libvirtd (`tests/libvirt/libvirtd.sh`: Debian's daemon, privileged, QEMU running as
 //! `libvirt-qemu`, its directories in the test's own) and one TCG domain,
 //! `tests/libvirt/vm1.xml`, whose memory is a shared memfd and whose root disk is a
-//! `<disk type='vhostuser'>` with `<reconnect>` on vubd's socket, and attaches a second disk,
-//! `tests/libvirt/vm1-data.xml`, live. The test only moves their paths into its own directory
-//! (`/run/vubd/` and `/var/lib/vubd-lab/`).
+//! `<disk type='vhostuser'>` with `<reconnect>` on vubd's socket. That file and the hot-plugged
+//! disk's, `tests/libvirt/vm1-data.xml`, are what docs/libvirt.md and docs/kubevirt.md show
+//! (the second test checks the docs quote them); the test only moves their paths into its own
+//! directory (`/run/vubd/` and `/var/lib/vubd-lab/`).
 //!
-//! vubd serves both disks with its sockets in a directory QEMU may enter, owned by group
-//! `libvirt-qemu` with mode 0660 (`--socket-group`, `--socket-mode`): QEMU's user must be able
-//! to connect. In one boot (the guest: `tests/guest/libvirt.sh`; the test
+//! vubd serves both disks as docs/libvirt.md says: its sockets in a directory QEMU may enter,
+//! owned by group `libvirt-qemu` with mode 0660 (`--socket-group`, `--socket-mode`): QEMU's
+//! user must be able to connect. In one boot (the guest: `tests/guest/libvirt.sh`; the test
 //! tells it when it has done its part on the domain's second serial port):
 //!
 //! 1. the guest writes and reads back data on the root disk, from both CPUs;
@@ -20,9 +21,9 @@
 //!    libvirt no longer lists it, QEMU leaves its socket; then the guest writes and checks more
 //!    on the root disk and powers off.
 //!
-//! Then libvirt's block statistics are unsupported for a vhostuser disk (`domblkinfo`) and
-//! vubd's own count the guest's writes since the restart exactly, and the images hold, range by
-//! range, what the guest wrote.
+//! Then libvirt's block statistics are unsupported for a vhostuser disk (`domblkinfo`, as
+//! docs/libvirt.md says) and vubd's own count the guest's writes since the restart exactly,
+//! and the images hold, range by range, what the guest wrote.
 //!
 //! It needs root, `unshare` and Debian's libvirt-daemon-system and libvirt-clients
 //! (`tests/run.sh` installs them), QEMU, and a kernel (the lab fetches one); where one is
@@ -46,10 +47,12 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use vubd::jsonrpc;
 
-/// The domain and the disk the test attaches to it.
+/// The domain and the disk the test attaches to it, as the docs show them.
 const DOMAIN_XML: &str = "tests/libvirt/vm1.xml";
 const DATA_DISK_XML: &str = "tests/libvirt/vm1-data.xml";
 const DOMAIN: &str = "vm1";
+/// The docs whose XML must be what the lab runs.
+const DOCS: [&str; 2] = ["docs/libvirt.md", "docs/kubevirt.md"];
 /// Where the XML files have vubd's sockets and the guest's files, as on a host.
 const SOCKET_DIR: &str = "/run/vubd/";
 const LAB_DIR: &str = "/var/lib/vubd-lab/";
@@ -76,7 +79,7 @@ struct Vubd {
 }
 
 impl Vubd {
-    /// Starts vubd: one device per disk, their sockets group
+    /// Starts vubd as docs/libvirt.md does: one device per disk, their sockets group
     /// `libvirt-qemu` and mode 0660, and a control socket; waits until both disks listen.
     fn start(socket_dir: &Path, images: &Path) -> Self {
         let device = |name: &str| {
@@ -385,4 +388,67 @@ fn a_libvirt_domain_boots_on_vubd_survives_its_restart_and_takes_a_disk_live() {
         "vubd's exit:\n{}",
         vubd.daemon.output()
     );
+}
+
+/// Whether `block`'s lines, each trimmed, follow one another in `file`'s, each trimmed.
+fn quotes(file: &str, block: &str) -> bool {
+    let file: Vec<&str> = file.lines().map(str::trim).collect();
+    let block: Vec<&str> = block.lines().map(str::trim).collect();
+    !block.is_empty() && file.windows(block.len()).any(|w| w == block.as_slice())
+}
+
+/// The XML a Markdown text shows: its ```xml blocks, and the XML strings (`"""` to `"""`,
+/// starting with `<`) of its other code blocks, such as a hook script's.
+fn xml_blocks(markdown: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    // The kind of block the line is in, and the XML gathered so far.
+    let mut fence: Option<&str> = None;
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        let trimmed = line.trim();
+        match fence {
+            None => fence = trimmed.strip_prefix("```"),
+            Some(_) if trimmed == "```" => {
+                blocks.extend(current.take());
+                fence = None;
+            }
+            Some("xml") => current
+                .get_or_insert_default()
+                .push_str(&format!("{line}\n")),
+            Some(_)
+                if trimmed.ends_with(r#"""""#)
+                    && !trimmed.starts_with(r#"""""#)
+                    && current.is_none() =>
+            {
+                current = Some(String::new());
+            }
+            Some(_) if trimmed.starts_with(r#"""""#) => blocks.extend(current.take()),
+            Some(_) => {
+                if let Some(block) = &mut current {
+                    block.push_str(&format!("{line}\n"));
+                }
+            }
+        }
+    }
+    blocks.retain(|b| b.trim_start().starts_with('<'));
+    blocks
+}
+
+#[test]
+fn the_docs_show_the_xml_the_libvirt_lab_runs() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read =
+        |f: &str| fs::read_to_string(repo.join(f)).unwrap_or_else(|e| panic!("read {f}: {e}"));
+    let files = [read(DOMAIN_XML), read(DATA_DISK_XML)];
+    for doc in DOCS {
+        let blocks = xml_blocks(&read(doc));
+        assert!(!blocks.is_empty(), "{doc} shows no XML");
+        for block in blocks {
+            assert!(
+                files.iter().any(|f| quotes(f, &block)),
+                "{doc} shows XML that neither {DOMAIN_XML} nor {DATA_DISK_XML} holds (the \
+                 libvirt lab runs those):\n{block}"
+            );
+        }
+    }
 }
