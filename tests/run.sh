@@ -33,7 +33,8 @@ cd "$top"
 die() { echo "tests/run.sh: $*" >&2; exit 1; }
 
 # --- what the suite needs -------------------------------------------------------------------
-packages=(qemu-system-x86 qemu-system-common qemu-utils busybox-static cpio xz-utils kmod systemd)
+packages=(qemu-system-x86 qemu-system-common qemu-utils busybox-static cpio xz-utils kmod systemd
+  libvirt-daemon-system libvirt-clients)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,9 +1,9 @@
 //! Running the QEMU lab (`qemu/`) from a test: scripts bounded in time with their output in a
 //! log, and the `TAG key=value ...` lines guests print on their console. For the lab tests
 //! with a guest script of their own (`tests/guest/NAME.sh`): [`test_dir`], [`build_initramfs`],
-//! [`image_file`], [`Guest`] (a `run-guest.sh` command with the options they all use; run to
-//! its end, or [`RunningGuest`] for a test that acts while the guest runs), [`echo_lines`] and
-//! [`read_at`].
+//! [`kernel_image`], [`image_file`], [`Guest`] (a `run-guest.sh` command with the options they
+//! all use; run to its end, or [`RunningGuest`] for a test that acts while the guest runs),
+//! [`echo_lines`] and [`read_at`].
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -66,6 +66,26 @@ pub fn build_initramfs(dir: &Path, name: &str, bins: &[&Path]) -> PathBuf {
         "build-initramfs.sh",
     );
     initrd
+}
+
+/// The lab's guest kernel (`fetch-kernel.sh` on the lab cache, `$VUBD_LAB_CACHE` or
+/// `target/lab`), for a test that boots it without `run-guest.sh`. Its log is
+/// `dir/fetch-kernel.log`.
+pub fn kernel_image(dir: &Path) -> PathBuf {
+    let cache = std::env::var_os("VUBD_LAB_CACHE").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/lab"),
+        PathBuf::from,
+    );
+    let log = dir.join("fetch-kernel.log");
+    let mut cmd = Command::new(lab_dir().join("fetch-kernel.sh"));
+    cmd.arg(&cache);
+    run_script(&mut cmd, &log, BUILD_TIMEOUT, "fetch-kernel.sh");
+    let out = fs::read_to_string(&log).expect("read fetch-kernel.sh's log");
+    let kernel = out
+        .lines()
+        .find_map(|l| l.strip_prefix("VMLINUZ="))
+        .unwrap_or_else(|| panic!("fetch-kernel.sh printed no VMLINUZ= line:\n{out}"));
+    PathBuf::from(kernel)
 }
 
 /// A sparse, all-zero image file `dir/NAME` of `len` bytes.

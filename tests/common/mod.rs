@@ -23,6 +23,9 @@
 //!   a block device, and the helpers of guards that run system tools.
 //! - [`lab`]: running the QEMU lab's scripts bounded in time, building a lab test's initramfs
 //!   and booting its guest, and reading the `TAG key=value` lines its guests print.
+//! - [`libvirtd`]: [`libvirtd::Libvirtd`], a private libvirt daemon (Debian's, its directories
+//!   in the test's own) for the libvirt lab, `virsh` calls to it bounded in time, and the QEMU
+//!   it starts.
 //! - [`procfs`]: the CPU time and CPU affinity of a running backend, from `/proc`.
 //! - [`throttle`]: [`throttle::WriteThrottle`], a cgroup that limits a backend's writes to a
 //!   disk (reads pass), so that its requests complete out of order.
@@ -64,6 +67,7 @@ pub mod daemon;
 pub mod examples;
 pub mod fake_target;
 pub mod lab;
+pub mod libvirtd;
 pub mod loopdev;
 pub mod node;
 pub mod nvmet;

@@ -46,6 +46,39 @@ end_vubd() {
     [ "$rc" -eq 0 ] || { tail -n 30 "$2"; fatal "vubd exited with status $rc"; }
 }
 
+# disk_of SERIAL: the name (vdX) of the virtio disk with that serial number.
+disk_of() {
+    for d in /sys/block/vd*; do
+        [ -e "$d/serial" ] || continue
+        [ "$(cat "$d/serial")" = "$1" ] && basename "$d" && return 0
+    done
+    return 1
+}
+
+# disk SERIAL: waits (10 s at most) for the disk; fatal if it does not appear.
+disk() {
+    wait_for 100 disk_of "$1" >/dev/null || fatal "no virtio disk with serial $1"
+    disk_of "$1"
+}
+
+# control_open: opens the control port, the guest's second serial port
+# (/dev/ttyS1: run-guest.sh --control, or a libvirt <serial> on port 1), on
+# which the host sends one word a line, as fd 3; then says CONTROL-READY.
+control_open() {
+    stty -F /dev/ttyS1 raw -echo || fatal "cannot set up the control port /dev/ttyS1"
+    exec 3</dev/ttyS1
+    say "CONTROL-READY"
+}
+
+# host_says WORD: the host's next line on the control port must be WORD (10
+# minutes at most).
+host_says() {
+    line=''
+    # shellcheck disable=SC3045 # busybox's read has -t
+    read -r -t 600 line <&3 || fatal "no word from the host (waiting for '$1')"
+    [ "$line" = "$1" ] || fatal "the host said '$line', not '$1'"
+}
+
 # ctrl_of SERIAL: the sysfs directory of the nvme controller with that serial
 # number.
 ctrl_of() {

@@ -38,32 +38,7 @@ for v in WRITERS_SERIAL WRITERS REGION_BLOCKS MAX_EXTENT MAX_S HANG_S SEED; do
     [ -n "$val" ] || fatal "$v must be set on the kernel command line"
 done
 
-# disk_of SERIAL: the name (vdX) of the virtio disk with that serial number.
-disk_of() {
-    for d in /sys/block/vd*; do
-        [ -e "$d/serial" ] || continue
-        [ "$(cat "$d/serial")" = "$1" ] && basename "$d" && return 0
-    done
-    return 1
-}
-
-# disk SERIAL: waits (10 s at most) for the disk; fatal if it does not appear.
-disk() {
-    wait_for 100 disk_of "$1" >/dev/null || fatal "no virtio disk with serial $1"
-    disk_of "$1"
-}
-
-ctl=/dev/ttyS1
-stty -F $ctl raw -echo || fatal "cannot set up the control port $ctl"
-exec 3<$ctl
-# host_says WORD: the host's next line on the control port must be WORD (10
-# minutes at most).
-host_says() {
-    line=''
-    read -r -t 600 line <&3 || fatal "no word from the host (waiting for '$1')"
-    [ "$line" = "$1" ] || fatal "the host said '$line', not '$1'"
-}
-say "CONTROL-READY"
+control_open
 
 # --- 1. the write cache --------------------------------------------------------
 if [ -n "${WCE_SERIAL:-}" ]; then
