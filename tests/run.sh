@@ -33,8 +33,9 @@ cd "$top"
 die() { echo "tests/run.sh: $*" >&2; exit 1; }
 
 # --- what the suite needs -------------------------------------------------------------------
+# dpkg-dev: dpkg-shlibdeps, which gives the Debian package its Depends (tests/deb_package.rs).
 packages=(qemu-system-x86 qemu-system-common qemu-utils busybox-static cpio xz-utils kmod systemd
-  libvirt-daemon-system libvirt-clients)
+  libvirt-daemon-system libvirt-clients dpkg-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -55,6 +56,11 @@ fi
 command -v cargo >/dev/null || die "cargo is not installed (a stable Rust toolchain with rustfmt and clippy is required)"
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt is missing from the Rust toolchain"
 cargo clippy --version >/dev/null 2>&1 || die "clippy is missing from the Rust toolchain"
+# cargo-deb builds the Debian package (dist/debian/build-deb.sh, tests/deb_package.rs).
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "== installing cargo-deb"
+  cargo install cargo-deb --locked --quiet || die "cargo install cargo-deb failed"
+fi
 
 # --- stages ---------------------------------------------------------------------------------
 passed=0
