@@ -43,6 +43,7 @@ use crate::virtio_blk::ring::SplitRing;
 use crate::virtio_blk::{DescTable, MAX_SEGMENTS, RequestError, Scratch, Status, parse};
 use broken::Breakage;
 use publish::{publish, write_status};
+use throttle::Held;
 
 /// Most completions reaped from one channel before they are published.
 const REAP_BATCH: usize = 256;
@@ -88,6 +89,8 @@ struct Device {
     limits: Limits,
     /// This poller's leases of the device's rate limits (`None`: no limit).
     lease: Option<Lease>,
+    /// Whether, and until when, the device's limits hold it back.
+    held: Held,
 }
 
 /// An I/O channel of this poller, serving one device or several (namespaces of one NVMe
@@ -133,10 +136,6 @@ struct QueueSlot {
     lost_interrupts: u64,
     /// The queue's counters, unless metrics are off: this poller alone writes them.
     metrics: Option<Arc<QueueMetrics>>,
-    /// When a pass first found the queue with chains its device's rate limits held back (a
-    /// tick of the pollers' clock), 0 while it is not held back: its kicks then stay off,
-    /// and the poller sleeps until the limits admit again.
-    throttled_since: u64,
 }
 
 /// How a request ends.
@@ -165,10 +164,10 @@ pub(super) struct Worker {
     /// Read once per pass that takes requests and once per batch of completions, for the
     /// latencies of queues with metrics and for rate limits.
     clock: Clock,
-    /// The earliest tick at which a queue its device's rate limits held back in this pass may
-    /// take requests again (`u64::MAX`: none was held back).
-    resume_at: u64,
-    /// Wakes the poller at `resume_at` when it sleeps.
+    /// A device may be held back by its rate limits (set when one is; cleared by the sleep
+    /// that finds none is): only then does the sleep look at the devices.
+    maybe_held: bool,
+    /// Wakes the poller when a held-back device may go on.
     timer: TimerFd,
 }
 
@@ -202,7 +201,11 @@ impl Device {
         let plan = self.shared.qos.plan();
         match (plan, &self.lease) {
             (Some(p), Some(l)) if l.is_of(&p) => {}
-            (plan, _) => self.lease = plan.map(Lease::new),
+            (plan, _) => {
+                self.lease = plan.map(Lease::new);
+                // New limits (or none): what held the device back no longer does.
+                self.held = Held::default();
+            }
         }
         let mem = self.mem.memory();
         if self.map.is_of(&mem) {
@@ -243,7 +246,7 @@ impl Worker {
             events: vec![EpollEvent::default(); 16],
             stopping: false,
             clock: Clock::get(),
-            resume_at: u64::MAX,
+            maybe_held: false,
             timer,
         })
     }
@@ -300,7 +303,6 @@ impl Worker {
     #[inline(always)]
     fn poll_once(&mut self) -> usize {
         let mut work = 0;
-        self.resume_at = u64::MAX;
         for qi in 0..self.queues.len() {
             work += self.process_queue(qi);
         }
@@ -333,7 +335,7 @@ impl Worker {
             scratch,
             epoll,
             clock,
-            resume_at,
+            maybe_held,
             ..
         } = self;
         let Some(q) = queues[qi].as_mut() else {
@@ -387,12 +389,15 @@ impl Worker {
         if let Some(lease) = dev.lease.as_mut()
             && lease.spent()
             && q.resubmit.is_empty()
-            && !throttle::renew(lease, &mut q.throttled_since, clock, resume_at)
+            && !throttle::renew(
+                lease,
+                &mut dev.held,
+                q.metrics.as_deref(),
+                clock,
+                maybe_held,
+            )
         {
             return 0;
-        }
-        if q.throttled_since != 0 {
-            throttle::unthrottle(&mut q.throttled_since, q.metrics.as_deref(), clock);
         }
         // The pass's time: every request it takes starts then.
         let qm = q.metrics.as_deref();
@@ -622,23 +627,20 @@ impl Worker {
     fn sleep(&mut self) {
         self.shared.sleeping.store(true, Ordering::SeqCst);
         let mut more = self.shared.has_commands.load(Ordering::SeqCst);
-        // Whether rate limits held a queue back in the last pass.
-        let held = self.resume_at != u64::MAX;
+        // The earliest moment a device rate limits hold back may go on, if one is held.
+        let held = self.held_until();
+        let now = if held.is_some() { self.clock.now() } else { 0 };
         for qi in 0..self.queues.len() {
-            // A queue rate limits hold back keeps its kicks off: the timer wakes the poller.
-            if held
-                && self.queues[qi]
-                    .as_ref()
-                    .is_some_and(QueueSlot::is_throttled)
-            {
+            // A held-back device's queues keep their kicks off: the timer wakes the poller.
+            if held.is_some() && self.queue_held(qi, now) {
                 continue;
             }
             more |= self.set_notifications(qi, true) && !self.held_back(qi);
         }
         let timeout = match (more, held) {
             (true, _) => None,
-            (false, false) => Some(-1),
-            (false, true) => self.arm_throttle_timer(),
+            (false, None) => Some(-1),
+            (false, Some(until)) => Some(self.arm_throttle_timer(until)),
         };
         if let Some(timeout) = timeout {
             match self.epoll.wait(timeout, &mut self.events) {

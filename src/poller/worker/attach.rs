@@ -189,6 +189,7 @@ impl Worker {
                         ..a.shared.limits
                     },
                     lease: plan.map(Lease::new),
+                    held: Default::default(),
                 });
                 i
             }
@@ -245,7 +246,6 @@ impl Worker {
             broken_flag: a.broken,
             lost_interrupts: 0,
             metrics: a.shared.metrics.as_ref().and_then(|m| m.queue(a.queue)),
-            throttled_since: 0,
         });
         self.set_notifications(q, false);
         // The guest may hold completions it was never interrupted for: the process that had
