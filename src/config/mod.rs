@@ -3,6 +3,7 @@
 //! (`--socket-path`, `--fd`, `--print-capabilities`, and for block devices `--blk-file` and
 //! `--read-only` as spellings of `--disk` and `--readonly`).
 
+mod capabilities;
 mod device;
 mod file;
 mod nvme;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
+pub use self::capabilities::{capabilities_json, parse_args};
 pub use self::device::{DeviceConfig, DeviceDefaults, KNOWN_KEYS, check_beside, device_from_keys};
 pub use self::nvme::{
     DEFAULT_DISCOVERY_PORT, NvmeHostArgs, NvmeHostConfig, NvmePcieUri, NvmeTcpUri,
@@ -731,15 +733,6 @@ fn default_serial(disk: &DiskSpec) -> Option<String> {
         DiskSpec::Null(_) => Some("null".to_owned()),
         DiskSpec::File(_) | DiskSpec::NvmeTcp(_) | DiskSpec::NvmePcie(_) => None,
     }
-}
-
-/// `--print-capabilities` output (vhost-user.rst, "Backend program conventions").
-pub fn capabilities_json() -> String {
-    serde_json::json!({
-        "type": "block",
-        "features": ["read-only", "blk-file"]
-    })
-    .to_string()
 }
 
 /// Command lines for the unit tests of the configuration and of what consumes it.

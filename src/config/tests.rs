@@ -274,12 +274,6 @@ fn nvme_list_subcommand() {
 }
 
 #[test]
-fn capabilities_follow_the_conventions() {
-    let v: serde_json::Value = serde_json::from_str(&capabilities_json()).expect("json");
-    assert_eq!(v["type"], "block");
-}
-
-#[test]
 fn a_control_socket_alone_serves_no_device_on_a_poller_per_cpu() {
     let c = serve(&["--control-socket", "c.sock"]);
     assert!(c.devices.is_empty());
