@@ -39,8 +39,8 @@ pub struct DeviceConfig {
     /// is taken when the frontend starts the device.
     pub incoming: bool,
     /// `max-inflight=` / `--max-inflight`: most requests of the device in flight at once
-    /// (split evenly over the pollers its queues run on, at least one each); `None`: no cap
-    /// beyond the rings' sizes.
+    /// (split evenly over the pollers of the queues the frontend starts, at least one each);
+    /// `None`: no cap beyond the rings' sizes.
     pub max_in_flight: Option<u32>,
     /// `socket-mode=` / `socket-group=`, else `--socket-mode` / `--socket-group`: the mode and
     /// group of a socket vubd creates (none for an inherited one).

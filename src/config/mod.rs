@@ -74,9 +74,9 @@ pub struct Args {
     /// Largest virtqueue size the frontend may set (a power of two).
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub queue_size: u16,
-    /// Most requests of the device in flight at once, split evenly over the pollers its
-    /// queues run on (at least one each); more wait in the guest's rings. Default: no cap
-    /// beyond the rings' sizes.
+    /// Most requests of the device in flight at once, split evenly over the pollers of the
+    /// queues the frontend starts (at least one each); more wait in the guest's rings.
+    /// Default: no cap beyond the rings' sizes.
     #[arg(long, value_name = "N")]
     pub max_inflight: Option<u32>,
     /// Serial number returned by GET_ID (at most 20 bytes; default: a hash of the image's path,

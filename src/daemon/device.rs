@@ -180,7 +180,6 @@ pub fn device_model(
     info: &DeviceInfo,
     device_serial: &str,
     faults: Arc<DeviceFaults>,
-    pollers: usize,
 ) -> (BlkShape, DeviceShared) {
     let seg_max = (u32::from(d.queue_size) - 2).clamp(1, MAX_SEGMENTS);
     let capacity_sectors = info.capacity_bytes >> SECTOR_SHIFT;
@@ -242,19 +241,8 @@ pub fn device_model(
     } else {
         WriteCache::Back
     };
-    let max_in_flight = d.max_in_flight.map_or(u32::MAX, |cap| {
-        // Queue q runs on poller (first + q) mod pollers: so many pollers share the cap.
-        let on = usize::from(d.num_queues).min(pollers).max(1);
-        cap.div_ceil(u32::try_from(on).unwrap_or(u32::MAX))
-    });
-    let shared = DeviceShared::new(
-        limits,
-        serial,
-        d.num_queues,
-        write_cache,
-        faults,
-        max_in_flight,
-    );
+    // Split over the pollers of the queues the frontend starts, as it starts them.
+    let shared = DeviceShared::new(limits, serial, write_cache, faults, d.max_in_flight);
     (shape, shared)
 }
 
@@ -449,46 +437,26 @@ mod tests {
     }
 
     #[test]
-    fn the_cap_on_requests_in_flight_is_split_over_the_pollers_of_the_device() {
+    fn the_cap_on_requests_in_flight_is_split_over_the_pollers_of_started_queues() {
         let faults = Arc::new(DeviceFaults::new().expect("eventfd"));
-        let share = |args: &[&str], pollers| {
+        let shared = |args: &[&str]| {
             let c = config(args);
-            device_model(
-                &c.devices[0],
-                &info(true, true),
-                "s",
-                faults.clone(),
-                pollers,
-            )
-            .1
-            .max_in_flight
+            device_model(&c.devices[0], &info(true, true), "s", faults.clone()).1
         };
-        let capped = [
-            "--disk",
-            "null:1G",
-            "--num-queues",
-            "4",
-            "--max-inflight",
-            "10",
-        ];
-        assert_eq!(share(&capped, 1), 10);
-        assert_eq!(share(&capped, 2), 5);
-        // Four queues run on four of eight pollers; each gets at least one.
-        assert_eq!(share(&capped, 8), 3);
-        let one = [
-            "--disk",
-            "null:1G",
-            "--num-queues",
-            "4",
-            "--max-inflight",
-            "1",
-        ];
-        assert_eq!(share(&one, 4), 1);
-        assert_eq!(
-            share(&["--disk", "null:1G"], 4),
-            u32::MAX,
-            "no cap by default"
-        );
+        let share = |s: &DeviceShared| s.max_in_flight.load(std::sync::atomic::Ordering::Relaxed);
+        let capped = shared(&["--disk", "null:1G", "--max-inflight", "10"]);
+        assert_eq!(share(&capped), 10, "all of it before any queue starts");
+        // As many pollers as the started queues run on; each gets at least one.
+        for (pollers, each) in [(1, 10), (2, 5), (3, 4), (8, 2), (16, 1), (0, 10)] {
+            capped.spread_in_flight(pollers);
+            assert_eq!(share(&capped), each, "{pollers} pollers");
+        }
+        let one = shared(&["--disk", "null:1G", "--max-inflight", "1"]);
+        one.spread_in_flight(4);
+        assert_eq!(share(&one), 1);
+        let uncapped = shared(&["--disk", "null:1G"]);
+        uncapped.spread_in_flight(4);
+        assert_eq!(share(&uncapped), u32::MAX, "no cap by default");
     }
 
     #[test]
@@ -497,7 +465,7 @@ mod tests {
         // virtio-blk configuration space: write_zeroes_may_unmap at byte 56.
         let faults = Arc::new(DeviceFaults::new().expect("eventfd"));
         let unmap = |i: &DeviceInfo| {
-            device_model(&c.devices[0], i, "s", faults.clone(), 1)
+            device_model(&c.devices[0], i, "s", faults.clone())
                 .0
                 .config
                 .to_bytes()[56]
