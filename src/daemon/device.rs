@@ -44,14 +44,26 @@ pub(super) fn in_device(d: &DeviceConfig, e: DaemonError) -> DaemonError {
 /// The first poller of each device: device `d`'s queue `q` goes to poller
 /// `(first[d] + q) mod pollers`, so that the devices' queues spread over the pollers.
 pub(super) fn first_pollers(cfg: &Config) -> Vec<usize> {
+    let pollers = cfg.pollers.len();
     cfg.devices
         .iter()
         .scan(0usize, |next, d| {
             let first = *next;
-            *next += usize::from(d.num_queues);
+            *next = next_first_poller(first, d.num_queues, pollers);
             Some(first)
         })
         .collect()
+}
+
+/// The first poller of the device after one whose `queues` queues start on poller `first`,
+/// of `pollers`: the one after its last queue's; or, when its queues go round every poller,
+/// the one after its first. A frontend starts a device's first queues (one per vCPU of a
+/// QEMU guest), so each device's queue 0, the busiest, goes to a poller of its own in turn
+/// rather than to wherever the count of queues a device offers happens to end.
+pub(super) fn next_first_poller(first: usize, queues: u16, pollers: usize) -> usize {
+    let pollers = pollers.max(1);
+    let queues = usize::from(queues);
+    (first + if queues < pollers { queues } else { 1 }) % pollers
 }
 
 /// Opens every device's disk, in order; the first failure names its device. Also how the
@@ -328,17 +340,42 @@ mod tests {
 
     #[test]
     fn each_device_starts_on_the_poller_after_the_previous_devices_queues() {
-        let c = config(&[
+        let mut c = config(&[
             "--device",
             "socket=a,disk=null:1M,num-queues=3",
             "--device",
-            "socket=b,disk=null:1M",
+            "socket=b,disk=null:1M,num-queues=1",
             "--device",
             "socket=c,disk=null:1M,num-queues=2",
         ]);
+        c.pollers = vec![None; 8];
         assert_eq!(first_pollers(&c), [0, 3, 4]);
+        c.pollers = vec![None; 4];
+        assert_eq!(first_pollers(&c), [0, 3, 0], "round the pollers");
         let c = config(&["--disk", "null:1M", "--num-queues", "4"]);
         assert_eq!(first_pollers(&c), [0]);
+    }
+
+    #[test]
+    fn devices_whose_queues_go_round_the_pollers_start_one_poller_apart() {
+        // Every device has at least as many queues as there are pollers.
+        let dev = |s: &'static str| ["--device", s];
+        let mut c = config(
+            &[
+                dev("socket=a,disk=null:1M,num-queues=64"),
+                dev("socket=b,disk=null:1M,num-queues=8"),
+                dev("socket=c,disk=null:1M,num-queues=4"),
+                dev("socket=d,disk=null:1M,num-queues=64"),
+                dev("socket=e,disk=null:1M,num-queues=64"),
+            ]
+            .concat(),
+        );
+        c.pollers = vec![None; 4];
+        assert_eq!(first_pollers(&c), [0, 1, 2, 3, 0]);
+        c.pollers = vec![None; 3];
+        assert_eq!(first_pollers(&c), [0, 1, 2, 0, 1]);
+        c.pollers = vec![None];
+        assert_eq!(first_pollers(&c), [0; 5]);
     }
 
     #[test]
