@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use super::{
-    ConfigError, DiskSpec, MAX_QUEUE_SIZE, MAX_QUEUES, MAX_SERIAL_LEN, SocketPerms, SocketSpec,
-    check_socket_dir, default_serial, parse_disk, qos,
+    ConfigError, DEFAULT_QUEUES, DiskSpec, MAX_QUEUE_SIZE, MAX_QUEUES, MAX_SERIAL_LEN, SocketPerms,
+    SocketSpec, check_socket_dir, default_serial, parse_disk, qos,
 };
 use crate::qos::Rates;
 
@@ -260,7 +260,7 @@ pub fn device_from_keys(
         socket,
         disk,
         read_only,
-        num_queues: number("num-queues", 1)?,
+        num_queues: number("num-queues", DEFAULT_QUEUES)?,
         queue_size: number("queue-size", 256)?,
         serial: keys.remove("serial"),
         incoming,
@@ -398,7 +398,16 @@ mod tests {
         assert_eq!(d.disk, DiskSpec::File("a,b.img".into()));
         assert_eq!(d.serial, None);
         assert!(!d.read_only);
-        assert_eq!((d.num_queues, d.queue_size), (1, 256));
+        let single = &serve(&["--disk", "x.img"]).devices[0];
+        assert_eq!(
+            (d.num_queues, d.queue_size),
+            (single.num_queues, single.queue_size)
+        );
+        assert_eq!(
+            (d.num_queues, d.queue_size),
+            (MAX_QUEUES, 256),
+            "as many queues as a frontend may ask for"
+        );
         assert!(!d.incoming && !d.starts_inactive());
     }
 
@@ -537,7 +546,7 @@ mod tests {
             "--device",
             "socket=a.sock,disk=null:1G,num-queues=2",
             "--device",
-            "socket=b.sock,disk=b.img,readonly=on",
+            "socket=b.sock,disk=b.img,readonly=on,num-queues=1",
             "--poll",
             "never",
         ]);

@@ -42,6 +42,13 @@ pub const DEFAULT_CONTROL_SOCKET: &str = "vubd-control.sock";
 
 /// Largest queue count (queues map onto a 64-bit worker mask).
 pub const MAX_QUEUES: u16 = 64;
+/// Request queues a device offers without `--num-queues`: as many as it can. QEMU (5.2 and
+/// later) gives a `vhost-user-blk-pci` device without `num-queues` one queue per vCPU and
+/// refuses to start when the backend's GET_QUEUE_NUM is smaller; cloud-hypervisor and
+/// libblkio choose their own count (1 by default) up to what the backend offers. A queue the
+/// frontend never starts costs next to nothing (docs/architecture.md, "Queues offered and
+/// queues started").
+pub const DEFAULT_QUEUES: u16 = MAX_QUEUES;
 /// Largest virtqueue size accepted.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// GET_ID returns at most this many bytes of serial.
@@ -68,8 +75,9 @@ pub struct Args {
     /// Serve the disk read-only.
     #[arg(long, alias = "read-only")]
     pub readonly: bool,
-    /// Number of request queues.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// Most request queues the frontend may use (1 to 64; default 64, so that QEMU's default
+    /// of one queue per vCPU fits); the frontend chooses how many it starts.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_QUEUES)]
     pub num_queues: u16,
     /// Largest virtqueue size the frontend may set (a power of two).
     #[arg(long, value_name = "N", default_value_t = 256)]

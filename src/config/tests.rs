@@ -114,9 +114,11 @@ fn cpu_lists() {
 fn default_pollers_are_one_per_queue_up_to_the_cpus_unpinned() {
     let c = serve(&["--disk", "d", "--num-queues", "1"]);
     assert_eq!(c.pollers, vec![None]);
-    let c = serve(&["--disk", "d", "--num-queues", "64"]);
-    assert_eq!(c.pollers.len(), allowed_cpus().len().min(64));
-    assert!(c.pollers.iter().all(Option::is_none));
+    for queues in [&["--num-queues", "64"][..], &[]] {
+        let c = serve(&[&["--disk", "d"], queues].concat());
+        assert_eq!(c.pollers.len(), allowed_cpus().len().min(64), "{queues:?}");
+        assert!(c.pollers.iter().all(Option::is_none));
+    }
 }
 
 #[test]

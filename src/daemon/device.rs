@@ -17,7 +17,7 @@ use crate::bdev::null::NullDevice;
 use crate::bdev::nvme_pcie::{Controllers, NvmePcieConfig, NvmePcieDevice};
 use crate::bdev::nvme_tcp::NvmeTcpDevice;
 use crate::bdev::{DeviceInfo, Disk};
-use crate::config::{Config, DeviceConfig, DiskSpec, SocketSpec};
+use crate::config::{Config, DEFAULT_QUEUES, DeviceConfig, DiskSpec, SocketSpec};
 use crate::mem::fault::DeviceFaults;
 use crate::poller::DeviceShared;
 use crate::vhost_user::BlkShape;
@@ -276,6 +276,11 @@ fn create_sparse(path: &Path, size: u64) -> Result<(), DaemonError> {
 
 /// Tells the user how to attach a QEMU VM to the devices served on socket paths.
 pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
+    super::stdout::write(&attach_hint(cfg, infos));
+}
+
+/// What [`print_attach_hint`] prints.
+fn attach_hint(cfg: &Config, infos: &[DeviceInfo]) -> String {
     let mut options = Vec::new();
     let mut banner = String::new();
     for (i, (d, info)) in cfg.devices.iter().zip(infos).enumerate() {
@@ -312,9 +317,15 @@ pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
             "-chardev socket,id=vubd{i},path={},reconnect=1",
             abs.display()
         ));
+        // Without num-queues QEMU asks for one queue per vCPU, which the default offer
+        // covers; a smaller offer must be named, or a guest with more vCPUs fails to start.
+        let queues = if d.num_queues == DEFAULT_QUEUES {
+            String::new()
+        } else {
+            format!(",num-queues={}", d.num_queues)
+        };
         options.push(format!(
-            "-device vhost-user-blk-pci,chardev=vubd{i},num-queues={}",
-            d.num_queues
+            "-device vhost-user-blk-pci,chardev=vubd{i}{queues}"
         ));
     }
     if !options.is_empty() {
@@ -328,7 +339,7 @@ pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
         );
         writeln!(banner, "  {}", options.join(" \\\n  ")).expect("write to String");
     }
-    super::stdout::write(&banner);
+    banner
 }
 
 #[cfg(test)]
@@ -379,6 +390,21 @@ mod tests {
     }
 
     #[test]
+    fn the_attach_hint_leaves_the_queue_count_to_qemu_unless_it_is_capped() {
+        let c = config(&[
+            "--device",
+            "socket=a.sock,disk=null:1M",
+            "--device",
+            "socket=b.sock,disk=null:1M,num-queues=2",
+        ]);
+        let hint = attach_hint(&c, &[info(false, false), info(false, false)]);
+        assert!(
+            hint.contains("chardev=vubd0 \\\n") && hint.contains("chardev=vubd1,num-queues=2\n"),
+            "{hint}"
+        );
+    }
+
+    #[test]
     fn errors_of_a_device_given_with_device_name_it() {
         let c = config(&["--device", "socket=a,disk=null:1M"]);
         let e = in_device(&c.devices[0], DaemonError::BadFd(3));
@@ -400,9 +426,9 @@ mod tests {
             "--device",
             "socket=a,disk=nvme-pcie:0000:01:00.0?nsid=1,num-queues=2",
             "--device",
-            "socket=b,disk=null:1M",
+            "socket=b,disk=null:1M,num-queues=1",
             "--device",
-            "socket=c,disk=nvme-pcie:0000:01:00.0?nsid=2",
+            "socket=c,disk=nvme-pcie:0000:01:00.0?nsid=2,num-queues=1",
             "--device",
             "socket=d,disk=nvme-pcie:0000:02:00.0,num-queues=3",
         ]);
