@@ -298,8 +298,8 @@ impl BlkBackend {
         self.notice.changed(self.shared.index);
     }
 
-    /// Tells every poller of the device whether to mark pages, after the log or the LOG_ALL
-    /// feature changed, and returns once they all do (the frontend starts migrating memory
+    /// Tells every poller serving a started queue of the device whether to mark pages, after
+    /// the log or the LOG_ALL feature changed, and returns once they all do (the frontend starts migrating memory
     /// once SET_FEATURES or SET_LOG_BASE is acknowledged).
     fn update_log(&self, change: impl FnOnce(&mut LogState)) {
         // Serialised with attach, so a queue attached meanwhile gets the new state either in
