@@ -26,7 +26,8 @@ pub const CHECK_EVERY: u64 = 64;
 /// Lets `burst` lines through per window; see the module documentation.
 #[derive(Debug)]
 pub struct LogLimit {
-    burst: u64,
+    /// Grows with what the device does ([`LogLimit::raise`]), never shrinks.
+    burst: AtomicU64,
     window_ms: u64,
     /// Lines asked for since the current window began, let through or not.
     count: AtomicU64,
@@ -41,7 +42,7 @@ impl LogLimit {
     /// A limiter that lets `burst` lines through per `window`.
     pub const fn new(burst: u32, window: Duration) -> Self {
         Self {
-            burst: burst as u64,
+            burst: AtomicU64::new(burst as u64),
             window_ms: window.as_millis() as u64,
             count: AtomicU64::new(0),
             start: AtomicU64::new(0),
@@ -53,7 +54,8 @@ impl LogLimit {
     #[inline]
     pub fn allow(&self) -> Allowed {
         let n = self.count.fetch_add(1, Ordering::Relaxed);
-        if n < self.burst {
+        let burst = self.burst.load(Ordering::Relaxed);
+        if n < burst {
             if n == 0 {
                 // The first line ever (or since `take_suppressed`) opens the window.
                 self.start.store(now_ms(), Ordering::Relaxed);
@@ -61,18 +63,18 @@ impl LogLimit {
             return Some(0);
         }
         // Lines suppressed in this window, this one included.
-        let over = n + 1 - self.burst;
+        let over = n + 1 - burst;
         if over % CHECK_EVERY != 0 && !over.is_power_of_two() {
             return None;
         }
-        self.roll()
+        self.roll(burst)
     }
 
     /// A suppressed line's look at the clock: if the window is over, this line opens the next
     /// one and is let through with the count of the lines suppressed before it.
     #[cold]
     #[inline(never)]
-    fn roll(&self) -> Allowed {
+    fn roll(&self, burst: u64) -> Allowed {
         let now = now_ms();
         let start = self.start.load(Ordering::Acquire);
         if now.saturating_sub(start) < self.window_ms {
@@ -89,7 +91,13 @@ impl LogLimit {
         }
         let seen = self.count.swap(1, Ordering::AcqRel);
         // `seen` counts this line and the `burst` let through before the suppressed ones.
-        Some(seen.saturating_sub(self.burst + 1))
+        Some(seen.saturating_sub(burst + 1))
+    }
+
+    /// Lets `n` more lines through per window from now on: the device can now cause more of
+    /// them (a queue its frontend started).
+    pub fn raise(&self, n: u32) {
+        self.burst.fetch_add(u64::from(n), Ordering::Relaxed);
     }
 
     /// Lines suppressed and not yet reported, which are then forgotten: for a summary line
@@ -97,7 +105,7 @@ impl LogLimit {
     pub fn take_suppressed(&self) -> u64 {
         self.count
             .swap(0, Ordering::AcqRel)
-            .saturating_sub(self.burst)
+            .saturating_sub(self.burst.load(Ordering::Relaxed))
     }
 }
 
@@ -148,6 +156,19 @@ mod tests {
         assert_eq!(limit.take_suppressed(), 1_000_000 - 3);
         // Forgotten once taken: the next lines get through again.
         assert_eq!(ask(&limit, 2), (2, 0));
+    }
+
+    #[test]
+    fn a_raised_limit_lets_more_through_in_the_same_window() {
+        let limit = LogLimit::new(2, Duration::from_secs(3600));
+        assert_eq!(ask(&limit, 3), (2, 0));
+        limit.raise(4);
+        assert_eq!(
+            ask(&limit, 10),
+            (3, 0),
+            "six in all, one of which was suppressed"
+        );
+        assert_eq!(limit.take_suppressed(), 13 - 6);
     }
 
     #[test]

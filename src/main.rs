@@ -1,15 +1,14 @@
 use std::process::ExitCode;
 
-use clap::Parser;
 use clap::error::ErrorKind;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, reload};
-use vubd::config::{Args, Command, capabilities_json};
+use vubd::config::{Command, capabilities_json, parse_args};
 use vubd::daemon::{self, LogControl, error_chain};
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args = match parse_args(std::env::args_os()) {
         Ok(a) => a,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             daemon::stdout::write(&e.to_string());

@@ -2,7 +2,8 @@
 //! `--poll`, `--poll-idle-us` and null disk sizes) exit with status 2 and one stderr line
 //! naming the problem; SIGTERM exits 0 and removes the socket, in every poll mode. These always
 //! run vubd, whatever `VUBD_TEST_BACKEND` says. A standard output whose reader is gone neither
-//! panics `--help` nor stops a daemon from serving.
+//! panics `--help` nor stops a daemon from serving. `--print-capabilities` prints and exits 0
+//! whatever else the command line holds.
 
 mod common;
 
@@ -368,6 +369,45 @@ fn print_capabilities_prints_the_block_backend_json_and_exits_0() {
         features.contains(&"read-only") && features.contains(&"blk-file"),
         "{json}"
     );
+}
+
+#[test]
+fn print_capabilities_ignores_every_other_argument_valid_or_not() {
+    let run = |args: &[&str]| {
+        let out = common::daemon::vubd_command()
+            .args(args)
+            .output()
+            .expect("run vubd");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}; stderr:\n{stderr}",
+            out.status
+        );
+        assert!(stderr.is_empty(), "{args:?}: stderr:\n{stderr}");
+        out.stdout
+    };
+    let alone = run(&["--print-capabilities"]);
+    serde_json::from_slice::<serde_json::Value>(&alone).expect("--print-capabilities prints JSON");
+    for args in [
+        &["--no-such-option", "--print-capabilities"][..],
+        &["--print-capabilities", "--num-queues", "0", "--cpus", "x"],
+        &["--device", "garbage", "--print-capabilities"],
+        &[
+            "--socket-path",
+            "a.sock",
+            "--fd",
+            "3",
+            "--print-capabilities",
+        ],
+        &["--disk", "--print-capabilities"],
+    ] {
+        assert_eq!(
+            String::from_utf8_lossy(&run(args)),
+            String::from_utf8_lossy(&alone),
+            "{args:?}"
+        );
+    }
 }
 
 /// The fd vubd gets through `--fd` in the inherited-socket test.

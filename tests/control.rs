@@ -78,7 +78,7 @@ fn devices_added_at_runtime_serve_and_go_when_removed() {
              "num_queues": 2, "queue_size": 256, "capacity": 16 * MIB, "block_size": 512,
              "connected": true, "qos": {"qos-burst-ms": 100}},
             {"name": "b", "socket": b, "disk": "null:1073741824", "readonly": true,
-             "num_queues": 1, "queue_size": 256, "capacity": 1u64 << 30, "block_size": 512,
+             "num_queues": 64, "queue_size": 256, "capacity": 1u64 << 30, "block_size": 512,
              "connected": false, "qos": {"qos-burst-ms": 100}},
         ])
     );

@@ -6,14 +6,21 @@
 # Usage: tests/guest-test.sh VUBD_BINARY
 #        VUBD_GUEST_BACKEND=qsd tests/guest-test.sh
 #
-# For each frontend num-queues value (1, then 2) it:
+# For each case (default "1 auto") it:
 #   1. creates a sparse raw image in a temporary directory;
 #   2. starts the back end on a unix socket and waits for the socket:
-#        vubd: VUBD_BINARY --socket-path SOCK --disk IMG --num-queues 2
+#        vubd: VUBD_BINARY --socket-path SOCK --disk IMG --num-queues 2, or
+#              in the auto case with no --num-queues (its default offer)
 #        qsd:  qemu-storage-daemon exporting IMG as vhost-user-blk, the
-#              reference back end, to check the test itself;
+#              reference back end, to check the test itself (num-queues=2,
+#              or as many as the auto case's guest has CPUs: qsd offers 1
+#              unless told);
 #   3. boots the guest (qemu/run-guest.sh) with the disk attached, running
-#      tests/guest/blk-data.sh, which must report GUEST-RESULT: PASS;
+#      tests/guest/blk-data.sh, which must report GUEST-RESULT: PASS; a
+#      numeric case N gives the device num-queues=N and the guest
+#      VUBD_GUEST_SMP CPUs, the auto case gives it no num-queues (QEMU then
+#      asks for one queue per vCPU) and the guest VUBD_GUEST_AUTO_SMP CPUs,
+#      whose queues must all carry I/O;
 #   4. stops the back end with SIGTERM, expects exit status 0 within 10 s
 #      and the socket file gone;
 #   5. checks with cmp that the image holds the pattern at the right offsets
@@ -22,8 +29,9 @@
 #
 # Environment:
 #   VUBD_GUEST_BACKEND   vubd (default) or qsd
-#   VUBD_GUEST_QUEUES    num-queues values to test (default "1 2")
-#   VUBD_GUEST_SMP       guest CPUs (default 2)
+#   VUBD_GUEST_QUEUES    cases: num-queues values, or auto (default "1 auto")
+#   VUBD_GUEST_SMP       guest CPUs of the numeric cases (default 2)
+#   VUBD_GUEST_AUTO_SMP  guest CPUs of the auto case (default 4)
 #   VUBD_GUEST_TIMEOUT   seconds allowed per guest boot (default 120)
 #   VUBD_GUEST_VERBOSE   1: show the guest console while it runs
 #   VUBD_GUEST_KEEP      1: keep the temporary directory (logs, images)
@@ -40,8 +48,9 @@ usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; }
 [[ ${1:-} == -h || ${1:-} == --help ]] && { usage; exit 0; }
 
 backend=${VUBD_GUEST_BACKEND:-vubd}
-queues=${VUBD_GUEST_QUEUES:-1 2}
+queues=${VUBD_GUEST_QUEUES:-1 auto}
 smp=${VUBD_GUEST_SMP:-2}
+auto_smp=${VUBD_GUEST_AUTO_SMP:-4}
 guest_timeout=${VUBD_GUEST_TIMEOUT:-120}
 case $backend in
     vubd)
@@ -116,16 +125,21 @@ initrd=$work/initramfs.cpio.gz
 log "kernel $(basename "$VMLINUZ"), initramfs ready in $((SECONDS - t_start)) s"
 
 # --- one case ------------------------------------------------------------------
-start_backend() { # DIR SOCK IMG
+start_backend() { # DIR SOCK IMG CASE
     local log=$1/backend.log
+    local vubd_queues=(--num-queues 2) qsd_queues=2
+    if [[ $4 == auto ]]; then
+        vubd_queues=()
+        qsd_queues=$auto_smp
+    fi
     case $backend in
         vubd)
-            setsid "$vubd" --socket-path "$2" --disk "$3" --num-queues 2 >"$log" 2>&1 &
+            setsid "$vubd" --socket-path "$2" --disk "$3" "${vubd_queues[@]}" >"$log" 2>&1 &
             ;;
         qsd)
             setsid qemu-storage-daemon \
                 --blockdev "driver=file,filename=$3,node-name=d0,cache.direct=on" \
-                --export "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path=$2,writable=on,num-queues=2" \
+                --export "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path=$2,writable=on,num-queues=$qsd_queues" \
                 >"$log" 2>&1 &
             ;;
     esac
@@ -218,16 +232,24 @@ run_case() {
     mkdir -p "$dir"
     local sock=$dir/vubd.sock img=$dir/disk.img msg=$dir/why
     truncate -s "$disk_bytes" "$img"
+    # The disk: run-guest.sh's --vhost-user-blk always names num-queues, so
+    # the auto case attaches its own device, without it.
+    local cpus=$smp expect=$nq disk=(--vhost-user-blk "$sock,num-queues=$nq")
+    if [[ $nq == auto ]]; then
+        cpus=$auto_smp expect=$auto_smp
+        disk=(--qemu-arg -chardev --qemu-arg "socket,id=auto0,path=$sock"
+            --qemu-arg -device --qemu-arg "vhost-user-blk-pci,chardev=auto0")
+    fi
 
-    if ! start_backend "$dir" "$sock" "$img" >"$msg"; then
+    if ! start_backend "$dir" "$sock" "$img" "$nq" >"$msg"; then
         why=$(<"$msg")
     else
         local echo_opt=(--no-echo)
         [[ ${VUBD_GUEST_VERBOSE:-0} == 1 ]] && echo_opt=()
-        "$lab/run-guest.sh" --kernel "$VMLINUZ" --initrd "$initrd" --smp "$smp" \
-            --vhost-user-blk "$sock,num-queues=$nq" --timeout "$guest_timeout" \
+        "$lab/run-guest.sh" --kernel "$VMLINUZ" --initrd "$initrd" --smp "$cpus" \
+            "${disk[@]}" --timeout "$guest_timeout" \
             --log "$dir/console.log" "${echo_opt[@]}" \
-            --append "DISK_BYTES=$disk_bytes EXPECT_QUEUES=$nq PATTERN_OFFSET=$pattern_offset TAIL_BYTES=$tail_bytes" \
+            --append "DISK_BYTES=$disk_bytes EXPECT_QUEUES=$expect PATTERN_OFFSET=$pattern_offset TAIL_BYTES=$tail_bytes" \
             </dev/null 2>"$dir/run-guest.log" &
         # In the background so that a signal to this script is handled at
         # once (the EXIT trap stops the guest and the back end).
@@ -247,7 +269,7 @@ run_case() {
         fi
     fi
 
-    local label="num-queues=$nq backend=$backend smp=$smp"
+    local label="num-queues=$nq backend=$backend smp=$cpus"
     if [[ -z $why ]]; then
         passed=$((passed + 1))
         echo "guest-test: PASS $label ($((SECONDS - t0)) s)"
@@ -265,7 +287,8 @@ run_case() {
 }
 
 for nq in $queues; do
-    [[ $nq =~ ^[1-9][0-9]*$ ]] || die "VUBD_GUEST_QUEUES: '$nq' is not a queue count"
+    [[ $nq =~ ^[1-9][0-9]*$ || $nq == auto ]] ||
+        die "VUBD_GUEST_QUEUES: '$nq' is neither a queue count nor auto"
     run_case "$nq"
 done
 

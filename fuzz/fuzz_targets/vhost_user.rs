@@ -163,7 +163,7 @@ fn device() -> &'static DeviceConfig {
 fn new_backend(poller: &PollerHandle, disk: &Arc<Disk>, mem: GuestMemoryAtomic) -> Arc<BlkBackend> {
     static KEY: AtomicU64 = AtomicU64::new(1);
     let faults = Arc::new(DeviceFaults::new().expect("the session's fault eventfd"));
-    let (shape, mut shared) = device_model(device(), &disk.info(), "vubd-fuzz", faults, 1);
+    let (shape, mut shared) = device_model(device(), &disk.info(), "vubd-fuzz", faults);
     shared.metrics = Some(Arc::new(DeviceMetrics::new(device().num_queues)));
     Arc::new(BlkBackend::new(
         shape,

@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use super::{
-    ConfigError, DiskSpec, MAX_QUEUE_SIZE, MAX_QUEUES, MAX_SERIAL_LEN, SocketPerms, SocketSpec,
-    check_socket_dir, default_serial, parse_disk, qos,
+    ConfigError, DEFAULT_QUEUES, DiskSpec, MAX_QUEUE_SIZE, MAX_QUEUES, MAX_SERIAL_LEN, SocketPerms,
+    SocketSpec, check_socket_dir, default_serial, parse_disk, qos,
 };
 use crate::qos::Rates;
 
@@ -42,8 +42,8 @@ pub struct DeviceConfig {
     /// is taken when the frontend starts the device.
     pub incoming: bool,
     /// `max-inflight=` / `--max-inflight`: most requests of the device in flight at once
-    /// (split evenly over the pollers its queues run on, at least one each); `None`: no cap
-    /// beyond the rings' sizes.
+    /// (split evenly over the pollers of the queues the frontend starts, at least one each);
+    /// `None`: no cap beyond the rings' sizes.
     pub max_in_flight: Option<u32>,
     /// `socket-mode=` / `socket-group=`, else `--socket-mode` / `--socket-group`: the mode and
     /// group of a socket vubd creates (none for an inherited one).
@@ -340,7 +340,7 @@ pub fn device_from_keys(
         socket,
         disk,
         read_only,
-        num_queues: number("num-queues", 1)?,
+        num_queues: number("num-queues", DEFAULT_QUEUES)?,
         queue_size: number("queue-size", 256)?,
         serial: keys.remove("serial"),
         incoming,
@@ -480,7 +480,16 @@ mod tests {
         assert_eq!(d.disk, DiskSpec::File("a,b.img".into()));
         assert_eq!(d.serial, None);
         assert!(!d.read_only);
-        assert_eq!((d.num_queues, d.queue_size), (1, 256));
+        let single = &serve(&["--disk", "x.img"]).devices[0];
+        assert_eq!(
+            (d.num_queues, d.queue_size),
+            (single.num_queues, single.queue_size)
+        );
+        assert_eq!(
+            (d.num_queues, d.queue_size),
+            (MAX_QUEUES, 256),
+            "as many queues as a frontend may ask for"
+        );
         assert!(!d.incoming && !d.starts_inactive());
     }
 
@@ -670,7 +679,7 @@ mod tests {
             "--device",
             "socket=a.sock,disk=null:1G,num-queues=2",
             "--device",
-            "socket=b.sock,disk=b.img,readonly=on",
+            "socket=b.sock,disk=b.img,readonly=on,num-queues=1",
             "--poll",
             "never",
         ]);

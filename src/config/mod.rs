@@ -3,6 +3,7 @@
 //! (`--socket-path`, `--fd`, `--print-capabilities`, and for block devices `--blk-file` and
 //! `--read-only` as spellings of `--disk` and `--readonly`).
 
+mod capabilities;
 mod device;
 mod file;
 mod nvme;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
+pub use self::capabilities::{capabilities_json, parse_args};
 pub use self::device::{DeviceConfig, DeviceDefaults, KNOWN_KEYS, check_beside, device_from_keys};
 pub use self::nvme::{
     DEFAULT_DISCOVERY_PORT, NvmeHostArgs, NvmeHostConfig, NvmePcieUri, NvmeTcpUri,
@@ -40,6 +42,13 @@ pub const DEFAULT_CONTROL_SOCKET: &str = "vubd-control.sock";
 
 /// Largest queue count (queues map onto a 64-bit worker mask).
 pub const MAX_QUEUES: u16 = 64;
+/// Request queues a device offers without `--num-queues`: as many as it can. QEMU (5.2 and
+/// later) gives a `vhost-user-blk-pci` device without `num-queues` one queue per vCPU and
+/// refuses to start when the backend's GET_QUEUE_NUM is smaller; cloud-hypervisor and
+/// libblkio choose their own count (1 by default) up to what the backend offers. A queue the
+/// frontend never starts costs next to nothing (docs/architecture.md, "Queues offered and
+/// queues started").
+pub const DEFAULT_QUEUES: u16 = MAX_QUEUES;
 /// Largest virtqueue size accepted.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// GET_ID returns at most this many bytes of serial.
@@ -66,15 +75,16 @@ pub struct Args {
     /// Serve the disk read-only.
     #[arg(long, alias = "read-only")]
     pub readonly: bool,
-    /// Number of request queues.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// Most request queues the frontend may use (1 to 64; default 64, so that QEMU's default
+    /// of one queue per vCPU fits); the frontend chooses how many it starts.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_QUEUES)]
     pub num_queues: u16,
     /// Largest virtqueue size the frontend may set (a power of two).
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub queue_size: u16,
-    /// Most requests of the device in flight at once, split evenly over the pollers its
-    /// queues run on (at least one each); more wait in the guest's rings. Default: no cap
-    /// beyond the rings' sizes.
+    /// Most requests of the device in flight at once, split evenly over the pollers of the
+    /// queues the frontend starts (at least one each); more wait in the guest's rings.
+    /// Default: no cap beyond the rings' sizes.
     #[arg(long, value_name = "N")]
     pub max_inflight: Option<u32>,
     /// Serial number returned by GET_ID (at most 20 bytes; default: a hash of the image's path,
@@ -744,15 +754,6 @@ fn default_serial(disk: &DiskSpec) -> Option<String> {
         DiskSpec::Null(_) => Some("null".to_owned()),
         DiskSpec::File(_) | DiskSpec::NvmeTcp(_) | DiskSpec::NvmePcie(_) => None,
     }
-}
-
-/// `--print-capabilities` output (vhost-user.rst, "Backend program conventions").
-pub fn capabilities_json() -> String {
-    serde_json::json!({
-        "type": "block",
-        "features": ["read-only", "blk-file"]
-    })
-    .to_string()
 }
 
 /// Command lines for the unit tests of the configuration and of what consumes it.

@@ -17,7 +17,7 @@ use crate::bdev::null::NullDevice;
 use crate::bdev::nvme_pcie::{Controllers, NvmePcieConfig, NvmePcieDevice};
 use crate::bdev::nvme_tcp::NvmeTcpDevice;
 use crate::bdev::{DeviceInfo, Disk};
-use crate::config::{Config, DeviceConfig, DiskSpec, SocketSpec};
+use crate::config::{Config, DEFAULT_QUEUES, DeviceConfig, DiskSpec, SocketSpec};
 use crate::mem::fault::DeviceFaults;
 use crate::poller::DeviceShared;
 use crate::vhost_user::BlkShape;
@@ -44,14 +44,26 @@ pub(super) fn in_device(d: &DeviceConfig, e: DaemonError) -> DaemonError {
 /// The first poller of each device: device `d`'s queue `q` goes to poller
 /// `(first[d] + q) mod pollers`, so that the devices' queues spread over the pollers.
 pub(super) fn first_pollers(cfg: &Config) -> Vec<usize> {
+    let pollers = cfg.pollers.len();
     cfg.devices
         .iter()
         .scan(0usize, |next, d| {
             let first = *next;
-            *next += usize::from(d.num_queues);
+            *next = next_first_poller(first, d.num_queues, pollers);
             Some(first)
         })
         .collect()
+}
+
+/// The first poller of the device after one whose `queues` queues start on poller `first`,
+/// of `pollers`: the one after its last queue's; or, when its queues go round every poller,
+/// the one after its first. A frontend starts a device's first queues (one per vCPU of a
+/// QEMU guest), so each device's queue 0, the busiest, goes to a poller of its own in turn
+/// rather than to wherever the count of queues a device offers happens to end.
+pub(super) fn next_first_poller(first: usize, queues: u16, pollers: usize) -> usize {
+    let pollers = pollers.max(1);
+    let queues = usize::from(queues);
+    (first + if queues < pollers { queues } else { 1 }) % pollers
 }
 
 /// Opens every device's disk, in order; the first failure names its device. Also how the
@@ -180,7 +192,6 @@ pub fn device_model(
     info: &DeviceInfo,
     device_serial: &str,
     faults: Arc<DeviceFaults>,
-    pollers: usize,
 ) -> (BlkShape, DeviceShared) {
     let seg_max = (u32::from(d.queue_size) - 2).clamp(1, MAX_SEGMENTS);
     let capacity_sectors = info.capacity_bytes >> SECTOR_SHIFT;
@@ -242,19 +253,8 @@ pub fn device_model(
     } else {
         WriteCache::Back
     };
-    let max_in_flight = d.max_in_flight.map_or(u32::MAX, |cap| {
-        // Queue q runs on poller (first + q) mod pollers: so many pollers share the cap.
-        let on = usize::from(d.num_queues).min(pollers).max(1);
-        cap.div_ceil(u32::try_from(on).unwrap_or(u32::MAX))
-    });
-    let shared = DeviceShared::new(
-        limits,
-        serial,
-        d.num_queues,
-        write_cache,
-        faults,
-        max_in_flight,
-    );
+    // Split over the pollers of the queues the frontend starts, as it starts them.
+    let shared = DeviceShared::new(limits, serial, write_cache, faults, d.max_in_flight);
     (shape, shared)
 }
 
@@ -276,6 +276,11 @@ fn create_sparse(path: &Path, size: u64) -> Result<(), DaemonError> {
 
 /// Tells the user how to attach a QEMU VM to the devices served on socket paths.
 pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
+    super::stdout::write(&attach_hint(cfg, infos));
+}
+
+/// What [`print_attach_hint`] prints.
+fn attach_hint(cfg: &Config, infos: &[DeviceInfo]) -> String {
     let mut options = Vec::new();
     let mut banner = String::new();
     for (i, (d, info)) in cfg.devices.iter().zip(infos).enumerate() {
@@ -312,9 +317,15 @@ pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
             "-chardev socket,id=vubd{i},path={},reconnect=1",
             abs.display()
         ));
+        // Without num-queues QEMU asks for one queue per vCPU, which the default offer
+        // covers; a smaller offer must be named, or a guest with more vCPUs fails to start.
+        let queues = if d.num_queues == DEFAULT_QUEUES {
+            String::new()
+        } else {
+            format!(",num-queues={}", d.num_queues)
+        };
         options.push(format!(
-            "-device vhost-user-blk-pci,chardev=vubd{i},num-queues={}",
-            d.num_queues
+            "-device vhost-user-blk-pci,chardev=vubd{i}{queues}"
         ));
     }
     if !options.is_empty() {
@@ -328,7 +339,7 @@ pub(super) fn print_attach_hint(cfg: &Config, infos: &[DeviceInfo]) {
         );
         writeln!(banner, "  {}", options.join(" \\\n  ")).expect("write to String");
     }
-    super::stdout::write(&banner);
+    banner
 }
 
 #[cfg(test)]
@@ -340,17 +351,57 @@ mod tests {
 
     #[test]
     fn each_device_starts_on_the_poller_after_the_previous_devices_queues() {
-        let c = config(&[
+        let mut c = config(&[
             "--device",
             "socket=a,disk=null:1M,num-queues=3",
             "--device",
-            "socket=b,disk=null:1M",
+            "socket=b,disk=null:1M,num-queues=1",
             "--device",
             "socket=c,disk=null:1M,num-queues=2",
         ]);
+        c.pollers = vec![None; 8];
         assert_eq!(first_pollers(&c), [0, 3, 4]);
+        c.pollers = vec![None; 4];
+        assert_eq!(first_pollers(&c), [0, 3, 0], "round the pollers");
         let c = config(&["--disk", "null:1M", "--num-queues", "4"]);
         assert_eq!(first_pollers(&c), [0]);
+    }
+
+    #[test]
+    fn devices_whose_queues_go_round_the_pollers_start_one_poller_apart() {
+        // Every device has at least as many queues as there are pollers.
+        let dev = |s: &'static str| ["--device", s];
+        let mut c = config(
+            &[
+                dev("socket=a,disk=null:1M,num-queues=64"),
+                dev("socket=b,disk=null:1M,num-queues=8"),
+                dev("socket=c,disk=null:1M,num-queues=4"),
+                dev("socket=d,disk=null:1M,num-queues=64"),
+                dev("socket=e,disk=null:1M,num-queues=64"),
+            ]
+            .concat(),
+        );
+        c.pollers = vec![None; 4];
+        assert_eq!(first_pollers(&c), [0, 1, 2, 3, 0]);
+        c.pollers = vec![None; 3];
+        assert_eq!(first_pollers(&c), [0, 1, 2, 0, 1]);
+        c.pollers = vec![None];
+        assert_eq!(first_pollers(&c), [0; 5]);
+    }
+
+    #[test]
+    fn the_attach_hint_leaves_the_queue_count_to_qemu_unless_it_is_capped() {
+        let c = config(&[
+            "--device",
+            "socket=a.sock,disk=null:1M",
+            "--device",
+            "socket=b.sock,disk=null:1M,num-queues=2",
+        ]);
+        let hint = attach_hint(&c, &[info(false, false), info(false, false)]);
+        assert!(
+            hint.contains("chardev=vubd0 \\\n") && hint.contains("chardev=vubd1,num-queues=2\n"),
+            "{hint}"
+        );
     }
 
     #[test]
@@ -375,9 +426,9 @@ mod tests {
             "--device",
             "socket=a,disk=nvme-pcie:0000:01:00.0?nsid=1,num-queues=2",
             "--device",
-            "socket=b,disk=null:1M",
+            "socket=b,disk=null:1M,num-queues=1",
             "--device",
-            "socket=c,disk=nvme-pcie:0000:01:00.0?nsid=2",
+            "socket=c,disk=nvme-pcie:0000:01:00.0?nsid=2,num-queues=1",
             "--device",
             "socket=d,disk=nvme-pcie:0000:02:00.0,num-queues=3",
         ]);
@@ -449,46 +500,26 @@ mod tests {
     }
 
     #[test]
-    fn the_cap_on_requests_in_flight_is_split_over_the_pollers_of_the_device() {
+    fn the_cap_on_requests_in_flight_is_split_over_the_pollers_of_started_queues() {
         let faults = Arc::new(DeviceFaults::new().expect("eventfd"));
-        let share = |args: &[&str], pollers| {
+        let shared = |args: &[&str]| {
             let c = config(args);
-            device_model(
-                &c.devices[0],
-                &info(true, true),
-                "s",
-                faults.clone(),
-                pollers,
-            )
-            .1
-            .max_in_flight
+            device_model(&c.devices[0], &info(true, true), "s", faults.clone()).1
         };
-        let capped = [
-            "--disk",
-            "null:1G",
-            "--num-queues",
-            "4",
-            "--max-inflight",
-            "10",
-        ];
-        assert_eq!(share(&capped, 1), 10);
-        assert_eq!(share(&capped, 2), 5);
-        // Four queues run on four of eight pollers; each gets at least one.
-        assert_eq!(share(&capped, 8), 3);
-        let one = [
-            "--disk",
-            "null:1G",
-            "--num-queues",
-            "4",
-            "--max-inflight",
-            "1",
-        ];
-        assert_eq!(share(&one, 4), 1);
-        assert_eq!(
-            share(&["--disk", "null:1G"], 4),
-            u32::MAX,
-            "no cap by default"
-        );
+        let share = |s: &DeviceShared| s.max_in_flight.load(std::sync::atomic::Ordering::Relaxed);
+        let capped = shared(&["--disk", "null:1G", "--max-inflight", "10"]);
+        assert_eq!(share(&capped), 10, "all of it before any queue starts");
+        // As many pollers as the started queues run on; each gets at least one.
+        for (pollers, each) in [(1, 10), (2, 5), (3, 4), (8, 2), (16, 1), (0, 10)] {
+            capped.spread_in_flight(pollers);
+            assert_eq!(share(&capped), each, "{pollers} pollers");
+        }
+        let one = shared(&["--disk", "null:1G", "--max-inflight", "1"]);
+        one.spread_in_flight(4);
+        assert_eq!(share(&one), 1);
+        let uncapped = shared(&["--disk", "null:1G"]);
+        uncapped.spread_in_flight(4);
+        assert_eq!(share(&uncapped), u32::MAX, "no cap by default");
     }
 
     #[test]
@@ -497,7 +528,7 @@ mod tests {
         // virtio-blk configuration space: write_zeroes_may_unmap at byte 56.
         let faults = Arc::new(DeviceFaults::new().expect("eventfd"));
         let unmap = |i: &DeviceInfo| {
-            device_model(&c.devices[0], i, "s", faults.clone(), 1)
+            device_model(&c.devices[0], i, "s", faults.clone())
                 .0
                 .config
                 .to_bytes()[56]

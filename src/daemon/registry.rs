@@ -262,7 +262,7 @@ impl Registry {
         );
         changes.next_index += 1;
         changes.next_poller =
-            (first_poller + usize::from(cfg.num_queues)) % self.pollers.len().max(1);
+            device::next_first_poller(first_poller, cfg.num_queues, self.pollers.len());
         let entry = Entry {
             cfg: cfg.clone(),
             disk,

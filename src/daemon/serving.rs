@@ -138,13 +138,8 @@ impl Serving {
             .or(disk.serial())
             .unwrap_or_default();
         let faults = Arc::new(DeviceFaults::new().map_err(DaemonError::Worker)?);
-        let (shape, mut shared) = device::device_model(
-            &self.cfg,
-            &disk.info(),
-            serial,
-            faults.clone(),
-            self.pollers.len(),
-        );
+        let (shape, mut shared) =
+            device::device_model(&self.cfg, &disk.info(), serial, faults.clone());
         shared.index = self.index;
         shared.metrics = self.metrics.clone();
         shared.qos = self.qos.clone();

@@ -1,8 +1,9 @@
 //! Per-device I/O metrics: requests, bytes, errors by kind, requests in flight and a latency
 //! histogram, for every queue of a device, summed over its queues when read.
 //!
-//! Each queue has counters of its own ([`QueueMetrics`], a cache-line aligned block), and
-//! only the poller that serves the queue writes them: a queue belongs to one poller at a time
+//! Each queue a frontend has started has counters of its own ([`QueueMetrics`], a cache-line
+//! aligned block, made when the queue first starts: a device offers more queues than most
+//! frontends start), and only the poller that serves the queue writes them: a queue belongs to one poller at a time
 //! (the control plane hands it over with messages, which order one poller's writes before
 //! the next one's), so a counter is bumped with a plain load and store, no locked
 //! read-modify-write, no lock, no allocation. Readers (the control socket, the metrics
@@ -18,8 +19,8 @@ pub mod prometheus;
 
 pub use histogram::{AtomicHistogram, BUCKETS, Histogram, bounds_ns, bucket, upper_bound_ns};
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::clock::Clock;
 
@@ -232,40 +233,44 @@ impl Counters {
     }
 }
 
-/// A device's metrics: one [`QueueMetrics`] per queue.
+/// A device's metrics: one [`QueueMetrics`] per queue a frontend has started.
 #[derive(Debug)]
 pub struct DeviceMetrics {
-    queues: Box<[Arc<QueueMetrics>]>,
+    /// By queue index; empty until the queue first starts.
+    queues: Box<[OnceLock<Arc<QueueMetrics>>]>,
 }
 
-/// A reading of a device's metrics: its totals and each queue's.
+/// A reading of a device's metrics: its totals and each started queue's.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceStats {
     pub total: Counters,
-    /// By queue index.
-    pub queues: Vec<Counters>,
+    /// The queues a frontend has started, with their index, in its order.
+    pub queues: Vec<(u16, Counters)>,
 }
 
 impl DeviceMetrics {
-    /// Zeroed counters for a device of `num_queues` queues.
+    /// The metrics of a device of `num_queues` queues, none of which has counters yet.
     pub fn new(num_queues: u16) -> Self {
         Self {
-            queues: (0..num_queues)
-                .map(|_| Arc::new(QueueMetrics::default()))
-                .collect(),
+            queues: (0..num_queues).map(|_| OnceLock::new()).collect(),
         }
     }
 
-    /// Queue `index`'s counters, for the poller that serves it.
+    /// Queue `index`'s counters, for the poller that serves it: zeroed the first time the
+    /// queue starts (when it is attached, never per request), the same ones afterwards.
     pub fn queue(&self, index: u16) -> Option<Arc<QueueMetrics>> {
-        self.queues.get(usize::from(index)).cloned()
+        let block = self.queues.get(usize::from(index))?;
+        Some(block.get_or_init(Arc::default).clone())
     }
 
-    /// Every queue's counters as they are now, and their sum; `clock` is the pollers'.
+    /// Every started queue's counters as they are now, and their sum; `clock` is the pollers'.
     pub fn read(&self, clock: &Clock) -> DeviceStats {
-        let queues: Vec<Counters> = self.queues.iter().map(|q| q.read(clock)).collect();
+        let queues: Vec<(u16, Counters)> = (0..)
+            .zip(self.queues.iter())
+            .filter_map(|(i, q)| Some((i, q.get()?.read(clock))))
+            .collect();
         let mut total = Counters::default();
-        for q in &queues {
+        for (_, q) in &queues {
             total.add(q);
         }
         DeviceStats { total, queues }
@@ -294,7 +299,7 @@ mod tests {
         q1.throttled(700);
         q0.throttled(50);
         let s = m.read(&clock);
-        assert_eq!(s.queues.len(), 2);
+        assert_eq!(s.queues.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 1]);
         let t = &s.total;
         assert_eq!(t.ops_of(Op::Read), 2);
         assert_eq!(t.ops_of(Op::Write), 1);
@@ -306,10 +311,27 @@ mod tests {
         assert_eq!(t.errors_of(ErrorKind::Invalid), 1);
         assert_eq!(t.latency.count(), 3);
         assert_eq!(t.latency.sum_ns, 5400);
-        assert_eq!(s.queues[0].in_flight, 1, "q0's flush");
-        assert_eq!(s.queues[1].in_flight, 0, "a refused request never starts");
+        assert_eq!(s.queues[0].1.in_flight, 1, "q0's flush");
+        assert_eq!(s.queues[1].1.in_flight, 0, "a refused request never starts");
         assert_eq!(t.in_flight, 1);
         assert_eq!(t.throttled_ns, 750);
+    }
+
+    #[test]
+    fn only_queues_a_frontend_started_have_counters() {
+        let clock = Clock::monotonic();
+        let m = DeviceMetrics::new(64);
+        assert_eq!(m.read(&clock).queues, [], "none before a queue starts");
+        let q5 = m.queue(5).expect("queue 5");
+        q5.started(Op::Read);
+        let q2 = m.queue(2).expect("queue 2");
+        q2.refused(ErrorKind::Invalid);
+        assert!(m.queue(64).is_none(), "the device has 64 queues");
+        let s = m.read(&clock);
+        assert_eq!(s.queues.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [2, 5]);
+        assert_eq!(s.total.ops_of(Op::Read), 1);
+        // Started again (a reconnection), a queue counts on where it was.
+        assert!(Arc::ptr_eq(&q5, &m.queue(5).expect("queue 5 again")));
     }
 
     #[test]

@@ -123,7 +123,6 @@ fn each(
             Scope::Queue => stats
                 .queues
                 .iter()
-                .enumerate()
                 .map(|(q, c)| (format!("{device},queue=\"{q}\""), c))
                 .collect(),
         };
@@ -303,6 +302,22 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line}");
         }
+    }
+
+    #[test]
+    fn queues_never_started_have_no_series() {
+        let clock = Clock::monotonic();
+        let m = DeviceMetrics::new(64);
+        m.queue(3).expect("queue 3").started(Op::Read);
+        let text = render(&[("d".to_owned(), m.read(&clock))]);
+        let queue_lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("vubd_queue_read_ops_total"))
+            .collect();
+        assert_eq!(
+            queue_lines,
+            ["vubd_queue_read_ops_total{device=\"d\",queue=\"3\"} 1"]
+        );
     }
 
     #[test]

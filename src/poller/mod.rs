@@ -58,8 +58,13 @@ pub enum PollMode {
 pub const WARNINGS_PER_SECOND: u32 = 5;
 
 /// Lines of queue lifecycle and control-path notices of one device (queues attached, stopped,
-/// broken; the guest's write cache choice) let through per second, besides four per queue.
+/// broken; the guest's write cache choice) let through per second, besides
+/// [`EVENTS_PER_QUEUE`] per queue the frontend started.
 pub const EVENTS_PER_SECOND: u32 = 8;
+
+/// The lifecycle lines of one queue (attached, stopping, detached, broken) let through per
+/// second, once its frontend started it: a queue never started costs no log budget.
+pub const EVENTS_PER_QUEUE: u32 = 4;
 
 /// What all queues of one device share, read-only or atomically.
 #[derive(Debug)]
@@ -69,7 +74,8 @@ pub struct DeviceShared {
     /// Rate limit of the per-request warnings ([`WARNINGS_PER_SECOND`]).
     pub warnings: LogLimit,
     /// Rate limit of lifecycle lines and control-path notices a frontend or a guest can cause
-    /// with every message ([`EVENTS_PER_SECOND`] and four per queue).
+    /// with every message ([`EVENTS_PER_SECOND`], and [`EVENTS_PER_QUEUE`] per queue started:
+    /// [`DeviceShared::queue_started`]).
     pub events: LogLimit,
     /// The request limits; the capacity in them is the session's first, and
     /// `capacity_sectors` the one in force.
@@ -87,11 +93,14 @@ pub struct DeviceShared {
     /// Faults survived in the session's memory (`mem::fault`): once one is, the pollers take
     /// nothing more from the device's queues.
     pub faults: Arc<DeviceFaults>,
-    /// Most requests of the device in flight on one poller: its share of `--device
-    /// max-inflight=N`, split evenly over the pollers its queues may run on (`u32::MAX`: no
-    /// cap). Past it, the device's queues keep their chains in the avail ring (back-pressure,
-    /// never an error) until one of its requests completes.
-    pub max_in_flight: u32,
+    /// Most requests of the device in flight on one poller: its share of `in_flight_cap`,
+    /// split evenly over the pollers that serve a queue the frontend started
+    /// ([`DeviceShared::spread_in_flight`]; `u32::MAX`: no cap). Past it, the device's queues
+    /// keep their chains in the avail ring (back-pressure, never an error) until one of its
+    /// requests completes.
+    pub max_in_flight: AtomicU32,
+    /// `--device max-inflight=N`: most requests of the device in flight at once.
+    in_flight_cap: Option<u32>,
     /// The device's counters (`None` with `--metrics off`): they belong to the device, not to
     /// the session, so that they survive its frontend's reconnections. Each queue's poller
     /// writes that queue's.
@@ -104,31 +113,31 @@ pub struct DeviceShared {
 
 impl DeviceShared {
     /// A device's shared state as a session starts: the request limits, the GET_ID answer,
-    /// the write cache mode it serves first, the session's fault record, and its share of the
-    /// cap on requests in flight per poller (`u32::MAX`: none). Its log limits follow
-    /// [`WARNINGS_PER_SECOND`] and [`EVENTS_PER_SECOND`] (four more lines per queue); `index`
+    /// the write cache mode it serves first, the session's fault record, and the cap on its
+    /// requests in flight (`None`: none), all of it for one poller until queues start on
+    /// more. Its log limits follow [`WARNINGS_PER_SECOND`] and [`EVENTS_PER_SECOND`]; `index`
     /// is 0, `metrics` `None` and `qos` unlimited until the caller, which knows the device,
     /// sets them.
     pub fn new(
         limits: Limits,
         serial: [u8; ID_BYTES],
-        num_queues: u16,
         write_cache: WriteCache,
         faults: Arc<DeviceFaults>,
-        max_in_flight: u32,
+        in_flight_cap: Option<u32>,
     ) -> Self {
         let per_second = Duration::from_secs(1);
         Self {
             index: 0,
             warnings: LogLimit::new(WARNINGS_PER_SECOND, per_second),
-            events: LogLimit::new(EVENTS_PER_SECOND + 4 * u32::from(num_queues), per_second),
+            events: LogLimit::new(EVENTS_PER_SECOND, per_second),
             capacity_sectors: AtomicU64::new(limits.capacity_sectors),
             limits,
             serial,
             writeback: AtomicBool::new(write_cache == WriteCache::Back),
             learning: AtomicBool::new(write_cache == WriteCache::Unknown),
             faults,
-            max_in_flight,
+            max_in_flight: AtomicU32::new(in_flight_cap.unwrap_or(u32::MAX)),
+            in_flight_cap,
             metrics: None,
             qos: Arc::default(),
         }
@@ -140,6 +149,22 @@ impl DeviceShared {
     /// map and the capacity.
     pub fn changed(&self) {
         self.qos.changed();
+    }
+
+    /// The frontend started a queue of the device for the first time in the session: its
+    /// lifecycle lines get a log budget of their own.
+    pub fn queue_started(&self) {
+        self.events.raise(EVENTS_PER_QUEUE);
+    }
+
+    /// The started queues of the device run on `pollers` pollers: each may have an equal
+    /// share of the cap in flight, at least one. A poller over its new share takes nothing
+    /// new until its own completions bring it under.
+    pub fn spread_in_flight(&self, pollers: usize) {
+        if let Some(cap) = self.in_flight_cap {
+            let share = cap.div_ceil(u32::try_from(pollers.max(1)).unwrap_or(u32::MAX));
+            self.max_in_flight.store(share, Ordering::Relaxed);
+        }
     }
 
     /// The guest's write cache mode as the device serves it.
@@ -458,4 +483,45 @@ pub fn allowed_cpus() -> Vec<usize> {
         // SAFETY: `set` is initialised and the index is below CPU_SETSIZE.
         .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> DeviceShared {
+        let limits = Limits {
+            capacity_sectors: 8,
+            seg_max: 1,
+            size_max: 4096,
+            read_only: false,
+            max_discard_sectors: None,
+            max_write_zeroes_sectors: None,
+        };
+        let faults = Arc::new(DeviceFaults::new().expect("eventfd"));
+        DeviceShared::new(limits, [0; ID_BYTES], WriteCache::Back, faults, None)
+    }
+
+    /// How many of `n` lifecycle lines asked for at once get through.
+    fn events_through(s: &DeviceShared, n: u32) -> u32 {
+        (0..n).map(|_| u32::from(s.events.allow().is_some())).sum()
+    }
+
+    #[test]
+    fn each_started_queue_brings_its_own_lifecycle_log_budget() {
+        let idle = shared();
+        assert_eq!(
+            events_through(&idle, 100),
+            EVENTS_PER_SECOND,
+            "no queue started"
+        );
+        let two = shared();
+        two.queue_started();
+        two.queue_started();
+        assert_eq!(
+            events_through(&two, 100),
+            EVENTS_PER_SECOND + 2 * EVENTS_PER_QUEUE,
+            "two queues started"
+        );
+    }
 }

@@ -433,7 +433,7 @@ impl Worker {
             if turn == 0
                 || slots.is_full()
                 || !channel.has_room()
-                || dev.in_flight >= dev.shared.max_in_flight
+                || dev.in_flight >= dev.shared.max_in_flight.load(Ordering::Relaxed)
             {
                 // Retried on the next iteration, once completions have freed room.
                 break;
@@ -669,7 +669,9 @@ impl Worker {
         self.queues[qi]
             .as_ref()
             .and_then(|q| self.devices[q.device].as_ref())
-            .is_some_and(|d| d.in_flight > 0 && d.in_flight >= d.shared.max_in_flight)
+            .is_some_and(|d| {
+                d.in_flight > 0 && d.in_flight >= d.shared.max_in_flight.load(Ordering::Relaxed)
+            })
     }
 
     /// Turns guest kicks for one queue on or off; when turning them on, returns whether

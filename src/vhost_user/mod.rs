@@ -8,11 +8,12 @@
 //! once nothing of them is in flight.
 
 mod notice;
+mod queues;
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use vhost::vhost_user::message::{
 };
 
 use self::notice::ConfigNotice;
+use self::queues::Queues;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringT};
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
@@ -60,13 +62,8 @@ pub struct BlkBackend {
     shared: Arc<DeviceShared>,
     disk: Arc<Disk>,
     mem: GuestMemoryAtomic,
-    /// `pollers[q]` serves queue `q`.
-    pollers: Vec<PollerHandle>,
-    /// Queue `q` is attached to its poller: kicks only need a wake-up.
-    attached: Vec<AtomicBool>,
-    /// Queue `q`'s poller found it broken: its kicks wake nobody until it is attached again
-    /// (after the frontend stopped and restarted it).
-    broken: Vec<Arc<AtomicBool>>,
+    /// The queues, their pollers, and which the frontend started.
+    queues: Queues,
     /// Serialises attach and detach; true once the session is closing.
     transitions: Mutex<bool>,
     /// Exit-event consumers handed to the relay loop; see [`BlkBackend::close_exit_events`].
@@ -145,10 +142,6 @@ impl BlkBackend {
         mem: GuestMemoryAtomic,
         pollers: Vec<PollerHandle>,
     ) -> Self {
-        let attached = (0..shape.num_queues)
-            .map(|_| AtomicBool::new(false))
-            .collect();
-        let broken = (0..shape.num_queues).map(|_| Arc::default()).collect();
         let mem_hook = disk.guest_memory_hook().map(Mutex::new);
         // Without a timer, retired regions are still let go at the next memory change or at
         // the session's end; the error is logged, not fatal.
@@ -163,9 +156,7 @@ impl BlkBackend {
             shared,
             disk,
             mem,
-            pollers,
-            attached,
-            broken,
+            queues: Queues::new(pollers),
             transitions: Mutex::new(false),
             exit_fds: Mutex::new(Vec::new()),
             mem_hook,
@@ -252,7 +243,7 @@ impl BlkBackend {
 
     fn attach(&self, q: usize, vring: &Vring) {
         let closing = lock(&self.transitions);
-        if *closing || self.attached[q].load(Ordering::Acquire) || self.shared.faults.failed() {
+        if *closing || self.queues.is_attached(q) || self.shared.faults.failed() {
             return;
         }
         {
@@ -261,15 +252,12 @@ impl BlkBackend {
                 return;
             }
         }
-        if !self.any_attached() && !self.take_image() {
+        if !self.queues.any_attached() && !self.take_image() {
             // Not served while another process writes the image; the next kick tries again.
             return;
         }
         let (inflight, resubmit) = self.take_up_inflight(q, vring);
-        // A queue attached again starts afresh: the frontend restarted the ring.
-        self.broken[q].store(false, Ordering::Release);
-        self.attached[q].store(true, Ordering::Release);
-        self.pollers[q].attach(QueueAttach {
+        self.queues.attach(q, &self.shared, |broken| QueueAttach {
             device: self.key,
             queue: q as u16,
             vring: vring.clone(),
@@ -280,7 +268,7 @@ impl BlkBackend {
             inflight,
             resubmit,
             log: lock(&self.log).active(),
-            broken: self.broken[q].clone(),
+            broken,
         });
         // The device runs: a resize made before it did is told now (QEMU ignores the notice
         // until then).
@@ -310,8 +298,8 @@ impl BlkBackend {
         self.notice.changed(self.shared.index);
     }
 
-    /// Tells every poller of the device whether to mark pages, after the log or the LOG_ALL
-    /// feature changed, and returns once they all do (the frontend starts migrating memory
+    /// Tells every poller serving a started queue of the device whether to mark pages, after
+    /// the log or the LOG_ALL feature changed, and returns once they all do (the frontend starts migrating memory
     /// once SET_FEATURES or SET_LOG_BASE is acknowledged).
     fn update_log(&self, change: impl FnOnce(&mut LogState)) {
         // Serialised with attach, so a queue attached meanwhile gets the new state either in
@@ -339,12 +327,8 @@ impl BlkBackend {
             on = active.is_some(),
             "dirty page logging"
         );
-        let mut told: Vec<usize> = Vec::with_capacity(self.pollers.len());
-        for p in &self.pollers {
-            if !told.contains(&p.index()) {
-                told.push(p.index());
-                p.set_log(self.key, active.clone());
-            }
+        for p in self.queues.pollers_in_use() {
+            p.set_log(self.key, active.clone());
         }
     }
 
@@ -429,17 +413,6 @@ impl BlkBackend {
         (Some(area), recovered.resubmit)
     }
 
-    /// Asks queue `q`'s poller to give it back, if it has it.
-    fn start_detach(&self, q: usize) -> Option<Detaching> {
-        self.attached[q]
-            .swap(false, Ordering::AcqRel)
-            .then(|| self.pollers[q].start_detach(self.key, q as u16))
-    }
-
-    fn any_attached(&self) -> bool {
-        self.attached.iter().any(|a| a.load(Ordering::Acquire))
-    }
-
     /// The frontend starts the device: takes the image's write permission (restart, upgrade
     /// and migration hand it over between processes; see `bdev::lock`). The process that had
     /// it gives it up once its rings are stopped, which in a migration or an upgrade happens
@@ -485,7 +458,7 @@ impl BlkBackend {
         let mut closing = lock(&self.transitions);
         *closing = true;
         let detaching: Vec<Detaching> = (0..self.shape.num_queues)
-            .filter_map(|q| self.start_detach(q))
+            .filter_map(|q| self.queues.start_detach(q, self.key))
             .collect();
         let stopped = !detaching.is_empty();
         for d in detaching {
@@ -708,12 +681,8 @@ impl VhostUserBackend for BlkBackend {
         self.shared.changed();
         // And have them load it now rather than at their next request, so that the old map
         // (and the regions only it holds) goes as soon as no request uses it.
-        let mut told: Vec<usize> = Vec::with_capacity(self.pollers.len());
-        for p in &self.pollers {
-            if !told.contains(&p.index()) {
-                told.push(p.index());
-                p.memory_changed(self.key);
-            }
+        for p in self.queues.pollers_in_use() {
+            p.memory_changed(self.key);
         }
         if let Some(timer) = &self.sweep_timer
             && let Err(e) = lock(timer).reset(SWEEP_EVERY, None)
@@ -739,10 +708,11 @@ impl VhostUserBackend for BlkBackend {
         if let Some(d) = usize::try_from(queue_index)
             .ok()
             .filter(|&q| q < self.shape.num_queues)
-            .and_then(|q| self.start_detach(q))
+            .and_then(|q| self.queues.start_detach(q, self.key))
         {
             d.wait();
-            if !self.any_attached() {
+            self.queues.detached(&self.shared);
+            if !self.queues.any_attached() {
                 self.release_image();
             }
         }
@@ -786,13 +756,7 @@ impl VhostUserBackend for BlkBackend {
         let Some(vring) = vrings.get(q) else {
             return Ok(());
         };
-        if self.attached[q].load(Ordering::Acquire) {
-            // A broken queue's kicks wake nobody: the poller ignores it until the frontend
-            // restarts the ring, and a guest that keeps kicking must not keep it busy.
-            if !self.broken[q].load(Ordering::Acquire) {
-                self.pollers[q].kick();
-            }
-        } else {
+        if !self.queues.kick(q) {
             self.attach(q, vring);
         }
         Ok(())

@@ -4,9 +4,9 @@
 #
 # Writes /pattern.bin (shipped in the initramfs) to the vhost-user-blk disk
 # and reads it back with O_DIRECT after dropping caches:
-#   region A: at PATTERN_OFFSET bytes, the whole pattern; its two halves are
-#             written concurrently from CPU 0 and CPU 1 (when there are two
-#             CPUs) so that both request queues carry I/O
+#   region A: at PATTERN_OFFSET bytes, the whole pattern, in one part per
+#             CPU written concurrently, each from its own CPU, so that every
+#             request queue carries I/O
 #   region B: the last TAIL_BYTES bytes of the disk, the start of the
 #             pattern, written through the page cache and then flushed
 # The host checks the image file holds the same bytes afterwards.
@@ -55,8 +55,10 @@ if [ "$hwq" -eq "$want_hwq" ]; then ok "$hwq hardware queue(s) for $cpus CPU(s)"
 if [ "$(cat /sys/block/$dev/ro)" = 0 ]; then ok "writable"; else fatal "device is read-only"; fi
 
 pbytes=$(wc -c <"$pattern")
-half=$((pbytes / 2))
-[ $((pbytes % (2 * bs))) -eq 0 ] || fatal "pattern size $pbytes is not a multiple of $((2 * bs))"
+blocks=$((pbytes / bs))
+if [ $((pbytes % bs)) -ne 0 ] || [ "$blocks" -lt "$cpus" ]; then
+    fatal "pattern size $pbytes is not $cpus or more blocks of $bs bytes"
+fi
 if [ $((PATTERN_OFFSET % bs)) -ne 0 ] || [ $((TAIL_BYTES % bs)) -ne 0 ]; then
     fatal "PATTERN_OFFSET and TAIL_BYTES must be multiples of $bs"
 fi
@@ -86,14 +88,22 @@ w() { # w CPU SKIP_BLOCKS SEEK_BLOCKS COUNT_BLOCKS [dd flags]
     if [ "$cpus" -ge 2 ]; then set -- taskset -c "$cpu" dd "$@"; else set -- dd "$@"; fi
     "$@"
 }
-w 0 if=$pattern of=$blk bs=$bs skip=0 seek=$((PATTERN_OFFSET / bs)) \
-    count=$((half / bs)) oflag=direct 2>/dev/null &
-p0=$!
-w 1 if=$pattern of=$blk bs=$bs skip=$((half / bs)) seek=$(((PATTERN_OFFSET + half) / bs)) \
-    count=$((half / bs)) oflag=direct 2>/dev/null &
-p1=$!
-if wait $p0; then ok "region A first half written (O_DIRECT, CPU 0)"; else bad "writing region A first half"; fi
-if wait $p1; then ok "region A second half written (O_DIRECT, CPU 1)"; else bad "writing region A second half"; fi
+# Part p of region A is blocks [p * blocks / cpus, (p + 1) * blocks / cpus).
+pids=''
+p=0
+while [ $p -lt "$cpus" ]; do
+    first=$((p * blocks / cpus))
+    next=$(((p + 1) * blocks / cpus))
+    w $p if=$pattern of=$blk bs=$bs skip=$first seek=$((PATTERN_OFFSET / bs + first)) \
+        count=$((next - first)) oflag=direct 2>/dev/null &
+    pids="$pids $!"
+    p=$((p + 1))
+done
+p=0
+for pid in $pids; do
+    if wait "$pid"; then ok "region A part $p written (O_DIRECT, CPU $p)"; else bad "writing region A part $p"; fi
+    p=$((p + 1))
+done
 
 if dd if=$pattern of=$blk bs=$bs seek=$((tail_off / bs)) count=$((TAIL_BYTES / bs)) 2>/dev/null &&
     sync && blockdev --flushbufs $blk; then

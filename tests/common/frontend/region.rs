@@ -15,6 +15,9 @@ use super::{FrontendError, Options};
 /// "Inflight I/O tracking", split virtqueues).
 const AREA_HEADER: usize = 16;
 const AREA_DESC: usize = 16;
+/// What vubd aligns each queue's area to; its own device area follows the last one
+/// (docs/architecture.md, "Inflight I/O tracking").
+const AREA_ALIGN: usize = 64;
 
 /// The inflight region as GET_INFLIGHT_FD returned it, kept across backend restarts.
 pub(super) struct KeptRegion {
@@ -48,11 +51,9 @@ impl KeptRegion {
             entries: opts.queue_size,
         };
         let len = usize::try_from(msg.mmap_size).map_err(|_| bad())?;
-        let area_size = len / usize::from(opts.num_queues);
-        if msg.num_queues != opts.num_queues
-            || area_size < AREA_HEADER + AREA_DESC * usize::from(opts.queue_size)
-            || area_size % 8 != 0
-        {
+        let area_size =
+            (AREA_HEADER + AREA_DESC * usize::from(opts.queue_size)).next_multiple_of(AREA_ALIGN);
+        if msg.num_queues != opts.num_queues || area_size * usize::from(opts.num_queues) > len {
             return Err(bad());
         }
         let map = Mapping::new(&file, msg.mmap_offset, len)?;
