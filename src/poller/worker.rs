@@ -637,10 +637,12 @@ impl Worker {
             }
             more |= self.set_notifications(qi, true) && !self.held_back(qi);
         }
-        let timeout = match (more, held) {
-            (true, _) => None,
-            (false, None) => Some(-1),
-            (false, Some(until)) => Some(self.arm_throttle_timer(until)),
+        let timeout = if more {
+            None
+        } else if let Some(until) = held {
+            Some(self.arm_throttle_timer(until))
+        } else {
+            Some(-1)
         };
         if let Some(timeout) = timeout {
             match self.epoll.wait(timeout, &mut self.events) {
