@@ -192,6 +192,9 @@ pub struct Options {
     /// Negotiate BACKEND_REQ and give the backend a channel for its own messages
     /// ([`BlkFrontend::config_notice`]).
     pub backend_channel: bool,
+    /// Where GET_CONFIG reads the configuration space: 0, as QEMU and libblkio ask, or
+    /// VHOST_USER_CONFIG_OFFSET (0x100), as cloud-hypervisor does.
+    pub config_offset: u32,
 }
 
 impl Options {
@@ -212,6 +215,7 @@ impl Options {
             call_fd: FdKind::Eventfd,
             extra_memory: 0,
             backend_channel: false,
+            config_offset: 0,
         }
     }
 }
@@ -459,7 +463,12 @@ impl BlkFrontend {
             conn.set_backend_request_fd(&theirs)?;
             self.backend_channel = Some(ours);
         }
-        let (_, capacity) = conn.get_config(0, 8, VhostUserConfigFlags::empty(), &[0; 8])?;
+        let (_, capacity) = conn.get_config(
+            opts.config_offset,
+            8,
+            VhostUserConfigFlags::empty(),
+            &[0; 8],
+        )?;
         let capacity = u64::from_le_bytes(capacity[..8].try_into().expect("8 bytes"));
         if opts.inflight {
             if self.inflight.is_none() {
